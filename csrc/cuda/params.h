@@ -1,0 +1,138 @@
+// Plain parameter struct of the dilated_sparse CUDA kernels, the tile shapes chosen per head dim,
+// and the registry through which the per-(dtype, head dim) instantiation files publish their
+// launchers (so a reduced build simply lacks some entries).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace dilated_sparse::cuda {
+
+// Work list of one kernel: "primary" tiles (query tiles for the forward and dQ, key tiles for
+// dK/dV) each walk a list of "secondary" tiles (key tiles, resp. query tiles). A tile never
+// depends on the layout's block size: a tile covering several layout rows walks the union of
+// their blocks with a 64-bit membership mask (bit a * nsub + c: primary sub-block a, secondary
+// sub-block c); a layout block spanning several tiles is cut into them.
+struct TileList {
+  int direct = 0;               // 1: read straight from the CSR/CSC (block >= tile on both sides)
+  const int* ptr = nullptr;     // CSR crow / CSC ccol (direct mode)
+  const int* idx = nullptr;     // CSR col / CSC row (direct mode)
+  int npb = 0;                  // primary blocks per slice (nqb or nkb)
+  int fsplit = 1;               // primary tiles per primary block (block >= tile)
+  int kf = 1;                   // secondary tiles per secondary block (block >= tile)
+  const int* len = nullptr;     // [L * ntiles] entries per primary tile
+  const int64_t* start = nullptr;  // [L * ntiles] offset into tile/mask (plan mode)
+  const int* tile = nullptr;    // secondary tile ids (plan mode)
+  const uint64_t* mask = nullptr;  // membership masks (plan mode)
+  const int64_t* order = nullptr;  // slice-tiles, longest first
+  int ntiles = 0;               // primary tiles per slice
+  int prim_sub = 0;             // min(primary block, primary tile)
+  int sec_sub = 0;              // min(secondary block, secondary tile)
+  int nsub = 1;                 // secondary sub-blocks per secondary tile
+  uint64_t full = ~0ull;        // mask of a fully active tile pair
+  int rep = 1;                  // work items per slice-tile (the (b, h) pairs sharing a slice)
+  int hdec = 0;                 // heads decoded from a work item (H, or Hkv for dK/dV with Lh == 1)
+};
+
+struct Params {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const void* o = nullptr;     // bwd: forward output
+  const void* dout = nullptr;  // bwd
+  void* out = nullptr;         // fwd output, contiguous [B, Sq, H, D]
+  float* lse_out = nullptr;    // fwd, [B, H, Sq]
+  const float* lse = nullptr;  // bwd / weights input, [B, H, Sq]
+  float* delta = nullptr;      // bwd workspace, [B, H, Sq]
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  int64_t q_sb = 0, q_ss = 0, q_sh = 0;
+  int64_t k_sb = 0, k_ss = 0, k_sh = 0;
+  int64_t v_sb = 0, v_ss = 0, v_sh = 0;
+  int64_t o_sb = 0, o_ss = 0, o_sh = 0;
+  int64_t do_sb = 0, do_ss = 0, do_sh = 0;
+  int B = 0, H = 0, Hkv = 0, G = 1, Sq = 0, Sk = 0, D = 0;
+  int bq = 0, bk = 0, Lb = 1, Lh = 1, nqb = 0, nkb = 0;
+  float scale = 1.f, scale_log2 = 1.f;
+  int causal = 0, wl = -1, wr = -1;
+  const int* key_lengths = nullptr;  // [B]
+  const bool* kpm = nullptr;         // [B, Sk] contiguous, true = padding
+  TileList tl;
+};
+
+// Tile shapes per op and (padded) head dim. kD is the specialised head dim (32/64/96/128/256).
+template <int kD>
+struct FwdCfg {
+  static constexpr int kBM = kD == 256 ? 64 : 128;
+  static constexpr int kBN = kD <= 64 ? 128 : 64;
+  static constexpr int kWarps = kBM / 16;
+  static constexpr bool kQinRegs = kD <= 128;
+};
+
+template <int kD>
+struct DqCfg {
+  static constexpr int kBM = 64;
+  static constexpr int kBN = kD == 256 ? 32 : 64;
+  static constexpr int kWarps = kBM / 16;
+};
+
+template <int kD>
+struct DkvCfg {
+  static constexpr int kBN = kD == 256 ? 64 : 128;  // keys per CTA (16 per warp)
+  static constexpr int kBM = kD == 256 ? 32 : 64;   // query tile walked
+  static constexpr int kWarps = kBN / 16;
+  static constexpr int kDO = kD == 256 ? 128 : kD;  // output columns per CTA (grid.y splits kD)
+};
+
+// Host-side view of the tile shapes for a run-time head dim.
+struct TileShapes {
+  int fwd_bm, fwd_bn, dq_bm, dq_bn, dkv_bn, dkv_bm;
+};
+
+inline TileShapes tile_shapes(int kD) {
+  switch (kD) {
+#define DS_TS(D)                                                                              \
+  case D:                                                                                     \
+    return TileShapes{FwdCfg<D>::kBM, FwdCfg<D>::kBN, DqCfg<D>::kBM, DqCfg<D>::kBN,           \
+                      DkvCfg<D>::kBN, DkvCfg<D>::kBM};
+    DS_TS(32)
+    DS_TS(64)
+    DS_TS(96)
+    DS_TS(128)
+    DS_TS(256)
+#undef DS_TS
+    default:
+      return TileShapes{0, 0, 0, 0, 0, 0};
+  }
+}
+
+using LaunchFn = void (*)(const Params&, int64_t /*num_items*/, cudaStream_t);
+
+enum Op { kOpFwd = 0, kOpDq = 1, kOpDkv = 2, kNumOps = 3 };
+constexpr int kNumHeadDims = 5;  // 32, 64, 96, 128, 256
+
+inline int head_dim_index(int kD) {
+  switch (kD) {
+    case 32: return 0;
+    case 64: return 1;
+    case 96: return 2;
+    case 128: return 3;
+    case 256: return 4;
+    default: return -1;
+  }
+}
+
+// dtype index: 0 = fp16, 1 = bf16.
+struct Registry {
+  LaunchFn fn[kNumOps][2][kNumHeadDims] = {};
+};
+
+Registry& registry();
+
+struct Registrar {
+  Registrar(Op op, int dtype, int kD, LaunchFn f) { registry().fn[op][dtype][head_dim_index(kD)] = f; }
+};
+
+}  // namespace dilated_sparse::cuda

@@ -1,0 +1,329 @@
+// dilated_sparse op schemas (declared once), argument checks shared by all backends, the C++ API
+// that calls the ops through the dispatcher, and the small Python module `dilated_sparse._C`.
+//
+// Kernels live elsewhere: csrc/cpu registers `TORCH_LIBRARY_IMPL(dilated_sparse, CPU, m)`,
+// csrc/cuda registers the CUDA ones.
+#include "dilated_sparse/dilated_sparse.h"
+#include "dilated_sparse/detail/checks.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#ifdef TORCH_EXTENSION_NAME
+#include <torch/extension.h>
+#endif
+
+TORCH_LIBRARY(dilated_sparse, m) {
+  m.def(
+      "block_sparse_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor crow_indices, "
+      "Tensor col_indices, int block_q, int block_k, int layout_batch, int layout_heads, "
+      "float scale, bool causal, int window_left, int window_right, Tensor? key_lengths, "
+      "Tensor? key_padding_mask) -> (Tensor out, Tensor lse)");
+  m.def(
+      "block_sparse_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor ccol_indices, Tensor row_indices, Tensor crow_indices, Tensor col_indices, "
+      "int block_q, int block_k, int layout_batch, int layout_heads, float scale, bool causal, "
+      "int window_left, int window_right, Tensor? key_lengths, Tensor? key_padding_mask) "
+      "-> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def(
+      "block_sparse_attn_weights(Tensor q, Tensor k, Tensor lse, Tensor crow_indices, "
+      "Tensor col_indices, int block_q, int block_k, int layout_batch, int layout_heads, "
+      "int max_slice_nnz, float scale, bool causal, int window_left, int window_right, "
+      "Tensor? key_lengths, Tensor? key_padding_mask) -> Tensor");
+}
+
+namespace dilated_sparse {
+namespace detail {
+namespace {
+
+bool is_float_dtype(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+}
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4, "dilated_sparse: q must be [B, Sq, H, D], got ", q.sizes());
+  TORCH_CHECK(k.dim() == 4, "dilated_sparse: k must be [B, Sk, Hkv, D], got ", k.sizes());
+  TORCH_CHECK(v.dim() == 4, "dilated_sparse: v must be [B, Sk, Hkv, D], got ", v.sizes());
+  TORCH_CHECK(is_float_dtype(q.scalar_type()),
+              "dilated_sparse: q must be float16, bfloat16, float32 or float64, got ",
+              q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "dilated_sparse: q, k, v must share a dtype, got ", q.scalar_type(), ", ",
+              k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(),
+              "dilated_sparse: q, k, v must be on one device");
+  TORCH_CHECK(k.sizes() == v.sizes(), "dilated_sparse: k and v shapes differ: ", k.sizes(),
+              " vs ", v.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0), "dilated_sparse: batch of k (", k.size(0),
+              ") differs from q (", q.size(0), ")");
+  TORCH_CHECK(k.size(3) == q.size(3), "dilated_sparse: head dim of k (", k.size(3),
+              ") differs from q (", q.size(3), ")");
+  TORCH_CHECK(q.size(3) > 0, "dilated_sparse: head dim must be positive");
+  TORCH_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0, "dilated_sparse: query heads (",
+              q.size(2), ") must be a multiple of kv heads (", k.size(2), ")");
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->size(3) == 1 || t->stride(3) == 1,
+                "dilated_sparse: the last dim of q, k, v must be contiguous (stride 1)");
+  }
+}
+
+AttnDims make_dims(const at::Tensor& q, const at::Tensor& k, int64_t block_q, int64_t block_k,
+                   int64_t layout_batch, int64_t layout_heads) {
+  TORCH_CHECK(block_q > 0 && block_k > 0, "dilated_sparse: block sizes must be positive, got (",
+              block_q, ", ", block_k, ")");
+  AttnDims d;
+  d.batch = q.size(0);
+  d.seq_q = q.size(1);
+  d.heads = q.size(2);
+  d.head_dim = q.size(3);
+  d.seq_k = k.size(1);
+  d.kv_heads = k.size(2);
+  d.block_q = block_q;
+  d.block_k = block_k;
+  d.num_q_blocks = (d.seq_q + block_q - 1) / block_q;
+  d.num_k_blocks = (d.seq_k + block_k - 1) / block_k;
+  TORCH_CHECK(layout_batch == 1 || layout_batch == d.batch,
+              "dilated_sparse: layout_batch must be 1 or B=", d.batch, ", got ", layout_batch);
+  TORCH_CHECK(layout_heads == 1 || layout_heads == d.heads,
+              "dilated_sparse: layout_heads must be 1 or H=", d.heads, ", got ", layout_heads);
+  d.layout_batch = layout_batch;
+  d.layout_heads = layout_heads;
+  return d;
+}
+
+void check_index(const at::Tensor& t, const char* name, const at::Tensor& q) {
+  TORCH_CHECK(t.scalar_type() == at::kInt, "dilated_sparse: ", name, " must be int32, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 1, "dilated_sparse: ", name, " must be 1-D, got ", t.sizes());
+  TORCH_CHECK(t.device() == q.device(), "dilated_sparse: ", name, " must be on ", q.device(),
+              ", got ", t.device());
+}
+
+void check_csr(const AttnDims& d, const at::Tensor& crow, const at::Tensor& col,
+               const at::Tensor& q) {
+  check_index(crow, "crow_indices", q);
+  check_index(col, "col_indices", q);
+  TORCH_CHECK(crow.numel() == d.num_slices() * d.num_q_blocks + 1,
+              "dilated_sparse: crow_indices must have L*nqb+1 = ",
+              d.num_slices() * d.num_q_blocks + 1, " entries, got ", crow.numel());
+}
+
+void check_csc(const AttnDims& d, const at::Tensor& ccol, const at::Tensor& row,
+               const at::Tensor& col, const at::Tensor& q) {
+  check_index(ccol, "ccol_indices", q);
+  check_index(row, "row_indices", q);
+  TORCH_CHECK(ccol.numel() == d.num_slices() * d.num_k_blocks + 1,
+              "dilated_sparse: ccol_indices must have L*nkb+1 = ",
+              d.num_slices() * d.num_k_blocks + 1, " entries, got ", ccol.numel());
+  TORCH_CHECK(row.numel() == col.numel(), "dilated_sparse: row_indices (", row.numel(),
+              ") and col_indices (", col.numel(), ") must have the same nnz");
+}
+
+void check_masks(const AttnDims& d, int64_t window_left, int64_t window_right,
+                 const std::optional<at::Tensor>& key_lengths,
+                 const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& q) {
+  TORCH_CHECK(window_left >= -1 && window_right >= -1,
+              "dilated_sparse: window_left/window_right must be >= 0 or -1 (unbounded), got (",
+              window_left, ", ", window_right, ")");
+  if (key_lengths.has_value()) {
+    const at::Tensor& kl = *key_lengths;
+    TORCH_CHECK(kl.scalar_type() == at::kInt, "dilated_sparse: key_lengths must be int32, got ",
+                kl.scalar_type());
+    TORCH_CHECK(kl.dim() == 1 && kl.size(0) == d.batch,
+                "dilated_sparse: key_lengths must be [B=", d.batch, "], got ", kl.sizes());
+    TORCH_CHECK(kl.device() == q.device(), "dilated_sparse: key_lengths must be on ",
+                q.device());
+  }
+  if (key_padding_mask.has_value()) {
+    const at::Tensor& m = *key_padding_mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool,
+                "dilated_sparse: key_padding_mask must be bool, got ", m.scalar_type());
+    TORCH_CHECK(m.dim() == 2 && m.size(0) == d.batch && m.size(1) == d.seq_k,
+                "dilated_sparse: key_padding_mask must be [B=", d.batch, ", Sk=", d.seq_k,
+                "], got ", m.sizes());
+    TORCH_CHECK(m.device() == q.device(), "dilated_sparse: key_padding_mask must be on ",
+                q.device());
+  }
+}
+
+void check_lse(const AttnDims& d, const at::Tensor& lse, const at::Tensor& q) {
+  const auto want = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(lse.scalar_type() == want, "dilated_sparse: lse must be ", want, ", got ",
+              lse.scalar_type());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == d.batch && lse.size(1) == d.heads &&
+                  lse.size(2) == d.seq_q,
+              "dilated_sparse: lse must be [B, H, Sq] = [", d.batch, ", ", d.heads, ", ",
+              d.seq_q, "], got ", lse.sizes());
+  TORCH_CHECK(lse.device() == q.device(), "dilated_sparse: lse must be on ", q.device());
+}
+
+}  // namespace
+
+AttnDims check_fwd_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                        int64_t block_q, int64_t block_k, int64_t layout_batch,
+                        int64_t layout_heads, int64_t window_left, int64_t window_right,
+                        const std::optional<at::Tensor>& key_lengths,
+                        const std::optional<at::Tensor>& key_padding_mask) {
+  check_qkv(q, k, v);
+  AttnDims d = make_dims(q, k, block_q, block_k, layout_batch, layout_heads);
+  check_csr(d, crow_indices, col_indices, q);
+  check_masks(d, window_left, window_right, key_lengths, key_padding_mask, q);
+  return d;
+}
+
+AttnDims check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                        const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                        const at::Tensor& ccol_indices, const at::Tensor& row_indices,
+                        const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                        int64_t block_q, int64_t block_k, int64_t layout_batch,
+                        int64_t layout_heads, int64_t window_left, int64_t window_right,
+                        const std::optional<at::Tensor>& key_lengths,
+                        const std::optional<at::Tensor>& key_padding_mask) {
+  check_qkv(q, k, v);
+  AttnDims d = make_dims(q, k, block_q, block_k, layout_batch, layout_heads);
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&dout, "dout"},
+                                std::pair<const at::Tensor*, const char*>{&out, "out"}}) {
+    TORCH_CHECK(t->sizes() == q.sizes(), "dilated_sparse: ", name, " must have q's shape ",
+                q.sizes(), ", got ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "dilated_sparse: ", name,
+                " must have q's dtype ", q.scalar_type(), ", got ", t->scalar_type());
+    TORCH_CHECK(t->device() == q.device(), "dilated_sparse: ", name, " must be on ",
+                q.device());
+  }
+  check_lse(d, lse, q);
+  check_csr(d, crow_indices, col_indices, q);
+  check_csc(d, ccol_indices, row_indices, col_indices, q);
+  check_masks(d, window_left, window_right, key_lengths, key_padding_mask, q);
+  return d;
+}
+
+AttnDims check_weights_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
+                            const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                            int64_t block_q, int64_t block_k, int64_t layout_batch,
+                            int64_t layout_heads, int64_t max_slice_nnz, int64_t window_left,
+                            int64_t window_right, const std::optional<at::Tensor>& key_lengths,
+                            const std::optional<at::Tensor>& key_padding_mask) {
+  check_qkv(q, k, k);
+  AttnDims d = make_dims(q, k, block_q, block_k, layout_batch, layout_heads);
+  check_lse(d, lse, q);
+  check_csr(d, crow_indices, col_indices, q);
+  TORCH_CHECK(max_slice_nnz >= 0, "dilated_sparse: max_slice_nnz must be >= 0, got ",
+              max_slice_nnz);
+  check_masks(d, window_left, window_right, key_lengths, key_padding_mask, q);
+  return d;
+}
+
+}  // namespace detail
+
+// ------------------------------------------------------------------------------- C++ API
+namespace {
+double resolve_scale(std::optional<double> scale, const at::Tensor& q) {
+  return scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& crow_indices,
+    const at::Tensor& col_indices, int64_t block_q, int64_t block_k, int64_t layout_batch,
+    int64_t layout_heads, std::optional<double> scale, bool causal, int64_t window_left,
+    int64_t window_right, const std::optional<at::Tensor>& key_lengths,
+    const std::optional<at::Tensor>& key_padding_mask) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("dilated_sparse::block_sparse_attn_fwd", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, int64_t, int64_t, int64_t, int64_t, double, bool, int64_t,
+              int64_t, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
+  return op.call(q, k, v, crow_indices, col_indices, block_q, block_k, layout_batch, layout_heads,
+                 resolve_scale(scale, q), causal, window_left, window_right, key_lengths,
+                 key_padding_mask);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& ccol_indices,
+    const at::Tensor& row_indices, const at::Tensor& crow_indices, const at::Tensor& col_indices,
+    int64_t block_q, int64_t block_k, int64_t layout_batch, int64_t layout_heads,
+    std::optional<double> scale, bool causal, int64_t window_left, int64_t window_right,
+    const std::optional<at::Tensor>& key_lengths,
+    const std::optional<at::Tensor>& key_padding_mask) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("dilated_sparse::block_sparse_attn_bwd", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, int64_t, double,
+              bool, int64_t, int64_t, const std::optional<at::Tensor>&,
+              const std::optional<at::Tensor>&)>();
+  return op.call(dout, q, k, v, out, lse, ccol_indices, row_indices, crow_indices, col_indices,
+                 block_q, block_k, layout_batch, layout_heads, resolve_scale(scale, q), causal,
+                 window_left, window_right, key_lengths, key_padding_mask);
+}
+
+at::Tensor block_sparse_attn_weights(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse, const at::Tensor& crow_indices,
+    const at::Tensor& col_indices, int64_t block_q, int64_t block_k, int64_t layout_batch,
+    int64_t layout_heads, int64_t max_slice_nnz, std::optional<double> scale, bool causal,
+    int64_t window_left, int64_t window_right, const std::optional<at::Tensor>& key_lengths,
+    const std::optional<at::Tensor>& key_padding_mask) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("dilated_sparse::block_sparse_attn_weights", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t,
+                            int64_t, int64_t, double, bool, int64_t, int64_t,
+                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
+  return op.call(q, k, lse, crow_indices, col_indices, block_q, block_k, layout_batch,
+                 layout_heads, max_slice_nnz, resolve_scale(scale, q), causal, window_left,
+                 window_right, key_lengths, key_padding_mask);
+}
+
+bool compiled_with_cuda() {
+#ifdef DILATED_SPARSE_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+// Head dims the CUDA kernels were instantiated for. csrc/cuda may define this (strong symbol);
+// without it (CPU build, or not provided) the list is empty.
+__attribute__((weak)) std::vector<int64_t> cuda_head_dims();
+
+}  // namespace dilated_sparse
+
+// ------------------------------------------------------------------ Python module (_C)
+#ifdef TORCH_EXTENSION_NAME
+namespace {
+std::string cuda_archs() {
+#ifdef DILATED_SPARSE_CUDA_ARCHS
+  return DILATED_SPARSE_CUDA_ARCHS;
+#else
+  return "";
+#endif
+}
+
+std::vector<int64_t> cuda_head_dims_or_empty() {
+  if (&dilated_sparse::cuda_head_dims != nullptr) {
+    return dilated_sparse::cuda_head_dims();
+  }
+  return {};
+}
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "dilated_sparse compiled ops; importing this module registers torch.ops.dilated_sparse";
+  m.def("compiled_with_cuda", &dilated_sparse::compiled_with_cuda,
+        "Whether this build carries the CUDA kernels.");
+  m.def("cuda_archs", &cuda_archs, "CUDA architectures of this build (TORCH_CUDA_ARCH_LIST).");
+  m.def("cuda_head_dims", &cuda_head_dims_or_empty,
+        "Head dims the CUDA kernels were instantiated for (empty without CUDA).");
+}
+#endif

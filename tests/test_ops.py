@@ -1,0 +1,248 @@
+"""The public op against the reference: values, lse, gradients, weights, bad input, compile.
+
+Runs on the CPU always and on CUDA when present (half-precision dtypes only there).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dilated_sparse as ds
+from dilated_sparse.ops import attention_forward
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def make_qkv(b, sq, sk, h, hkv, d, dtype, device, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, sq, h, d, generator=g, dtype=torch.float64)
+    k = torch.randn(b, sk, hkv, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, sk, hkv, d, generator=g, dtype=torch.float64)
+    return [t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def random_layout(lb, lh, sq, sk, bq, bk, p=0.5, seed=0, empty_rows=True):
+    g = torch.Generator().manual_seed(seed)
+    nqb, nkb = -(-sq // bq), -(-sk // bk)
+    mask = torch.rand(lb, lh, nqb, nkb, generator=g) < p
+    if empty_rows and nqb > 1:
+        mask[..., 1, :] = False  # an empty row
+    return ds.BlockSparseLayout.from_dense_mask(mask, block_size=(bq, bk), seq_len_q=sq, seq_len_k=sk)
+
+
+def assert_close(actual, expected, dtype, what):
+    scale = expected.abs().max().clamp_min(1.0)
+    err = (actual.double() - expected.double()).abs().max() / scale
+    assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]:.1g}"
+
+
+def device_dtypes(device):
+    return [torch.float64, torch.float32, torch.bfloat16] if device == "cpu" else [torch.float16, torch.bfloat16]
+
+
+CASES = {
+    # name: (B, Sq, Sk, H, Hkv, D, bq, bk, Lb, Lh, kwargs)
+    "square": (2, 128, 128, 2, 2, 32, 32, 32, 1, 1, {}),
+    "odd_lengths_bq_ne_bk": (1, 100, 77, 2, 1, 24, 32, 16, 1, 1, {}),
+    "gqa_causal": (2, 96, 96, 4, 2, 16, 16, 32, 1, 1, {"causal": True}),
+    "mqa_window": (1, 90, 110, 3, 1, 8, 16, 16, 1, 1, {"window": (20, 5)}),
+    "per_head": (2, 64, 80, 2, 2, 16, 16, 16, 1, 2, {}),
+    "per_batch_head": (2, 64, 64, 2, 1, 16, 32, 16, 2, 2, {"causal": True, "window": (None, 3)}),
+    "single_block": (1, 10, 10, 1, 1, 8, 16, 16, 1, 1, {}),
+    "key_lengths": (3, 70, 70, 2, 2, 16, 16, 32, 1, 1, {"key_lengths": [70, 33, 0]}),
+    "left_padding": (2, 50, 60, 2, 1, 16, 16, 16, 1, 1, {"left_pad": [7, 41]}),
+}
+
+
+def case_inputs(name, dtype, device, requires_grad=False):
+    b, sq, sk, h, hkv, d, bq, bk, lb, lh, kw = CASES[name]
+    q, k, v = make_qkv(b, sq, sk, h, hkv, d, dtype, device, requires_grad=requires_grad)
+    layout = random_layout(lb, lh, sq, sk, bq, bk, p=0.6, seed=len(name))
+    kwargs = dict(kw)
+    if "key_lengths" in kwargs:
+        kwargs["key_lengths"] = torch.tensor(kwargs["key_lengths"], dtype=torch.int32, device=device)
+    if "left_pad" in kwargs:
+        pad = kwargs.pop("left_pad")
+        kwargs["key_padding_mask"] = torch.arange(sk, device=device).view(1, -1) < torch.tensor(pad, device=device).view(-1, 1)
+    return q, k, v, layout, kwargs
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_lse_and_grads_match_reference(device, name):
+    for dtype in device_dtypes(device):
+        q, k, v, layout, kw = case_inputs(name, dtype, device, requires_grad=True)
+        out, lse = attention_forward(q, k, v, layout, **kw)
+        q64, k64, v64 = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
+        kw64 = {key: (val.cpu() if isinstance(val, torch.Tensor) else val) for key, val in kw.items()}
+        ref_out, ref_lse = ds.reference_attention(q64, k64, v64, layout, return_lse=True, **kw64)
+        assert out.dtype == dtype and lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert not out.isnan().any() and not lse.isnan().any()
+        assert_close(out.cpu(), ref_out, dtype, f"{name} {dtype} out")
+        assert torch.equal(lse.isinf().cpu(), ref_lse.isinf()), "empty rows must have lse = -inf exactly"
+        finite = ~ref_lse.isinf()
+        assert_close(lse.cpu()[finite], ref_lse[finite], torch.float32 if dtype != torch.float64 else dtype, f"{name} lse")
+        grad = torch.randn_like(ref_out)
+        out.backward(grad.to(device=device, dtype=dtype))
+        ref_out.backward(grad)
+        for t, t64, label in ((q, q64, "dq"), (k, k64, "dk"), (v, v64, "dv")):
+            assert not t.grad.isnan().any()
+            assert_close(t.grad.cpu(), t64.grad, dtype, f"{name} {dtype} {label}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["odd_lengths_bq_ne_bk", "gqa_causal", "per_batch_head", "key_lengths"])
+def test_weights_dict_matches_reference(device, name):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    q, k, v, layout, kw = case_inputs(name, dtype, device)
+    out, weights = ds.block_sparse_attention(q, k, v, layout, return_attention_weights=True, **kw)
+    kw_cpu = {key: (val.cpu() if isinstance(val, torch.Tensor) else val) for key, val in kw.items()}
+    ref_out, ref_w = ds.reference_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), layout,
+                                            return_attention_weights=True, **kw_cpu)
+    assert weights["block_values"].shape == ref_w["block_values"].shape
+    assert weights["shape"] == ref_w["shape"] and weights["block_size"] == layout.block_size
+    assert_close(weights["block_values"].cpu(), ref_w["block_values"], dtype, "block_values")
+    dense = ds.weights_to_dense(weights)
+    assert_close(dense.cpu(), ds.weights_to_dense(ref_w), dtype, "dense weights")
+    # rows sum to one where some key is allowed, zero where none is
+    sums = dense.double().sum(-1)
+    assert torch.all((sums - 1).abs().lt(3e-2) | sums.abs().lt(1e-6))
+    if layout.num_slices == 1:
+        assert torch.equal(weights["block_indices"].cpu(), ref_w["block_indices"].cpu())
+        bsr = ds.weights_to_bsr(weights, batch=0, head=1)
+        assert torch.allclose(bsr.to_dense()[: q.shape[1], : k.shape[1]].cpu().double(), dense[0, 1].cpu().double(), atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fully_masked_rows_are_zero_not_nan(device):
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    q, k, v = make_qkv(2, 64, 64, 2, 2, 16, dtype, device, requires_grad=True)
+    layout = ds.BlockSparseLayout.from_dense_mask(torch.ones(4, 4, dtype=torch.bool), block_size=16, seq_len_q=64)
+    kpm = torch.zeros(2, 64, dtype=torch.bool, device=device)
+    kpm[1] = True  # every key of batch 1 is padding
+    out, lse = attention_forward(q, k, v, layout, key_padding_mask=kpm, window=(0, 0))
+    assert torch.all(out[1] == 0) and torch.all(lse[1] == float("-inf"))
+    out.sum().backward()
+    assert torch.all(q.grad[1] == 0) and torch.all(k.grad[1] == 0) and torch.all(v.grad[1] == 0)
+    assert not any(t.grad.isnan().any() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_views_of_packed_qkv(device):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    qkv = torch.randn(2, 72, 3, 4, 16, dtype=dtype, device=device)
+    q, k, v = qkv.unbind(2)
+    assert not q.is_contiguous()
+    layout = random_layout(1, 1, 72, 72, 16, 16, seed=5)
+    out = ds.block_sparse_attention(q, k, v, layout, causal=True)
+    ref = ds.reference_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), layout, causal=True)
+    assert_close(out.cpu(), ref, dtype, "strided out")
+
+
+def test_gradcheck_float64():
+    q, k, v = make_qkv(1, 20, 24, 2, 1, 4, torch.float64, "cpu", requires_grad=True)
+    layout = random_layout(1, 1, 20, 24, 16, 16, p=0.8, seed=1, empty_rows=False)
+
+    def fn(q, k, v):
+        return ds.block_sparse_attention(q, k, v, layout, causal=True, window=(None, 6))
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_opcheck():
+    q, k, v = make_qkv(2, 40, 40, 2, 1, 8, torch.float32, "cpu", requires_grad=True)
+    layout = random_layout(1, 1, 40, 40, 16, 16, seed=2)
+    args = (q, k, v, layout.crow_indices, layout.col_indices, 16, 16, 1, 1, 0.3, True, -1, -1, None, None)
+    torch.library.opcheck(torch.ops.dilated_sparse.block_sparse_attn_fwd.default, args)
+    out, lse = torch.ops.dilated_sparse.block_sparse_attn_fwd(*args)
+    wargs = (q.detach(), k.detach(), lse, layout.crow_indices, layout.col_indices, 16, 16, 1, 1,
+             layout.max_slice_nnz, 0.3, True, -1, -1, None, None)
+    torch.library.opcheck(torch.ops.dilated_sparse.block_sparse_attn_weights.default, wargs)
+    bargs = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse,
+             layout.ccol_indices, layout.row_indices, layout.crow_indices, layout.col_indices,
+             16, 16, 1, 1, 0.3, True, -1, -1, None, None)
+    torch.library.opcheck(torch.ops.dilated_sparse.block_sparse_attn_bwd.default, bargs)
+
+
+def test_torch_compile_fullgraph_forward_backward():
+    q, k, v = make_qkv(1, 48, 48, 2, 2, 8, torch.float32, "cpu", requires_grad=True)
+    layout = random_layout(1, 1, 48, 48, 16, 16, seed=4)
+
+    def fn(q, k, v):
+        return ds.block_sparse_attention(q, k, v, layout, causal=True).square().sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    eager_loss = fn(q, k, v)
+    eager_grads = torch.autograd.grad(eager_loss, (q, k, v))
+    assert torch.allclose(loss, eager_loss)
+    for g, e in zip(grads, eager_grads):
+        assert torch.allclose(g, e, atol=1e-6)
+
+
+def test_backward_is_deterministic():
+    q, k, v = make_qkv(2, 64, 64, 4, 2, 16, torch.float32, "cpu", requires_grad=True)
+    layout = random_layout(1, 1, 64, 64, 16, 16, seed=8)
+    grads = []
+    for _ in range(2):
+        out = ds.block_sparse_attention(q, k, v, layout)
+        grads.append(torch.autograd.grad(out.sum(), (q, k, v)))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_layout_moves_to_the_inputs_device_once():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    layout = random_layout(1, 1, 64, 64, 16, 16)
+    q, k, v = make_qkv(1, 64, 64, 2, 2, 16, torch.float16, "cuda")
+    ds.block_sparse_attention(q, k, v, layout)
+    assert layout.to("cuda") is layout.to("cuda")
+
+
+# ---------------------------------------------------------------------------- bad input
+def _good():
+    q, k, v = make_qkv(2, 40, 40, 4, 2, 8, torch.float32, "cpu")
+    return q, k, v, random_layout(1, 1, 40, 40, 16, 16)
+
+
+BAD = {
+    "dtype_mismatch": (lambda q, k, v, L: ((q, k.double(), v, L), {}), TypeError, "same dtype"),
+    "int_dtype": (lambda q, k, v, L: ((q.long(), k, v, L), {}), TypeError, "q must be float"),
+    "rank": (lambda q, k, v, L: ((q[0], k, v, L), {}), ValueError, "q must be 4-D"),
+    "heads_not_multiple": (lambda q, k, v, L: ((q[:, :, :3], k, v, L), {}), ValueError, "multiple of k/v heads"),
+    "head_dim": (lambda q, k, v, L: ((q, k[..., :4], v[..., :4], L), {}), ValueError, "head_dim"),
+    "batch": (lambda q, k, v, L: ((q, k[:1], v[:1], L), {}), ValueError, "batch size"),
+    "kv_shape": (lambda q, k, v, L: ((q, k, v[:, :30], L), {}), ValueError, "k and v must have the same shape"),
+    "layout_len": (lambda q, k, v, L: ((q[:, :30], k, v, L), {}), ValueError, "layout was built for"),
+    "layout_type": (lambda q, k, v, L: ((q, k, v, "local"), {}), TypeError, "BlockSparseLayout"),
+    "key_lengths_len": (lambda q, k, v, L: ((q, k, v, L), {"key_lengths": torch.tensor([1, 2, 3])}), ValueError, "key_lengths"),
+    "key_lengths_range": (lambda q, k, v, L: ((q, k, v, L), {"key_lengths": torch.tensor([1, 41])}), ValueError, r"key_lengths must lie"),
+    "key_lengths_dtype": (lambda q, k, v, L: ((q, k, v, L), {"key_lengths": torch.tensor([1.0, 2.0])}), TypeError, "key_lengths"),
+    "kpm_shape": (lambda q, k, v, L: ((q, k, v, L), {"key_padding_mask": torch.zeros(2, 39, dtype=torch.bool)}), ValueError, "key_padding_mask"),
+    "kpm_dtype": (lambda q, k, v, L: ((q, k, v, L), {"key_padding_mask": torch.zeros(2, 40)}), TypeError, "key_padding_mask"),
+    "window_negative": (lambda q, k, v, L: ((q, k, v, L), {"window": (-1, 3)}), ValueError, "window left"),
+    "window_type": (lambda q, k, v, L: ((q, k, v, L), {"window": (1, 2, 3)}), TypeError, "window"),
+    "scale": (lambda q, k, v, L: ((q, k, v, L), {"scale": float("nan")}), TypeError, "scale"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_is_rejected_with_a_named_argument(name):
+    build, error, match = BAD[name]
+    args, kwargs = build(*_good())
+    with pytest.raises(error, match=match):
+        ds.block_sparse_attention(*args, **kwargs)
+
+
+def test_layout_for_other_heads_or_batch_rejected():
+    q, k, v, _ = _good()
+    per_head = random_layout(1, 3, 40, 40, 16, 16)
+    with pytest.raises(ValueError, match="layout_heads=3"):
+        ds.block_sparse_attention(q, k, v, per_head)
+    per_batch = random_layout(3, 1, 40, 40, 16, 16)
+    with pytest.raises(ValueError, match="layout_batch=3"):
+        ds.block_sparse_attention(q, k, v, per_batch)
