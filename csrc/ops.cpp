@@ -5,6 +5,7 @@
 // csrc/cuda registers the CUDA ones.
 #include "dilated_sparse/dilated_sparse.h"
 #include "dilated_sparse/detail/checks.h"
+#include "cpu/kernels.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -295,16 +296,24 @@ bool compiled_with_cuda() {
 
 // Head dims the CUDA kernels were instantiated for. csrc/cuda may define this (strong symbol);
 // without it (CPU build, or not provided) the list is empty.
-__attribute__((weak)) std::vector<int64_t> cuda_head_dims();
+#if defined(__GNUC__) || defined(__clang__)
+__attribute__((weak))
+#endif
+std::vector<int64_t>
+cuda_head_dims();
 
 }  // namespace dilated_sparse
 
 // ------------------------------------------------------------------ Python module (_C)
 #ifdef TORCH_EXTENSION_NAME
 namespace {
+#define DS_STRINGIFY_(...) #__VA_ARGS__
+#define DS_STRINGIFY(...) DS_STRINGIFY_(__VA_ARGS__)
+
+// DILATED_SPARSE_CUDA_ARCHS is a bare comma-separated list (8.0,9.0), see _sources.py.
 std::string cuda_archs() {
 #ifdef DILATED_SPARSE_CUDA_ARCHS
-  return DILATED_SPARSE_CUDA_ARCHS;
+  return DS_STRINGIFY(DILATED_SPARSE_CUDA_ARCHS);
 #else
   return "";
 #endif
@@ -325,5 +334,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_archs", &cuda_archs, "CUDA architectures of this build (TORCH_CUDA_ARCH_LIST).");
   m.def("cuda_head_dims", &cuda_head_dims_or_empty,
         "Head dims the CUDA kernels were instantiated for (empty without CUDA).");
+  m.def("cpu_isa", &dilated_sparse::cpu::cpu_isa,
+        "Instruction-set variant of the CPU kernels in use (avx512, avx2 or default).");
 }
 #endif

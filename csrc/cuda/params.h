@@ -66,7 +66,7 @@ struct Params {
 template <int kD>
 struct FwdCfg {
   static constexpr int kBM = kD == 256 ? 64 : 128;
-  static constexpr int kBN = kD <= 64 ? 128 : 64;
+  static constexpr int kBN = kD <= 64 ? 128 : (kD == 256 ? 32 : 64);
   static constexpr int kWarps = kBM / 16;
   static constexpr bool kQinRegs = kD <= 128;
 };
@@ -81,7 +81,7 @@ struct DqCfg {
 template <int kD>
 struct DkvCfg {
   static constexpr int kBN = kD == 256 ? 64 : 128;  // keys per CTA (16 per warp)
-  static constexpr int kBM = kD == 256 ? 32 : 64;   // query tile walked
+  static constexpr int kBM = kD <= 64 ? 64 : 32;  // query tile walked
   static constexpr int kWarps = kBN / 16;
   static constexpr int kDO = kD == 256 ? 128 : kD;  // output columns per CTA (grid.y splits kD)
 };

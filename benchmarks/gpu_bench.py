@@ -1,0 +1,247 @@
+"""GPU benchmark: dilated_sparse CUDA kernels vs FlexAttention (same block mask) vs dense SDPA.
+
+One process, medians of ``triton.testing.do_bench``; TFLOP/s counted on the active blocks only
+(forward ``4 * nnz * bq * bk * D * B * H``, forward+backward 3.5x that), as in
+``../shared/bench/peer_baseline.py``. Writes ``gpu_bench.json`` and ``gpu_bench.md`` to ``$OUT``
+(or ``--out``) and prints the table last.
+
+    python benchmarks/gpu_bench.py                 # full matrix
+    python benchmarks/gpu_bench.py --quick         # S=16384 only, no dense peers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+
+
+def pattern(nb: int, kind: str, density: float) -> torch.Tensor:
+    """Block layout [nb, nb] bool (same definitions as peer_baseline.py, plus global_local)."""
+    i = torch.arange(nb)[:, None]
+    j = torch.arange(nb)[None, :]
+    if kind == "local":
+        w = max(0, int(round(density * nb / 2 - 0.5)))
+        return (i - j).abs() <= w
+    if kind == "dilated":
+        r = max(2, int(round(1.0 / max(density - 3.0 / nb, 1e-3))))
+        return ((i - j).abs() <= 1) | ((j % r) == (i % r))
+    if kind == "causal_local":
+        w = max(0, int(round(density * nb - 0.5)))
+        return (j <= i) & (i - j <= w)
+    if kind == "global_local":  # one global block row and column plus a local band
+        w = max(0, int(round((density - 2.0 / nb) * nb / 2 - 0.5)))
+        return ((i - j).abs() <= w) | (i == 0) | (j == 0)
+    raise ValueError(kind)
+
+
+def csr(mask: torch.Tensor, dev: str) -> tuple[torch.Tensor, ...]:
+    flat = mask.reshape(-1, mask.shape[-1])
+    crow = torch.zeros(flat.shape[0] + 1, dtype=torch.int64)
+    crow[1:] = flat.sum(1).cumsum(0)
+    col = torch.nonzero(flat)[:, 1]
+    flat_t = mask.transpose(-1, -2).reshape(-1, mask.shape[-2])
+    ccol = torch.zeros(flat_t.shape[0] + 1, dtype=torch.int64)
+    ccol[1:] = flat_t.sum(1).cumsum(0)
+    row = torch.nonzero(flat_t)[:, 1]
+    return tuple(t.to(dev, torch.int32).contiguous() for t in (crow, col, ccol, row))
+
+
+class _Attn(torch.autograd.Function):
+    """Thin autograd wrapper over the ops (what ds.block_sparse_attention runs, minus validation)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, lay, bq, bk, scale):  # type: ignore[override]
+        crow, col, ccol, row = lay
+        out, lse = torch.ops.dilated_sparse.block_sparse_attn_fwd(
+            q, k, v, crow, col, bq, bk, 1, 1, scale, False, -1, -1, None, None)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.cfg = (lay, bq, bk, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        (crow, col, ccol, row), bq, bk, scale = ctx.cfg
+        dq, dk, dv = torch.ops.dilated_sparse.block_sparse_attn_bwd(
+            dout, q, k, v, out, lse, ccol, row, crow, col, bq, bk, 1, 1, scale, False, -1, -1, None, None)
+        return dq, dk, dv, None, None, None, None
+
+
+def bench(fn: Callable[[], torch.Tensor], tensors: list[torch.Tensor], grad: bool) -> tuple[float, float | None]:
+    from triton.testing import do_bench
+
+    ms_f = do_bench(fn, warmup=25, rep=100, return_mode="median")
+    if not grad:
+        return ms_f, None
+    gout = torch.randn_like(fn())
+
+    def fb() -> None:
+        fn().backward(gout)
+
+    ms_fb = do_bench(fb, warmup=25, rep=100, return_mode="median", grad_to_none=tensors)
+    return ms_f, ms_fb
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+
+    import dilated_sparse  # noqa: F401  (registers the ops)
+
+    lib = os.environ.get("DILATED_SPARSE_TEST_LIB")
+    if lib and not hasattr(torch.ops.dilated_sparse, "block_sparse_attn_fwd"):
+        torch.ops.load_library(lib)
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dev = "cuda"
+    flex = None
+    if not args.no_flex:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+    rows: list[dict[str, Any]] = []
+    shapes = [(1, 16, 16384, 128), (1, 32, 16384, 64)]
+    if not args.quick:
+        shapes += [(1, 16, 65536, 128), (1, 32, 65536, 64)]
+    kinds = [("local", 0.10), ("dilated", 0.10), ("causal_local", 0.05), ("local", 0.025), ("global_local", 0.069)]
+    for B, H, S, D in shapes:
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(B, S, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        scale = 1.0 / math.sqrt(D)
+        cfg = f"B{B} H{H} S{S} D{D}"
+        if not args.quick:
+            qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+            for name, be in [("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)]:
+                try:
+                    def f(be=be):
+                        with sdpa_kernel(be):
+                            return F.scaled_dot_product_attention(qt, kt, vt)
+                    fm, fbm = bench(f, [qt, kt, vt], True)
+                    fl = 4 * B * H * S * S * D
+                    rows.append(dict(cfg=cfg, pattern="dense", impl=name, block=0, density=1.0, fwd_ms=fm,
+                                     fwdbwd_ms=fbm, tf_fwd=fl / fm / 1e9, tf_fwdbwd=3.5 * fl / fbm / 1e9))
+                except Exception as e:  # noqa: BLE001
+                    rows.append(dict(cfg=cfg, pattern="dense", impl=name, error=str(e)[:120]))
+            del qt, kt, vt
+        for kind, dens in kinds:
+            for bs in ((128, 64) if kind == "local" and dens == 0.10 else (128,)):
+                nb = S // bs
+                lay_mask = pattern(nb, kind, dens)
+                nnz = int(lay_mask.sum())
+                density = nnz / nb / nb
+                lay = csr(lay_mask, dev)
+                fl = 4 * B * H * nnz * bs * bs * D
+                pname = f"{kind} {density:.3f}"
+
+                def ours(lay=lay, bs=bs):
+                    return _Attn.apply(q, k, v, lay, bs, bs, scale)
+
+                try:
+                    fm, fbm = bench(ours, [q, k, v], True)
+                    rows.append(dict(cfg=cfg, pattern=pname, impl="ours", block=bs, density=density, fwd_ms=fm,
+                                     fwdbwd_ms=fbm, tf_fwd=fl / fm / 1e9, tf_fwdbwd=3.5 * fl / fbm / 1e9))
+                except Exception as e:  # noqa: BLE001
+                    rows.append(dict(cfg=cfg, pattern=pname, impl="ours", block=bs, error=str(e)[:200]))
+                if flex is None or bs != 128:
+                    continue
+                lay_dev = lay_mask.to(dev)
+
+                def mask_mod(b, h, qi, ki, lay_dev=lay_dev, bs=bs):
+                    return lay_dev[qi // bs, ki // bs]
+
+                try:
+                    bm = create_block_mask(mask_mod, None, None, S, S, device=dev, BLOCK_SIZE=bs)
+                    qf, kf, vf = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+
+                    def fx(bm=bm, qf=qf, kf=kf, vf=vf):
+                        return flex(qf, kf, vf, block_mask=bm, scale=scale).transpose(1, 2)
+
+                    with torch.no_grad():
+                        diff = (fx().float() - ours().float()).abs().max().item()
+                    fm, fbm = bench(fx, [qf, kf, vf], True)
+                    rows.append(dict(cfg=cfg, pattern=pname, impl="flex", block=bs, density=density, fwd_ms=fm,
+                                     fwdbwd_ms=fbm, tf_fwd=fl / fm / 1e9, tf_fwdbwd=3.5 * fl / fbm / 1e9,
+                                     max_abs_diff_vs_ours=diff))
+                except Exception as e:  # noqa: BLE001
+                    rows.append(dict(cfg=cfg, pattern=pname, impl="flex", block=bs, error=str(e)[:200]))
+        del q, k, v
+        torch.cuda.empty_cache()
+
+    # Memory: grows with nnz, not S^2.
+    mem = []
+    for S in ([16384] if args.quick else [16384, 65536]):
+        B, H, D, bs = 1, 16, 128, 128
+        q, k, v = (torch.randn(B, S, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        lay = csr(pattern(S // bs, "local", 0.10), dev)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        _Attn.apply(q, k, v, lay, bs, bs, 1.0 / math.sqrt(D)).backward(torch.randn_like(q))
+        torch.cuda.synchronize()
+        mem.append(dict(what=f"fwd+bwd B1 H16 S{S} D128 local10% bs128",
+                        peak_extra_MiB=(torch.cuda.max_memory_allocated() - base) / 2**20,
+                        inputs_MiB=3 * q.numel() * 2 / 2**20))
+        del q, k, v
+    S, B, H, D, bs = 8192, 1, 16, 128, 128
+    q, k = (torch.randn(B, S, H, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    lay_mask = pattern(S // bs, "local", 0.10)
+    crow, col, _, _ = csr(lay_mask, dev)
+    nnz = int(lay_mask.sum())
+    out, lse = torch.ops.dilated_sparse.block_sparse_attn_fwd(q, k, k, crow, col, bs, bs, 1, 1, 0.1, False, -1, -1,
+                                                             None, None)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    w = torch.ops.dilated_sparse.block_sparse_attn_weights(q, k, lse, crow, col, bs, bs, 1, 1, nnz, 0.1, False, -1,
+                                                          -1, None, None)
+    torch.cuda.synchronize()
+    mem.append(dict(what=f"weights B1 H16 S{S} D128 local10% bs128 (nnz={nnz})",
+                    peak_extra_MiB=(torch.cuda.max_memory_allocated() - base) / 2**20,
+                    dense_would_be_MiB=B * H * S * S * 2 / 2**20, result_MiB=w.numel() * 2 / 2**20))
+
+    # Ratios vs flex.
+    flex_rows = {(r["cfg"], r["pattern"]): r for r in rows if r.get("impl") == "flex" and "error" not in r}
+    for r in rows:
+        f = flex_rows.get((r["cfg"], r.get("pattern")))
+        if r.get("impl") == "ours" and "error" not in r and f and r["block"] == 128:
+            r["x_flex_fwd"] = f["fwd_ms"] / r["fwd_ms"]
+            r["x_flex_fwdbwd"] = f["fwdbwd_ms"] / r["fwdbwd_ms"]
+    info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, time=time.strftime("%Y-%m-%d %H:%M"),
+                rows=rows, memory=mem)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu_bench.json"), "w") as fh:
+        json.dump(info, fh, indent=1)
+    lines = [f"{info['device']}, torch {info['torch']}", "",
+             "| config | pattern | impl | block | fwd ms | fwd TF/s | fwd+bwd ms | fwd+bwd TF/s | x flex fwd | x flex f+b |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['cfg']} | {r.get('pattern')} | {r['impl']} | {r.get('block', '')} | ERROR {r['error']} |")
+            continue
+        lines.append(
+            f"| {r['cfg']} | {r['pattern']} | {r['impl']} | {r['block']} | {r['fwd_ms']:.3f} | {r['tf_fwd']:.0f} | "
+            f"{r['fwdbwd_ms']:.3f} | {r['tf_fwdbwd']:.0f} | {r.get('x_flex_fwd', float('nan')):.2f} | "
+            f"{r.get('x_flex_fwdbwd', float('nan')):.2f} |")
+    lines.append("")
+    for m in mem:
+        lines.append("- " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
+    text = "\n".join(lines)
+    with open(os.path.join(args.out, "gpu_bench.md"), "w") as fh:
+        fh.write(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,585 @@
+// CUDA backend of the dilated_sparse ops: argument preparation, tile-list planning, the Delta
+// pre-pass, the weights kernel, dispatch to the per-(dtype, head dim) kernels through the registry,
+// and the TORCH_LIBRARY_IMPL(dilated_sparse, CUDA) registration.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "params.h"
+
+namespace dilated_sparse::cuda {
+
+Registry& registry() {
+  static Registry r;
+  return r;
+}
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Tile-list planning
+// ---------------------------------------------------------------------------------------------
+
+// One thread per slice-tile. Direct mode only counts. Plan mode merges the sorted block lists of
+// the layout rows covered by the tile into sorted secondary-tile ids with membership masks.
+__global__ void plan_kernel(const int* __restrict__ ptr, const int* __restrict__ idx, int L, int npb,
+                            int ntiles, int PT, int pb, int ST, int sb, int direct, int* len,
+                            int64_t* start, int* otile, uint64_t* omask) {
+  const int64_t st = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (st >= static_cast<int64_t>(L) * ntiles) return;
+  const int s = static_cast<int>(st / ntiles);
+  const int t = static_cast<int>(st % ntiles);
+  const int kf = sb >= ST ? sb / ST : 1;
+  if (pb >= PT) {
+    const int f = pb / PT;
+    const int r = s * npb + t / f;
+    const int sub = t % f;
+    const int64_t p0 = ptr[r], p1 = ptr[r + 1];
+    const int64_t cnt = p1 - p0;
+    if (direct) {
+      len[st] = static_cast<int>(cnt * kf);
+      return;
+    }
+    const int64_t base = (p0 * f + sub * cnt) * kf;
+    start[st] = base;
+    int n = 0;
+    for (int64_t q = p0; q < p1;) {
+      const int64_t blk = idx[q];
+      if (kf > 1) {
+        for (int u = 0; u < kf; ++u) {
+          otile[base + n] = static_cast<int>(blk * kf + u);
+          omask[base + n] = 1ull;
+          ++n;
+        }
+        ++q;
+        continue;
+      }
+      const int64_t tile = blk * sb / ST;
+      uint64_t m = 0;
+      while (q < p1 && static_cast<int64_t>(idx[q]) * sb / ST == tile) {
+        m |= 1ull << ((static_cast<int64_t>(idx[q]) * sb - tile * ST) / sb);
+        ++q;
+      }
+      otile[base + n] = static_cast<int>(tile);
+      omask[base + n] = m;
+      ++n;
+    }
+    len[st] = n;
+    return;
+  }
+  // Several layout rows per tile: k-way merge.
+  constexpr int kMaxR = 16;
+  const int R = PT / pb;
+  const int r0 = s * npb + t * R;
+  const int rend = min(r0 + R, (s + 1) * npb);
+  const int nr = rend - r0;
+  const int nsub = ST > sb ? ST / sb : 1;
+  const int64_t base = static_cast<int64_t>(ptr[r0]) * kf;
+  start[st] = base;
+  int64_t cur[kMaxR], end[kMaxR];
+  int u[kMaxR];
+  for (int a = 0; a < kMaxR; ++a) {
+    cur[a] = a < nr ? ptr[r0 + a] : 0;
+    end[a] = a < nr ? ptr[r0 + a + 1] : 0;
+    u[a] = 0;
+  }
+  int n = 0;
+  while (true) {
+    int64_t best = INT64_MAX;
+    for (int a = 0; a < nr; ++a) {
+      if (cur[a] < end[a]) {
+        const int64_t v = static_cast<int64_t>(idx[cur[a]]) * sb / ST + u[a];
+        best = v < best ? v : best;
+      }
+    }
+    if (best == INT64_MAX) break;
+    uint64_t m = 0;
+    for (int a = 0; a < nr; ++a) {
+      while (cur[a] < end[a]) {
+        const int64_t blk = idx[cur[a]];
+        const int64_t v = blk * sb / ST + u[a];
+        if (v != best) break;
+        const int c = kf > 1 ? 0 : static_cast<int>((blk * sb - best * ST) / sb);
+        m |= 1ull << (a * nsub + c);
+        if (kf > 1) {
+          if (++u[a] == kf) {
+            u[a] = 0;
+            ++cur[a];
+          }
+        } else {
+          ++cur[a];
+        }
+      }
+    }
+    otile[base + n] = static_cast<int>(best);
+    omask[base + n] = m;
+    ++n;
+  }
+  len[st] = n;
+}
+
+struct PlanBufs {
+  at::Tensor len, start, tile, mask, order;
+};
+
+TileList build_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb, int prim_tokens,
+                     int PT, int pb, int ST, int sb, int rep, int hdec, PlanBufs& keep,
+                     cudaStream_t stream) {
+  TileList tl;
+  tl.ntiles = (prim_tokens + PT - 1) / PT;
+  tl.prim_sub = pb < PT ? pb : PT;
+  tl.sec_sub = sb < ST ? sb : ST;
+  tl.nsub = ST > sb ? ST / sb : 1;
+  const int R = PT > pb ? PT / pb : 1;
+  const int nbits = R * tl.nsub;
+  tl.full = nbits >= 64 ? ~0ull : ((1ull << nbits) - 1);
+  tl.direct = (pb >= PT && sb >= ST) ? 1 : 0;
+  tl.fsplit = pb >= PT ? pb / PT : 1;
+  tl.kf = sb >= ST ? sb / ST : 1;
+  tl.ptr = ptr.data_ptr<int>();
+  tl.idx = idx.numel() > 0 ? idx.data_ptr<int>() : nullptr;
+  tl.npb = npb;
+  tl.rep = rep;
+  tl.hdec = hdec;
+  const int64_t nst = static_cast<int64_t>(L) * tl.ntiles;
+  auto iopt = ptr.options().dtype(at::kInt);
+  keep.len = at::empty({nst}, iopt);
+  int64_t* startp = nullptr;
+  int* tilep = nullptr;
+  uint64_t* maskp = nullptr;
+  if (!tl.direct) {
+    const int64_t ub = std::max<int64_t>(1, idx.numel() * tl.fsplit * tl.kf);
+    keep.start = at::empty({nst}, iopt.dtype(at::kLong));
+    keep.tile = at::empty({ub}, iopt);
+    keep.mask = at::empty({ub}, iopt.dtype(at::kLong));
+    startp = keep.start.data_ptr<int64_t>();
+    tilep = keep.tile.data_ptr<int>();
+    maskp = reinterpret_cast<uint64_t*>(keep.mask.data_ptr<int64_t>());
+  }
+  if (nst > 0) {
+    const int threads = 128;
+    const int64_t blocks = (nst + threads - 1) / threads;
+    plan_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+        tl.ptr, tl.idx, L, npb, tl.ntiles, PT, pb, ST, sb, tl.direct, keep.len.data_ptr<int>(),
+        startp, tilep, maskp);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    keep.order = std::get<1>(at::sort(keep.len, /*stable=*/true, /*dim=*/0, /*descending=*/true));
+  } else {
+    keep.order = at::empty({0}, iopt.dtype(at::kLong));
+  }
+  tl.len = keep.len.data_ptr<int>();
+  tl.start = startp;
+  tl.tile = tilep;
+  tl.mask = maskp;
+  tl.order = keep.order.data_ptr<int64_t>();
+  return tl;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Delta = rowsum(dout * out), fp32, [B, H, Sq]
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+__global__ void delta_kernel(const T* __restrict__ o, const T* __restrict__ dout, float* delta,
+                             int64_t o_sb, int64_t o_ss, int64_t o_sh, int64_t d_sb, int64_t d_ss,
+                             int64_t d_sh, int B, int Sq, int H, int D) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= static_cast<int64_t>(B) * Sq * H) return;
+  const int h = static_cast<int>(row % H);
+  const int i = static_cast<int>((row / H) % Sq);
+  const int b = static_cast<int>(row / (static_cast<int64_t>(H) * Sq));
+  float acc = 0.f;
+  const int d = lane * 8;
+  if (d < D) {
+    const uint4 ov = *reinterpret_cast<const uint4*>(o + b * o_sb + i * o_ss + h * o_sh + d);
+    const uint4 dv = *reinterpret_cast<const uint4*>(dout + b * d_sb + i * d_ss + h * d_sh + d);
+    const T* oe = reinterpret_cast<const T*>(&ov);
+    const T* de = reinterpret_cast<const T*>(&dv);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc += static_cast<float>(oe[e]) * static_cast<float>(de[e]);
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (lane == 0) delta[(static_cast<int64_t>(b) * H + h) * Sq + i] = acc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weights: P of every active block, [B, H, max_slice_nnz, bq, bk] (SIMT, fp32 dot products)
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+__global__ void __launch_bounds__(256) weights_kernel(Params p, const int* __restrict__ crow,
+                                                      const int* __restrict__ col, T* w,
+                                                      int64_t msn) {
+  __shared__ float sq[32][33];
+  __shared__ float sk[32][33];
+  const int tid = threadIdx.x;
+  const int bh = blockIdx.y;
+  const int b = bh / p.H, h = bh % p.H;
+  const int hk = h / p.G;
+  const int s = (p.Lb == 1 ? 0 : b) * p.Lh + (p.Lh == 1 ? 0 : h);
+  const int64_t e = blockIdx.x;
+  const int rbeg = s * p.nqb;
+  const int64_t base = crow[rbeg];
+  const int64_t cnt = crow[rbeg + p.nqb] - base;
+  const int64_t blk = static_cast<int64_t>(p.bq) * p.bk;
+  T* wout = w + (static_cast<int64_t>(bh) * msn + e) * blk;
+  if (e >= cnt) {
+    for (int64_t x = tid; x < blk; x += blockDim.x) wout[x] = static_cast<T>(0.f);
+    return;
+  }
+  const int64_t pos = base + e;
+  int lo = rbeg, hi = rbeg + p.nqb - 1;  // last row r with crow[r] <= pos
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (crow[mid] <= pos) lo = mid; else hi = mid - 1;
+  }
+  const int qb = lo - rbeg;
+  const int kb = col[pos];
+  const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
+  int klen = p.Sk;
+  if (p.key_lengths != nullptr) klen = min(klen, max(0, p.key_lengths[b]));
+  const bool* kpm = p.kpm != nullptr ? p.kpm + static_cast<int64_t>(b) * p.Sk : nullptr;
+  const float* lse = p.lse + (static_cast<int64_t>(b) * p.H + h) * p.Sq;
+  const int ty = tid / 16, tx = tid % 16;
+  for (int i0 = 0; i0 < p.bq; i0 += 32) {
+    for (int j0 = 0; j0 < p.bk; j0 += 32) {
+      float acc[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+      for (int d0 = 0; d0 < p.D; d0 += 32) {
+        for (int x = tid; x < 32 * 32; x += 256) {
+          const int r = x / 32, c = x % 32;
+          const int i = qb * p.bq + i0 + r, j = kb * p.bk + j0 + r, d = d0 + c;
+          sq[r][c] = (i0 + r < p.bq && i < p.Sq && d < p.D)
+                         ? static_cast<float>(qg[static_cast<int64_t>(i) * p.q_ss + d]) : 0.f;
+          sk[r][c] = (j0 + r < p.bk && j < p.Sk && d < p.D)
+                         ? static_cast<float>(kg[static_cast<int64_t>(j) * p.k_ss + d]) : 0.f;
+        }
+        __syncthreads();
+#pragma unroll 8
+        for (int c = 0; c < 32; ++c) {
+#pragma unroll
+          for (int a = 0; a < 2; ++a)
+#pragma unroll
+            for (int bb = 0; bb < 2; ++bb) acc[a][bb] += sq[ty * 2 + a][c] * sk[tx * 2 + bb][c];
+        }
+        __syncthreads();
+      }
+#pragma unroll
+      for (int a = 0; a < 2; ++a) {
+#pragma unroll
+        for (int bb = 0; bb < 2; ++bb) {
+          const int ri = i0 + ty * 2 + a, cj = j0 + tx * 2 + bb;
+          if (ri >= p.bq || cj >= p.bk) continue;
+          const int i = qb * p.bq + ri, j = kb * p.bk + cj;
+          bool ok = i < p.Sq && j < klen;
+          if (p.causal) ok = ok && j <= i;
+          if (p.wl >= 0) ok = ok && i - j <= p.wl;
+          if (p.wr >= 0) ok = ok && j - i <= p.wr;
+          if (ok && kpm != nullptr) ok = !kpm[j];
+          float val = 0.f;
+          if (ok) {
+            const float l = lse[i];
+            val = l == -INFINITY ? 0.f : expf(acc[a][bb] * p.scale - l);
+          }
+          wout[static_cast<int64_t>(ri) * p.bk + cj] = static_cast<T>(val);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host helpers
+// ---------------------------------------------------------------------------------------------
+
+int padded_head_dim(int64_t D) {
+  if (D <= 32) return 32;
+  if (D <= 64) return 64;
+  if (D <= 96) return 96;
+  if (D <= 128) return 128;
+  if (D <= 256) return 256;
+  return 0;
+}
+
+// Last dim contiguous, 16-byte aligned rows (cp.async / vector loads); else a contiguous copy.
+at::Tensor prep(const at::Tensor& t) {
+  bool ok = t.stride(-1) == 1 || t.size(-1) == 1;
+  ok = ok && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+    if (t.size(d) > 1 && t.stride(d) % 8 != 0) ok = false;
+  }
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+int dtype_index(const at::Tensor& t) {
+  if (t.scalar_type() == at::kHalf) return 0;
+  if (t.scalar_type() == at::kBFloat16) return 1;
+  return -1;
+}
+
+LaunchFn lookup(Op op, const at::Tensor& q, int kD) {
+  const int di = dtype_index(q);
+  TORCH_CHECK(di >= 0, "dilated_sparse CUDA: q must be float16 or bfloat16, got ", q.scalar_type());
+  const int hi = head_dim_index(kD);
+  TORCH_CHECK(hi >= 0, "dilated_sparse CUDA: head dim ", q.size(3),
+              " unsupported (multiple of 8, at most 256)");
+  LaunchFn f = registry().fn[op][di][hi];
+  TORCH_CHECK(f != nullptr, "dilated_sparse CUDA: kernel for ", q.scalar_type(), " head dim ", kD,
+              " was not compiled into this build (see DILATED_SPARSE_CUDA_INSTANTIATIONS)");
+  return f;
+}
+
+void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& ptr, int64_t block_q, int64_t block_k, int64_t lb, int64_t lh,
+                  const std::optional<at::Tensor>& key_lengths,
+                  const std::optional<at::Tensor>& kpm) {
+  TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda(), "dilated_sparse CUDA: tensors must be on CUDA");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "dilated_sparse: q, k, v must be 4-D");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "dilated_sparse: q, k, v must share a dtype");
+  TORCH_CHECK(k.sizes() == v.sizes(), "dilated_sparse: k and v shapes differ");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), "dilated_sparse: q/k batch or head dim differ");
+  TORCH_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0, "dilated_sparse: H must be a multiple of Hkv");
+  TORCH_CHECK(q.size(3) % 8 == 0 && q.size(3) <= 256 && q.size(3) > 0,
+              "dilated_sparse CUDA: head dim must be a multiple of 8 up to 256");
+  TORCH_CHECK(ptr.scalar_type() == at::kInt && ptr.device() == q.device(),
+              "dilated_sparse: index tensors must be int32 on q's device");
+  auto pow2 = [](int64_t x) { return x >= 16 && x <= 256 && (x & (x - 1)) == 0; };
+  TORCH_CHECK(pow2(block_q) && pow2(block_k), "dilated_sparse: block sizes must be 16, 32, 64, 128 or 256");
+  TORCH_CHECK((lb == 1 || lb == q.size(0)) && (lh == 1 || lh == q.size(2)),
+              "dilated_sparse: layout_batch must be 1 or B, layout_heads 1 or H");
+  if (key_lengths.has_value()) {
+    TORCH_CHECK(key_lengths->scalar_type() == at::kInt && key_lengths->device() == q.device() &&
+                    key_lengths->numel() == q.size(0),
+                "dilated_sparse: key_lengths must be int32 [B] on q's device");
+  }
+  if (kpm.has_value()) {
+    TORCH_CHECK(kpm->scalar_type() == at::kBool && kpm->device() == q.device() && kpm->dim() == 2 &&
+                    kpm->size(0) == q.size(0) && kpm->size(1) == k.size(1),
+                "dilated_sparse: key_padding_mask must be bool [B, Sk] on q's device");
+  }
+}
+
+Params base_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t block_q,
+                   int64_t block_k, int64_t lb, int64_t lh, double scale, bool causal, int64_t wl,
+                   int64_t wr, const at::Tensor& klen, const at::Tensor& kpm) {
+  Params p;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_sb = q.stride(0); p.q_ss = q.stride(1); p.q_sh = q.stride(2);
+  p.k_sb = k.stride(0); p.k_ss = k.stride(1); p.k_sh = k.stride(2);
+  p.v_sb = v.stride(0); p.v_ss = v.stride(1); p.v_sh = v.stride(2);
+  p.B = static_cast<int>(q.size(0));
+  p.Sq = static_cast<int>(q.size(1));
+  p.H = static_cast<int>(q.size(2));
+  p.D = static_cast<int>(q.size(3));
+  p.Sk = static_cast<int>(k.size(1));
+  p.Hkv = static_cast<int>(k.size(2));
+  p.G = p.H / p.Hkv;
+  p.bq = static_cast<int>(block_q);
+  p.bk = static_cast<int>(block_k);
+  p.Lb = static_cast<int>(lb);
+  p.Lh = static_cast<int>(lh);
+  p.nqb = static_cast<int>((q.size(1) + block_q - 1) / block_q);
+  p.nkb = static_cast<int>((k.size(1) + block_k - 1) / block_k);
+  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  p.causal = causal ? 1 : 0;
+  // Windows beyond the sequence are unbounded; clamp to keep the int arithmetic in range.
+  const int64_t big = std::max<int64_t>(q.size(1), k.size(1)) + 1;
+  p.wl = wl < 0 ? -1 : static_cast<int>(std::min<int64_t>(wl, big));
+  p.wr = wr < 0 ? -1 : static_cast<int>(std::min<int64_t>(wr, big));
+  p.key_lengths = klen.defined() ? klen.data_ptr<int>() : nullptr;
+  p.kpm = kpm.defined() ? kpm.data_ptr<bool>() : nullptr;
+  return p;
+}
+
+at::Tensor opt_contig(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ops
+// ---------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> fwd_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& crow, const at::Tensor& col, int64_t block_q, int64_t block_k,
+    int64_t layout_batch, int64_t layout_heads, double scale, bool causal, int64_t window_left,
+    int64_t window_right, const std::optional<at::Tensor>& key_lengths,
+    const std::optional<at::Tensor>& key_padding_mask) {
+  check_common(q_in, k_in, v_in, crow, block_q, block_k, layout_batch, layout_heads, key_lengths,
+               key_padding_mask);
+  c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = prep(q_in), k = prep(k_in), v = prep(v_in);
+  const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), D = q.size(3);
+  auto out = at::empty({B, Sq, H, D}, q.options());
+  auto lse = at::empty({B, H, Sq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  const int kD = padded_head_dim(D);
+  LaunchFn fn = lookup(kOpFwd, q, kD);
+  const at::Tensor klen = opt_contig(key_lengths), kpm = opt_contig(key_padding_mask);
+  const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
+  Params p = base_params(q, k, v, block_q, block_k, layout_batch, layout_heads, scale, causal,
+                         window_left, window_right, klen, kpm);
+  p.out = out.data_ptr();
+  p.lse_out = lse.data_ptr<float>();
+  const TileShapes ts = tile_shapes(kD);
+  const int L = p.Lb * p.Lh;
+  const int rep = static_cast<int>(B * H / L);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  PlanBufs keep;
+  p.tl = build_tiles(crow_c, col_c, L, p.nqb, p.Sq, ts.fwd_bm, p.bq, ts.fwd_bn, p.bk, rep, p.H,
+                     keep, stream);
+  const int64_t items = static_cast<int64_t>(L) * p.tl.ntiles * rep;
+  fn(p, items, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
+    const at::Tensor& ccol, const at::Tensor& rowi, const at::Tensor& crow, const at::Tensor& col,
+    int64_t block_q, int64_t block_k, int64_t layout_batch, int64_t layout_heads, double scale,
+    bool causal, int64_t window_left, int64_t window_right,
+    const std::optional<at::Tensor>& key_lengths,
+    const std::optional<at::Tensor>& key_padding_mask) {
+  check_common(q_in, k_in, v_in, crow, block_q, block_k, layout_batch, layout_heads, key_lengths,
+               key_padding_mask);
+  TORCH_CHECK(dout_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
+              "dilated_sparse: dout and out must have q's shape");
+  TORCH_CHECK(dout_in.scalar_type() == q_in.scalar_type() && out_in.scalar_type() == q_in.scalar_type(),
+              "dilated_sparse: dout and out must have q's dtype");
+  TORCH_CHECK(lse_in.scalar_type() == at::kFloat, "dilated_sparse CUDA: lse must be float32");
+  c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = prep(q_in), k = prep(k_in), v = prep(v_in);
+  const at::Tensor dout = prep(dout_in), out = prep(out_in);
+  const at::Tensor lse = lse_in.contiguous();
+  const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), D = q.size(3);
+  const int64_t Sk = k.size(1), Hkv = k.size(2);
+  auto dq = at::empty({B, Sq, H, D}, q.options());
+  auto dk = at::empty({B, Sk, Hkv, D}, q.options());
+  auto dv = at::empty({B, Sk, Hkv, D}, q.options());
+  if (B == 0 || H == 0) return {dq, dk, dv};
+  if (Sq == 0 || Sk == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  const int kD = padded_head_dim(D);
+  LaunchFn fdq = lookup(kOpDq, q, kD);
+  LaunchFn fdkv = lookup(kOpDkv, q, kD);
+  const at::Tensor klen = opt_contig(key_lengths), kpm = opt_contig(key_padding_mask);
+  const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
+  const at::Tensor ccol_c = ccol.contiguous(), rowi_c = rowi.contiguous();
+  Params p = base_params(q, k, v, block_q, block_k, layout_batch, layout_heads, scale, causal,
+                         window_left, window_right, klen, kpm);
+  p.o = out.data_ptr();
+  p.dout = dout.data_ptr();
+  p.o_sb = out.stride(0); p.o_ss = out.stride(1); p.o_sh = out.stride(2);
+  p.do_sb = dout.stride(0); p.do_ss = dout.stride(1); p.do_sh = dout.stride(2);
+  p.lse = lse.data_ptr<float>();
+  auto delta = at::empty({B, H, Sq}, q.options().dtype(at::kFloat));
+  p.delta = delta.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  {
+    const int64_t rows = B * Sq * H;
+    const int threads = 256;
+    const int64_t blocks = (rows + 7) / 8;
+    if (q.scalar_type() == at::kHalf) {
+      delta_kernel<__half><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+          static_cast<const __half*>(p.o), static_cast<const __half*>(p.dout), p.delta, p.o_sb,
+          p.o_ss, p.o_sh, p.do_sb, p.do_ss, p.do_sh, p.B, p.Sq, p.H, p.D);
+    } else {
+      delta_kernel<__nv_bfloat16><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+          static_cast<const __nv_bfloat16*>(p.o), static_cast<const __nv_bfloat16*>(p.dout),
+          p.delta, p.o_sb, p.o_ss, p.o_sh, p.do_sb, p.do_ss, p.do_sh, p.B, p.Sq, p.H, p.D);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const TileShapes ts = tile_shapes(kD);
+  const int L = p.Lb * p.Lh;
+  PlanBufs keep_q, keep_k;
+  {
+    const int rep = static_cast<int>(B * H / L);
+    Params pq = p;
+    pq.tl = build_tiles(crow_c, col_c, L, p.nqb, p.Sq, ts.dq_bm, p.bq, ts.dq_bn, p.bk, rep, p.H,
+                        keep_q, stream);
+    fdq(pq, static_cast<int64_t>(L) * pq.tl.ntiles * rep, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  {
+    const int rep = p.Lh == 1 ? static_cast<int>((p.Lb == 1 ? B : 1) * Hkv)
+                              : static_cast<int>(p.Lb == 1 ? B : 1);
+    const int hdec = p.Lh == 1 ? p.Hkv : p.H;
+    Params pk = p;
+    pk.tl = build_tiles(ccol_c, rowi_c, L, p.nkb, p.Sk, ts.dkv_bn, p.bk, ts.dkv_bm, p.bq, rep, hdec,
+                        keep_k, stream);
+    fdkv(pk, static_cast<int64_t>(L) * pk.tl.ntiles * rep, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {dq, dk, dv};
+}
+
+at::Tensor weights_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& lse_in,
+                        const at::Tensor& crow, const at::Tensor& col, int64_t block_q,
+                        int64_t block_k, int64_t layout_batch, int64_t layout_heads,
+                        int64_t max_slice_nnz, double scale, bool causal, int64_t window_left,
+                        int64_t window_right, const std::optional<at::Tensor>& key_lengths,
+                        const std::optional<at::Tensor>& key_padding_mask) {
+  check_common(q_in, k_in, k_in, crow, block_q, block_k, layout_batch, layout_heads, key_lengths,
+               key_padding_mask);
+  TORCH_CHECK(q_in.scalar_type() == at::kHalf || q_in.scalar_type() == at::kBFloat16 ||
+                  q_in.scalar_type() == at::kFloat,
+              "dilated_sparse CUDA weights: dtype must be float16, bfloat16 or float32");
+  TORCH_CHECK(lse_in.scalar_type() == at::kFloat, "dilated_sparse CUDA: lse must be float32");
+  c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = q_in.stride(-1) == 1 ? q_in : q_in.contiguous();
+  const at::Tensor k = k_in.stride(-1) == 1 ? k_in : k_in.contiguous();
+  const at::Tensor lse = lse_in.contiguous();
+  const int64_t B = q.size(0), H = q.size(2);
+  auto w = at::empty({B, H, max_slice_nnz, block_q, block_k}, q.options());
+  if (w.numel() == 0) return w;
+  const at::Tensor klen = opt_contig(key_lengths), kpm = opt_contig(key_padding_mask);
+  const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
+  Params p = base_params(q, k, k, block_q, block_k, layout_batch, layout_heads, scale, causal,
+                         window_left, window_right, klen, kpm);
+  p.lse = lse.data_ptr<float>();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  TORCH_CHECK(B * H <= 65535, "dilated_sparse CUDA weights: B * H must be at most 65535");
+  const dim3 grid(static_cast<unsigned>(max_slice_nnz), static_cast<unsigned>(B * H));
+  const int* colp = col_c.numel() > 0 ? col_c.data_ptr<int>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "ds_weights", [&] {
+    using T = std::conditional_t<std::is_same_v<scalar_t, at::Half>, __half,
+                                 std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>,
+                                                    __nv_bfloat16, scalar_t>>;
+    weights_kernel<T><<<grid, 256, 0, stream>>>(p, crow_c.data_ptr<int>(), colp,
+                                                reinterpret_cast<T*>(w.data_ptr()), max_slice_nnz);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return w;
+}
+
+}  // namespace
+
+}  // namespace dilated_sparse::cuda
+
+TORCH_LIBRARY_IMPL(dilated_sparse, CUDA, m) {
+  m.impl("block_sparse_attn_fwd", &dilated_sparse::cuda::fwd_cuda);
+  m.impl("block_sparse_attn_bwd", &dilated_sparse::cuda::bwd_cuda);
+  m.impl("block_sparse_attn_weights", &dilated_sparse::cuda::weights_cuda);
+}

@@ -1,0 +1,8 @@
+// Instantiation: dkv, head dim 128, fp16. Generated; one (op, dtype, head dim) per file so that
+// builds run in parallel and a reduced set can be selected (DILATED_SPARSE_CUDA_INSTANTIATIONS).
+#include "../kernels.cuh"
+
+namespace dilated_sparse::cuda {
+template void launch_dkv<__half, 128>(const Params&, int64_t, cudaStream_t);
+static const Registrar kReg(kOpDkv, 0, 128, &launch_dkv<__half, 128>);
+}  // namespace dilated_sparse::cuda

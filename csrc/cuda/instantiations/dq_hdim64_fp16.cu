@@ -1,0 +1,8 @@
+// Instantiation: dq, head dim 64, fp16. Generated; one (op, dtype, head dim) per file so that
+// builds run in parallel and a reduced set can be selected (DILATED_SPARSE_CUDA_INSTANTIATIONS).
+#include "../kernels.cuh"
+
+namespace dilated_sparse::cuda {
+template void launch_dq<__half, 64>(const Params&, int64_t, cudaStream_t);
+static const Registrar kReg(kOpDq, 0, 64, &launch_dq<__half, 64>);
+}  // namespace dilated_sparse::cuda

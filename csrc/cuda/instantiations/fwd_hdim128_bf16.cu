@@ -1,0 +1,8 @@
+// Instantiation: fwd, head dim 128, bf16. Generated; one (op, dtype, head dim) per file so that
+// builds run in parallel and a reduced set can be selected (DILATED_SPARSE_CUDA_INSTANTIATIONS).
+#include "../kernels.cuh"
+
+namespace dilated_sparse::cuda {
+template void launch_fwd<__nv_bfloat16, 128>(const Params&, int64_t, cudaStream_t);
+static const Registrar kReg(kOpFwd, 1, 128, &launch_fwd<__nv_bfloat16, 128>);
+}  // namespace dilated_sparse::cuda

@@ -1,0 +1,754 @@
+// Block-sparse attention kernels (forward, dQ, dK/dV) over tile lists derived from a CSR/CSC
+// block layout. FlashAttention-2 style: mma.sync m16n8k16 with fp32 accumulation, ldmatrix from
+// padded shared tiles, cp.async double buffering, online softmax in the log2 domain.
+//
+// Every warp owns 16 rows of the primary tile (queries for fwd/dQ, keys for dK/dV), so warps never
+// exchange data; the CTA shares the streamed secondary tiles through shared memory.
+// Token rules (causal, window, key_lengths, key_padding_mask, sequence ends, layout membership)
+// are applied per element only on tile pairs that need them.
+#pragma once
+
+#include <cmath>
+
+#include "common.cuh"
+#include "params.h"
+
+namespace dilated_sparse::cuda {
+
+// ---------------------------------------------------------------------------------------------
+// Work decoding and tile lists
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ int layout_slice(const Params& p, int b, int h) {
+  return (p.Lb == 1 ? 0 : b) * p.Lh + (p.Lh == 1 ? 0 : h);
+}
+
+// Work item -> (slice, primary tile, batch, head). Items come longest tile first.
+__device__ __forceinline__ void decode_item(const Params& p, int64_t item, int& s, int& t, int& b,
+                                            int& h) {
+  const TileList& tl = p.tl;
+  const int64_t st = tl.order[item / tl.rep];
+  const int r = static_cast<int>(item % tl.rep);
+  s = static_cast<int>(st / tl.ntiles);
+  t = static_cast<int>(st % tl.ntiles);
+  if (p.Lb == 1 && p.Lh == 1) {
+    b = r / tl.hdec;
+    h = r % tl.hdec;
+  } else if (p.Lb == 1) {
+    b = r;
+    h = s;
+  } else if (p.Lh == 1) {
+    b = s;
+    h = r;
+  } else {
+    b = s / p.Lh;
+    h = s % p.Lh;
+  }
+}
+
+// The secondary tiles walked by one primary tile.
+struct Entries {
+  const int* idx;
+  const int* tile;
+  const uint64_t* mask;
+  int64_t base;
+  int n;
+  int kf;
+  int direct;
+
+  __device__ __forceinline__ void get(int it, int& tile_id, uint64_t& m) const {
+    if (direct) {
+      tile_id = idx[base + it / kf] * kf + it % kf;
+      m = ~0ull;
+    } else {
+      tile_id = tile[base + it];
+      m = mask[base + it];
+    }
+  }
+};
+
+__device__ __forceinline__ Entries make_entries(const TileList& tl, int s, int t) {
+  Entries e;
+  e.idx = tl.idx;
+  e.tile = tl.tile;
+  e.mask = tl.mask;
+  e.kf = tl.kf;
+  e.direct = tl.direct;
+  if (tl.direct) {
+    const int r = s * tl.npb + t / tl.fsplit;
+    const int p0 = tl.ptr[r];
+    e.base = p0;
+    e.n = (tl.ptr[r + 1] - p0) * tl.kf;
+  } else {
+    const int64_t st = static_cast<int64_t>(s) * tl.ntiles + t;
+    e.base = tl.start[st];
+    e.n = tl.len[st];
+  }
+  return e;
+}
+
+// Token rules of one batch row.
+struct Rules {
+  int Sq;
+  int klen;  // min(Sk, key_lengths[b])
+  int causal;
+  int wl;
+  int wr;
+  const bool* kpm;  // this batch's row of the padding mask, or null
+
+  __device__ __forceinline__ bool ok(int i, int j) const {
+    bool r = i < Sq && j < klen;
+    if (causal) r = r && j <= i;
+    if (wl >= 0) r = r && i - j <= wl;
+    if (wr >= 0) r = r && j - i <= wr;
+    if (kpm != nullptr) r = r && !kpm[j];
+    return r;
+  }
+};
+
+__device__ __forceinline__ Rules make_rules(const Params& p, int b) {
+  Rules r;
+  r.Sq = p.Sq;
+  r.klen = p.Sk;
+  if (p.key_lengths != nullptr) r.klen = min(r.klen, max(0, p.key_lengths[b]));
+  r.causal = p.causal;
+  r.wl = p.wl;
+  r.wr = p.wr;
+  r.kpm = p.kpm != nullptr ? p.kpm + static_cast<int64_t>(b) * p.Sk : nullptr;
+  return r;
+}
+
+// 0: the tile pair has no allowed key (skip); 1: every pair allowed (no masking); 2: mask per element.
+__device__ __forceinline__ int pair_state(const Rules& R, int m0, int bm, int n0, int bn,
+                                          uint64_t mask, uint64_t full) {
+  if (n0 >= R.klen || m0 >= R.Sq) return 0;
+  const int m1 = min(m0 + bm, R.Sq) - 1;
+  const int n1 = min(n0 + bn, R.klen) - 1;
+  if (R.causal && n0 > m1) return 0;
+  if (R.wl >= 0 && m0 - n1 > R.wl) return 0;
+  if (R.wr >= 0 && n0 - m1 > R.wr) return 0;
+  const bool need = (mask & full) != full || m0 + bm > R.Sq || n0 + bn > R.klen ||
+                    R.kpm != nullptr || (R.causal && n0 + bn - 1 > m0) ||
+                    (R.wl >= 0 && m1 - n0 > R.wl) || (R.wr >= 0 && n0 + bn - 1 - m0 > R.wr);
+  return need ? 2 : 1;
+}
+
+__device__ __forceinline__ bool member(uint64_t mask, int prim_local, int sec_local,
+                                       const TileList& tl) {
+  const int bit = (prim_local / tl.prim_sub) * tl.nsub + sec_local / tl.sec_sub;
+  return (mask >> bit) & 1ull;
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// lse (natural) -> log2 domain; an empty row (-inf) gives +inf so that every probability is 0.
+__device__ __forceinline__ float lse_to_log2(float lse) {
+  return lse == -INFINITY ? INFINITY : lse * kLog2e;
+}
+
+template <typename T>
+__device__ __forceinline__ void store2(T* dst, float x, float y) {
+  const uint32_t v = MmaOp<T>::pack(x, y);
+  *reinterpret_cast<uint32_t*>(dst) = v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(FwdCfg<kD>::kWarps * 32, 1)
+    fwd_kernel(const __grid_constant__ Params p) {
+  using Cfg = FwdCfg<kD>;
+  using Mma = MmaOp<T>;
+  constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kNT = Cfg::kWarps * 32, kS = kD + 8;
+  constexpr bool kQReg = Cfg::kQinRegs;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + kBM * kS;
+  T* sV = sK + 2 * kBN * kS;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  int s, t, b, h;
+  decode_item(p, blockIdx.x, s, t, b, h);
+  const int hk = h / p.G;
+  const int m0 = t * kBM;
+  const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  const Rules R = make_rules(p, b);
+  const Entries E = make_entries(p.tl, s, t);
+  const uint64_t full = p.tl.full;
+
+  load_tile<T, kBM, kD, kNT>(sQ, qg, p.q_ss, m0, p.Sq, p.D, tid);
+  cp_async_commit();
+
+  auto find = [&](int from, int& kt, uint64_t& m, int& st) -> int {
+    for (int i = from; i < E.n; ++i) {
+      E.get(i, kt, m);
+      st = pair_state(R, m0, kBM, kt * kBN, kBN, m, full);
+      if (st != 0) return i;
+    }
+    return E.n;
+  };
+
+  int kt = 0, state = 0;
+  uint64_t msk = 0;
+  int it = find(0, kt, msk, state);
+  if (it < E.n) {
+    load_tile<T, kBN, kD, kNT>(sK, kg, p.k_ss, kt * kBN, p.Sk, p.D, tid);
+    load_tile<T, kBN, kD, kNT>(sV, vg, p.v_ss, kt * kBN, p.Sk, p.D, tid);
+  }
+  cp_async_commit();
+
+  float acc[kD / 8][4];
+#pragma unroll
+  for (int i = 0; i < kD / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  float mrow[2] = {-INFINITY, -INFINITY};
+  float lrow[2] = {0.f, 0.f};
+  const float sl2 = p.scale_log2;
+  const uint32_t qbase = smem_u32(sQ);
+
+  uint32_t qf[kQReg ? kD / 16 : 1][4];
+  if constexpr (kQReg) {
+    cp_async_wait<1>();
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) ldsm_x4(qf[kk], ldsm_addr_a<kS>(qbase, warp * 16, kk * 16, lane));
+  }
+
+  int buf = 0;
+  while (it < E.n) {
+    int kt_n = 0, state_n = 0;
+    uint64_t msk_n = 0;
+    const int nx = find(it + 1, kt_n, msk_n, state_n);
+    if (nx < E.n) {
+      load_tile<T, kBN, kD, kNT>(sK + (buf ^ 1) * kBN * kS, kg, p.k_ss, kt_n * kBN, p.Sk, p.D, tid);
+      load_tile<T, kBN, kD, kNT>(sV + (buf ^ 1) * kBN * kS, vg, p.v_ss, kt_n * kBN, p.Sk, p.D, tid);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+
+    const uint32_t kb = smem_u32(sK + buf * kBN * kS);
+    const uint32_t vb = smem_u32(sV + buf * kBN * kS);
+    float S[kBN / 8][4];
+#pragma unroll
+    for (int i = 0; i < kBN / 8; ++i) S[i][0] = S[i][1] = S[i][2] = S[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      uint32_t a[4];
+      if constexpr (kQReg) {
+        a[0] = qf[kk][0]; a[1] = qf[kk][1]; a[2] = qf[kk][2]; a[3] = qf[kk][3];
+      } else {
+        ldsm_x4(a, ldsm_addr_a<kS>(qbase, warp * 16, kk * 16, lane));
+      }
+#pragma unroll
+      for (int np = 0; np < kBN / 16; ++np) {
+        uint32_t bb[4];
+        ldsm_x4(bb, ldsm_addr_bn<kS>(kb, np * 16, kk * 16, lane));
+        Mma::run(S[2 * np], a, bb[0], bb[1]);
+        Mma::run(S[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+    const int n0 = kt * kBN;
+    if (state == 2) {
+#pragma unroll
+      for (int nt = 0; nt < kBN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int il = warp * 16 + g + (e >> 1) * 8;
+          const int jl = nt * 8 + 2 * t4 + (e & 1);
+          const bool ok = R.ok(m0 + il, n0 + jl) && member(msk, il, jl, p.tl);
+          if (!ok) S[nt][e] = -INFINITY;
+        }
+      }
+    }
+    // Online softmax (log2 domain).
+    float mx[2] = {mrow[0], mrow[1]};
+#pragma unroll
+    for (int nt = 0; nt < kBN / 8; ++nt) {
+      mx[0] = fmaxf(mx[0], fmaxf(S[nt][0] * sl2, S[nt][1] * sl2));
+      mx[1] = fmaxf(mx[1], fmaxf(S[nt][2] * sl2, S[nt][3] * sl2));
+    }
+    float base[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = quad_max(mx[r]);
+      base[r] = mx[r] == -INFINITY ? 0.f : mx[r];
+      const float corr = fast_exp2(mrow[r] - base[r]);
+      mrow[r] = mx[r];
+      lrow[r] *= corr;
+#pragma unroll
+      for (int i = 0; i < kD / 8; ++i) {
+        acc[i][2 * r] *= corr;
+        acc[i][2 * r + 1] *= corr;
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < kBN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        S[nt][e] = fast_exp2(fmaf(S[nt][e], sl2, -base[e >> 1]));
+        lrow[e >> 1] += S[nt][e];
+      }
+    }
+    // O += P V
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      uint32_t a[4];
+      a[0] = Mma::pack(S[2 * kk][0], S[2 * kk][1]);
+      a[1] = Mma::pack(S[2 * kk][2], S[2 * kk][3]);
+      a[2] = Mma::pack(S[2 * kk + 1][0], S[2 * kk + 1][1]);
+      a[3] = Mma::pack(S[2 * kk + 1][2], S[2 * kk + 1][3]);
+#pragma unroll
+      for (int np = 0; np < kD / 16; ++np) {
+        uint32_t bb[4];
+        ldsm_x4_t(bb, ldsm_addr_a<kS>(vb, kk * 16, np * 16, lane));
+        Mma::run(acc[2 * np], a, bb[0], bb[1]);
+        Mma::run(acc[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+    __syncthreads();
+    buf ^= 1;
+    it = nx;
+    kt = kt_n;
+    msk = msk_n;
+    state = state_n;
+  }
+  cp_async_wait<0>();
+
+  // Epilogue.
+  T* og = static_cast<T*>(p.out);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float l = quad_sum(lrow[r]);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int i = m0 + warp * 16 + g + r * 8;
+    if (i < p.Sq) {
+      T* orow = og + ((static_cast<int64_t>(b) * p.Sq + i) * p.H + h) * p.D;
+#pragma unroll
+      for (int nt = 0; nt < kD / 8; ++nt) {
+        const int d = nt * 8 + 2 * t4;
+        if (d < p.D) store2(orow + d, acc[nt][2 * r] * inv, acc[nt][2 * r + 1] * inv);
+      }
+      if (t4 == 0) {
+        p.lse_out[(static_cast<int64_t>(b) * p.H + h) * p.Sq + i] =
+            l > 0.f ? (mrow[r] + __log2f(l)) * kLn2 : -INFINITY;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: dQ over the CSR rows
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(DqCfg<kD>::kWarps * 32)
+    dq_kernel(const __grid_constant__ Params p) {
+  using Cfg = DqCfg<kD>;
+  using Mma = MmaOp<T>;
+  constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kNT = Cfg::kWarps * 32, kS = kD + 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sdO = sQ + kBM * kS;
+  T* sK = sdO + kBM * kS;
+  T* sV = sK + 2 * kBN * kS;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  int s, t, b, h;
+  decode_item(p, blockIdx.x, s, t, b, h);
+  const int hk = h / p.G;
+  const int m0 = t * kBM;
+  const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
+  const T* dog = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh;
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  const Rules R = make_rules(p, b);
+  const Entries E = make_entries(p.tl, s, t);
+  const uint64_t full = p.tl.full;
+
+  load_tile<T, kBM, kD, kNT>(sQ, qg, p.q_ss, m0, p.Sq, p.D, tid);
+  load_tile<T, kBM, kD, kNT>(sdO, dog, p.do_ss, m0, p.Sq, p.D, tid);
+  cp_async_commit();
+
+  auto find = [&](int from, int& kt, uint64_t& m, int& st) -> int {
+    for (int i = from; i < E.n; ++i) {
+      E.get(i, kt, m);
+      st = pair_state(R, m0, kBM, kt * kBN, kBN, m, full);
+      if (st != 0) return i;
+    }
+    return E.n;
+  };
+  int kt = 0, state = 0;
+  uint64_t msk = 0;
+  int it = find(0, kt, msk, state);
+  if (it < E.n) {
+    load_tile<T, kBN, kD, kNT>(sK, kg, p.k_ss, kt * kBN, p.Sk, p.D, tid);
+    load_tile<T, kBN, kD, kNT>(sV, vg, p.v_ss, kt * kBN, p.Sk, p.D, tid);
+  }
+  cp_async_commit();
+
+  const int64_t rowbase = (static_cast<int64_t>(b) * p.H + h) * p.Sq;
+  float lse2[2], dl[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = m0 + warp * 16 + g + r * 8;
+    lse2[r] = i < p.Sq ? lse_to_log2(p.lse[rowbase + i]) : INFINITY;
+    dl[r] = i < p.Sq ? p.delta[rowbase + i] : 0.f;
+  }
+  float acc[kD / 8][4];
+#pragma unroll
+  for (int i = 0; i < kD / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  const float sl2 = p.scale_log2;
+  const uint32_t qbase = smem_u32(sQ), dobase = smem_u32(sdO);
+
+  int buf = 0;
+  while (it < E.n) {
+    int kt_n = 0, state_n = 0;
+    uint64_t msk_n = 0;
+    const int nx = find(it + 1, kt_n, msk_n, state_n);
+    if (nx < E.n) {
+      load_tile<T, kBN, kD, kNT>(sK + (buf ^ 1) * kBN * kS, kg, p.k_ss, kt_n * kBN, p.Sk, p.D, tid);
+      load_tile<T, kBN, kD, kNT>(sV + (buf ^ 1) * kBN * kS, vg, p.v_ss, kt_n * kBN, p.Sk, p.D, tid);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+
+    const uint32_t kb = smem_u32(sK + buf * kBN * kS);
+    const uint32_t vb = smem_u32(sV + buf * kBN * kS);
+    float S[kBN / 8][4], dP[kBN / 8][4];
+#pragma unroll
+    for (int i = 0; i < kBN / 8; ++i) {
+      S[i][0] = S[i][1] = S[i][2] = S[i][3] = 0.f;
+      dP[i][0] = dP[i][1] = dP[i][2] = dP[i][3] = 0.f;
+    }
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      uint32_t a[4], c[4];
+      ldsm_x4(a, ldsm_addr_a<kS>(qbase, warp * 16, kk * 16, lane));
+      ldsm_x4(c, ldsm_addr_a<kS>(dobase, warp * 16, kk * 16, lane));
+#pragma unroll
+      for (int np = 0; np < kBN / 16; ++np) {
+        uint32_t bb[4], vv[4];
+        ldsm_x4(bb, ldsm_addr_bn<kS>(kb, np * 16, kk * 16, lane));
+        Mma::run(S[2 * np], a, bb[0], bb[1]);
+        Mma::run(S[2 * np + 1], a, bb[2], bb[3]);
+        ldsm_x4(vv, ldsm_addr_bn<kS>(vb, np * 16, kk * 16, lane));
+        Mma::run(dP[2 * np], c, vv[0], vv[1]);
+        Mma::run(dP[2 * np + 1], c, vv[2], vv[3]);
+      }
+    }
+    const int n0 = kt * kBN;
+#pragma unroll
+    for (int nt = 0; nt < kBN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float pr = fast_exp2(fmaf(S[nt][e], sl2, -lse2[e >> 1]));
+        if (state == 2) {
+          const int il = warp * 16 + g + (e >> 1) * 8;
+          const int jl = nt * 8 + 2 * t4 + (e & 1);
+          if (!(R.ok(m0 + il, n0 + jl) && member(msk, il, jl, p.tl))) pr = 0.f;
+        }
+        S[nt][e] = pr * (dP[nt][e] - dl[e >> 1]);  // dS
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      uint32_t a[4];
+      a[0] = Mma::pack(S[2 * kk][0], S[2 * kk][1]);
+      a[1] = Mma::pack(S[2 * kk][2], S[2 * kk][3]);
+      a[2] = Mma::pack(S[2 * kk + 1][0], S[2 * kk + 1][1]);
+      a[3] = Mma::pack(S[2 * kk + 1][2], S[2 * kk + 1][3]);
+#pragma unroll
+      for (int np = 0; np < kD / 16; ++np) {
+        uint32_t bb[4];
+        ldsm_x4_t(bb, ldsm_addr_a<kS>(kb, kk * 16, np * 16, lane));
+        Mma::run(acc[2 * np], a, bb[0], bb[1]);
+        Mma::run(acc[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+    __syncthreads();
+    buf ^= 1;
+    it = nx;
+    kt = kt_n;
+    msk = msk_n;
+    state = state_n;
+  }
+  cp_async_wait<0>();
+
+  T* dqg = static_cast<T*>(p.dq);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = m0 + warp * 16 + g + r * 8;
+    if (i < p.Sq) {
+      T* row = dqg + ((static_cast<int64_t>(b) * p.Sq + i) * p.H + h) * p.D;
+#pragma unroll
+      for (int nt = 0; nt < kD / 8; ++nt) {
+        const int d = nt * 8 + 2 * t4;
+        if (d < p.D) store2(row + d, acc[nt][2 * r] * p.scale, acc[nt][2 * r + 1] * p.scale);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: dK, dV over the CSC columns, reduced over the GQA group in registers
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(DkvCfg<kD>::kWarps * 32, 1)
+    dkv_kernel(const __grid_constant__ Params p) {
+  using Cfg = DkvCfg<kD>;
+  using Mma = MmaOp<T>;
+  constexpr int kBN = Cfg::kBN, kBM = Cfg::kBM, kDO = Cfg::kDO, kNT = Cfg::kWarps * 32;
+  constexpr int kS = kD + 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + kBN * kS;
+  T* sQ = sV + kBN * kS;          // [2][kBM][kS]
+  T* sdO = sQ + 2 * kBM * kS;     // [2][kBM][kS]
+  float* sL = reinterpret_cast<float*>(sdO + 2 * kBM * kS);  // [2][kBM]
+  float* sDl = sL + 2 * kBM;                                 // [2][kBM]
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  int s, t, b, h;
+  decode_item(p, blockIdx.x, s, t, b, h);
+  int hk;
+  if (p.Lh == 1) {
+    hk = h;  // decoded over the kv heads
+  } else {
+    if (h % p.G != 0) return;  // the group's first query head does the work
+    hk = h / p.G;
+  }
+  const int dcol0 = blockIdx.y * kDO;
+  const int n0 = t * kBN;
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  const Rules R = make_rules(p, b);
+  const uint64_t full = p.tl.full;
+
+  load_tile<T, kBN, kD, kNT>(sK, kg, p.k_ss, n0, p.Sk, p.D, tid);
+  load_tile<T, kBN, kD, kNT>(sV, vg, p.v_ss, n0, p.Sk, p.D, tid);
+  cp_async_commit();
+
+  // Cursor over (group member gg, entry it).
+  auto find = [&](int& gg, int& it, Entries& E, int& qt, uint64_t& m, int& st) {
+    while (gg < p.G) {
+      for (; it < E.n; ++it) {
+        E.get(it, qt, m);
+        st = pair_state(R, qt * kBM, kBM, n0, kBN, m, full);
+        if (st != 0) return;
+      }
+      ++gg;
+      it = 0;
+      if (gg < p.G) E = make_entries(p.tl, layout_slice(p, b, hk * p.G + gg), t);
+    }
+  };
+  auto load_q = [&](int bufi, int gg, int qt) {
+    const int hq = hk * p.G + gg;
+    const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + hq * p.q_sh;
+    const T* dog = static_cast<const T*>(p.dout) + b * p.do_sb + hq * p.do_sh;
+    load_tile<T, kBM, kD, kNT>(sQ + bufi * kBM * kS, qg, p.q_ss, qt * kBM, p.Sq, p.D, tid);
+    load_tile<T, kBM, kD, kNT>(sdO + bufi * kBM * kS, dog, p.do_ss, qt * kBM, p.Sq, p.D, tid);
+    const int64_t rowbase = (static_cast<int64_t>(b) * p.H + hq) * p.Sq;
+    for (int i = tid; i < kBM; i += kNT) {
+      const int qi = qt * kBM + i;
+      const bool pred = qi < p.Sq;
+      cp_async4(smem_u32(sL + bufi * kBM + i), pred ? p.lse + rowbase + qi : p.lse, pred);
+      cp_async4(smem_u32(sDl + bufi * kBM + i), pred ? p.delta + rowbase + qi : p.delta, pred);
+    }
+  };
+
+  int gg = 0, it = 0, qt = 0, state = 0;
+  uint64_t msk = 0;
+  Entries E = make_entries(p.tl, layout_slice(p, b, hk * p.G), t);
+  find(gg, it, E, qt, msk, state);
+  if (gg < p.G) load_q(0, gg, qt);
+  cp_async_commit();
+
+  float dK[kDO / 8][4], dV[kDO / 8][4];
+#pragma unroll
+  for (int i = 0; i < kDO / 8; ++i) {
+    dK[i][0] = dK[i][1] = dK[i][2] = dK[i][3] = 0.f;
+    dV[i][0] = dV[i][1] = dV[i][2] = dV[i][3] = 0.f;
+  }
+  const float sl2 = p.scale_log2;
+  const uint32_t kbase = smem_u32(sK), vbase = smem_u32(sV);
+
+  int buf = 0;
+  while (gg < p.G) {
+    int gg_n = gg, it_n = it + 1, qt_n = 0, state_n = 0;
+    uint64_t msk_n = 0;
+    Entries E_n = E;
+    find(gg_n, it_n, E_n, qt_n, msk_n, state_n);
+    if (gg_n < p.G) load_q(buf ^ 1, gg_n, qt_n);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+
+    const uint32_t qb = smem_u32(sQ + buf * kBM * kS);
+    const uint32_t dob = smem_u32(sdO + buf * kBM * kS);
+    const float* lrow = sL + buf * kBM;
+    const float* drow = sDl + buf * kBM;
+    const int m0 = qt * kBM;
+    // S^T = K Q^T (this warp's 16 keys x kBM queries)
+    float S[kBM / 8][4];
+#pragma unroll
+    for (int i = 0; i < kBM / 8; ++i) S[i][0] = S[i][1] = S[i][2] = S[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      uint32_t a[4];
+      ldsm_x4(a, ldsm_addr_a<kS>(kbase, warp * 16, kk * 16, lane));
+#pragma unroll
+      for (int np = 0; np < kBM / 16; ++np) {
+        uint32_t bb[4];
+        ldsm_x4(bb, ldsm_addr_bn<kS>(qb, np * 16, kk * 16, lane));
+        Mma::run(S[2 * np], a, bb[0], bb[1]);
+        Mma::run(S[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+    // P^T
+#pragma unroll
+    for (int nt = 0; nt < kBM / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int il = nt * 8 + 2 * t4 + (e & 1);  // query (column)
+        float pr = fast_exp2(fmaf(S[nt][e], sl2, -lse_to_log2(lrow[il])));
+        if (state == 2) {
+          const int jl = warp * 16 + g + (e >> 1) * 8;  // key (row)
+          if (!(R.ok(m0 + il, n0 + jl) && member(msk, jl, il, p.tl))) pr = 0.f;
+        }
+        S[nt][e] = pr;
+      }
+    }
+    // dV += P^T dO
+#pragma unroll
+    for (int kk = 0; kk < kBM / 16; ++kk) {
+      uint32_t a[4];
+      a[0] = Mma::pack(S[2 * kk][0], S[2 * kk][1]);
+      a[1] = Mma::pack(S[2 * kk][2], S[2 * kk][3]);
+      a[2] = Mma::pack(S[2 * kk + 1][0], S[2 * kk + 1][1]);
+      a[3] = Mma::pack(S[2 * kk + 1][2], S[2 * kk + 1][3]);
+#pragma unroll
+      for (int np = 0; np < kDO / 16; ++np) {
+        uint32_t bb[4];
+        ldsm_x4_t(bb, ldsm_addr_a<kS>(dob, kk * 16, dcol0 + np * 16, lane));
+        Mma::run(dV[2 * np], a, bb[0], bb[1]);
+        Mma::run(dV[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+    // dP^T = V dO^T
+    float dP[kBM / 8][4];
+#pragma unroll
+    for (int i = 0; i < kBM / 8; ++i) dP[i][0] = dP[i][1] = dP[i][2] = dP[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      uint32_t a[4];
+      ldsm_x4(a, ldsm_addr_a<kS>(vbase, warp * 16, kk * 16, lane));
+#pragma unroll
+      for (int np = 0; np < kBM / 16; ++np) {
+        uint32_t bb[4];
+        ldsm_x4(bb, ldsm_addr_bn<kS>(dob, np * 16, kk * 16, lane));
+        Mma::run(dP[2 * np], a, bb[0], bb[1]);
+        Mma::run(dP[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+    // dS^T = P^T (dP^T - Delta)
+#pragma unroll
+    for (int nt = 0; nt < kBM / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int il = nt * 8 + 2 * t4 + (e & 1);
+        S[nt][e] = S[nt][e] * (dP[nt][e] - drow[il]);
+      }
+    }
+    // dK += dS^T Q
+#pragma unroll
+    for (int kk = 0; kk < kBM / 16; ++kk) {
+      uint32_t a[4];
+      a[0] = Mma::pack(S[2 * kk][0], S[2 * kk][1]);
+      a[1] = Mma::pack(S[2 * kk][2], S[2 * kk][3]);
+      a[2] = Mma::pack(S[2 * kk + 1][0], S[2 * kk + 1][1]);
+      a[3] = Mma::pack(S[2 * kk + 1][2], S[2 * kk + 1][3]);
+#pragma unroll
+      for (int np = 0; np < kDO / 16; ++np) {
+        uint32_t bb[4];
+        ldsm_x4_t(bb, ldsm_addr_a<kS>(qb, kk * 16, dcol0 + np * 16, lane));
+        Mma::run(dK[2 * np], a, bb[0], bb[1]);
+        Mma::run(dK[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+    __syncthreads();
+    buf ^= 1;
+    gg = gg_n;
+    it = it_n;
+    E = E_n;
+    qt = qt_n;
+    msk = msk_n;
+    state = state_n;
+  }
+  cp_async_wait<0>();
+
+  T* dkg = static_cast<T*>(p.dk);
+  T* dvg = static_cast<T*>(p.dv);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int j = n0 + warp * 16 + g + r * 8;
+    if (j < p.Sk) {
+      const int64_t off = ((static_cast<int64_t>(b) * p.Sk + j) * p.Hkv + hk) * p.D;
+#pragma unroll
+      for (int nt = 0; nt < kDO / 8; ++nt) {
+        const int d = dcol0 + nt * 8 + 2 * t4;
+        if (d < p.D) {
+          store2(dkg + off + d, dK[nt][2 * r] * p.scale, dK[nt][2 * r + 1] * p.scale);
+          store2(dvg + off + d, dV[nt][2 * r], dV[nt][2 * r + 1]);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launchers (instantiated per dtype and head dim in instantiations/*.cu)
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, int kD>
+void launch_fwd(const Params& p, int64_t items, cudaStream_t stream) {
+  using Cfg = FwdCfg<kD>;
+  constexpr int smem = (Cfg::kBM + 4 * Cfg::kBN) * (kD + 8) * static_cast<int>(sizeof(T));
+  auto kern = &fwd_kernel<T, kD>;
+  cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  kern<<<dim3(static_cast<unsigned>(items)), Cfg::kWarps * 32, smem, stream>>>(p);
+}
+
+template <typename T, int kD>
+void launch_dq(const Params& p, int64_t items, cudaStream_t stream) {
+  using Cfg = DqCfg<kD>;
+  constexpr int smem = (2 * Cfg::kBM + 4 * Cfg::kBN) * (kD + 8) * static_cast<int>(sizeof(T));
+  auto kern = &dq_kernel<T, kD>;
+  cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  kern<<<dim3(static_cast<unsigned>(items)), Cfg::kWarps * 32, smem, stream>>>(p);
+}
+
+template <typename T, int kD>
+void launch_dkv(const Params& p, int64_t items, cudaStream_t stream) {
+  using Cfg = DkvCfg<kD>;
+  constexpr int smem = (2 * Cfg::kBN + 4 * Cfg::kBM) * (kD + 8) * static_cast<int>(sizeof(T)) +
+                       4 * Cfg::kBM * static_cast<int>(sizeof(float));
+  auto kern = &dkv_kernel<T, kD>;
+  cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  kern<<<dim3(static_cast<unsigned>(items), kD / Cfg::kDO), Cfg::kWarps * 32, smem, stream>>>(p);
+}
+
+}  // namespace dilated_sparse::cuda

@@ -1,0 +1,337 @@
+"""Validated configuration dataclasses for the block-sparse attention modules.
+
+Every config checks its fields when built (``ValueError``/``TypeError`` naming the field) and
+rejects unknown keyword arguments with a ``TypeError`` that lists the valid ones, so a misspelt
+option never passes silently.
+
+* :class:`SparsePatternConfig`: a named pattern (``'local_window'``, ``'dilated_sparse'``,
+  ``'global_local'`` or any pattern registered in :mod:`dilated_sparse.patterns`) and its options.
+* :class:`HierarchicalConfig`: the levels of a hierarchical pattern.
+* :class:`AdaptiveConfig`: the learned (content-adaptive) layout of
+  :class:`~dilated_sparse.modules.BlockSparseAdaptive`.
+* ``DistributedSparseConfig``: re-exported (lazily) from :mod:`dilated_sparse.distributed.config`.
+
+Convention, as in the guides: ``SparsePatternConfig.sparsity_ratio`` is the fraction of blocks
+that *are computed* (0.1 = 90 % sparse), while ``AdaptiveConfig.base_sparsity`` is the fraction
+that is *skipped* (0.9 = 90 % sparse).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
+
+__all__ = [
+    "SparsePatternConfig",
+    "HierarchicalConfig",
+    "AdaptiveConfig",
+    "DistributedSparseConfig",
+    "config_fields",
+]
+
+_C = TypeVar("_C")
+
+# Keyword aliases accepted by the configs: alias -> field.
+_ALIASES: dict[type, dict[str, str]] = {}
+
+
+def config_fields(cls: type) -> list[str]:
+    """Names a config class accepts as keyword arguments (fields and aliases), sorted."""
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    return sorted(names + list(_ALIASES.get(cls, {})))
+
+
+def _strict(aliases: dict[str, str] | None = None) -> Callable[[type[_C]], type[_C]]:
+    """Class decorator: unknown keywords -> TypeError listing the valid ones; apply aliases."""
+
+    def wrap(cls: type[_C]) -> type[_C]:
+        _ALIASES[cls] = dict(aliases or {})
+        original = cls.__init__
+
+        @functools.wraps(original)
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            for alias, target in _ALIASES[cls].items():
+                if alias in kwargs:
+                    value = kwargs.pop(alias)
+                    if target in kwargs and kwargs[target] != value:
+                        raise ValueError(
+                            f"{cls.__name__}: {alias!r} is an alias of {target!r}; got both "
+                            f"{alias}={value!r} and {target}={kwargs[target]!r}"
+                        )
+                    kwargs[target] = value
+            valid = config_fields(cls)
+            unknown = sorted(set(kwargs) - set(valid))
+            if unknown:
+                raise TypeError(
+                    f"{cls.__name__} got unknown option(s) {unknown}; valid options are {valid}"
+                )
+            original(self, *args, **kwargs)
+
+        cls.__init__ = __init__  # type: ignore[method-assign]
+        return cls
+
+    return wrap
+
+
+def _check_int(owner: str, name: str, value: Any, *, minimum: int | None = None,
+               allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}.{name} must be an int, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{owner}.{name} must be >= {minimum}, got {value}")
+
+
+def _check_fraction(owner: str, name: str, value: Any, *, low_open: bool = True) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{owner}.{name} must be a float, got {value!r}")
+    if (value <= 0.0 if low_open else value < 0.0) or value > 1.0:
+        interval = "(0, 1]" if low_open else "[0, 1]"
+        raise ValueError(f"{owner}.{name} must lie in {interval}, got {value}")
+
+
+def _check_int_list(owner: str, name: str, value: Any) -> list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{owner}.{name} must be a list of positive ints, got {value!r}")
+    items = list(value)
+    if not items:
+        raise ValueError(f"{owner}.{name} must not be empty")
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int) or item <= 0:
+            raise ValueError(f"{owner}.{name} must hold positive ints, got {items!r}")
+    return items
+
+
+_SUPPORTED_BLOCKS = (16, 32, 64, 128, 256)
+
+
+def _check_block(owner: str, name: str, value: Any) -> None:
+    _check_int(owner, name, value)
+    if value not in _SUPPORTED_BLOCKS:
+        raise ValueError(f"{owner}.{name} must be one of {_SUPPORTED_BLOCKS}, got {value}")
+
+
+@_strict(aliases={"window_size": "local_window_size"})
+@dataclass
+class SparsePatternConfig:
+    """A named block-sparse pattern and its options (the guides' ``SparsePatternConfig``).
+
+    Args:
+        pattern_type: ``'local_window'``, ``'dilated_sparse'``, ``'global_local'`` or any name in
+            :func:`dilated_sparse.patterns.available_patterns`.
+        sparsity_ratio: fraction of blocks computed, in ``(0, 1]`` (0.1 = 90 % sparse). Used by
+            the patterns that take a target density (``dilated_sparse``, ``random``, ...); the
+            layout's real density is reported by ``get_pattern_stats``.
+        block_size: block edge in tokens (16, 32, 64, 128 or 256).
+        local_window_size: local window in tokens (alias ``window_size``), for the patterns
+            with a local part.
+        global_tokens: number of leading global tokens (``global_local``, ``longformer``,
+            ``bigbird``).
+        dilation_rates: dilation per segment length (``dilated_sparse``).
+        segment_lengths: LongNet segment lengths in tokens (``dilated_sparse``).
+        min_sparsity, max_sparsity: bounds that ``sparsity_ratio`` must stay within, also when
+            changed later by ``set_sparsity_ratio`` or a scheduler.
+        enable_caching: cache built layouts per (sequence lengths, device); when False a layout
+            is rebuilt on every call.
+        pattern_options: extra keyword options passed verbatim to the pattern generator (for
+            example ``{"num_random_blocks": 2}`` for BigBird).
+
+    Only the options the chosen pattern accepts are passed to it; setting an option the
+    pattern does not take (to a non-default value) raises ``ValueError`` when the layout is
+    built, naming the pattern's options.
+    """
+
+    pattern_type: str = "dilated_sparse"
+    sparsity_ratio: float = 0.1
+    block_size: int = 64
+    local_window_size: int = 256
+    global_tokens: int = 64
+    dilation_rates: list[int] | None = None
+    segment_lengths: list[int] | None = None
+    min_sparsity: float = 0.0
+    max_sparsity: float = 1.0
+    enable_caching: bool = True
+    pattern_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        owner = "SparsePatternConfig"
+        if not isinstance(self.pattern_type, str) or not self.pattern_type:
+            raise TypeError(f"{owner}.pattern_type must be a non-empty str, got {self.pattern_type!r}")
+        _check_fraction(owner, "sparsity_ratio", self.sparsity_ratio)
+        _check_block(owner, "block_size", self.block_size)
+        _check_int(owner, "local_window_size", self.local_window_size, minimum=1)
+        _check_int(owner, "global_tokens", self.global_tokens, minimum=0)
+        self.dilation_rates = _check_int_list(owner, "dilation_rates", self.dilation_rates)
+        self.segment_lengths = _check_int_list(owner, "segment_lengths", self.segment_lengths)
+        if (self.dilation_rates is not None and self.segment_lengths is not None
+                and len(self.dilation_rates) != len(self.segment_lengths)):
+            raise ValueError(
+                f"{owner}: segment_lengths {self.segment_lengths} and dilation_rates "
+                f"{self.dilation_rates} must have the same length"
+            )
+        _check_fraction(owner, "min_sparsity", self.min_sparsity, low_open=False)
+        _check_fraction(owner, "max_sparsity", self.max_sparsity, low_open=False)
+        if self.min_sparsity > self.max_sparsity:
+            raise ValueError(f"{owner}: min_sparsity {self.min_sparsity} > max_sparsity {self.max_sparsity}")
+        self.check_sparsity_ratio(self.sparsity_ratio)
+        if not isinstance(self.enable_caching, bool):
+            raise TypeError(f"{owner}.enable_caching must be a bool, got {self.enable_caching!r}")
+        if not isinstance(self.pattern_options, dict):
+            raise TypeError(f"{owner}.pattern_options must be a dict, got {self.pattern_options!r}")
+
+    @property
+    def window_size(self) -> int:
+        """Alias of :attr:`local_window_size`."""
+        return self.local_window_size
+
+    @window_size.setter
+    def window_size(self, value: int) -> None:
+        self.local_window_size = value
+
+    def check_sparsity_ratio(self, ratio: float) -> float:
+        """Validate a (new) ``sparsity_ratio`` against the type and the min/max bounds."""
+        _check_fraction("SparsePatternConfig", "sparsity_ratio", ratio)
+        if not self.min_sparsity <= ratio <= self.max_sparsity:
+            raise ValueError(
+                f"SparsePatternConfig.sparsity_ratio={ratio} is outside [min_sparsity, max_sparsity]"
+                f" = [{self.min_sparsity}, {self.max_sparsity}]"
+            )
+        return float(ratio)
+
+    def replace(self, **changes: Any) -> SparsePatternConfig:
+        """A validated copy with some fields changed."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values["pattern_options"] = dict(self.pattern_options)
+        values.update(changes)
+        return SparsePatternConfig(**values)
+
+
+_LEVEL_KEYS = ("stride", "window_size", "block_size")
+
+
+@_strict()
+@dataclass
+class HierarchicalConfig:
+    """Levels of a hierarchical pattern (the guides' ``HierarchicalConfig``).
+
+    Args:
+        level_configs: list of dicts with keys ``stride`` (tokens between the positions that take
+            part at this level), ``window_size`` (tokens each of them sees; ``-1`` = global) and
+            ``block_size`` (the level's granularity in tokens). Default: three levels, fine to
+            global.
+
+    The layout is built by the ``hierarchical`` pattern of :mod:`dilated_sparse.patterns`; a
+    layout has one block size, so levels are expressed at the module's block size (the levels'
+    ``block_size`` must be multiples of it, which is checked when the layout is built).
+    """
+
+    level_configs: list[dict[str, int]] = field(default_factory=lambda: [
+        {"stride": 64, "window_size": 256, "block_size": 64},
+        {"stride": 256, "window_size": 1024, "block_size": 128},
+        {"stride": 1024, "window_size": -1, "block_size": 256},
+    ])
+
+    def __post_init__(self) -> None:
+        owner = "HierarchicalConfig"
+        if isinstance(self.level_configs, dict) or not hasattr(self.level_configs, "__iter__"):
+            raise TypeError(f"{owner}.level_configs must be a list of dicts, got {self.level_configs!r}")
+        levels = [dict(level) for level in self.level_configs]
+        if not levels:
+            raise ValueError(f"{owner}.level_configs must hold at least one level")
+        for i, level in enumerate(levels):
+            keys = set(level)
+            if keys != set(_LEVEL_KEYS):
+                raise ValueError(
+                    f"{owner}.level_configs[{i}] must have exactly the keys {list(_LEVEL_KEYS)}, "
+                    f"got {sorted(keys)}"
+                )
+            _check_int(owner, f"level_configs[{i}]['stride']", level["stride"], minimum=1)
+            _check_int(owner, f"level_configs[{i}]['window_size']", level["window_size"])
+            if level["window_size"] == 0 or level["window_size"] < -1:
+                raise ValueError(
+                    f"{owner}.level_configs[{i}]['window_size'] must be positive or -1 (global), "
+                    f"got {level['window_size']}"
+                )
+            _check_block(owner, f"level_configs[{i}]['block_size']", level["block_size"])
+        self.level_configs = levels
+
+    @property
+    def num_levels(self) -> int:
+        """Number of levels."""
+        return len(self.level_configs)
+
+
+@_strict()
+@dataclass
+class AdaptiveConfig:
+    """Options of the learned layout of :class:`~dilated_sparse.modules.BlockSparseAdaptive`.
+
+    Args:
+        base_sparsity: fraction of key blocks each query-block row *skips*, in ``[0, 1)``
+            (0.9 keeps the top 10 % of blocks of every row, at least one).
+        temperature: initial temperature of the relaxed (Gumbel) top-k.
+        learnable_temperature: learn a multiplicative correction of the temperature (a
+            parameter ``log_temperature_scale``); the annealed schedule still applies.
+        min_temperature: the temperature never goes below this.
+        hidden_dim: hidden width of the importance network.
+        num_layers: depth of the importance network's query and key towers (>= 1).
+        share_across_heads: one layout for all heads (scores averaged over heads) instead of
+            one per head.
+        hard_sparsity: when True the selection is hard top-k with no straight-through gradient
+            (the importance network gets no gradient from the task loss, only from
+            ``get_sparsity_loss``); when False (default) a straight-through estimator lets the
+            task loss train it.
+        block_size: block edge in tokens (16, 32, 64, 128 or 256).
+        gumbel_noise: add Gumbel noise to the scores in training mode (exploration).
+    """
+
+    base_sparsity: float = 0.9
+    temperature: float = 1.0
+    learnable_temperature: bool = True
+    min_temperature: float = 0.1
+    hidden_dim: int = 128
+    num_layers: int = 2
+    share_across_heads: bool = False
+    hard_sparsity: bool = False
+    block_size: int = 64
+    gumbel_noise: bool = True
+
+    def __post_init__(self) -> None:
+        owner = "AdaptiveConfig"
+        if (isinstance(self.base_sparsity, bool) or not isinstance(self.base_sparsity, (int, float))
+                or not 0.0 <= self.base_sparsity < 1.0):
+            raise ValueError(f"{owner}.base_sparsity must lie in [0, 1), got {self.base_sparsity!r}")
+        for name in ("temperature", "min_temperature"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{owner}.{name} must be a positive float, got {value!r}")
+        if self.min_temperature > self.temperature:
+            raise ValueError(
+                f"{owner}: min_temperature {self.min_temperature} > temperature {self.temperature}"
+            )
+        _check_int(owner, "hidden_dim", self.hidden_dim, minimum=1)
+        _check_int(owner, "num_layers", self.num_layers, minimum=1)
+        for name in ("learnable_temperature", "share_across_heads", "hard_sparsity", "gumbel_noise"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{owner}.{name} must be a bool, got {getattr(self, name)!r}")
+        _check_block(owner, "block_size", self.block_size)
+
+
+def __getattr__(name: str) -> Any:
+    """Lazily re-export ``DistributedSparseConfig`` from :mod:`dilated_sparse.distributed.config`."""
+    if name == "DistributedSparseConfig":
+        try:
+            from .distributed.config import DistributedSparseConfig
+        except ImportError as error:
+            raise ImportError(
+                "DistributedSparseConfig lives in dilated_sparse.distributed.config, which could "
+                f"not be imported: {error}"
+            ) from error
+        return DistributedSparseConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

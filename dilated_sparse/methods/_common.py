@@ -1,0 +1,374 @@
+"""Shared pieces of the sparse-attention methods: checks, masks and the row-chunked driver.
+
+Every method in :mod:`dilated_sparse.methods` that needs the scores of a query against its keys
+(top-k, entmax, ReLA, Gumbel, SPARSEK, gated masks) runs through :func:`rowwise_attention`. It
+never builds a ``Sq x Sk`` tensor: queries are processed in chunks (dense case: ``chunk x Sk``
+scores) or in groups of query-block rows of a :class:`~dilated_sparse.BlockSparseLayout` (only the
+keys of the active blocks are gathered: ``rows x block_q x row keys`` scores). Each chunk is
+recomputed in the backward pass (activation checkpointing), so training memory is also
+``O(chunk x Sk)`` rather than ``O(Sq x Sk)``.
+
+A method supplies a *normaliser* ``normalize(scores, mask, info) -> weights``: ``scores`` are the
+scaled scores with masked entries at ``-inf``, ``mask`` the bool mask of allowed keys (same
+shape), ``info`` a :class:`RowInfo` with the token positions of the rows and keys. The weights
+(same shape) multiply the values; a row with no allowed key must get all-zero weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from ..layout import BlockSparseLayout
+
+__all__ = [
+    "RowInfo",
+    "Normalizer",
+    "check_qkv",
+    "compute_dtype",
+    "default_scale",
+    "expand_kv",
+    "key_valid_mask",
+    "masked_softmax",
+    "rms_norm",
+    "softmax_and_lse",
+    "rowwise_attention",
+    "chunk_seed",
+]
+
+# Elements of one chunk's score tensor (B * H * rows * keys) the driver aims for by default.
+_TARGET_CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass
+class RowInfo:
+    """Where a chunk's scores sit in the sequence (passed to normalisers).
+
+    Attributes:
+        q_pos: int64 token positions of the chunk's queries, shaped to broadcast against the
+            query dim of the scores (``[c, 1]`` dense; ``[G, bq, 1]`` layout path).
+        k_pos: int64 token positions of the keys, broadcasting against the key dim
+            (``[1, Sk]`` dense; ``[B, H, G, 1, W]`` layout path, padding slots hold 0).
+        heads_dim: the dim of the scores that indexes query heads (always 1).
+        chunk: index of the chunk (0, 1, ...), e.g. to derive per-chunk random seeds.
+    """
+
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    heads_dim: int
+    chunk: int
+
+
+Normalizer = Callable[[torch.Tensor, torch.Tensor, RowInfo], torch.Tensor]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int, int]:
+    """Check ``q [B,Sq,H,D]``, ``k/v [B,Sk,Hkv,D]``; returns ``(B, Sq, Sk, H, Hkv, D)``.
+
+    Raises:
+        TypeError: not tensors, not floating point, or mixed dtypes.
+        ValueError: wrong ranks, mismatched sizes or devices, ``H % Hkv != 0``, empty inputs.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [batch, seq_len, heads, head_dim], got {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")
+    bsz, sq, heads, dim = q.shape
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k and v must agree in batch, length and heads, got {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[0] != bsz:
+        raise ValueError(f"k/v batch size {k.shape[0]} does not match q batch size {bsz}")
+    if k.shape[3] != dim:
+        raise ValueError(f"k head_dim {k.shape[3]} does not match q head_dim {dim}")
+    kv_heads = k.shape[2]
+    if kv_heads == 0 or heads % kv_heads != 0:
+        raise ValueError(f"q heads ({heads}) must be a multiple of k/v heads ({kv_heads})")
+    if min(bsz, sq, k.shape[1], dim) == 0:
+        raise ValueError(f"empty inputs are not supported: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    return bsz, sq, k.shape[1], heads, kv_heads, dim
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 otherwise (accumulation dtype of every method)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def default_scale(scale: float | None, dim: int) -> float:
+    """``scale`` or ``1 / sqrt(dim)``."""
+    if scale is None:
+        return 1.0 / math.sqrt(dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    return float(scale)
+
+
+def expand_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[B, S, Hkv, D]`` -> ``[B, heads, S, D]``, each kv head repeated over its query group."""
+    t = t.transpose(1, 2)
+    group = heads // t.shape[1]
+    return t if group == 1 else t.repeat_interleave(group, dim=1)
+
+
+def key_valid_mask(
+    batch: int,
+    seq_len_k: int,
+    key_lengths: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """Bool ``[B, Sk]`` of keys that are not padding, or None when nothing is masked.
+
+    ``key_lengths`` (int ``[B]``): keys at or past it are padding. ``key_padding_mask`` (bool
+    ``[B, Sk]``): True marks padding, as in ``nn.MultiheadAttention``.
+    """
+    valid = None
+    if key_lengths is not None:
+        if not isinstance(key_lengths, torch.Tensor) or key_lengths.dtype.is_floating_point:
+            raise TypeError("key_lengths must be an integer tensor [batch]")
+        if key_lengths.shape != (batch,):
+            raise ValueError(f"key_lengths must have shape [{batch}], got {tuple(key_lengths.shape)}")
+        valid = torch.arange(seq_len_k, device=device) < key_lengths.to(device).view(-1, 1)
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            raise TypeError("key_padding_mask must be a bool tensor [batch, seq_len_k] (True = padding)")
+        if key_padding_mask.shape != (batch, seq_len_k):
+            raise ValueError(
+                f"key_padding_mask must have shape [{batch}, {seq_len_k}], got {tuple(key_padding_mask.shape)}"
+            )
+        keep = ~key_padding_mask.to(device)
+        valid = keep if valid is None else valid & keep
+    return valid
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Softmax over ``dim`` of the entries where ``mask`` is True; all-zero rows where none is.
+
+    ``scores`` may hold ``-inf`` at masked entries; the result has no NaN and zero gradient on
+    fully masked rows.
+    """
+    scores = scores.masked_fill(~mask, float("-inf"))
+    row_max = scores.amax(dim=dim, keepdim=True).detach()
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    e = torch.exp(scores - row_max)
+    total = e.sum(dim=dim, keepdim=True)
+    return e / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def softmax_and_lse(scores: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(softmax, logsumexp)`` over ``dim`` of scores with ``-inf`` entries, NaN-free.
+
+    A slice of only ``-inf`` gets probabilities 0 and ``lse = -inf``, with zero (not NaN)
+    gradients, unlike ``torch.logsumexp``.
+    """
+    row_max = scores.amax(dim=dim, keepdim=True).detach()
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    e = torch.exp(scores - row_max)
+    total = e.sum(dim=dim, keepdim=True)
+    nonempty = total > 0
+    safe_total = torch.where(nonempty, total, torch.ones_like(total))
+    lse = torch.where(nonempty, row_max + torch.log(safe_total), torch.full_like(total, float("-inf")))
+    return e / safe_total, lse.squeeze(dim)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the last dim (Zhang & Sennrich, 2019): ``x / sqrt(mean(x^2) + eps) * weight``."""
+    y = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return y if weight is None else y * weight
+
+
+def chunk_seed(generator: torch.Generator | None, device: torch.device) -> int:
+    """A 62-bit seed drawn from ``generator`` (or the global RNG) for one chunk's noise.
+
+    Noise drawn inside a checkpointed chunk comes from a fresh generator seeded with this value,
+    so the recomputation in the backward pass sees the same noise.
+    """
+    del device
+    return int(torch.randint(0, 2**62, (1,), generator=generator).item())
+
+
+def _auto_rows(requested: int | None, per_row: int, total: int) -> int:
+    if requested is not None:
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested <= 0:
+            raise ValueError(f"chunk_size must be a positive int or None, got {requested!r}")
+        return min(requested, total)
+    return max(1, min(total, _TARGET_CHUNK_ELEMENTS // max(1, per_row)))
+
+
+def _maybe_checkpoint(fn: Callable[..., torch.Tensor], use: bool, *args: torch.Tensor) -> torch.Tensor:
+    if use and torch.is_grad_enabled():
+        return _checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def rowwise_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    normalize: Normalizer,
+    *,
+    layout: BlockSparseLayout | None = None,
+    scale: float | None = None,
+    causal: bool = False,
+    key_lengths: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    checkpoint: bool = True,
+) -> torch.Tensor:
+    """Attention whose row weights come from ``normalize``, computed chunk by chunk.
+
+    Args:
+        q: ``[B, Sq, H, D]``; k, v: ``[B, Sk, Hkv, D]`` (GQA allowed).
+        normalize: ``(scores, mask, info) -> weights`` (see the module docstring).
+        layout: optional block layout: only keys of active blocks are scored (``layout_batch``
+            in ``{1, B}``, ``layout_heads`` in ``{1, H}``).
+        scale: score scale, default ``1 / sqrt(D)``.
+        causal: key position <= query position (top-left aligned).
+        key_lengths, key_padding_mask: key padding as in :func:`dilated_sparse.block_sparse_attention`.
+        chunk_size: queries per chunk (dense) or query-block rows per chunk (layout); default
+            keeps one chunk's scores near 4M elements.
+        checkpoint: recompute each chunk in the backward pass (memory ``O(chunk x keys)``).
+
+    Returns:
+        ``[B, Sq, H, D]`` in ``q``'s dtype (computed in float32, float64 for float64 inputs).
+    """
+    bsz, sq, sk, heads, _, dim = check_qkv(q, k, v)
+    scale = default_scale(scale, dim)
+    cdt = compute_dtype(q.dtype)
+    device = q.device
+    qh = q.transpose(1, 2).to(cdt)  # [B, H, Sq, D]
+    kh = expand_kv(k, heads).to(cdt)
+    vh = expand_kv(v, heads).to(cdt)
+    key_valid = key_valid_mask(bsz, sk, key_lengths, key_padding_mask, device)
+    if layout is None:
+        out = _dense_rows(qh, kh, vh, normalize, scale, causal, key_valid, chunk_size, checkpoint)
+    else:
+        out = _layout_rows(qh, kh, vh, normalize, layout, scale, causal, key_valid, chunk_size, checkpoint)
+    return out.transpose(1, 2).to(q.dtype)
+
+
+def _dense_rows(
+    qh: torch.Tensor,
+    kh: torch.Tensor,
+    vh: torch.Tensor,
+    normalize: Normalizer,
+    scale: float,
+    causal: bool,
+    key_valid: torch.Tensor | None,
+    chunk_size: int | None,
+    use_checkpoint: bool,
+) -> torch.Tensor:
+    bsz, heads, sq, _ = qh.shape
+    sk = kh.shape[2]
+    device = qh.device
+    rows = _auto_rows(chunk_size, bsz * heads * sk, sq)
+    k_pos = torch.arange(sk, device=device).view(1, sk)
+    outs = []
+    for index, q0 in enumerate(range(0, sq, rows)):
+        q1 = min(sq, q0 + rows)
+        q_pos = torch.arange(q0, q1, device=device).view(-1, 1)
+        info = RowInfo(q_pos=q_pos, k_pos=k_pos, heads_dim=1, chunk=index)
+
+        def chunk(qc: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, info: RowInfo = info) -> torch.Tensor:
+            scores = torch.matmul(qc, kf.transpose(-1, -2)) * scale  # [B, H, c, Sk]
+            mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=device)
+            if causal:
+                mask = mask & (info.k_pos <= info.q_pos)
+            if key_valid is not None:
+                mask = mask & key_valid.view(bsz, 1, 1, sk)
+            mask = mask.expand(scores.shape)
+            weights = normalize(scores.masked_fill(~mask, float("-inf")), mask, info)
+            return torch.matmul(weights.to(vf.dtype), vf)
+
+        outs.append(_maybe_checkpoint(chunk, use_checkpoint, qh[:, :, q0:q1], kh, vh))
+    return torch.cat(outs, dim=2)
+
+
+def _layout_rows(
+    qh: torch.Tensor,
+    kh: torch.Tensor,
+    vh: torch.Tensor,
+    normalize: Normalizer,
+    layout: BlockSparseLayout,
+    scale: float,
+    causal: bool,
+    key_valid: torch.Tensor | None,
+    chunk_size: int | None,
+    use_checkpoint: bool,
+) -> torch.Tensor:
+    bsz, heads, sq, dim = qh.shape
+    sk = kh.shape[2]
+    device = qh.device
+    if not isinstance(layout, BlockSparseLayout):
+        raise TypeError(f"layout must be a BlockSparseLayout or None, got {type(layout).__name__}")
+    if layout.seq_len_q != sq or layout.seq_len_k != sk:
+        raise ValueError(
+            f"layout was built for seq_len_q={layout.seq_len_q}, seq_len_k={layout.seq_len_k}; "
+            f"got {sq} queries and {sk} keys"
+        )
+    lb, lh = layout.layout_shape
+    if lb not in (1, bsz) or lh not in (1, heads):
+        raise ValueError(f"layout_shape {layout.layout_shape} must be (1 or {bsz}, 1 or {heads})")
+    layout = layout.to(device)
+    bq, bk = layout.block_size
+    nqb = layout.num_query_blocks
+    flat_crow = layout.crow_indices.to(torch.int64)
+    starts = flat_crow[:-1].view(lb, lh, nqb)
+    counts = (flat_crow[1:] - flat_crow[:-1]).view(lb, lh, nqb)
+    col = layout.col_indices.to(torch.int64)
+    max_row_keys = int(counts.max()) * bk if counts.numel() else 0
+    rows = _auto_rows(chunk_size, bsz * heads * bq * max(1, max_row_keys), nqb)
+    if sq < nqb * bq:  # pad the queries to whole blocks; padded rows are masked and cut off
+        qh = torch.cat([qh, qh.new_zeros(bsz, heads, nqb * bq - sq, dim)], dim=2)
+    outs = []
+    for index, g0 in enumerate(range(0, nqb, rows)):
+        g1 = min(nqb, g0 + rows)
+        cnt = counts[:, :, g0:g1]  # [lb, lh, G]
+        width = int(cnt.max()) if cnt.numel() else 0
+        if width == 0:
+            outs.append(qh.new_zeros(bsz, heads, (g1 - g0) * bq, dim))
+            continue
+        slot = torch.arange(width, device=device)
+        slot_ok = slot < cnt.unsqueeze(-1)  # [lb, lh, G, width]
+        entry = (starts[:, :, g0:g1].unsqueeze(-1) + slot).clamp_max(max(col.numel() - 1, 0))
+        blocks = torch.where(slot_ok, col[entry], torch.zeros_like(entry))
+        keys = (blocks.unsqueeze(-1) * bk + torch.arange(bk, device=device)).flatten(-2)  # [lb, lh, G, W]
+        key_ok = slot_ok.repeat_interleave(bk, dim=-1) & (keys < sk)
+        keys = torch.where(key_ok, keys, torch.zeros_like(keys))
+        keys = keys.expand(bsz, heads, -1, -1)
+        key_ok = key_ok.expand(bsz, heads, -1, -1)
+        if key_valid is not None:
+            kv = key_valid.view(bsz, 1, sk).expand(bsz, heads, sk)
+            key_ok = key_ok & torch.gather(kv, 2, keys.flatten(2)).view(keys.shape)
+        q_pos = torch.arange(g0 * bq, g1 * bq, device=device).view(g1 - g0, bq, 1)
+        info = RowInfo(q_pos=q_pos, k_pos=keys.unsqueeze(-2), heads_dim=1, chunk=index)
+
+        def chunk(qc: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, info: RowInfo = info,
+                  keys: torch.Tensor = keys, key_ok: torch.Tensor = key_ok) -> torch.Tensor:
+            n_rows, width_tokens = keys.shape[2], keys.shape[3]
+            index = keys.flatten(2).unsqueeze(-1).expand(-1, -1, -1, dim)
+            kg = torch.gather(kf, 2, index).view(bsz, heads, n_rows, width_tokens, dim)
+            vg = torch.gather(vf, 2, index).view(bsz, heads, n_rows, width_tokens, dim)
+            qg = qc.view(bsz, heads, n_rows, bq, dim)
+            scores = torch.matmul(qg, kg.transpose(-1, -2)) * scale  # [B, H, G, bq, W]
+            mask = key_ok.unsqueeze(-2) & (info.q_pos < sq)
+            if causal:
+                mask = mask & (info.k_pos <= info.q_pos)
+            mask = mask.expand(scores.shape)
+            weights = normalize(scores.masked_fill(~mask, float("-inf")), mask, info)
+            return torch.matmul(weights.to(vg.dtype), vg).view(bsz, heads, n_rows * bq, dim)
+
+        outs.append(_maybe_checkpoint(chunk, use_checkpoint, qh[:, :, g0 * bq : g1 * bq], kh, vh))
+    return torch.cat(outs, dim=2)[:, :, :sq]

@@ -1,0 +1,147 @@
+"""Dynamic block top-k attention: pooled q/k pick the key blocks, the block-sparse kernel runs them.
+
+:func:`block_topk_attention` follows MoBA (Lu et al., "MoBA: Mixture of Block Attention for
+Long-Context LLMs", 2025) and XAttention (Xu et al., "XAttention: Block Sparse Attention with
+Antidiagonal Scoring", 2025) in spirit: each query block scores every key block by the dot product
+of the mean-pooled query block and the mean-pooled key block, keeps ``blocks_per_row`` of them
+(with ``causal``, the block holding the query block's last position is always kept and future
+blocks are ranked last, as MoBA does), and runs exact attention over the kept blocks with
+:func:`dilated_sparse.block_sparse_attention`. The CSR layout is built on the device with no host
+synchronisation: every row has exactly ``blocks_per_row`` entries, so ``crow_indices`` is an
+arange and ``col_indices`` the sorted top-k indices.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from ..layout import BlockSparseLayout, normalize_block_size
+from ..ops import block_sparse_attention
+from ._common import check_qkv, expand_kv
+
+__all__ = ["block_topk_layout", "block_topk_attention", "pool_blocks", "block_scores", "fixed_row_layout"]
+
+
+def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Mean over each block of tokens: ``[B, S, H, D]`` -> float ``[B, H, ceil(S/block), D]``.
+
+    The last (partial) block is averaged over its real tokens only.
+    """
+    bsz, seq, heads, dim = x.shape
+    nb = -(-seq // block)
+    work = x.transpose(1, 2).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    if nb * block != seq:
+        work = torch.cat([work, work.new_zeros(bsz, heads, nb * block - seq, dim)], dim=2)
+    sums = work.view(bsz, heads, nb, block, dim).sum(dim=3)
+    counts = torch.full((nb,), float(block), dtype=sums.dtype, device=x.device)
+    counts[-1] = seq - (nb - 1) * block
+    return sums / counts.view(1, 1, nb, 1)
+
+
+def block_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_size: int | Sequence[int],
+    *,
+    causal: bool = False,
+) -> torch.Tensor:
+    """Pooled block scores ``[B, H, nqb, nkb]`` (float) used to rank key blocks.
+
+    ``pool(q)_qb . pool(k)_kb``; with ``causal``, key blocks that start after the query block's
+    last position are ``-inf`` and the block holding that last position is ``+inf`` (always kept).
+    """
+    bq, bk = normalize_block_size(block_size)
+    bsz, sq, sk, heads, _, _ = check_qkv(q, k, k)
+    qp = pool_blocks(q, bq)
+    kp = expand_kv(pool_blocks(k, bk).transpose(1, 2), heads)  # pool gives [B,Hkv,n,D] -> [B,H,n,D]
+    scores = torch.matmul(qp, kp.transpose(-1, -2))
+    if causal:
+        nqb, nkb = qp.shape[2], kp.shape[2]
+        last_q = torch.clamp((torch.arange(nqb, device=q.device) + 1) * bq - 1, max=sq - 1)
+        first_k = torch.arange(nkb, device=q.device) * bk
+        future = first_k.view(1, -1) > last_q.view(-1, 1)
+        own = (last_q.clamp(max=sk - 1) // bk).view(-1, 1) == torch.arange(nkb, device=q.device).view(1, -1)
+        scores = scores.masked_fill(future, float("-inf")).masked_fill(own, float("inf"))
+    return scores
+
+
+def block_topk_layout(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    blocks_per_row: int,
+    block_size: int | Sequence[int] = 64,
+    *,
+    causal: bool = False,
+) -> BlockSparseLayout:
+    """Per-(batch, head) layout of the ``blocks_per_row`` best key blocks of every query block.
+
+    Built on ``q``'s device without host synchronisation (``layout_batch = B``,
+    ``layout_heads = H``, trusted indices: ``validate=False``). Rows keep
+    ``min(blocks_per_row, nkb)`` blocks; with ``causal`` a row near the start may keep future
+    blocks, which the kernel's causal rule then masks entirely.
+    """
+    if isinstance(blocks_per_row, bool) or not isinstance(blocks_per_row, int) or blocks_per_row < 1:
+        raise ValueError(f"blocks_per_row must be a positive int, got {blocks_per_row!r}")
+    bq, bk = normalize_block_size(block_size)
+    bsz, sq, sk, heads, _, _ = check_qkv(q, k, k)
+    with torch.no_grad():
+        scores = block_scores(q.detach(), k.detach(), (bq, bk), causal=causal)
+        nqb, nkb = scores.shape[2], scores.shape[3]
+        per_row = min(blocks_per_row, nkb)
+        cols = torch.topk(scores, per_row, dim=-1, sorted=False).indices
+    return fixed_row_layout(cols, (bq, bk), seq_len_q=sq, seq_len_k=sk)
+
+
+def fixed_row_layout(
+    cols: torch.Tensor, block_size: int | Sequence[int], *, seq_len_q: int, seq_len_k: int
+) -> BlockSparseLayout:
+    """Layout from ``cols`` ``[B, H, nqb, n]``: ``n`` distinct key blocks per row, any order.
+
+    Built on the device with no host synchronisation: ``crow_indices`` is ``arange * n`` and
+    ``col_indices`` the per-row sorted ``cols`` (``layout_batch = B``, ``layout_heads = H``,
+    ``validate=False``: the caller guarantees distinct in-range ids).
+    """
+    bsz, heads, nqb, per_row = cols.shape
+    sorted_cols = cols.sort(dim=-1).values.reshape(-1).to(torch.int32)
+    crow = torch.arange(bsz * heads * nqb + 1, device=cols.device, dtype=torch.int32) * per_row
+    return BlockSparseLayout(
+        crow, sorted_cols, block_size=block_size, seq_len_q=seq_len_q, seq_len_k=seq_len_k,
+        layout_batch=bsz, layout_heads=heads, validate=False, max_slice_nnz=nqb * per_row,
+    )
+
+
+def block_topk_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    blocks_per_row: int,
+    block_size: int | Sequence[int] = 64,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    key_lengths: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    return_layout: bool = False,
+) -> Any:
+    """Dynamic block top-k attention (MoBA / XAttention style) through the block-sparse kernel.
+
+    Args:
+        q: ``[B, Sq, H, D]``; k, v: ``[B, Sk, Hkv, D]``.
+        blocks_per_row: key blocks kept per query block (per batch and head).
+        block_size: ``block`` or ``(block_q, block_k)`` (16, 32, 64, 128 or 256).
+        causal: causal attention (the query block's own block is always kept).
+        scale, key_lengths, key_padding_mask: as :func:`dilated_sparse.block_sparse_attention`.
+        return_layout: also return the chosen :class:`~dilated_sparse.BlockSparseLayout`.
+
+    Returns:
+        ``out`` ``[B, Sq, H, D]`` (or ``(out, layout)``). Gradients reach q, k, v through the
+        kernel; the block selection itself is not differentiated (as in MoBA).
+    """
+    layout = block_topk_layout(q, k, blocks_per_row, block_size, causal=causal)
+    out = block_sparse_attention(
+        q, k, v, layout, scale=scale, causal=causal, key_lengths=key_lengths,
+        key_padding_mask=key_padding_mask,
+    )
+    return (out, layout) if return_layout else out

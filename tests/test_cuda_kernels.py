@@ -1,0 +1,332 @@
+"""CUDA kernels of the dilated_sparse ops against a float64 dense reference written here.
+
+Skipped without a CUDA device or without the compiled CUDA kernels. The reference builds the
+token mask from the dense block mask and the token rules, so it shares no code with the kernels
+or with the package's layout / reference modules. Run `python tests/test_cuda_kernels.py --small`
+for the tiny case used under compute-sanitizer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+
+
+def _ops():
+    try:
+        import dilated_sparse  # noqa: F401  (loads the extension, registering the ops)
+    except Exception:  # noqa: BLE001
+        pass
+    lib = os.environ.get("DILATED_SPARSE_TEST_LIB")
+    if lib and not hasattr(torch.ops.dilated_sparse, "block_sparse_attn_fwd"):
+        torch.ops.load_library(lib)
+    return torch.ops.dilated_sparse
+
+
+def _has_cuda_kernels() -> bool:
+    if not CUDA:
+        return False
+    try:
+        ops = _ops()
+        q = torch.randn(1, 16, 1, 64, device="cuda", dtype=torch.bfloat16)
+        crow = torch.tensor([0, 1], dtype=torch.int32, device="cuda")
+        col = torch.tensor([0], dtype=torch.int32, device="cuda")
+        ops.block_sparse_attn_fwd(q, q, q, crow, col, 16, 16, 1, 1, 0.125, False, -1, -1, None, None)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _has_cuda_kernels(), reason="needs CUDA and the CUDA kernels")
+
+DEV = "cuda"
+
+
+# ----------------------------------------------------------------------------- helpers
+def csr_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(crow, col, ccol, row) int32 of a bool block mask [Lb, Lh, nqb, nkb]."""
+    lb, lh, nqb, nkb = mask.shape
+    flat = mask.reshape(lb * lh * nqb, nkb)
+    crow = torch.zeros(flat.shape[0] + 1, dtype=torch.int64, device=mask.device)
+    crow[1:] = flat.sum(1).cumsum(0)
+    col = torch.nonzero(flat)[:, 1]
+    flat_t = mask.transpose(2, 3).reshape(lb * lh * nkb, nqb)
+    ccol = torch.zeros(flat_t.shape[0] + 1, dtype=torch.int64, device=mask.device)
+    ccol[1:] = flat_t.sum(1).cumsum(0)
+    row = torch.nonzero(flat_t)[:, 1]
+    return tuple(t.to(torch.int32).contiguous() for t in (crow, col, ccol, row))
+
+
+def token_mask(mask, B, H, Sq, Sk, bq, bk, causal, wl, wr, klen, kpm):
+    """Bool [B, H, Sq, Sk] of allowed (query, key) pairs."""
+    lb, lh = mask.shape[:2]
+    tok = mask.repeat_interleave(bq, 2)[:, :, :Sq].repeat_interleave(bk, 3)[:, :, :, :Sk]
+    tok = tok.expand(B if lb == 1 else lb, H if lh == 1 else lh, Sq, Sk)
+    i = torch.arange(Sq, device=mask.device).view(-1, 1)
+    j = torch.arange(Sk, device=mask.device).view(1, -1)
+    ok = torch.ones(Sq, Sk, dtype=torch.bool, device=mask.device)
+    if causal:
+        ok &= j <= i
+    if wl >= 0:
+        ok &= i - j <= wl
+    if wr >= 0:
+        ok &= j - i <= wr
+    ok = tok & ok
+    valid = torch.ones(B, Sk, dtype=torch.bool, device=mask.device)
+    if klen is not None:
+        valid &= j < klen.view(-1, 1).long()
+    if kpm is not None:
+        valid &= ~kpm
+    return ok & valid.view(B, 1, 1, Sk)
+
+
+def reference(q, k, v, allowed, scale):
+    """float64 out [B,Sq,H,D], lse [B,H,Sq], probs [B,H,Sq,Sk] (autograd-able)."""
+    H, Hkv = q.shape[2], k.shape[2]
+    qh = q.double().transpose(1, 2)
+    kh = k.double().transpose(1, 2).repeat_interleave(H // Hkv, 1)
+    vh = v.double().transpose(1, 2).repeat_interleave(H // Hkv, 1)
+    s = (qh @ kh.transpose(-1, -2)) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.where(allowed, torch.exp(s - lse.clamp_min(-1e30).unsqueeze(-1)), torch.zeros_like(s))
+    return (p @ vh).transpose(1, 2), lse, p
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-6)).item()
+
+
+def poison():
+    """Fill freed allocator memory with NaN so that unwritten outputs show."""
+    x = torch.empty(64 * 1024 * 1024, device=DEV, dtype=torch.float32)
+    x.fill_(float("nan"))
+    del x
+
+
+def run_case(*, B=1, H=2, Hkv=None, Sq=200, Sk=None, D=64, bq=32, bk=64, dtype=torch.bfloat16,
+             density=0.5, lb=1, lh=1, causal=False, wl=-1, wr=-1, use_klen=False, use_kpm=False,
+             empty_rows=0.0, bwd=True, seed=0, mask=None, strided=False, check_weights=False,
+             q=None, k=None, v=None):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    Hkv = Hkv or H
+    Sk = Sk or Sq
+    nqb, nkb = math.ceil(Sq / bq), math.ceil(Sk / bk)
+    Lb, Lh = (B if lb != 1 else 1), (H if lh != 1 else 1)
+    if mask is None:
+        mask = torch.rand(Lb, Lh, nqb, nkb, generator=g) < density
+        if empty_rows > 0:
+            mask &= (torch.rand(Lb, Lh, nqb, 1, generator=g) >= empty_rows)
+    mask = mask.to(DEV)
+    crow, col, ccol, rowi = csr_from_mask(mask)
+    if q is None:
+        if strided:  # views of one packed projection [B, S, H + 2 Hkv, D]
+            assert Sq == Sk
+            qkv = torch.randn(B, Sq, H + 2 * Hkv, D, generator=g).to(DEV, dtype)
+            q, k, v = qkv[:, :, :H], qkv[:, :, H:H + Hkv], qkv[:, :, H + Hkv:]
+        else:
+            q = torch.randn(B, Sq, H, D, generator=g).to(DEV, dtype)
+            k = torch.randn(B, Sk, Hkv, D, generator=g).to(DEV, dtype)
+            v = torch.randn(B, Sk, Hkv, D, generator=g).to(DEV, dtype)
+    klen = torch.randint(0, Sk + 1, (B,), generator=g).to(DEV, torch.int32) if use_klen else None
+    kpm = (torch.rand(B, Sk, generator=g) < 0.3).to(DEV) if use_kpm else None
+    scale = 1.0 / math.sqrt(D)
+    ops = _ops()
+    poison()
+    out, lse = ops.block_sparse_attn_fwd(q, k, v, crow, col, bq, bk, Lb, Lh, scale, causal, wl, wr, klen, kpm)
+    torch.cuda.synchronize()
+    allowed = token_mask(mask, B, H, Sq, Sk, bq, bk, causal, wl, wr, klen, kpm)
+    qd, kd, vd = (t.detach().double().requires_grad_(bwd) for t in (q, k, v))
+    ro, rl, rp = reference(qd, kd, vd, allowed, scale)
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
+    assert torch.isfinite(out).all(), "NaN/inf in out"
+    assert not torch.isnan(lse).any(), "NaN in lse"
+    assert torch.equal(torch.isinf(lse), torch.isinf(rl)), "empty-row (-inf lse) pattern differs"
+    fin = torch.isfinite(rl)
+    if fin.any():
+        assert (lse[fin].double() - rl[fin]).abs().max().item() < 2e-2
+    assert rel(out, ro) < tol, f"out rel err {rel(out, ro)}"
+    empty = ~allowed.any(-1)  # [B, H, Sq]
+    assert (out.transpose(1, 2)[empty] == 0).all()
+    res = {"out": out, "lse": lse}
+    if bwd:
+        do = torch.randn(B, Sq, H, D, generator=g).to(DEV, dtype)
+        ro.backward(do.double())
+        poison()
+        dq, dk, dv = ops.block_sparse_attn_bwd(do, q, k, v, out, lse, ccol, rowi, crow, col, bq, bk, Lb, Lh,
+                                               scale, causal, wl, wr, klen, kpm)
+        torch.cuda.synchronize()
+        for name, got, ref in (("dq", dq, qd.grad), ("dk", dk, kd.grad), ("dv", dv, vd.grad)):
+            assert got.shape == ref.shape and got.dtype == dtype
+            assert torch.isfinite(got).all(), f"NaN/inf in {name}"
+            if ref.norm() > 0:
+                assert rel(got, ref) < 2 * tol, f"{name} rel err {rel(got, ref)}"
+            else:
+                assert (got == 0).all()
+        assert (dq.transpose(1, 2)[empty] == 0).all()
+        res.update(dq=dq, dk=dk, dv=dv, do=do, crow=crow, col=col, ccol=ccol, rowi=rowi)
+    if check_weights:
+        msn = int((crow[nqb::nqb] - crow[:-1:nqb]).max().item()) if crow.numel() > 1 else 0
+        poison()
+        w = ops.block_sparse_attn_weights(q, k, lse, crow, col, bq, bk, Lb, Lh, msn, scale, causal, wl, wr,
+                                          klen, kpm)
+        assert torch.isfinite(w).all()
+        # Rebuild dense probabilities from the blocks and compare.
+        pad = torch.zeros(B, H, nqb * bq, nkb * bk, device=DEV, dtype=torch.float64)
+        crow_l = crow.tolist()
+        col_l = col.tolist()
+        for b in range(B):
+            for h in range(H):
+                s = (0 if Lb == 1 else b) * Lh + (0 if Lh == 1 else h)
+                base = crow_l[s * nqb]
+                for qb in range(nqb):
+                    for p in range(crow_l[s * nqb + qb], crow_l[s * nqb + qb + 1]):
+                        kb = col_l[p]
+                        pad[b, h, qb * bq:(qb + 1) * bq, kb * bk:(kb + 1) * bk] = w[b, h, p - base].double()
+                assert (w[b, h, crow_l[(s + 1) * nqb] - base:] == 0).all()
+        assert (pad[:, :, Sq:] == 0).all() and (pad[:, :, :, Sk:] == 0).all()
+        assert (pad[:, :, :Sq, :Sk] - rp.detach()).abs().max().item() < (2e-2 if dtype == torch.bfloat16 else 4e-3)
+    return res
+
+
+# ----------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [32, 64, 96, 128, 256, 40, 200])
+def test_head_dims(dtype, D):
+    run_case(D=D, dtype=dtype, Sq=333, Sk=301, bq=64, bk=32, causal=D % 64 == 0, seed=D)
+
+
+@pytest.mark.parametrize("bq", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("bk", [16, 32, 64, 128, 256])
+def test_block_sizes(bq, bk):
+    run_case(bq=bq, bk=bk, Sq=600, Sk=555, density=0.3, D=64, seed=bq * 7 + bk, use_kpm=bq == bk)
+
+
+@pytest.mark.parametrize("bq,bk,D", [(128, 128, 128), (64, 64, 128), (16, 128, 64), (256, 16, 128)])
+def test_block_sizes_hd(bq, bk, D):
+    run_case(bq=bq, bk=bk, Sq=700, Sk=700, density=0.3, D=D, seed=bq + bk + D, causal=True)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(causal=True),
+        dict(wl=37, wr=-1),
+        dict(wl=-1, wr=21),
+        dict(wl=50, wr=50, causal=True),
+        dict(use_klen=True, B=3),
+        dict(use_kpm=True, B=2),
+        dict(use_klen=True, use_kpm=True, causal=True, B=2, wl=100),
+        dict(H=6, Hkv=2, causal=True),
+        dict(H=4, Hkv=1, use_kpm=True),
+        dict(lh=0, H=3),
+        dict(lb=0, B=2, H=2),
+        dict(lb=0, lh=0, B=2, H=4, Hkv=2),
+        dict(empty_rows=0.4, H=4, Hkv=2, lh=0),
+        dict(strided=True, H=4, Hkv=2, Sq=257, Sk=257),
+        dict(Sq=1, Sk=1000, bq=16, bk=128),
+        dict(Sq=1000, Sk=17, bq=256, bk=16),
+        dict(density=1.0, causal=True, Sq=1024, bq=128, bk=128, D=128),
+    ],
+)
+def test_rules(kw):
+    run_case(**kw)
+
+
+def test_empty_everything():
+    B, H = 2, 2
+    mask = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    mask[0, 0, 1, 2] = True
+    r = run_case(B=B, H=H, Sq=256, Sk=256, bq=64, bk=64, mask=mask, use_klen=False)
+    assert torch.isinf(r["lse"][:, :, :64]).all() and (r["out"][:, :64] == 0).all()
+    assert (r["dq"][:, :64] == 0).all()
+
+
+def test_weights():
+    run_case(check_weights=True, Sq=200, Sk=170, bq=32, bk=64, H=3, causal=True, use_kpm=True, B=2)
+    run_case(check_weights=True, Sq=130, Sk=130, bq=16, bk=16, H=2, Hkv=1, lh=0, bwd=False)
+    run_case(check_weights=True, Sq=300, Sk=260, bq=128, bk=256, dtype=torch.float16, bwd=False, wl=40)
+
+
+def test_determinism():
+    B, H, S = 1, 4, 1024
+    nb = S // 64
+    mask = torch.zeros(1, 1, nb, nb, dtype=torch.bool)
+    idx = torch.arange(nb)
+    mask[0, 0] = (idx.view(-1, 1) - idx.view(1, -1)).abs() <= 2
+    mask[0, 0, 0, :] = True
+    mask[0, 0, :, 0] = True
+    r = run_case(B=B, H=H, Hkv=2, Sq=S, bq=64, bk=64, mask=mask, D=128)
+    ops = _ops()
+    args = (r["do"],)
+    q = torch.randn(B, S, H, 128, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(B, S, 2, 128, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    out, lse = ops.block_sparse_attn_fwd(q, k, v, r["crow"], r["col"], 64, 64, 1, 1, 0.1, False, -1, -1, None, None)
+    g1 = ops.block_sparse_attn_bwd(args[0], q, k, v, out, lse, r["ccol"], r["rowi"], r["crow"], r["col"], 64, 64,
+                                   1, 1, 0.1, False, -1, -1, None, None)
+    g2 = ops.block_sparse_attn_bwd(args[0], q, k, v, out, lse, r["ccol"], r["rowi"], r["crow"], r["col"], 64, 64,
+                                   1, 1, 0.1, False, -1, -1, None, None)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+def test_fuzz():
+    rng = random.Random(1234)
+    n = int(os.environ.get("DILATED_SPARSE_FUZZ", "500"))
+    sizes = [16, 32, 64, 128, 256]
+    for case in range(n):
+        bq, bk = rng.choice(sizes), rng.choice(sizes)
+        H = rng.choice([1, 2, 4])
+        kw = dict(
+            B=rng.choice([1, 2]), H=H, Hkv=rng.choice([h for h in (1, 2, 4) if H % h == 0]),
+            Sq=rng.randint(1, 400), Sk=rng.randint(1, 400), D=rng.choice([32, 64, 64, 128]),
+            bq=bq, bk=bk, dtype=rng.choice([torch.float16, torch.bfloat16]),
+            density=rng.random(), lb=rng.choice([1, 1, 0]), lh=rng.choice([1, 1, 0]),
+            causal=rng.random() < 0.3, wl=rng.choice([-1, -1, rng.randint(0, 200)]),
+            wr=rng.choice([-1, -1, rng.randint(0, 200)]), use_klen=rng.random() < 0.2,
+            use_kpm=rng.random() < 0.2, empty_rows=rng.choice([0.0, 0.3]), bwd=case % 2 == 0, seed=case,
+        )
+        try:
+            run_case(**kw)
+        except AssertionError as e:
+            raise AssertionError(f"fuzz case {case}: {kw}: {e}") from e
+
+
+@pytest.mark.skipif(os.environ.get("DILATED_SPARSE_TEST_LARGE") != "1", reason="set DILATED_SPARSE_TEST_LARGE=1")
+def test_64bit_offsets():
+    """q/k/v/out of 2**31 elements: a diagonal layout, rows near the end checked by hand."""
+    B, H, D, S, bs = 1, 16, 128, 1 << 20, 128
+    nb = S // bs
+    crow = torch.arange(nb + 1, dtype=torch.int32, device=DEV)
+    col = torch.arange(nb, dtype=torch.int32, device=DEV)
+    q = torch.randn(B, S, H, D, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn_like(q)
+    v = torch.randn_like(q)
+    ops = _ops()
+    out, lse = ops.block_sparse_attn_fwd(q, k, v, crow, col, bs, bs, 1, 1, 0.1, False, -1, -1, None, None)
+    do = torch.randn_like(q)
+    dq, dk, dv = ops.block_sparse_attn_bwd(do, q, k, v, out, lse, crow, col, crow, col, bs, bs, 1, 1, 0.1, False,
+                                           -1, -1, None, None)
+    sl = slice(S - bs, S)
+    qs, ks, vs = (t[:, sl].detach().double().requires_grad_() for t in (q, k, v))
+    allowed = torch.ones(B, H, bs, bs, dtype=torch.bool, device=DEV)
+    ro, rl, _ = reference(qs, ks, vs, allowed, 0.1)
+    ro.backward(do[:, sl].double())
+    assert rel(out[:, sl], ro) < 2e-2
+    assert rel(dq[:, sl], qs.grad) < 4e-2 and rel(dk[:, sl], ks.grad) < 4e-2 and rel(dv[:, sl], vs.grad) < 4e-2
+
+
+if __name__ == "__main__":
+    if "--small" in sys.argv:  # tiny case for compute-sanitizer
+        run_case(B=2, H=4, Hkv=2, Sq=150, Sk=140, D=64, bq=32, bk=64, causal=True, use_kpm=True, check_weights=True)
+        run_case(B=1, H=2, Sq=100, Sk=90, D=128, bq=64, bk=16, lh=0, wl=20)
+        print("small cases ok")
