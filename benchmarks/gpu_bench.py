@@ -5,19 +5,25 @@ One process, medians of ``triton.testing.do_bench``; TFLOP/s counted on the acti
 ``../shared/bench/peer_baseline.py``. Writes ``gpu_bench.json`` and ``gpu_bench.md`` to ``$OUT``
 (or ``--out``) and prints the table last.
 
-    python benchmarks/gpu_bench.py                 # full matrix
-    python benchmarks/gpu_bench.py --quick         # S=16384 only, no dense peers
+    python benchmarks/gpu_bench.py                 # B1 H16 D128 bf16, S = 8k, 16k, 32k
+    python benchmarks/gpu_bench.py --quick         # S=16384 only
+    python benchmarks/gpu_bench.py --full          # + issue matrix (B1 H32 D64, S=65536)
+
+Peers that are not installed on the machine (flashinfer, MIT block-sparse-attention, DeepSpeed
+sparse attention) are listed as such in the output rather than silently left out.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -58,7 +64,7 @@ class _Attn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, lay, bq, bk, scale):  # type: ignore[override]
-        crow, col, ccol, row = lay
+        crow, col, _, _ = lay
         out, lse = torch.ops.dilated_sparse.block_sparse_attn_fwd(
             q, k, v, crow, col, bq, bk, 1, 1, scale, False, -1, -1, None, None)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -89,15 +95,41 @@ def bench(fn: Callable[[], torch.Tensor], tensors: list[torch.Tensor], grad: boo
     return ms_f, ms_fb
 
 
+def _peer_status() -> dict[str, str]:
+    """Optional block-sparse peers: 'installed' or 'not installed' (they are not run here)."""
+    out = {}
+    for name, mod in (("flashinfer", "flashinfer"), ("MIT block_sparse_attn", "block_sparse_attn"),
+                      ("deepspeed sparse_attention", "deepspeed")):
+        out[name] = "installed (not benchmarked)" if importlib.util.find_spec(mod) else "not installed"
+    return out
+
+
+def _shapes(args: argparse.Namespace) -> list[tuple[int, int, int, int]]:
+    if args.shapes:
+        return [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]  # type: ignore[misc]
+    if args.quick:
+        return [(1, 16, 16384, 128)]
+    shapes = [(1, 16, 8192, 128), (1, 16, 16384, 128), (1, 16, 32768, 128)]
+    if args.full:
+        shapes += [(1, 32, 16384, 64), (1, 16, 65536, 128), (1, 32, 65536, 64)]
+    return shapes
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="S=16384 only")
+    ap.add_argument("--full", action="store_true", help="add the issue's D64 and S=65536 points")
+    ap.add_argument("--shapes", default="", help="comma list of BxHxSxD, overrides the defaults")
+    ap.add_argument("--patterns", default="", help="comma list of kind:density (default: all)")
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
 
-    import dilated_sparse  # noqa: F401  (registers the ops)
-
+    try:
+        import dilated_sparse  # noqa: F401  (registers the ops)
+    except Exception as e:  # noqa: BLE001
+        print(f"import dilated_sparse failed ({e!r}); using DILATED_SPARSE_TEST_LIB", file=sys.stderr)
     lib = os.environ.get("DILATED_SPARSE_TEST_LIB")
     if lib and not hasattr(torch.ops.dilated_sparse, "block_sparse_attn_fwd"):
         torch.ops.load_library(lib)
@@ -111,28 +143,32 @@ def main() -> int:
 
         flex = torch.compile(flex_attention, dynamic=False)
     rows: list[dict[str, Any]] = []
-    shapes = [(1, 16, 16384, 128), (1, 32, 16384, 64)]
-    if not args.quick:
-        shapes += [(1, 16, 65536, 128), (1, 32, 65536, 64)]
     kinds = [("local", 0.10), ("dilated", 0.10), ("causal_local", 0.05), ("local", 0.025), ("global_local", 0.069)]
-    for B, H, S, D in shapes:
+    if args.patterns:
+        kinds = [(p.split(":")[0], float(p.split(":")[1])) for p in args.patterns.split(",")]
+
+    def emit(r: dict[str, Any]) -> None:
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+
+    for B, H, S, D in _shapes(args):
         torch.manual_seed(0)
         q, k, v = (torch.randn(B, S, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         scale = 1.0 / math.sqrt(D)
         cfg = f"B{B} H{H} S{S} D{D}"
-        if not args.quick:
+        if not args.no_dense:
             qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
             for name, be in [("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)]:
                 try:
-                    def f(be=be):
+                    def f(be=be, qt=qt, kt=kt, vt=vt):
                         with sdpa_kernel(be):
                             return F.scaled_dot_product_attention(qt, kt, vt)
                     fm, fbm = bench(f, [qt, kt, vt], True)
                     fl = 4 * B * H * S * S * D
-                    rows.append(dict(cfg=cfg, pattern="dense", impl=name, block=0, density=1.0, fwd_ms=fm,
-                                     fwdbwd_ms=fbm, tf_fwd=fl / fm / 1e9, tf_fwdbwd=3.5 * fl / fbm / 1e9))
+                    emit(dict(cfg=cfg, pattern="dense", impl=name, block=0, density=1.0, fwd_ms=fm,
+                              fwdbwd_ms=fbm, tf_fwd=fl / fm / 1e9, tf_fwdbwd=3.5 * fl / fbm / 1e9))
                 except Exception as e:  # noqa: BLE001
-                    rows.append(dict(cfg=cfg, pattern="dense", impl=name, error=str(e)[:120]))
+                    emit(dict(cfg=cfg, pattern="dense", impl=name, error=str(e)[:120]))
             del qt, kt, vt
         for kind, dens in kinds:
             for bs in ((128, 64) if kind == "local" and dens == 0.10 else (128,)):
@@ -144,15 +180,15 @@ def main() -> int:
                 fl = 4 * B * H * nnz * bs * bs * D
                 pname = f"{kind} {density:.3f}"
 
-                def ours(lay=lay, bs=bs):
+                def ours(lay=lay, bs=bs, q=q, k=k, v=v, scale=scale):
                     return _Attn.apply(q, k, v, lay, bs, bs, scale)
 
                 try:
                     fm, fbm = bench(ours, [q, k, v], True)
-                    rows.append(dict(cfg=cfg, pattern=pname, impl="ours", block=bs, density=density, fwd_ms=fm,
-                                     fwdbwd_ms=fbm, tf_fwd=fl / fm / 1e9, tf_fwdbwd=3.5 * fl / fbm / 1e9))
+                    emit(dict(cfg=cfg, pattern=pname, impl="ours", block=bs, density=density, fwd_ms=fm,
+                              fwdbwd_ms=fbm, tf_fwd=fl / fm / 1e9, tf_fwdbwd=3.5 * fl / fbm / 1e9))
                 except Exception as e:  # noqa: BLE001
-                    rows.append(dict(cfg=cfg, pattern=pname, impl="ours", block=bs, error=str(e)[:200]))
+                    emit(dict(cfg=cfg, pattern=pname, impl="ours", block=bs, error=str(e)[:200]))
                 if flex is None or bs != 128:
                     continue
                 lay_dev = lay_mask.to(dev)
@@ -164,35 +200,38 @@ def main() -> int:
                     bm = create_block_mask(mask_mod, None, None, S, S, device=dev, BLOCK_SIZE=bs)
                     qf, kf, vf = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
 
-                    def fx(bm=bm, qf=qf, kf=kf, vf=vf):
+                    def fx(bm=bm, qf=qf, kf=kf, vf=vf, scale=scale):
                         return flex(qf, kf, vf, block_mask=bm, scale=scale).transpose(1, 2)
 
                     with torch.no_grad():
-                        diff = (fx().float() - ours().float()).abs().max().item()
+                        a, b_ = fx().float(), ours().float()
+                        diff = ((a - b_).norm() / b_.norm()).item()
                     fm, fbm = bench(fx, [qf, kf, vf], True)
-                    rows.append(dict(cfg=cfg, pattern=pname, impl="flex", block=bs, density=density, fwd_ms=fm,
-                                     fwdbwd_ms=fbm, tf_fwd=fl / fm / 1e9, tf_fwdbwd=3.5 * fl / fbm / 1e9,
-                                     max_abs_diff_vs_ours=diff))
+                    emit(dict(cfg=cfg, pattern=pname, impl="flex", block=bs, density=density, fwd_ms=fm,
+                              fwdbwd_ms=fbm, tf_fwd=fl / fm / 1e9, tf_fwdbwd=3.5 * fl / fbm / 1e9,
+                              rel_diff_vs_ours=diff))
+                    del qf, kf, vf
                 except Exception as e:  # noqa: BLE001
-                    rows.append(dict(cfg=cfg, pattern=pname, impl="flex", block=bs, error=str(e)[:200]))
+                    emit(dict(cfg=cfg, pattern=pname, impl="flex", block=bs, error=str(e)[:200]))
         del q, k, v
         torch.cuda.empty_cache()
 
     # Memory: grows with nnz, not S^2.
     mem = []
-    for S in ([16384] if args.quick else [16384, 65536]):
+    for S in ([16384] if args.quick else ([32768, 65536] if args.full else [32768])):
         B, H, D, bs = 1, 16, 128, 128
         q, k, v = (torch.randn(B, S, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         lay = csr(pattern(S // bs, "local", 0.10), dev)
+        g = torch.randn_like(q)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        _Attn.apply(q, k, v, lay, bs, bs, 1.0 / math.sqrt(D)).backward(torch.randn_like(q))
+        _Attn.apply(q, k, v, lay, bs, bs, 1.0 / math.sqrt(D)).backward(g)
         torch.cuda.synchronize()
         mem.append(dict(what=f"fwd+bwd B1 H16 S{S} D128 local10% bs128",
                         peak_extra_MiB=(torch.cuda.max_memory_allocated() - base) / 2**20,
-                        inputs_MiB=3 * q.numel() * 2 / 2**20))
-        del q, k, v
+                        qkv_MiB=3 * q.numel() * 2 / 2**20, dense_scores_would_be_MiB=H * S * S * 2 / 2**20))
+        del q, k, v, g
     S, B, H, D, bs = 8192, 1, 16, 128, 128
     q, k = (torch.randn(B, S, H, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
     lay_mask = pattern(S // bs, "local", 0.10)
@@ -210,32 +249,43 @@ def main() -> int:
                     peak_extra_MiB=(torch.cuda.max_memory_allocated() - base) / 2**20,
                     dense_would_be_MiB=B * H * S * S * 2 / 2**20, result_MiB=w.numel() * 2 / 2**20))
 
-    # Ratios vs flex.
+    # Ratios: speed-up of ours over flex (same block mask, block 128) and over dense SDPA (time ratio).
     flex_rows = {(r["cfg"], r["pattern"]): r for r in rows if r.get("impl") == "flex" and "error" not in r}
+    dense_rows = {(r["cfg"], r["impl"]): r for r in rows if r.get("pattern") == "dense" and "error" not in r}
     for r in rows:
+        if r.get("impl") != "ours" or "error" in r:
+            continue
         f = flex_rows.get((r["cfg"], r.get("pattern")))
-        if r.get("impl") == "ours" and "error" not in r and f and r["block"] == 128:
+        if f and r["block"] == 128:
             r["x_flex_fwd"] = f["fwd_ms"] / r["fwd_ms"]
             r["x_flex_fwdbwd"] = f["fwdbwd_ms"] / r["fwdbwd_ms"]
+        d = dense_rows.get((r["cfg"], "sdpa-cudnn")) or dense_rows.get((r["cfg"], "sdpa-flash"))
+        if d:
+            r["x_dense_fwd"] = d["fwd_ms"] / r["fwd_ms"]
+            r["x_dense_fwdbwd"] = d["fwdbwd_ms"] / r["fwdbwd_ms"]
+    peers = _peer_status()
     info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, time=time.strftime("%Y-%m-%d %H:%M"),
-                rows=rows, memory=mem)
+                command=" ".join(sys.argv), rows=rows, memory=mem, other_peers=peers)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_bench.json"), "w") as fh:
         json.dump(info, fh, indent=1)
+    nan = float("nan")
     lines = [f"{info['device']}, torch {info['torch']}", "",
-             "| config | pattern | impl | block | fwd ms | fwd TF/s | fwd+bwd ms | fwd+bwd TF/s | x flex fwd | x flex f+b |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| config | pattern | impl | block | fwd ms | fwd TF/s | fwd+bwd ms | fwd+bwd TF/s | x flex fwd | "
+             "x flex f+b | x dense fwd | x dense f+b |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['cfg']} | {r.get('pattern')} | {r['impl']} | {r.get('block', '')} | ERROR {r['error']} |")
             continue
         lines.append(
             f"| {r['cfg']} | {r['pattern']} | {r['impl']} | {r['block']} | {r['fwd_ms']:.3f} | {r['tf_fwd']:.0f} | "
-            f"{r['fwdbwd_ms']:.3f} | {r['tf_fwdbwd']:.0f} | {r.get('x_flex_fwd', float('nan')):.2f} | "
-            f"{r.get('x_flex_fwdbwd', float('nan')):.2f} |")
+            f"{r['fwdbwd_ms']:.3f} | {r['tf_fwdbwd']:.0f} | {r.get('x_flex_fwd', nan):.2f} | "
+            f"{r.get('x_flex_fwdbwd', nan):.2f} | {r.get('x_dense_fwd', nan):.1f} | {r.get('x_dense_fwdbwd', nan):.1f} |")
     lines.append("")
     for m in mem:
         lines.append("- " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
+    lines.append("- other peers: " + ", ".join(f"{k}: {v}" for k, v in peers.items()))
     text = "\n".join(lines)
     with open(os.path.join(args.out, "gpu_bench.md"), "w") as fh:
         fh.write(text + "\n")

@@ -37,6 +37,15 @@ TORCH_LIBRARY(dilated_sparse, m) {
       "Tensor? key_lengths, Tensor? key_padding_mask) -> Tensor");
 }
 
+// The forward's autograd formula is registered from Python (dilated_sparse/ops.py,
+// torch.library.register_autograd). The weights are an inspection result and the backward is not
+// differentiable again (no double backward): both fall through the Autograd key, so their outputs
+// never require grad, instead of going through the deprecated "autograd not implemented" fallback.
+TORCH_LIBRARY_IMPL(dilated_sparse, Autograd, m) {
+  m.impl("block_sparse_attn_bwd", torch::CppFunction::makeFallthrough());
+  m.impl("block_sparse_attn_weights", torch::CppFunction::makeFallthrough());
+}
+
 namespace dilated_sparse {
 namespace detail {
 namespace {

@@ -37,3 +37,69 @@ __all__ = [
     "weights_to_bsr",
     "weights_to_dense",
 ]
+
+from . import methods  # layer 3: imports the ops and patterns above
+
+__all__ += ["methods"]
+
+from . import distributed  # layer 3: sequence-parallel ring over torch.distributed
+from .distributed import (
+    BlockSparseRingDistributedDilatedAttention,
+    DistributedSparseConfig,
+    ring_block_sparse_attention,
+)
+
+__all__ += [
+    "BlockSparseRingDistributedDilatedAttention",
+    "DistributedSparseConfig",
+    "distributed",
+    "ring_block_sparse_attention",
+]
+
+from . import modules  # layer 3: nn.Modules, configs, factory and presets (the guides' API)
+from .configs import AdaptiveConfig, HierarchicalConfig, SparsePatternConfig
+from .modules import (
+    AdaptiveSparsityTrainer,
+    BlockSparseAdaptive,
+    BlockSparseHierarchical,
+    BlockSparseMultiheadAttention,
+    BlockSparseRingDilatedAttention,
+    BlockSparseRingDilatedAttentionV2,
+    BlockSparseRingMultiheadDilatedAttention,
+    BlockSparseRingMultiheadDilatedAttentionV2,
+    DilatedAttention,
+    MultiheadDilatedAttention,
+    MultiPatternAttention,
+    ProgressiveSparsityScheduler,
+    SparseAttention,
+    create_adaptive_block_sparse,
+    create_block_sparse_attention,
+    get_block_sparse_preset,
+    get_hierarchical_presets,
+    list_block_sparse_presets,
+)
+
+__all__ += [
+    "AdaptiveConfig",
+    "AdaptiveSparsityTrainer",
+    "BlockSparseAdaptive",
+    "BlockSparseHierarchical",
+    "BlockSparseMultiheadAttention",
+    "BlockSparseRingDilatedAttention",
+    "BlockSparseRingDilatedAttentionV2",
+    "BlockSparseRingMultiheadDilatedAttention",
+    "BlockSparseRingMultiheadDilatedAttentionV2",
+    "DilatedAttention",
+    "HierarchicalConfig",
+    "MultiPatternAttention",
+    "MultiheadDilatedAttention",
+    "ProgressiveSparsityScheduler",
+    "SparseAttention",
+    "SparsePatternConfig",
+    "create_adaptive_block_sparse",
+    "create_block_sparse_attention",
+    "get_block_sparse_preset",
+    "get_hierarchical_presets",
+    "list_block_sparse_presets",
+    "modules",
+]

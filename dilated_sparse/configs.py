@@ -20,17 +20,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
+import inspect
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from .layout import BlockSparseLayout
 
 __all__ = [
-    "SparsePatternConfig",
-    "HierarchicalConfig",
     "AdaptiveConfig",
-    "DistributedSparseConfig",
+    "HierarchicalConfig",
+    "SparsePatternConfig",
     "config_fields",
 ]
+if importlib.util.find_spec(f"{__package__}.distributed.config") is not None:
+    __all__.append("DistributedSparseConfig")
 
 _C = TypeVar("_C")
 
@@ -69,6 +76,8 @@ def _strict(aliases: dict[str, str] | None = None) -> Callable[[type[_C]], type[
                     f"{cls.__name__} got unknown option(s) {unknown}; valid options are {valid}"
                 )
             original(self, *args, **kwargs)
+            positional = [f.name for f in dataclasses.fields(cls) if f.init][: len(args)]
+            object.__setattr__(self, "_explicit", set(positional) | set(kwargs))
 
         cls.__init__ = __init__  # type: ignore[method-assign]
         return cls
@@ -184,6 +193,9 @@ class SparsePatternConfig:
             raise TypeError(f"{owner}.enable_caching must be a bool, got {self.enable_caching!r}")
         if not isinstance(self.pattern_options, dict):
             raise TypeError(f"{owner}.pattern_options must be a dict, got {self.pattern_options!r}")
+        from .patterns import get_pattern
+
+        get_pattern(self.pattern_type)  # ValueError listing the registered patterns
 
     @property
     def window_size(self) -> int:
@@ -204,14 +216,150 @@ class SparsePatternConfig:
             )
         return float(ratio)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Fields set after construction are validated (the old value is kept on error)."""
+        explicit = self.__dict__.get("_explicit")
+        if explicit is None or name not in _PATTERN_FIELDS or self.__dict__.get("_validating"):
+            object.__setattr__(self, name, value)
+            return
+        old = self.__dict__.get(name)
+        object.__setattr__(self, name, value)
+        object.__setattr__(self, "_validating", True)
+        try:
+            self.__post_init__()
+        except (TypeError, ValueError):
+            object.__setattr__(self, name, old)
+            raise
+        finally:
+            object.__setattr__(self, "_validating", False)
+        explicit.add(name)
+
+    def is_explicit(self, name: str) -> bool:
+        """Whether field ``name`` was given by the user (at construction or set later)."""
+        return name in self.__dict__.get("_explicit", set())
+
+    def fingerprint(self) -> tuple[Any, ...]:
+        """A hashable summary of everything that shapes the layout (used as a cache key)."""
+        values = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                value = tuple(value)
+            elif isinstance(value, dict):
+                value = repr(sorted(value.items(), key=lambda item: item[0]))
+            values.append(value)
+        return (*values, tuple(sorted(self.__dict__.get("_explicit", set()))))
+
     def replace(self, **changes: Any) -> SparsePatternConfig:
-        """A validated copy with some fields changed."""
+        """A validated copy with some fields changed (they count as given by the user)."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         values["pattern_options"] = dict(self.pattern_options)
+        for alias, target in _ALIASES[SparsePatternConfig].items():
+            if alias in changes:
+                changes[target] = changes.pop(alias)
         values.update(changes)
-        return SparsePatternConfig(**values)
+        copy = SparsePatternConfig(**values)
+        object.__setattr__(copy, "_explicit", set(self.__dict__.get("_explicit", set())) | set(changes))
+        return copy
+
+    def make_layout(
+        self,
+        seq_len_q: int,
+        seq_len_k: int | None = None,
+        *,
+        causal: bool = False,
+        num_heads: int | None = None,
+        device: Any = None,
+        segment_lengths: Sequence[int] | None = None,
+        dilation_rates: Sequence[int] | None = None,
+    ) -> BlockSparseLayout:
+        """Build this config's layout through :func:`dilated_sparse.patterns.make_layout`.
+
+        How the fields reach the pattern generator:
+
+        * ``sparsity_ratio`` (fraction computed) becomes the generator's ``density`` for the
+          patterns that take a target density. For patterns that take both a window and a target
+          (``local_window``, ``global_local``) the window is used unless ``sparsity_ratio`` was
+          given; when both ``sparsity_ratio`` and ``local_window_size`` were given the layout is
+          the intersection of the two (the window bounds the reach, the ratio bounds the count).
+          The target is raised to at least one key block per query-block row (``1 / nkb``) so
+          no query is left without keys; ``get_pattern_stats`` reports the density reached.
+        * ``local_window_size`` -> ``window_size``; ``global_tokens``, ``segment_lengths`` and
+          ``dilation_rates`` go to the patterns that take them; ``segment_lengths`` /
+          ``dilation_rates`` passed here (a module's own) are used when the config has none.
+        * A field the user set that the pattern does not take raises ``ValueError`` (naming the
+          pattern's options); ``pattern_options`` are passed verbatim (unknown ones raise
+          ``TypeError``).
+
+        Args:
+            seq_len_q, seq_len_k: sequence lengths in tokens (no multiple of anything needed).
+            causal: build the causal variant (blocks wholly after the query block dropped).
+            num_heads: number of query heads, used when ``pattern_options`` asks for
+                ``different_layout_per_head=True``.
+            device: device of the layout's index tensors.
+            segment_lengths, dilation_rates: defaults for the dilated pattern (a module's own).
+        """
+        from .patterns import get_pattern, intersection, make_layout, pattern_options
+
+        fn = get_pattern(self.pattern_type)
+        accepted = set(pattern_options(self.pattern_type))
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+
+        def takes(option: str) -> bool:
+            return takes_any or option in accepted
+
+        field_to_option = {
+            "sparsity_ratio": "density",
+            "local_window_size": "window_size",
+            "global_tokens": "global_tokens",
+            "segment_lengths": "segment_lengths",
+            "dilation_rates": "dilation_rates",
+        }
+        for name, option in field_to_option.items():
+            if self.is_explicit(name) and not takes(option):
+                raise ValueError(
+                    f"SparsePatternConfig.{name} was set but pattern {self.pattern_type!r} does not take "
+                    f"{option!r}; its options are {sorted(accepted)} (pass others through pattern_options)"
+                )
+        opts: dict[str, Any] = {}
+        segs = self.segment_lengths if self.segment_lengths is not None else segment_lengths
+        rates = self.dilation_rates if self.dilation_rates is not None else dilation_rates
+        if segs is not None and takes("segment_lengths"):
+            opts["segment_lengths"] = list(segs)
+        if rates is not None and takes("dilation_rates"):
+            opts["dilation_rates"] = list(rates)
+        if takes("global_tokens"):
+            opts["global_tokens"] = self.global_tokens
+        if takes("causal"):
+            opts["causal"] = bool(causal)
+        if takes("device") and device is not None:
+            opts["device"] = device
+        if (num_heads is not None and takes("num_heads") and "num_heads" not in self.pattern_options
+                and self.pattern_options.get("different_layout_per_head")):
+            opts["num_heads"] = num_heads
+        opts.update(self.pattern_options)
+        geometry = {"seq_len_q": seq_len_q, "seq_len_k": seq_len_k, "block_size": self.block_size}
+        has_window, has_target = takes("window_size"), takes("density")
+        use_window = has_window and (not has_target or not self.is_explicit("sparsity_ratio")
+                                     or self.is_explicit("local_window_size"))
+        use_target = has_target and (not has_window or self.is_explicit("sparsity_ratio"))
+        if "density" in opts or "sparsity_ratio" in opts:
+            use_target = False  # pattern_options sets the target itself
+        if "window_size" in opts or "window" in opts:
+            use_window = False
+        window_opts = {"window_size": self.local_window_size} if use_window else {}
+        num_key_blocks = -(-(seq_len_q if seq_len_k is None else seq_len_k) // self.block_size)
+        # At least one block per query-block row: a lower target would leave queries with no key.
+        target_opts = {"density": max(self.sparsity_ratio, 1.0 / num_key_blocks)} if use_target else {}
+        if window_opts and target_opts:
+            return intersection(
+                make_layout(self.pattern_type, **geometry, **opts, **window_opts),
+                make_layout(self.pattern_type, **geometry, **opts, **target_opts),
+            )
+        return make_layout(self.pattern_type, **geometry, **opts, **window_opts, **target_opts)
 
 
+_PATTERN_FIELDS = frozenset(f.name for f in dataclasses.fields(SparsePatternConfig))
 _LEVEL_KEYS = ("stride", "window_size", "block_size")
 
 
@@ -226,9 +374,10 @@ class HierarchicalConfig:
             ``block_size`` (the level's granularity in tokens). Default: three levels, fine to
             global.
 
-    The layout is built by the ``hierarchical`` pattern of :mod:`dilated_sparse.patterns`; a
-    layout has one block size, so levels are expressed at the module's block size (the levels'
-    ``block_size`` must be multiples of it, which is checked when the layout is built).
+    The layout is built by the ``hierarchical`` pattern of :mod:`dilated_sparse.patterns`. A
+    layout has one block size (the module's, by default the finest level's); a level's
+    ``block_size`` is its granularity: its windows' ends are rounded outward to multiples of it,
+    so coarse levels see coarse, aligned spans.
     """
 
     level_configs: list[dict[str, int]] = field(default_factory=lambda: [

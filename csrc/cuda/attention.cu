@@ -8,9 +8,13 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
 #include <tuple>
+#include <type_traits>
+#include <vector>
 
+#include "common.cuh"
 #include "params.h"
 
 namespace dilated_sparse::cuda {
@@ -203,7 +207,7 @@ __global__ void delta_kernel(const T* __restrict__ o, const T* __restrict__ dout
     const T* oe = reinterpret_cast<const T*>(&ov);
     const T* de = reinterpret_cast<const T*>(&dv);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) acc += static_cast<float>(oe[e]) * static_cast<float>(de[e]);
+    for (int e = 0; e < 8; ++e) acc += to_float(oe[e]) * to_float(de[e]);
   }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
@@ -232,7 +236,7 @@ __global__ void __launch_bounds__(256) weights_kernel(Params p, const int* __res
   const int64_t blk = static_cast<int64_t>(p.bq) * p.bk;
   T* wout = w + (static_cast<int64_t>(bh) * msn + e) * blk;
   if (e >= cnt) {
-    for (int64_t x = tid; x < blk; x += blockDim.x) wout[x] = static_cast<T>(0.f);
+    for (int64_t x = tid; x < blk; x += blockDim.x) wout[x] = from_float<T>(0.f);
     return;
   }
   const int64_t pos = base + e;
@@ -258,9 +262,9 @@ __global__ void __launch_bounds__(256) weights_kernel(Params p, const int* __res
           const int r = x / 32, c = x % 32;
           const int i = qb * p.bq + i0 + r, j = kb * p.bk + j0 + r, d = d0 + c;
           sq[r][c] = (i0 + r < p.bq && i < p.Sq && d < p.D)
-                         ? static_cast<float>(qg[static_cast<int64_t>(i) * p.q_ss + d]) : 0.f;
+                         ? to_float(qg[static_cast<int64_t>(i) * p.q_ss + d]) : 0.f;
           sk[r][c] = (j0 + r < p.bk && j < p.Sk && d < p.D)
-                         ? static_cast<float>(kg[static_cast<int64_t>(j) * p.k_ss + d]) : 0.f;
+                         ? to_float(kg[static_cast<int64_t>(j) * p.k_ss + d]) : 0.f;
         }
         __syncthreads();
 #pragma unroll 8
@@ -289,7 +293,7 @@ __global__ void __launch_bounds__(256) weights_kernel(Params p, const int* __res
             const float l = lse[i];
             val = l == -INFINITY ? 0.f : expf(acc[a][bb] * p.scale - l);
           }
-          wout[static_cast<int64_t>(ri) * p.bk + cj] = static_cast<T>(val);
+          wout[static_cast<int64_t>(ri) * p.bk + cj] = from_float<T>(val);
         }
       }
     }
@@ -325,16 +329,32 @@ int dtype_index(const at::Tensor& t) {
   return -1;
 }
 
-LaunchFn lookup(Op op, const at::Tensor& q, int kD) {
+// The kernel variant of one call: DILATED_SPARSE_{FWD,DQ,DKV}_VARIANT=<n> forces variant n (when
+// compiled); otherwise variant 0, unless the layout's primary block (block_q for fwd/dQ, block_k
+// for dK/dV) is smaller than its tile: then the variant marked `small` with the largest tile <= the
+// block, if any (fewer wasted rows per tile; marked where measured faster, gen_instantiations.py).
+const KernelEntry& pick(Op op, const at::Tensor& q, int kD, int prim_block) {
   const int di = dtype_index(q);
   TORCH_CHECK(di >= 0, "dilated_sparse CUDA: q must be float16 or bfloat16, got ", q.scalar_type());
   const int hi = head_dim_index(kD);
   TORCH_CHECK(hi >= 0, "dilated_sparse CUDA: head dim ", q.size(3),
               " unsupported (multiple of 8, at most 256)");
-  LaunchFn f = registry().fn[op][di][hi];
-  TORCH_CHECK(f != nullptr, "dilated_sparse CUDA: kernel for ", q.scalar_type(), " head dim ", kD,
+  const KernelEntry* arr = registry().e[op][di][hi];
+  TORCH_CHECK(arr[0].fn != nullptr, "dilated_sparse CUDA: kernel for ", q.scalar_type(), " head dim ", kD,
               " was not compiled into this build (see DILATED_SPARSE_CUDA_INSTANTIATIONS)");
-  return f;
+  static const char* const kEnv[kNumOps] = {"DILATED_SPARSE_FWD_VARIANT", "DILATED_SPARSE_DQ_VARIANT",
+                                            "DILATED_SPARSE_DKV_VARIANT"};
+  if (const char* env = std::getenv(kEnv[op])) {
+    const int v = std::atoi(env);
+    if (v >= 0 && v < kMaxVariants && arr[v].fn != nullptr) return arr[v];
+  }
+  if (prim_block >= arr[0].pm) return arr[0];
+  int best = 0;
+  for (int v = 1; v < kMaxVariants; ++v) {
+    if (arr[v].fn == nullptr || !arr[v].small || arr[v].pm > prim_block) continue;
+    if (arr[best].pm > prim_block || arr[v].pm > arr[best].pm) best = v;
+  }
+  return arr[best];
 }
 
 void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -426,22 +446,20 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
   auto lse = at::empty({B, H, Sq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
   const int kD = padded_head_dim(D);
-  LaunchFn fn = lookup(kOpFwd, q, kD);
+  const KernelEntry& kf = pick(kOpFwd, q, kD, static_cast<int>(block_q));
   const at::Tensor klen = opt_contig(key_lengths), kpm = opt_contig(key_padding_mask);
   const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
   Params p = base_params(q, k, v, block_q, block_k, layout_batch, layout_heads, scale, causal,
                          window_left, window_right, klen, kpm);
   p.out = out.data_ptr();
   p.lse_out = lse.data_ptr<float>();
-  const TileShapes ts = tile_shapes(kD);
   const int L = p.Lb * p.Lh;
   const int rep = static_cast<int>(B * H / L);
   auto stream = c10::cuda::getCurrentCUDAStream();
   PlanBufs keep;
-  p.tl = build_tiles(crow_c, col_c, L, p.nqb, p.Sq, ts.fwd_bm, p.bq, ts.fwd_bn, p.bk, rep, p.H,
-                     keep, stream);
+  p.tl = build_tiles(crow_c, col_c, L, p.nqb, p.Sq, kf.pm, p.bq, kf.sn, p.bk, rep, p.H, keep, stream);
   const int64_t items = static_cast<int64_t>(L) * p.tl.ntiles * rep;
-  fn(p, items, stream);
+  kf.fn(p, items, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, lse};
 }
@@ -478,8 +496,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     return {dq, dk, dv};
   }
   const int kD = padded_head_dim(D);
-  LaunchFn fdq = lookup(kOpDq, q, kD);
-  LaunchFn fdkv = lookup(kOpDkv, q, kD);
+  const KernelEntry& kdq = pick(kOpDq, q, kD, static_cast<int>(block_q));
+  const KernelEntry& kdkv = pick(kOpDkv, q, kD, static_cast<int>(block_k));
   const at::Tensor klen = opt_contig(key_lengths), kpm = opt_contig(key_padding_mask);
   const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
   const at::Tensor ccol_c = ccol.contiguous(), rowi_c = rowi.contiguous();
@@ -511,15 +529,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const TileShapes ts = tile_shapes(kD);
   const int L = p.Lb * p.Lh;
   PlanBufs keep_q, keep_k;
   {
     const int rep = static_cast<int>(B * H / L);
     Params pq = p;
-    pq.tl = build_tiles(crow_c, col_c, L, p.nqb, p.Sq, ts.dq_bm, p.bq, ts.dq_bn, p.bk, rep, p.H,
-                        keep_q, stream);
-    fdq(pq, static_cast<int64_t>(L) * pq.tl.ntiles * rep, stream);
+    pq.tl = build_tiles(crow_c, col_c, L, p.nqb, p.Sq, kdq.pm, p.bq, kdq.sn, p.bk, rep, p.H, keep_q,
+                        stream);
+    kdq.fn(pq, static_cast<int64_t>(L) * pq.tl.ntiles * rep, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   {
@@ -527,9 +544,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
                               : static_cast<int>(p.Lb == 1 ? B : 1);
     const int hdec = p.Lh == 1 ? p.Hkv : p.H;
     Params pk = p;
-    pk.tl = build_tiles(ccol_c, rowi_c, L, p.nkb, p.Sk, ts.dkv_bn, p.bk, ts.dkv_bm, p.bq, rep, hdec,
+    pk.tl = build_tiles(ccol_c, rowi_c, L, p.nkb, p.Sk, kdkv.pm, p.bk, kdkv.sn, p.bq, rep, hdec,
                         keep_k, stream);
-    fdkv(pk, static_cast<int64_t>(L) * pk.tl.ntiles * rep, stream);
+    kdkv.fn(pk, static_cast<int64_t>(L) * pk.tl.ntiles * rep, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {dq, dk, dv};
@@ -563,13 +580,18 @@ at::Tensor weights_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at
   TORCH_CHECK(B * H <= 65535, "dilated_sparse CUDA weights: B * H must be at most 65535");
   const dim3 grid(static_cast<unsigned>(max_slice_nnz), static_cast<unsigned>(B * H));
   const int* colp = col_c.numel() > 0 ? col_c.data_ptr<int>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "ds_weights", [&] {
-    using T = std::conditional_t<std::is_same_v<scalar_t, at::Half>, __half,
-                                 std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>,
-                                                    __nv_bfloat16, scalar_t>>;
+  auto launch = [&](auto tag) {
+    using T = decltype(tag);
     weights_kernel<T><<<grid, 256, 0, stream>>>(p, crow_c.data_ptr<int>(), colp,
                                                 reinterpret_cast<T*>(w.data_ptr()), max_slice_nnz);
-  });
+  };
+  if (q.scalar_type() == at::kHalf) {
+    launch(__half());
+  } else if (q.scalar_type() == at::kBFloat16) {
+    launch(__nv_bfloat16());
+  } else {
+    launch(float());
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return w;
 }
@@ -577,6 +599,23 @@ at::Tensor weights_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at
 }  // namespace
 
 }  // namespace dilated_sparse::cuda
+
+namespace dilated_sparse {
+
+// Head dims with a compiled forward kernel (either dtype); overrides the weak default of ops.cpp.
+std::vector<int64_t> cuda_head_dims() {
+  std::vector<int64_t> dims;
+  const int all[cuda::kNumHeadDims] = {32, 64, 96, 128, 256};
+  for (int i = 0; i < cuda::kNumHeadDims; ++i) {
+    if (cuda::registry().e[cuda::kOpFwd][0][i][0].fn != nullptr ||
+        cuda::registry().e[cuda::kOpFwd][1][i][0].fn != nullptr) {
+      dims.push_back(all[i]);
+    }
+  }
+  return dims;
+}
+
+}  // namespace dilated_sparse
 
 TORCH_LIBRARY_IMPL(dilated_sparse, CUDA, m) {
   m.impl("block_sparse_attn_fwd", &dilated_sparse::cuda::fwd_cuda);

@@ -164,12 +164,12 @@ __device__ __forceinline__ void store2(T* dst, float x, float y) {
 // Forward
 // ---------------------------------------------------------------------------------------------
 
-template <typename T, int kD>
-__global__ void __launch_bounds__(FwdCfg<kD>::kWarps * 32, 1)
+template <typename T, int kD, int kBM, int kBN, int kMT>
+__global__ void __launch_bounds__(FwdCfg<kD, kBM, kBN, kMT>::kWarps * 32, 1)
     fwd_kernel(const __grid_constant__ Params p) {
-  using Cfg = FwdCfg<kD>;
+  using Cfg = FwdCfg<kD, kBM, kBN, kMT>;
   using Mma = MmaOp<T>;
-  constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kNT = Cfg::kWarps * 32, kS = kD + 8;
+  constexpr int kNT = Cfg::kWarps * 32, kS = kD + 8;
   constexpr bool kQReg = Cfg::kQinRegs;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -177,6 +177,7 @@ __global__ void __launch_bounds__(FwdCfg<kD>::kWarps * 32, 1)
   T* sV = sK + 2 * kBN * kS;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  const int wrow = warp * 16 * kMT;  // this warp's first row in the tile
   int s, t, b, h;
   decode_item(p, blockIdx.x, s, t, b, h);
   const int hk = h / p.G;
@@ -209,20 +210,27 @@ __global__ void __launch_bounds__(FwdCfg<kD>::kWarps * 32, 1)
   }
   cp_async_commit();
 
-  float acc[kD / 8][4];
+  float acc[kMT][kD / 8][4];
+  float mrow[kMT][2], lrow[kMT][2];
 #pragma unroll
-  for (int i = 0; i < kD / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-  float mrow[2] = {-INFINITY, -INFINITY};
-  float lrow[2] = {0.f, 0.f};
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int i = 0; i < kD / 8; ++i) acc[mt][i][0] = acc[mt][i][1] = acc[mt][i][2] = acc[mt][i][3] = 0.f;
+    mrow[mt][0] = mrow[mt][1] = -INFINITY;
+    lrow[mt][0] = lrow[mt][1] = 0.f;
+  }
   const float sl2 = p.scale_log2;
   const uint32_t qbase = smem_u32(sQ);
 
-  uint32_t qf[kQReg ? kD / 16 : 1][4];
+  uint32_t qf[kQReg ? kMT : 1][kQReg ? kD / 16 : 1][4];
   if constexpr (kQReg) {
     cp_async_wait<1>();
     __syncthreads();
 #pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) ldsm_x4(qf[kk], ldsm_addr_a<kS>(qbase, warp * 16, kk * 16, lane));
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk)
+        ldsm_x4(qf[mt][kk], ldsm_addr_a<kS>(qbase, wrow + mt * 16, kk * 16, lane));
   }
 
   int buf = 0;
@@ -240,81 +248,100 @@ __global__ void __launch_bounds__(FwdCfg<kD>::kWarps * 32, 1)
 
     const uint32_t kb = smem_u32(sK + buf * kBN * kS);
     const uint32_t vb = smem_u32(sV + buf * kBN * kS);
-    float S[kBN / 8][4];
+    float S[kMT][kBN / 8][4];
 #pragma unroll
-    for (int i = 0; i < kBN / 8; ++i) S[i][0] = S[i][1] = S[i][2] = S[i][3] = 0.f;
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int i = 0; i < kBN / 8; ++i) S[mt][i][0] = S[mt][i][1] = S[mt][i][2] = S[mt][i][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
-      uint32_t a[4];
-      if constexpr (kQReg) {
-        a[0] = qf[kk][0]; a[1] = qf[kk][1]; a[2] = qf[kk][2]; a[3] = qf[kk][3];
-      } else {
-        ldsm_x4(a, ldsm_addr_a<kS>(qbase, warp * 16, kk * 16, lane));
+      uint32_t a[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        if constexpr (kQReg) {
+          a[mt][0] = qf[mt][kk][0]; a[mt][1] = qf[mt][kk][1]; a[mt][2] = qf[mt][kk][2]; a[mt][3] = qf[mt][kk][3];
+        } else {
+          ldsm_x4(a[mt], ldsm_addr_a<kS>(qbase, wrow + mt * 16, kk * 16, lane));
+        }
       }
 #pragma unroll
       for (int np = 0; np < kBN / 16; ++np) {
         uint32_t bb[4];
         ldsm_x4(bb, ldsm_addr_bn<kS>(kb, np * 16, kk * 16, lane));
-        Mma::run(S[2 * np], a, bb[0], bb[1]);
-        Mma::run(S[2 * np + 1], a, bb[2], bb[3]);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          Mma::run(S[mt][2 * np], a[mt], bb[0], bb[1]);
+          Mma::run(S[mt][2 * np + 1], a[mt], bb[2], bb[3]);
+        }
       }
     }
     const int n0 = kt * kBN;
     if (state == 2) {
 #pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kBN / 8; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int il = wrow + mt * 16 + g + (e >> 1) * 8;
+            const int jl = nt * 8 + 2 * t4 + (e & 1);
+            const bool ok = R.ok(m0 + il, n0 + jl) && member(msk, il, jl, p.tl);
+            if (!ok) S[mt][nt][e] = -INFINITY;
+          }
+        }
+    }
+    // Online softmax (log2 domain).
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+      float mx[2] = {mrow[mt][0], mrow[mt][1]};
+#pragma unroll
+      for (int nt = 0; nt < kBN / 8; ++nt) {
+        mx[0] = fmaxf(mx[0], fmaxf(S[mt][nt][0] * sl2, S[mt][nt][1] * sl2));
+        mx[1] = fmaxf(mx[1], fmaxf(S[mt][nt][2] * sl2, S[mt][nt][3] * sl2));
+      }
+      float base[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        mx[r] = quad_max(mx[r]);
+        base[r] = mx[r] == -INFINITY ? 0.f : mx[r];
+        const float corr = fast_exp2(mrow[mt][r] - base[r]);
+        mrow[mt][r] = mx[r];
+        lrow[mt][r] *= corr;
+#pragma unroll
+        for (int i = 0; i < kD / 8; ++i) {
+          acc[mt][i][2 * r] *= corr;
+          acc[mt][i][2 * r + 1] *= corr;
+        }
+      }
+#pragma unroll
       for (int nt = 0; nt < kBN / 8; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int il = warp * 16 + g + (e >> 1) * 8;
-          const int jl = nt * 8 + 2 * t4 + (e & 1);
-          const bool ok = R.ok(m0 + il, n0 + jl) && member(msk, il, jl, p.tl);
-          if (!ok) S[nt][e] = -INFINITY;
+          S[mt][nt][e] = fast_exp2(fmaf(S[mt][nt][e], sl2, -base[e >> 1]));
+          lrow[mt][e >> 1] += S[mt][nt][e];
         }
-      }
-    }
-    // Online softmax (log2 domain).
-    float mx[2] = {mrow[0], mrow[1]};
-#pragma unroll
-    for (int nt = 0; nt < kBN / 8; ++nt) {
-      mx[0] = fmaxf(mx[0], fmaxf(S[nt][0] * sl2, S[nt][1] * sl2));
-      mx[1] = fmaxf(mx[1], fmaxf(S[nt][2] * sl2, S[nt][3] * sl2));
-    }
-    float base[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = quad_max(mx[r]);
-      base[r] = mx[r] == -INFINITY ? 0.f : mx[r];
-      const float corr = fast_exp2(mrow[r] - base[r]);
-      mrow[r] = mx[r];
-      lrow[r] *= corr;
-#pragma unroll
-      for (int i = 0; i < kD / 8; ++i) {
-        acc[i][2 * r] *= corr;
-        acc[i][2 * r + 1] *= corr;
-      }
-    }
-#pragma unroll
-    for (int nt = 0; nt < kBN / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        S[nt][e] = fast_exp2(fmaf(S[nt][e], sl2, -base[e >> 1]));
-        lrow[e >> 1] += S[nt][e];
       }
     }
     // O += P V
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = Mma::pack(S[2 * kk][0], S[2 * kk][1]);
-      a[1] = Mma::pack(S[2 * kk][2], S[2 * kk][3]);
-      a[2] = Mma::pack(S[2 * kk + 1][0], S[2 * kk + 1][1]);
-      a[3] = Mma::pack(S[2 * kk + 1][2], S[2 * kk + 1][3]);
+      uint32_t a[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        a[mt][0] = Mma::pack(S[mt][2 * kk][0], S[mt][2 * kk][1]);
+        a[mt][1] = Mma::pack(S[mt][2 * kk][2], S[mt][2 * kk][3]);
+        a[mt][2] = Mma::pack(S[mt][2 * kk + 1][0], S[mt][2 * kk + 1][1]);
+        a[mt][3] = Mma::pack(S[mt][2 * kk + 1][2], S[mt][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int np = 0; np < kD / 16; ++np) {
         uint32_t bb[4];
         ldsm_x4_t(bb, ldsm_addr_a<kS>(vb, kk * 16, np * 16, lane));
-        Mma::run(acc[2 * np], a, bb[0], bb[1]);
-        Mma::run(acc[2 * np + 1], a, bb[2], bb[3]);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          Mma::run(acc[mt][2 * np], a[mt], bb[0], bb[1]);
+          Mma::run(acc[mt][2 * np + 1], a[mt], bb[2], bb[3]);
+        }
       }
     }
     __syncthreads();
@@ -329,20 +356,23 @@ __global__ void __launch_bounds__(FwdCfg<kD>::kWarps * 32, 1)
   // Epilogue.
   T* og = static_cast<T*>(p.out);
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float l = quad_sum(lrow[r]);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    const int i = m0 + warp * 16 + g + r * 8;
-    if (i < p.Sq) {
-      T* orow = og + ((static_cast<int64_t>(b) * p.Sq + i) * p.H + h) * p.D;
+  for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-      for (int nt = 0; nt < kD / 8; ++nt) {
-        const int d = nt * 8 + 2 * t4;
-        if (d < p.D) store2(orow + d, acc[nt][2 * r] * inv, acc[nt][2 * r + 1] * inv);
-      }
-      if (t4 == 0) {
-        p.lse_out[(static_cast<int64_t>(b) * p.H + h) * p.Sq + i] =
-            l > 0.f ? (mrow[r] + __log2f(l)) * kLn2 : -INFINITY;
+    for (int r = 0; r < 2; ++r) {
+      const float l = quad_sum(lrow[mt][r]);
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const int i = m0 + wrow + mt * 16 + g + r * 8;
+      if (i < p.Sq) {
+        T* orow = og + ((static_cast<int64_t>(b) * p.Sq + i) * p.H + h) * p.D;
+#pragma unroll
+        for (int nt = 0; nt < kD / 8; ++nt) {
+          const int d = nt * 8 + 2 * t4;
+          if (d < p.D) store2(orow + d, acc[mt][nt][2 * r] * inv, acc[mt][nt][2 * r + 1] * inv);
+        }
+        if (t4 == 0) {
+          p.lse_out[(static_cast<int64_t>(b) * p.H + h) * p.Sq + i] =
+              l > 0.f ? (mrow[mt][r] + __log2f(l)) * kLn2 : -INFINITY;
+        }
       }
     }
   }
@@ -352,12 +382,12 @@ __global__ void __launch_bounds__(FwdCfg<kD>::kWarps * 32, 1)
 // Backward: dQ over the CSR rows
 // ---------------------------------------------------------------------------------------------
 
-template <typename T, int kD>
-__global__ void __launch_bounds__(DqCfg<kD>::kWarps * 32)
+template <typename T, int kD, int kBM, int kBN, int kMT>
+__global__ void __launch_bounds__(DqCfg<kD, kBM, kBN, kMT>::kWarps * 32, 1)
     dq_kernel(const __grid_constant__ Params p) {
-  using Cfg = DqCfg<kD>;
+  using Cfg = DqCfg<kD, kBM, kBN, kMT>;
   using Mma = MmaOp<T>;
-  constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kNT = Cfg::kWarps * 32, kS = kD + 8;
+  constexpr int kNT = Cfg::kWarps * 32, kS = kD + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sdO = sQ + kBM * kS;
@@ -365,6 +395,7 @@ __global__ void __launch_bounds__(DqCfg<kD>::kWarps * 32)
   T* sV = sK + 2 * kBN * kS;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  const int wrow = warp * 16 * kMT;
   int s, t, b, h;
   decode_item(p, blockIdx.x, s, t, b, h);
   const int hk = h / p.G;
@@ -399,16 +430,20 @@ __global__ void __launch_bounds__(DqCfg<kD>::kWarps * 32)
   cp_async_commit();
 
   const int64_t rowbase = (static_cast<int64_t>(b) * p.H + h) * p.Sq;
-  float lse2[2], dl[2];
+  float lse2[kMT][2], dl[kMT][2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int i = m0 + warp * 16 + g + r * 8;
-    lse2[r] = i < p.Sq ? lse_to_log2(p.lse[rowbase + i]) : INFINITY;
-    dl[r] = i < p.Sq ? p.delta[rowbase + i] : 0.f;
-  }
-  float acc[kD / 8][4];
+  for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-  for (int i = 0; i < kD / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    for (int r = 0; r < 2; ++r) {
+      const int i = m0 + wrow + mt * 16 + g + r * 8;
+      lse2[mt][r] = i < p.Sq ? lse_to_log2(p.lse[rowbase + i]) : INFINITY;
+      dl[mt][r] = i < p.Sq ? p.delta[rowbase + i] : 0.f;
+    }
+  float acc[kMT][kD / 8][4];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int i = 0; i < kD / 8; ++i) acc[mt][i][0] = acc[mt][i][1] = acc[mt][i][2] = acc[mt][i][3] = 0.f;
   const float sl2 = p.scale_log2;
   const uint32_t qbase = smem_u32(sQ), dobase = smem_u32(sdO);
 
@@ -427,55 +462,71 @@ __global__ void __launch_bounds__(DqCfg<kD>::kWarps * 32)
 
     const uint32_t kb = smem_u32(sK + buf * kBN * kS);
     const uint32_t vb = smem_u32(sV + buf * kBN * kS);
-    float S[kBN / 8][4], dP[kBN / 8][4];
+    float S[kMT][kBN / 8][4], dP[kMT][kBN / 8][4];
 #pragma unroll
-    for (int i = 0; i < kBN / 8; ++i) {
-      S[i][0] = S[i][1] = S[i][2] = S[i][3] = 0.f;
-      dP[i][0] = dP[i][1] = dP[i][2] = dP[i][3] = 0.f;
-    }
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int i = 0; i < kBN / 8; ++i) {
+        S[mt][i][0] = S[mt][i][1] = S[mt][i][2] = S[mt][i][3] = 0.f;
+        dP[mt][i][0] = dP[mt][i][1] = dP[mt][i][2] = dP[mt][i][3] = 0.f;
+      }
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
-      uint32_t a[4], c[4];
-      ldsm_x4(a, ldsm_addr_a<kS>(qbase, warp * 16, kk * 16, lane));
-      ldsm_x4(c, ldsm_addr_a<kS>(dobase, warp * 16, kk * 16, lane));
+      uint32_t a[kMT][4], c[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        ldsm_x4(a[mt], ldsm_addr_a<kS>(qbase, wrow + mt * 16, kk * 16, lane));
+        ldsm_x4(c[mt], ldsm_addr_a<kS>(dobase, wrow + mt * 16, kk * 16, lane));
+      }
 #pragma unroll
       for (int np = 0; np < kBN / 16; ++np) {
         uint32_t bb[4], vv[4];
         ldsm_x4(bb, ldsm_addr_bn<kS>(kb, np * 16, kk * 16, lane));
-        Mma::run(S[2 * np], a, bb[0], bb[1]);
-        Mma::run(S[2 * np + 1], a, bb[2], bb[3]);
         ldsm_x4(vv, ldsm_addr_bn<kS>(vb, np * 16, kk * 16, lane));
-        Mma::run(dP[2 * np], c, vv[0], vv[1]);
-        Mma::run(dP[2 * np + 1], c, vv[2], vv[3]);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          Mma::run(S[mt][2 * np], a[mt], bb[0], bb[1]);
+          Mma::run(S[mt][2 * np + 1], a[mt], bb[2], bb[3]);
+          Mma::run(dP[mt][2 * np], c[mt], vv[0], vv[1]);
+          Mma::run(dP[mt][2 * np + 1], c[mt], vv[2], vv[3]);
+        }
       }
     }
     const int n0 = kt * kBN;
 #pragma unroll
-    for (int nt = 0; nt < kBN / 8; ++nt) {
+    for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float pr = fast_exp2(fmaf(S[nt][e], sl2, -lse2[e >> 1]));
-        if (state == 2) {
-          const int il = warp * 16 + g + (e >> 1) * 8;
-          const int jl = nt * 8 + 2 * t4 + (e & 1);
-          if (!(R.ok(m0 + il, n0 + jl) && member(msk, il, jl, p.tl))) pr = 0.f;
+      for (int nt = 0; nt < kBN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float pr = fast_exp2(fmaf(S[mt][nt][e], sl2, -lse2[mt][e >> 1]));
+          if (state == 2) {
+            const int il = wrow + mt * 16 + g + (e >> 1) * 8;
+            const int jl = nt * 8 + 2 * t4 + (e & 1);
+            if (!(R.ok(m0 + il, n0 + jl) && member(msk, il, jl, p.tl))) pr = 0.f;
+          }
+          S[mt][nt][e] = pr * (dP[mt][nt][e] - dl[mt][e >> 1]);  // dS
         }
-        S[nt][e] = pr * (dP[nt][e] - dl[e >> 1]);  // dS
       }
-    }
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = Mma::pack(S[2 * kk][0], S[2 * kk][1]);
-      a[1] = Mma::pack(S[2 * kk][2], S[2 * kk][3]);
-      a[2] = Mma::pack(S[2 * kk + 1][0], S[2 * kk + 1][1]);
-      a[3] = Mma::pack(S[2 * kk + 1][2], S[2 * kk + 1][3]);
+      uint32_t a[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        a[mt][0] = Mma::pack(S[mt][2 * kk][0], S[mt][2 * kk][1]);
+        a[mt][1] = Mma::pack(S[mt][2 * kk][2], S[mt][2 * kk][3]);
+        a[mt][2] = Mma::pack(S[mt][2 * kk + 1][0], S[mt][2 * kk + 1][1]);
+        a[mt][3] = Mma::pack(S[mt][2 * kk + 1][2], S[mt][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int np = 0; np < kD / 16; ++np) {
         uint32_t bb[4];
         ldsm_x4_t(bb, ldsm_addr_a<kS>(kb, kk * 16, np * 16, lane));
-        Mma::run(acc[2 * np], a, bb[0], bb[1]);
-        Mma::run(acc[2 * np + 1], a, bb[2], bb[3]);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          Mma::run(acc[mt][2 * np], a[mt], bb[0], bb[1]);
+          Mma::run(acc[mt][2 * np + 1], a[mt], bb[2], bb[3]);
+        }
       }
     }
     __syncthreads();
@@ -489,29 +540,31 @@ __global__ void __launch_bounds__(DqCfg<kD>::kWarps * 32)
 
   T* dqg = static_cast<T*>(p.dq);
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int i = m0 + warp * 16 + g + r * 8;
-    if (i < p.Sq) {
-      T* row = dqg + ((static_cast<int64_t>(b) * p.Sq + i) * p.H + h) * p.D;
+  for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-      for (int nt = 0; nt < kD / 8; ++nt) {
-        const int d = nt * 8 + 2 * t4;
-        if (d < p.D) store2(row + d, acc[nt][2 * r] * p.scale, acc[nt][2 * r + 1] * p.scale);
+    for (int r = 0; r < 2; ++r) {
+      const int i = m0 + wrow + mt * 16 + g + r * 8;
+      if (i < p.Sq) {
+        T* row = dqg + ((static_cast<int64_t>(b) * p.Sq + i) * p.H + h) * p.D;
+#pragma unroll
+        for (int nt = 0; nt < kD / 8; ++nt) {
+          const int d = nt * 8 + 2 * t4;
+          if (d < p.D) store2(row + d, acc[mt][nt][2 * r] * p.scale, acc[mt][nt][2 * r + 1] * p.scale);
+        }
       }
     }
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Backward: dK, dV over the CSC columns, reduced over the GQA group in registers
 // ---------------------------------------------------------------------------------------------
 
-template <typename T, int kD>
-__global__ void __launch_bounds__(DkvCfg<kD>::kWarps * 32, 1)
+template <typename T, int kD, int kBN, int kBM, int kDO>
+__global__ void __launch_bounds__(DkvCfg<kD, kBN, kBM, kDO>::kWarps * 32, 1)
     dkv_kernel(const __grid_constant__ Params p) {
-  using Cfg = DkvCfg<kD>;
+  using Cfg = DkvCfg<kD, kBN, kBM, kDO>;
   using Mma = MmaOp<T>;
-  constexpr int kBN = Cfg::kBN, kBM = Cfg::kBM, kDO = Cfg::kDO, kNT = Cfg::kWarps * 32;
+  constexpr int kNT = Cfg::kWarps * 32;
   constexpr int kS = kD + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
@@ -723,32 +776,54 @@ __global__ void __launch_bounds__(DkvCfg<kD>::kWarps * 32, 1)
 // Launchers (instantiated per dtype and head dim in instantiations/*.cu)
 // ---------------------------------------------------------------------------------------------
 
-template <typename T, int kD>
+// The dynamic shared-memory limit is raised once per kernel and device (`done` is a static of the
+// calling launcher, so one per kernel instantiation).
+template <typename K>
+inline void set_smem_once(bool (&done)[64], K kern, int smem) {
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (!done[dev & 63]) {
+    cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    done[dev & 63] = true;
+  }
+}
+
+template <typename T, int kD, int kBM, int kBN, int kMT>
 void launch_fwd(const Params& p, int64_t items, cudaStream_t stream) {
-  using Cfg = FwdCfg<kD>;
-  constexpr int smem = (Cfg::kBM + 4 * Cfg::kBN) * (kD + 8) * static_cast<int>(sizeof(T));
-  auto kern = &fwd_kernel<T, kD>;
-  cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  kern<<<dim3(static_cast<unsigned>(items)), Cfg::kWarps * 32, smem, stream>>>(p);
+  using Cfg = FwdCfg<kD, kBM, kBN, kMT>;
+  auto kern = &fwd_kernel<T, kD, kBM, kBN, kMT>;
+  static bool done[64] = {};
+  set_smem_once(done, kern, Cfg::kSmem);
+  kern<<<dim3(static_cast<unsigned>(items)), Cfg::kWarps * 32, Cfg::kSmem, stream>>>(p);
 }
 
-template <typename T, int kD>
+template <typename T, int kD, int kBM, int kBN, int kMT>
 void launch_dq(const Params& p, int64_t items, cudaStream_t stream) {
-  using Cfg = DqCfg<kD>;
-  constexpr int smem = (2 * Cfg::kBM + 4 * Cfg::kBN) * (kD + 8) * static_cast<int>(sizeof(T));
-  auto kern = &dq_kernel<T, kD>;
-  cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  kern<<<dim3(static_cast<unsigned>(items)), Cfg::kWarps * 32, smem, stream>>>(p);
+  using Cfg = DqCfg<kD, kBM, kBN, kMT>;
+  auto kern = &dq_kernel<T, kD, kBM, kBN, kMT>;
+  static bool done[64] = {};
+  set_smem_once(done, kern, Cfg::kSmem);
+  kern<<<dim3(static_cast<unsigned>(items)), Cfg::kWarps * 32, Cfg::kSmem, stream>>>(p);
 }
 
-template <typename T, int kD>
+template <typename T, int kD, int kBN, int kBM, int kDO>
 void launch_dkv(const Params& p, int64_t items, cudaStream_t stream) {
-  using Cfg = DkvCfg<kD>;
-  constexpr int smem = (2 * Cfg::kBN + 4 * Cfg::kBM) * (kD + 8) * static_cast<int>(sizeof(T)) +
-                       4 * Cfg::kBM * static_cast<int>(sizeof(float));
-  auto kern = &dkv_kernel<T, kD>;
-  cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  kern<<<dim3(static_cast<unsigned>(items), kD / Cfg::kDO), Cfg::kWarps * 32, smem, stream>>>(p);
+  using Cfg = DkvCfg<kD, kBN, kBM, kDO>;
+  auto kern = &dkv_kernel<T, kD, kBN, kBM, kDO>;
+  static bool done[64] = {};
+  set_smem_once(done, kern, Cfg::kSmem);
+  kern<<<dim3(static_cast<unsigned>(items), kD / kDO), Cfg::kWarps * 32, Cfg::kSmem, stream>>>(p);
 }
+
+// Registration helpers used by the instantiation files.
+#define DS_REGISTER_FWD(T, DT, D, V, BM, BN, MT, AUTO)                                             \
+  template void launch_fwd<T, D, BM, BN, MT>(const Params&, int64_t, cudaStream_t);              \
+  static const Registrar kRegFwd##V(kOpFwd, DT, D, V, &launch_fwd<T, D, BM, BN, MT>, BM, BN, AUTO);
+#define DS_REGISTER_DQ(T, DT, D, V, BM, BN, MT, AUTO)                                              \
+  template void launch_dq<T, D, BM, BN, MT>(const Params&, int64_t, cudaStream_t);               \
+  static const Registrar kRegDq##V(kOpDq, DT, D, V, &launch_dq<T, D, BM, BN, MT>, BM, BN, AUTO);
+#define DS_REGISTER_DKV(T, DT, D, V, BN, BM, DO, AUTO)                                             \
+  template void launch_dkv<T, D, BN, BM, DO>(const Params&, int64_t, cudaStream_t);              \
+  static const Registrar kRegDkv##V(kOpDkv, DT, D, V, &launch_dkv<T, D, BN, BM, DO>, BN, BM, AUTO);
 
 }  // namespace dilated_sparse::cuda

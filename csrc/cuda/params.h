@@ -62,56 +62,45 @@ struct Params {
   TileList tl;
 };
 
-// Tile shapes per op and (padded) head dim. kD is the specialised head dim (32/64/96/128/256).
-template <int kD>
+// Tile shapes. Every kernel is a template over its tile; the instantiation files register a few
+// variants per (op, dtype, head dim) and the host picks one per call (see attention.cu).
+//  fwd / dQ: kBM query rows per CTA, kBN keys per step, kMT m16 tiles per warp (1 or 2: with 2, each
+//            K/V fragment loaded from shared memory feeds two MMAs).
+//  dK/dV:    kBN keys per CTA (16 per warp), kBM queries per step, kDO output columns per CTA
+//            (grid.y splits the head dim when kDO < kD).
+template <int kD, int kBM_, int kBN_, int kMT_>
 struct FwdCfg {
-  static constexpr int kBM = kD == 256 ? 64 : 128;
-  static constexpr int kBN = kD <= 64 ? 128 : (kD == 256 ? 32 : 64);
-  static constexpr int kWarps = kBM / 16;
-  static constexpr bool kQinRegs = kD <= 128;
+  static constexpr int kBM = kBM_;
+  static constexpr int kBN = kBN_;
+  static constexpr int kMT = kMT_;
+  static constexpr int kWarps = kBM / (16 * kMT);
+  static constexpr bool kQinRegs = kMT * kD <= 128;
+  static constexpr int kSmem = (kBM + 4 * kBN) * (kD + 8) * 2;
 };
 
-template <int kD>
+template <int kD, int kBM_, int kBN_, int kMT_>
 struct DqCfg {
-  static constexpr int kBM = 64;
-  static constexpr int kBN = kD == 256 ? 32 : 64;
-  static constexpr int kWarps = kBM / 16;
+  static constexpr int kBM = kBM_;
+  static constexpr int kBN = kBN_;
+  static constexpr int kMT = kMT_;
+  static constexpr int kWarps = kBM / (16 * kMT);
+  static constexpr int kSmem = (2 * kBM + 4 * kBN) * (kD + 8) * 2;
 };
 
-template <int kD>
+template <int kD, int kBN_, int kBM_, int kDO_>
 struct DkvCfg {
-  static constexpr int kBN = kD == 256 ? 64 : 128;  // keys per CTA (16 per warp)
-  static constexpr int kBM = kD <= 64 ? 64 : 32;  // query tile walked
+  static constexpr int kBN = kBN_;
+  static constexpr int kBM = kBM_;
+  static constexpr int kDO = kDO_;
   static constexpr int kWarps = kBN / 16;
-  static constexpr int kDO = kD == 256 ? 128 : kD;  // output columns per CTA (grid.y splits kD)
+  static constexpr int kSmem = (2 * kBN + 4 * kBM) * (kD + 8) * 2 + 4 * kBM * 4;
 };
-
-// Host-side view of the tile shapes for a run-time head dim.
-struct TileShapes {
-  int fwd_bm, fwd_bn, dq_bm, dq_bn, dkv_bn, dkv_bm;
-};
-
-inline TileShapes tile_shapes(int kD) {
-  switch (kD) {
-#define DS_TS(D)                                                                              \
-  case D:                                                                                     \
-    return TileShapes{FwdCfg<D>::kBM, FwdCfg<D>::kBN, DqCfg<D>::kBM, DqCfg<D>::kBN,           \
-                      DkvCfg<D>::kBN, DkvCfg<D>::kBM};
-    DS_TS(32)
-    DS_TS(64)
-    DS_TS(96)
-    DS_TS(128)
-    DS_TS(256)
-#undef DS_TS
-    default:
-      return TileShapes{0, 0, 0, 0, 0, 0};
-  }
-}
 
 using LaunchFn = void (*)(const Params&, int64_t /*num_items*/, cudaStream_t);
 
 enum Op { kOpFwd = 0, kOpDq = 1, kOpDkv = 2, kNumOps = 3 };
 constexpr int kNumHeadDims = 5;  // 32, 64, 96, 128, 256
+constexpr int kMaxVariants = 4;
 
 inline int head_dim_index(int kD) {
   switch (kD) {
@@ -124,15 +113,29 @@ inline int head_dim_index(int kD) {
   }
 }
 
-// dtype index: 0 = fp16, 1 = bf16.
+// One compiled kernel: its launcher and tile (pm: primary rows per CTA, sn: secondary rows per step).
+struct KernelEntry {
+  LaunchFn fn = nullptr;
+  int pm = 0;
+  int sn = 0;
+  int small = 0;  // may be picked automatically for blocks smaller than variant 0's tile
+};
+
+// dtype index: 0 = fp16, 1 = bf16. Variant 0 is the default of each (op, dtype, head dim).
 struct Registry {
-  LaunchFn fn[kNumOps][2][kNumHeadDims] = {};
+  KernelEntry e[kNumOps][2][kNumHeadDims][kMaxVariants] = {};
 };
 
 Registry& registry();
 
 struct Registrar {
-  Registrar(Op op, int dtype, int kD, LaunchFn f) { registry().fn[op][dtype][head_dim_index(kD)] = f; }
+  Registrar(Op op, int dtype, int kD, int variant, LaunchFn f, int pm, int sn, int small) {
+    KernelEntry& k = registry().e[op][dtype][head_dim_index(kD)][variant];
+    k.fn = f;
+    k.pm = pm;
+    k.sn = sn;
+    k.small = small;
+  }
 };
 
 }  // namespace dilated_sparse::cuda

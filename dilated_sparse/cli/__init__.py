@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from . import bench, check, info, show
 from ._args import ArgumentParser, CliError, one_line
@@ -37,7 +37,7 @@ def build_parser(prog: str = PROG) -> ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
-    for name, module in _COMMANDS.items():
+    for module in _COMMANDS.values():
         module.add_parser(sub)
     return parser
 
@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     except KeyboardInterrupt:
         print(f"{sub_prog}: interrupted", file=sys.stderr)
         return 130
-    except Exception as error:  # noqa: BLE001 - the CLI prints one line; DILATED_SPARSE_DEBUG shows all
+    except Exception as error:
         if os.environ.get("DILATED_SPARSE_DEBUG"):
             raise
         print(f"{sub_prog}: error: {type(error).__name__}: {one_line(str(error))}", file=sys.stderr)

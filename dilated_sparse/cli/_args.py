@@ -9,15 +9,18 @@ that need more than one option raise :class:`CliError`.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from typing import Any, NoReturn, Sequence
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 import torch
 
 __all__ = [
+    "CLI_HIDDEN_OPTIONS",
+    "DTYPES",
     "ArgumentParser",
     "CliError",
-    "DTYPES",
     "block_size",
     "device_name",
     "dtype_name",
@@ -35,6 +38,10 @@ DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
 }
+
+
+#: Pattern options the command line does not offer (set by the command itself).
+CLI_HIDDEN_OPTIONS: frozenset[str] = frozenset({"device"})
 
 
 class CliError(Exception):
@@ -132,8 +139,15 @@ def block_size(text: str) -> tuple[int, int]:
 
 
 def parse_value(text: str) -> Any:
-    """A pattern option value: bool, None, int, float, comma list of those, else the string."""
-    low = text.strip().lower()
+    """A pattern option value: JSON for lists/objects (``[...]``, ``{...}``), bool, None, int,
+    float, comma list of those, else the string."""
+    stripped = text.strip()
+    if stripped[:1] in ("[", "{"):
+        try:
+            return json.loads(stripped)
+        except json.JSONDecodeError as error:
+            raise CliError(None, f"bad JSON value {text!r}: {error}") from None
+    low = stripped.lower()
     if low in ("true", "yes", "on"):
         return True
     if low in ("false", "no", "off"):
@@ -170,7 +184,7 @@ def parse_pattern_options(
     """
     from ..patterns import pattern_options
 
-    valid = pattern_options(pattern)
+    valid = [name for name in pattern_options(pattern) if name not in CLI_HIDDEN_OPTIONS]
     options: dict[str, Any] = {}
     i = 0
     while i < len(tokens):
@@ -185,15 +199,18 @@ def parse_pattern_options(
         if key not in valid:
             listed = ", ".join("--" + v.replace("_", "-") for v in valid) or "none"
             raise CliError(f"--{name}", f"is not an option of pattern {pattern!r}{where}; its options: {listed}")
-        if negated:
-            value: Any = False
-        elif eq:
-            value = parse_value(value_text)
-        elif i + 1 < len(tokens) and (not tokens[i + 1].startswith("-") or _looks_like_number(tokens[i + 1])):
-            i += 1
-            value = parse_value(tokens[i])
-        else:
-            value = True
+        try:
+            if negated:
+                value: Any = False
+            elif eq:
+                value = parse_value(value_text)
+            elif i + 1 < len(tokens) and (not tokens[i + 1].startswith("-") or _looks_like_number(tokens[i + 1])):
+                i += 1
+                value = parse_value(tokens[i])
+            else:
+                value = True
+        except CliError as error:
+            raise CliError(f"--{name}", error.message) from None
         options[key] = value
         i += 1
     return options

@@ -11,24 +11,29 @@ plus backward) of:
   CUDA; on the CPU it runs uncompiled (it then builds dense scores, so the dense limit applies).
 
 TFLOP/s count the work actually required: active blocks (``4 * pairs * D`` per forward, with
-``pairs = nnz * block_q * block_k`` per head) for the sparse paths, ``Sq * Sk`` pairs (halved when
+``pairs = nnz * block_q * block_k`` per head, less half the diagonal blocks when causal) for the
+sparse paths and FlexAttention, ``Sq * Sk`` pairs (halved when
 causal) for dense SDPA and the dense reference; forward + backward counts 3.5x the forward.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
 import sys
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from ._args import (
+    CLI_HIDDEN_OPTIONS,
     DTYPES,
     CliError,
     block_size,
@@ -46,7 +51,7 @@ ACCEPTS_PATTERN_OPTIONS = False
 IMPLS = ("ours", "reference", "sdpa", "flex")
 
 #: Patterns timed by default (when registered), with options scaled to the sequence length.
-_DEFAULT_PATTERNS: tuple[str, ...] = ("local_window", "longnet", "bigbird")
+_DEFAULT_PATTERNS: tuple[str, ...] = ("local_window", "dilated_sparse", "bigbird")
 
 
 @dataclass
@@ -111,7 +116,7 @@ def parse_pattern_spec(spec: str) -> tuple[str, dict[str, Any]]:
         get_pattern(name)
     except (TypeError, ValueError) as error:
         raise CliError("--patterns", str(error)) from None
-    valid = pattern_options(name)
+    valid = [option for option in pattern_options(name) if option not in CLI_HIDDEN_OPTIONS]
     options: dict[str, Any] = {}
     for part in parts:
         key, eq, value = part.partition("=")
@@ -121,7 +126,10 @@ def parse_pattern_spec(spec: str) -> tuple[str, dict[str, Any]]:
         if key not in valid:
             raise CliError("--patterns", f"{key!r} is not an option of pattern {name!r}; its options: "
                            f"{', '.join(valid) or 'none'}")
-        options[key] = parse_value(value)
+        try:
+            options[key] = parse_value(value)
+        except CliError as error:
+            raise CliError("--patterns", error.message) from None
     return name, options
 
 
@@ -216,16 +224,29 @@ class _Setup:
     dense_limit_bytes: float
 
 
-def _measure(row: BenchRow, setup: _Setup, forward: Callable[[], torch.Tensor],
+def _measure(row: BenchRow, setup: _Setup, forward: Callable[..., torch.Tensor],
              tensors: list[torch.Tensor], flops: float) -> None:
+    """Time ``forward(q, k, v)`` without autograd, then (``--backward``) forward + backward.
+
+    A failure becomes the row's status; a forward time already taken is kept when only the
+    backward fails (e.g. FlexAttention has no CPU backward).
+    """
+    inputs = [t.detach() for t in tensors]
     try:
-        row.fwd_ms = _median_ms(lambda: forward(), setup.device, setup.warmup, setup.repeats)
+        with torch.no_grad():
+            row.fwd_ms = _median_ms(lambda: forward(*inputs), setup.device, setup.warmup, setup.repeats)
         row.fwd_tflops = flops / row.fwd_ms / 1e9
-        if setup.backward:
-            row.fwdbwd_ms = _median_ms(_fwd_bwd(forward, tensors), setup.device, setup.warmup, setup.repeats)
-            row.fwdbwd_tflops = 3.5 * flops / row.fwdbwd_ms / 1e9
     except Exception as error:  # noqa: BLE001 - a failing path is a row, not the end of the run
         row.status = _error_text(error)
+        return
+    if not setup.backward:
+        return
+    try:
+        step = _fwd_bwd(lambda: forward(*tensors), tensors)
+        row.fwdbwd_ms = _median_ms(step, setup.device, setup.warmup, setup.repeats)
+        row.fwdbwd_tflops = 3.5 * flops / row.fwdbwd_ms / 1e9
+    except Exception as error:  # noqa: BLE001
+        row.status = "backward " + _error_text(error)
     finally:
         for t in tensors:
             t.grad = None
@@ -236,7 +257,9 @@ def _measure(row: BenchRow, setup: _Setup, forward: Callable[[], torch.Tensor],
 def _inputs(setup: _Setup, seq_len: int, generator: torch.Generator):
     shape_q = (setup.batch, seq_len, setup.heads, setup.head_dim)
     shape_kv = (setup.batch, seq_len, setup.kv_heads, setup.head_dim)
-    make = lambda shape: torch.randn(shape, generator=generator).to(setup.device, setup.dtype)  # noqa: E731
+    def make(shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randn(shape, generator=generator).to(setup.device, setup.dtype)
+
     q, k, v = make(shape_q), make(shape_kv), make(shape_kv)
     for t in (q, k, v):
         t.requires_grad_(setup.backward)
@@ -255,68 +278,116 @@ def _flex_fn(setup: _Setup):
     return flex_attention
 
 
-def run_bench(setup: _Setup, seq_lens: list[int], patterns: list[tuple[str, dict[str, Any], bool]],
-              block: tuple[int, int], impls: list[str], progress: bool, seed: int) -> list[BenchRow]:
-    """Time every (length, pattern, impl); returns the rows (failures are rows with a status)."""
+def _time_length(setup: _Setup, seq_len: int, patterns: list[tuple[str, dict[str, Any], bool]],
+                 block: tuple[int, int], impls: list[str], generator: torch.Generator, flex: _FlexHolder,
+                 tick: Callable[[str], None]) -> list[BenchRow]:
+    """The rows of one sequence length (inputs made once, shared by every pattern)."""
     import dilated_sparse as ds
 
+    tensors = list(_inputs(setup, seq_len, generator))
+    batch, heads, dim = setup.batch, setup.heads, setup.head_dim
+    gqa = setup.heads != setup.kv_heads
+    dense_pairs = seq_len * seq_len * (0.5 if setup.causal else 1.0)
+    dense_flops = 4.0 * batch * heads * dense_pairs * dim
+    dense_ok = _dense_bytes(setup, seq_len) <= setup.dense_limit_bytes
+    rows: list[BenchRow] = []
+    if "sdpa" in impls:
+        tick(f"S={seq_len} sdpa")
+        row = BenchRow("sdpa", "dense", seq_len, 1.0)
+
+        def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=setup.causal, enable_gqa=gqa,
+            ).transpose(1, 2)
+
+        _measure(row, setup, sdpa, tensors, dense_flops)
+        rows.append(row)
+    for name, options, user_options in patterns:
+        layout = _layout(name, options, seq_len, block, user_options).to(setup.device)
+        active_pairs = (layout.nnz * (batch // layout.layout_batch) * (heads // layout.layout_heads)
+                        * layout.block_q * layout.block_k)
+        if setup.causal:  # about half of the diagonal blocks is masked inside the kernel
+            active_pairs -= 0.5 * min(layout.num_query_blocks, layout.num_key_blocks) * layout.block_q \
+                * layout.block_k * batch * heads
+        sparse_flops = 4.0 * max(active_pairs, 1.0) * dim
+        label = name if not options else name + ":" + ":".join(f"{key}={val}" for key, val in options.items())
+        for impl in impls:
+            if impl == "sdpa":
+                continue
+            tick(f"S={seq_len} {name} {impl}")
+            row = BenchRow(impl, label, seq_len, layout.density)
+            if impl == "ours":
+                if not ds.extension_available():
+                    row.status = "skipped: extension not available"
+                else:
+                    def ours(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Any = layout) -> torch.Tensor:
+                        return ds.block_sparse_attention(q, k, v, layout, causal=setup.causal)
+
+                    _measure(row, setup, ours, tensors, sparse_flops)
+            elif impl == "reference":
+                if not dense_ok:
+                    row.status = "skipped: dense scores above --dense-limit-gib"
+                else:
+                    def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  layout: Any = layout) -> torch.Tensor:
+                        return ds.reference_attention(q, k, v, layout, causal=setup.causal)
+
+                    _measure(row, setup, reference, tensors, dense_flops)
+            elif impl == "flex":
+                row.status = _run_flex(row, setup, layout, tensors, sparse_flops, dense_ok, gqa, flex.get(setup))
+            rows.append(row)
+    return rows
+
+
+class _FlexHolder:
+    """FlexAttention, looked up (and compiled on CUDA) on first use; None when missing."""
+
+    def __init__(self) -> None:
+        self._done = False
+        self._fn: Callable[..., torch.Tensor] | None = None
+
+    def get(self, setup: _Setup) -> Callable[..., torch.Tensor] | None:
+        if not self._done:
+            self._done = True
+            self._fn = _try_flex(setup)
+        return self._fn
+
+
+def run_bench(setup: _Setup, seq_lens: list[int], patterns: list[tuple[str, dict[str, Any], bool]],
+              block: tuple[int, int], impls: list[str], progress: bool, seed: int) -> list[BenchRow]:
+    """Time every (length, pattern, impl); returns the rows (failures are rows with a status).
+
+    A ``tqdm`` progress bar (on stderr) counts the timed runs when tqdm is installed and
+    ``progress`` is true.
+    """
     try:
         from tqdm.auto import tqdm
     except ImportError:  # optional extra
         tqdm = None
     per_len = ("sdpa" in impls) + len(patterns) * sum(i != "sdpa" for i in impls)
-    bar = tqdm(total=per_len * len(seq_lens), desc="bench", unit="run", file=sys.stderr,
-               disable=None if progress else True, leave=False) if tqdm else None
+    bar = None
+    if tqdm is not None and progress:
+        bar = tqdm(total=per_len * len(seq_lens), desc="bench", unit="run", file=sys.stderr, leave=False)
+    started = [False]
+
+    def tick(label: str) -> None:
+        if bar is None:
+            return
+        if started[0]:
+            bar.update()
+        started[0] = True
+        bar.set_postfix_str(label, refresh=False)
+
     rows: list[BenchRow] = []
     generator = torch.Generator().manual_seed(seed)
-    flex_fn = None
-    D, B, H = setup.head_dim, setup.batch, setup.heads
-    gqa = setup.heads != setup.kv_heads
-    for seq_len in seq_lens:
-        q, k, v = _inputs(setup, seq_len, generator)
-        tensors = [q, k, v]
-        dense_pairs = seq_len * seq_len * (0.5 if setup.causal else 1.0)
-        dense_flops = 4.0 * B * H * dense_pairs * D
-        dense_ok = _dense_bytes(setup, seq_len) <= setup.dense_limit_bytes
-        if "sdpa" in impls:
-            row = BenchRow("sdpa", "dense", seq_len, 1.0)
-            qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-            _measure(row, setup, lambda: torch.nn.functional.scaled_dot_product_attention(
-                qt, kt, vt, is_causal=setup.causal, enable_gqa=gqa).transpose(1, 2), tensors, dense_flops)
-            rows.append(row)
-            if bar:
-                bar.update()
-        for name, options, user_options in patterns:
-            layout = _layout(name, options, seq_len, block, user_options).to(setup.device)
-            per_head_pairs = (layout.nnz * (B // layout.layout_batch) * (H // layout.layout_heads)
-                              * layout.block_q * layout.block_k)
-            sparse_flops = 4.0 * per_head_pairs * D
-            label = name if not options else name + ":" + ":".join(f"{k}={v}" for k, v in options.items())
-            for impl in impls:
-                if impl == "sdpa":
-                    continue
-                row = BenchRow(impl, label, seq_len, layout.density)
-                if impl == "ours":
-                    if not ds.extension_available():
-                        row.status = "skipped: extension not available"
-                    else:
-                        _measure(row, setup, lambda: ds.block_sparse_attention(
-                            q, k, v, layout, causal=setup.causal), tensors, sparse_flops)
-                elif impl == "reference":
-                    if not dense_ok:
-                        row.status = "skipped: dense scores above --dense-limit-gib"
-                    else:
-                        _measure(row, setup, lambda: ds.reference_attention(
-                            q, k, v, layout, causal=setup.causal), tensors, dense_flops)
-                elif impl == "flex":
-                    row.status = _run_flex(row, setup, layout, q, k, v, tensors, sparse_flops, dense_ok, gqa,
-                                           flex_fn := flex_fn or _try_flex(setup))
-                rows.append(row)
-                if bar:
-                    bar.update()
-        del q, k, v, tensors
-    if bar:
-        bar.close()
+    flex = _FlexHolder()
+    try:
+        for seq_len in seq_lens:
+            rows += _time_length(setup, seq_len, patterns, block, impls, generator, flex, tick)
+    finally:
+        if bar is not None:
+            bar.update()
+            bar.close()
     return rows
 
 
@@ -327,26 +398,32 @@ def _try_flex(setup: _Setup):
         return None
 
 
-def _run_flex(row, setup, layout, q, k, v, tensors, flops, dense_ok, gqa, flex_fn) -> str:
+def _run_flex(row: BenchRow, setup: _Setup, layout: Any, tensors: list[torch.Tensor], flops: float, dense_ok: bool, gqa: bool, flex_fn: Callable[..., torch.Tensor] | None) -> str:
     if flex_fn is None:
         return "skipped: FlexAttention not available"
     if setup.device.type != "cuda" and not dense_ok:
         return "skipped: uncompiled FlexAttention (cpu) builds dense scores above --dense-limit-gib"
     try:
         block_mask = layout.to_flex_block_mask()
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:  # noqa: BLE001 - reported in the row
         return _error_text(error)
     score_mod = None
     if setup.causal:
         def score_mod(score, b, h, q_idx, kv_idx):
             return torch.where(q_idx >= kv_idx, score, -float("inf"))
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    _measure(row, setup, lambda: flex_fn(qt, kt, vt, score_mod=score_mod, block_mask=block_mask,
-                                         enable_gqa=gqa).transpose(1, 2), tensors, flops)
+    def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return flex_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=score_mod,
+                       block_mask=block_mask, enable_gqa=gqa).transpose(1, 2)
+
+    if setup.device.type == "cpu" and setup.backward:
+        row.extra["note"] = "FlexAttention has no CPU backward: forward only"
+        setup = dataclasses.replace(setup, backward=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        _measure(row, setup, flex, tensors, flops)
     return row.status
 
 
-# --------------------------------------------------------------------------- output
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -365,6 +442,8 @@ def format_table(rows: list[BenchRow], backward: bool) -> str:
             line += f"  {_fmt(r.fwdbwd_ms):>10}  {_fmt(r.fwdbwd_tflops, 4):>8}"
         if r.status != "ok":
             line += f"  [{r.status}]"
+        elif r.extra.get("note"):
+            line += f"  [{r.extra['note']}]"
         lines.append(line)
     return "\n".join(lines)
 
@@ -379,7 +458,7 @@ def write_plot(rows: list[BenchRow], path: str, title: str, backward: bool) -> N
     key_ms, key_tf = ("fwdbwd_ms", "fwdbwd_tflops") if backward else ("fwd_ms", "fwd_tflops")
     series: dict[str, list[BenchRow]] = {}
     for r in rows:
-        if r.status == "ok":
+        if getattr(r, key_ms) is not None:
             series.setdefault(f"{r.impl} / {r.pattern}", []).append(r)
     fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(10, 4))
     for label, items in series.items():
@@ -473,6 +552,6 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.plot:
         write_plot(rows, args.plot, title, setup.backward)
         print(f"wrote {args.plot}")
-    failed = [r for r in rows if r.impl == "ours" and r.status.startswith("error")]
+    failed = [r for r in rows if r.impl == "ours" and "error" in r.status]
     return 1 if failed else 0
 

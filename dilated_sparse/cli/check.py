@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from ._args import CliError, device_name
+from ._args import DTYPES, CliError, device_name, dtype_name, non_negative_int
 
 __all__ = ["add_parser", "run", "run_checks"]
 
@@ -34,7 +35,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", type=device_name, action="append",
                         help="device to check (repeatable; default: cpu, and cuda when available)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--dtype", type=dtype_name, action="append",
+                        help="dtype to check (repeatable; default: float32, float64, bfloat16, float16 on cpu; "
+                        "float16, bfloat16, float32 on cuda)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
     return parser
 
 
@@ -78,7 +82,7 @@ def _case(device: torch.device, dtype: torch.dtype, generator: torch.Generator, 
 
 
 def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     both_inf = torch.isinf(a) & torch.isinf(b) & (torch.sign(a) == torch.sign(b))
     diff = torch.where(both_inf, torch.zeros_like(a), (a - b).abs())
     return float(diff.max()) if diff.numel() else 0.0
@@ -118,16 +122,18 @@ def _check_one(device: torch.device, dtype: torch.dtype, seed: int) -> list[tupl
 
 def _dtypes(device: torch.device) -> list[torch.dtype]:
     if device.type == "cpu":
-        return [torch.float32, torch.float64, torch.bfloat16]
+        return [torch.float32, torch.float64, torch.bfloat16, torch.float16]
     return [torch.float16, torch.bfloat16, torch.float32]
 
 
 def run_checks(devices: list[torch.device], seed: int = 0,
-               report: Callable[[CheckResult], None] | None = None) -> list[CheckResult]:
-    """Run every check; ``report`` is called as each result arrives."""
+               report: Callable[[CheckResult], None] | None = None,
+               dtypes: list[torch.dtype] | None = None) -> list[CheckResult]:
+    """Run every check on each device and dtype (default: :func:`_dtypes` of the device);
+    ``report`` is called as each result arrives."""
     results = []
     for device in devices:
-        for dtype in _dtypes(device):
+        for dtype in dtypes or _dtypes(device):
             name = str(dtype).removeprefix("torch.")
             try:
                 outcomes = _check_one(device, dtype, seed)
@@ -167,8 +173,11 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"extension: not available ({ops._LOAD_ERROR!r}); see `dilated-sparse info`")
         print("FAIL")
         return 1
+    dtypes = [DTYPES[name] for name in dict.fromkeys(args.dtype)] if args.dtype else None
+    if dtypes and torch.float64 in dtypes and any(d.type == "cuda" for d in devices):
+        raise CliError("--dtype", "float64 runs on the cpu only")
     start = time.perf_counter()
-    results = run_checks(devices, args.seed, report=_print)
+    results = run_checks(devices, args.seed, report=_print, dtypes=dtypes)
     failed = sum(not r.passed for r in results)
     print(f"{len(results) - failed} passed, {failed} failed ({time.perf_counter() - start:.1f} s)")
     return 1 if failed else 0

@@ -36,6 +36,7 @@ def _dist_version(name: str) -> str | None:
 
 def _extension_facts() -> dict[str, Any]:
     import dilated_sparse as ds
+
     from .. import ops
 
     facts: dict[str, Any] = {"available": ds.extension_available(), "mode": "none"}
@@ -116,8 +117,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     lines = [
         f"dilated_sparse   {facts['dilated_sparse']}",
         f"python           {facts['python']} ({facts['platform']})",
-        f"torch            {facts['torch']} (CUDA {_format(facts['torch_cuda'])}, "
-        f"cuda available: {facts['cuda_available']})",
+        (f"torch            {facts['torch']} (CUDA {_format(facts['torch_cuda'])}, "
+        f"cuda available: {facts['cuda_available']})"),
         f"extension        {ext.get('mode', 'none') if ext['available'] else 'none (not loaded)'}",
     ]
     if ext["available"]:

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from ..layout import BlockSparseLayout
-from ._args import CliError, block_size, non_negative_int, parse_pattern_options, positive_int
+from ._args import CLI_HIDDEN_OPTIONS, CliError, block_size, non_negative_int, parse_pattern_options, positive_int
 
 __all__ = ["ACCEPTS_PATTERN_OPTIONS", "add_parser", "block_grid", "build_layout", "layout_stats",
-           "render_ascii", "run", "save_picture"]
+           "option_named_in", "render_ascii", "run", "save_picture"]
 
 ACCEPTS_PATTERN_OPTIONS = True
 
@@ -68,7 +68,13 @@ def build_layout(pattern: str, *, seq_len: int, seq_len_k: int | None, block: tu
     try:
         return make_layout(pattern, seq_len_q=seq_len, seq_len_k=seq_len_k, block_size=block, **options)
     except (TypeError, ValueError) as error:
-        raise CliError(None, f"pattern {pattern!r}: {error}") from None
+        raise CliError(option_named_in(str(error), options), f"pattern {pattern!r}: {error}") from None
+
+
+def option_named_in(message: str, options: dict[str, Any]) -> str | None:
+    """The ``--flag`` of the pattern option a generator's error message names (longest match), if any."""
+    named = [key for key in options if key in message]
+    return "--" + max(named, key=len).replace("_", "-") if named else None
 
 
 def _check_pattern(pattern: str | None) -> str:
@@ -162,22 +168,34 @@ def _format_stats(stats: dict[str, Any]) -> str:
     nqb, nkb = stats["blocks"]
     kib = stats["index_bytes"] / 1024
     return "\n".join([
-        f"geometry     seq_len_q={stats['seq_len_q']} seq_len_k={stats['seq_len_k']} "
-        f"block_size={stats['block_size']} -> {nqb} x {nkb} blocks",
+        (f"geometry     seq_len_q={stats['seq_len_q']} seq_len_k={stats['seq_len_k']} "
+        f"block_size={stats['block_size']} -> {nqb} x {nkb} blocks"),
         f"slices       layout_batch x layout_heads = {stats['layout_shape'][0]} x {stats['layout_shape'][1]}",
-        f"active       {stats['nnz']} blocks, density {100 * stats['density']:.2f}% "
-        f"(sparsity {100 * (1 - stats['density']):.2f}%)",
-        f"per row      min {stats['row_min']} / mean {stats['row_mean']:.1f} / max {stats['row_max']} "
-        f"key blocks; {stats['empty_rows']} empty rows",
+        (f"active       {stats['nnz']} blocks, density {100 * stats['density']:.2f}% "
+        f"(sparsity {100 * (1 - stats['density']):.2f}%)"),
+        (f"per row      min {stats['row_min']} / mean {stats['row_mean']:.1f} / max {stats['row_max']} "
+        f"key blocks; {stats['empty_rows']} empty rows"),
         f"per column   min {stats['col_min']} / mean {stats['col_mean']:.1f} / max {stats['col_max']} query blocks",
         f"keys/query   ~{stats['tokens_per_query']:.0f} tokens (vs {stats['seq_len_k']} dense)",
         f"indices      {kib:.1f} KiB (CSR + CSC, int32)",
     ])
 
 
+def _visible(grid: torch.Tensor) -> torch.Tensor:
+    """Shade for a picture: 0 stays white, any active block is at least 25% dark (so a cell
+    holding one active block out of hundreds still shows), full cells are darkest."""
+    return torch.where(grid > 0, 0.25 + 0.75 * grid, torch.zeros_like(grid))
+
+
 def save_picture(layout: BlockSparseLayout, path: str, *, title: str, heads: list[int],
-                 max_cells: int = 256) -> None:
-    """Write a PNG of the chosen slices (heads) of ``layout`` with matplotlib (Agg)."""
+                 max_cells: int = 256, dpi: int = 80) -> None:
+    """Write a PNG of the chosen slices (heads) of ``layout`` with matplotlib (Agg).
+
+    Each panel is a :func:`block_grid` of at most ``max_cells x max_cells`` cells; when a cell
+    covers several blocks its shade grows with the active fraction (any active block shows).
+    """
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,22 +205,28 @@ def save_picture(layout: BlockSparseLayout, path: str, *, title: str, heads: lis
     ncols = min(n, 4)
     nrows = math.ceil(n / ncols)
     side = 2.6 if n > 1 else 3.2
-    fig, axes = plt.subplots(nrows, ncols, figsize=(side * ncols, side * nrows + 0.4), squeeze=False)
+    nqb, nkb = layout.num_query_blocks, layout.num_key_blocks
+    grids = [block_grid(layout, head, max_rows=max_cells, max_cols=max_cells) for head in heads]
+    rows, cols = grids[0].shape
+    if (rows, cols) != (nqb, nkb):
+        title += f", 1 cell = {math.ceil(nqb / rows)}x{math.ceil(nkb / cols)} blocks"
+    width = int(12 * side * ncols)
+    wrapped = "\n".join(line for part in title.split("\n") for line in (textwrap.wrap(part, width=width) or [""]))
+    lines = wrapped.count("\n") + 1
+    fig, axes = plt.subplots(nrows, ncols, figsize=(side * ncols, side * nrows + 0.15 * lines + 0.2), squeeze=False)
     for ax in axes.flat[n:]:
         ax.axis("off")
-    nqb, nkb = layout.num_query_blocks, layout.num_key_blocks
-    for ax, head in zip(axes.flat, heads):
-        grid = block_grid(layout, head, max_rows=max_cells, max_cols=max_cells)
-        ax.imshow(grid.numpy(), cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest",
+    for ax, head, grid in zip(axes.flat, heads, grids):
+        ax.imshow(_visible(grid).numpy(), cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest",
                   extent=(0, nkb, nqb, 0), aspect="auto")
         ax.set_xlabel("key block", fontsize=7)
         ax.set_ylabel("query block", fontsize=7)
         ax.tick_params(labelsize=6)
         if n > 1:
             ax.set_title(f"head {head}", fontsize=8)
-    fig.suptitle(title, fontsize=8)
+    fig.suptitle(wrapped, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
@@ -210,7 +234,7 @@ def _list_patterns() -> int:
     from ..patterns import available_patterns, pattern_options
 
     for name in available_patterns():
-        options = " ".join("--" + o.replace("_", "-") for o in pattern_options(name))
+        options = " ".join("--" + o.replace("_", "-") for o in pattern_options(name) if o not in CLI_HIDDEN_OPTIONS)
         print(f"{name:<24} {options}")
     return 0
 

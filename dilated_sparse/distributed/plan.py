@@ -36,7 +36,7 @@ import torch
 from ..layout import BlockSparseLayout
 from .sharding import SequenceSharding
 
-__all__ = ["RingPlan", "build_plan", "pair_status", "rule_bounds"]
+__all__ = ["RingPlan", "build_plan", "describe_plan", "pair_status", "rule_bounds"]
 
 _INF = 1 << 62
 DEAD, PARTIAL, FULL = -1, 0, 1
@@ -157,7 +157,7 @@ class RingPlan:
     local_length: int
     frames: dict[int, Frame]
     send_index: dict[int, torch.Tensor]
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def recv_tokens(self, source: int) -> int:
         """Key/value tokens this rank receives from ``source`` (0 for itself or none)."""

@@ -18,8 +18,9 @@ import contextlib
 import math
 import threading
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,34 +31,50 @@ from .plan import DirectCall, Frame, RingPlan, TileCall, build_plan
 from .sharding import SequenceSharding, make_sharding
 
 __all__ = [
-    "ring_block_sparse_attention",
-    "get_ring_plan",
     "CommunicationLog",
-    "track_communication",
+    "get_ring_plan",
     "merge_partials",
+    "ring_block_sparse_attention",
+    "track_communication",
 ]
 
 _KV_TAG, _MASK_TAG, _GRAD_TAG = 11, 12, 13
 
 
 # ----------------------------------------------------------------------- byte accounting
-@dataclass
+@dataclass(eq=False)
 class CommunicationLog:
-    """Bytes this process posted to send and receive while the log was active, by phase."""
+    """Bytes this process posted to send and receive while the log was active, by phase.
+
+    ``forward_*`` / ``backward_*``: the ring's key/value (and key padding mask) blocks and, in the
+    backward, the dK/dV partials sent home; ``redistribution_*``: tokens moved between splits by
+    :func:`~dilated_sparse.distributed.redistribute.redistribute` (the module's input/output).
+    """
 
     forward_sent: int = 0
     forward_received: int = 0
     backward_sent: int = 0
     backward_received: int = 0
+    redistribution_sent: int = 0
+    redistribution_received: int = 0
     messages: int = 0
 
     @property
     def total(self) -> int:
-        """All bytes sent and received."""
-        return self.forward_sent + self.forward_received + self.backward_sent + self.backward_received
+        """All bytes sent and received (ring and redistribution)."""
+        return (self.forward_sent + self.forward_received + self.backward_sent + self.backward_received
+                + self.redistribution_sent + self.redistribution_received)
+
+    def add(self, other: CommunicationLog) -> None:
+        """Add ``other``'s counts to this log."""
+        for name in ("forward_sent", "forward_received", "backward_sent", "backward_received",
+                     "redistribution_sent", "redistribution_received", "messages"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
-_LOGS = threading.local()
+# Process-wide, not thread-local: autograd runs CUDA backwards on its own device threads.
+_LOGS: list[CommunicationLog] = []
+_LOGS_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -72,21 +89,24 @@ def track_communication() -> Iterator[CommunicationLog]:
         print(log.forward_received, log.backward_sent)
     """
     log = CommunicationLog()
-    stack = getattr(_LOGS, "stack", None)
-    if stack is None:
-        stack = _LOGS.stack = []
-    stack.append(log)
+    with _LOGS_LOCK:
+        _LOGS.append(log)
     try:
         yield log
     finally:
-        stack.remove(log)
+        with _LOGS_LOCK:
+            _LOGS.remove(log)
 
 
-def _account(phase: str, sent: int, received: int, messages: int) -> None:
-    for log in getattr(_LOGS, "stack", ()):
-        setattr(log, f"{phase}_sent", getattr(log, f"{phase}_sent") + sent)
-        setattr(log, f"{phase}_received", getattr(log, f"{phase}_received") + received)
-        log.messages += messages
+def _account(phase: str, sent: int, received: int, messages: int, log: CommunicationLog | None = None) -> None:
+    with _LOGS_LOCK:
+        logs = list(_LOGS)
+    if log is not None and log not in logs:
+        logs.append(log)
+    for entry in logs:
+        setattr(entry, f"{phase}_sent", getattr(entry, f"{phase}_sent") + sent)
+        setattr(entry, f"{phase}_received", getattr(entry, f"{phase}_received") + received)
+        entry.messages += messages
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -98,13 +118,13 @@ class _Transfer:
     """Posted sends and receives of one step; :meth:`wait` returns the received tensors."""
 
     def __init__(self, sends: list[tuple[torch.Tensor, int, int]], recvs: list[tuple[torch.Tensor, int, int]],
-                 group: Any, phase: str) -> None:
+                 group: Any, phase: str, log: CommunicationLog | None = None) -> None:
         self.received = [t for t, _, _ in recvs]
         self._keep = [t for t, _, _ in sends]
         ops = [dist.P2POp(dist.isend, t, group=group, group_peer=peer, tag=tag) for t, peer, tag in sends]
         ops += [dist.P2POp(dist.irecv, t, group=group, group_peer=peer, tag=tag) for t, peer, tag in recvs]
         self._works = dist.batch_isend_irecv(ops) if ops else []
-        _account(phase, sum(_nbytes(t) for t in self._keep), sum(_nbytes(t) for t in self.received), len(ops))
+        _account(phase, sum(_nbytes(t) for t in self._keep), sum(_nbytes(t) for t in self.received), len(ops), log)
 
     def wait(self) -> list[torch.Tensor]:
         for work in self._works:
@@ -216,7 +236,8 @@ class _Ring:
     """The per-call state shared by forward and backward: plan, group, inputs."""
 
     def __init__(self, plan: RingPlan, group: Any, scale: float, key_lengths: torch.Tensor | None,
-                 key_padding_mask: torch.Tensor | None) -> None:
+                 key_padding_mask: torch.Tensor | None, log: CommunicationLog | None = None) -> None:
+        self.log = log
         self.plan = plan
         self.group = group
         self.scale = scale
@@ -251,7 +272,7 @@ class _Ring:
             recvs.append((torch.empty(2, b, n, hkv, d, dtype=k.dtype, device=k.device), source, _KV_TAG))
             if self.key_padding_mask is not None:
                 recvs.append((torch.empty(b, n, dtype=torch.uint8, device=k.device), source, _MASK_TAG))
-        return _Transfer(sends, recvs, self.group, phase)
+        return _Transfer(sends, recvs, self.group, phase, self.log)
 
     def received_frame(self, step: int, received: list[torch.Tensor]) -> _FrameInputs | None:
         source = (self.plan.rank - step) % self.plan.world_size
@@ -389,7 +410,7 @@ class _RingAttentionFunction(torch.autograd.Function):
                 recvs.append((torch.empty(2, b, n, hkv, d, dtype=k.dtype, device=k.device), dest, _GRAD_TAG))
             if grad_transfer is not None:
                 _add_grads(dk, dv, plan, *grad_transfer)
-            grad_transfer = (_Transfer(sends, recvs, ring.group, "backward"), dest)
+            grad_transfer = (_Transfer(sends, recvs, ring.group, "backward", ring.log), dest)
         if grad_transfer is not None:
             _add_grads(dk, dv, plan, *grad_transfer)
         ctx.kept = None
@@ -457,6 +478,7 @@ def ring_block_sparse_attention(
     sharding: str | SequenceSharding = "contiguous",
     keep_remote_kv: bool = False,
     return_lse: bool = False,
+    communication_log: CommunicationLog | None = None,
 ) -> Any:
     """Block-sparse attention over a sequence sharded across the ranks of ``group``.
 
@@ -485,6 +507,8 @@ def ring_block_sparse_attention(
         keep_remote_kv: keep the received K/V blocks for the backward instead of fetching them
             again (less traffic, more memory).
         return_lse: also return the ``lse`` ``[B, H, S_r]`` of this rank's queries.
+        communication_log: a :class:`CommunicationLog` that this call's forward and backward
+            traffic is added to (besides any :func:`track_communication` block).
 
     Returns:
         ``out`` ``[B, S_r, H, D]`` (and ``lse`` when asked).
@@ -497,8 +521,15 @@ def ring_block_sparse_attention(
     if k.shape != v.shape or k.shape[1] != q.shape[1] or k.shape[0] != q.shape[0]:
         raise ValueError(f"k and v must be [B, S_r, Hkv, D] with q's B and S_r; got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")
+    if k.shape[3] != q.shape[3] or k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+        raise ValueError(f"k/v must be [B, S_r, Hkv, D] with q's head_dim and Hkv dividing q's heads; got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}")
     rank, world = _group_info(group)
     window_left, window_right = _normalize_window(window)
     shard = make_sharding(sharding, layout, world, causal=causal, window=(window_left, window_right))
@@ -513,8 +544,12 @@ def ring_block_sparse_attention(
     if scale is None:
         scale = 1.0 / math.sqrt(dim)
     if key_lengths is not None:
-        if key_lengths.shape != (bsz,) or key_lengths.dtype.is_floating_point:
+        if (not isinstance(key_lengths, torch.Tensor) or key_lengths.shape != (bsz,)
+                or key_lengths.dtype.is_floating_point or key_lengths.dtype == torch.bool):
             raise ValueError(f"key_lengths must be an integer tensor [batch] = [{bsz}] of global lengths")
+        if bool(((key_lengths < 0) | (key_lengths > layout.seq_len_k)).any()):
+            raise ValueError(f"key_lengths must lie in [0, {layout.seq_len_k}] (global lengths), "
+                             f"got {key_lengths.tolist()}")
         key_lengths = key_lengths.to(q.device)
     if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool
                                          or key_padding_mask.shape != (bsz, q.shape[1])):
@@ -525,6 +560,6 @@ def ring_block_sparse_attention(
     plan = get_ring_plan(layout, shard, rank, causal=causal, window=(window_left, window_right), device=q.device)
     if world > 1:
         _warm_up(group if group is not None else dist.group.WORLD, q.device)
-    ring = _Ring(plan, group, float(scale), key_lengths, key_padding_mask)
+    ring = _Ring(plan, group, float(scale), key_lengths, key_padding_mask, communication_log)
     out, lse = _RingAttentionFunction.apply(q, k, v, ring, bool(keep_remote_kv))
     return (out, lse) if return_lse else out

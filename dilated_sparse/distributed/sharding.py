@@ -22,8 +22,8 @@ Three splits are offered:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -31,11 +31,11 @@ from ..layout import BlockSparseLayout
 
 __all__ = [
     "SequenceSharding",
-    "contiguous_sharding",
-    "zigzag_sharding",
     "balanced_sharding",
-    "make_sharding",
     "block_work",
+    "contiguous_sharding",
+    "make_sharding",
+    "zigzag_sharding",
 ]
 
 Segment = tuple[int, int]

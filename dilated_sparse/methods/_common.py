@@ -17,8 +17,8 @@ shape), ``info`` a :class:`RowInfo` with the token positions of the rows and key
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
@@ -26,18 +26,20 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from ..layout import BlockSparseLayout
 
 __all__ = [
-    "RowInfo",
     "Normalizer",
+    "RowInfo",
+    "auto_rows",
     "check_qkv",
+    "chunk_seed",
     "compute_dtype",
     "default_scale",
     "expand_kv",
     "key_valid_mask",
     "masked_softmax",
+    "maybe_checkpoint",
     "rms_norm",
-    "softmax_and_lse",
     "rowwise_attention",
-    "chunk_seed",
+    "softmax_and_lse",
 ]
 
 # Elements of one chunk's score tensor (B * H * rows * keys) the driver aims for by default.
@@ -199,7 +201,8 @@ def chunk_seed(generator: torch.Generator | None, device: torch.device) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=generator).item())
 
 
-def _auto_rows(requested: int | None, per_row: int, total: int) -> int:
+def auto_rows(requested: int | None, per_row: int, total: int) -> int:
+    """Rows per chunk: ``requested`` (checked), or as many as keep ``rows * per_row`` near 4M elements."""
     if requested is not None:
         if isinstance(requested, bool) or not isinstance(requested, int) or requested <= 0:
             raise ValueError(f"chunk_size must be a positive int or None, got {requested!r}")
@@ -207,7 +210,8 @@ def _auto_rows(requested: int | None, per_row: int, total: int) -> int:
     return max(1, min(total, _TARGET_CHUNK_ELEMENTS // max(1, per_row)))
 
 
-def _maybe_checkpoint(fn: Callable[..., torch.Tensor], use: bool, *args: torch.Tensor) -> torch.Tensor:
+def maybe_checkpoint(fn: Callable[..., torch.Tensor], use: bool, *args: torch.Tensor) -> torch.Tensor:
+    """``fn(*args)``, recomputed in the backward pass (non-reentrant checkpoint) when ``use`` and grad is on."""
     if use and torch.is_grad_enabled():
         return _checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
@@ -244,7 +248,7 @@ def rowwise_attention(
     Returns:
         ``[B, Sq, H, D]`` in ``q``'s dtype (computed in float32, float64 for float64 inputs).
     """
-    bsz, sq, sk, heads, _, dim = check_qkv(q, k, v)
+    bsz, _sq, sk, heads, _, dim = check_qkv(q, k, v)
     scale = default_scale(scale, dim)
     cdt = compute_dtype(q.dtype)
     device = q.device
@@ -273,7 +277,7 @@ def _dense_rows(
     bsz, heads, sq, _ = qh.shape
     sk = kh.shape[2]
     device = qh.device
-    rows = _auto_rows(chunk_size, bsz * heads * sk, sq)
+    rows = auto_rows(chunk_size, bsz * heads * sk, sq)
     k_pos = torch.arange(sk, device=device).view(1, sk)
     outs = []
     for index, q0 in enumerate(range(0, sq, rows)):
@@ -292,7 +296,7 @@ def _dense_rows(
             weights = normalize(scores.masked_fill(~mask, float("-inf")), mask, info)
             return torch.matmul(weights.to(vf.dtype), vf)
 
-        outs.append(_maybe_checkpoint(chunk, use_checkpoint, qh[:, :, q0:q1], kh, vh))
+        outs.append(maybe_checkpoint(chunk, use_checkpoint, qh[:, :, q0:q1], kh, vh))
     return torch.cat(outs, dim=2)
 
 
@@ -329,7 +333,7 @@ def _layout_rows(
     counts = (flat_crow[1:] - flat_crow[:-1]).view(lb, lh, nqb)
     col = layout.col_indices.to(torch.int64)
     max_row_keys = int(counts.max()) * bk if counts.numel() else 0
-    rows = _auto_rows(chunk_size, bsz * heads * bq * max(1, max_row_keys), nqb)
+    rows = auto_rows(chunk_size, bsz * heads * bq * max(1, max_row_keys), nqb)
     if sq < nqb * bq:  # pad the queries to whole blocks; padded rows are masked and cut off
         qh = torch.cat([qh, qh.new_zeros(bsz, heads, nqb * bq - sq, dim)], dim=2)
     outs = []
@@ -370,5 +374,5 @@ def _layout_rows(
             weights = normalize(scores.masked_fill(~mask, float("-inf")), mask, info)
             return torch.matmul(weights.to(vg.dtype), vg).view(bsz, heads, n_rows * bq, dim)
 
-        outs.append(_maybe_checkpoint(chunk, use_checkpoint, qh[:, :, g0 * bq : g1 * bq], kh, vh))
+        outs.append(maybe_checkpoint(chunk, use_checkpoint, qh[:, :, g0 * bq : g1 * bq], kh, vh))
     return torch.cat(outs, dim=2)[:, :, :sq]

@@ -13,31 +13,36 @@ arange and ``col_indices`` the sorted top-k indices.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from ..layout import BlockSparseLayout, normalize_block_size
 from ..ops import block_sparse_attention
-from ._common import check_qkv, expand_kv
+from ._common import check_qkv, expand_kv, key_valid_mask
 
-__all__ = ["block_topk_layout", "block_topk_attention", "pool_blocks", "block_scores", "fixed_row_layout"]
+__all__ = ["block_scores", "block_topk_attention", "block_topk_layout", "fixed_row_layout", "pool_blocks"]
 
 
-def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+def pool_blocks(x: torch.Tensor, block: int, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over each block of tokens: ``[B, S, H, D]`` -> float ``[B, H, ceil(S/block), D]``.
 
-    The last (partial) block is averaged over its real tokens only.
+    The last (partial) block is averaged over its real tokens only; with ``valid`` (bool
+    ``[B, S]``) only valid tokens are averaged (a block without one pools to 0).
     """
     bsz, seq, heads, dim = x.shape
     nb = -(-seq // block)
     work = x.transpose(1, 2).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    if nb * block != seq:
-        work = torch.cat([work, work.new_zeros(bsz, heads, nb * block - seq, dim)], dim=2)
-    sums = work.view(bsz, heads, nb, block, dim).sum(dim=3)
-    counts = torch.full((nb,), float(block), dtype=sums.dtype, device=x.device)
-    counts[-1] = seq - (nb - 1) * block
-    return sums / counts.view(1, 1, nb, 1)
+    weight = torch.ones(bsz, seq, dtype=work.dtype, device=x.device) if valid is None else valid.to(work.dtype)
+    pad = nb * block - seq
+    if pad:
+        work = torch.cat([work, work.new_zeros(bsz, heads, pad, dim)], dim=2)
+        weight = torch.cat([weight, weight.new_zeros(bsz, pad)], dim=1)
+    weight = weight.view(bsz, 1, nb, block, 1)
+    sums = (work.view(bsz, heads, nb, block, dim) * weight).sum(dim=3)
+    counts = weight.sum(dim=3)
+    return sums / counts.clamp_min(1)
 
 
 def block_scores(
@@ -46,24 +51,39 @@ def block_scores(
     block_size: int | Sequence[int],
     *,
     causal: bool = False,
+    key_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pooled block scores ``[B, H, nqb, nkb]`` (float) used to rank key blocks.
 
-    ``pool(q)_qb . pool(k)_kb``; with ``causal``, key blocks that start after the query block's
-    last position are ``-inf`` and the block holding that last position is ``+inf`` (always kept).
+    ``pool(q)_qb . pool(k)_kb``. With ``causal``, key blocks that start after the query block's
+    last position are ``-inf``; the key block holding the query block's first position is
+    ``+inf`` (always kept, so no query of the block is left without a key) and the one holding its
+    last position gets the largest finite value (kept next; with ``block_q == block_k`` the two are
+    the same block, MoBA's "current block"). With ``key_valid`` (bool ``[B, Sk]``, False =
+    padding) keys are pooled over valid tokens only and key blocks without one are ``-inf``.
     """
     bq, bk = normalize_block_size(block_size)
     bsz, sq, sk, heads, _, _ = check_qkv(q, k, k)
     qp = pool_blocks(q, bq)
-    kp = expand_kv(pool_blocks(k, bk).transpose(1, 2), heads)  # pool gives [B,Hkv,n,D] -> [B,H,n,D]
+    kp = expand_kv(pool_blocks(k, bk, key_valid).transpose(1, 2), heads)  # [B,Hkv,n,D] -> [B,H,n,D]
     scores = torch.matmul(qp, kp.transpose(-1, -2))
     if causal:
         nqb, nkb = qp.shape[2], kp.shape[2]
-        last_q = torch.clamp((torch.arange(nqb, device=q.device) + 1) * bq - 1, max=sq - 1)
-        first_k = torch.arange(nkb, device=q.device) * bk
-        future = first_k.view(1, -1) > last_q.view(-1, 1)
-        own = (last_q.clamp(max=sk - 1) // bk).view(-1, 1) == torch.arange(nkb, device=q.device).view(1, -1)
-        scores = scores.masked_fill(future, float("-inf")).masked_fill(own, float("inf"))
+        first_q = torch.arange(nqb, device=q.device) * bq
+        last_q = torch.clamp(first_q + bq - 1, max=sq - 1)
+        k_blocks = torch.arange(nkb, device=q.device).view(1, -1)
+        future = k_blocks * bk > last_q.view(-1, 1)
+        own_last = (last_q.clamp(max=sk - 1) // bk).view(-1, 1) == k_blocks
+        own_first = (first_q.clamp(max=sk - 1) // bk).view(-1, 1) == k_blocks
+        big = torch.finfo(scores.dtype).max
+        scores = scores.masked_fill(future, float("-inf")).masked_fill(own_last, big)
+        scores = scores.masked_fill(own_first, float("inf"))
+    if key_valid is not None:
+        nkb = kp.shape[2]
+        pad = nkb * bk - sk
+        kv = torch.cat([key_valid, key_valid.new_zeros(bsz, pad)], dim=1) if pad else key_valid
+        empty = ~kv.view(bsz, nkb, bk).any(dim=-1)  # [B, nkb]
+        scores = scores.masked_fill(empty.view(bsz, 1, 1, nkb), float("-inf"))
     return scores
 
 
@@ -74,21 +94,25 @@ def block_topk_layout(
     block_size: int | Sequence[int] = 64,
     *,
     causal: bool = False,
+    key_lengths: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> BlockSparseLayout:
     """Per-(batch, head) layout of the ``blocks_per_row`` best key blocks of every query block.
 
     Built on ``q``'s device without host synchronisation (``layout_batch = B``,
     ``layout_heads = H``, trusted indices: ``validate=False``). Rows keep
     ``min(blocks_per_row, nkb)`` blocks; with ``causal`` a row near the start may keep future
-    blocks, which the kernel's causal rule then masks entirely.
+    blocks, which the kernel's causal rule then masks entirely. Key blocks made only of padding
+    (``key_lengths``/``key_padding_mask``) are ranked last.
     """
     if isinstance(blocks_per_row, bool) or not isinstance(blocks_per_row, int) or blocks_per_row < 1:
         raise ValueError(f"blocks_per_row must be a positive int, got {blocks_per_row!r}")
     bq, bk = normalize_block_size(block_size)
-    bsz, sq, sk, heads, _, _ = check_qkv(q, k, k)
+    bsz, sq, sk, _heads, _, _ = check_qkv(q, k, k)
+    key_valid = key_valid_mask(bsz, sk, key_lengths, key_padding_mask, q.device)
     with torch.no_grad():
-        scores = block_scores(q.detach(), k.detach(), (bq, bk), causal=causal)
-        nqb, nkb = scores.shape[2], scores.shape[3]
+        scores = block_scores(q.detach(), k.detach(), (bq, bk), causal=causal, key_valid=key_valid)
+        nkb = scores.shape[3]
         per_row = min(blocks_per_row, nkb)
         cols = torch.topk(scores, per_row, dim=-1, sorted=False).indices
     return fixed_row_layout(cols, (bq, bk), seq_len_q=sq, seq_len_k=sk)
@@ -139,7 +163,8 @@ def block_topk_attention(
         ``out`` ``[B, Sq, H, D]`` (or ``(out, layout)``). Gradients reach q, k, v through the
         kernel; the block selection itself is not differentiated (as in MoBA).
     """
-    layout = block_topk_layout(q, k, blocks_per_row, block_size, causal=causal)
+    layout = block_topk_layout(q, k, blocks_per_row, block_size, causal=causal, key_lengths=key_lengths,
+                               key_padding_mask=key_padding_mask)
     out = block_sparse_attention(
         q, k, v, layout, scale=scale, causal=causal, key_lengths=key_lengths,
         key_padding_mask=key_padding_mask,

@@ -58,7 +58,8 @@ class GECO(nn.Module):
         else:
             ma = self.ema * self.constraint_ma + (1 - self.ema) * value
         c_hat = constraint + (ma.to(constraint.dtype) - constraint).detach()
-        loss = sparsity_loss + self.lagrange_multiplier.to(constraint.dtype) * c_hat
+        # a copy: the buffer is updated in place below, after the loss has used its old value
+        loss = sparsity_loss + self.lagrange_multiplier.detach().clone().to(constraint.dtype) * c_hat
         if self.training:
             with torch.no_grad():
                 self.constraint_ma.copy_(ma)

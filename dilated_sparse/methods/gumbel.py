@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -26,10 +26,10 @@ from ..layout import BlockSparseLayout, normalize_block_size
 from ._common import RowInfo, check_qkv, chunk_seed, masked_softmax, rowwise_attention
 
 __all__ = [
-    "gumbel_softmax_attention",
     "GumbelTemperatureSchedule",
     "LearnableBlockMask",
     "block_gated_attention",
+    "gumbel_softmax_attention",
 ]
 
 
@@ -164,7 +164,7 @@ def block_gated_attention(
     a gate of 0 removes the block, gradients reach the gates. A row whose open blocks hold no
     allowed key gets 0. Chunked over queries (memory ``O(chunk x Sk)``).
     """
-    bsz, sq, sk, heads, _, _ = check_qkv(q, k, v)
+    _bsz, sq, sk, heads, _, _ = check_qkv(q, k, v)
     pair = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
     if len(pair) != 2 or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in pair):
         raise ValueError(f"block_size must be a positive int or a pair of them, got {block_size!r}")

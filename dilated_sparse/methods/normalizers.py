@@ -26,10 +26,10 @@ from ..layout import BlockSparseLayout
 from ._common import RowInfo, masked_softmax, rowwise_attention
 
 __all__ = [
-    "sparsemax",
     "entmax15",
-    "entmax_bisect",
     "entmax_attention",
+    "entmax_bisect",
+    "sparsemax",
     "sparsemax_attention",
 ]
 

@@ -13,7 +13,7 @@ from torch import nn
 from ..layout import BlockSparseLayout
 from ._common import RowInfo, rms_norm, rowwise_attention
 
-__all__ = ["rela_attention", "ReLA"]
+__all__ = ["ReLA", "rela_attention"]
 
 
 def rela_attention(

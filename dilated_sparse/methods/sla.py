@@ -12,7 +12,8 @@ attention).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,7 +24,7 @@ from ..ops import block_sparse_attention
 from ._common import check_qkv, default_scale, expand_kv, key_valid_mask
 from .block_topk import block_scores, fixed_row_layout
 
-__all__ = ["sla_attention", "sla_block_classes", "SLA", "FEATURE_MAPS"]
+__all__ = ["FEATURE_MAPS", "SLA", "sla_attention", "sla_block_classes"]
 
 
 def _softmax_features(x: torch.Tensor) -> torch.Tensor:
@@ -55,6 +56,7 @@ def sla_block_classes(
     critical_fraction: float = 0.05,
     negligible_fraction: float = 0.1,
     causal: bool = False,
+    key_valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(critical_cols, marginal)`` of SLA's block classification.
 
@@ -63,11 +65,14 @@ def sla_block_classes(
     always one of them). ``marginal``: bool ``[B, H, nqb, nkb]``: blocks ranked neither critical
     nor among the ``round(negligible_fraction * n_allowed)`` lowest of their row; with ``causal``
     only blocks wholly before the query block can be marginal (partly future blocks that are not
-    critical are dropped).
+    critical are dropped). ``key_valid`` (bool ``[B, Sk]``): key blocks with no valid key are
+    never marginal (see :func:`~dilated_sparse.methods.block_topk.block_scores`).
     """
     bq, bk = normalize_block_size(block_size)
+    if not 0 <= negligible_fraction <= 1:
+        raise ValueError(f"negligible_fraction must lie in [0, 1], got {negligible_fraction}")
     with torch.no_grad():
-        scores = block_scores(q.detach(), k.detach(), (bq, bk), causal=causal)
+        scores = block_scores(q.detach(), k.detach(), (bq, bk), causal=causal, key_valid=key_valid)
         nqb, nkb = scores.shape[-2:]
         n_crit = _count(critical_fraction, nkb, 1)
         order = torch.argsort(scores, dim=-1, descending=True)
@@ -75,8 +80,6 @@ def sla_block_classes(
         allowed = scores > float("-inf")
         n_allowed = allowed.sum(-1, keepdim=True)
         n_negl = torch.round(negligible_fraction * n_allowed.to(torch.float64)).to(n_allowed.dtype)
-        if not 0 <= negligible_fraction <= 1:
-            raise ValueError(f"negligible_fraction must lie in [0, 1], got {negligible_fraction}")
         marginal = allowed & (rank >= n_crit) & (rank < n_allowed - n_negl)
         if causal:
             first_q = torch.arange(nqb, device=q.device).view(-1, 1) * bq
@@ -162,20 +165,20 @@ def sla_attention(
         ``[B, Sq, H, D]`` in ``q``'s dtype (or ``(out, parts)``).
     """
     bq, bk = normalize_block_size(block_size)
-    bsz, sq, sk, heads, _, dim = check_qkv(q, k, v)
+    bsz, sq, sk, _heads, _, dim = check_qkv(q, k, v)
     phi = FEATURE_MAPS.get(feature_map) if isinstance(feature_map, str) else feature_map
     if phi is None:
         raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)} or a callable, got {feature_map!r}")
+    key_valid = key_valid_mask(bsz, sk, key_lengths, key_padding_mask, q.device)
     critical_cols, marginal = sla_block_classes(
         q, k, (bq, bk), critical_fraction=critical_fraction, negligible_fraction=negligible_fraction,
-        causal=causal,
+        causal=causal, key_valid=key_valid,
     )
     layout = fixed_row_layout(critical_cols, (bq, bk), seq_len_q=sq, seq_len_k=sk)
     sparse = block_sparse_attention(
         q, k, v, layout, scale=default_scale(scale, dim), causal=causal, key_lengths=key_lengths,
         key_padding_mask=key_padding_mask,
     )
-    key_valid = key_valid_mask(bsz, sk, key_lengths, key_padding_mask, q.device)
     linear = _linear_attention(q, k, v, marginal, bq, bk, phi, key_valid)
     projected = linear if proj is None else proj(linear)
     out = (sparse.to(projected.dtype) + projected).to(q.dtype)

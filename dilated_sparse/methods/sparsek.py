@@ -16,7 +16,7 @@ from torch import nn
 
 from ._common import RowInfo, check_qkv, masked_softmax, rowwise_attention
 
-__all__ = ["sparsek_mask", "sparsek_attention", "SparseK"]
+__all__ = ["SparseK", "sparsek_attention", "sparsek_mask"]
 
 
 def sparsek_mask(u: torch.Tensor, k: int, mask: torch.Tensor | None = None, n_iter: int = 60) -> torch.Tensor:

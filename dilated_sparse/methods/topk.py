@@ -11,19 +11,95 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from ..layout import BlockSparseLayout
-from ._common import RowInfo, masked_softmax, rowwise_attention
+from ._common import (
+    RowInfo,
+    auto_rows,
+    check_qkv,
+    compute_dtype,
+    default_scale,
+    expand_kv,
+    key_valid_mask,
+    masked_softmax,
+    maybe_checkpoint,
+    rowwise_attention,
+)
 
-__all__ = ["topk_attention", "adaptive_topk_attention", "adaptive_topk", "AdaptiveTopK"]
+__all__ = ["AdaptiveTopK", "adaptive_topk", "adaptive_topk_attention", "topk_attention"]
 
 
 def _check_k(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
+
+
+def _select_then_gather(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kk: int,
+    weights_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    scale: float | None,
+    causal: bool,
+    key_lengths: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    chunk_size: int | None,
+) -> torch.Tensor:
+    """Dense-path top-k: per query chunk, pick the ``kk`` best allowed keys without autograd, then
+    recompute the selected scores from the gathered keys and attend over them.
+
+    Only the selection pass touches ``chunk x Sk`` scores (no graph); the differentiable part
+    works on ``[B, H, chunk, kk, D]`` gathers and is recomputed in the backward pass, so memory
+    stays ``O(chunk x Sk)`` and the backward costs ``O(S x kk x D)`` instead of two more
+    ``S x Sk`` products. ``weights_fn(selected_scores, valid) -> weights`` (ranks along the last
+    dim, best first; invalid slots must get weight 0).
+    """
+    bsz, sq, sk, heads, _, dim = check_qkv(q, k, v)
+    scale = default_scale(scale, dim)
+    cdt = compute_dtype(q.dtype)
+    qh = q.transpose(1, 2).to(cdt)
+    kh = expand_kv(k, heads).to(cdt)
+    vh = expand_kv(v, heads).to(cdt)
+    key_valid = key_valid_mask(bsz, sk, key_lengths, key_padding_mask, q.device)
+    kk = min(kk, sk)
+    rows = auto_rows(chunk_size, bsz * heads * sk, sq)
+    k_pos = torch.arange(sk, device=q.device)
+
+    def attend(qc: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, index: torch.Tensor,
+               valid: torch.Tensor) -> torch.Tensor:
+        n = index.shape[2]
+        flat = index.reshape(bsz, heads, n * kk, 1).expand(-1, -1, -1, dim)
+        ks = torch.gather(kf, 2, flat).view(bsz, heads, n, kk, dim)
+        vs = torch.gather(vf, 2, flat).view(bsz, heads, n, kk, dim)
+        selected = torch.matmul(ks, qc.unsqueeze(-1)).squeeze(-1) * scale  # [B, H, n, kk]
+        weights = weights_fn(selected.masked_fill(~valid, float("-inf")), valid)
+        return torch.matmul(weights.unsqueeze(-2).to(vs.dtype), vs).squeeze(-2)
+
+    outs = []
+    for q0 in range(0, sq, rows):
+        q1 = min(sq, q0 + rows)
+        qc = qh[:, :, q0:q1]
+        with torch.no_grad():
+            scores = torch.matmul(qc.detach(), kh.detach().transpose(-1, -2))
+            if scale < 0:  # ranking by scale * q.k
+                scores.neg_()
+            if causal:
+                future = k_pos.view(1, -1) > torch.arange(q0, q1, device=q.device).view(-1, 1)
+                scores.masked_fill_(future, float("-inf"))
+            if key_valid is not None:
+                scores.masked_fill_(~key_valid.view(bsz, 1, 1, sk), float("-inf"))
+            values, index = torch.topk(scores, kk, dim=-1)
+            valid = values > float("-inf")
+            del scores, values
+        outs.append(maybe_checkpoint(attend, True, qc, kh, vh, index, valid))
+    return torch.cat(outs, dim=2).transpose(1, 2).to(q.dtype)
 
 
 def topk_attention(
@@ -43,8 +119,10 @@ def topk_attention(
 
     Each query keeps its ``top_k`` largest allowed scores (fewer when it has fewer allowed keys)
     and takes a softmax over them; gradients flow through the kept scores. Queries are processed
-    in chunks (activations recomputed in the backward), so memory is ``O(chunk x Sk)``, never
-    ``Sq x Sk``. With ``layout`` only the keys of the active blocks compete.
+    in chunks: a no-grad pass scores ``chunk x Sk`` and picks the keys, then the kept scores are
+    recomputed from the gathered keys (and again in the backward), so memory is
+    ``O(chunk x Sk)``, never ``Sq x Sk``, and the backward costs ``O(S x top_k x D)``. With
+    ``layout`` only the keys of the active blocks compete (scored over the gathered block keys).
 
     Args:
         q: ``[B, Sq, H, D]``; k, v: ``[B, Sk, Hkv, D]``.
@@ -57,6 +135,11 @@ def topk_attention(
         ``[B, Sq, H, D]``; rows without an allowed key are 0.
     """
     top_k = _check_k("top_k", top_k)
+    if layout is None:
+        return _select_then_gather(
+            q, k, v, top_k, masked_softmax, scale=scale, causal=causal, key_lengths=key_lengths,
+            key_padding_mask=key_padding_mask, chunk_size=chunk_size,
+        )
 
     def normalize(scores: torch.Tensor, mask: torch.Tensor, info: RowInfo) -> torch.Tensor:
         kk = min(top_k, scores.shape[-1])
@@ -107,16 +190,24 @@ def adaptive_topk_attention(
     if not ramp > 0:
         raise ValueError(f"ramp must be > 0, got {ramp!r}")
 
+    def ranked_weights(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        ranks = torch.arange(values.shape[-1], device=values.device, dtype=values.dtype)
+        kh = k_per_head.to(values.dtype).reshape((1, -1) + (1,) * (values.dim() - 2))
+        ramp_mask = torch.clamp((ramp + kh - 1 - ranks) / ramp, 0.0, 1.0)
+        probs = masked_softmax(values, valid) * ramp_mask
+        total = probs.sum(-1, keepdim=True)
+        return probs / torch.where(total > 0, total, torch.ones_like(total))
+
+    if layout is None:
+        return _select_then_gather(
+            q, k, v, k_max, ranked_weights, scale=scale, causal=causal, key_lengths=key_lengths,
+            key_padding_mask=key_padding_mask, chunk_size=chunk_size,
+        )
+
     def normalize(scores: torch.Tensor, mask: torch.Tensor, info: RowInfo) -> torch.Tensor:
         kk = min(k_max, scores.shape[-1])
         values, index = torch.topk(scores, kk, dim=-1)
-        ranks = torch.arange(kk, device=scores.device, dtype=scores.dtype)
-        kh = k_per_head.to(scores.dtype).reshape((1, -1) + (1,) * (scores.dim() - 2))
-        ramp_mask = torch.clamp((ramp + kh - 1 - ranks) / ramp, 0.0, 1.0)
-        probs = masked_softmax(values, values > float("-inf")) * ramp_mask
-        total = probs.sum(-1, keepdim=True)
-        probs = probs / torch.where(total > 0, total, torch.ones_like(total))
-        return torch.zeros_like(scores).scatter(-1, index, probs)
+        return torch.zeros_like(scores).scatter(-1, index, ranked_weights(values, values > float("-inf")))
 
     return rowwise_attention(
         q, k, v, normalize, layout=layout, scale=scale, causal=causal, key_lengths=key_lengths,

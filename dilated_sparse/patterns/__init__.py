@@ -47,7 +47,7 @@ from .basic import (
     longformer,
     random_pattern,
 )
-from .combine import broadcast_layout, intersection, per_batch, per_head, union
+from .combine import broadcast_layout, causal_filter, intersection, per_batch, per_head, union
 from .deepspeed import bigbird, fixed, variable
 from .dilated import DEFAULT_HIERARCHICAL_LEVELS, dilated_sparse, hierarchical
 from .registry import (
@@ -70,6 +70,7 @@ __all__ = [
     "block_neighbour",
     "broadcast_layout",
     "butterfly",
+    "causal_filter",
     "dense",
     "dilated_sparse",
     "fixed",

@@ -18,10 +18,12 @@ Conventions shared by all patterns (documented once here, referred to by the gen
 * **Causal.** ``causal=True`` keeps a block iff its first key token is ``<=`` the last query
   token of the query block (top-left aligned, as SDPA's ``is_causal``); it is a filter applied
   to the non-causal pattern. The kernel's ``causal`` flag then masks inside diagonal blocks.
-* **Target density.** ``sparsity_ratio`` is the fraction of blocks dropped, so the target
-  density is ``1 - sparsity_ratio`` (``density=`` gives it directly). A pattern asked for a
-  target reaches ``round(target * nqb * nkb)`` active blocks per slice exactly, spread over
-  the rows as evenly as their (causal) capacity allows; ``layout.density`` reports the result.
+* **Target density.** As in the seed guides, ``sparsity_ratio`` is the fraction of blocks that
+  are *computed* (``sparsity_ratio=0.1`` = 90 % sparse); ``density=`` is the same quantity
+  under a clearer name (give one, or both equal). A pattern asked for a target reaches
+  ``round(target * nqb * nkb)`` active blocks per slice exactly, spread over the rows as evenly
+  as their (causal) capacity allows; ``layout.density`` reports the result. A target the
+  geometry cannot reach (e.g. more than the causal half) is a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -91,19 +93,25 @@ def resolve_attention(attention: str, causal: bool, horizontal: bool = False) ->
 
 
 def target_density(sparsity_ratio: float | None, density: float | None) -> float | None:
-    """The target block density: ``1 - sparsity_ratio`` or ``density`` (at most one given)."""
-    if sparsity_ratio is not None and density is not None:
-        raise ValueError("give either sparsity_ratio (fraction dropped) or density (fraction kept), not both")
+    """The target block density (fraction of blocks computed), or None when no target is given.
+
+    ``sparsity_ratio`` follows the seed guides: the fraction of blocks *computed* (0.1 = 90 %
+    sparse). ``density`` is an alias; giving both with different values is a ``ValueError``.
+    """
     for name, v in (("sparsity_ratio", sparsity_ratio), ("density", density)):
         if v is None:
             continue
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise TypeError(f"{name} must be a float in [0, 1], got {type(v).__name__}")
-        if not 0.0 <= float(v) <= 1.0 or math.isnan(float(v)):
-            raise ValueError(f"{name} must be in [0, 1], got {v}")
-    if sparsity_ratio is not None:
-        return 1.0 - float(sparsity_ratio)
-    return None if density is None else float(density)
+        if math.isnan(float(v)) or not 0.0 <= float(v) <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1] (the fraction of blocks computed), got {v}")
+    if sparsity_ratio is not None and density is not None and float(sparsity_ratio) != float(density):
+        raise ValueError(
+            f"sparsity_ratio={sparsity_ratio} and density={density} disagree; both are the fraction of "
+            "blocks computed, give one of them"
+        )
+    value = sparsity_ratio if sparsity_ratio is not None else density
+    return None if value is None else float(value)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -286,9 +294,27 @@ def grid_row_limit(geom: Geometry, causal: bool) -> torch.Tensor:
 
 
 def lexsort(keys: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Permutation sorting by ``keys[0]``, then ``keys[1]``, ... (all the same length)."""
+    """Stable permutation sorting by integer ``keys[0]``, then ``keys[1]``, ... (same length).
+
+    The keys are packed into one int64 key (one sort) when their value ranges allow, otherwise
+    sorted one after the other with stable sorts.
+    """
     n = keys[0].numel()
-    order = torch.arange(n, dtype=torch.int64, device=keys[0].device)
+    dev = keys[0].device
+    if n == 0:
+        return torch.zeros(0, dtype=torch.int64, device=dev)
+    packed = torch.zeros(n, dtype=torch.int64, device=dev)
+    span = 1
+    for key in keys:
+        lo, hi = int(key.min()), int(key.max())
+        width = hi - lo + 1
+        span *= width
+        if span >= 2**62:
+            break
+        packed = packed * width + (key.to(torch.int64) - lo)
+    else:
+        return torch.argsort(packed, stable=True)
+    order = torch.arange(n, dtype=torch.int64, device=dev)
     for key in reversed(keys):
         order = order[torch.argsort(key[order], stable=True)]
     return order
@@ -307,7 +333,9 @@ def target_total(geom: Geometry, density: float) -> int:
     return round(density * geom.nqb * geom.nkb)
 
 
-def waterfill(total: int, lo: torch.Tensor, hi: torch.Tensor, what: str = "pattern") -> torch.Tensor:
+def waterfill(
+    total: int, lo: torch.Tensor, hi: torch.Tensor, what: str = "pattern", hint: str = ""
+) -> torch.Tensor:
     """Per-row counts ``k`` with ``lo <= k <= hi`` summing to ``total``, as even as possible.
 
     Rows are filled to a common level ``lam`` (``k = clamp(lam, lo, hi)``); the remainder goes
@@ -316,8 +344,9 @@ def waterfill(total: int, lo: torch.Tensor, hi: torch.Tensor, what: str = "patte
     lo_sum, hi_sum = int(lo.sum()), int(hi.sum())
     if not lo_sum <= total <= hi_sum:
         raise ValueError(
-            f"{what}: the target of {total} active blocks is not reachable; this geometry allows "
-            f"between {lo_sum} and {hi_sum} (causal layouts keep at most about half the blocks)"
+            f"{what}: sparsity_ratio/density asks for {total} active blocks per slice, which this "
+            f"geometry cannot reach: it allows between {lo_sum} and {hi_sum}"
+            + (f" ({hint})" if hint else "")
         )
     a, b = 0, int(hi.max()) if hi.numel() else 0
     while a < b:  # largest lam with sum(clamp(lam, lo, hi)) <= total
@@ -369,8 +398,9 @@ def select_to_counts(
     center = geom.center()
     rows, cols, prio = dedupe_min_prio(rows, cols, prio, nkb)
     if rows.numel():
-        dist = (cols - center[rows]).abs()
-        order = lexsort([rows, prio, dist, cols])
+        off = cols - center[rows]
+        dist = off.abs() * 2 + (off > 0).long()  # nearer the diagonal first, ties to the past
+        order = lexsort([rows, prio, dist])
         rows, cols = rows[order], cols[order]
         keep = rank_in_group(rows, nqb) < k[rows]
         rows, cols = rows[keep], cols[keep]
@@ -384,8 +414,8 @@ def select_to_counts(
     fr, fc, _ = expand_ranges(fill_rows, start, kk)
     fresh = ~torch.isin(fr * nkb + fc, rows * nkb + cols)
     fr, fc = fr[fresh], fc[fresh]
-    dist = (fc - center[fr]).abs()
-    order = lexsort([fr, dist, fc])
+    off = fc - center[fr]
+    order = lexsort([fr, off.abs() * 2 + (off > 0).long()])
     fr, fc = fr[order], fc[order]
     keep = rank_in_group(fr, nqb) < need[fr]
     return torch.cat([rows, fr[keep]]), torch.cat([cols, fc[keep]])
@@ -433,7 +463,7 @@ def sample_columns(
             have = torch.unique(torch.cat([have, dr * width + dc]))
             need = torch.clamp(k - torch.bincount(have // width, minlength=n), min=0)
         r, c = have // width, have % width
-    score = torch.rand(r.numel(), generator=generator, dtype=torch.float64)
+    score = torch.randint(0, 2**40, (r.numel(),), generator=generator, dtype=torch.int64)
     order = lexsort([r, score])
     r, c = r[order], c[order]
     keep = rank_in_group(r, n) < k[r]

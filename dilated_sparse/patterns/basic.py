@@ -147,17 +147,25 @@ def random_pattern(
     causal: bool = False,
     device: DeviceLike = None,
 ) -> BlockSparseLayout:
-    """Uniformly random blocks at a target density (``1 - sparsity_ratio`` or ``density``).
+    """Uniformly random blocks at a target density.
 
-    Each query block gets ``round(target * nqb * nkb)`` blocks in total spread evenly over the
-    rows (rows limited by ``causal`` take what fits), drawn without replacement from ``seed``.
-    With ``num_heads`` and ``different_layout_per_head``, head ``h`` uses ``seed + h``.
+    Args:
+        sparsity_ratio: fraction of blocks computed (the seed guides' convention: 0.1 = 90 %
+            sparse); alias ``density``. Required.
+        seed: random seed (the layout is a pure function of the arguments).
+        num_heads, different_layout_per_head: one layout per head, head ``h`` drawn with
+            ``seed + h``; otherwise one shared layout.
+        causal: draw only among the key blocks not wholly after the query block.
+
+    Every slice gets exactly ``round(target * nqb * nkb)`` blocks, spread over the query
+    blocks as evenly as their capacity allows (rows limited by ``causal`` take what fits), each
+    row drawn uniformly without replacement.
     """
     geom = make_geometry(seq_len_q, seq_len_k, block_size, device)
     causal = check_bool("causal", causal)
     target = target_density(sparsity_ratio, density)
     if target is None:
-        raise ValueError("random needs sparsity_ratio= (fraction dropped) or density= (fraction kept)")
+        raise ValueError("random needs sparsity_ratio= (fraction of blocks computed) or its alias density=")
     check_int("seed", seed)
     limit = geom.row_limit(causal)
     k = waterfill(target_total(geom, target), torch.zeros_like(limit), limit + 1, "random")
@@ -220,8 +228,10 @@ def local_window(
         window_size: total window in tokens (alias ``local_window_size``; default 512): query
             ``i`` covers keys ``|i - j| <= window_size // 2``, rounded out to whole blocks.
         window: ``(left, right)`` tokens instead (either ``None`` = unbounded).
-        sparsity_ratio / density: instead of a window, a target density; every query block
-            then keeps its ``k`` nearest key blocks, ``k`` spread evenly to hit the target.
+        sparsity_ratio: a target density instead (fraction of blocks computed; alias
+            ``density``): every query block keeps its ``k`` key blocks nearest the block
+            diagonal (those of the window first when a window is also given), ``k`` spread
+            evenly so that the slice has exactly ``round(target * nqb * nkb)`` blocks.
         causal: keep only blocks not wholly after the query block (so a causal window reaches
             ``window_size // 2`` tokens back).
     """
@@ -229,13 +239,18 @@ def local_window(
     causal = check_bool("causal", causal)
     ws = resolve_alias(("window_size", "local_window_size"), (window_size, local_window_size))
     target = target_density(sparsity_ratio, density)
-    _only_one("local_window", window_size=ws, window=window, sparsity_ratio=target)
+    _only_one("local_window", window_size=ws, window=window)
     rows = geom.arange_q()
     if target is not None:
         limit = geom.row_limit(causal)
         k = waterfill(target_total(geom, target), torch.zeros_like(limit), limit + 1, "local_window")
-        e = _empty(geom)
-        r, c = select_to_counts(geom, e, e, e, k, limit)
+        if ws is None and window is None:
+            r = c = _empty(geom)
+        else:
+            r, c = _window_blocks(geom, rows, *_window_sides(ws, window))  # type: ignore[arg-type]
+            keep = c <= limit[r]
+            r, c = r[keep], c[keep]
+        r, c = select_to_counts(geom, r, c, torch.zeros_like(r), k, limit)
         return geom.build(r, c)
     left, right = _window_sides(ws, window)  # type: ignore[arg-type]
     r, c = _window_blocks(geom, rows, left, right)
@@ -278,16 +293,19 @@ def global_local(
 
     Query blocks holding a global token attend to every key block; every query block attends
     to the key blocks holding global tokens; the rest is :func:`local_window` with
-    ``window_size`` (alias ``local_window_size``, default 512). With a target
-    (``sparsity_ratio`` / ``density``, instead of a window) the global rows stay whole and the
-    other rows get the global columns first, then their nearest blocks, to hit the target.
+    ``window_size`` (alias ``local_window_size``, default 512).
+
+    With a target ``sparsity_ratio`` (fraction of blocks computed; alias ``density``) the slice
+    gets exactly ``round(target * nqb * nkb)`` blocks: the global rows stay whole, and every
+    other row takes the global columns first, then the blocks of its window (when a window is
+    given), then its nearest blocks, the counts spread evenly over the rows. A target below
+    what the global rows alone need is a ``ValueError``.
     """
     geom = make_geometry(seq_len_q, seq_len_k, block_size, device)
     causal = check_bool("causal", causal)
     g = check_int("global_tokens", global_tokens)
     ws = resolve_alias(("window_size", "local_window_size"), (window_size, local_window_size))
     target = target_density(sparsity_ratio, density)
-    _only_one("global_local", window_size=ws, sparsity_ratio=target)
     gq, gk = _global_blocks(geom, torch.arange(g, dtype=torch.int64, device=geom.device))
     gr, gc = _global_structure(geom, gq, gk)
     rows = geom.arange_q()
@@ -296,10 +314,17 @@ def global_local(
         cap = limit + 1
         is_global = torch.zeros_like(cap, dtype=torch.bool)
         is_global[gq] = True
-        k = waterfill(target_total(geom, target), torch.where(is_global, cap, 0), cap, "global_local")
+        k = waterfill(
+            target_total(geom, target), torch.where(is_global, cap, 0), cap, "global_local",
+            f"the {int(is_global.sum())} query blocks holding global tokens are kept whole",
+        )
+        prio = torch.zeros_like(gr)
+        if ws is not None:
+            lr, lc = _window_blocks(geom, rows, *_window_sides(ws, None))
+            gr, gc = torch.cat([gr, lr]), torch.cat([gc, lc])
+            prio = torch.cat([prio, torch.ones_like(lr)])
         keep = gc <= limit[gr]
-        gr, gc = gr[keep], gc[keep]
-        r, c = select_to_counts(geom, gr, gc, torch.zeros_like(gr), k, limit)
+        r, c = select_to_counts(geom, gr[keep], gc[keep], prio[keep], k, limit)
         return geom.build(r, c)
     left, right = _window_sides(ws, None)
     lr, lc = _window_blocks(geom, rows, left, right)

@@ -7,7 +7,8 @@ Items may be ready :class:`BlockSparseLayout` objects or pattern specs (a name, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,9 +22,9 @@ from ._core import (
     check_same_geometry,
     stack_layouts,
 )
-from .registry import make_layout, pattern_options, register_pattern
+from .registry import get_pattern, make_layout, register_pattern
 
-__all__ = ["broadcast_layout", "intersection", "per_batch", "per_head", "union"]
+__all__ = ["broadcast_layout", "causal_filter", "intersection", "per_batch", "per_head", "union"]
 
 
 def _build_items(
@@ -47,22 +48,17 @@ def _build_items(
             if seq_len_q is None or block_size is None:
                 raise ValueError(f"{what}: item {i} is a pattern spec; pass seq_len_q= and block_size= to build it")
             extra: dict[str, Any] = {}
-            name = item if isinstance(item, str) else None
-            if isinstance(item, dict):
-                name = item.get("pattern", item.get("pattern_type"))
-                given = set(item)
-            elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], dict):
-                name, given = item[0], set(item[1])
-            else:
-                given = set()
-            accepted = pattern_options(name) if isinstance(name, str) else ()
-            if causal is not None and "causal" not in given:
+            target, given = _spec_target(item)
+            accepted = _accepted_options(target)
+            if causal is not None and "causal" not in given and "causal" in accepted:
                 extra["causal"] = causal
-            if device is not None and "device" not in given:
+            if device is not None and "device" not in given and "device" in accepted:
                 extra["device"] = device
-            if seed is not None and "seed" in accepted and "seed" not in given:
+            if seed is not None and "seed" not in given and "seed" in accepted:
                 extra["seed"] = seed + i
             lay = make_layout(item, seq_len_q=seq_len_q, seq_len_k=seq_len_k, block_size=block_size, **extra)
+            if causal and "causal" not in given and "causal" not in accepted:
+                lay = causal_filter(lay)  # a generator without a causal option: filter its blocks
         out.append(lay)
     check_same_geometry(out, what)
     if device is not None:
@@ -70,6 +66,67 @@ def _build_items(
     else:
         out = [lay.to(out[0].device) for lay in out]
     return out
+
+
+def _spec_target(item: Any) -> tuple[Any, set[str]]:
+    """The pattern (name or callable) a spec refers to and the option names it sets itself."""
+    if isinstance(item, Mapping):
+        return item.get("pattern", item.get("pattern_type")), set(item)
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], Mapping):
+        return item[0], set(item[1])
+    return item, set()
+
+
+def _accepted_options(target: Any) -> frozenset[str] | _Everything:
+    """Option names a pattern name or generator callable accepts (everything for ``**kwargs``)."""
+    if isinstance(target, str):
+        fn = get_pattern(target)
+    elif callable(target):
+        fn = target
+    else:
+        return frozenset()
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return _Everything()
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return _Everything()
+    return frozenset(params)
+
+
+class _Everything:
+    """A set that contains every name (for generators taking ``**kwargs``)."""
+
+    def __contains__(self, name: object) -> bool:
+        return True
+
+
+def causal_filter(layout: BlockSparseLayout) -> BlockSparseLayout:
+    """``layout`` without the blocks wholly after their query block (top-left aligned causal).
+
+    Keeps block ``(qb, kb)`` iff ``kb * block_k <= `` the last token of ``qb``, the rule every
+    generator's ``causal=True`` applies. O(nnz); slices are kept.
+    """
+    if not isinstance(layout, BlockSparseLayout):
+        raise TypeError(f"layout must be a BlockSparseLayout, got {type(layout).__name__}")
+    nqb = layout.num_query_blocks
+    stacked = layout.row_ids()
+    rows = stacked % nqb
+    cols = layout.col_indices.to(torch.int64)
+    q_end = torch.clamp((rows + 1) * layout.block_q, max=layout.seq_len_q) - 1
+    keep = cols * layout.block_k <= q_end
+    if bool(keep.all()):
+        return layout
+    return BlockSparseLayout.from_coo(
+        rows[keep],
+        cols[keep],
+        slice_indices=(stacked // nqb)[keep],
+        block_size=layout.block_size,
+        seq_len_q=layout.seq_len_q,
+        seq_len_k=layout.seq_len_k,
+        layout_batch=layout.layout_batch,
+        layout_heads=layout.layout_heads,
+    )
 
 
 def broadcast_layout(layout: BlockSparseLayout, *, layout_batch: int, layout_heads: int) -> BlockSparseLayout:

@@ -16,10 +16,19 @@ when ``bq == bk``) and the dilation ``r_i`` counts **blocks**:
   ``1 / r_i`` of a segment's block pairs, the fraction of token pairs a LongNet branch covers
   over all its heads.
 
-The layout is the union of the branches. With a target (``sparsity_ratio`` or ``density``)
-every query block keeps exactly its share of the target, choosing blocks of the dilated
-structure by the number of dilation steps from the diagonal (so ``0, +-1, +-2, +-4, ...`` for
-rates ``1, 2, 4``) and completing short rows with the nearest blocks.
+The layout is the union of the branches. With a target ``sparsity_ratio`` (the fraction of
+blocks computed, as in the seed guides; alias ``density``) the slice gets exactly
+``round(target * nqb * nkb)`` blocks, spread evenly over the query blocks; each query block
+chooses blocks of the dilated structure by the number of dilation steps from the diagonal (so
+``0, +-1, +-2, +-4, ...`` for rates ``1, 2, 4``) and completes a short row with the nearest
+blocks.
+
+Defaults: ``dilation_rates`` ``1, 2, 4, 8`` (or ``2**i`` for branch ``i`` when only
+``segment_lengths`` is given). Without ``segment_lengths``, a target keeps one segment spanning
+the sequence per branch; without a target either, branch ``i`` gets segments of
+``DEFAULT_SEGMENT_BLOCKS * r_i`` pattern blocks (LongNet's geometric segments, constant
+``w_i / r_i``: about ``DEFAULT_SEGMENT_BLOCKS`` blocks per row and branch), since a single
+rate-1 segment over the whole sequence would be dense.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ from .registry import register_pattern
 __all__ = ["DEFAULT_HIERARCHICAL_LEVELS", "dilated_sparse", "hierarchical"]
 
 DEFAULT_DILATION_RATES = (1, 2, 4, 8)
+DEFAULT_SEGMENT_BLOCKS = 4
 
 
 @register_pattern("dilated_sparse", aliases=("dilated", "longnet"))
@@ -72,11 +82,12 @@ def dilated_sparse(
     """LongNet segments x dilation as blocks (see the module docstring for the exact rule).
 
     Args:
-        segment_lengths: segment length per branch, in tokens (default: one segment spanning
-            the sequence per branch).
+        segment_lengths: segment length per branch, in tokens, rounded down to whole pattern
+            blocks (at least one); see the module docstring for the default.
         dilation_rates: dilation per branch, in blocks (default ``1, 2, 4, 8`` without
             segments, ``2**i`` for branch ``i`` with them); same length as segment_lengths.
-        sparsity_ratio / density: optional target density (exact per query block; see above).
+        sparsity_ratio: optional target, the fraction of blocks computed (alias ``density``);
+            met exactly per slice (see above).
         num_heads, different_layout_per_head: LongNet's per-head offsets (``layout_heads =
             num_heads``); otherwise one shared layout (the union over offsets).
         causal: keep only blocks not wholly after the query block.
@@ -88,7 +99,10 @@ def dilated_sparse(
     if segment_lengths is None:
         rates = list(DEFAULT_DILATION_RATES) if dilation_rates is None else check_int_list(
             "dilation_rates", dilation_rates, minimum=1)
-        segs = [n_grid] * len(rates)
+        if target is None:
+            segs = [min(n_grid, DEFAULT_SEGMENT_BLOCKS * r) for r in rates]
+        else:
+            segs = [n_grid] * len(rates)
     else:
         seg_tokens = check_int_list("segment_lengths", segment_lengths, minimum=1)
         if dilation_rates is None:
@@ -108,7 +122,7 @@ def dilated_sparse(
     if target is not None:
         k = waterfill(target_total(geom, target), torch.zeros_like(limit), limit + 1, "dilated_sparse")
         k_max = int(k.max()) if k.numel() else 0
-        steps = -(-k_max // fk) + 1  # dilation steps that can still rank within a row's budget
+        steps = max(1, -(-k_max // fk))  # steps 0..steps-1 of one branch already fill a row
     p = torch.arange(geom.nq_grid, dtype=torch.int64, device=geom.device)
     nk = geom.nk_grid
 

@@ -36,24 +36,38 @@ def _normalize(name: str) -> str:
 
 
 def register_pattern(
-    name: str, *, aliases: tuple[str, ...] = (), overwrite: bool = False
-) -> Callable[[PatternFn], PatternFn]:
-    """Decorator registering a generator under ``name`` (and ``aliases``).
+    name: str,
+    fn: PatternFn | None = None,
+    *,
+    aliases: tuple[str, ...] = (),
+    overwrite: bool = False,
+) -> Any:
+    """Register a generator under ``name`` (and ``aliases``); a decorator when ``fn`` is omitted.
 
-    The function must take keyword-only arguments ``seq_len_q``, ``seq_len_k``, ``block_size``
-    plus its options. Re-registering a taken name raises ``ValueError`` unless ``overwrite``.
+    ``register_pattern("mine", my_fn)`` registers and returns ``my_fn``;
+    ``@register_pattern("mine")`` does the same as a decorator. The function must accept the
+    keyword arguments ``seq_len_q``, ``seq_len_k``, ``block_size`` (or ``**kwargs``) plus its
+    options, and return a :class:`BlockSparseLayout`. Names are case-insensitive (``-`` reads
+    as ``_``). Re-registering a taken name raises ``ValueError`` unless ``overwrite=True``.
     """
-    if not isinstance(name, str) or not name:
-        raise TypeError("register_pattern: name must be a non-empty string")
+    if not isinstance(name, str) or not name.strip():
+        raise TypeError(f"register_pattern: name must be a non-empty string, got {name!r}")
+    if isinstance(aliases, str):
+        aliases = (aliases,)
     canonical = _normalize(name)
     names = [canonical, *(_normalize(a) for a in aliases)]
 
     def decorator(fn: PatternFn) -> PatternFn:
         if not callable(fn):
-            raise TypeError("register_pattern: the decorated object must be callable")
+            raise TypeError("register_pattern: the generator must be callable")
         params = inspect.signature(fn).parameters
-        if "seq_len_q" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            raise TypeError(f"register_pattern({name!r}): the generator must accept seq_len_q=")
+        has_var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        missing = [a for a in _GEOMETRY_ARGS if a not in params]
+        if missing and not has_var_kw:
+            raise TypeError(
+                f"register_pattern({name!r}): the generator must accept the keyword arguments "
+                f"{', '.join(_GEOMETRY_ARGS)} (missing {', '.join(missing)})"
+            )
         for n in names:
             if not overwrite and (n in _PATTERNS or n in _ALIASES):
                 raise ValueError(f"pattern name {n!r} is already registered (pass overwrite=True)")
@@ -64,7 +78,7 @@ def register_pattern(
             _ALIASES[alias] = canonical
         return fn
 
-    return decorator
+    return decorator if fn is None else decorator(fn)
 
 
 def available_patterns() -> list[str]:

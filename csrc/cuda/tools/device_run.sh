@@ -2,30 +2,55 @@
 # One device call: build the extension for sm_90a, run the CUDA tests, compute-sanitizer on a small
 # case, then the GPU benchmark. Logs under $OUT; short summary printed last.
 #   FUZZ=500 TESTS="tests/test_cuda_kernels.py" BENCH_ARGS="--quick" bash csrc/cuda/tools/device_run.sh
+# If the package build fails, the CUDA kernels are built standalone (tools/build_standalone.py) and
+# tests/benchmarks load them through DILATED_SPARSE_TEST_LIB.
 set -u
 OUT=${OUT:-/tmp/ds_out}
 mkdir -p "$OUT"
+PY=${PY:-python3}
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONPATH=$PWD
 nvidia-smi -L
 t0=$(date +%s)
-python setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { grep -E "error|Error" "$OUT/build.log" | head -40; tail -20 "$OUT/build.log"; exit 1; }
-echo "build: $(( $(date +%s) - t0 )) s"
-python -c "import dilated_sparse as d, torch; print('ext', d.extension_available(), torch.__version__)"
+if $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+  echo "build ok: $(( $(date +%s) - t0 )) s"
+else
+  echo "PACKAGE BUILD FAILED"; grep -E "error" "$OUT/build.log" | head -20
+  lib=$($PY csrc/cuda/tools/build_standalone.py 2>>"$OUT/build.log" | tail -1)
+  echo "standalone: $lib ($(( $(date +%s) - t0 )) s)"; export DILATED_SPARSE_TEST_LIB=$lib
+  [ -f "$lib" ] || { grep -E "error" "$OUT/build.log" | head -40; exit 1; }
+fi
+grep -E "registers|spill" "$OUT/build.log" | head -0
+$PY -c "import dilated_sparse as d, torch; print('ext', d.extension_available(), torch.__version__)" 2>&1 | tail -1
 if [ "${TESTS:-}" != "none" ]; then
-  DILATED_SPARSE_FUZZ=${FUZZ:-500} timeout ${TEST_TIMEOUT:-300} python -m pytest -q -x ${PYTEST_ARGS:-} ${TESTS:-tests/test_cuda_kernels.py} > "$OUT/tests.log" 2>&1
-  echo "tests rc=$?"; tail -25 "$OUT/tests.log"
+  DILATED_SPARSE_FUZZ=${FUZZ:-500} timeout ${TEST_TIMEOUT:-300} $PY -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} ${TESTS:-tests/test_cuda_kernels.py} > "$OUT/tests.log" 2>&1
+  echo "tests rc=$? ($(( $(date +%s) - t0 )) s)"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -30
+fi
+if [ -n "${VARIANTS:-}" ]; then  # the tests again with every kernel forced to tile variant v
+  for vv in $VARIANTS; do
+    DILATED_SPARSE_FWD_VARIANT=$vv DILATED_SPARSE_DQ_VARIANT=$vv DILATED_SPARSE_DKV_VARIANT=$vv \
+      DILATED_SPARSE_FUZZ=${VFUZZ:-100} timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py > "$OUT/tests_v$vv.log" 2>&1
+    echo "variant $vv tests rc=$? ($(( $(date +%s) - t0 )) s)"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests_v$vv.log" | tail -8
+  done
+fi
+if [ "${LARGE:-0}" = "1" ]; then
+  DILATED_SPARSE_TEST_LARGE=1 timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py -k 64bit > "$OUT/tests_large.log" 2>&1
+  echo "64-bit test rc=$? ($(( $(date +%s) - t0 )) s)"; grep -E "passed|failed" "$OUT/tests_large.log" | tail -3
+fi
+if [ "${TUNE:-0}" = "1" ]; then
+  timeout ${TUNE_TIMEOUT:-240} $PY csrc/cuda/tools/tune_variants.py --out "$OUT" ${TUNE_ARGS:-} > "$OUT/tune.log" 2>&1
+  echo "tune rc=$? ($(( $(date +%s) - t0 )) s)"; grep BEST "$OUT/tune.log"
 fi
 if [ "${SANITIZE:-1}" = "1" ]; then
-  timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 python tests/test_cuda_kernels.py --small > "$OUT/memcheck.log" 2>&1
-  echo "memcheck rc=$?"; tail -4 "$OUT/memcheck.log"
+  timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool memcheck --error-exitcode 9 $PY tests/test_cuda_kernels.py --small > "$OUT/memcheck.log" 2>&1
+  echo "memcheck rc=$? ($(( $(date +%s) - t0 )) s)"; tail -3 "$OUT/memcheck.log"
   if [ "${RACECHECK:-0}" = "1" ]; then
-    timeout 240 compute-sanitizer --tool racecheck --error-exitcode 9 python tests/test_cuda_kernels.py --small > "$OUT/racecheck.log" 2>&1
-    echo "racecheck rc=$?"; tail -4 "$OUT/racecheck.log"
+    timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool racecheck --error-exitcode 9 $PY tests/test_cuda_kernels.py --small > "$OUT/racecheck.log" 2>&1
+    echo "racecheck rc=$? ($(( $(date +%s) - t0 )) s)"; tail -3 "$OUT/racecheck.log"
   fi
 fi
 if [ "${BENCH:-1}" = "1" ]; then
-  timeout ${BENCH_TIMEOUT:-300} python benchmarks/gpu_bench.py --out "$OUT" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
-  echo "bench rc=$?"; grep -v "^|---" "$OUT/bench.log" | tail -40
+  timeout ${BENCH_TIMEOUT:-300} $PY benchmarks/gpu_bench.py --out "$OUT" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+  echo "bench rc=$? ($(( $(date +%s) - t0 )) s)"; grep -v "^|---" "$OUT/bench.log" | tail -${BENCH_LINES:-45}
 fi
 echo "total: $(( $(date +%s) - t0 )) s"

@@ -1,0 +1,78 @@
+"""Time every compiled tile variant of the CUDA kernels (device-run helper, not part of the package).
+
+For each config and block size: the forward alone per forward variant, and the backward op alone
+(Delta + dQ + dK/dV) per (dQ variant, dK/dV variant). Medians of triton's do_bench. Prints one line
+per measurement and writes tune.json to --out.
+"""
+
+import argparse
+import functools
+import itertools
+import json
+import math
+import os
+import sys
+
+import torch
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "benchmarks"))
+from gpu_bench import csr, pattern
+
+try:
+    import dilated_sparse  # noqa: F401
+except Exception:  # noqa: BLE001
+    torch.ops.load_library(os.environ["DILATED_SPARSE_TEST_LIB"])
+
+ops = torch.ops.dilated_sparse
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--configs", default="1x16x16384x128,1x32x16384x64")
+    ap.add_argument("--blocks", default="128,64")
+    args = ap.parse_args()
+    res = []
+    for cfg in args.configs.split(","):
+        B, H, S, D = (int(x) for x in cfg.split("x"))
+        q, k, v, do = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        scale = 1 / math.sqrt(D)
+        for bs in (int(b) for b in args.blocks.split(",")):
+            mask = pattern(S // bs, "local", 0.10)
+            nnz = int(mask.sum())
+            crow, col, ccol, row = csr(mask, "cuda")
+            fl = 4 * B * H * nnz * bs * bs * D
+            a = (crow, col, bs, bs, 1, 1, scale, False, -1, -1, None, None)
+            for fv in range(4):
+                os.environ["DILATED_SPARSE_FWD_VARIANT"] = str(fv)
+                ms = do_bench(functools.partial(ops.block_sparse_attn_fwd, q, k, v, *a), warmup=10, rep=60, return_mode="median")
+                r = dict(cfg=cfg, block=bs, op="fwd", variant=fv, ms=ms, tflops=fl / ms / 1e9)
+                res.append(r)
+                print(json.dumps(r), flush=True)
+            os.environ.pop("DILATED_SPARSE_FWD_VARIANT")
+            out, lse = ops.block_sparse_attn_fwd(q, k, v, *a)
+            for qv, kv in itertools.product(range(3), range(4)):
+                os.environ["DILATED_SPARSE_DQ_VARIANT"] = str(qv)
+                os.environ["DILATED_SPARSE_DKV_VARIANT"] = str(kv)
+                fn = functools.partial(ops.block_sparse_attn_bwd, do, q, k, v, out, lse, ccol, row, *a)
+                ms = do_bench(fn, warmup=10, rep=60, return_mode="median")
+                r = dict(cfg=cfg, block=bs, op="bwd", variant=f"dq{qv}/dkv{kv}", ms=ms, tflops=2.5 * fl / ms / 1e9)
+                res.append(r)
+                print(json.dumps(r), flush=True)
+            os.environ.pop("DILATED_SPARSE_DQ_VARIANT")
+            os.environ.pop("DILATED_SPARSE_DKV_VARIANT")
+    with open(os.path.join(args.out, "tune.json"), "w") as fh:
+        json.dump(res, fh, indent=1)
+    best = {}
+    for r in res:
+        key = (r["cfg"], r["block"], r["op"])
+        if key not in best or r["ms"] < best[key]["ms"]:
+            best[key] = r
+    for key, r in best.items():
+        print("BEST", key, r["variant"], f"{r['ms']:.3f} ms {r['tflops']:.0f} TF")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Attention-probability dropout over a block-sparse layout (the modules' training path).
+
+The compiled op has no dropout. ``nn.MultiheadAttention`` drops attention *probabilities* in
+training mode, which cannot be expressed through the op's arguments, so when a module has
+``dropout > 0`` and is training it computes attention here instead: plain PyTorch over the
+active blocks only, in an ELL layout (each query-block row padded to the longest row of the
+layout), memory ``O(B * H * nqb * max_row_blocks * block_q * block_k)`` (the size of the
+sparse weights dict, never ``S x S`` unless the layout is dense). Semantics equal the op's
+(causal top-left aligned, key padding mask, empty rows give 0) followed by
+``F.dropout`` on the probabilities, as ``nn.MultiheadAttention`` does. In eval mode, or with
+``dropout == 0``, the modules use the op.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..layout import BlockSparseLayout
+
+__all__ = ["dropout_block_sparse_attention"]
+
+
+def _ell(layout: BlockSparseLayout) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(idx, valid, max_row)``: key blocks per row padded to ``[Lb, Lh, nqb, max_row]``."""
+    counts = layout.row_counts()
+    rows = layout.row_ids()
+    crow = layout.crow_indices.to(torch.int64)
+    max_row = max(int(counts.max().item()) if counts.numel() else 0, 1)
+    pos = torch.arange(layout.nnz, device=rows.device) - crow[rows]
+    n_rows = layout.num_slices * layout.num_query_blocks
+    idx = torch.zeros(n_rows, max_row, dtype=torch.int64, device=rows.device)
+    valid = torch.zeros(n_rows, max_row, dtype=torch.bool, device=rows.device)
+    idx[rows, pos] = layout.col_indices.to(torch.int64)
+    valid[rows, pos] = True
+    shape = (layout.layout_batch, layout.layout_heads, layout.num_query_blocks, max_row)
+    return idx.view(shape), valid.view(shape), max_row
+
+
+def _to_blocks(t: torch.Tensor, block: int, num_blocks: int) -> torch.Tensor:
+    """``[B, S, H, D]`` -> ``[B, H, num_blocks, block, D]`` (zero padded at the end)."""
+    pad = num_blocks * block - t.shape[1]
+    if pad:
+        t = F.pad(t, (0, 0, 0, 0, 0, pad))
+    bsz, _, heads, dim = t.shape
+    return t.view(bsz, num_blocks, block, heads, dim).permute(0, 3, 1, 2, 4)
+
+
+def _weights_from_ell(probs: torch.Tensor, layout: BlockSparseLayout, out_shape: tuple[int, int, int, int]) -> dict[str, Any]:
+    """The sparse weights dict (DESIGN.md section 4) from ELL probabilities.
+
+    ``probs``: ``[B, H, nqb, bq, max_row, bk]``.
+    """
+    bsz, heads = probs.shape[:2]
+    nqb = layout.num_query_blocks
+    bq, bk = layout.block_size
+    rows = layout.row_ids()
+    crow = layout.crow_indices.to(torch.int64)
+    pos = torch.arange(layout.nnz, device=rows.device) - crow[rows]
+    slices = rows // nqb
+    local = torch.arange(layout.nnz, device=rows.device) - crow[slices * nqb]
+    values = probs.new_zeros(bsz, heads, layout.max_slice_nnz, bq, bk)
+    lb, lh = layout.layout_shape
+    for s in range(layout.num_slices):
+        sel = slices == s
+        b_idx = torch.arange(bsz, device=probs.device) if lb == 1 else torch.tensor([s // lh], device=probs.device)
+        h_idx = torch.arange(heads, device=probs.device) if lh == 1 else torch.tensor([s % lh], device=probs.device)
+        qb = (rows[sel] % nqb).to(probs.device)
+        p = pos[sel].to(probs.device)
+        e = local[sel].to(probs.device)
+        block = probs[b_idx.view(-1, 1, 1), h_idx.view(1, -1, 1), qb.view(1, 1, -1), :, p.view(1, 1, -1), :]
+        values[b_idx.view(-1, 1, 1), h_idx.view(1, -1, 1), e.view(1, 1, -1)] = block
+    result: dict[str, Any] = {"block_values": values, "shape": out_shape, "block_size": layout.block_size}
+    if layout.num_slices == 1:
+        result["block_indices"] = torch.stack([layout.row_ids(), layout.col_indices.to(torch.int64)], dim=1)
+    else:
+        result["crow_indices"] = layout.crow_indices
+        result["col_indices"] = layout.col_indices
+        result["layout_shape"] = layout.layout_shape
+    return result
+
+
+def dropout_block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockSparseLayout,
+    *,
+    dropout_p: float,
+    scale: float | None = None,
+    causal: bool = False,
+    window: tuple[int | None, int | None] | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    return_attention_weights: bool = False,
+    block_gate: torch.Tensor | None = None,
+) -> Any:
+    """Block-sparse attention with dropout on the probabilities (differentiable, PyTorch ops).
+
+    Args:
+        q: ``[B, Sq, H, D]``; k, v: ``[B, Sk, Hkv, D]`` (``H % Hkv == 0``).
+        layout: the layout (shared, per-batch or per-head).
+        dropout_p: probability of zeroing an attention probability (survivors are scaled by
+            ``1 / (1 - p)``), as ``nn.MultiheadAttention`` in training mode.
+        scale, causal, window, key_padding_mask: as :func:`dilated_sparse.block_sparse_attention`
+            (``window`` as a ``(left, right)`` pair, ``None`` sides unbounded).
+        return_attention_weights: also return the weights dict of the *dropped* probabilities
+            (what ``nn.MultiheadAttention`` returns in training mode).
+        block_gate: optional ``[B or 1, H or 1, nqb, nkb]`` factors multiplying the exponentiated
+            scores of each block before normalisation (differentiable; used by the adaptive
+            module's straight-through gates). Only the layout's active blocks are read.
+
+    Returns:
+        ``out`` ``[B, Sq, H, D]`` in ``q``'s dtype, or ``(out, weights)``.
+    """
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
+    bsz, sq, heads, dim = q.shape
+    sk, kv_heads = k.shape[1], k.shape[2]
+    if heads % kv_heads:
+        raise ValueError(f"q heads ({heads}) must be a multiple of k/v heads ({kv_heads})")
+    if (layout.seq_len_q, layout.seq_len_k) != (sq, sk):
+        raise ValueError(
+            f"layout was built for seq_len_q={layout.seq_len_q}, seq_len_k={layout.seq_len_k} but q has {sq} "
+            f"and k has {sk} tokens"
+        )
+    layout = layout.to(q.device)
+    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    bq, bk = layout.block_size
+    nqb, nkb = layout.num_query_blocks, layout.num_key_blocks
+    if kv_heads != heads:
+        k = k.repeat_interleave(heads // kv_heads, dim=2)
+        v = v.repeat_interleave(heads // kv_heads, dim=2)
+    qb = _to_blocks(q.to(cdt), bq, nqb)  # [B, H, nqb, bq, D]
+    kb = _to_blocks(k.to(cdt), bk, nkb)  # [B, H, nkb, bk, D]
+    vb = _to_blocks(v.to(cdt), bk, nkb)
+    idx, valid, max_row = _ell(layout)
+    idx = idx.expand(bsz, heads, nqb, max_row)
+    valid = valid.expand(bsz, heads, nqb, max_row)
+    b_i = torch.arange(bsz, device=q.device).view(-1, 1, 1, 1)
+    h_i = torch.arange(heads, device=q.device).view(1, -1, 1, 1)
+    kg = kb[b_i, h_i, idx]  # [B, H, nqb, R, bk, D]
+    vg = vb[b_i, h_i, idx]
+    scores = torch.einsum("bhqid,bhqrjd->bhqirj", qb, kg) * scale  # [B, H, nqb, bq, R, bk]
+    key_pos = idx.unsqueeze(-1) * bk + torch.arange(bk, device=q.device)  # [B, H, nqb, R, bk]
+    mask = valid.unsqueeze(-1) & (key_pos < sk)
+    if key_padding_mask is not None:
+        padded = F.pad(key_padding_mask.to(q.device), (0, nkb * bk - sk), value=True)
+        mask = mask & ~padded[torch.arange(bsz, device=q.device).view(-1, 1, 1, 1, 1), key_pos]
+    mask = mask.unsqueeze(3)  # [B, H, nqb, 1, R, bk]
+    q_pos = (torch.arange(nqb, device=q.device).view(-1, 1) * bq + torch.arange(bq, device=q.device))
+    q_pos = q_pos.view(1, 1, nqb, bq, 1, 1)
+    if causal:
+        mask = mask & (key_pos.unsqueeze(3) <= q_pos)
+    if window is not None:
+        left, right = window
+        if left is not None:
+            mask = mask & (key_pos.unsqueeze(3) >= q_pos - left)
+        if right is not None:
+            mask = mask & (key_pos.unsqueeze(3) <= q_pos + right)
+    mask = mask.expand_as(scores)
+    flat_scores = scores.masked_fill(~mask, float("-inf")).flatten(-2)
+    flat_mask = mask.flatten(-2)
+    row_max = flat_scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    e = torch.exp(flat_scores - row_max) * flat_mask
+    if block_gate is not None:
+        gate = block_gate.to(cdt).expand(bsz, heads, nqb, nkb)
+        gate = torch.gather(gate, 3, idx)  # [B, H, nqb, R]
+        e = (e.view_as(scores) * gate.view(bsz, heads, nqb, 1, max_row, 1)).flatten(-2)
+    denom = e.sum(dim=-1, keepdim=True)
+    probs = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+    probs = F.dropout(probs, p=dropout_p, training=True).view_as(scores)
+    out = torch.einsum("bhqirj,bhqrjd->bhqid", probs, vg)  # [B, H, nqb, bq, D]
+    out = out.permute(0, 2, 3, 1, 4).reshape(bsz, nqb * bq, heads, dim)[:, :sq].to(q.dtype)
+    if not return_attention_weights:
+        return out
+    weights = _weights_from_ell(probs.detach().to(q.dtype), layout, (bsz, heads, sq, sk))
+    return out, weights

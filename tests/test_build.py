@@ -1,0 +1,182 @@
+"""The wheel and JIT build paths, and the shared source list (dilated_sparse/_sources.py).
+
+* The loaded extension reports how it was built; CI sets ``DILATED_SPARSE_EXPECT_MODE=wheel``
+  after ``pip install -e .``, so there the compiled module must be what is loaded.
+* JIT: a fresh process with ``DILATED_SPARSE_JIT=1`` builds (or reuses from the cache) the same
+  sources with ``torch.utils.cpp_extension.load`` and runs the op.
+* Wheel: ``pip wheel --no-build-isolation`` of a copy of the tree (CPU-only), unpacked into a
+  directory and imported from there in a process that cannot see the source tree.
+  ``DILATED_SPARSE_SKIP_WHEEL_TEST=1`` skips it (it compiles the extension once more, ~1 min).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import dilated_sparse as ds
+from dilated_sparse import _sources
+from dilated_sparse._extension import extension_info
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A forward + backward of the op against the dense reference, run in a child process.
+CHECK_SCRIPT = textwrap.dedent(
+    """
+    import json, torch, dilated_sparse as ds
+    from dilated_sparse._extension import extension_info
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 0, 1], [0, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    layout = ds.BlockSparseLayout.from_dense_mask(mask, block_size=16, seq_len_q=40)
+    q, k, v = (torch.randn(2, 40, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = ds.block_sparse_attention(q, k, v, layout, causal=True)
+    ref = ds.reference_attention(q, k, v, layout, causal=True)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    err = max([(out - ref).abs().max().item()] + [(g - r).abs().max().item() for g, r in zip(grads, ref_grads)])
+    print(json.dumps({"info": extension_info(), "err": err, "file": ds.__file__}))
+    """
+)
+
+
+def _run_check(env: dict[str, str], cwd: Path, timeout: int = 1200) -> dict:
+    import json
+
+    proc = subprocess.run([sys.executable, "-c", CHECK_SCRIPT], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"child failed:\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("DILATED_SPARSE_BUILD_CUDA", "0")
+    env.setdefault("MAX_JOBS", "2")
+    env.update(extra)
+    return env
+
+
+# ---------------------------------------------------------------------------- source list
+def test_cpp_sources_are_ops_and_every_cpu_file():
+    sources = _sources.cpp_sources(ROOT)
+    assert sources[0] == "csrc/ops.cpp"
+    cpu = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").rglob("*.cpp"))
+    assert sources[1:] == cpu and cpu
+    assert all((ROOT / s).is_file() for s in sources)
+
+
+def test_cuda_instantiation_filter(monkeypatch):
+    inst = sorted((ROOT / "csrc" / "cuda" / "instantiations").glob("*.cu"))
+    if not inst:
+        pytest.skip("no CUDA instantiation files in this checkout")
+    monkeypatch.delenv("DILATED_SPARSE_CUDA_INSTANTIATIONS", raising=False)
+    everything = _sources.cuda_sources(ROOT)
+    assert len([s for s in everything if "instantiations" in s]) == len(inst)
+    monkeypatch.setenv("DILATED_SPARSE_CUDA_INSTANTIATIONS", "hdim64_bf16")
+    subset = [s for s in _sources.cuda_sources(ROOT) if "instantiations" in s]
+    assert subset and all("hdim64_bf16" in s for s in subset)
+    assert len(subset) == len([p for p in inst if "hdim64_bf16" in p.stem])
+    # files outside instantiations/ are always built
+    assert [s for s in _sources.cuda_sources(ROOT) if "instantiations" not in s] == [
+        s for s in everything if "instantiations" not in s
+    ]
+    monkeypatch.setenv("DILATED_SPARSE_CUDA_INSTANTIATIONS", "fwd_*_fp16")
+    subset = [Path(s).stem for s in _sources.cuda_sources(ROOT) if "instantiations" in s]
+    assert subset and all(s.startswith("fwd_") and s.endswith("_fp16") for s in subset)
+
+
+def test_build_cuda_zero_forces_cpu_only(monkeypatch):
+    monkeypatch.setenv("DILATED_SPARSE_BUILD_CUDA", "0")
+    assert _sources.want_cuda(ROOT) is False
+    assert _sources.define_macros(False) == []
+    macros = dict(_sources.define_macros(True))
+    assert "DILATED_SPARSE_WITH_CUDA" in macros and ";" not in (macros["DILATED_SPARSE_CUDA_ARCHS"] or "")
+
+
+def test_sources_cmake_listing():
+    proc = subprocess.run([sys.executable, str(ROOT / "dilated_sparse" / "_sources.py"), "--cmake", "cpp"],
+                          capture_output=True, text=True, check=True)
+    listed = proc.stdout.split(";")
+    assert listed == [str(ROOT / s) for s in _sources.cpp_sources(ROOT)]
+
+
+# ----------------------------------------------------------------------- loaded extension
+def test_loaded_extension_reports_its_build():
+    info = extension_info()
+    assert info["mode"] in ("wheel", "jit")
+    expected = os.environ.get("DILATED_SPARSE_EXPECT_MODE")
+    if expected:
+        assert info["mode"] == expected, info
+    assert info["cpu_isa"] in ("default", "avx2", "avx512")
+    assert isinstance(info["cuda"], bool)
+    if not info["cuda"]:
+        assert info["archs"] == [] and info["head_dims"] == []
+    names = {"block_sparse_attn_fwd", "block_sparse_attn_bwd", "block_sparse_attn_weights"}
+    for name in names:
+        assert hasattr(torch.ops.dilated_sparse, name)
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dilated_sparse::{name}", "CPU"), name
+    assert ds.extension_available()
+
+
+# -------------------------------------------------------------------------------- JIT path
+@pytest.mark.slow
+def test_jit_build_loads_and_runs(tmp_path):
+    """DILATED_SPARSE_JIT=1 builds with torch.utils.cpp_extension.load (cached) and runs the op."""
+    if shutil.which("ninja") is None and not (Path(sys.executable).parent / "ninja").exists():
+        pytest.skip("ninja is needed by torch.utils.cpp_extension.load")
+    env = _child_env(DILATED_SPARSE_JIT="1", PYTHONPATH=str(ROOT))
+    result = _run_check(env, cwd=tmp_path)
+    assert result["info"]["mode"] == "jit"
+    assert result["info"]["cuda"] is False
+    assert result["err"] < 1e-9
+    assert Path(result["file"]).resolve().parent == (ROOT / "dilated_sparse").resolve()
+
+
+# ------------------------------------------------------------------------------ wheel path
+def _copy_tree_for_build(dst: Path) -> None:
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, dst / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.o", "build", "*.egg-info")
+    shutil.copytree(ROOT / "csrc", dst / "csrc", ignore=ignore)
+    shutil.copytree(ROOT / "dilated_sparse", dst / "dilated_sparse", ignore=ignore)
+
+
+@pytest.mark.slow
+def test_wheel_build_installs_and_runs(tmp_path):
+    """``pip wheel --no-build-isolation`` of the tree: the wheel carries the compiled module."""
+    if os.environ.get("DILATED_SPARSE_SKIP_WHEEL_TEST") == "1":
+        pytest.skip("DILATED_SPARSE_SKIP_WHEEL_TEST=1")
+    src = tmp_path / "src"
+    src.mkdir()
+    _copy_tree_for_build(src)
+    wheels = tmp_path / "wheels"
+    env = _child_env()
+    env.pop("DILATED_SPARSE_JIT", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w", str(wheels), str(src)],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1800,
+    )
+    assert proc.returncode == 0, f"pip wheel failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    built = list(wheels.glob("dilated_sparse-*.whl"))
+    assert len(built) == 1, list(wheels.iterdir())
+    with zipfile.ZipFile(built[0]) as zf:
+        names = zf.namelist()
+        assert any(n.startswith("dilated_sparse/_C") and n.endswith(".so") for n in names), names
+        for module in ("__init__.py", "layout.py", "ops.py", "reference.py", "_extension.py", "_sources.py"):
+            assert f"dilated_sparse/{module}" in names
+        site = tmp_path / "site"
+        zf.extractall(site)
+    env = _child_env(PYTHONPATH=str(site))
+    env.pop("DILATED_SPARSE_JIT", None)
+    result = _run_check(env, cwd=tmp_path)
+    assert result["info"]["mode"] == "wheel"
+    assert Path(result["file"]).resolve().parent == (site / "dilated_sparse").resolve()
+    assert result["err"] < 1e-9
