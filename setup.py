@@ -38,13 +38,13 @@ def _extensions():
         nvcc = src.nvcc_path()
         os.environ.setdefault("CUDA_HOME", str(Path(nvcc).resolve().parent.parent))
     sources = src.cpp_sources(ROOT) + (src.cuda_sources(ROOT) if with_cuda else [])
-    kwargs = dict(
-        name="dilated_sparse._C",
-        sources=sources,
-        include_dirs=src.include_dirs(ROOT, with_cuda=with_cuda),
-        define_macros=src.define_macros(with_cuda),
-        extra_compile_args={"cxx": list(src.CXX_FLAGS), "nvcc": list(src.NVCC_FLAGS)},
-    )
+    kwargs = {
+        "name": "dilated_sparse._C",
+        "sources": sources,
+        "include_dirs": src.include_dirs(ROOT, with_cuda=with_cuda),
+        "define_macros": src.define_macros(with_cuda),
+        "extra_compile_args": {"cxx": list(src.CXX_FLAGS), "nvcc": list(src.NVCC_FLAGS)},
+    }
     print(f"dilated_sparse: building {'CPU+CUDA' if with_cuda else 'CPU-only'} extension, {len(sources)} sources")
     return [CUDAExtension(**kwargs) if with_cuda else CppExtension(**kwargs)]
 

@@ -61,7 +61,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--window-size", type=int, default=2048, help="local window in tokens (local patterns)")
     p.add_argument("--global-tokens", type=int, default=256)
     p.add_argument("--sparsity-ratio", type=float, default=None,
-                   help="fraction of blocks dropped, for the patterns that take a target (e.g. dilated_sparse)")
+                   help="target for the patterns that take one (e.g. dilated_sparse), as dilated_sparse.patterns "
+                        "defines it")
     p.add_argument("--shardings", default="contiguous,zigzag", help="comma-separated: contiguous, zigzag, balanced")
     p.add_argument("--causal", action="store_true")
     p.add_argument("--backward", action="store_true", help="time forward + backward")

@@ -33,16 +33,16 @@ def pattern(nb: int, kind: str, density: float) -> torch.Tensor:
     i = torch.arange(nb)[:, None]
     j = torch.arange(nb)[None, :]
     if kind == "local":
-        w = max(0, int(round(density * nb / 2 - 0.5)))
+        w = max(0, round(density * nb / 2 - 0.5))
         return (i - j).abs() <= w
     if kind == "dilated":
-        r = max(2, int(round(1.0 / max(density - 3.0 / nb, 1e-3))))
+        r = max(2, round(1.0 / max(density - 3.0 / nb, 1e-3)))
         return ((i - j).abs() <= 1) | ((j % r) == (i % r))
     if kind == "causal_local":
-        w = max(0, int(round(density * nb - 0.5)))
+        w = max(0, round(density * nb - 0.5))
         return (j <= i) & (i - j <= w)
     if kind == "global_local":  # one global block row and column plus a local band
-        w = max(0, int(round((density - 2.0 / nb) * nb / 2 - 0.5)))
+        w = max(0, round((density - 2.0 / nb) * nb / 2 - 0.5))
         return ((i - j).abs() <= w) | (i == 0) | (j == 0)
     raise ValueError(kind)
 
@@ -165,10 +165,10 @@ def main() -> int:
                             return F.scaled_dot_product_attention(qt, kt, vt)
                     fm, fbm = bench(f, [qt, kt, vt], True)
                     fl = 4 * B * H * S * S * D
-                    emit(dict(cfg=cfg, pattern="dense", impl=name, block=0, density=1.0, fwd_ms=fm,
-                              fwdbwd_ms=fbm, tf_fwd=fl / fm / 1e9, tf_fwdbwd=3.5 * fl / fbm / 1e9))
+                    emit({"cfg": cfg, "pattern": "dense", "impl": name, "block": 0, "density": 1.0, "fwd_ms": fm,
+                              "fwdbwd_ms": fbm, "tf_fwd": fl / fm / 1e9, "tf_fwdbwd": 3.5 * fl / fbm / 1e9})
                 except Exception as e:  # noqa: BLE001
-                    emit(dict(cfg=cfg, pattern="dense", impl=name, error=str(e)[:120]))
+                    emit({"cfg": cfg, "pattern": "dense", "impl": name, "error": str(e)[:120]})
             del qt, kt, vt
         for kind, dens in kinds:
             for bs in ((128, 64) if kind == "local" and dens == 0.10 else (128,)):
@@ -185,10 +185,10 @@ def main() -> int:
 
                 try:
                     fm, fbm = bench(ours, [q, k, v], True)
-                    emit(dict(cfg=cfg, pattern=pname, impl="ours", block=bs, density=density, fwd_ms=fm,
-                              fwdbwd_ms=fbm, tf_fwd=fl / fm / 1e9, tf_fwdbwd=3.5 * fl / fbm / 1e9))
+                    emit({"cfg": cfg, "pattern": pname, "impl": "ours", "block": bs, "density": density, "fwd_ms": fm,
+                              "fwdbwd_ms": fbm, "tf_fwd": fl / fm / 1e9, "tf_fwdbwd": 3.5 * fl / fbm / 1e9})
                 except Exception as e:  # noqa: BLE001
-                    emit(dict(cfg=cfg, pattern=pname, impl="ours", block=bs, error=str(e)[:200]))
+                    emit({"cfg": cfg, "pattern": pname, "impl": "ours", "block": bs, "error": str(e)[:200]})
                 if flex is None or bs != 128:
                     continue
                 lay_dev = lay_mask.to(dev)
@@ -207,12 +207,12 @@ def main() -> int:
                         a, b_ = fx().float(), ours().float()
                         diff = ((a - b_).norm() / b_.norm()).item()
                     fm, fbm = bench(fx, [qf, kf, vf], True)
-                    emit(dict(cfg=cfg, pattern=pname, impl="flex", block=bs, density=density, fwd_ms=fm,
-                              fwdbwd_ms=fbm, tf_fwd=fl / fm / 1e9, tf_fwdbwd=3.5 * fl / fbm / 1e9,
-                              rel_diff_vs_ours=diff))
+                    emit({"cfg": cfg, "pattern": pname, "impl": "flex", "block": bs, "density": density, "fwd_ms": fm,
+                              "fwdbwd_ms": fbm, "tf_fwd": fl / fm / 1e9, "tf_fwdbwd": 3.5 * fl / fbm / 1e9,
+                              "rel_diff_vs_ours": diff})
                     del qf, kf, vf
                 except Exception as e:  # noqa: BLE001
-                    emit(dict(cfg=cfg, pattern=pname, impl="flex", block=bs, error=str(e)[:200]))
+                    emit({"cfg": cfg, "pattern": pname, "impl": "flex", "block": bs, "error": str(e)[:200]})
         del q, k, v
         torch.cuda.empty_cache()
 
@@ -228,16 +228,16 @@ def main() -> int:
         base = torch.cuda.memory_allocated()
         _Attn.apply(q, k, v, lay, bs, bs, 1.0 / math.sqrt(D)).backward(g)
         torch.cuda.synchronize()
-        mem.append(dict(what=f"fwd+bwd B1 H16 S{S} D128 local10% bs128",
-                        peak_extra_MiB=(torch.cuda.max_memory_allocated() - base) / 2**20,
-                        qkv_MiB=3 * q.numel() * 2 / 2**20, dense_scores_would_be_MiB=H * S * S * 2 / 2**20))
+        mem.append({"what": f"fwd+bwd B1 H16 S{S} D128 local10% bs128",
+                        "peak_extra_MiB": (torch.cuda.max_memory_allocated() - base) / 2**20,
+                        "qkv_MiB": 3 * q.numel() * 2 / 2**20, "dense_scores_would_be_MiB": H * S * S * 2 / 2**20})
         del q, k, v, g
     S, B, H, D, bs = 8192, 1, 16, 128, 128
     q, k = (torch.randn(B, S, H, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
     lay_mask = pattern(S // bs, "local", 0.10)
     crow, col, _, _ = csr(lay_mask, dev)
     nnz = int(lay_mask.sum())
-    out, lse = torch.ops.dilated_sparse.block_sparse_attn_fwd(q, k, k, crow, col, bs, bs, 1, 1, 0.1, False, -1, -1,
+    _out, lse = torch.ops.dilated_sparse.block_sparse_attn_fwd(q, k, k, crow, col, bs, bs, 1, 1, 0.1, False, -1, -1,
                                                              None, None)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -245,9 +245,9 @@ def main() -> int:
     w = torch.ops.dilated_sparse.block_sparse_attn_weights(q, k, lse, crow, col, bs, bs, 1, 1, nnz, 0.1, False, -1,
                                                           -1, None, None)
     torch.cuda.synchronize()
-    mem.append(dict(what=f"weights B1 H16 S{S} D128 local10% bs128 (nnz={nnz})",
-                    peak_extra_MiB=(torch.cuda.max_memory_allocated() - base) / 2**20,
-                    dense_would_be_MiB=B * H * S * S * 2 / 2**20, result_MiB=w.numel() * 2 / 2**20))
+    mem.append({"what": f"weights B1 H16 S{S} D128 local10% bs128 (nnz={nnz})",
+                    "peak_extra_MiB": (torch.cuda.max_memory_allocated() - base) / 2**20,
+                    "dense_would_be_MiB": B * H * S * S * 2 / 2**20, "result_MiB": w.numel() * 2 / 2**20})
 
     # Ratios: speed-up of ours over flex (same block mask, block 128) and over dense SDPA (time ratio).
     flex_rows = {(r["cfg"], r["pattern"]): r for r in rows if r.get("impl") == "flex" and "error" not in r}
@@ -264,15 +264,15 @@ def main() -> int:
             r["x_dense_fwd"] = d["fwd_ms"] / r["fwd_ms"]
             r["x_dense_fwdbwd"] = d["fwdbwd_ms"] / r["fwdbwd_ms"]
     peers = _peer_status()
-    info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, time=time.strftime("%Y-%m-%d %H:%M"),
-                command=" ".join(sys.argv), rows=rows, memory=mem, other_peers=peers)
+    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M"),
+                "command": " ".join(sys.argv), "rows": rows, "memory": mem, "other_peers": peers}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_bench.json"), "w") as fh:
         json.dump(info, fh, indent=1)
     nan = float("nan")
     lines = [f"{info['device']}, torch {info['torch']}", "",
-             "| config | pattern | impl | block | fwd ms | fwd TF/s | fwd+bwd ms | fwd+bwd TF/s | x flex fwd | "
-             "x flex f+b | x dense fwd | x dense f+b |",
+             ("| config | pattern | impl | block | fwd ms | fwd TF/s | fwd+bwd ms | fwd+bwd TF/s | x flex fwd | "
+             "x flex f+b | x dense fwd | x dense f+b |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:

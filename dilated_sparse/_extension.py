@@ -26,7 +26,7 @@ from typing import Any
 
 from . import _sources
 
-__all__ = ["load_extension", "extension_info", "jit_build"]
+__all__ = ["extension_info", "jit_build", "load_extension"]
 
 _LOCK = threading.Lock()
 _MODULE: ModuleType | None = None
@@ -108,7 +108,7 @@ def load_extension() -> ModuleType:
             _MODULE = jit_build(verbose=_env_flag("DILATED_SPARSE_JIT_VERBOSE"))
             _MODE = "jit"
             return _MODULE
-        except Exception as error:  # noqa: BLE001 - reported with both causes
+        except Exception as error:
             if wheel_error is None:
                 reason = "DILATED_SPARSE_JIT=1 was set"
             else:

@@ -62,9 +62,9 @@ def cuda_sources(root: Path = ROOT) -> list[str]:
     for path in sorted(cuda_dir.rglob("*")):
         if path.suffix not in (".cu", ".cpp") or not path.is_file():
             continue
-        if patterns and "instantiations" in path.relative_to(cuda_dir).parts:
-            if not any(fnmatch.fnmatch(path.stem, p) for p in patterns):
-                continue
+        selectable = patterns and "instantiations" in path.relative_to(cuda_dir).parts
+        if selectable and not any(fnmatch.fnmatch(path.stem, p) for p in patterns):
+            continue
         files.append(path)
     return _rel(files, root)
 

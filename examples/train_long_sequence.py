@@ -105,8 +105,8 @@ def synthetic_batch(batch: int, seq_len: int, vocab: int, period: int, noise: fl
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seq-len", type=int, default=4096)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=80)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)

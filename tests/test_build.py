@@ -50,7 +50,7 @@ CHECK_SCRIPT = textwrap.dedent(
 def _run_check(env: dict[str, str], cwd: Path, timeout: int = 1200) -> dict:
     import json
 
-    proc = subprocess.run([sys.executable, "-c", CHECK_SCRIPT], env=env, cwd=cwd, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", CHECK_SCRIPT], check=False, env=env, cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, f"child failed:\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -162,7 +162,7 @@ def test_wheel_build_installs_and_runs(tmp_path):
     env.pop("DILATED_SPARSE_JIT", None)
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w", str(wheels), str(src)],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1800,
+        check=False, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1800,
     )
     assert proc.returncode == 0, f"pip wheel failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     built = list(wheels.glob("dilated_sparse-*.whl"))

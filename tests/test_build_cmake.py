@@ -52,7 +52,7 @@ def _torch_cuda_args(env: dict[str, str]) -> list[str]:
 
 
 def _run(cmd: list[str], env: dict[str, str], cwd: Path, timeout: int = 1800) -> str:
-    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, check=False, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
     return proc.stdout
 

@@ -255,7 +255,8 @@ def case_module_compute_input(rank: int, world: int) -> dict[str, Any]:
     sparse = ds.configs.SparsePatternConfig(pattern_type="local_window", local_window_size=48, block_size=16)
     module = BlockSparseRingDistributedDilatedAttention(sparse_config=sparse, distributed_config=cfg)
     q, k, v, dout = _tensors(2, seq, 4, 2, 8, torch.float64, seed=9)
-    split = zigzag_sharding(seq, world, 16)
+    split = module.current_sharding(seq, 4, causal=True)
+    assert split.segments == zigzag_sharding(seq, world, 16).segments
     ql, kl, vl = (split.split(t, rank).clone().requires_grad_() for t in (q, k, v))
     out = module(ql, kl, vl, is_causal=True, seq_len=seq)
     out.backward(split.split(dout, rank))

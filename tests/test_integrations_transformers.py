@@ -89,7 +89,7 @@ def test_llama_left_padding_matches_sdpa_on_real_tokens():
 def test_generate_through_cache_matches_sdpa():
     model = tiny_llama("sdpa")
     prompt = ids(2, 37)
-    kwargs = dict(max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(prompt), pad_token_id=0)
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "attention_mask": torch.ones_like(prompt), "pad_token_id": 0}
     with torch.no_grad():
         expected = model.generate(prompt, **kwargs)
         hf.apply_dilated_sparse(model, "dense", block_size=16)
@@ -132,6 +132,44 @@ def test_attention_function_equals_reference_on_sparse_layout(causal):
     expected = ds.reference_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout, scale=0.3,
                                       causal=causal, key_padding_mask=keep == 0)
     torch.testing.assert_close(out, expected, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 20])
+@pytest.mark.parametrize("q_len", [1, 13, 40])
+def test_queries_at_the_end_of_the_keys_match_the_full_pass(q_len, sliding_window):
+    """Cache decoding: the last q_len queries against all kv_len keys equal the last rows of the full pass."""
+    g = torch.Generator().manual_seed(4)
+    b, h, hkv, s, d = 2, 4, 1, 77, 8
+    q = torch.randn(b, h, s, d, generator=g, dtype=torch.float64)
+    k = torch.randn(b, hkv, s, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, hkv, s, d, generator=g, dtype=torch.float64)
+    stub = _Stub({"pattern": "dilated_sparse", "block_size": [16, 16], "segment_lengths": [32, 64],
+                  "dilation_rates": [1, 2]}, True)
+    full, _ = hf.dilated_sparse_attention_forward(stub, q, k, v, None, sliding_window=sliding_window)
+    tail, _ = hf.dilated_sparse_attention_forward(stub, q[:, :, -q_len:], k, v, None, sliding_window=sliding_window)
+    torch.testing.assert_close(tail, full[:, -q_len:], atol=1e-12, rtol=1e-12)
+    layout = hf.layout_for(stub._dilated_sparse_spec, s, s, "cpu", causal=True)
+    window = None if sliding_window is None else (sliding_window - 1, None)
+    expected = ds.reference_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout, causal=True,
+                                      window=window)
+    torch.testing.assert_close(full, expected, atol=1e-9, rtol=1e-9)
+
+
+def test_mistral_sliding_window_dense_pattern_matches_sdpa():
+    config = transformers.MistralConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=512, sliding_window=24, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = transformers.MistralForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+    x = ids(2, 70)
+    kwargs = {"max_new_tokens": 5, "do_sample": False, "attention_mask": torch.ones_like(x), "pad_token_id": 0}
+    with torch.no_grad():
+        expected, expected_tokens = model(input_ids=x).logits, model.generate(x, **kwargs)
+        hf.apply_dilated_sparse(model, "dense", block_size=16)
+        actual, tokens = model(input_ids=x).logits, model.generate(x, **kwargs)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(tokens, expected_tokens)
 
 
 def _cache_kwarg(model: torch.nn.Module, output) -> dict:

@@ -1,5 +1,5 @@
 """SparseTransformerBlock: every method trains in a short CPU loop (the loss falls), plus the
-SparseAttention wrapper's checks."""
+SparseMethodAttention wrapper's checks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,17 @@ import pytest
 import torch
 
 import dilated_sparse as ds
-from dilated_sparse.methods import SparseAttention, SparseTransformerBlock, available_methods
+from dilated_sparse.methods import SparseMethodAttention, SparseTransformerBlock, available_methods
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny tensors: one intra-op thread is as fast and immune to oversubscribed CI cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 SEQ, D_MODEL, HEADS, STEPS = 48, 32, 2, 30
 KERNEL_METHODS = {"block_topk", "sla", "bigbird", "block", "block_neighbour", "dilated", "local", "longformer",
@@ -87,7 +97,7 @@ def test_block_with_key_padding_and_gqa_wrapper():
     x2[0, 20:] = 100.0  # padded positions cannot influence the unpadded ones
     out2 = block(x2, key_padding_mask=kpm)
     torch.testing.assert_close(out[0, :20], out2[0, :20])
-    attn = SparseAttention("sparsek", num_heads=4, head_dim=8, num_kv_heads=2, k_keep=4)
+    attn = SparseMethodAttention("sparsek", num_heads=4, head_dim=8, num_kv_heads=2, k_keep=4)
     q = torch.randn(1, 12, 4, 8)
     kv = torch.randn(1, 12, 2, 8)
     assert attn(q, kv, kv, causal=True).shape == q.shape
@@ -95,13 +105,13 @@ def test_block_with_key_padding_and_gqa_wrapper():
 
 def test_wrapper_rejects_bad_arguments():
     with pytest.raises(ValueError, match="unknown sparse method"):
-        SparseAttention("nope", 2, 8)
+        SparseMethodAttention("nope", 2, 8)
     with pytest.raises(TypeError, match="unknown options"):
-        SparseAttention("topk", 2, 8, top_kk=3)
+        SparseMethodAttention("topk", 2, 8, top_kk=3)
     with pytest.raises(TypeError, match="pattern="):
-        SparseAttention("pattern", 2, 8)
+        SparseMethodAttention("pattern", 2, 8)
     with pytest.raises(ValueError, match="multiple"):
         SparseTransformerBlock(30, 4)
     with pytest.raises(ValueError, match="x must be"):
         SparseTransformerBlock(32, 2)(torch.randn(2, 5, 16))
-    assert SparseAttention("bernoulli", 2, 8, max_seq_len=32, block_size=16).method == "gated"
+    assert SparseMethodAttention("bernoulli", 2, 8, max_seq_len=32, block_size=16).method == "gated"

@@ -19,6 +19,16 @@ from dilated_sparse.methods import (
     row_quantiles,
 )
 
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny tensors: one intra-op thread is as fast and immune to oversubscribed CI cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 F64 = torch.float64
 needs_op = pytest.mark.skipif(not ds.extension_available(), reason="compiled extension not available")
 

@@ -10,6 +10,16 @@ import torch
 import dilated_sparse as ds
 from dilated_sparse.methods import entmax15, entmax_attention, entmax_bisect, sparsemax, sparsemax_attention
 
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny tensors: one intra-op thread is as fast and immune to oversubscribed CI cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 entmax = pytest.importorskip("entmax")
 
 F64 = torch.float64
@@ -216,3 +226,11 @@ def test_entmax_attention_float32_and_chunking_invariance():
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     ref = entmax_attention(*(t.detach().double() for t in (q, k, v)), 1.5)
     torch.testing.assert_close(a.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_entmax_and_sparsemax_attention_bfloat16():
+    q, k, v = (t.detach().to(torch.bfloat16) for t in _qkv(1, 40, 40, 2, 1, 16, seed=4))
+    for fn in (lambda *a: entmax_attention(*a, alpha=1.5, causal=True), lambda *a: sparsemax_attention(*a)):
+        out = fn(q, k, v)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.double(), fn(q.double(), k.double(), v.double()), rtol=2e-2, atol=2e-2)

@@ -20,6 +20,16 @@ from dilated_sparse.methods import (
     sla_block_classes,
 )
 
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny tensors: one intra-op thread is as fast and immune to oversubscribed CI cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 F64 = torch.float64
 needs_op = pytest.mark.skipif(not ds.extension_available(), reason="compiled extension not available")
 
@@ -244,3 +254,44 @@ def test_geco_multiplier_and_gradients():
     assert torch.equal(before, geco.lagrange_multiplier)
     with pytest.raises(ValueError, match="ema"):
         GECO(1.0, ema=1.0)
+
+
+# ----------------------------------------------------------------------------- fully masked rows
+def _all_methods():
+    from dilated_sparse import methods as M
+
+    u = torch.randn(2, 40, 2, dtype=F64)
+    fns = {
+        "topk": lambda q, k, v, m: M.topk_attention(q, k, v, 4, key_padding_mask=m),
+        "adaptive_topk": lambda q, k, v, m: M.adaptive_topk(q, k, v, torch.tensor([2.0, 3.0], dtype=F64), 6,
+                                                            key_padding_mask=m),
+        "entmax": lambda q, k, v, m: M.entmax_attention(q, k, v, 1.5, key_padding_mask=m),
+        "sparsemax": lambda q, k, v, m: M.sparsemax_attention(q, k, v, key_padding_mask=m),
+        "gumbel": lambda q, k, v, m: M.gumbel_softmax_attention(q, k, v, 0.5, key_padding_mask=m),
+        "gated": lambda q, k, v, m: M.block_gated_attention(q, k, v, torch.ones(1, 3, 3, dtype=F64), 16,
+                                                            key_padding_mask=m),
+        "rela": lambda q, k, v, m: M.rela_attention(q, k, v, key_padding_mask=m),
+        "sparsek": lambda q, k, v, m: M.sparsek_attention(q, k, v, u, 4, causal=True, key_padding_mask=m),
+        "lsh": lambda q, k, v, m: M.lsh_attention(q, k, v, n_buckets=2, chunk_size=16, key_padding_mask=m),
+    }
+    if ds.extension_available():
+        fns.update({
+            "block_topk": lambda q, k, v, m: M.block_topk_attention(q, k, v, 2, 16, key_padding_mask=m),
+            "sla": lambda q, k, v, m: M.sla_attention(q, k, v, block_size=16, critical_fraction=0.34,
+                                                      key_padding_mask=m),
+            "bigbird": lambda q, k, v, m: M.bigbird_attention(q, k, v, block_size=16, key_padding_mask=m),
+        })
+    return fns
+
+
+@pytest.mark.parametrize("name", sorted(_all_methods()))
+def test_fully_masked_rows_give_zeros_without_nan(name):
+    q, k, v = _qkv(2, 40, 40, 2, 2, 8, seed=9)
+    kpm = torch.zeros(2, 40, dtype=torch.bool)
+    kpm[1] = True  # every key of batch 1 is padding
+    out = _all_methods()[name](q, k, v, kpm)
+    assert torch.isfinite(out).all() and (out[1] == 0).all()
+    assert out[0].abs().sum() > 0
+    grads = _grads(out, [q, k, v])
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert (grads[0][1] == 0).all() and (grads[2][1] == 0).all()

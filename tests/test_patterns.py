@@ -175,6 +175,13 @@ def test_sparse_transformer_local_and_strided(sq, sk, bs, ctx):
         assert torch.equal(mask_of(strided), want_strided)
 
 
+@pytest.mark.parametrize("sq,sk,bs,ctx", [(33, 33, 32, 32), (65, 70, (32, 16), 17), (47, 33, (16, 32), 31)])
+def test_sparse_transformer_strided_corner_cases(sq, sk, bs, ctx):
+    # partial last blocks where the only admissible offset i - j sits at an end of the range
+    lay = P.sparse_transformer_strided(seq_len_q=sq, seq_len_k=sk, block_size=bs, local_attn_ctx=ctx)
+    assert torch.equal(mask_of(lay), token_cover(lambda i, j: (i - j) % ctx == 0, sq, sk, bs))
+
+
 def test_sparse_transformer_all_is_dense():
     for causal in (False, True):
         lay = P.make_layout("all", seq_len_q=250, seq_len_k=333, block_size=(32, 16), causal=causal)
@@ -195,6 +202,7 @@ def test_sparse_transformer_blocksize_conflict():
 def test_hierarchical_matches_definition(sq, sk, bs, causal):
     levels = [
         {"stride": 1, "window_size": 40, "block_size": 8},
+        {"stride": 47, "window_size": 100, "block_size": 16},  # 47, 95, ... end 16-token blocks
         {"stride": 96, "window_size": 200, "block_size": 64},
         {"stride": 320, "window_size": -1, "block_size": 128},
     ]
@@ -420,7 +428,7 @@ def _dilated_blocks(nq, nk, segs, rates, head=None):
 @pytest.mark.parametrize("sq,sk", [(1000, 1000), (900, 1111), (1111, 900)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_dilated_sparse_matches_longnet_blocks(sq, sk, causal):
-    bs, segs_tok, rates = 32, [128, 256, 640], [1, 2, 4]
+    bs, segs_tok, rates = 32, [150, 256, 700], [1, 2, 4]  # segments need not be whole blocks
     lay = P.dilated_sparse(seq_len_q=sq, seq_len_k=sk, block_size=bs, segment_lengths=segs_tok,
                            dilation_rates=rates, causal=causal)
     nq, nk = nblocks(sq, sk, bs)
@@ -487,12 +495,19 @@ def test_dilated_sparse_target(ratio, causal):
 
 # -------------------------------------------------------------------------- target density
 def _nearest(qb, k, sq, sk, bs, causal):
+    """The k key blocks nearest query block qb by token gap, ties to the past, then by column."""
     bq, bk = bs_pair(bs)
-    _nq, nk = nblocks(sq, sk, bs)
-    last_q = min((qb + 1) * bq, sq) - 1
-    center = min(((qb * bq + last_q) // 2) // bk, nk - 1)
-    limit = min(last_q // bk, nk - 1) if causal else nk - 1
-    return sorted(sorted(range(limit + 1), key=lambda c: (abs(c - center), c))[:k])
+    _, nk = nblocks(sq, sk, bs)
+    qs, qe = qb * bq, min((qb + 1) * bq, sq) - 1
+    limit = min(qe // bk, nk - 1) if causal else nk - 1
+
+    def key(c):
+        ks, ke = c * bk, min((c + 1) * bk, sk) - 1
+        if ks > qe:
+            return (ks - qe, 1, c)
+        return (max(0, qs - ke), 0, c)
+
+    return sorted(sorted(range(limit + 1), key=key)[:k])
 
 
 @pytest.mark.parametrize("sq,sk,bs", GEOMETRIES[:3])
@@ -510,10 +525,12 @@ def test_local_window_target(sq, sk, bs, ratio, causal):
     check_even_fill([len(r) for r in rows], caps_of(sq, sk, bs, causal))
     for qb, cols in enumerate(rows):  # the k blocks nearest the diagonal, ties to the past
         assert cols == _nearest(qb, len(cols), sq, sk, bs, causal)
-    # a window given as well only orders the candidates: same count
-    both = P.local_window(seq_len_q=sq, seq_len_k=sk, block_size=bs, sparsity_ratio=ratio, causal=causal,
-                          window_size=64)
-    assert both.nnz == lay.nnz
+    # a symmetric window given as well only orders the candidates (nearest first, ties to the
+    # past), whether it holds more or fewer blocks than a row keeps: the same layout
+    for ws in (40, 200):
+        both = P.local_window(seq_len_q=sq, seq_len_k=sk, block_size=bs, sparsity_ratio=ratio, causal=causal,
+                              window_size=ws)
+        assert both.equal(lay)
 
 
 def test_local_window_target_with_asymmetric_window_prefers_window():

@@ -7,14 +7,19 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <deque>
+#include <mutex>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "common.cuh"
+#include "kernels.cuh"
 #include "params.h"
 
 namespace dilated_sparse::cuda {
@@ -130,7 +135,77 @@ __global__ void plan_kernel(const int* __restrict__ ptr, const int* __restrict__
 
 struct PlanBufs {
   at::Tensor len, start, tile, mask, order;
+  at::Tensor work, split;  // split plan (fwd), see make_split
+  int64_t nwork = 0, nsplit = 0, nslots = 0;
 };
+
+// Load balance for heavy rows (a global row walks every key block): rows longer than a chunk C are
+// cut into pieces that run as separate CTAs and are merged by lse (merge_kernel). C is the average
+// work per CTA slot (2 CTAs per SM), so a heavy row never outlasts the rest of the grid by much;
+// DILATED_SPARSE_SPLIT_CHUNK=<entries> forces C (tests), DILATED_SPARSE_SPLIT=0 disables splitting.
+// Needs the row lengths on the host: one device->host copy when the plan is built (plans are cached
+// per layout, so once per layout), never while the stream is being captured into a graph.
+void make_split(PlanBufs& keep, TileList& tl, int rep, cudaStream_t stream) {
+  static const char* off = std::getenv("DILATED_SPARSE_SPLIT");
+  if (off != nullptr && std::string(off) == "0") return;
+  cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &cap) != cudaSuccess || cap != cudaStreamCaptureStatusNone) return;
+  const at::Tensor len_h = keep.len.to(at::kCPU);
+  const int* len = len_h.data_ptr<int>();
+  const int64_t nst = len_h.numel();
+  int64_t total = 0;
+  int maxlen = 0;
+  for (int64_t i = 0; i < nst; ++i) {
+    total += len[i];
+    maxlen = std::max(maxlen, len[i]);
+  }
+  int64_t chunk;
+  const char* env = std::getenv("DILATED_SPARSE_SPLIT_CHUNK");
+  if (env != nullptr && *env != '\0') {
+    chunk = std::max<int64_t>(1, std::atoll(env));
+  } else {
+    int dev = 0, sms = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    const int64_t slots = 2 * static_cast<int64_t>(std::max(sms, 1));
+    chunk = std::max<int64_t>(8, (total * rep + slots - 1) / slots);
+  }
+  if (maxlen <= chunk) return;
+  std::vector<int> work, split;
+  int64_t nslots = 0;
+  for (int64_t st = 0; st < nst; ++st) {
+    const int n = len[st];
+    const int64_t pieces = n > chunk ? (n + chunk - 1) / chunk : 1;
+    if (pieces == 1) {
+      work.insert(work.end(), {static_cast<int>(st), 0, n, -1});
+      continue;
+    }
+    const int64_t step = (n + pieces - 1) / pieces;
+    split.insert(split.end(), {static_cast<int>(st), static_cast<int>(nslots), static_cast<int>(pieces), 0});
+    for (int64_t q = 0; q < pieces; ++q) {
+      const int e0 = static_cast<int>(std::min<int64_t>(n, q * step));
+      const int e1 = static_cast<int>(std::min<int64_t>(n, (q + 1) * step));
+      work.insert(work.end(), {static_cast<int>(st), e0, e1, static_cast<int>(nslots + q)});
+    }
+    nslots += pieces;
+  }
+  const int64_t nwork = static_cast<int64_t>(work.size() / 4);
+  std::vector<int64_t> idx(nwork);
+  for (int64_t i = 0; i < nwork; ++i) idx[i] = i;
+  std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) {
+    return work[4 * a + 2] - work[4 * a + 1] > work[4 * b + 2] - work[4 * b + 1];
+  });
+  std::vector<int> sorted(work.size());
+  for (int64_t i = 0; i < nwork; ++i) std::copy_n(&work[4 * idx[i]], 4, &sorted[4 * i]);
+  auto opt = at::TensorOptions().dtype(at::kInt);
+  keep.work = at::from_blob(sorted.data(), {nwork, 4}, opt).to(keep.len.device(), /*non_blocking=*/false);
+  keep.split = at::from_blob(split.data(), {static_cast<int64_t>(split.size() / 4), 4}, opt)
+                   .to(keep.len.device(), /*non_blocking=*/false);
+  keep.nwork = nwork;
+  keep.nsplit = static_cast<int64_t>(split.size() / 4);
+  keep.nslots = nslots;
+  tl.work = reinterpret_cast<const int4*>(keep.work.data_ptr<int>());
+}
 
 TileList build_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb, int prim_tokens,
                      int PT, int pb, int ST, int sb, int rep, int hdec, PlanBufs& keep,
@@ -182,6 +257,69 @@ TileList build_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int np
   tl.tile = tilep;
   tl.mask = maskp;
   tl.order = keep.order.data_ptr<int64_t>();
+  return tl;
+}
+
+// Tile lists are pure functions of the index tensors and the tile parameters, and a layout is
+// reused across calls (every training step, forward and backward): cache the last few plans. An
+// entry holds strong references to the index tensors, so their TensorImpls cannot be freed and
+// reused while cached; the version counters catch in-place edits. Set DILATED_SPARSE_PLAN_CACHE=0 to
+// disable. Inference tensors (no version counter) are never cached.
+struct PlanCacheEntry {
+  at::Tensor ptr, idx;
+  int64_t ptr_ver = 0, idx_ver = 0;
+  int params[8] = {};
+  cudaStream_t stream = nullptr;
+  PlanBufs bufs;
+  TileList tl;
+};
+
+TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb, int prim_tokens,
+                    int PT, int pb, int ST, int sb, int rep, int hdec, PlanBufs& keep,
+                    cudaStream_t stream, bool allow_split = false) {
+  static std::mutex* mu = new std::mutex();
+  static std::deque<PlanCacheEntry>* cache = new std::deque<PlanCacheEntry>();  // never freed (exit order)
+  static const bool enabled = [] {
+    const char* e = std::getenv("DILATED_SPARSE_PLAN_CACHE");
+    return e == nullptr || std::string(e) != "0";
+  }();
+  if (!enabled || ptr.is_inference() || idx.is_inference()) {
+    TileList tl = build_tiles(ptr, idx, L, npb, prim_tokens, PT, pb, ST, sb, rep, hdec, keep, stream);
+    if (allow_split) make_split(keep, tl, rep, stream);
+    return tl;
+  }
+  const int params[8] = {L, npb, prim_tokens, PT, pb, ST, sb, allow_split ? 1 : 0};
+  const int64_t pv = ptr._version(), iv = idx._version();
+  std::lock_guard<std::mutex> lock(*mu);
+  for (auto it = cache->begin(); it != cache->end(); ++it) {
+    if (it->ptr.unsafeGetTensorImpl() == ptr.unsafeGetTensorImpl() &&
+        it->idx.unsafeGetTensorImpl() == idx.unsafeGetTensorImpl() && it->ptr_ver == pv &&
+        it->idx_ver == iv && it->stream == stream && std::equal(params, params + 8, it->params)) {
+      keep = it->bufs;
+      TileList tl = it->tl;
+      tl.rep = rep;
+      tl.hdec = hdec;
+      if (it != cache->begin()) {
+        PlanCacheEntry e = std::move(*it);
+        cache->erase(it);
+        cache->push_front(std::move(e));
+      }
+      return tl;
+    }
+  }
+  TileList tl = build_tiles(ptr, idx, L, npb, prim_tokens, PT, pb, ST, sb, rep, hdec, keep, stream);
+  if (allow_split) make_split(keep, tl, rep, stream);
+  PlanCacheEntry e;
+  e.ptr = ptr;
+  e.idx = idx;
+  e.ptr_ver = pv;
+  e.idx_ver = iv;
+  std::copy(params, params + 8, e.params);
+  e.stream = stream;
+  e.bufs = keep;
+  e.tl = tl;
+  cache->push_front(std::move(e));
+  while (cache->size() > 16) cache->pop_back();
   return tl;
 }
 
@@ -457,10 +595,28 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
   const int rep = static_cast<int>(B * H / L);
   auto stream = c10::cuda::getCurrentCUDAStream();
   PlanBufs keep;
-  p.tl = build_tiles(crow_c, col_c, L, p.nqb, p.Sq, kf.pm, p.bq, kf.sn, p.bk, rep, p.H, keep, stream);
-  const int64_t items = static_cast<int64_t>(L) * p.tl.ntiles * rep;
-  kf.fn(p, items, stream);
+  p.tl = plan_tiles(crow_c, col_c, L, p.nqb, p.Sq, kf.pm, p.bq, kf.sn, p.bk, rep, p.H, keep, stream,
+                    /*allow_split=*/true);
+  at::Tensor opart, lpart;
+  if (p.tl.work != nullptr) {
+    opart = at::empty({keep.nslots * rep * kf.pm * D}, q.options().dtype(at::kFloat));
+    lpart = at::empty({keep.nslots * rep * kf.pm}, q.options().dtype(at::kFloat));
+    p.opart = opart.data_ptr<float>();
+    p.lpart = lpart.data_ptr<float>();
+  }
+  const int64_t units = p.tl.work != nullptr ? keep.nwork : static_cast<int64_t>(L) * p.tl.ntiles;
+  kf.fn(p, units * rep, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.tl.work != nullptr && keep.nsplit > 0) {
+    const auto* split = reinterpret_cast<const int4*>(keep.split.data_ptr<int>());
+    const unsigned grid = static_cast<unsigned>(keep.nsplit * rep);
+    if (q.scalar_type() == at::kHalf) {
+      merge_kernel<__half><<<grid, 256, 0, stream>>>(p, split, kf.pm);
+    } else {
+      merge_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(p, split, kf.pm);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   return {out, lse};
 }
 
@@ -534,7 +690,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   {
     const int rep = static_cast<int>(B * H / L);
     Params pq = p;
-    pq.tl = build_tiles(crow_c, col_c, L, p.nqb, p.Sq, kdq.pm, p.bq, kdq.sn, p.bk, rep, p.H, keep_q,
+    pq.tl = plan_tiles(crow_c, col_c, L, p.nqb, p.Sq, kdq.pm, p.bq, kdq.sn, p.bk, rep, p.H, keep_q,
                         stream);
     kdq.fn(pq, static_cast<int64_t>(L) * pq.tl.ntiles * rep, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -544,7 +700,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
                               : static_cast<int>(p.Lb == 1 ? B : 1);
     const int hdec = p.Lh == 1 ? p.Hkv : p.H;
     Params pk = p;
-    pk.tl = build_tiles(ccol_c, rowi_c, L, p.nkb, p.Sk, kdkv.pm, p.bk, kdkv.sn, p.bq, rep, hdec,
+    pk.tl = plan_tiles(ccol_c, rowi_c, L, p.nkb, p.Sk, kdkv.pm, p.bk, kdkv.sn, p.bq, rep, hdec,
                         keep_k, stream);
     kdkv.fn(pk, static_cast<int64_t>(L) * pk.tl.ntiles * rep, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

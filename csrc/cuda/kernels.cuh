@@ -23,12 +23,10 @@ __device__ __forceinline__ int layout_slice(const Params& p, int b, int h) {
   return (p.Lb == 1 ? 0 : b) * p.Lh + (p.Lh == 1 ? 0 : h);
 }
 
-// Work item -> (slice, primary tile, batch, head). Items come longest tile first.
-__device__ __forceinline__ void decode_item(const Params& p, int64_t item, int& s, int& t, int& b,
-                                            int& h) {
+// (slice-tile, repeat index) -> (slice, primary tile, batch, head).
+__device__ __forceinline__ void decode_st(const Params& p, int64_t st, int r, int& s, int& t, int& b,
+                                          int& h) {
   const TileList& tl = p.tl;
-  const int64_t st = tl.order[item / tl.rep];
-  const int r = static_cast<int>(item % tl.rep);
   s = static_cast<int>(st / tl.ntiles);
   t = static_cast<int>(st % tl.ntiles);
   if (p.Lb == 1 && p.Lh == 1) {
@@ -44,6 +42,14 @@ __device__ __forceinline__ void decode_item(const Params& p, int64_t item, int& 
     b = s / p.Lh;
     h = s % p.Lh;
   }
+}
+
+// Work item -> (slice, primary tile, batch, head). Items come longest tile first.
+__device__ __forceinline__ void decode_item(const Params& p, int64_t item, int& s, int& t, int& b,
+                                            int& h) {
+  const TileList& tl = p.tl;
+  const int64_t st = tl.work != nullptr ? tl.work[item / tl.rep].x : tl.order[item / tl.rep];
+  decode_st(p, st, static_cast<int>(item % tl.rep), s, t, b, h);
 }
 
 // The secondary tiles walked by one primary tile.
@@ -186,7 +192,14 @@ __global__ void __launch_bounds__(FwdCfg<kD, kBM, kBN, kMT>::kWarps * 32, 1)
   const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
   const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
   const Rules R = make_rules(p, b);
-  const Entries E = make_entries(p.tl, s, t);
+  Entries E = make_entries(p.tl, s, t);
+  int e0 = 0, slot = -1;
+  if (p.tl.work != nullptr) {  // a piece of a split row: entries [e0, e1), partial result to `slot`
+    const int4 w = p.tl.work[blockIdx.x / p.tl.rep];
+    e0 = w.y;
+    E.n = w.z;
+    slot = w.w;
+  }
   const uint64_t full = p.tl.full;
 
   load_tile<T, kBM, kD, kNT>(sQ, qg, p.q_ss, m0, p.Sq, p.D, tid);
@@ -203,7 +216,7 @@ __global__ void __launch_bounds__(FwdCfg<kD, kBM, kBN, kMT>::kWarps * 32, 1)
 
   int kt = 0, state = 0;
   uint64_t msk = 0;
-  int it = find(0, kt, msk, state);
+  int it = find(e0, kt, msk, state);
   if (it < E.n) {
     load_tile<T, kBN, kD, kNT>(sK, kg, p.k_ss, kt * kBN, p.Sk, p.D, tid);
     load_tile<T, kBN, kD, kNT>(sV, vg, p.v_ss, kt * kBN, p.Sk, p.D, tid);
@@ -353,6 +366,26 @@ __global__ void __launch_bounds__(FwdCfg<kD, kBM, kBN, kMT>::kWarps * 32, 1)
   }
   cp_async_wait<0>();
 
+  if (slot >= 0) {  // split row: normalised partial output and its lse, merged by merge_kernel
+    const int64_t ws = static_cast<int64_t>(slot) * p.tl.rep + static_cast<int>(blockIdx.x % p.tl.rep);
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float l = quad_sum(lrow[mt][r]);
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const int il = wrow + mt * 16 + g + r * 8;
+        float* orow = p.opart + (ws * kBM + il) * p.D;
+#pragma unroll
+        for (int nt = 0; nt < kD / 8; ++nt) {
+          const int d = nt * 8 + 2 * t4;
+          if (d < p.D) *reinterpret_cast<float2*>(orow + d) = make_float2(acc[mt][nt][2 * r] * inv, acc[mt][nt][2 * r + 1] * inv);
+        }
+        if (t4 == 0) p.lpart[ws * kBM + il] = l > 0.f ? (mrow[mt][r] + __log2f(l)) * kLn2 : -INFINITY;
+      }
+    }
+    return;
+  }
   // Epilogue.
   T* og = static_cast<T*>(p.out);
 #pragma unroll
@@ -775,6 +808,46 @@ __global__ void __launch_bounds__(DkvCfg<kD, kBN, kBM, kDO>::kWarps * 32, 1)
 // ---------------------------------------------------------------------------------------------
 // Launchers (instantiated per dtype and head dim in instantiations/*.cu)
 // ---------------------------------------------------------------------------------------------
+
+// ---------------------------------------------------------------------------------------------
+// Merge of split forward rows: out = sum_p exp(lse_p - lse) O_p, lse = logsumexp_p lse_p, pieces in
+// a fixed order (deterministic). One CTA per (split tile, repeat); a warp per row.
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+__global__ void __launch_bounds__(256) merge_kernel(const __grid_constant__ Params p, const int4* split,
+                                                    int bm) {
+  const int rep = p.tl.rep;
+  const int4 sp = split[blockIdx.x / rep];
+  const int r = static_cast<int>(blockIdx.x % rep);
+  int s, t, b, h;
+  decode_st(p, sp.x, r, s, t, b, h);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int il = warp; il < bm; il += blockDim.x / 32) {
+    const int i = t * bm + il;
+    if (i >= p.Sq) break;
+    float mx = -INFINITY;
+    for (int q = 0; q < sp.z; ++q) mx = fmaxf(mx, p.lpart[(static_cast<int64_t>(sp.y + q) * rep + r) * bm + il]);
+    float sum = 0.f;
+    if (mx != -INFINITY) {
+      for (int q = 0; q < sp.z; ++q) sum += expf(p.lpart[(static_cast<int64_t>(sp.y + q) * rep + r) * bm + il] - mx);
+    }
+    const float lse = mx == -INFINITY ? -INFINITY : mx + logf(sum);
+    T* orow = static_cast<T*>(p.out) + ((static_cast<int64_t>(b) * p.Sq + i) * p.H + h) * p.D;
+    for (int d = lane; d < p.D; d += 32) {
+      float o = 0.f;
+      if (mx != -INFINITY) {
+        for (int q = 0; q < sp.z; ++q) {
+          const int64_t ws = (static_cast<int64_t>(sp.y + q) * rep + r) * bm + il;
+          const float lp = p.lpart[ws];
+          if (lp != -INFINITY) o += expf(lp - lse) * p.opart[ws * p.D + d];
+        }
+      }
+      orow[d] = from_float<T>(o);
+    }
+    if (lane == 0) p.lse_out[(static_cast<int64_t>(b) * p.H + h) * p.Sq + i] = lse;
+  }
+}
 
 // The dynamic shared-memory limit is raised once per kernel and device (`done` is a static of the
 // calling launcher, so one per kernel instantiation).

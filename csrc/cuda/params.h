@@ -31,6 +31,8 @@ struct TileList {
   int sec_sub = 0;              // min(secondary block, secondary tile)
   int nsub = 1;                 // secondary sub-blocks per secondary tile
   uint64_t full = ~0ull;        // mask of a fully active tile pair
+  const int4* work = nullptr;   // split plan (fwd): {slice-tile, entry begin, entry end, slot or -1},
+                                // longest first; replaces `order` when set
   int rep = 1;                  // work items per slice-tile (the (b, h) pairs sharing a slice)
   int hdec = 0;                 // heads decoded from a work item (H, or Hkv for dK/dV with Lh == 1)
 };
@@ -45,6 +47,8 @@ struct Params {
   float* lse_out = nullptr;    // fwd, [B, H, Sq]
   const float* lse = nullptr;  // bwd / weights input, [B, H, Sq]
   float* delta = nullptr;      // bwd workspace, [B, H, Sq]
+  float* opart = nullptr;      // fwd split rows: partial outputs [slots * rep, kBM, D] fp32
+  float* lpart = nullptr;      // fwd split rows: partial lse [slots * rep, kBM]
   void* dq = nullptr;
   void* dk = nullptr;
   void* dv = nullptr;

@@ -260,12 +260,19 @@ class BlockSparseRingDistributedDilatedAttention(nn.Module):
         self._layouts[key] = (layout, step, source)
         return layout
 
-    def current_sharding(self, seq_len: int, num_heads: int = 1) -> SequenceSharding | None:
-        """The compute split in use for ``seq_len`` (``None`` before the first call at that length)."""
-        for key, (sharding, _) in self._shardings.items():
-            if key[0] == seq_len and key[1] == num_heads:
-                return sharding
-        return None
+    def current_sharding(self, seq_len: int, num_heads: int = 1, causal: bool = False) -> SequenceSharding:
+        """The compute split of ``seq_len`` tokens: the one in use, or the one the next call will use.
+
+        For ``input_sharding="compute"`` callers, who must hand ``forward`` their shard of this
+        split. It builds the layout when there is none yet (for a callable pattern that is a
+        broadcast from rank 0: call it on every rank).
+        """
+        group = self.process_group()
+        rank, world = _group_rank_world(group)
+        del rank
+        step = self._calls.get(seq_len, 0)
+        layout = self._layout_for(seq_len, num_heads, step, group, world, torch.device("cpu"))
+        return self._compute_sharding(layout, world, causal, step, num_heads)
 
     def _compute_sharding(self, layout: BlockSparseLayout, world: int, causal: bool, step: int,
                           num_heads: int) -> SequenceSharding:

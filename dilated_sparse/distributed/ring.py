@@ -458,9 +458,14 @@ def get_ring_plan(
 
 # ------------------------------------------------------------------------------ public op
 def _group_info(group: Any) -> tuple[int, int]:
-    if group is None and not (dist.is_available() and dist.is_initialized()):
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise RuntimeError("group was given but torch.distributed is not initialised")
         return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("this process is not a member of the given process group")
+    return rank, dist.get_world_size(group)
 
 
 def ring_block_sparse_attention(

@@ -25,8 +25,11 @@ diagonal are dropped). Grouped-query attention is passed straight to the kernel 
 
 Masks: a 2-D padding mask (the tokenizer's ``attention_mask``) becomes the kernel's
 ``key_padding_mask``; no ``[B, 1, S, S]`` mask is ever built (the module registers its own mask
-function in ``AttentionMaskInterface``). Generation with a ``DynamicCache`` works: queries that sit at
-the end of a longer key sequence use the rows of the full-length layout that hold them.
+function in ``AttentionMaskInterface``). A ``sliding_window`` passed by the model (Mistral, Qwen2,
+...) becomes the kernel's left window. Generation with a cache works: queries that sit at the end of
+a longer key sequence use the rows of the full-length layout that hold them (pattern positions are
+counted over the keys the cache holds, so with a sliding-window cache that drops old keys a sparse
+pattern is positioned relative to the kept keys).
 
 Not supported (clear error or one warning): attention dropout (warned once, not applied: the fused
 kernel has no dropout), soft-capping, attention sinks, position biases (T5), custom 4-D masks and
@@ -177,6 +180,23 @@ def _query_rows(layout: BlockSparseLayout, first_block: int, seq_len_q: int) -> 
     )
 
 
+def _empty_rows_before(layout: BlockSparseLayout, first_block: int) -> BlockSparseLayout:
+    """``layout`` with the query-block rows before ``first_block`` emptied in every slice."""
+    nqb = layout.num_query_blocks
+    counts = layout.row_counts()
+    device = counts.device
+    rows = torch.arange(counts.numel(), device=device)
+    kept_rows = (rows % nqb) >= first_block
+    entry_rows = torch.repeat_interleave(rows, counts, output_size=layout.nnz)
+    new_crow = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=device)
+    new_crow[1:] = torch.cumsum(counts * kept_rows, 0)
+    return BlockSparseLayout(
+        new_crow, layout.col_indices[kept_rows[entry_rows]], block_size=layout.block_size,
+        seq_len_q=layout.seq_len_q, seq_len_k=layout.seq_len_k, layout_batch=layout.layout_batch,
+        layout_heads=layout.layout_heads, validate=False,
+    )
+
+
 # --------------------------------------------------------------------------- masks
 def dilated_sparse_mask(
     batch_size: int,
@@ -283,18 +303,28 @@ def dilated_sparse_attention_forward(
         out = block_sparse_attention(q, k, v, layout, scale=scaling, causal=causal, window=window,
                                      key_padding_mask=kpm)
         return out, None
-    # Queries are the last q_len of kv_len positions (generation with a cache): take the rows of
-    # the full square layout that hold them, pad the queries to the block boundary on the left and
-    # express causality as a right window counted from the first kept block.
+    # Queries are the last q_len of kv_len positions (generation with a cache).
     full = layout_for(spec, kv_len, kv_len, query.device, causal=True)
     first_block = offset // full.block_q
-    start = first_block * full.block_q
-    pad = offset - start
-    layout = _query_rows(full, first_block, pad + q_len)
+    if left < 0:
+        # Take the rows of the full square layout that hold the queries, pad the queries on the
+        # left to that block boundary and express causality as a right window counted from it.
+        start = first_block * full.block_q
+        pad = offset - start
+        layout = _query_rows(full, first_block, pad + q_len)
+        window = (None, start)
+        causal_in_kernel = False
+    else:
+        # A left window bound needs query and key positions to coincide: pad the queries by the
+        # whole offset and empty the rows before them (the kernel skips empty rows).
+        pad = offset
+        layout = _empty_rows_before(full, first_block)
+        window = (left, None)
+        causal_in_kernel = True
     if pad:
         q = torch.cat([q.new_zeros(batch, pad, heads, q.shape[-1]), q], dim=1)
-    window = (None if left < 0 else left, start)
-    out = block_sparse_attention(q, k, v, layout, scale=scaling, causal=False, window=window, key_padding_mask=kpm)
+    out = block_sparse_attention(q, k, v, layout, scale=scaling, causal=causal_in_kernel, window=window,
+                                 key_padding_mask=kpm)
     return out[:, pad:], None
 
 

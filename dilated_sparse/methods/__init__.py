@@ -40,7 +40,7 @@ metrics                           ``binary_sparsity``, ``normalized_entropy``, `
 from __future__ import annotations
 
 from ._common import rowwise_attention
-from .block import SparseAttention, SparseTransformerBlock, available_methods
+from .block import SparseMethodAttention, SparseTransformerBlock, available_methods
 from .block_topk import block_scores, block_topk_attention, block_topk_layout, fixed_row_layout, pool_blocks
 from .geco import GECO
 from .gumbel import GumbelTemperatureSchedule, LearnableBlockMask, block_gated_attention, gumbel_softmax_attention
@@ -69,8 +69,8 @@ __all__ = [
     "GumbelTemperatureSchedule",
     "LearnableBlockMask",
     "ReLA",
-    "SparseAttention",
     "SparseK",
+    "SparseMethodAttention",
     "SparseTransformerBlock",
     "adaptive_topk",
     "adaptive_topk_attention",

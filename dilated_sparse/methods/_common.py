@@ -1,7 +1,8 @@
 """Shared pieces of the sparse-attention methods: checks, masks and the row-chunked driver.
 
 Every method in :mod:`dilated_sparse.methods` that needs the scores of a query against its keys
-(top-k, entmax, ReLA, Gumbel, SPARSEK, gated masks) runs through :func:`rowwise_attention`. It
+(entmax, sparsemax, ReLA, Gumbel, SPARSEK, gated masks, top-k over a layout) runs through
+:func:`rowwise_attention` (dense top-k has its own select-then-gather path in ``topk.py``). It
 never builds a ``Sq x Sk`` tensor: queries are processed in chunks (dense case: ``chunk x Sk``
 scores) or in groups of query-block rows of a :class:`~dilated_sparse.BlockSparseLayout` (only the
 keys of the active blocks are gathered: ``rows x block_q x row keys`` scores). Each chunk is

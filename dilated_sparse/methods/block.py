@@ -1,6 +1,6 @@
 """A pre-norm transformer block whose attention is any method of :mod:`dilated_sparse.methods`.
 
-:class:`SparseAttention` wraps one method behind ``forward(q, k, v, *, causal, key_padding_mask)``
+:class:`SparseMethodAttention` wraps one method behind ``forward(q, k, v, *, causal, key_padding_mask)``
 (holding its learnable parts, layout caches and schedules); :class:`SparseTransformerBlock` is the
 usual pre-norm block ``x + Attn(LN(x))``, ``x + MLP(LN(x))`` around it, so every method can be
 trained and compared on the same footing. Methods that carry a regulariser (the L0 penalty of the
@@ -29,7 +29,7 @@ from .sla import SLA
 from .sparsek import SparseK
 from .topk import AdaptiveTopK, topk_attention
 
-__all__ = ["SparseAttention", "SparseTransformerBlock", "available_methods"]
+__all__ = ["SparseMethodAttention", "SparseTransformerBlock", "available_methods"]
 
 # method name -> the pattern name it runs through the block-sparse kernel (fixed layouts)
 _PATTERN_METHODS = {
@@ -49,7 +49,7 @@ _METHODS = (
 
 
 def available_methods() -> list[str]:
-    """Names accepted by :class:`SparseAttention` and :class:`SparseTransformerBlock`."""
+    """Names accepted by :class:`SparseMethodAttention` and :class:`SparseTransformerBlock`."""
     return sorted(set(_METHODS))
 
 
@@ -57,7 +57,7 @@ def _pop(options: dict[str, Any], name: str, default: Any) -> Any:
     return options.pop(name, default)
 
 
-class SparseAttention(nn.Module):
+class SparseMethodAttention(nn.Module):
     """One sparse-attention method as a module: ``forward(q, k, v, *, causal, key_padding_mask)``.
 
     Args:
@@ -293,7 +293,7 @@ class SparseTransformerBlock(nn.Module):
         mlp_ratio: hidden width of the MLP over ``d_model``.
         dropout: dropout on the two residual branches.
         causal: causal self-attention.
-        **method_options: passed to :class:`SparseAttention`.
+        **method_options: passed to :class:`SparseMethodAttention`.
 
     Input ``x`` is ``[B, S, E]``; ``key_padding_mask`` (bool ``[B, S]``, True = padding) is
     optional.
@@ -309,7 +309,7 @@ class SparseTransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(d_model)
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
-        self.attention = SparseAttention(sparse_method, n_heads, self.head_dim, **method_options)
+        self.attention = SparseMethodAttention(sparse_method, n_heads, self.head_dim, **method_options)
         self.norm2 = nn.LayerNorm(d_model)
         hidden = round(mlp_ratio * d_model)
         self.mlp = nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, d_model))
@@ -321,7 +321,7 @@ class SparseTransformerBlock(nn.Module):
         return self.attention.method
 
     def regularization(self) -> torch.Tensor:
-        """The attention method's penalty (see :meth:`SparseAttention.regularization`)."""
+        """The attention method's penalty (see :meth:`SparseMethodAttention.regularization`)."""
         return self.attention.regularization()
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:

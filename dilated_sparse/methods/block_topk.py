@@ -4,8 +4,8 @@
 Long-Context LLMs", 2025) and XAttention (Xu et al., "XAttention: Block Sparse Attention with
 Antidiagonal Scoring", 2025) in spirit: each query block scores every key block by the dot product
 of the mean-pooled query block and the mean-pooled key block, keeps ``blocks_per_row`` of them
-(with ``causal``, the block holding the query block's last position is always kept and future
-blocks are ranked last, as MoBA does), and runs exact attention over the kept blocks with
+(with ``causal``, the query block's own key block is always kept and future blocks are ranked
+last, as MoBA does; key blocks made only of padding are ranked last too), and runs exact attention over the kept blocks with
 :func:`dilated_sparse.block_sparse_attention`. The CSR layout is built on the device with no host
 synchronisation: every row has exactly ``blocks_per_row`` entries, so ``crow_indices`` is an
 arange and ``col_indices`` the sorted top-k indices.

@@ -30,7 +30,7 @@ _CONFIG_FIELDS = ("pattern_type", "sparsity_ratio", "block_size", "local_window_
                   "global_tokens", "pattern_options")
 _OPTIONS: dict[str, tuple[str, ...]] = {
     "base": ("segment_lengths", "dilation_rates", "sparse_config", "cache_size", *_CONFIG_FIELDS, *_COMMON),
-    "hierarchical": ("hierarchical_config", "block_size", *_COMMON),
+    "hierarchical": ("segment_lengths", "dilation_rates", "hierarchical_config", "block_size", *_COMMON),
     "adaptive": ("segment_lengths", "dilation_rates", "num_heads", "head_dim", "adaptive_config", "block_size",
                  "sparsity_ratio", *_COMMON),
     "multihead": ("embed_dim", "num_heads", "segment_lengths", "dilation_rates", "sparse_config", "sparsity_ratio",

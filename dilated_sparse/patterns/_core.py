@@ -166,10 +166,19 @@ class Geometry:
             return self.causal_limit()
         return torch.full((self.nqb,), self.nkb - 1, dtype=torch.int64, device=self.device)
 
-    def center(self) -> torch.Tensor:
-        """The key block holding each query block's middle token (the block diagonal)."""
-        mid = (self.q_start() + self.q_end()) // 2
-        return torch.clamp(mid // self.block_k, max=self.nkb - 1)
+    def nearness(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Sort key of key block ``cols`` for query block ``rows``: nearer first, ties to the past.
+
+        ``2 * gap + after``, where ``gap`` is the number of tokens between the two blocks' token
+        spans (0 when they overlap) and ``after`` is 1 for a key block after the query block.
+        """
+        qs = rows * self.block_q
+        qe = torch.clamp(qs + self.block_q, max=self.seq_len_q) - 1
+        ks = cols * self.block_k
+        ke = torch.clamp(ks + self.block_k, max=self.seq_len_k) - 1
+        after = ks > qe
+        gap = torch.where(after, ks - qe, torch.clamp(qs - ke, min=0))
+        return gap * 2 + after.long()
 
     # pattern grid ------------------------------------------------------------------------
     @property
@@ -389,18 +398,15 @@ def select_to_counts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exactly ``k[r]`` key blocks per query block ``r`` (layout level).
 
-    Candidates (``rows``, ``cols``; lower ``prio`` first, then nearer the block diagonal, then
-    lower column) are kept up to ``k[r]``; rows with fewer candidates are completed with the
-    nearest free key blocks to the diagonal within ``[0, limit[r]]`` (ties to the past).
-    ``k[r] <= limit[r] + 1`` is required.
+    Candidates (``rows``, ``cols``) are taken lower ``prio`` first, then nearer the query block
+    (:meth:`Geometry.nearness`: token gap, ties to the past), then lower column, up to ``k[r]``;
+    rows with fewer candidates are completed with the nearest other key blocks in
+    ``[0, limit[r]]``. ``k[r] <= limit[r] + 1`` is required. O(candidates + sum(k)).
     """
     nqb, nkb = geom.nqb, geom.nkb
-    center = geom.center()
     rows, cols, prio = dedupe_min_prio(rows, cols, prio, nkb)
     if rows.numel():
-        off = cols - center[rows]
-        dist = off.abs() * 2 + (off > 0).long()  # nearer the diagonal first, ties to the past
-        order = lexsort([rows, prio, dist])
+        order = lexsort([rows, prio, geom.nearness(rows, cols), cols])
         rows, cols = rows[order], cols[order]
         keep = rank_in_group(rows, nqb) < k[rows]
         rows, cols = rows[keep], cols[keep]
@@ -408,14 +414,16 @@ def select_to_counts(
     fill_rows = torch.nonzero(need > 0).flatten()
     if fill_rows.numel() == 0:
         return rows, cols
+    # The k nearest blocks of a row lie within k blocks of the key blocks its tokens overlap.
     kk = k[fill_rows]
-    start = torch.clamp(center[fill_rows] - kk // 2, min=0)
-    start = torch.minimum(start, limit[fill_rows] - kk + 1)
-    fr, fc, _ = expand_ranges(fill_rows, start, kk)
+    first = torch.clamp(geom.q_start()[fill_rows] // geom.block_k, max=nkb - 1)
+    last = torch.clamp(geom.q_end()[fill_rows] // geom.block_k, max=nkb - 1)
+    lo = torch.clamp(first - kk, min=0)
+    hi = torch.minimum(limit[fill_rows], last + kk)
+    fr, fc = block_range(fill_rows, lo, hi)
     fresh = ~torch.isin(fr * nkb + fc, rows * nkb + cols)
     fr, fc = fr[fresh], fc[fresh]
-    off = fc - center[fr]
-    order = lexsort([fr, off.abs() * 2 + (off > 0).long()])
+    order = lexsort([fr, geom.nearness(fr, fc), fc])
     fr, fc = fr[order], fc[order]
     keep = rank_in_group(fr, nqb) < need[fr]
     return torch.cat([rows, fr[keep]]), torch.cat([cols, fc[keep]])

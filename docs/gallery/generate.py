@@ -13,7 +13,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from dilated_sparse.cli import main  # noqa: E402
+from dilated_sparse.cli import main
 
 SEQ_LEN, BLOCK = "2048", "64"
 

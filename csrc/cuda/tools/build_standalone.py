@@ -12,7 +12,7 @@ from torch.utils import cpp_extension
 
 root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.join(root, "dilated_sparse"))
-import _sources  # noqa: E402
+import _sources
 
 srcs = [os.path.join(root, "csrc/cuda/tools/schema_only.cc")] + [os.path.join(root, s) for s in _sources.cuda_sources()]
 build = os.path.join(os.environ.get("TMPDIR", "/tmp"), "ds_standalone")

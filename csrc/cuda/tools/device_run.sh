@@ -29,9 +29,14 @@ fi
 if [ -n "${VARIANTS:-}" ]; then  # the tests again with every kernel forced to tile variant v
   for vv in $VARIANTS; do
     DILATED_SPARSE_FWD_VARIANT=$vv DILATED_SPARSE_DQ_VARIANT=$vv DILATED_SPARSE_DKV_VARIANT=$vv \
-      DILATED_SPARSE_FUZZ=${VFUZZ:-100} timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py > "$OUT/tests_v$vv.log" 2>&1
-    echo "variant $vv tests rc=$? ($(( $(date +%s) - t0 )) s)"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests_v$vv.log" | tail -8
+      DILATED_SPARSE_FUZZ=${VFUZZ:-100} timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py > "$OUT/tests_v.log" 2>&1
+    echo "variant $vv tests rc=$? ($(( $(date +%s) - t0 )) s)"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests_v.log" | tail -8
+    cat "$OUT/tests_v.log" >> "$OUT/tests_variants.log"; rm -f "$OUT/tests_v.log"
   done
+fi
+if [ "${SPLITRUN:-0}" = "1" ]; then  # the tests again with every row longer than 2 entries split
+  DILATED_SPARSE_SPLIT_CHUNK=2 DILATED_SPARSE_FUZZ=${VFUZZ:-100} timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py > "$OUT/tests_split.log" 2>&1
+  echo "split-forced tests rc=$? ($(( $(date +%s) - t0 )) s)"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests_split.log" | tail -8
 fi
 if [ "${LARGE:-0}" = "1" ]; then
   DILATED_SPARSE_TEST_LARGE=1 timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py -k 64bit > "$OUT/tests_large.log" 2>&1
@@ -42,7 +47,7 @@ if [ "${TUNE:-0}" = "1" ]; then
   echo "tune rc=$? ($(( $(date +%s) - t0 )) s)"; grep BEST "$OUT/tune.log"
 fi
 if [ "${SANITIZE:-1}" = "1" ]; then
-  timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool memcheck --error-exitcode 9 $PY tests/test_cuda_kernels.py --small > "$OUT/memcheck.log" 2>&1
+  DILATED_SPARSE_SPLIT_CHUNK=${SAN_SPLIT_CHUNK:-} timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool memcheck --error-exitcode 9 $PY tests/test_cuda_kernels.py --small > "$OUT/memcheck.log" 2>&1
   echo "memcheck rc=$? ($(( $(date +%s) - t0 )) s)"; tail -3 "$OUT/memcheck.log"
   if [ "${RACECHECK:-0}" = "1" ]; then
     timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool racecheck --error-exitcode 9 $PY tests/test_cuda_kernels.py --small > "$OUT/racecheck.log" 2>&1

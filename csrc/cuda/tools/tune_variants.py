@@ -47,7 +47,7 @@ def main() -> int:
             for fv in range(4):
                 os.environ["DILATED_SPARSE_FWD_VARIANT"] = str(fv)
                 ms = do_bench(functools.partial(ops.block_sparse_attn_fwd, q, k, v, *a), warmup=10, rep=60, return_mode="median")
-                r = dict(cfg=cfg, block=bs, op="fwd", variant=fv, ms=ms, tflops=fl / ms / 1e9)
+                r = {"cfg": cfg, "block": bs, "op": "fwd", "variant": fv, "ms": ms, "tflops": fl / ms / 1e9}
                 res.append(r)
                 print(json.dumps(r), flush=True)
             os.environ.pop("DILATED_SPARSE_FWD_VARIANT")
@@ -57,7 +57,7 @@ def main() -> int:
                 os.environ["DILATED_SPARSE_DKV_VARIANT"] = str(kv)
                 fn = functools.partial(ops.block_sparse_attn_bwd, do, q, k, v, out, lse, ccol, row, *a)
                 ms = do_bench(fn, warmup=10, rep=60, return_mode="median")
-                r = dict(cfg=cfg, block=bs, op="bwd", variant=f"dq{qv}/dkv{kv}", ms=ms, tflops=2.5 * fl / ms / 1e9)
+                r = {"cfg": cfg, "block": bs, "op": "bwd", "variant": f"dq{qv}/dkv{kv}", "ms": ms, "tflops": 2.5 * fl / ms / 1e9}
                 res.append(r)
                 print(json.dumps(r), flush=True)
             os.environ.pop("DILATED_SPARSE_DQ_VARIANT")
