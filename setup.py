@@ -2,7 +2,7 @@
 
     pip install --no-build-isolation .        # or -e . for a development checkout
 
-CPU kernels always; the CUDA kernels join when nvcc is found (CUDA_HOME) and
+CPU kernels always; the CUDA kernels join when nvcc is found (CUDA_HOME), torch is a CUDA build and
 DILATED_SPARSE_BUILD_CUDA is not 0. DILATED_SPARSE_CUDA_INSTANTIATIONS selects a subset of the CUDA
 instantiation files, TORCH_CUDA_ARCH_LIST the architectures (default 8.0;9.0), MAX_JOBS the
 parallel compile jobs. The file list and flags come from dilated_sparse/_sources.py, shared with the
@@ -29,10 +29,12 @@ def _load_sources_module():
 
 
 def _extensions():
+    import torch
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     src = _load_sources_module()
-    with_cuda = src.want_cuda(ROOT)
+    # CUDA needs nvcc (and DILATED_SPARSE_BUILD_CUDA != 0) and a CUDA build of torch to link against.
+    with_cuda = src.want_cuda(ROOT) and torch.version.cuda is not None
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", src.cuda_arch_list())
         nvcc = src.nvcc_path()

@@ -38,6 +38,11 @@ __all__ = [
     "weights_to_dense",
 ]
 
+from . import patterns  # layer 2: the pattern generators (they build layouts, never call the op)
+from .patterns import available_patterns, make_layout, register_pattern
+
+__all__ += ["available_patterns", "make_layout", "patterns", "register_pattern"]
+
 from . import methods  # layer 3: imports the ops and patterns above
 
 __all__ += ["methods"]

@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -220,10 +221,31 @@ def test_bench_table_json_and_plot(capsys, tmp_path):
     ours = [r for r in rows if r["impl"] == "ours"]
     assert len(ours) == 4 and all(r["status"] == "ok" and r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 for r in ours)
     window = next(r for r in ours if r["pattern"] == "local_window:window_size=32" and r["seq_len"] == 200)
-    assert window["density"] == pytest.approx(make_layout("local_window", seq_len_q=200, block_size=32,
-                                                          window_size=32).density)
-    assert "seq_len" in out and "local_window:window_size=32" in out and "sdpa" in out
+    causal_layout = make_layout("local_window", seq_len_q=200, block_size=32, window_size=32, causal=True)
+    assert window["density"] == pytest.approx(causal_layout.density)  # --causal builds causal patterns
+    compared = [r for r in rows if r["impl"] in ("reference", "flex") and r["fwd_ms"] is not None]
+    assert compared and all(r["extra"]["max_abs_diff_vs_ours"] < 1e-4 for r in compared), [(r["impl"], r["pattern"], r["seq_len"], r["extra"]) for r in compared]
+    assert "seq_len" in out and "local_window:window_size=32" in out and "sdpa" in out and "vs ours" in out
     assert out_png.read_bytes()[:4] == b"\x89PNG"
+
+
+@needs_ext
+@pytest.mark.parametrize("causal", [False, True])
+def test_flex_block_mask_computes_the_layout(causal):
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    from dilated_sparse.cli.bench import flex_block_mask
+
+    g = torch.Generator().manual_seed(0)
+    layout = make_layout("random", seq_len_q=150, seq_len_k=150, block_size=(16, 32), density=0.4, num_heads=2,
+                         different_layout_per_head=True)
+    q, k, v = (torch.randn(2, 150, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = flex_block_mask(layout, causal)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # uncompiled FlexAttention warns that it is slow
+        out = flex.flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask)
+    expected = ds.reference_attention(q, k, v, layout, causal=causal)
+    rows_with_keys = expected.abs().sum(-1) > 0  # flex gives NaN/0 conventions differ on empty rows
+    torch.testing.assert_close(out.transpose(1, 2)[rows_with_keys], expected[rows_with_keys], atol=1e-9, rtol=1e-9)
 
 
 @needs_ext

@@ -620,7 +620,7 @@ def test_causal_specs_cover_every_builtin_pattern():
 
 
 @pytest.mark.parametrize("name,opts", CAUSAL_SPECS)
-@pytest.mark.parametrize("sq,sk,bs", [(700, 700, 32), (555, 701, (16, 32))])
+@pytest.mark.parametrize("sq,sk,bs", [(700, 700, 32), (555, 701, (16, 32)), (577, 600, (64, 32))])
 def test_causal_is_the_block_filter_of_the_bidirectional_pattern(name, opts, sq, sk, bs):
     full = P.make_layout(name, seq_len_q=sq, seq_len_k=sk, block_size=bs, **opts)
     causal = P.make_layout(name, seq_len_q=sq, seq_len_k=sk, block_size=bs, causal=True, **opts)
@@ -732,6 +732,10 @@ def test_make_layout_forms():
     assert P.make_layout(("local_window", {"window_size": 48}), **kw).equal(want)
     assert P.make_layout(P.local_window, window_size=48, **kw).equal(want)
     assert P.make_layout(want, **kw) is want
+    assert P.make_layout(want, device="cpu", **kw) is want
+    assert P.make_layout(want, causal=True, **kw).equal(P.local_window(window_size=48, causal=True, **kw))
+    with pytest.raises(TypeError, match="window_size"):
+        P.make_layout(want, window_size=48, **kw)
     with pytest.raises(ValueError, match="seq_len_q=300"):
         P.make_layout(want, seq_len_q=320, seq_len_k=260)
     with pytest.raises(ValueError, match="window_size"):

@@ -1,6 +1,12 @@
 // CUDA backend of the dilated_sparse ops: argument preparation, tile-list planning, the Delta
 // pre-pass, the weights kernel, dispatch to the per-(dtype, head dim) kernels through the registry,
 // and the TORCH_LIBRARY_IMPL(dilated_sparse, CUDA) registration.
+//
+// Environment (all optional; for tuning and tests):
+//   DILATED_SPARSE_{FWD,DQ,DKV}_VARIANT=<n>  force tile variant n of a kernel (see pick()).
+//   DILATED_SPARSE_PLAN_CACHE=0              rebuild the tile lists on every call.
+//   DILATED_SPARSE_SPLIT=0                   never split heavy forward rows (see make_split()).
+//   DILATED_SPARSE_SPLIT_CHUNK=<entries>     split forward rows longer than this (tests).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>

@@ -150,10 +150,15 @@ def _default_options(name: str, seq_len: int, block: tuple[int, int]) -> dict[st
     return {k: v for k, v in suggestions.items() if k in valid}
 
 
-def _layout(name: str, options: dict[str, Any], seq_len: int, block: tuple[int, int], user_options: bool):
-    from ..patterns import make_layout
+def _layout(name: str, options: dict[str, Any], seq_len: int, block: tuple[int, int], user_options: bool,
+            causal: bool = False) -> Any:
+    """The pattern's layout (default options scaled to the length unless the user gave options;
+    ``causal=True`` for patterns that take it when the run is causal)."""
+    from ..patterns import make_layout, pattern_options
 
-    opts = options if user_options else {**_default_options(name, seq_len, block), **options}
+    opts = dict(options) if user_options else {**_default_options(name, seq_len, block), **options}
+    if causal and "causal" not in opts and "causal" in pattern_options(name):
+        opts["causal"] = True
     try:
         return make_layout(name, seq_len_q=seq_len, block_size=block, **opts)
     except (TypeError, ValueError) as error:
@@ -303,14 +308,15 @@ def _time_length(setup: _Setup, seq_len: int, patterns: list[tuple[str, dict[str
         _measure(row, setup, sdpa, tensors, dense_flops)
         rows.append(row)
     for name, options, user_options in patterns:
-        layout = _layout(name, options, seq_len, block, user_options).to(setup.device)
+        layout = _layout(name, options, seq_len, block, user_options, setup.causal).to(setup.device)
         active_pairs = (layout.nnz * (batch // layout.layout_batch) * (heads // layout.layout_heads)
                         * layout.block_q * layout.block_k)
-        if setup.causal:  # about half of the diagonal blocks is masked inside the kernel
+        if setup.causal:  # about half of each diagonal block is masked inside the kernel
             active_pairs -= 0.5 * min(layout.num_query_blocks, layout.num_key_blocks) * layout.block_q \
                 * layout.block_k * batch * heads
         sparse_flops = 4.0 * max(active_pairs, 1.0) * dim
         label = name if not options else name + ":" + ":".join(f"{key}={val}" for key, val in options.items())
+        ours_out: torch.Tensor | None = None
         for impl in impls:
             if impl == "sdpa":
                 continue
@@ -324,6 +330,9 @@ def _time_length(setup: _Setup, seq_len: int, patterns: list[tuple[str, dict[str
                         return ds.block_sparse_attention(q, k, v, layout, causal=setup.causal)
 
                     _measure(row, setup, ours, tensors, sparse_flops)
+                    if row.fwd_ms is not None:
+                        with torch.no_grad():
+                            ours_out = ours(*(t.detach() for t in tensors))
             elif impl == "reference":
                 if not dense_ok:
                     row.status = "skipped: dense scores above --dense-limit-gib"
@@ -333,9 +342,12 @@ def _time_length(setup: _Setup, seq_len: int, patterns: list[tuple[str, dict[str
                         return ds.reference_attention(q, k, v, layout, causal=setup.causal)
 
                     _measure(row, setup, reference, tensors, dense_flops)
+                    _compare(row, reference, ours_out, tensors)
             elif impl == "flex":
-                row.status = _run_flex(row, setup, layout, tensors, sparse_flops, dense_ok, gqa, flex.get(setup))
+                flex_forward = _run_flex(row, setup, layout, tensors, sparse_flops, dense_ok, gqa, flex.get(setup))
+                _compare(row, flex_forward, ours_out, tensors)
             rows.append(row)
+        del ours_out
     return rows
 
 
@@ -398,22 +410,76 @@ def _try_flex(setup: _Setup):
         return None
 
 
-def _run_flex(row: BenchRow, setup: _Setup, layout: Any, tensors: list[torch.Tensor], flops: float, dense_ok: bool, gqa: bool, flex_fn: Callable[..., torch.Tensor] | None) -> str:
+def flex_block_mask(layout: Any, causal: bool = False) -> Any:
+    """A FlexAttention ``BlockMask`` computing exactly the tokens ``layout`` (and ``causal``) allow.
+
+    Active blocks are listed as *full* blocks (no per-token mask in the compiled kernel) except,
+    when causal, those crossing the diagonal, which are *partial*. The ``mask_mod`` looks the block
+    up in the layout's ``[Lb, Lh, nqb, nkb]`` block mask (blocks, not tokens) so that uncompiled
+    FlexAttention, which evaluates ``mask_mod`` densely, gives the same result.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    blocks = layout.to_dense_mask()
+    lb, lh, nqb, nkb = blocks.shape
+    bq, bk = layout.block_q, layout.block_k
+    partial = torch.zeros_like(blocks)
+    if causal:
+        q_first = torch.arange(nqb, device=blocks.device).view(-1, 1) * bq
+        k_first = torch.arange(nkb, device=blocks.device).view(1, -1) * bk
+        q_last = (q_first + bq - 1).clamp(max=layout.seq_len_q - 1)
+        k_last = k_first + bk - 1
+        blocks = blocks & (k_first <= q_last)  # drop blocks wholly after every query
+        partial = blocks & (k_last > q_first)  # some key after some query: masked per token
+    full = blocks & ~partial
+
+    def ordered(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = mask.sum(-1, dtype=torch.int32)
+        indices = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return counts, indices
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        allowed = blocks[b if lb > 1 else 0, h if lh > 1 else 0, q_idx // bq, kv_idx // bk]
+        return allowed & (kv_idx <= q_idx) if causal else allowed
+
+    kv_num, kv_idx = ordered(partial)
+    full_num, full_idx = ordered(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(bq, bk), mask_mod=mask_mod,
+                                   seq_lengths=(layout.seq_len_q, layout.seq_len_k))
+
+
+def flex_kernel_options(block_q: int, block_k: int) -> dict[str, int] | None:
+    """Tile sizes that divide our blocks, for compiled FlexAttention (older torch versions do not
+    shrink their default 128-wide tiles to smaller sparse blocks and refuse to compile)."""
+    if block_q >= 128 and block_k >= 128:
+        return None
+    n1, m2 = min(block_k, 128), min(block_q, 128)
+    return {
+        "BLOCK_M": min(block_q, 128), "BLOCK_N": min(block_k, 128),
+        "BLOCK_M1": min(block_q, 64, n1), "BLOCK_N1": n1, "BLOCK_M2": m2, "BLOCK_N2": min(block_k, 64, m2),
+    }
+
+
+def _run_flex(row: BenchRow, setup: _Setup, layout: Any, tensors: list[torch.Tensor], flops: float, dense_ok: bool,
+              gqa: bool, flex_fn: Callable[..., torch.Tensor] | None) -> Callable[..., torch.Tensor] | None:
+    """Time FlexAttention over ``layout``; returns the forward function (None when not run)."""
     if flex_fn is None:
-        return "skipped: FlexAttention not available"
+        row.status = "skipped: FlexAttention not available"
+        return None
     if setup.device.type != "cuda" and not dense_ok:
-        return "skipped: uncompiled FlexAttention (cpu) builds dense scores above --dense-limit-gib"
+        row.status = "skipped: uncompiled FlexAttention (cpu) builds dense scores above --dense-limit-gib"
+        return None
     try:
-        block_mask = layout.to_flex_block_mask()
+        block_mask = flex_block_mask(layout, setup.causal)
     except Exception as error:  # noqa: BLE001 - reported in the row
-        return _error_text(error)
-    score_mod = None
-    if setup.causal:
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return torch.where(q_idx >= kv_idx, score, -float("inf"))
+        row.status = _error_text(error)
+        return None
+
+    options = flex_kernel_options(layout.block_q, layout.block_k) if setup.device.type == "cuda" else None
+
     def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return flex_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=score_mod,
-                       block_mask=block_mask, enable_gqa=gqa).transpose(1, 2)
+        return flex_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+                       enable_gqa=gqa, kernel_options=options).transpose(1, 2)
 
     if setup.device.type == "cpu" and setup.backward:
         row.extra["note"] = "FlexAttention has no CPU backward: forward only"
@@ -421,7 +487,22 @@ def _run_flex(row: BenchRow, setup: _Setup, layout: Any, tensors: list[torch.Ten
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         _measure(row, setup, flex, tensors, flops)
-    return row.status
+    return flex
+
+
+def _compare(row: BenchRow, fn: Callable[..., torch.Tensor] | None, expected: torch.Tensor | None,
+             tensors: list[torch.Tensor]) -> None:
+    """Record the largest difference between ``fn``'s output and ours in ``row.extra``."""
+    if fn is None or expected is None or row.fwd_ms is None:
+        return
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = fn(*(t.detach() for t in tensors))
+        row.extra["max_abs_diff_vs_ours"] = float((out.float() - expected.float()).abs().max())
+    except Exception as error:  # noqa: BLE001
+        row.extra["max_abs_diff_vs_ours"] = None
+        row.extra["compare_error"] = _error_text(error)
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -429,17 +510,20 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def format_table(rows: list[BenchRow], backward: bool) -> str:
-    """A plain-text table of the rows."""
+    """A plain-text table of the rows (``vs ours``: largest absolute difference from our output)."""
     width = max([len(r.pattern) for r in rows] + [7])
     header = f"{'seq_len':>8}  {'pattern':<{width}}  {'density':>7}  {'impl':<9}  {'fwd ms':>10}  {'TFLOP/s':>8}"
     if backward:
         header += f"  {'fwd+bwd ms':>10}  {'TFLOP/s':>8}"
+    header += f"  {'vs ours':>8}"
     lines = [header, "-" * len(header)]
     for r in rows:
         line = (f"{r.seq_len:>8}  {r.pattern:<{width}}  {100 * r.density:>6.1f}%  {r.impl:<9}  "
                 f"{_fmt(r.fwd_ms):>10}  {_fmt(r.fwd_tflops, 4):>8}")
         if backward:
             line += f"  {_fmt(r.fwdbwd_ms):>10}  {_fmt(r.fwdbwd_tflops, 4):>8}"
+        diff = r.extra.get("max_abs_diff_vs_ours")
+        line += f"  {'-' if diff is None else f'{diff:.1e}':>8}"
         if r.status != "ok":
             line += f"  [{r.status}]"
         elif r.extra.get("note"):
@@ -517,7 +601,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         if not patterns:
             raise CliError("--patterns", f"no default pattern is registered; choose from {', '.join(sorted(known))}")
     for name, options, user in patterns:  # fail fast on bad options, before any timing
-        _layout(name, options, seq_lens[0], args.block_size, user)
+        _layout(name, options, seq_lens[0], args.block_size, user, args.causal)
     setup = _Setup(
         device=device, dtype=dtype, batch=args.batch, heads=args.heads, kv_heads=kv_heads,
         head_dim=args.head_dim, causal=args.causal, backward=args.backward,

@@ -63,8 +63,11 @@ def build_layout(pattern: str, *, seq_len: int, seq_len_k: int | None, block: tu
     """The pattern's layout through the registry; bad names/options become :class:`CliError`."""
     from ..patterns import make_layout, pattern_options
 
-    if heads is not None and "num_heads" in pattern_options(pattern) and "num_heads" not in options:
-        options = {**options, "num_heads": heads}
+    if heads is not None:
+        if "num_heads" not in pattern_options(pattern):
+            raise CliError("--heads", f"pattern {pattern!r} has one layout for all heads (it takes no num_heads)")
+        if "num_heads" not in options:
+            options = {**options, "num_heads": heads}
     try:
         return make_layout(pattern, seq_len_q=seq_len, seq_len_k=seq_len_k, block_size=block, **options)
     except (TypeError, ValueError) as error:

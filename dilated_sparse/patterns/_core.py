@@ -39,7 +39,7 @@ from ..layout import BlockSparseLayout, normalize_block_size
 BlockSize = int | Sequence[int]
 DeviceLike = torch.device | str | None
 
-__all__ = ["BlockSize", "DeviceLike", "Geometry", "make_geometry"]
+__all__ = ["BlockSize", "DeviceLike", "Geometry", "causal_filter", "make_geometry"]
 
 
 def check_int(name: str, value: object, *, minimum: int = 0) -> int:
@@ -548,3 +548,31 @@ def check_same_geometry(layouts: Sequence[BlockSparseLayout], what: str) -> None
                 f"seq_len_k={lay.seq_len_k} but layout 0 has block_size={first.block_size}, "
                 f"seq_len_q={first.seq_len_q}, seq_len_k={first.seq_len_k}"
             )
+
+
+def causal_filter(layout: BlockSparseLayout) -> BlockSparseLayout:
+    """``layout`` without the blocks wholly after their query block (top-left aligned causal).
+
+    Keeps block ``(qb, kb)`` iff ``kb * block_k <= `` the last token of ``qb``, the rule every
+    generator's ``causal=True`` applies. O(nnz); slices are kept.
+    """
+    if not isinstance(layout, BlockSparseLayout):
+        raise TypeError(f"layout must be a BlockSparseLayout, got {type(layout).__name__}")
+    nqb = layout.num_query_blocks
+    stacked = layout.row_ids()
+    rows = stacked % nqb
+    cols = layout.col_indices.to(torch.int64)
+    q_end = torch.clamp((rows + 1) * layout.block_q, max=layout.seq_len_q) - 1
+    keep = cols * layout.block_k <= q_end
+    if bool(keep.all()):
+        return layout
+    return BlockSparseLayout.from_coo(
+        rows[keep],
+        cols[keep],
+        slice_indices=(stacked // nqb)[keep],
+        block_size=layout.block_size,
+        seq_len_q=layout.seq_len_q,
+        seq_len_k=layout.seq_len_k,
+        layout_batch=layout.layout_batch,
+        layout_heads=layout.layout_heads,
+    )

@@ -228,10 +228,12 @@ def local_window(
         window_size: total window in tokens (alias ``local_window_size``; default 512): query
             ``i`` covers keys ``|i - j| <= window_size // 2``, rounded out to whole blocks.
         window: ``(left, right)`` tokens instead (either ``None`` = unbounded).
-        sparsity_ratio: a target density instead (fraction of blocks computed; alias
-            ``density``): every query block keeps its ``k`` key blocks nearest the block
-            diagonal (those of the window first when a window is also given), ``k`` spread
-            evenly so that the slice has exactly ``round(target * nqb * nkb)`` blocks.
+        sparsity_ratio: a target density (fraction of blocks computed; alias ``density``):
+            every query block keeps its ``k`` nearest key blocks (fewest tokens between the
+            two blocks, ties to the past; the blocks of the window first when a window is also
+            given), ``k`` spread evenly so that the slice has exactly
+            ``round(target * nqb * nkb)`` blocks. With a symmetric window this is the same
+            layout as without it.
         causal: keep only blocks not wholly after the query block (so a causal window reaches
             ``window_size // 2`` tokens back).
     """

@@ -17,6 +17,7 @@ from ..layout import BlockSparseLayout
 from ._core import (
     BlockSize,
     DeviceLike,
+    causal_filter,
     check_bool,
     check_int,
     check_same_geometry,
@@ -99,34 +100,6 @@ class _Everything:
 
     def __contains__(self, name: object) -> bool:
         return True
-
-
-def causal_filter(layout: BlockSparseLayout) -> BlockSparseLayout:
-    """``layout`` without the blocks wholly after their query block (top-left aligned causal).
-
-    Keeps block ``(qb, kb)`` iff ``kb * block_k <= `` the last token of ``qb``, the rule every
-    generator's ``causal=True`` applies. O(nnz); slices are kept.
-    """
-    if not isinstance(layout, BlockSparseLayout):
-        raise TypeError(f"layout must be a BlockSparseLayout, got {type(layout).__name__}")
-    nqb = layout.num_query_blocks
-    stacked = layout.row_ids()
-    rows = stacked % nqb
-    cols = layout.col_indices.to(torch.int64)
-    q_end = torch.clamp((rows + 1) * layout.block_q, max=layout.seq_len_q) - 1
-    keep = cols * layout.block_k <= q_end
-    if bool(keep.all()):
-        return layout
-    return BlockSparseLayout.from_coo(
-        rows[keep],
-        cols[keep],
-        slice_indices=(stacked // nqb)[keep],
-        block_size=layout.block_size,
-        seq_len_q=layout.seq_len_q,
-        seq_len_k=layout.seq_len_k,
-        layout_batch=layout.layout_batch,
-        layout_heads=layout.layout_heads,
-    )
 
 
 def broadcast_layout(layout: BlockSparseLayout, *, layout_batch: int, layout_heads: int) -> BlockSparseLayout:

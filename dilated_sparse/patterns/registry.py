@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..layout import BlockSparseLayout
+from ._core import causal_filter
 
 __all__ = [
     "PatternFn",
@@ -166,7 +167,8 @@ def make_layout(
         name_or_spec: a registered name (``"local_window"``, ``"bigbird"``, ...), a dict
             ``{"pattern": name, **options}``, a ``(name, options)`` pair, a callable generator
             (called with the same keyword arguments), or a ready :class:`BlockSparseLayout`
-            (checked against the sizes and returned).
+            (checked against the sizes and returned; only ``causal`` (drops the blocks wholly
+            after their query block) and ``device`` apply to it).
         seq_len_q, seq_len_k, block_size: the geometry (``block_size`` int or ``(bq, bk)``).
         **options: the pattern's options (see :func:`pattern_options`).
 
@@ -176,8 +178,12 @@ def make_layout(
     """
     inner, opts = _split_spec(name_or_spec, dict(options))
     if isinstance(inner, BlockSparseLayout):
+        causal = opts.pop("causal", False)
+        device = opts.pop("device", None)
         if opts:
-            raise TypeError(f"options {sorted(opts)} cannot be applied to a ready BlockSparseLayout")
+            raise TypeError(
+                f"options {sorted(opts)} cannot be applied to a ready BlockSparseLayout (only causal, device)"
+            )
         want_k = seq_len_q if seq_len_k is None else seq_len_k
         if (inner.seq_len_q, inner.seq_len_k) != (seq_len_q, want_k):
             raise ValueError(
@@ -189,7 +195,10 @@ def make_layout(
 
             if normalize_block_size(block_size) != inner.block_size:
                 raise ValueError(f"layout has block_size={inner.block_size}, not {block_size!r}")
-        return inner
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        layout = causal_filter(inner) if causal else inner
+        return layout if device is None else layout.to(device)
     geometry: dict[str, Any] = {"seq_len_q": seq_len_q, "seq_len_k": seq_len_k}
     if block_size is not None:
         geometry["block_size"] = block_size

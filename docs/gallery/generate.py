@@ -19,7 +19,7 @@ SEQ_LEN, BLOCK = "2048", "64"
 
 #: (file stem, pattern, extra options, caption)
 GALLERY: list[tuple[str, str, list[str], str]] = [
-    ("local_window", "local_window", ["--window-size", "256"], "sliding window, 256 tokens each side"),
+    ("local_window", "local_window", ["--window-size", "256"], "sliding window of 256 tokens (128 each side)"),
     ("local_window_causal", "local_window", ["--window-size", "256", "--causal"], "causal sliding window"),
     ("dilated_sparse", "dilated_sparse", ["--segment-lengths", "256,512,1024,2048", "--dilation-rates", "1,2,4,8"],
      "LongNet dilated segments (256/512/1024/2048 tokens, dilation 1/2/4/8)"),
@@ -39,14 +39,42 @@ GALLERY: list[tuple[str, str, list[str], str]] = [
 ]
 
 
+def command(pattern: str, options: list[str], stem: str) -> list[str]:
+    """The ``show`` arguments that draw one gallery picture."""
+    return ["show", pattern, "--seq-len", SEQ_LEN, "--block-size", BLOCK, *options, "-o", f"docs/gallery/{stem}.png"]
+
+
+def markdown() -> str:
+    """``docs/gallery/README.md``: a table of the pictures with the command that drew each."""
+    lines = [
+        "# Pattern gallery",
+        "",
+        f"Block layouts at {SEQ_LEN} tokens with {BLOCK}-token blocks (query blocks down, key blocks across; a dark",
+        "cell is a computed block). Each picture was drawn by the command under it; regenerate them all with",
+        "`python docs/gallery/generate.py`.",
+        "",
+        "| | |",
+        "|---|---|",
+    ]
+    cells = []
+    for stem, pattern, options, caption in GALLERY:
+        cmd = " ".join(["dilated-sparse", *command(pattern, options, stem)[:-2]])
+        cells.append(f"![{stem}]({stem}.png)<br>**{caption}**<br>`{cmd}`")
+    for i in range(0, len(cells), 2):
+        pair = cells[i:i + 2] + [""] * (2 - len(cells[i:i + 2]))
+        lines.append(f"| {pair[0]} | {pair[1]} |")
+    return "\n".join(lines) + "\n"
+
+
 def main_gallery() -> int:
-    """Write every picture; returns the number of failures."""
+    """Write every picture and the gallery README; returns the number of failures."""
     failures = 0
     for stem, pattern, options, _caption in GALLERY:
-        argv = ["show", pattern, "--seq-len", SEQ_LEN, "--block-size", BLOCK, *options,
-                "-o", str(HERE / f"{stem}.png")]
+        argv = command(pattern, options, stem)
+        argv[-1] = str(HERE / f"{stem}.png")
         print("dilated-sparse " + " ".join(argv), flush=True)
         failures += main(argv) != 0
+    (HERE / "README.md").write_text(markdown())
     return failures
 
 
