@@ -45,7 +45,8 @@ def _extensions():
         "sources": sources,
         "include_dirs": src.include_dirs(ROOT, with_cuda=with_cuda),
         "define_macros": src.define_macros(with_cuda),
-        "extra_compile_args": {"cxx": list(src.CXX_FLAGS), "nvcc": list(src.NVCC_FLAGS)},
+        "extra_compile_args": {"cxx": [*src.CXX_FLAGS, *src.openmp_flags()], "nvcc": list(src.NVCC_FLAGS)},
+        "extra_link_args": src.openmp_flags(),
     }
     print(f"dilated_sparse: building {'CPU+CUDA' if with_cuda else 'CPU-only'} extension, {len(sources)} sources")
     return [CUDAExtension(**kwargs) if with_cuda else CppExtension(**kwargs)]

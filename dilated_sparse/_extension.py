@@ -67,16 +67,18 @@ def jit_build(verbose: bool = False, with_cuda: bool | None = None) -> ModuleTyp
         with_cuda = _sources.want_cuda(root) and torch.cuda.is_available()
     sources = _sources.cpp_sources(root) + (_sources.cuda_sources(root) if with_cuda else [])
     macros = [f"-D{k}" if v is None else f"-D{k}={v}" for k, v in _sources.define_macros(with_cuda)]
+    openmp = _sources.openmp_flags()  # at::parallel_for needs it to use more than one thread
     # The module name carries a hash of the configuration, so that different configurations
     # (CPU-only vs CUDA, instantiation subsets) never overwrite each other in the cache.
-    key = "|".join([*sources, *macros, *_sources.CXX_FLAGS, *_sources.NVCC_FLAGS, str(with_cuda)])
+    key = "|".join([*sources, *macros, *_sources.CXX_FLAGS, *openmp, *_sources.NVCC_FLAGS, str(with_cuda)])
     name = "dilated_sparse_jit_" + hashlib.sha1(key.encode()).hexdigest()[:10]
     build_dir = _jit_cache_dir(with_cuda) / name
     build_dir.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
         name=name,
         sources=[str(root / s) for s in sources],
-        extra_cflags=[*_sources.CXX_FLAGS, *macros],
+        extra_cflags=[*_sources.CXX_FLAGS, *openmp, *macros],
+        extra_ldflags=openmp,
         extra_cuda_cflags=[*_sources.NVCC_FLAGS, *macros],
         extra_include_paths=_sources.include_dirs(root, with_cuda=with_cuda),
         build_directory=str(build_dir),

@@ -31,6 +31,28 @@ CXX_FLAGS = ["-O3", "-std=c++20", "-fno-math-errno", "-fno-trapping-math"]
 NVCC_FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
 
 
+def openmp_flags() -> list[str]:
+    """``["-fopenmp"]`` when torch's ATen parallel backend is OpenMP, else ``[]``.
+
+    ``at::parallel_for`` is inline OpenMP code in torch's headers (``ATen/ParallelOpenMP.h``):
+    compiled without ``-fopenmp`` its ``#pragma omp parallel`` is ignored and every CPU kernel runs
+    on one thread. Linking with ``-fopenmp`` records ``libgomp.so.1``, which resolves to the copy
+    torch has already loaded. Imports torch lazily (this module stays importable without it).
+    """
+    if not sys.platform.startswith("linux"):
+        return []
+    try:
+        import torch
+    except ImportError:
+        return []
+    config = Path(torch.__file__).resolve().parent / "include" / "ATen" / "Config.h"
+    try:
+        text = config.read_text()
+    except OSError:
+        return []
+    return ["-fopenmp"] if "#define AT_PARALLEL_OPENMP 1" in text else []
+
+
 def _rel(paths: list[Path], root: Path) -> list[str]:
     return [str(p.relative_to(root)) for p in paths]
 

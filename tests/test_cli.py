@@ -164,6 +164,8 @@ BAD = [
     (["show", "local_window", "--seq-len", "64", "--head", "4"], "--head"),
     (["show", "local_window", "--seq-len", "64", "--device", "cpu"], "--device"),
     (["show", "local_window", "--seq-len", "64", "stray"], "stray"),
+    (["show", "local_window", "--seq-len", "64", "--heads", "2"], "--heads"),
+    (["show", "union", "--seq-len", "64", "--patterns", "[{bad json"], "--patterns"),
     (["bench", "--dtype", "float8"], "--dtype"),
     (["bench", "--seq-len", "0"], "--seq-len"),
     (["bench", "--heads", "-2"], "--heads"),

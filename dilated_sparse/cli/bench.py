@@ -45,7 +45,8 @@ from ._args import (
     positive_int,
 )
 
-__all__ = ["ACCEPTS_PATTERN_OPTIONS", "BenchRow", "add_parser", "parse_pattern_spec", "run", "run_bench"]
+__all__ = ["ACCEPTS_PATTERN_OPTIONS", "BenchRow", "add_parser", "flex_block_mask", "flex_kernel_options", "format_table",
+           "parse_pattern_spec", "run", "run_bench", "write_plot"]
 
 ACCEPTS_PATTERN_OPTIONS = False
 IMPLS = ("ours", "reference", "sdpa", "flex")
