@@ -480,27 +480,43 @@ class BlockSparseLayout:
             layout_batch=lb, layout_heads=lh,
         )
 
-    def to_flex_block_mask(self) -> Any:
-        """A FlexAttention ``BlockMask`` with the same active blocks (``[Lb, Lh, ...]``).
+    def to_flex_block_mask(self, causal: bool = False) -> Any:
+        """A FlexAttention ``BlockMask`` computing exactly the tokens this layout (and ``causal``) allow.
 
-        All blocks are marked partial with no ``mask_mod``; FlexAttention itself masks the tokens
-        past the sequence ends, so it computes exactly the tokens this layout does.
+        Active blocks are listed as *full* blocks (no per-token mask in the compiled kernel) except,
+        when ``causal``, those crossing the diagonal, which are *partial*. The ``mask_mod`` looks
+        each token pair's block up in the ``[Lb, Lh, nqb, nkb]`` block mask, so uncompiled
+        FlexAttention (which evaluates ``mask_mod`` densely) gives the same result. The block grid
+        is what ``BlockMask`` itself stores; no token-level mask is built.
         """
         from torch.nn.attention.flex_attention import BlockMask
 
-        nqb = self.num_query_blocks
-        counts = self.row_counts()
-        width = max(int(counts.max()) if counts.numel() else 0, 1)
-        position = torch.arange(self.nnz, device=self.device) - self.crow_indices.to(torch.int64)[:-1].repeat_interleave(counts, output_size=self.nnz)
-        kv_indices = torch.zeros(self.num_slices * nqb, width, dtype=torch.int32, device=self.device)
-        kv_indices[self.row_ids(), position] = self.col_indices
-        shape = (self.layout_batch, self.layout_heads, nqb)
-        return BlockMask.from_kv_blocks(
-            counts.to(torch.int32).view(shape),
-            kv_indices.view(*shape, width),
-            BLOCK_SIZE=(self.block_q, self.block_k),
-            seq_lengths=(self.seq_len_q, self.seq_len_k),
-        )
+        blocks = self.to_dense_mask()
+        lb, lh, nqb, nkb = blocks.shape
+        bq, bk = self.block_q, self.block_k
+        partial = torch.zeros_like(blocks)
+        if causal:
+            q_first = torch.arange(nqb, device=blocks.device).view(-1, 1) * bq
+            k_first = torch.arange(nkb, device=blocks.device).view(1, -1) * bk
+            q_last = (q_first + bq - 1).clamp(max=self.seq_len_q - 1)
+            blocks = blocks & (k_first <= q_last)  # drop blocks wholly after every query
+            partial = blocks & (k_first + bk - 1 > q_first)  # straddles the diagonal: masked per token
+        full = blocks & ~partial
+
+        def ordered(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            # BlockMask wants [.., nqb, nkb] index rows whose first `count` entries are the blocks.
+            counts = mask.sum(-1, dtype=torch.int32)
+            indices = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+            return counts, indices
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            allowed = blocks[b if lb > 1 else 0, h if lh > 1 else 0, q_idx // bq, kv_idx // bk]
+            return allowed & (kv_idx <= q_idx) if causal else allowed
+
+        kv_num, kv_idx = ordered(partial)
+        full_num, full_idx = ordered(full)
+        return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(bq, bk), mask_mod=mask_mod,
+                                        seq_lengths=(self.seq_len_q, self.seq_len_k))
 
     # ------------------------------------------------------------------ misc
     def equal(self, other: BlockSparseLayout) -> bool:

@@ -232,25 +232,6 @@ def test_bench_table_json_and_plot(capsys, tmp_path):
 
 
 @needs_ext
-@pytest.mark.parametrize("causal", [False, True])
-def test_flex_block_mask_computes_the_layout(causal):
-    flex = pytest.importorskip("torch.nn.attention.flex_attention")
-    from dilated_sparse.cli.bench import flex_block_mask
-
-    g = torch.Generator().manual_seed(0)
-    layout = make_layout("random", seq_len_q=150, seq_len_k=150, block_size=(16, 32), density=0.4, num_heads=2,
-                         different_layout_per_head=True)
-    q, k, v = (torch.randn(2, 150, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
-    mask = flex_block_mask(layout, causal)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # uncompiled FlexAttention warns that it is slow
-        out = flex.flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask)
-    expected = ds.reference_attention(q, k, v, layout, causal=causal)
-    rows_with_keys = expected.abs().sum(-1) > 0  # flex gives NaN/0 conventions differ on empty rows
-    torch.testing.assert_close(out.transpose(1, 2)[rows_with_keys], expected[rows_with_keys], atol=1e-9, rtol=1e-9)
-
-
-@needs_ext
 def test_bench_default_patterns_and_impl_choice(capsys):
     code, out, err = run_cli(capsys, "bench", "--seq-len", "256", "--heads", "1", "--head-dim", "8", "--impls", "ours",
                              "--warmup", "0", "--repeats", "1", "--no-progress")

@@ -9,11 +9,12 @@ namespace dilated_sparse::cpu {
 namespace {
 
 // Defines the five kernels of one variant for one type, with `ATTR` (a target attribute or
-// nothing) and `FMA` (whether fused multiply-add is available), plus a Kernels table `NAME`.
-#define DS_DEFINE_VARIANT(NAME, T, ATTR, FMA, ISA)                                              \
+// nothing), `FMA` (whether fused multiply-add is available) and `WIDE` (32 vector registers:
+// taller GEMM register blocks), plus a Kernels table `NAME`.
+#define DS_DEFINE_VARIANT(NAME, T, ATTR, FMA, WIDE, ISA)                                            \
   ATTR void NAME##_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,   \
                         int64_t ldb, T* C, int64_t ldc, bool accumulate) {                      \
-    impl::gemm<FMA, T>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);                            \
+    impl::gemm<FMA, T, WIDE>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);                      \
   }                                                                                             \
   ATTR void NAME##_softmax_step(T* S, int64_t lds, int64_t rows, int64_t ncols,                 \
                                 const int32_t* lo, const int32_t* hi, const T* col_bias,         \
@@ -35,17 +36,17 @@ namespace {
   const Kernels<T> NAME = {&NAME##_gemm,    &NAME##_softmax_step, &NAME##_probs,               \
                            &NAME##_dscores, &NAME##_scale_rows,   ISA};
 
-DS_DEFINE_VARIANT(default_f32, float, , false, "default")
-DS_DEFINE_VARIANT(default_f64, double, , false, "default")
+DS_DEFINE_VARIANT(default_f32, float, , false, false, "default")
+DS_DEFINE_VARIANT(default_f64, double, , false, false, "default")
 
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(_M_X64))
 #define DS_HAVE_X86_VARIANTS 1
 #define DS_AVX2 __attribute__((target("avx2,fma")))
 #define DS_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")))
-DS_DEFINE_VARIANT(avx2_f32, float, DS_AVX2, true, "avx2")
-DS_DEFINE_VARIANT(avx2_f64, double, DS_AVX2, true, "avx2")
-DS_DEFINE_VARIANT(avx512_f32, float, DS_AVX512, true, "avx512")
-DS_DEFINE_VARIANT(avx512_f64, double, DS_AVX512, true, "avx512")
+DS_DEFINE_VARIANT(avx2_f32, float, DS_AVX2, true, false, "avx2")
+DS_DEFINE_VARIANT(avx2_f64, double, DS_AVX2, true, false, "avx2")
+DS_DEFINE_VARIANT(avx512_f32, float, DS_AVX512, true, true, "avx512")
+DS_DEFINE_VARIANT(avx512_f64, double, DS_AVX512, true, true, "avx512")
 #endif
 
 #undef DS_DEFINE_VARIANT

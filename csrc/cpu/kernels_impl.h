@@ -87,10 +87,12 @@ DS_INLINE void gemm_block(int64_t K, const T* A, int64_t lda, const T* B, int64_
   }
 }
 
-template <bool kFma, typename T>
+// kWide: the variant has 32 vector registers of kColPad floats (AVX-512), so twice as many rows
+// of accumulators fit, which hides the FMA latency better.
+template <bool kFma, typename T, bool kWide = false>
 DS_INLINE void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
                     int64_t ldb, T* C, int64_t ldc, bool accumulate) {
-  constexpr int MR = std::is_same_v<T, float> ? 4 : 2;
+  constexpr int MR = (std::is_same_v<T, float> ? 4 : 2) * (kWide ? 2 : 1);
   for (int64_t n0 = 0; n0 < N; n0 += kColPad) {
     int64_t m0 = 0;
     for (; m0 + MR <= M; m0 += MR) {

@@ -45,7 +45,7 @@ from ._args import (
     positive_int,
 )
 
-__all__ = ["ACCEPTS_PATTERN_OPTIONS", "BenchRow", "add_parser", "flex_block_mask", "flex_kernel_options", "format_table",
+__all__ = ["ACCEPTS_PATTERN_OPTIONS", "BenchRow", "add_parser", "flex_kernel_options", "format_table",
            "parse_pattern_spec", "run", "run_bench", "write_plot"]
 
 ACCEPTS_PATTERN_OPTIONS = False
@@ -411,44 +411,6 @@ def _try_flex(setup: _Setup):
         return None
 
 
-def flex_block_mask(layout: Any, causal: bool = False) -> Any:
-    """A FlexAttention ``BlockMask`` computing exactly the tokens ``layout`` (and ``causal``) allow.
-
-    Active blocks are listed as *full* blocks (no per-token mask in the compiled kernel) except,
-    when causal, those crossing the diagonal, which are *partial*. The ``mask_mod`` looks the block
-    up in the layout's ``[Lb, Lh, nqb, nkb]`` block mask (blocks, not tokens) so that uncompiled
-    FlexAttention, which evaluates ``mask_mod`` densely, gives the same result.
-    """
-    from torch.nn.attention.flex_attention import BlockMask
-
-    blocks = layout.to_dense_mask()
-    lb, lh, nqb, nkb = blocks.shape
-    bq, bk = layout.block_q, layout.block_k
-    partial = torch.zeros_like(blocks)
-    if causal:
-        q_first = torch.arange(nqb, device=blocks.device).view(-1, 1) * bq
-        k_first = torch.arange(nkb, device=blocks.device).view(1, -1) * bk
-        q_last = (q_first + bq - 1).clamp(max=layout.seq_len_q - 1)
-        k_last = k_first + bk - 1
-        blocks = blocks & (k_first <= q_last)  # drop blocks wholly after every query
-        partial = blocks & (k_last > q_first)  # some key after some query: masked per token
-    full = blocks & ~partial
-
-    def ordered(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        counts = mask.sum(-1, dtype=torch.int32)
-        indices = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-        return counts, indices
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        allowed = blocks[b if lb > 1 else 0, h if lh > 1 else 0, q_idx // bq, kv_idx // bk]
-        return allowed & (kv_idx <= q_idx) if causal else allowed
-
-    kv_num, kv_idx = ordered(partial)
-    full_num, full_idx = ordered(full)
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(bq, bk), mask_mod=mask_mod,
-                                   seq_lengths=(layout.seq_len_q, layout.seq_len_k))
-
-
 def flex_kernel_options(block_q: int, block_k: int) -> dict[str, int] | None:
     """Tile sizes that divide our blocks, for compiled FlexAttention (older torch versions do not
     shrink their default 128-wide tiles to smaller sparse blocks and refuse to compile)."""
@@ -471,7 +433,7 @@ def _run_flex(row: BenchRow, setup: _Setup, layout: Any, tensors: list[torch.Ten
         row.status = "skipped: uncompiled FlexAttention (cpu) builds dense scores above --dense-limit-gib"
         return None
     try:
-        block_mask = flex_block_mask(layout, setup.causal)
+        block_mask = layout.to_flex_block_mask(causal=setup.causal)
     except Exception as error:  # noqa: BLE001 - reported in the row
         row.status = _error_text(error)
         return None
