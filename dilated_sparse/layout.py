@@ -9,11 +9,12 @@ and cached, its CSC transpose for the backward pass. Nothing here ever allocates
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-__all__ = ["BlockSparseLayout", "SUPPORTED_BLOCK_SIZES", "csr_transpose", "normalize_block_size"]
+__all__ = ["SUPPORTED_BLOCK_SIZES", "BlockSparseLayout", "csr_transpose", "normalize_block_size"]
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128, 256)
 
@@ -519,6 +520,28 @@ class BlockSparseLayout:
                                         seq_lengths=(self.seq_len_q, self.seq_len_k))
 
     # ------------------------------------------------------------------ misc
+    def weights_dict(self, block_values: torch.Tensor, shape: tuple[int, int, int, int]) -> dict[str, Any]:
+        """The sparse attention-weights dict (DESIGN.md section 4) around ``block_values``.
+
+        Args:
+            block_values: ``[B, H, max_slice_nnz, block_q, block_k]``, slice ``s`` filling entries
+                ``0 .. nnz(s) - 1`` in its CSR order.
+            shape: ``(B, H, Sq, Sk)`` of the dense weights they stand for.
+
+        Returns:
+            ``{"block_values", "shape", "block_size"}`` plus ``block_indices`` (``[nnz, 2]``
+            (q_block, k_block) pairs) for a shared layout, or ``crow_indices``, ``col_indices`` and
+            ``layout_shape`` when there are several slices.
+        """
+        result: dict[str, Any] = {"block_values": block_values, "shape": tuple(shape), "block_size": self.block_size}
+        if self.num_slices == 1:
+            result["block_indices"] = torch.stack([self.row_ids(), self.col_indices.to(torch.int64)], dim=1)
+        else:
+            result["crow_indices"] = self.crow_indices
+            result["col_indices"] = self.col_indices
+            result["layout_shape"] = self.layout_shape
+        return result
+
     def equal(self, other: BlockSparseLayout) -> bool:
         """True when both layouts describe the same blocks for the same sizes."""
         return (

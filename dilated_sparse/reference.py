@@ -20,7 +20,7 @@ import torch
 
 from .layout import BlockSparseLayout
 
-__all__ = ["reference_attention", "blocked_reference_attention", "allowed_keys"]
+__all__ = ["allowed_keys", "blocked_reference_attention", "reference_attention"]
 
 
 def allowed_keys(
@@ -86,18 +86,7 @@ def _weights_dict(probs: torch.Tensor, layout: BlockSparseLayout) -> dict[str, A
                 lo, hi = int(crow[s * nqb + qb]), int(crow[s * nqb + qb + 1])
                 if hi > lo:
                     values[b, h, lo - start : hi - start] = tiles[b, h, qb, col[lo:hi].to(probs.device)]
-    result: dict[str, Any] = {
-        "block_values": values,
-        "shape": (bsz, heads, sq, sk),
-        "block_size": (bq, bk),
-    }
-    if layout.num_slices == 1:
-        result["block_indices"] = torch.stack([layout.row_ids().cpu(), col], dim=1).to(probs.device)
-    else:
-        result["crow_indices"] = layout.crow_indices
-        result["col_indices"] = layout.col_indices
-        result["layout_shape"] = layout.layout_shape
-    return result
+    return layout.weights_dict(values, (bsz, heads, sq, sk))
 
 
 def reference_attention(

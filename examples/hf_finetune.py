@@ -24,9 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_long_sequence import synthetic_batch, train_steps
 
 from dilated_sparse.integrations.transformers import apply_dilated_sparse
 
@@ -44,23 +48,6 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
     )
     torch.manual_seed(args.seed)
     return transformers.LlamaForCausalLM(config).to(getattr(torch, args.dtype))
-
-
-def generated_batch(batch: int, seq_len: int, vocab: int, period: int, generator: torch.Generator) -> torch.Tensor:
-    """``[batch, seq_len]`` generated tokens: a sparse Markov chain (each token has 4 likely
-    successors: learnable from the current token alone, loss -> ~ln 4) in which, after the first
-    ``period`` tokens, 90% of the tokens copy the one ``period`` positions back. The copies are
-    predictable only by attending ``period`` tokens back, so the pattern must reach that far (the
-    default window does) for the loss to go below ~ln 4."""
-    successors = torch.randint(3, vocab, (vocab, 4), generator=torch.Generator().manual_seed(1234))
-    tokens = torch.empty(batch, seq_len, dtype=torch.long)
-    tokens[:, 0] = torch.randint(3, vocab, (batch,), generator=generator)
-    choice = torch.randint(4, (batch, seq_len), generator=generator)
-    fresh = torch.rand(batch, seq_len, generator=generator) < 0.1
-    for t in range(1, seq_len):
-        chain = successors[tokens[:, t - 1], choice[:, t]]
-        tokens[:, t] = chain if t < period else torch.where(fresh[:, t], chain, tokens[:, t - period])
-    return tokens
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,27 +79,16 @@ def main(argv: list[str] | None = None) -> dict:
     vocab = min(args.vocab, model.config.vocab_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     generator = torch.Generator().manual_seed(args.seed)
-    try:
-        from tqdm.auto import trange
-    except ImportError:
-        trange = None
-    steps = trange(args.steps, desc="fine-tune", disable=args.no_progress) if trange else range(args.steps)
     model.train()
-    losses: list[float] = []
-    start = time.perf_counter()
-    for step in steps:
-        tokens = generated_batch(args.batch, args.seq_len, vocab, args.period, generator).to(args.device)
-        loss = model(input_ids=tokens, labels=tokens).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if trange and not args.no_progress:
-            steps.set_postfix(loss=f"{losses[-1]:.3f}")
-        elif step % max(1, args.steps // 10) == 0 or step == args.steps - 1:
-            print(f"step {step:4d}  loss {losses[-1]:.4f}")
-    seconds = time.perf_counter() - start
+
+    def step_loss(step: int) -> torch.Tensor:
+        # the generated language of train_long_sequence: 90% of the tokens copy the one --period back;
+        # ids from 3 up keep the tiny model's pad/bos/eos tokens out
+        tokens = synthetic_batch(args.batch, args.seq_len, vocab, args.period, 0.1, generator, low=3).to(args.device)
+        return model(input_ids=tokens, labels=tokens).loss
+
+    losses, seconds = train_steps(model, optimizer, step_loss, args.steps, desc="fine-tune",
+                                  no_progress=args.no_progress)
     print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} in {seconds:.1f} s (chain alone: ~{math.log(4):.2f}; "
           "lower means the copies are used)")
     return {"losses": losses, "seconds": seconds}

@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -83,23 +84,52 @@ class SparseLM(nn.Module):
 
 
 def synthetic_batch(batch: int, seq_len: int, vocab: int, period: int, noise: float,
-                    generator: torch.Generator) -> torch.Tensor:
+                    generator: torch.Generator, *, low: int = 0) -> torch.Tensor:
     """``[batch, seq_len]`` tokens of a two-part synthetic language.
 
     The first ``period`` tokens follow a sparse Markov chain (each token has 4 likely successors,
     learnable from the current token alone); every later token copies the one ``period``
     positions back, or with probability ``noise`` continues the chain. Predicting the copies needs
-    attention ``period`` tokens back.
+    attention ``period`` tokens back. Token ids lie in ``[low, vocab)`` (``low`` keeps a model's
+    special tokens out).
     """
-    successors = torch.randint(vocab, (vocab, 4), generator=torch.Generator().manual_seed(1234))
+    successors = torch.randint(low, vocab, (vocab, 4), generator=torch.Generator().manual_seed(1234))
     tokens = torch.empty(batch, seq_len, dtype=torch.long)
-    tokens[:, 0] = torch.randint(vocab, (batch,), generator=generator)
+    tokens[:, 0] = torch.randint(low, vocab, (batch,), generator=generator)
     choice = torch.randint(4, (batch, seq_len), generator=generator)
     fresh = torch.rand(batch, seq_len, generator=generator) < noise
     for t in range(1, seq_len):
         chain = successors[tokens[:, t - 1], choice[:, t]]
         tokens[:, t] = chain if t < period else torch.where(fresh[:, t], chain, tokens[:, t - period])
     return tokens
+
+
+def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, step_loss: Callable[[int], torch.Tensor],
+                steps: int, *, desc: str, no_progress: bool = False) -> tuple[list[float], float]:
+    """``steps`` optimiser steps on ``step_loss(step)`` (gradients clipped to norm 1).
+
+    Shows the loss on a ``tqdm`` bar when tqdm is installed (else prints about ten lines);
+    returns ``(losses, seconds)``.
+    """
+    try:
+        from tqdm.auto import trange
+    except ImportError:  # tqdm is optional
+        trange = None
+    progress = trange(steps, desc=desc, disable=no_progress) if trange else range(steps)
+    losses: list[float] = []
+    start = time.perf_counter()
+    for step in progress:
+        loss = step_loss(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if trange and not no_progress:
+            progress.set_postfix(loss=f"{losses[-1]:.3f}")
+        elif step % max(1, steps // 10) == 0 or step == steps - 1:
+            print(f"step {step:4d}  loss {losses[-1]:.4f}")
+    return losses, time.perf_counter() - start
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -139,28 +169,14 @@ def main(argv: list[str] | None = None) -> dict:
     model = SparseLM(args.vocab, args.dim, args.depth, args.heads, args.kv_heads).to(device, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(args.seed)
-    try:
-        from tqdm.auto import trange
-    except ImportError:  # tqdm is optional
-        trange = None
-    steps = trange(args.steps, desc="train", disable=args.no_progress) if trange else range(args.steps)
-    losses: list[float] = []
-    start = time.perf_counter()
-    for step in steps:
+
+    def step_loss(step: int) -> torch.Tensor:
         tokens = synthetic_batch(args.batch, args.seq_len + 1, args.vocab, args.period, args.noise,
-                                     generator).to(device)
+                                 generator).to(device)
         logits = model(tokens[:, :-1], layout)
-        loss = F.cross_entropy(logits.float().reshape(-1, args.vocab), tokens[:, 1:].reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if trange and not args.no_progress:
-            steps.set_postfix(loss=f"{losses[-1]:.3f}")
-        elif step % max(1, args.steps // 10) == 0 or step == args.steps - 1:
-            print(f"step {step:4d}  loss {losses[-1]:.4f}")
-    seconds = time.perf_counter() - start
+        return F.cross_entropy(logits.float().reshape(-1, args.vocab), tokens[:, 1:].reshape(-1))
+
+    losses, seconds = train_steps(model, optimizer, step_loss, args.steps, desc="train", no_progress=args.no_progress)
     print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} (ln vocab {math.log(args.vocab):.2f}, chain only "
           f"{math.log(4):.2f}, with the copies ~{args.noise * math.log(4 / args.noise) + 0.05:.2f}) "
           f"in {seconds:.1f} s, {args.steps * args.batch * args.seq_len / seconds:.0f} tokens/s")

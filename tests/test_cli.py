@@ -9,7 +9,6 @@ import math
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ from dilated_sparse.cli import show as show_mod
 from dilated_sparse.patterns import make_layout
 
 ROOT = Path(__file__).resolve().parents[1]
-needs_ext = pytest.mark.skipif(not ds.extension_available(), reason="the compiled extension is not available")
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -206,7 +204,7 @@ def test_runtime_failure_is_one_line_with_status_1(capsys, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- bench
-@needs_ext
+@pytest.mark.needs_op
 def test_bench_table_json_and_plot(capsys, tmp_path):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
     code, out, err = run_cli(
@@ -231,7 +229,7 @@ def test_bench_table_json_and_plot(capsys, tmp_path):
     assert out_png.read_bytes()[:4] == b"\x89PNG"
 
 
-@needs_ext
+@pytest.mark.needs_op
 def test_bench_default_patterns_and_impl_choice(capsys):
     code, out, err = run_cli(capsys, "bench", "--seq-len", "256", "--heads", "1", "--head-dim", "8", "--impls", "ours",
                              "--warmup", "0", "--repeats", "1", "--no-progress")
@@ -250,7 +248,7 @@ def test_bench_progress_bar_goes_to_stderr(capsys, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- check
-@needs_ext
+@pytest.mark.needs_op
 def test_check_passes_per_op(capsys):
     code, out, err = run_cli(capsys, "check", "--device", "cpu")
     assert code == 0, out + err
@@ -261,7 +259,7 @@ def test_check_passes_per_op(capsys):
     assert "12 passed, 0 failed" in out
 
 
-@needs_ext
+@pytest.mark.needs_op
 def test_check_reports_a_wrong_forward_as_fail(capsys, monkeypatch):
     real = ds.attention_forward
 

@@ -42,7 +42,7 @@ from dilated_sparse.distributed import (
     zigzag_sharding,
 )
 
-pytestmark = pytest.mark.skipif(not ds.extension_available(), reason="compiled dilated_sparse op not available")
+pytestmark = pytest.mark.needs_op
 
 WORLD_SIZES = (2, 3, 4)
 TOL64 = 1e-9

@@ -8,10 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import dilated_sparse as ds
-
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-pytestmark = pytest.mark.skipif(not ds.extension_available(), reason="the compiled extension is not available")
+pytestmark = pytest.mark.needs_op
 
 
 def load(name: str):

@@ -9,14 +9,7 @@ import torch
 import dilated_sparse as ds
 from dilated_sparse.methods import SparseMethodAttention, SparseTransformerBlock, available_methods
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: one intra-op thread is as fast and immune to oversubscribed CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 SEQ, D_MODEL, HEADS, STEPS = 48, 32, 2, 30

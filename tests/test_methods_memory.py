@@ -25,20 +25,12 @@ from torch.utils._pytree import tree_flatten
 import dilated_sparse as ds
 from dilated_sparse import methods as M
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: one intra-op thread is as fast and immune to oversubscribed CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 S = 16384
 SXS_BYTES = S * S * 4  # one float32 S x S tensor
 LIMIT = SXS_BYTES // 16
-needs_op = pytest.mark.skipif(not ds.extension_available(), reason="compiled extension not available")
 
 
 class LargestAllocation(TorchDispatchMode):
@@ -120,14 +112,14 @@ def test_rowwise_driver_allocates_chunk_not_sxs(name):
     assert largest <= 4 * 32 * seq * 4, f"{name}: largest allocation {largest / 2**20:.2f} MiB"
 
 
-@needs_op
+@pytest.mark.needs_op
 @pytest.mark.parametrize("name", sorted(KERNEL))
 def test_kernel_paths_allocate_no_sxs(name):
     largest = _measure(KERNEL[name])
     assert largest < LIMIT, f"{name}: largest allocation {largest / 2**20:.1f} MiB"
 
 
-@needs_op
+@pytest.mark.needs_op
 def test_metrics_on_weights_dict_allocate_no_sxs():
     q, k, v = (t.detach() for t in _inputs(S))
     layout = ds.patterns.block_neighbour(seq_len_q=S, block_size=64)

@@ -19,18 +19,10 @@ from dilated_sparse.methods import (
     row_quantiles,
 )
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: one intra-op thread is as fast and immune to oversubscribed CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 F64 = torch.float64
-needs_op = pytest.mark.skipif(not ds.extension_available(), reason="compiled extension not available")
 
 
 def _rows():
@@ -103,7 +95,7 @@ def _check_dict_matches_dense(weights):
     assert a["empty_rows"] == b["empty_rows"]
 
 
-@needs_op
+@pytest.mark.needs_op
 def test_metrics_on_shared_layout_weights_dict_with_empty_rows():
     b, s, h, d = 2, 150, 2, 16
     g = torch.Generator().manual_seed(0)
@@ -118,7 +110,7 @@ def test_metrics_on_shared_layout_weights_dict_with_empty_rows():
     _check_dict_matches_dense(weights)
 
 
-@needs_op
+@pytest.mark.needs_op
 def test_metrics_on_per_head_layout_weights_dict():
     b, s, h, d = 2, 100, 2, 16
     g = torch.Generator().manual_seed(1)

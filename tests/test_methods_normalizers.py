@@ -2,58 +2,23 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from _helpers import F64, allowed_mask, attn_scores, expand_heads, grads_of, random_qkv
 
 import dilated_sparse as ds
 from dilated_sparse.methods import entmax15, entmax_attention, entmax_bisect, sparsemax, sparsemax_attention
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: one intra-op thread is as fast and immune to oversubscribed CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 entmax = pytest.importorskip("entmax")
 
-F64 = torch.float64
-
-
-def _qkv(b: int, sq: int, sk: int, h: int, hkv: int, d: int, *, seed: int = 0, dtype: torch.dtype = F64):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, sq, h, d, generator=g, dtype=dtype)
-    k = torch.randn(b, sk, hkv, d, generator=g, dtype=dtype)
-    v = torch.randn(b, sk, hkv, d, generator=g, dtype=dtype)
-    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
-
-
-def _allowed(b: int, h: int, sq: int, sk: int, *, causal: bool = False, key_padding_mask=None, layout=None):
-    allowed = torch.ones(b, h, sq, sk, dtype=torch.bool)
-    if causal:
-        allowed &= torch.arange(sk).view(1, -1) <= torch.arange(sq).view(-1, 1)
-    if key_padding_mask is not None:
-        allowed &= ~key_padding_mask.view(b, 1, 1, sk)
-    if layout is not None:  # token mask from the block mask (test-only dense expansion)
-        bq, bk = layout.block_size
-        blocks = layout.to_dense_mask()  # [Lb, Lh, nqb, nkb]
-        tok = blocks.repeat_interleave(bq, dim=2).repeat_interleave(bk, dim=3)[:, :, :sq, :sk]
-        allowed &= tok.expand(b, h, sq, sk)
-    return allowed
-
 
 def _dense_attention(q, k, v, allowed, normalize):
     """out = normalize(scores over allowed keys) @ v, from the definition (float64, S x S)."""
-    h = q.shape[2]
-    qh = q.transpose(1, 2)
-    kh = k.transpose(1, 2).repeat_interleave(h // k.shape[2], dim=1)
-    vh = v.transpose(1, 2).repeat_interleave(h // v.shape[2], dim=1)
-    scores = qh @ kh.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    vh = expand_heads(v, q.shape[2])
+    scores = attn_scores(q, k)
     weights = torch.zeros_like(scores)
     rows = allowed.any(-1)
     for idx in rows.nonzero().tolist():  # row by row: the plainest definition
@@ -64,12 +29,6 @@ def _dense_attention(q, k, v, allowed, normalize):
     return (weights @ vh).transpose(1, 2)
 
 
-def _grads(out, inputs, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    dout = torch.randn(out.shape, generator=g, dtype=out.dtype)
-    return torch.autograd.grad((out * dout).sum(), inputs)
-
-
 # ----------------------------------------------------------------------------- normalisers
 @pytest.mark.parametrize("dim", [-1, 0, 1])
 @pytest.mark.parametrize("ours,theirs", [(sparsemax, "sparsemax"), (entmax15, "entmax15")])
@@ -78,7 +37,7 @@ def test_exact_normalizers_match_entmax_package(ours, theirs, dim):
     a = ours(x, dim=dim)
     b = getattr(entmax, theirs)(x, dim=dim)
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(_grads(a, [x])[0], _grads(b, [x])[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads_of(a, [x])[0], grads_of(b, [x])[0], rtol=1e-12, atol=1e-12)
     assert (a == 0).any()  # actually sparse
 
 
@@ -88,7 +47,7 @@ def test_entmax_bisect_matches_entmax_package(alpha):
     a = entmax_bisect(x, alpha, dim=-1)
     b = entmax.entmax_bisect(x, alpha, dim=-1)
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(_grads(a, [x])[0], _grads(b, [x])[0], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(grads_of(a, [x])[0], grads_of(b, [x])[0], rtol=1e-9, atol=1e-9)
 
 
 def test_entmax_bisect_alpha_gradient_matches_package_and_gradcheck():
@@ -97,7 +56,7 @@ def test_entmax_bisect_alpha_gradient_matches_package_and_gradcheck():
     a = entmax_bisect(x, alpha, dim=-1)
     b = entmax.entmax_bisect(x, alpha, dim=-1)
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-    for ga, gb in zip(_grads(a, [x, alpha]), _grads(b, [x, alpha])):
+    for ga, gb in zip(grads_of(a, [x, alpha]), grads_of(b, [x, alpha])):
         torch.testing.assert_close(ga, gb, rtol=1e-8, atol=1e-8)
     assert torch.autograd.gradcheck(lambda x, al: entmax_bisect(x, al, dim=-1, n_iter=80), (x, alpha))
 
@@ -118,7 +77,7 @@ def test_normalizers_masked_and_empty_rows(fn):
     torch.testing.assert_close(p[:2].sum(-1), torch.ones(2, dtype=F64))
     # the masked row equals the normaliser over its allowed entries only
     torch.testing.assert_close(p[1, mask[1]], fn(x[1, mask[1]].unsqueeze(0), dim=-1)[0])
-    (g,) = _grads(p, [x])
+    (g,) = grads_of(p, [x])
     assert torch.isfinite(g).all() and (g[2] == 0).all() and (g[~mask] == 0).all()
 
 
@@ -151,40 +110,40 @@ CASES = [
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3])
 def test_entmax_attention_matches_dense_definition(case, alpha):
     b, sq, sk, h, hkv = case["b"], case["sq"], case["sk"], case["h"], case["hkv"]
-    q, k, v = _qkv(b, sq, sk, h, hkv, 8, seed=sq)
+    q, k, v = random_qkv(b, sq, sk, h, hkv, 8, seed=sq)
     kpm = None
     if case["pad"]:
         kpm = torch.zeros(b, sk, dtype=torch.bool)
         kpm[0, -5:] = True
         kpm[-1, :3] = True
-    allowed = _allowed(b, h, sq, sk, causal=case["causal"], key_padding_mask=kpm)
+    allowed = allowed_mask(b, h, sq, sk, causal=case["causal"], key_padding_mask=kpm)
     ref = _dense_attention(q, k, v, allowed, lambda s, hh: entmax.entmax_bisect(s, alpha, dim=-1, n_iter=60))
     out = entmax_attention(q, k, v, alpha, causal=case["causal"], key_padding_mask=kpm, chunk_size=7, n_iter=60)
     torch.testing.assert_close(out, ref, rtol=1e-8, atol=1e-9)
-    for a, r in zip(_grads(out, [q, k, v]), _grads(ref, [q, k, v])):
+    for a, r in zip(grads_of(out, [q, k, v]), grads_of(ref, [q, k, v])):
         torch.testing.assert_close(a, r, rtol=1e-7, atol=1e-8)
 
 
 def test_entmax_attention_per_head_learnable_alpha():
-    q, k, v = _qkv(1, 19, 19, 3, 3, 8, seed=2)
+    q, k, v = random_qkv(1, 19, 19, 3, 3, 8, seed=2)
     alpha = torch.tensor([1.2, 1.5, 2.0], dtype=F64, requires_grad=True)
     out = entmax_attention(q, k, v, alpha, chunk_size=5, n_iter=60)
-    allowed = _allowed(1, 3, 19, 19)
+    allowed = allowed_mask(1, 3, 19, 19)
     ref = _dense_attention(q, k, v, allowed, lambda s, hh: entmax.entmax_bisect(s, alpha[hh], dim=-1, n_iter=60))
     torch.testing.assert_close(out, ref, rtol=1e-8, atol=1e-9)
-    for a, r in zip(_grads(out, [q, alpha]), _grads(ref, [q, alpha])):
+    for a, r in zip(grads_of(out, [q, alpha]), grads_of(ref, [q, alpha])):
         torch.testing.assert_close(a, r, rtol=1e-7, atol=1e-8)
 
 
 def test_sparsemax_attention_matches_dense_definition_with_layout():
     b, s, h = 2, 45, 2
     layout = ds.patterns.block_neighbour(seq_len_q=s, block_size=16)
-    q, k, v = _qkv(b, s, s, h, h, 8, seed=7)
-    allowed = _allowed(b, h, s, s, causal=True, layout=layout)
+    q, k, v = random_qkv(b, s, s, h, h, 8, seed=7)
+    allowed = allowed_mask(b, h, s, s, causal=True, layout=layout)
     ref = _dense_attention(q, k, v, allowed, lambda x, hh: entmax.sparsemax(x, dim=-1))
     out = sparsemax_attention(q, k, v, layout, causal=True, chunk_size=1)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    for a, r in zip(_grads(out, [q, k, v]), _grads(ref, [q, k, v])):
+    for a, r in zip(grads_of(out, [q, k, v]), grads_of(ref, [q, k, v])):
         torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-10)
 
 
@@ -194,32 +153,32 @@ def test_entmax_attention_per_head_layout_and_empty_rows():
     mask[0, 0] = torch.eye(3, dtype=torch.bool)
     mask[0, 1, 0, :] = True  # head 1: block rows 1, 2 empty
     layout = ds.BlockSparseLayout.from_dense_mask(mask, block_size=16, seq_len_q=s)
-    q, k, v = _qkv(b, s, s, h, h, 8, seed=8)
-    allowed = _allowed(b, h, s, s, layout=layout)
+    q, k, v = random_qkv(b, s, s, h, h, 8, seed=8)
+    allowed = allowed_mask(b, h, s, s, layout=layout)
     ref = _dense_attention(q, k, v, allowed, lambda x, hh: entmax.entmax15(x, dim=-1))
     out = entmax_attention(q, k, v, 1.5, layout, n_iter=60)
     torch.testing.assert_close(out, ref, rtol=1e-8, atol=1e-9)
     assert (out[0, 16:, 1] == 0).all()
-    grads = _grads(out, [q, k, v])
+    grads = grads_of(out, [q, k, v])
     assert all(torch.isfinite(g).all() for g in grads)
     assert (grads[0][0, 16:, 1] == 0).all()
 
 
 def test_entmax_attention_fully_masked_rows_no_nan():
-    q, k, v = _qkv(2, 12, 12, 2, 2, 8)
+    q, k, v = random_qkv(2, 12, 12, 2, 2, 8)
     kpm = torch.zeros(2, 12, dtype=torch.bool)
     kpm[1] = True  # every key of batch 1 is padding
     for fn in (lambda: entmax_attention(q, k, v, 1.5, key_padding_mask=kpm),
                lambda: sparsemax_attention(q, k, v, key_padding_mask=kpm)):
         out = fn()
         assert torch.isfinite(out).all() and (out[1] == 0).all()
-        grads = _grads(out, [q, k, v])
+        grads = grads_of(out, [q, k, v])
         assert all(torch.isfinite(g).all() for g in grads)
         assert (grads[0][1] == 0).all()
 
 
 def test_entmax_attention_float32_and_chunking_invariance():
-    q, k, v = _qkv(1, 50, 50, 2, 2, 16, dtype=torch.float32)
+    q, k, v = random_qkv(1, 50, 50, 2, 2, 16, dtype=torch.float32)
     a = entmax_attention(q, k, v, 1.5, chunk_size=3)
     b = entmax_attention(q, k, v, 1.5, chunk_size=50)
     assert a.dtype == torch.float32
@@ -229,7 +188,7 @@ def test_entmax_attention_float32_and_chunking_invariance():
 
 
 def test_entmax_and_sparsemax_attention_bfloat16():
-    q, k, v = (t.detach().to(torch.bfloat16) for t in _qkv(1, 40, 40, 2, 1, 16, seed=4))
+    q, k, v = (t.detach().to(torch.bfloat16) for t in random_qkv(1, 40, 40, 2, 1, 16, seed=4))
     for fn in (lambda *a: entmax_attention(*a, alpha=1.5, causal=True), lambda *a: sparsemax_attention(*a)):
         out = fn(q, k, v)
         assert out.dtype == torch.bfloat16

@@ -6,6 +6,16 @@ import math
 
 import pytest
 import torch
+from _helpers import (
+    F64,
+    allowed_mask,
+    assert_same_grads,
+    attn_scores,
+    expand_heads,
+    grads_of,
+    masked_softmax,
+    random_qkv,
+)
 
 import dilated_sparse as ds
 from dilated_sparse.methods import (
@@ -20,80 +30,30 @@ from dilated_sparse.methods import (
     sla_block_classes,
 )
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: one intra-op thread is as fast and immune to oversubscribed CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-F64 = torch.float64
-needs_op = pytest.mark.skipif(not ds.extension_available(), reason="compiled extension not available")
-
-
-def _qkv(b, sq, sk, h, hkv, d, *, seed=0, dtype=F64):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, sq, h, d, generator=g, dtype=dtype)
-    k = torch.randn(b, sk, hkv, d, generator=g, dtype=dtype)
-    v = torch.randn(b, sk, hkv, d, generator=g, dtype=dtype)
-    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
-
-
-def _heads(t, h):
-    return t.transpose(1, 2).repeat_interleave(h // t.shape[2], dim=1)
-
-
-def _scores(q, k):
-    return q.transpose(1, 2) @ _heads(k, q.shape[2]).transpose(-1, -2) / math.sqrt(q.shape[-1])
-
-
-def _allowed(b, h, sq, sk, *, causal=False, key_padding_mask=None):
-    allowed = torch.ones(b, h, sq, sk, dtype=torch.bool)
-    if causal:
-        allowed &= torch.arange(sk).view(1, -1) <= torch.arange(sq).view(-1, 1)
-    if key_padding_mask is not None:
-        allowed &= ~key_padding_mask.view(b, 1, 1, sk)
-    return allowed
-
-
-def _masked_softmax(scores, allowed):
-    return torch.nan_to_num(torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1), nan=0.0)
-
-
-def _grads(out, inputs, seed=1):
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
-    return torch.autograd.grad((out * dout).sum(), inputs)
-
-
-def _assert_same_grads(out, ref, inputs, rtol=1e-9, atol=1e-10):
-    for a, r in zip(_grads(out, inputs), _grads(ref, inputs)):
-        torch.testing.assert_close(a, r, rtol=rtol, atol=atol)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ----------------------------------------------------------------------------- ReLA
 @pytest.mark.parametrize("causal", [False, True])
 def test_rela_matches_definition(causal):
     b, s, h, d = 2, 21, 2, 8
-    q, k, v = _qkv(b, s, s, h, 1, d, seed=1)
+    q, k, v = random_qkv(b, s, s, h, 1, d, seed=1)
     gain = (torch.rand(h, d, dtype=F64, generator=torch.Generator().manual_seed(2)) + 0.5).requires_grad_()
     kpm = torch.zeros(b, s, dtype=torch.bool)
     kpm[1] = True  # batch 1: every key padded -> zero rows, no NaN
     out = rela_attention(q, k, v, gain=gain, causal=causal, key_padding_mask=kpm, chunk_size=5)
-    w = torch.relu(_scores(q, k)) * _allowed(b, h, s, s, causal=causal, key_padding_mask=kpm)
-    x = (w @ _heads(v, h)).transpose(1, 2)
+    w = torch.relu(attn_scores(q, k)) * allowed_mask(b, h, s, s, causal=causal, key_padding_mask=kpm)
+    x = (w @ expand_heads(v, h)).transpose(1, 2)
     ref = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * gain
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
-    _assert_same_grads(out, ref, [q, k, v, gain])
+    assert_same_grads(out, ref, [q, k, v, gain])
     assert torch.isfinite(out).all() and (out[1] == 0).all()
     assert (w == 0).float().mean() > 0.3  # ReLU gives exact zeros
 
 
 def test_rela_module():
     mod = ReLA(num_heads=2, head_dim=4)
-    q, k, v = _qkv(1, 9, 9, 2, 2, 4, dtype=torch.float32)
+    q, k, v = random_qkv(1, 9, 9, 2, 2, 4, dtype=torch.float32)
     mod(q, k, v).sum().backward()
     assert mod.gain.grad is not None
 
@@ -128,20 +88,20 @@ def _sla_reference(q, k, v, bs, crit, negl, causal, phi, proj):
                     if n_crit <= rank < n_allowed - n_negl and (not causal or (c + 1) * bs - 1 <= r * bs):
                         marginal[bb, hh, r, c] = True
     tok = lambda m: m.repeat_interleave(bs, 2).repeat_interleave(bs, 3)[:, :, :s, :s]
-    sparse = _masked_softmax(_scores(q, k), tok(critical) & _allowed(b, h, s, s, causal=causal)) @ _heads(v, h)
-    fq, fk = phi(q.transpose(1, 2)), phi(_heads(k, h))
+    sparse = masked_softmax(attn_scores(q, k), tok(critical) & allowed_mask(b, h, s, s, causal=causal)) @ expand_heads(v, h)
+    fq, fk = phi(q.transpose(1, 2)), phi(expand_heads(k, h))
     a = (fq @ fk.transpose(-1, -2)) * tok(marginal)  # phi(q_i) . phi(k_j) over the marginal keys
     den = a.sum(-1, keepdim=True)
-    linear = (a @ _heads(v, h)) / torch.where(den > 0, den, torch.ones_like(den))
+    linear = (a @ expand_heads(v, h)) / torch.where(den > 0, den, torch.ones_like(den))
     linear = linear.transpose(1, 2)
     return sparse.transpose(1, 2) + proj(linear), critical, marginal
 
 
-@needs_op
+@pytest.mark.needs_op
 @pytest.mark.parametrize("causal,feature_map", [(False, "softmax"), (True, "elu")])
 def test_sla_matches_definition(causal, feature_map):
     b, s, h, bs = 1, 90, 2, 16
-    q, k, v = _qkv(b, s, s, h, 1, 8, seed=3)
+    q, k, v = random_qkv(b, s, s, h, 1, 8, seed=3)
     w = torch.randn(8, 8, dtype=F64, generator=torch.Generator().manual_seed(4)).requires_grad_()
     phi = {"softmax": lambda x: torch.softmax(x, -1), "elu": lambda x: torch.nn.functional.elu(x) + 1}[feature_map]
     out, parts = sla_attention(q, k, v, block_size=bs, critical_fraction=0.34, negligible_fraction=0.2,
@@ -151,13 +111,13 @@ def test_sla_matches_definition(causal, feature_map):
     assert torch.equal(parts["layout"].to_dense_mask(), critical)
     assert marginal.any() and not (marginal & critical).any()
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
-    _assert_same_grads(out, ref, [q, k, v, w], rtol=1e-8, atol=1e-9)
+    assert_same_grads(out, ref, [q, k, v, w], rtol=1e-8, atol=1e-9)
 
 
-@needs_op
+@pytest.mark.needs_op
 def test_sla_module_starts_as_sparse_attention_and_classes_checks():
     mod = SLA(8, block_size=16, critical_fraction=0.25).double()
-    q, k, v = _qkv(2, 64, 64, 2, 2, 8, seed=5)
+    q, k, v = random_qkv(2, 64, 64, 2, 2, 8, seed=5)
     out = mod(q, k, v)
     sparse = sla_attention(q, k, v, block_size=16, critical_fraction=0.25, proj=lambda x: 0 * x)
     torch.testing.assert_close(out, sparse)
@@ -175,8 +135,8 @@ def _lsh_round_reference(q, k, v, rot, chunk, causal, shared_qk, kpm=None):
     the same and the previous chunk to keys of the same bucket. Returns (out, lse)."""
     b, s, h, d = q.shape
     qh = q.transpose(1, 2)
-    kh = torch.nn.functional.normalize(qh, dim=-1) if shared_qk else _heads(k, h)
-    vh = _heads(v, h)
+    kh = torch.nn.functional.normalize(qh, dim=-1) if shared_qk else expand_heads(k, h)
+    vh = expand_heads(v, h)
 
     def bucket(x):
         proj = torch.nn.functional.normalize(x.detach(), dim=-1) @ rot
@@ -188,20 +148,20 @@ def _lsh_round_reference(q, k, v, rot, chunk, causal, shared_qk, kpm=None):
     cq, ck = chunk_of(bq), chunk_of(bk)
     allowed = (bq.unsqueeze(-1) == bk.unsqueeze(-2)) & (
         (ck.unsqueeze(-2) == cq.unsqueeze(-1)) | (ck.unsqueeze(-2) == cq.unsqueeze(-1) - 1))
-    allowed &= _allowed(b, h, s, s, causal=causal, key_padding_mask=kpm)
+    allowed &= allowed_mask(b, h, s, s, causal=causal, key_padding_mask=kpm)
     scores = qh @ kh.transpose(-1, -2) / math.sqrt(d)
     if shared_qk:
         scores = torch.where(torch.eye(s, dtype=torch.bool), torch.full_like(scores, -1e5), scores)
     masked = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(masked, -1)
-    out = _masked_softmax(scores, allowed) @ vh
+    out = masked_softmax(scores, allowed) @ vh
     return out, lse, allowed
 
 
 @pytest.mark.parametrize("causal,shared_qk", [(False, False), (True, False), (False, True)])
 def test_lsh_one_round_equals_direct_reference(causal, shared_qk):
     b, s, h, d = 2, 45, 2, 8
-    q, k, v = _qkv(b, s, s, h, 1, d, seed=6)
+    q, k, v = random_qkv(b, s, s, h, 1, d, seed=6)
     rot = lsh_rotations(d, 4, 1, generator=torch.Generator().manual_seed(1), dtype=F64)
     kpm = torch.zeros(b, s, dtype=torch.bool)
     kpm[1, -7:] = True
@@ -211,19 +171,19 @@ def test_lsh_one_round_equals_direct_reference(causal, shared_qk):
     ref = ref.transpose(1, 2)
     assert allowed.float().mean() < 0.5  # the hashing really prunes
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
-    _assert_same_grads(out, ref, [q, k, v] if not shared_qk else [q, v])
+    assert_same_grads(out, ref, [q, k, v] if not shared_qk else [q, v])
 
 
 def test_lsh_rounds_combine_by_lse_and_buckets():
     b, s, h, d = 1, 40, 1, 8
-    q, k, v = _qkv(b, s, s, h, h, d, seed=7)
+    q, k, v = random_qkv(b, s, s, h, h, d, seed=7)
     rot = lsh_rotations(d, 4, 3, generator=torch.Generator().manual_seed(2), dtype=F64)
     out, (bq, _) = lsh_attention(q, k, v, n_buckets=4, chunk_size=8, rotations=rot, return_buckets=True)
     outs, lses = zip(*[_lsh_round_reference(q, k, v, rot[r], 8, False, False)[:2] for r in range(3)])
     weights = torch.softmax(torch.stack(lses), dim=0).unsqueeze(-1)
     ref = (torch.stack(outs) * weights).sum(0).transpose(1, 2)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
-    _assert_same_grads(out, ref, [q, k, v])
+    assert_same_grads(out, ref, [q, k, v])
     assert bq.shape == (3, b, h, s) and int(bq.max()) < 4
     torch.testing.assert_close(lsh_buckets(q.transpose(1, 2).detach(), rot), bq)
     with pytest.raises(ValueError, match="n_buckets"):
@@ -286,12 +246,12 @@ def _all_methods():
 
 @pytest.mark.parametrize("name", sorted(_all_methods()))
 def test_fully_masked_rows_give_zeros_without_nan(name):
-    q, k, v = _qkv(2, 40, 40, 2, 2, 8, seed=9)
+    q, k, v = random_qkv(2, 40, 40, 2, 2, 8, seed=9)
     kpm = torch.zeros(2, 40, dtype=torch.bool)
     kpm[1] = True  # every key of batch 1 is padding
     out = _all_methods()[name](q, k, v, kpm)
     assert torch.isfinite(out).all() and (out[1] == 0).all()
     assert out[0].abs().sum() > 0
-    grads = _grads(out, [q, k, v])
+    grads = grads_of(out, [q, k, v])
     assert all(torch.isfinite(g).all() for g in grads)
     assert (grads[0][1] == 0).all() and (grads[2][1] == 0).all()

@@ -5,11 +5,20 @@ block-neighbour / BigBird / LongNet through the kernel."""
 from __future__ import annotations
 
 import itertools
-import math
 
 import pytest
 import torch
 import torch.utils._python_dispatch
+from _helpers import (
+    F64,
+    allowed_mask,
+    apply_weights,
+    assert_same_grads,
+    attn_scores,
+    grads_of,
+    masked_softmax,
+    random_qkv,
+)
 
 import dilated_sparse as ds
 from dilated_sparse.methods import (
@@ -33,117 +42,56 @@ from dilated_sparse.methods import (
 )
 from dilated_sparse.methods.gumbel import _gumbel_noise
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: one intra-op thread is as fast and immune to oversubscribed CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-F64 = torch.float64
-needs_op = pytest.mark.skipif(not ds.extension_available(), reason="compiled extension not available")
-
-
-def _qkv(b, sq, sk, h, hkv, d, *, seed=0, dtype=F64):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, sq, h, d, generator=g, dtype=dtype)
-    k = torch.randn(b, sk, hkv, d, generator=g, dtype=dtype)
-    v = torch.randn(b, sk, hkv, d, generator=g, dtype=dtype)
-    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
-
-
-def _heads(q, k, v):
-    h = q.shape[2]
-    qh = q.transpose(1, 2)
-    kh = k.transpose(1, 2).repeat_interleave(h // k.shape[2], dim=1)
-    vh = v.transpose(1, 2).repeat_interleave(h // v.shape[2], dim=1)
-    return qh, kh, vh
-
-
-def _scores(q, k):
-    qh, kh, _ = _heads(q, k, k)
-    return qh @ kh.transpose(-1, -2) / math.sqrt(q.shape[-1])
-
-
-def _allowed(b, h, sq, sk, *, causal=False, key_padding_mask=None):
-    allowed = torch.ones(b, h, sq, sk, dtype=torch.bool)
-    if causal:
-        allowed &= torch.arange(sk).view(1, -1) <= torch.arange(sq).view(-1, 1)
-    if key_padding_mask is not None:
-        allowed &= ~key_padding_mask.view(b, 1, 1, sk)
-    return allowed
-
-
-def _masked_softmax(scores, allowed):
-    p = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-    return torch.nan_to_num(p, nan=0.0)
-
-
-def _apply(weights, v, h):
-    vh = v.transpose(1, 2).repeat_interleave(h // v.shape[2], dim=1)
-    return (weights @ vh).transpose(1, 2)
-
-
-def _grads(out, inputs, seed=1):
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
-    return torch.autograd.grad((out * dout).sum(), inputs, allow_unused=True)
-
-
-def _assert_same_grads(out, ref, inputs, rtol=1e-9, atol=1e-10):
-    for a, r in zip(_grads(out, inputs), _grads(ref, inputs)):
-        torch.testing.assert_close(a, r, rtol=rtol, atol=atol)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ----------------------------------------------------------------------------- top-k
 def _topk_reference(q, k, v, top_k, allowed):
     """Row by row: softmax over the top_k allowed scores (a direct reading of the definition)."""
-    s = _scores(q, k)
+    s = attn_scores(q, k)
     w = torch.zeros_like(s)
     for b, h, i in allowed.any(-1).nonzero().tolist():
         idx = allowed[b, h, i].nonzero()[:, 0]
         vals, sel = torch.topk(s[b, h, i, idx], min(top_k, idx.numel()))
         w = w.index_put((torch.tensor(b), torch.tensor(h), torch.tensor(i), idx[sel]), torch.softmax(vals, -1))
-    return _apply(w, v, q.shape[2])
+    return apply_weights(w, v, q.shape[2])
 
 
 @pytest.mark.parametrize("causal,pad,hkv", [(False, False, 2), (True, False, 1), (False, True, 2), (True, True, 2)])
 def test_topk_matches_definition(causal, pad, hkv):
     b, s, h = 2, 23, 2
-    q, k, v = _qkv(b, s, s, h, hkv, 8, seed=3)
+    q, k, v = random_qkv(b, s, s, h, hkv, 8, seed=3)
     kpm = None
     if pad:
         kpm = torch.zeros(b, s, dtype=torch.bool)
         kpm[1, 10:] = True
-    allowed = _allowed(b, h, s, s, causal=causal, key_padding_mask=kpm)
+    allowed = allowed_mask(b, h, s, s, causal=causal, key_padding_mask=kpm)
     ref = _topk_reference(q, k, v, 5, allowed)
     out = topk_attention(q, k, v, 5, causal, key_padding_mask=kpm, chunk_size=4)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
-    _assert_same_grads(out, ref, [q, k, v])
+    assert_same_grads(out, ref, [q, k, v])
 
 
 def test_topk_with_layout_and_all_masked_rows():
     b, s, h = 1, 40, 2
     layout = ds.patterns.block_neighbour(seq_len_q=s, block_size=16, radius=0)
-    q, k, v = _qkv(b, s, s, h, h, 8, seed=4)
+    q, k, v = random_qkv(b, s, s, h, h, 8, seed=4)
     kpm = torch.zeros(b, s, dtype=torch.bool)
     kpm[0, 16:32] = True  # query block 1 sees only its own (padded) block: empty rows
-    allowed = _allowed(b, h, s, s, key_padding_mask=kpm)
+    allowed = allowed_mask(b, h, s, s, key_padding_mask=kpm)
     blocks = layout.to_dense_mask()[0, 0].repeat_interleave(16, 0).repeat_interleave(16, 1)[:s, :s]
     allowed &= blocks
     ref = _topk_reference(q, k, v, 3, allowed)
     out = topk_attention(q, k, v, 3, layout=layout, key_padding_mask=kpm)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
     assert (out[0, 16:32] == 0).all()
-    grads = _grads(out, [q, k, v])
+    grads = grads_of(out, [q, k, v])
     assert all(torch.isfinite(g).all() for g in grads) and (grads[0][0, 16:32] == 0).all()
 
 
 def test_topk_large_k_is_full_softmax_and_bad_k():
-    q, k, v = _qkv(1, 10, 10, 1, 1, 4)
-    full = _apply(_masked_softmax(_scores(q, k), _allowed(1, 1, 10, 10)), v, 1)
+    q, k, v = random_qkv(1, 10, 10, 1, 1, 4)
+    full = apply_weights(masked_softmax(attn_scores(q, k), allowed_mask(1, 1, 10, 10)), v, 1)
     torch.testing.assert_close(topk_attention(q, k, v, 64), full)
     with pytest.raises(ValueError, match="top_k"):
         topk_attention(q, k, v, 0)
@@ -151,11 +99,11 @@ def test_topk_large_k_is_full_softmax_and_bad_k():
 
 def test_adaptive_topk_matches_definition_and_k_gradient():
     b, s, h, k_max, ramp = 1, 17, 2, 8, 2.0
-    q, k, v = _qkv(b, s, s, h, h, 8, seed=5)
+    q, k, v = random_qkv(b, s, s, h, h, 8, seed=5)
     k_per_head = torch.tensor([2.5, 6.0], dtype=F64, requires_grad=True)
     out = adaptive_topk(q, k, v, k_per_head, k_max, ramp=ramp, causal=True, chunk_size=5)
-    sc = _scores(q, k)
-    allowed = _allowed(b, h, s, s, causal=True)
+    sc = attn_scores(q, k)
+    allowed = allowed_mask(b, h, s, s, causal=True)
     w = torch.zeros_like(sc)
     for bb, hh, i in allowed.any(-1).nonzero().tolist():
         idx = allowed[bb, hh, i].nonzero()[:, 0]
@@ -164,9 +112,9 @@ def test_adaptive_topk_matches_definition_and_k_gradient():
         m = torch.clamp((ramp + k_per_head[hh] - 1 - r) / ramp, 0, 1)
         p = m * torch.exp(vals - vals.max())
         w = w.index_put((torch.tensor(bb), torch.tensor(hh), torch.tensor(i), idx[sel]), p / p.sum())
-    ref = _apply(w, v, h)
+    ref = apply_weights(w, v, h)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
-    grads, ref_grads = _grads(out, [q, k, v, k_per_head]), _grads(ref, [q, k, v, k_per_head])
+    grads, ref_grads = grads_of(out, [q, k, v, k_per_head]), grads_of(ref, [q, k, v, k_per_head])
     for a, r in zip(grads, ref_grads):
         torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-10)
     assert grads[3].abs().sum() > 0
@@ -178,7 +126,7 @@ def test_adaptive_topk_module_range_and_regularizer():
     assert ((kv >= 2) & (kv <= 10)).all()
     mod.regularization().backward()
     assert mod.theta.grad is not None and (mod.theta.grad > 0).all()
-    q, k, v = _qkv(1, 12, 12, 3, 3, 4, dtype=torch.float32)
+    q, k, v = random_qkv(1, 12, 12, 3, 3, 4, dtype=torch.float32)
     assert mod(q, k, v).shape == q.shape
     with pytest.raises(ValueError, match="k_min"):
         AdaptiveTopK(2, 5, 3)
@@ -211,19 +159,19 @@ def _block_topk_reference(q, k, v, per_row, bq, bk, causal):
                 keep = keep[row[keep] > float("-inf")]
                 chosen[bb, hh, r, keep] = True
     tok = chosen.repeat_interleave(bq, 2).repeat_interleave(bk, 3)[:, :, :sq, :sk]
-    allowed = tok & _allowed(b, h, sq, sk, causal=causal)
-    return _apply(_masked_softmax(_scores(q, k), allowed), v, h), chosen
+    allowed = tok & allowed_mask(b, h, sq, sk, causal=causal)
+    return apply_weights(masked_softmax(attn_scores(q, k), allowed), v, h), chosen
 
 
-@needs_op
+@pytest.mark.needs_op
 @pytest.mark.parametrize("causal,bq,bk,hkv", [(False, 16, 16, 2), (True, 16, 16, 1), (True, 32, 16, 2)])
 def test_block_topk_matches_definition(causal, bq, bk, hkv):
     b, s, h = 2, 75, 2
-    q, k, v = _qkv(b, s, s, h, hkv, 8, seed=6)
+    q, k, v = random_qkv(b, s, s, h, hkv, 8, seed=6)
     out, layout = block_topk_attention(q, k, v, 2, (bq, bk), causal=causal, return_layout=True)
     ref, chosen = _block_topk_reference(q, k, v, 2, bq, bk, causal)
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
-    _assert_same_grads(out, ref, [q, k, v], rtol=1e-8, atol=1e-9)
+    assert_same_grads(out, ref, [q, k, v], rtol=1e-8, atol=1e-9)
     assert layout.layout_shape == (b, h)
     got = layout.to_dense_mask()
     assert (got >= chosen).all()  # every chosen block is in the layout (extra ones are causal-masked)
@@ -232,9 +180,9 @@ def test_block_topk_matches_definition(causal, bq, bk, hkv):
         assert (out.abs().sum(-1) > 0).all()
 
 
-@needs_op
+@pytest.mark.needs_op
 def test_block_topk_layout_is_valid_and_device_built():
-    q, k, _ = _qkv(2, 100, 100, 4, 2, 8, dtype=torch.float32)
+    q, k, _ = random_qkv(2, 100, 100, 4, 2, 8, dtype=torch.float32)
     layout = block_topk_layout(q, k, 3, 32)
     nqb = layout.num_query_blocks
     assert torch.equal(layout.crow_indices, torch.arange(2 * 4 * nqb + 1, dtype=torch.int32) * 3)
@@ -244,15 +192,15 @@ def test_block_topk_layout_is_valid_and_device_built():
     assert layout.max_slice_nnz == nqb * 3
 
 
-@needs_op
+@pytest.mark.needs_op
 def test_block_topk_skips_padding_blocks():
-    q, k, v = _qkv(1, 64, 64, 1, 1, 8, seed=9)
+    q, k, v = random_qkv(1, 64, 64, 1, 1, 8, seed=9)
     kpm = torch.zeros(1, 64, dtype=torch.bool)
     kpm[0, 32:] = True
     out, layout = block_topk_attention(q, k, v, 2, 16, key_padding_mask=kpm, return_layout=True)
     assert (layout.col_indices < 2).all()  # the two padded key blocks are never chosen
-    allowed = _allowed(1, 1, 64, 64, key_padding_mask=kpm)
-    ref = _apply(_masked_softmax(_scores(q, k), allowed), v, 1)
+    allowed = allowed_mask(1, 1, 64, 64, key_padding_mask=kpm)
+    ref = apply_weights(masked_softmax(attn_scores(q, k), allowed), v, 1)
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
 
 
@@ -288,13 +236,13 @@ def test_sparsek_mask_exact_and_gradcheck():
 @pytest.mark.parametrize("causal", [False, True])
 def test_sparsek_attention_matches_definition(causal):
     b, s, h, hkv, kk = 2, 19, 2, 1, 4
-    q, k, v = _qkv(b, s, s, h, hkv, 8, seed=10)
+    q, k, v = random_qkv(b, s, s, h, hkv, 8, seed=10)
     u = torch.randn(b, s, hkv, dtype=F64, generator=torch.Generator().manual_seed(3)).requires_grad_()
     kpm = torch.zeros(b, s, dtype=torch.bool)
     kpm[1, -4:] = True
     out = sparsek_attention(q, k, v, u, kk, causal=causal, key_padding_mask=kpm, chunk_size=6)
-    sc = _scores(q, k)
-    allowed = _allowed(b, h, s, s, causal=causal, key_padding_mask=kpm)
+    sc = attn_scores(q, k)
+    allowed = allowed_mask(b, h, s, s, causal=causal, key_padding_mask=kpm)
     w = torch.zeros_like(sc)
     for bb, hh, i in allowed.any(-1).nonzero().tolist():
         idx = allowed[bb, hh, i].nonzero()[:, 0]
@@ -307,14 +255,14 @@ def test_sparsek_attention_matches_definition(causal):
         md = torch.where(free, uu - tau, m)
         p = torch.softmax(sc[bb, hh, i, idx[sel]], -1) * md[sel]
         w = w.index_put((torch.tensor(bb), torch.tensor(hh), torch.tensor(i), idx[sel]), p)
-    ref = _apply(w, v, h)
+    ref = apply_weights(w, v, h)
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
-    _assert_same_grads(out, ref, [q, k, v, u], rtol=1e-7, atol=1e-9)
+    assert_same_grads(out, ref, [q, k, v, u], rtol=1e-7, atol=1e-9)
 
 
 def test_sparsek_module_trains_scores():
     mod = SparseK(num_kv_heads=1, head_dim=8, k_keep=3).double()
-    q, k, v = _qkv(1, 16, 16, 2, 1, 8, seed=11)
+    q, k, v = random_qkv(1, 16, 16, 2, 1, 8, seed=11)
     out = mod(q, k, v, causal=True)
     out.square().sum().backward()
     assert mod.weight.grad is not None and mod.weight.grad.abs().sum() > 0
@@ -325,41 +273,41 @@ def test_sparsek_module_trains_scores():
 # ----------------------------------------------------------------------------- Gumbel
 def test_gumbel_softmax_without_noise_is_straight_through_argmax():
     b, s, h, t = 1, 14, 2, 0.7
-    q, k, v = _qkv(b, s, s, h, h, 8, seed=12)
+    q, k, v = random_qkv(b, s, s, h, h, 8, seed=12)
     out = gumbel_softmax_attention(q, k, v, t, hard=True, noise=False, causal=True, chunk_size=4)
-    allowed = _allowed(b, h, s, s, causal=True)
-    soft = _masked_softmax(_scores(q, k) / t, allowed)
+    allowed = allowed_mask(b, h, s, s, causal=True)
+    soft = masked_softmax(attn_scores(q, k) / t, allowed)
     hard = torch.nn.functional.one_hot(soft.argmax(-1), s).to(F64)
-    ref = _apply(hard - soft.detach() + soft, v, h)
+    ref = apply_weights(hard - soft.detach() + soft, v, h)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
-    _assert_same_grads(out, ref, [q, k, v])
+    assert_same_grads(out, ref, [q, k, v])
     soft_out = gumbel_softmax_attention(q, k, v, t, hard=False, noise=False, causal=True)
-    torch.testing.assert_close(soft_out, _apply(soft, v, h), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(soft_out, apply_weights(soft, v, h), rtol=1e-10, atol=1e-12)
 
 
 def test_gumbel_noise_is_reused_in_backward():
     b, s, h, t = 1, 11, 1, 0.5
-    q, k, v = _qkv(b, s, s, h, h, 4, seed=13)
+    q, k, v = random_qkv(b, s, s, h, h, 4, seed=13)
     out = gumbel_softmax_attention(q, k, v, t, hard=True, generator=torch.Generator().manual_seed(7))
     seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(7)).item())
-    sc = _scores(q, k)
+    sc = attn_scores(q, k)
     soft = torch.softmax((sc + _gumbel_noise(sc.shape, seed, sc)) / t, -1)
     hard = torch.nn.functional.one_hot(soft.argmax(-1), s).to(F64)
-    ref = _apply(hard - soft.detach() + soft, v, h)
+    ref = apply_weights(hard - soft.detach() + soft, v, h)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
-    _assert_same_grads(out, ref, [q, k, v])
+    assert_same_grads(out, ref, [q, k, v])
     # each query reads exactly one value row
     vh = v.transpose(1, 2)[0, 0]
     assert all(any(torch.allclose(out[0, i, 0], vh[j]) for j in range(s)) for i in range(s))
 
 
 def test_gumbel_fully_masked_rows_and_schedule():
-    q, k, v = _qkv(2, 6, 6, 1, 1, 4)
+    q, k, v = random_qkv(2, 6, 6, 1, 1, 4)
     kpm = torch.zeros(2, 6, dtype=torch.bool)
     kpm[1] = True
     out = gumbel_softmax_attention(q, k, v, 1.0, key_padding_mask=kpm)
     assert torch.isfinite(out).all() and (out[1] == 0).all()
-    assert all(torch.isfinite(g).all() for g in _grads(out, [q, k, v]))
+    assert all(torch.isfinite(g).all() for g in grads_of(out, [q, k, v]))
     for mode in ("exponential", "linear", "cosine"):
         sched = GumbelTemperatureSchedule(2.0, 0.1, total_steps=10, mode=mode)
         values = [sched.temperature] + [sched.step() for _ in range(12)]
@@ -378,21 +326,21 @@ def test_gumbel_fully_masked_rows_and_schedule():
 # ----------------------------------------------------------------------------- Bernoulli block masks
 def test_block_gated_attention_matches_definition_with_gate_gradients():
     b, s, h, bs = 1, 40, 2, 16
-    q, k, v = _qkv(b, s, s, h, h, 8, seed=14)
+    q, k, v = random_qkv(b, s, s, h, h, 8, seed=14)
     gates = torch.rand(h, 3, 3, dtype=F64, generator=torch.Generator().manual_seed(4))
     gates[0, 1, :] = 0  # head 0, block row 1: every gate closed -> zero output
     gates.requires_grad_()
     out = block_gated_attention(q, k, v, gates, bs, causal=True, chunk_size=7)
     tok = gates.repeat_interleave(bs, 1).repeat_interleave(bs, 2)[:, :s, :s].unsqueeze(0)
-    p = _masked_softmax(_scores(q, k), _allowed(b, h, s, s, causal=True)) * tok
+    p = masked_softmax(attn_scores(q, k), allowed_mask(b, h, s, s, causal=True)) * tok
     total = p.sum(-1, keepdim=True)
-    ref = _apply(p / torch.where(total > 0, total, torch.ones_like(total)), v, h)
+    ref = apply_weights(p / torch.where(total > 0, total, torch.ones_like(total)), v, h)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
-    _assert_same_grads(out, ref, [q, k, v, gates])
+    assert_same_grads(out, ref, [q, k, v, gates])
     assert (out[0, 16:32, 0] == 0).all()
 
 
-@needs_op
+@pytest.mark.needs_op
 def test_learnable_block_mask_eval_equals_kernel_on_its_layout():
     torch.manual_seed(0)
     mask = LearnableBlockMask(num_heads=2, max_seq_len=64, block_size=16, init_keep=0.5).double()
@@ -400,7 +348,7 @@ def test_learnable_block_mask_eval_equals_kernel_on_its_layout():
         mask.logits.copy_(torch.randn(mask.logits.shape, dtype=F64))
         mask.logits[:, torch.arange(4), torch.arange(4)] = 1.0  # diagonal open: no empty rows
     mask.eval()
-    q, k, v = _qkv(1, 50, 50, 2, 2, 8, seed=15)
+    q, k, v = random_qkv(1, 50, 50, 2, 2, 8, seed=15)
     out = mask(q, k, v)
     layout = mask.to_layout(50)
     assert layout.layout_shape == (1, 2)
@@ -414,7 +362,7 @@ def test_learnable_block_mask_training_hard_gates_and_l0():
     mask = LearnableBlockMask(num_heads=2, max_seq_len=48, block_size=16, init_keep=0.6)
     gates = mask.gates(3, 3, generator=torch.Generator().manual_seed(1))
     assert set(gates.detach().unique().tolist()) <= {0.0, 1.0}  # true 0/1 gates in the forward
-    q, k, v = _qkv(1, 48, 48, 2, 2, 8, dtype=torch.float32)
+    q, k, v = random_qkv(1, 48, 48, 2, 2, 8, dtype=torch.float32)
     out = mask(q, k, v)
     (out.square().sum() + mask.l0_loss()).backward()
     assert mask.logits.grad is not None and mask.logits.grad.abs().sum() > 0
@@ -426,24 +374,24 @@ def test_learnable_block_mask_training_hard_gates_and_l0():
 
 
 # ----------------------------------------------------------------------------- fixed patterns
-@needs_op
+@pytest.mark.needs_op
 @pytest.mark.parametrize("causal", [False, True])
 def test_block_neighbour_attention_matches_token_definition(causal):
     b, s, h, bs = 1, 70, 2, 16
-    q, k, v = _qkv(b, s, s, h, 1, 8, seed=16)
+    q, k, v = random_qkv(b, s, s, h, 1, 8, seed=16)
     out = block_neighbour_attention(q, k, v, block_size=bs, causal=causal)
     pos = torch.arange(s)
     near = ((pos.view(-1, 1) // bs) - (pos.view(1, -1) // bs)).abs() <= 1
-    allowed = _allowed(b, h, s, s, causal=causal) & near
-    ref = _apply(_masked_softmax(_scores(q, k), allowed), v, h)
+    allowed = allowed_mask(b, h, s, s, causal=causal) & near
+    ref = apply_weights(masked_softmax(attn_scores(q, k), allowed), v, h)
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
-    _assert_same_grads(out, ref, [q, k, v], rtol=1e-8, atol=1e-9)
+    assert_same_grads(out, ref, [q, k, v], rtol=1e-8, atol=1e-9)
 
 
-@needs_op
+@pytest.mark.needs_op
 def test_bigbird_and_dilated_through_the_kernel_match_reference():
     b, s, h = 1, 100, 2
-    q, k, v = _qkv(b, s, s, h, h, 8, seed=17)
+    q, k, v = random_qkv(b, s, s, h, h, 8, seed=17)
     out, layout = bigbird_attention(q, k, v, block_size=16, num_random_blocks=1, seed=3, return_layout=True)
     expected = ds.patterns.bigbird(seq_len_q=s, block_size=16, num_random_blocks=1, seed=3)
     assert layout.equal(expected)
@@ -475,10 +423,10 @@ class _HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@needs_op
+@pytest.mark.needs_op
 @pytest.mark.parametrize("causal", [False, True])
 def test_block_topk_and_sla_build_layouts_without_host_sync(causal):
-    q, k, v = _qkv(2, 96, 96, 2, 1, 8, dtype=torch.float32)
+    q, k, v = random_qkv(2, 96, 96, 2, 1, 8, dtype=torch.float32)
     kpm = torch.zeros(2, 96, dtype=torch.bool)
     kpm[1, 70:] = True
     with _HostSyncs() as mode:
@@ -497,7 +445,7 @@ def test_block_topk_and_sla_build_layouts_without_host_sync(causal):
 def test_bfloat16_inputs_match_float64_at_bf16_tolerance(name):
     if name == "block_topk" and not ds.extension_available():
         pytest.skip("compiled extension not available")
-    q, k, v = (t.detach() for t in _qkv(2, 70, 70, 4, 2, 16, seed=21))
+    q, k, v = (t.detach() for t in random_qkv(2, 70, 70, 4, 2, 16, seed=21))
     u = torch.randn(2, 70, 2, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
     fns = {
         "topk": lambda q, k, v: topk_attention(q, k, v, 12, True),

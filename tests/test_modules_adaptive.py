@@ -12,16 +12,7 @@ from torch import nn
 import dilated_sparse as ds
 from dilated_sparse.modules.adaptive import gated_block_sparse_attention
 
-pytestmark = pytest.mark.skipif(not ds.extension_available(), reason="compiled op not available")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation (costly on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.needs_op, pytest.mark.usefixtures("single_thread")]
 
 
 def qkv(b=2, s=80, h=2, d=8, seed=0, dtype=torch.float64):

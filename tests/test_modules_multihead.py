@@ -9,16 +9,8 @@ from torch import nn
 import dilated_sparse as ds
 from dilated_sparse.modules._dropout import dropout_block_sparse_attention
 
-pytestmark = pytest.mark.skipif(not ds.extension_available(), reason="compiled op not available")
+pytestmark = [pytest.mark.needs_op, pytest.mark.usefixtures("single_thread")]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation (costly on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 E, H = 32, 4
 

@@ -20,16 +20,8 @@ from dilated_sparse import (
     get_block_sparse_preset,
 )
 
-pytestmark = pytest.mark.skipif(not ds.extension_available(), reason="compiled op not available")
+pytestmark = [pytest.mark.needs_op, pytest.mark.usefixtures("single_thread")]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation (costly on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 E, H, S = 32, 4, 48
 

@@ -101,6 +101,7 @@ def test_weights_dict_matches_reference(device, name):
     kw_cpu = {key: (val.cpu() if isinstance(val, torch.Tensor) else val) for key, val in kw.items()}
     ref_out, ref_w = ds.reference_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), layout,
                                             return_attention_weights=True, **kw_cpu)
+    assert_close(out.cpu(), ref_out, dtype, "out with weights")
     assert weights["block_values"].shape == ref_w["block_values"].shape
     assert weights["shape"] == ref_w["shape"] and weights["block_size"] == layout.block_size
     assert_close(weights["block_values"].cpu(), ref_w["block_values"], dtype, "block_values")

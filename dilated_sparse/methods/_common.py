@@ -25,6 +25,7 @@ import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ..layout import BlockSparseLayout
+from ..ops import _check_tensor
 
 __all__ = [
     "Normalizer",
@@ -68,8 +69,6 @@ class RowInfo:
 
 Normalizer = Callable[[torch.Tensor, torch.Tensor, RowInfo], torch.Tensor]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int, int]:
     """Check ``q [B,Sq,H,D]``, ``k/v [B,Sk,Hkv,D]``; returns ``(B, Sq, Sk, H, Hkv, D)``.
@@ -79,12 +78,7 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, i
         ValueError: wrong ranks, mismatched sizes or devices, ``H % Hkv != 0``, empty inputs.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [batch, seq_len, heads, head_dim], got {tuple(t.shape)}")
+        _check_tensor(name, t)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):

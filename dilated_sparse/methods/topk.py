@@ -102,6 +102,41 @@ def _select_then_gather(
     return torch.cat(outs, dim=2).transpose(1, 2).to(q.dtype)
 
 
+def _topk_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    top_k: int,
+    weights: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    layout: BlockSparseLayout | None,
+    scale: float | None,
+    causal: bool,
+    key_lengths: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    chunk_size: int | None,
+) -> torch.Tensor:
+    """Each query's ``top_k`` best allowed scores, weighted by ``weights(values, valid)``.
+
+    Without a layout: select-then-gather over dense chunks; with one: the row-wise driver over
+    the layout's blocks, the weights scattered back to the selected keys.
+    """
+    if layout is None:
+        return _select_then_gather(
+            q, k, v, top_k, weights, scale=scale, causal=causal, key_lengths=key_lengths,
+            key_padding_mask=key_padding_mask, chunk_size=chunk_size,
+        )
+
+    def normalize(scores: torch.Tensor, mask: torch.Tensor, info: RowInfo) -> torch.Tensor:
+        values, index = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1)
+        return torch.zeros_like(scores).scatter(-1, index, weights(values, values > float("-inf")))
+
+    return rowwise_attention(
+        q, k, v, normalize, layout=layout, scale=scale, causal=causal, key_lengths=key_lengths,
+        key_padding_mask=key_padding_mask, chunk_size=chunk_size,
+    )
+
+
 def topk_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -135,22 +170,8 @@ def topk_attention(
         ``[B, Sq, H, D]``; rows without an allowed key are 0.
     """
     top_k = _check_k("top_k", top_k)
-    if layout is None:
-        return _select_then_gather(
-            q, k, v, top_k, masked_softmax, scale=scale, causal=causal, key_lengths=key_lengths,
-            key_padding_mask=key_padding_mask, chunk_size=chunk_size,
-        )
-
-    def normalize(scores: torch.Tensor, mask: torch.Tensor, info: RowInfo) -> torch.Tensor:
-        kk = min(top_k, scores.shape[-1])
-        values, index = torch.topk(scores, kk, dim=-1)
-        probs = masked_softmax(values, values > float("-inf"))
-        return torch.zeros_like(scores).scatter(-1, index, probs)
-
-    return rowwise_attention(
-        q, k, v, normalize, layout=layout, scale=scale, causal=causal, key_lengths=key_lengths,
-        key_padding_mask=key_padding_mask, chunk_size=chunk_size,
-    )
+    return _topk_rows(q, k, v, top_k, masked_softmax, layout=layout, scale=scale, causal=causal,
+                      key_lengths=key_lengths, key_padding_mask=key_padding_mask, chunk_size=chunk_size)
 
 
 def adaptive_topk_attention(
@@ -198,21 +219,8 @@ def adaptive_topk_attention(
         total = probs.sum(-1, keepdim=True)
         return probs / torch.where(total > 0, total, torch.ones_like(total))
 
-    if layout is None:
-        return _select_then_gather(
-            q, k, v, k_max, ranked_weights, scale=scale, causal=causal, key_lengths=key_lengths,
-            key_padding_mask=key_padding_mask, chunk_size=chunk_size,
-        )
-
-    def normalize(scores: torch.Tensor, mask: torch.Tensor, info: RowInfo) -> torch.Tensor:
-        kk = min(k_max, scores.shape[-1])
-        values, index = torch.topk(scores, kk, dim=-1)
-        return torch.zeros_like(scores).scatter(-1, index, ranked_weights(values, values > float("-inf")))
-
-    return rowwise_attention(
-        q, k, v, normalize, layout=layout, scale=scale, causal=causal, key_lengths=key_lengths,
-        key_padding_mask=key_padding_mask, chunk_size=chunk_size,
-    )
+    return _topk_rows(q, k, v, k_max, ranked_weights, layout=layout, scale=scale, causal=causal,
+                      key_lengths=key_lengths, key_padding_mask=key_padding_mask, chunk_size=chunk_size)
 
 
 adaptive_topk = adaptive_topk_attention

@@ -162,6 +162,13 @@ def resolve_mixed_precision(value: Any) -> torch.dtype | None:
     )
 
 
+def check_dropout(dropout: Any) -> float:
+    """``dropout`` as a float, checked to lie in ``[0, 1)``."""
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+    return float(dropout)
+
+
 def check_use_memory_pool(value: Any) -> None:
     """Validate the guides' ``use_memory_pool`` option.
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import BlockSparseLayout
+from ..reference import allowed_keys
 
 __all__ = ["dropout_block_sparse_attention"]
 
@@ -73,14 +74,7 @@ def _weights_from_ell(probs: torch.Tensor, layout: BlockSparseLayout, out_shape:
         e = local[sel].to(probs.device)
         block = probs[b_idx.view(-1, 1, 1), h_idx.view(1, -1, 1), qb.view(1, 1, -1), :, p.view(1, 1, -1), :]
         values[b_idx.view(-1, 1, 1), h_idx.view(1, -1, 1), e.view(1, 1, -1)] = block
-    result: dict[str, Any] = {"block_values": values, "shape": out_shape, "block_size": layout.block_size}
-    if layout.num_slices == 1:
-        result["block_indices"] = torch.stack([layout.row_ids(), layout.col_indices.to(torch.int64)], dim=1)
-    else:
-        result["crow_indices"] = layout.crow_indices
-        result["col_indices"] = layout.col_indices
-        result["layout_shape"] = layout.layout_shape
-    return result
+    return layout.weights_dict(values, out_shape)
 
 
 def dropout_block_sparse_attention(
@@ -146,22 +140,14 @@ def dropout_block_sparse_attention(
     vg = vb[b_i, h_i, idx]
     scores = torch.einsum("bhqid,bhqrjd->bhqirj", qb, kg) * scale  # [B, H, nqb, bq, R, bk]
     key_pos = idx.unsqueeze(-1) * bk + torch.arange(bk, device=q.device)  # [B, H, nqb, R, bk]
-    mask = valid.unsqueeze(-1) & (key_pos < sk)
+    mask = valid.unsqueeze(-1)
     if key_padding_mask is not None:
         padded = F.pad(key_padding_mask.to(q.device), (0, nkb * bk - sk), value=True)
         mask = mask & ~padded[torch.arange(bsz, device=q.device).view(-1, 1, 1, 1, 1), key_pos]
-    mask = mask.unsqueeze(3)  # [B, H, nqb, 1, R, bk]
     q_pos = (torch.arange(nqb, device=q.device).view(-1, 1) * bq + torch.arange(bq, device=q.device))
     q_pos = q_pos.view(1, 1, nqb, bq, 1, 1)
-    if causal:
-        mask = mask & (key_pos.unsqueeze(3) <= q_pos)
-    if window is not None:
-        left, right = window
-        if left is not None:
-            mask = mask & (key_pos.unsqueeze(3) >= q_pos - left)
-        if right is not None:
-            mask = mask & (key_pos.unsqueeze(3) <= q_pos + right)
-    mask = mask.expand_as(scores)
+    token_ok = allowed_keys(q_pos, key_pos.unsqueeze(3), seq_len_k=sk, causal=causal, window=window)
+    mask = (mask.unsqueeze(3) & token_ok).expand_as(scores)  # [B, H, nqb, bq, R, bk]
     flat_scores = scores.masked_fill(~mask, float("-inf")).flatten(-2)
     flat_mask = mask.flatten(-2)
     row_max = flat_scores.amax(dim=-1, keepdim=True)

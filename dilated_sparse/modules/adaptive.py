@@ -35,7 +35,7 @@ from torch import nn
 from ..configs import AdaptiveConfig
 from ..layout import BlockSparseLayout
 from ..ops import attention_backward, attention_forward, attention_weights
-from ._dropout import dropout_block_sparse_attention
+from ._dropout import _to_blocks, dropout_block_sparse_attention
 from .block_sparse import BlockSparseAttentionBase, _check_qkv
 
 __all__ = ["BlockSparseAdaptive", "gated_block_sparse_attention"]
@@ -59,15 +59,6 @@ def _slice_tables(layout: BlockSparseLayout, bsz: int, heads: int) -> tuple[torc
     shape = (lb, lh, width)
     expand = (bsz, heads, width)
     return qb.view(shape).expand(expand), kb.view(shape).expand(expand), valid.view(shape).expand(expand)
-
-
-def _blocks(t: torch.Tensor, block: int, num_blocks: int) -> torch.Tensor:
-    """``[B, S, H, D]`` -> ``[B, H, num_blocks, block, D]`` (zero padded)."""
-    pad = num_blocks * block - t.shape[1]
-    if pad:
-        t = F.pad(t, (0, 0, 0, 0, 0, pad))
-    bsz, _, heads, dim = t.shape
-    return t.view(bsz, num_blocks, block, heads, dim).permute(0, 3, 1, 2, 4)
 
 
 class _GatedAttention(torch.autograd.Function):
@@ -97,9 +88,9 @@ class _GatedAttention(torch.autograd.Function):
             cdt = probs.dtype if probs.dtype == torch.float64 else torch.float32
             probs = probs.to(cdt)
             vv = v if v.shape[2] == heads else v.repeat_interleave(heads // v.shape[2], dim=2)
-            vb = _blocks(vv.to(cdt), bk, layout.num_key_blocks)
-            ob = _blocks(out.to(cdt), bq, layout.num_query_blocks)
-            gb = _blocks(dout.to(cdt), bq, layout.num_query_blocks)
+            vb = _to_blocks(vv.to(cdt), bk, layout.num_key_blocks)
+            ob = _to_blocks(out.to(cdt), bq, layout.num_query_blocks)
+            gb = _to_blocks(dout.to(cdt), bq, layout.num_query_blocks)
             qbi, kbi, valid = _slice_tables(layout, bsz, heads)
             width = qbi.shape[-1]
             b_i = torch.arange(bsz, device=q.device).view(-1, 1, 1)
@@ -284,8 +275,8 @@ class BlockSparseAdaptive(BlockSparseAttentionBase):
         _, sq, heads, _ = q.shape
         nqb, nkb = -(-sq // bs), -(-k.shape[1] // bs)
         kk = k if k.shape[2] == heads else k.repeat_interleave(heads // k.shape[2], dim=2)
-        qs = _blocks(q, bs, nqb).sum(dim=3) / _counts(sq, bs, nqb, q)  # [B, H, nqb, D] block means
-        ks = _blocks(kk, bs, nkb).sum(dim=3) / _counts(k.shape[1], bs, nkb, q)
+        qs = _to_blocks(q, bs, nqb).sum(dim=3) / _counts(sq, bs, nqb, q)  # [B, H, nqb, D] block means
+        ks = _to_blocks(kk, bs, nkb).sum(dim=3) / _counts(k.shape[1], bs, nkb, q)
         tower_dtype = qs.dtype if _is_lazy(self.query_tower) else next(self.query_tower.parameters()).dtype
         qe = self.query_tower(qs.to(tower_dtype))
         ke = self.key_tower(ks.to(tower_dtype))

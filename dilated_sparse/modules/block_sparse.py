@@ -22,7 +22,14 @@ from torch import nn
 from ..configs import SparsePatternConfig
 from ..layout import BlockSparseLayout
 from ..ops import block_sparse_attention
-from ._common import LayoutCache, check_use_memory_pool, pattern_stats, resolve_mixed_precision, visualize_layout
+from ._common import (
+    LayoutCache,
+    check_dropout,
+    check_use_memory_pool,
+    pattern_stats,
+    resolve_mixed_precision,
+    visualize_layout,
+)
 from ._dropout import dropout_block_sparse_attention
 
 __all__ = ["BlockSparseAttentionBase", "BlockSparseRingDilatedAttention", "BlockSparseRingDilatedAttentionV2"]
@@ -34,12 +41,6 @@ def _check_qkv(q: Any, k: Any, v: Any) -> None:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D [batch, seq_len, heads, head_dim], got shape {tuple(t.shape)}")
-
-
-def _check_dropout(dropout: Any) -> float:
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-    return float(dropout)
 
 
 class BlockSparseAttentionBase(nn.Module):
@@ -73,7 +74,7 @@ class BlockSparseAttentionBase(nn.Module):
         cache_size: int = 32,
     ) -> None:
         super().__init__()
-        self.dropout = _check_dropout(dropout)
+        self.dropout = check_dropout(dropout)
         if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
                                           or not math.isfinite(softmax_scale)):
             raise TypeError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")

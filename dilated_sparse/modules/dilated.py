@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from ..layout import BlockSparseLayout
-from .block_sparse import BlockSparseAttentionBase, _check_dropout
+from ._common import check_dropout
+from .block_sparse import BlockSparseAttentionBase
 
 __all__ = ["DilatedAttention", "MultiheadDilatedAttention"]
 
@@ -141,7 +142,7 @@ class MultiheadDilatedAttention(nn.Module):
         self.head_dim = embed_dim // num_heads
         self.batch_first = batch_first
         self.gamma_init = gamma_init
-        _check_dropout(dropout)
+        check_dropout(dropout)
         factory = {"device": device, "dtype": dtype}
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)

@@ -37,7 +37,7 @@ from torch import nn
 from ..configs import SparsePatternConfig
 from ..layout import BlockSparseLayout
 from ..ops import block_sparse_attention
-from ._common import LayoutCache, check_use_memory_pool, pattern_stats, resolve_mixed_precision
+from ._common import LayoutCache, check_dropout, check_use_memory_pool, pattern_stats, resolve_mixed_precision
 from ._dropout import dropout_block_sparse_attention
 
 __all__ = [
@@ -185,8 +185,7 @@ class BlockSparseMultiheadAttention(nn.MultiheadAttention):
         enable_caching: bool = True,
         cache_size: int = 32,
     ) -> None:
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        check_dropout(dropout)
         super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
                          add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
                          device=device, dtype=dtype)

@@ -15,7 +15,7 @@ import torch
 
 from ..configs import SparsePatternConfig
 from ..layout import BlockSparseLayout
-from .block_sparse import BlockSparseAttentionBase, _check_qkv
+from .block_sparse import BlockSparseAttentionBase
 
 __all__ = ["MultiPatternAttention", "SparseAttention"]
 
@@ -179,20 +179,6 @@ class MultiPatternAttention(BlockSparseAttentionBase):
                          _repeat_heads(lay, num_heads // groups) for lay in layouts]
             return per_head(per_group)
         return per_head(layouts, num_heads=num_heads)
-
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        is_causal: bool = False,
-        return_attention_weights: bool = False,
-        key_padding_mask: torch.Tensor | None = None,
-    ) -> Any:
-        """Attention with head group ``g`` using ``patterns[g]``; one op call."""
-        _check_qkv(q, k, v)
-        return super().forward(q, k, v, is_causal=is_causal, return_attention_weights=return_attention_weights,
-                               key_padding_mask=key_padding_mask)
 
 
 def _repeat_heads(layout: BlockSparseLayout, heads: int) -> BlockSparseLayout:

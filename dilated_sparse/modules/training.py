@@ -16,7 +16,34 @@ def _check_positive_int(name: str, value: Any) -> int:
     return value
 
 
-class AdaptiveSparsityTrainer:
+class _StepSchedule:
+    """A step counter whose scheduled value is applied to the modules at every change."""
+
+    current_step: int
+
+    def _apply(self) -> None:
+        raise NotImplementedError
+
+    def _value(self) -> float:
+        raise NotImplementedError
+
+    def step(self) -> float:
+        """Advance one step and apply the new scheduled value to the modules; returns it."""
+        self.current_step += 1
+        self._apply()
+        return self._value()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step counter (to resume)."""
+        return {"current_step": self.current_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`."""
+        self.current_step = int(state["current_step"])
+        self._apply()
+
+
+class AdaptiveSparsityTrainer(_StepSchedule):
     """Anneals the temperature of every :class:`~dilated_sparse.modules.BlockSparseAdaptive` in a model.
 
     Args:
@@ -76,23 +103,11 @@ class AdaptiveSparsityTrainer:
         for module in self.modules:
             module.temperature.fill_(value)
 
-    def step(self) -> float:
-        """Advance one step and set the modules' temperature; returns it."""
-        self.current_step += 1
-        self._apply()
+    def _value(self) -> float:
         return self.temperature
 
-    def state_dict(self) -> dict[str, Any]:
-        """The step counter (to resume)."""
-        return {"current_step": self.current_step}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict`."""
-        self.current_step = int(state["current_step"])
-        self._apply()
-
-
-class ProgressiveSparsityScheduler:
+class ProgressiveSparsityScheduler(_StepSchedule):
     """Moves the sparsity of a model's block-sparse modules from ``initial`` to ``final``.
 
     Sparsity is the fraction of blocks *skipped*. Modules with a ``sparse_config``
@@ -167,17 +182,5 @@ class ProgressiveSparsityScheduler:
         for module in self.adaptive:
             module.config.base_sparsity = sparsity
 
-    def step(self) -> float:
-        """Advance one step and apply the new sparsity; returns it."""
-        self.current_step += 1
-        self._apply()
+    def _value(self) -> float:
         return self.current_sparsity
-
-    def state_dict(self) -> dict[str, Any]:
-        """The step counter (to resume)."""
-        return {"current_step": self.current_step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict`."""
-        self.current_step = int(state["current_step"])
-        self._apply()

@@ -41,6 +41,8 @@ def _build_items(
 ) -> list[BlockSparseLayout]:
     if isinstance(items, (str, bytes)) or not isinstance(items, Sequence) or len(items) == 0:
         raise TypeError(f"{what}: expected a non-empty list of layouts or pattern specs")
+    if causal is not None:
+        check_bool("causal", causal)
     out: list[BlockSparseLayout] = []
     for i, item in enumerate(items):
         if isinstance(item, BlockSparseLayout):
@@ -166,25 +168,26 @@ def _from_keys(keys: torch.Tensor, like: BlockSparseLayout, lb: int, lh: int) ->
     )
 
 
-def union(*layouts: BlockSparseLayout) -> BlockSparseLayout:
-    """Blocks active in any of ``layouts`` (same sizes; slices broadcast ``1 -> Lb/Lh``)."""
+def _broadcast_keys(layouts: Sequence[BlockSparseLayout], what: str) -> tuple[list[torch.Tensor], int, int]:
+    """Block keys of every layout, broadcast to their common ``(Lb, Lh)``, and that shape."""
     if not layouts:
-        raise TypeError("union needs at least one layout")
-    check_same_geometry(list(layouts), "union")
-    lb, lh = _common_shape(layouts, "union")
+        raise TypeError(f"{what} needs at least one layout")
+    check_same_geometry(list(layouts), what)
+    lb, lh = _common_shape(layouts, what)
     dev = layouts[0].device
     keys = [_keys(broadcast_layout(lay.to(dev), layout_batch=lb, layout_heads=lh)) for lay in layouts]
+    return keys, lb, lh
+
+
+def union(*layouts: BlockSparseLayout) -> BlockSparseLayout:
+    """Blocks active in any of ``layouts`` (same sizes; slices broadcast ``1 -> Lb/Lh``)."""
+    keys, lb, lh = _broadcast_keys(layouts, "union")
     return _from_keys(torch.cat(keys), layouts[0], lb, lh)
 
 
 def intersection(*layouts: BlockSparseLayout) -> BlockSparseLayout:
     """Blocks active in every one of ``layouts`` (same sizes; slices broadcast)."""
-    if not layouts:
-        raise TypeError("intersection needs at least one layout")
-    check_same_geometry(list(layouts), "intersection")
-    lb, lh = _common_shape(layouts, "intersection")
-    dev = layouts[0].device
-    keys = [_keys(broadcast_layout(lay.to(dev), layout_batch=lb, layout_heads=lh)) for lay in layouts]
+    keys, lb, lh = _broadcast_keys(layouts, "intersection")
     uniq, counts = torch.unique(torch.cat(keys), return_counts=True)
     return _from_keys(uniq[counts == len(layouts)], layouts[0], lb, lh)
 
@@ -210,8 +213,6 @@ def per_head(
         causal, device: passed to every spec that does not set them.
         seed: passed as ``seed + i`` to item ``i`` when its pattern takes a seed.
     """
-    if causal is not None:
-        check_bool("causal", causal)
     items = _build_items(patterns, "per_head", seq_len_q=seq_len_q, seq_len_k=seq_len_k, block_size=block_size,
                          causal=causal, device=device, seed=seed)
     for i, lay in enumerate(items):
@@ -259,8 +260,6 @@ def per_batch(
 
     Items may be shared or per-head; shared items are broadcast to the per-head count.
     """
-    if causal is not None:
-        check_bool("causal", causal)
     items = _build_items(patterns, "per_batch", seq_len_q=seq_len_q, seq_len_k=seq_len_k, block_size=block_size,
                          causal=causal, device=device, seed=seed)
     for i, lay in enumerate(items):
@@ -290,35 +289,27 @@ def _per_head_pattern(
                     num_heads=num_heads, causal=causal, seed=seed, device=device)
 
 
-@register_pattern("union")
-def _union_pattern(
-    *,
-    seq_len_q: int,
-    seq_len_k: int | None = None,
-    block_size: BlockSize,
-    patterns: Sequence[Any],
-    causal: bool | None = None,
-    seed: int | None = None,
-    device: DeviceLike = None,
-) -> BlockSparseLayout:
-    """Registry form of :func:`union` (``patterns`` = list of specs or layouts)."""
-    items = _build_items(patterns, "union", seq_len_q=seq_len_q, seq_len_k=seq_len_k, block_size=block_size,
-                         causal=causal, device=device, seed=seed)
-    return union(*items)
+def _registry_form(combine: Any) -> Any:
+    """The registry form of ``union`` / ``intersection``: ``patterns`` = list of specs or layouts."""
+
+    def pattern(
+        *,
+        seq_len_q: int,
+        seq_len_k: int | None = None,
+        block_size: BlockSize,
+        patterns: Sequence[Any],
+        causal: bool | None = None,
+        seed: int | None = None,
+        device: DeviceLike = None,
+    ) -> BlockSparseLayout:
+        items = _build_items(patterns, combine.__name__, seq_len_q=seq_len_q, seq_len_k=seq_len_k,
+                             block_size=block_size, causal=causal, device=device, seed=seed)
+        return combine(*items)
+
+    pattern.__name__ = pattern.__qualname__ = f"_{combine.__name__}_pattern"
+    pattern.__doc__ = f"Registry form of :func:`{combine.__name__}` (``patterns`` = list of specs or layouts)."
+    return pattern
 
 
-@register_pattern("intersection")
-def _intersection_pattern(
-    *,
-    seq_len_q: int,
-    seq_len_k: int | None = None,
-    block_size: BlockSize,
-    patterns: Sequence[Any],
-    causal: bool | None = None,
-    seed: int | None = None,
-    device: DeviceLike = None,
-) -> BlockSparseLayout:
-    """Registry form of :func:`intersection` (``patterns`` = list of specs or layouts)."""
-    items = _build_items(patterns, "intersection", seq_len_q=seq_len_q, seq_len_k=seq_len_k,
-                         block_size=block_size, causal=causal, device=device, seed=seed)
-    return intersection(*items)
+register_pattern("union", _registry_form(union))
+register_pattern("intersection", _registry_form(intersection))

@@ -39,6 +39,15 @@ def _geometry(
     return make_geometry(seq_len_q, seq_len_k, bs, device)  # type: ignore[arg-type]
 
 
+def _context_geometry(
+    seq_len_q: int, seq_len_k: int | None, block_size: BlockSize | None, blocksize: BlockSize | None,
+    device: DeviceLike, causal: bool, local_attn_ctx: int,
+) -> tuple[Geometry, bool, int]:
+    """``(geometry, causal, local_attn_ctx)`` checked, for the ``local`` and ``strided`` modes."""
+    geom = _geometry(seq_len_q, seq_len_k, block_size, blocksize, device)
+    return geom, check_bool("causal", causal), check_int("local_attn_ctx", local_attn_ctx, minimum=1)
+
+
 @register_pattern("all", aliases=("sparse_transformer_all",))
 def sparse_transformer_all(
     *,
@@ -72,9 +81,7 @@ def sparse_transformer_local(
 ) -> BlockSparseLayout:
     """``attn_mode='local'``: query ``i`` sees keys with ``|i - j| < local_attn_ctx``
     (causal: the last ``local_attn_ctx`` positions ``i - ctx < j <= i``)."""
-    geom = _geometry(seq_len_q, seq_len_k, block_size, blocksize, device)
-    causal = check_bool("causal", causal)
-    ctx = check_int("local_attn_ctx", local_attn_ctx, minimum=1)
+    geom, causal, ctx = _context_geometry(seq_len_q, seq_len_k, block_size, blocksize, device, causal, local_attn_ctx)
     rows = geom.arange_q()
     r, c = token_span_to_blocks(geom, rows, geom.q_start() - (ctx - 1), geom.q_end() + (ctx - 1))
     return geom.build(r, c, causal=causal)
@@ -97,9 +104,7 @@ def sparse_transformer_strided(
     blocks overlapping the query block shifted by ``m * local_attn_ctx`` tokens for some ``m``.
     With a stride not larger than a block, rows are (almost) dense.
     """
-    geom = _geometry(seq_len_q, seq_len_k, block_size, blocksize, device)
-    causal = check_bool("causal", causal)
-    ctx = check_int("local_attn_ctx", local_attn_ctx, minimum=1)
+    geom, causal, ctx = _context_geometry(seq_len_q, seq_len_k, block_size, blocksize, device, causal, local_attn_ctx)
     rows = geom.arange_q()
     qs, qe = geom.q_start(), geom.q_end()
     if ctx <= max(geom.block_q, geom.block_k):

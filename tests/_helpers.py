@@ -1,0 +1,71 @@
+"""Plain helpers shared by the test modules: random inputs and direct float64 attention definitions.
+
+Imported as ``from _helpers import ...`` (pytest puts ``tests/`` on ``sys.path``); fixtures and
+markers live in ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+F64 = torch.float64
+
+
+def random_qkv(b: int, sq: int, sk: int, h: int, hkv: int, d: int, *, seed: int = 0, dtype: torch.dtype = F64,
+               requires_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q ``[b, sq, h, d]``, k and v ``[b, sk, hkv, d]`` drawn (in that order) from one seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, sq, h, d, generator=g, dtype=dtype)
+    k = torch.randn(b, sk, hkv, d, generator=g, dtype=dtype)
+    v = torch.randn(b, sk, hkv, d, generator=g, dtype=dtype)
+    return q.requires_grad_(requires_grad), k.requires_grad_(requires_grad), v.requires_grad_(requires_grad)
+
+
+def expand_heads(t: torch.Tensor, h: int) -> torch.Tensor:
+    """``[B, S, Hkv, D]`` -> ``[B, h, S, D]``, each key/value head repeated for its query-head group."""
+    return t.transpose(1, 2).repeat_interleave(h // t.shape[2], dim=1)
+
+
+def attn_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Scaled dot-product scores ``[B, H, Sq, Sk]`` (scale ``1/sqrt(D)``)."""
+    return q.transpose(1, 2) @ expand_heads(k, q.shape[2]).transpose(-1, -2) / math.sqrt(q.shape[-1])
+
+
+def allowed_mask(b: int, h: int, sq: int, sk: int, *, causal: bool = False, key_padding_mask=None,
+                 layout=None) -> torch.Tensor:
+    """Dense ``[b, h, sq, sk]`` bool mask of the allowed (query, key) pairs (test-only S x S)."""
+    allowed = torch.ones(b, h, sq, sk, dtype=torch.bool)
+    if causal:
+        allowed &= torch.arange(sk).view(1, -1) <= torch.arange(sq).view(-1, 1)
+    if key_padding_mask is not None:
+        allowed &= ~key_padding_mask.view(b, 1, 1, sk)
+    if layout is not None:  # token mask from the block mask
+        bq, bk = layout.block_size
+        blocks = layout.to_dense_mask()  # [Lb, Lh, nqb, nkb]
+        tok = blocks.repeat_interleave(bq, dim=2).repeat_interleave(bk, dim=3)[:, :, :sq, :sk]
+        allowed &= tok.expand(b, h, sq, sk)
+    return allowed
+
+
+def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Softmax over the allowed keys; rows without any give 0."""
+    return torch.nan_to_num(torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1), nan=0.0)
+
+
+def apply_weights(weights: torch.Tensor, v: torch.Tensor, h: int) -> torch.Tensor:
+    """``weights [B, h, Sq, Sk] @ v`` back in ``[B, Sq, h, D]``."""
+    return (weights @ expand_heads(v, h)).transpose(1, 2)
+
+
+def grads_of(out: torch.Tensor, inputs, seed: int = 1):
+    """Gradients of ``(out * dout).sum()`` for a seeded random ``dout``."""
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return torch.autograd.grad((out * dout).sum(), inputs)
+
+
+def assert_same_grads(out, ref, inputs, rtol: float = 1e-9, atol: float = 1e-10) -> None:
+    """``out`` and ``ref`` have the same gradients w.r.t. ``inputs`` for one random upstream gradient."""
+    for a, r in zip(grads_of(out, inputs), grads_of(ref, inputs)):
+        torch.testing.assert_close(a, r, rtol=rtol, atol=atol)
