@@ -8,22 +8,24 @@ and CUDA kernels. This module loads the extension, registers the fake (meta) ker
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from .layout import BlockSparseLayout, csr_transpose
 
 __all__ = [
-    "block_sparse_attention",
-    "attention_forward",
     "attention_backward",
+    "attention_forward",
     "attention_weights",
-    "weights_to_dense",
-    "weights_to_bsr",
+    "block_sparse_attention",
     "extension_available",
+    "weights_to_bsr",
+    "weights_to_dense",
 ]
 
 try:
@@ -88,6 +90,33 @@ def _normalize_window(window: Any) -> tuple[int, int]:
     return sides[0], sides[1]
 
 
+_CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)  # specialised kernels; other multiples of 8 pad up
+
+
+@functools.cache
+def _compiled_cuda_head_dims() -> tuple[int, ...]:
+    from ._extension import extension_info
+
+    return tuple(extension_info()["head_dims"])
+
+
+def _check_cuda_kernel(dtype: torch.dtype, head_dim: int) -> None:
+    """The CUDA kernels exist for this dtype and head dim (raised here, before any kernel runs)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"q: the CUDA kernels take float16 or bfloat16, got {dtype} (float32/float64 run on the CPU)")
+    if head_dim % 8 != 0 or head_dim > 256:
+        raise ValueError(f"q: head_dim must be a multiple of 8 and at most 256 on CUDA, got {head_dim}")
+    if torch.compiler.is_compiling():
+        return
+    padded = next(d for d in _CUDA_HEAD_DIMS if d >= head_dim)
+    compiled = _compiled_cuda_head_dims()
+    if padded not in compiled:
+        raise RuntimeError(
+            f"q: no CUDA kernel for head_dim {head_dim} (runs as {padded}) in this build, which has {list(compiled)}; "
+            "it was left out by DILATED_SPARSE_CUDA_INSTANTIATIONS: rebuild with the full set"
+        )
+
+
 def _check_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -105,9 +134,9 @@ def _check_inputs(
         raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")
-    if q.device.type == "cuda" and q.dtype == torch.float64:
-        raise TypeError("q: float64 is supported on the CPU only; use float16, bfloat16 or float32 on CUDA")
     bsz, sq, heads, dim = q.shape
+    if q.device.type == "cuda":
+        _check_cuda_kernel(q.dtype, dim)
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[0] != bsz:
@@ -406,8 +435,8 @@ def block_sparse_attention(
 # ------------------------------------------------------------------- weights helpers
 def _weights_slices(weights: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """``(crow, col, Lb, Lh)`` of a weights dict, for both the shared and the stacked form."""
-    bsz, heads, sq, sk = weights["shape"]
-    bq, bk = weights["block_size"]
+    sq = weights["shape"][2]
+    bq = weights["block_size"][0]
     if "crow_indices" in weights:
         lb, lh = weights["layout_shape"]
         return weights["crow_indices"], weights["col_indices"], lb, lh
@@ -455,6 +484,8 @@ def weights_to_bsr(weights: dict[str, Any], batch: int = 0, head: int = 0) -> to
     padding entries are 0.
     """
     bsz, heads, sq, sk = weights["shape"]
+    if not (0 <= batch < bsz and 0 <= head < heads):
+        raise IndexError(f"batch {batch} / head {head} out of range for weights of shape {tuple(weights['shape'])}")
     bq, bk = weights["block_size"]
     nqb, nkb = -(-sq // bq), -(-sk // bk)
     crow, col, lb, lh = _weights_slices(weights)

@@ -23,7 +23,20 @@ _sources = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_sources)
 
 NVCC = _sources.nvcc_path()
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(NVCC is None, reason="needs nvcc (CUDA toolkit)")]
+
+
+def _torch_has_cuda_headers() -> bool:
+    # A CPU-only torch wheel ships no c10/cuda headers; the CUDA sources cannot compile against it.
+    import torch
+
+    return torch.version.cuda is not None
+
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(NVCC is None, reason="needs nvcc (CUDA toolkit)"),
+    pytest.mark.skipif(not _torch_has_cuda_headers(), reason="needs a CUDA build of torch (its c10/cuda headers)"),
+]
 
 # Torch's own nvcc defines (its headers are compiled with these in every CUDA extension).
 TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",

@@ -114,6 +114,8 @@ def test_weights_dict_matches_reference(device, name):
         assert torch.equal(weights["block_indices"].cpu(), ref_w["block_indices"].cpu())
         bsr = ds.weights_to_bsr(weights, batch=0, head=1)
         assert torch.allclose(bsr.to_dense()[: q.shape[1], : k.shape[1]].cpu().double(), dense[0, 1].cpu().double(), atol=1e-6)
+        with pytest.raises(IndexError, match="head 2"):
+            ds.weights_to_bsr(weights, batch=0, head=2)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -247,3 +249,21 @@ def test_layout_for_other_heads_or_batch_rejected():
     per_batch = random_layout(3, 1, 40, 40, 16, 16)
     with pytest.raises(ValueError, match="layout_batch=3"):
         ds.block_sparse_attention(q, k, v, per_batch)
+
+
+def test_cuda_kernel_guard_names_dtype_and_missing_head_dims(monkeypatch):
+    """On CUDA, a dtype or head dim the build lacks is refused in Python before any kernel runs
+    (a reduced build, DILATED_SPARSE_CUDA_INSTANTIATIONS, compiles some head dims only)."""
+    from dilated_sparse import ops
+
+    monkeypatch.setattr(ops, "_compiled_cuda_head_dims", lambda: (32, 128))
+    ops._check_cuda_kernel(torch.bfloat16, 24)  # pads to 32: compiled
+    ops._check_cuda_kernel(torch.float16, 128)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        ops._check_cuda_kernel(torch.float32, 32)
+    with pytest.raises(RuntimeError, match="head_dim 64 .*DILATED_SPARSE_CUDA_INSTANTIATIONS"):
+        ops._check_cuda_kernel(torch.bfloat16, 64)
+    with pytest.raises(RuntimeError, match="head_dim 200 \\(runs as 256\\)"):
+        ops._check_cuda_kernel(torch.float16, 200)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        ops._check_cuda_kernel(torch.float16, 12)

@@ -473,6 +473,16 @@ int dtype_index(const at::Tensor& t) {
   return -1;
 }
 
+// A reduced build (DILATED_SPARSE_CUDA_INSTANTIATIONS) lacks some kernels. Raised from its own
+// frame with a prebuilt message: the TORCH_CHECK formatting this inline in pick() crashed the
+// process on the H200 (segfault instead of the error), seen 2026-11-29.
+[[noreturn]] __attribute__((noinline)) void fail_not_compiled(int dtype_index, int kD) {
+  const std::string msg = std::string("dilated_sparse CUDA: no ") + (dtype_index == 0 ? "float16" : "bfloat16") +
+                          " kernel for head dim " + std::to_string(kD) +
+                          " in this build (left out by DILATED_SPARSE_CUDA_INSTANTIATIONS; rebuild with the full set)";
+  TORCH_CHECK(false, msg);
+}
+
 // The kernel variant of one call: DILATED_SPARSE_{FWD,DQ,DKV}_VARIANT=<n> forces variant n (when
 // compiled); otherwise variant 0, unless the layout's primary block (block_q for fwd/dQ, block_k
 // for dK/dV) is smaller than its tile: then the variant marked `small` with the largest tile <= the
@@ -484,8 +494,7 @@ const KernelEntry& pick(Op op, const at::Tensor& q, int kD, int prim_block) {
   TORCH_CHECK(hi >= 0, "dilated_sparse CUDA: head dim ", q.size(3),
               " unsupported (multiple of 8, at most 256)");
   const KernelEntry* arr = registry().e[op][di][hi];
-  TORCH_CHECK(arr[0].fn != nullptr, "dilated_sparse CUDA: kernel for ", q.scalar_type(), " head dim ", kD,
-              " was not compiled into this build (see DILATED_SPARSE_CUDA_INSTANTIATIONS)");
+  if (arr[0].fn == nullptr) fail_not_compiled(di, kD);
   static const char* const kEnv[kNumOps] = {"DILATED_SPARSE_FWD_VARIANT", "DILATED_SPARSE_DQ_VARIANT",
                                             "DILATED_SPARSE_DKV_VARIANT"};
   if (const char* env = std::getenv(kEnv[op])) {

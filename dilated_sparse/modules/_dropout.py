@@ -41,6 +41,15 @@ def _ell(layout: BlockSparseLayout) -> tuple[torch.Tensor, torch.Tensor, int]:
     return idx.view(shape), valid.view(shape), max_row
 
 
+def _slice_entries(layout: BlockSparseLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per active block (CSR order): its stacked block row, its slice and its entry index within the slice."""
+    nqb = layout.num_query_blocks
+    rows = layout.row_ids()
+    slices = rows // nqb
+    local = torch.arange(layout.nnz, device=rows.device) - layout.crow_indices.to(torch.int64)[slices * nqb]
+    return rows, slices, local
+
+
 def _to_blocks(t: torch.Tensor, block: int, num_blocks: int) -> torch.Tensor:
     """``[B, S, H, D]`` -> ``[B, H, num_blocks, block, D]`` (zero padded at the end)."""
     pad = num_blocks * block - t.shape[1]
@@ -58,11 +67,8 @@ def _weights_from_ell(probs: torch.Tensor, layout: BlockSparseLayout, out_shape:
     bsz, heads = probs.shape[:2]
     nqb = layout.num_query_blocks
     bq, bk = layout.block_size
-    rows = layout.row_ids()
-    crow = layout.crow_indices.to(torch.int64)
-    pos = torch.arange(layout.nnz, device=rows.device) - crow[rows]
-    slices = rows // nqb
-    local = torch.arange(layout.nnz, device=rows.device) - crow[slices * nqb]
+    rows, slices, local = _slice_entries(layout)
+    pos = torch.arange(layout.nnz, device=rows.device) - layout.crow_indices.to(torch.int64)[rows]
     values = probs.new_zeros(bsz, heads, layout.max_slice_nnz, bq, bk)
     lb, lh = layout.layout_shape
     for s in range(layout.num_slices):

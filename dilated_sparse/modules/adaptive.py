@@ -35,7 +35,7 @@ from torch import nn
 from ..configs import AdaptiveConfig
 from ..layout import BlockSparseLayout
 from ..ops import attention_backward, attention_forward, attention_weights
-from ._dropout import _to_blocks, dropout_block_sparse_attention
+from ._dropout import _slice_entries, _to_blocks, dropout_block_sparse_attention
 from .block_sparse import BlockSparseAttentionBase, _check_qkv
 
 __all__ = ["BlockSparseAdaptive", "gated_block_sparse_attention"]
@@ -44,10 +44,7 @@ __all__ = ["BlockSparseAdaptive", "gated_block_sparse_attention"]
 def _slice_tables(layout: BlockSparseLayout, bsz: int, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(q_block, k_block, valid)`` ``[B, H, max_slice_nnz]`` of every weights-dict entry."""
     nqb = layout.num_query_blocks
-    rows = layout.row_ids()
-    crow = layout.crow_indices.to(torch.int64)
-    slices = rows // nqb
-    local = torch.arange(layout.nnz, device=rows.device) - crow[slices * nqb]
+    rows, slices, local = _slice_entries(layout)
     width = max(layout.max_slice_nnz, 1)
     qb = torch.zeros(layout.num_slices, width, dtype=torch.int64, device=rows.device)
     kb = torch.zeros_like(qb)
