@@ -22,6 +22,30 @@ using detail::AttnDims;
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
+// One work item of the row-parallel loops: (batch b, query head h, query block qb), flattened as
+// task = (b * H + h) * nqb + qb so that neighbouring tasks share a head's K/V.
+struct QueryBlockTask {
+  int64_t b, h, kv_head, qb;
+  int64_t q0;    // first query token of the block
+  int64_t rows;  // tokens in the block (the last one may be partial)
+  int64_t slice; // layout slice of (b, h)
+  int64_t row;   // CSR row: slice * nqb + qb
+};
+
+inline QueryBlockTask query_block_task(const AttnDims& d, int64_t task) {
+  QueryBlockTask t;
+  const int64_t nqb = d.num_q_blocks;
+  t.qb = task % nqb;
+  t.h = (task / nqb) % d.heads;
+  t.b = task / (nqb * d.heads);
+  t.kv_head = t.h / d.group_size();
+  t.q0 = t.qb * d.block_q;
+  t.rows = std::min(d.block_q, d.seq_q - t.q0);
+  t.slice = d.slice(t.b, t.h);
+  t.row = t.slice * nqb + t.qb;
+  return t;
+}
+
 // Token-level rules of one call (everything but the block layout).
 struct MaskRules {
   bool causal = false;

@@ -29,19 +29,15 @@ void fwd_kernel(const AttnDims& d, const at::Tensor& q, const at::Tensor& k, con
   const T scale = static_cast<T>(scale_d);
   const int64_t D = d.head_dim, Dp = round_up(D, kColPad);
   const int64_t bq = d.block_q, bk = d.block_k, bkp = round_up(bk, kColPad);
-  const int64_t H = d.heads, G = d.group_size(), nqb = d.num_q_blocks;
+  const int64_t H = d.heads, nqb = d.num_q_blocks;
 
   at::parallel_for(0, d.batch * H * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> q_buf(kDirect ? 0 : bq * D), kt_buf(D * bkp), v_buf(bk * Dp), s_buf(bq * bkp),
         o_buf(bq * Dp), bias(bkp), row_max(bq), row_sum(bq), alpha(bq);
     std::vector<int32_t> lo(bq), hi(bq);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t qb = task % nqb;
-      const int64_t h = (task / nqb) % H;
-      const int64_t b = task / (nqb * H);
-      const int64_t hk = h / G;
-      const int64_t q0 = qb * bq, M = std::min(bq, d.seq_q - q0);
-      const int64_t row = d.slice(b, h) * nqb + qb;
+      const QueryBlockTask t = query_block_task(d, task);
+      const int64_t qb = t.qb, h = t.h, b = t.b, hk = t.kv_head, q0 = t.q0, M = t.rows, row = t.row;
 
       const T* qa;
       int64_t lda;
