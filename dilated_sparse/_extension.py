@@ -56,8 +56,9 @@ def jit_build(verbose: bool = False, with_cuda: bool | None = None) -> ModuleTyp
     Returns:
         The loaded extension module (its import registered the ops).
     """
+    import logging
+
     import torch
-    from torch.utils import cpp_extension
 
     root = _sources.ROOT
     missing = [p for p in _sources.cpp_sources(root) if not (root / p).is_file()]
@@ -65,6 +66,16 @@ def jit_build(verbose: bool = False, with_cuda: bool | None = None) -> ModuleTyp
         raise ImportError(f"dilated_sparse JIT build: C++ sources not found under {root / 'csrc'}")
     if with_cuda is None:
         with_cuda = _sources.want_cuda(root) and torch.cuda.is_available()
+    # Importing cpp_extension on a machine without a CUDA runtime logs a CUDA_HOME guess; that is
+    # only news for a CUDA build, so a CPU-only JIT build keeps it quiet.
+    ext_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = ext_logger.level
+    if not with_cuda:
+        ext_logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        ext_logger.setLevel(level)
     sources = _sources.cpp_sources(root) + (_sources.cuda_sources(root) if with_cuda else [])
     macros = [f"-D{k}" if v is None else f"-D{k}={v}" for k, v in _sources.define_macros(with_cuda)]
     openmp = _sources.openmp_flags()  # at::parallel_for needs it to use more than one thread
