@@ -17,8 +17,9 @@ shape), ``info`` a :class:`RowInfo` with the token positions of the rows and key
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,7 @@ __all__ = [
     "compute_dtype",
     "default_scale",
     "expand_kv",
+    "full_precision",
     "key_valid_mask",
     "masked_softmax",
     "maybe_checkpoint",
@@ -103,6 +105,23 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@contextlib.contextmanager
+def full_precision(device: torch.device) -> Iterator[None]:
+    """Turn autocast off for ``device`` inside the block.
+
+    The methods cast their inputs to :func:`compute_dtype` themselves and compute scores,
+    thresholds, normalisers and outputs in it (as flash-style kernels accumulate in float32);
+    an enclosing ``torch.autocast`` would otherwise run their matmuls in bfloat16/float16 again
+    (bf16 scores flip top-k selections and move sparsemax/entmax thresholds).
+    """
+    try:
+        ctx = torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # a device type autocast does not know: nothing to turn off
+        ctx = contextlib.nullcontext()
+    with ctx:
+        yield
+
+
 def default_scale(scale: float | None, dim: int) -> float:
     """``scale`` or ``1 / sqrt(dim)``."""
     if scale is None:
@@ -112,9 +131,13 @@ def default_scale(scale: float | None, dim: int) -> float:
     return float(scale)
 
 
-def expand_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """``[B, S, Hkv, D]`` -> ``[B, heads, S, D]``, each kv head repeated over its query group."""
-    t = t.transpose(1, 2)
+def expand_kv(t: torch.Tensor, heads: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``[B, S, Hkv, D]`` -> ``[B, heads, S, D]``, each kv head repeated over its query group.
+
+    With ``dtype`` the tensor is cast *before* the repeat, so the backward pass sums the group's
+    gradients in ``dtype`` (not in bfloat16) and rounds once.
+    """
+    t = t.transpose(1, 2) if dtype is None else t.transpose(1, 2).to(dtype)
     group = heads // t.shape[1]
     return t if group == 1 else t.repeat_interleave(group, dim=1)
 
@@ -225,6 +248,7 @@ def rowwise_attention(
     key_padding_mask: torch.Tensor | None = None,
     chunk_size: int | None = None,
     checkpoint: bool = True,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Attention whose row weights come from ``normalize``, computed chunk by chunk.
 
@@ -239,23 +263,28 @@ def rowwise_attention(
         chunk_size: queries per chunk (dense) or query-block rows per chunk (layout); default
             keeps one chunk's scores near 4M elements.
         checkpoint: recompute each chunk in the backward pass (memory ``O(chunk x keys)``).
+        out_dtype: dtype of the result (default ``q``'s); e.g. the compute dtype, for a method
+            that post-processes the output before its single rounding to ``q``'s dtype.
 
     Returns:
-        ``[B, Sq, H, D]`` in ``q``'s dtype (computed in float32, float64 for float64 inputs).
+        ``[B, Sq, H, D]`` in ``out_dtype``. Scores, ``normalize`` and the weighted sum run in
+        float32 (float64 for float64 inputs) whatever the input dtype, with autocast off (see
+        :func:`full_precision`); the result is rounded once at the end.
     """
     bsz, _sq, sk, heads, _, dim = check_qkv(q, k, v)
     scale = default_scale(scale, dim)
     cdt = compute_dtype(q.dtype)
     device = q.device
-    qh = q.transpose(1, 2).to(cdt)  # [B, H, Sq, D]
-    kh = expand_kv(k, heads).to(cdt)
-    vh = expand_kv(v, heads).to(cdt)
-    key_valid = key_valid_mask(bsz, sk, key_lengths, key_padding_mask, device)
-    if layout is None:
-        out = _dense_rows(qh, kh, vh, normalize, scale, causal, key_valid, chunk_size, checkpoint)
-    else:
-        out = _layout_rows(qh, kh, vh, normalize, layout, scale, causal, key_valid, chunk_size, checkpoint)
-    return out.transpose(1, 2).to(q.dtype)
+    with full_precision(device):
+        qh = q.transpose(1, 2).to(cdt)  # [B, H, Sq, D]
+        kh = expand_kv(k, heads, cdt)
+        vh = expand_kv(v, heads, cdt)
+        key_valid = key_valid_mask(bsz, sk, key_lengths, key_padding_mask, device)
+        if layout is None:
+            out = _dense_rows(qh, kh, vh, normalize, scale, causal, key_valid, chunk_size, checkpoint)
+        else:
+            out = _layout_rows(qh, kh, vh, normalize, layout, scale, causal, key_valid, chunk_size, checkpoint)
+        return out.transpose(1, 2).to(q.dtype if out_dtype is None else out_dtype)
 
 
 def _dense_rows(

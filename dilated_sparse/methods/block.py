@@ -20,6 +20,7 @@ from torch import nn
 from ..layout import BlockSparseLayout
 from ..ops import block_sparse_attention
 from ..patterns import make_layout
+from ._common import compute_dtype, full_precision
 from .block_topk import block_topk_attention
 from .gumbel import GumbelTemperatureSchedule, LearnableBlockMask, gumbel_softmax_attention
 from .lsh import lsh_attention
@@ -104,8 +105,13 @@ class SparseMethodAttention(nn.Module):
     # ------------------------------------------------------------------ builders
     def _build_dense(self, opts: dict[str, Any]) -> Callable[..., torch.Tensor]:
         def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, kpm: torch.Tensor | None) -> torch.Tensor:
+            with full_precision(q.device):  # scores and softmax in float32 (float64), rounded once
+                return dense(q, k, v, causal, kpm).to(q.dtype)
+
+        def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, kpm: torch.Tensor | None) -> torch.Tensor:
             group = q.shape[2] // k.shape[2]
-            qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+            cdt = compute_dtype(q.dtype)
+            qh, kh, vh = (t.transpose(1, 2).to(cdt) for t in (q, k, v))
             if group > 1:
                 kh, vh = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
             mask = None

@@ -20,7 +20,7 @@ import torch
 
 from ..layout import BlockSparseLayout, normalize_block_size
 from ..ops import block_sparse_attention
-from ._common import check_qkv, expand_kv, key_valid_mask
+from ._common import check_qkv, expand_kv, full_precision, key_valid_mask
 
 __all__ = ["block_scores", "block_topk_attention", "block_topk_layout", "fixed_row_layout", "pool_blocks"]
 
@@ -64,9 +64,10 @@ def block_scores(
     """
     bq, bk = normalize_block_size(block_size)
     bsz, sq, sk, heads, _, _ = check_qkv(q, k, k)
-    qp = pool_blocks(q, bq)
-    kp = expand_kv(pool_blocks(k, bk, key_valid).transpose(1, 2), heads)  # [B,Hkv,n,D] -> [B,H,n,D]
-    scores = torch.matmul(qp, kp.transpose(-1, -2))
+    with full_precision(q.device):  # pooled scores in float32 even under autocast
+        qp = pool_blocks(q, bq)
+        kp = expand_kv(pool_blocks(k, bk, key_valid).transpose(1, 2), heads)  # [B,Hkv,n,D] -> [B,H,n,D]
+        scores = torch.matmul(qp, kp.transpose(-1, -2))
     if causal:
         nqb, nkb = qp.shape[2], kp.shape[2]
         first_q = torch.arange(nqb, device=q.device) * bq

@@ -22,13 +22,25 @@ class GECO(nn.Module):
 
     ``loss = sparsity_loss + lambda * C_hat`` with ``C = task_loss - tolerance`` and ``C_hat`` the
     value of the moving average ``C_ma`` carrying the gradient of ``C`` (``C + (C_ma - C).detach()``).
-    After each call (in training mode) ``lambda <- clamp(lambda * exp(lambda_lr * C_ma))``.
+    After each call (in training mode) ``lambda <- clamp(lambda * exp(lambda_lr * C_ma))``: the
+    multiplier grows while the task loss is above the tolerance and shrinks below it, as in
+    Rezende & Viola's Algorithm 1 (there the objective is the KL and ``C`` the reconstruction error
+    minus its tolerance; here the objective is the sparsity penalty).
+
+    ``lambda_lr`` is per unit of the task loss: ``lambda`` changes by a factor
+    ``exp(lambda_lr * C_ma)`` per step. The multiplier has to outpace the optimiser of the gates
+    (Adam moves every logit by about its learning rate per step, whatever the gradient scale), or
+    the sparsity term empties the mask before ``lambda`` has grown enough to stop it. With task
+    losses of order 0.01 to 1 and violations a few percent of the loss, ``lambda_lr = 1`` reacts
+    within tens of steps; 0.1 (the default before) needed hundreds to thousands, which in a short
+    run reads as "GECO closes every block". Scale it up for losses much smaller than 1 (or
+    normalise the task loss), down if ``lambda`` oscillates.
 
     Args:
         tolerance: the task loss allowed (``kappa``); e.g. the trained model's loss plus a margin.
         ema: moving-average factor of the constraint, in ``[0, 1)``.
         lambda_init: initial multiplier (> 0).
-        lambda_lr: multiplicative update rate of the multiplier.
+        lambda_lr: multiplicative update rate of the multiplier (> 0, per unit of task loss).
         lambda_min, lambda_max: bounds of the multiplier.
     """
 
@@ -36,10 +48,12 @@ class GECO(nn.Module):
     constraint_ma: torch.Tensor
 
     def __init__(self, tolerance: float, *, ema: float = 0.9, lambda_init: float = 1.0,
-                 lambda_lr: float = 0.1, lambda_min: float = 1e-6, lambda_max: float = 1e6) -> None:
+                 lambda_lr: float = 1.0, lambda_min: float = 1e-6, lambda_max: float = 1e6) -> None:
         super().__init__()
         if not 0 <= ema < 1:
             raise ValueError(f"ema must be in [0, 1), got {ema}")
+        if not lambda_lr > 0:
+            raise ValueError(f"lambda_lr must be > 0, got {lambda_lr}")
         if not (0 < lambda_min <= lambda_init <= lambda_max):
             raise ValueError("need 0 < lambda_min <= lambda_init <= lambda_max")
         self.tolerance = float(tolerance)

@@ -195,6 +195,12 @@ class LearnableBlockMask(nn.Module):
     (``mean sigmoid(logit)``, the probability that a hard gate is 1: Louizos et al., ICLR 2018).
     In eval mode gates are ``logit > 0``.
 
+    ``l0_loss()`` and ``density()`` cover the gates in use: the query/key blocks of the longest
+    sequences this mask has been applied to (or given explicitly), not the whole ``max_seq_len``
+    grid. Gates past the sequences trained on get no task gradient, so an L0 penalty over them
+    would only close them and dilute the penalty of the gates that matter, and a density over
+    them would report an almost closed mask while the gates in use stay open.
+
     Args:
         num_heads: query heads (or 1 for a mask shared by the heads).
         max_seq_len: longest sequence (queries and keys) the mask covers.
@@ -223,6 +229,7 @@ class LearnableBlockMask(nn.Module):
         self.temperature = float(temperature)
         self.hard = hard
         self.max_seq_len = max_seq_len
+        self.used_blocks: tuple[int, int] = (0, 0)  # (query, key) blocks of the longest inputs seen
 
     @property
     def block_size(self) -> tuple[int, int]:
@@ -233,6 +240,7 @@ class LearnableBlockMask(nn.Module):
         """Gates ``[H, nqb, nkb]``: sampled in training mode, ``logit > 0`` in eval mode."""
         if nqb > self.logits.shape[1] or nkb > self.logits.shape[2]:
             raise ValueError(f"sequence longer than max_seq_len={self.max_seq_len}")
+        self.used_blocks = (max(self.used_blocks[0], nqb), max(self.used_blocks[1], nkb))
         logits = self.logits[:, :nqb, :nkb]
         if not self.training:
             return (logits > 0).to(logits.dtype)
@@ -243,13 +251,29 @@ class LearnableBlockMask(nn.Module):
             return soft
         return (soft > 0.5).to(soft.dtype) - soft.detach() + soft
 
-    def l0_loss(self) -> torch.Tensor:
-        """Expected fraction of open gates (differentiable; add ``lambda * l0_loss()`` to the loss)."""
-        return torch.sigmoid(self.logits).mean()
+    def _region(self, seq_len_q: int | None, seq_len_k: int | None) -> torch.Tensor:
+        """Logits of the gates in use: ``[H, nqb, nkb]`` for the given lengths, else the blocks seen."""
+        if seq_len_q is None and seq_len_k is None:
+            nqb, nkb = self.used_blocks
+            if nqb == 0 or nkb == 0:  # never applied: every gate
+                return self.logits
+        else:
+            seq_len_q = self.max_seq_len if seq_len_q is None else seq_len_q
+            seq_len_k = seq_len_q if seq_len_k is None else seq_len_k
+            nqb, nkb = -(-seq_len_q // self.block_q), -(-seq_len_k // self.block_k)
+        return self.logits[:, :nqb, :nkb]
 
-    def density(self) -> float:
-        """Fraction of gates open in eval mode (``logit > 0``)."""
-        return float((self.logits > 0).float().mean())
+    def l0_loss(self, seq_len_q: int | None = None, seq_len_k: int | None = None) -> torch.Tensor:
+        """Expected fraction of open gates in use (differentiable; add ``lambda * l0_loss()`` to the loss).
+
+        Over the gates of ``seq_len_q x seq_len_k`` tokens when given, else over the blocks of the
+        longest inputs this mask has been applied to (every gate before the first call).
+        """
+        return torch.sigmoid(self._region(seq_len_q, seq_len_k)).mean()
+
+    def density(self, seq_len_q: int | None = None, seq_len_k: int | None = None) -> float:
+        """Fraction of the gates in use (as in :meth:`l0_loss`) open in eval mode (``logit > 0``)."""
+        return float((self._region(seq_len_q, seq_len_k) > 0).float().mean())
 
     def to_layout(self, seq_len_q: int, seq_len_k: int | None = None) -> BlockSparseLayout:
         """The eval-mode gates as a per-head :class:`~dilated_sparse.BlockSparseLayout`."""

@@ -20,7 +20,15 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from ._common import check_qkv, compute_dtype, default_scale, expand_kv, key_valid_mask, softmax_and_lse
+from ._common import (
+    check_qkv,
+    compute_dtype,
+    default_scale,
+    expand_kv,
+    full_precision,
+    key_valid_mask,
+    softmax_and_lse,
+)
 
 __all__ = ["lsh_attention", "lsh_buckets", "lsh_rotations"]
 
@@ -39,11 +47,14 @@ def lsh_rotations(
 def lsh_buckets(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """Angular LSH buckets ``[n_hashes, ...]`` of ``x`` ``[..., D]``: ``argmax([xR; -xR])``.
 
-    ``x`` is normalised first, so the bucket depends on the direction only.
+    ``x`` is normalised first, so the bucket depends on the direction only. Computed in float32
+    (float64 when either input is float64), with autocast off.
     """
-    unit = torch.nn.functional.normalize(x.to(rotations.dtype), dim=-1)
-    proj = torch.einsum("...d,rdn->r...n", unit, rotations)
-    return torch.cat([proj, -proj], dim=-1).argmax(dim=-1)
+    work = compute_dtype(torch.promote_types(x.dtype, rotations.dtype))
+    with full_precision(x.device):
+        unit = torch.nn.functional.normalize(x.to(work), dim=-1)
+        proj = torch.einsum("...d,rdn->r...n", unit, rotations.to(work))
+        return torch.cat([proj, -proj], dim=-1).argmax(dim=-1)
 
 
 def _round(
@@ -157,13 +168,23 @@ def lsh_attention(
         rotations = lsh_rotations(dim, n_buckets, n_hashes, generator=generator, dtype=cdt).to(q.device)
     elif rotations.dim() != 3 or rotations.shape[1] != dim:
         raise ValueError(f"rotations must be [n_hashes, {dim}, n_buckets // 2], got {tuple(rotations.shape)}")
+    key_valid = key_valid_mask(bsz, sk, key_lengths, key_padding_mask, q.device)
+    with full_precision(q.device):  # hashing and chunk attention in float32 even under autocast
+        out, buckets_q, buckets_k = _lsh(q, k, v, rotations, cdt, heads, key_valid, chunk_size, scale, causal,
+                                         shared_qk, checkpoint)
+    return (out, (buckets_q, buckets_k)) if return_buckets else out
+
+
+def _lsh(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor, cdt: torch.dtype, heads: int,
+    key_valid: torch.Tensor | None, chunk_size: int, scale: float, causal: bool, shared_qk: bool, checkpoint: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     qh = q.transpose(1, 2).to(cdt)
     if shared_qk:
         kh = torch.nn.functional.normalize(qh, dim=-1)
     else:
-        kh = expand_kv(k, heads).to(cdt)
-    vh = expand_kv(v, heads).to(cdt)
-    key_valid = key_valid_mask(bsz, sk, key_lengths, key_padding_mask, q.device)
+        kh = expand_kv(k, heads, cdt)
+    vh = expand_kv(v, heads, cdt)
     with torch.no_grad():
         buckets_q = lsh_buckets(qh.detach(), rotations.to(cdt))  # [R, B, H, S]
         buckets_k = lsh_buckets(kh.detach(), rotations.to(cdt))
@@ -181,5 +202,4 @@ def lsh_attention(
     else:
         weights, _ = softmax_and_lse(torch.stack(lses), dim=0)  # [R, B, H, S]
         out = (torch.stack(outs) * weights.unsqueeze(-1)).sum(0)
-    out = out.transpose(1, 2).to(q.dtype)
-    return (out, (buckets_q, buckets_k)) if return_buckets else out
+    return out.transpose(1, 2).to(q.dtype), buckets_q, buckets_k

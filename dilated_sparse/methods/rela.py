@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..layout import BlockSparseLayout
-from ._common import RowInfo, rms_norm, rowwise_attention
+from ._common import RowInfo, compute_dtype, full_precision, rms_norm, rowwise_attention
 
 __all__ = ["ReLA", "rela_attention"]
 
@@ -40,15 +40,17 @@ def rela_attention(
     def normalize(scores: torch.Tensor, mask: torch.Tensor, info: RowInfo) -> torch.Tensor:
         return torch.relu(scores.masked_fill(~mask, 0.0))
 
-    out = rowwise_attention(
+    cdt = compute_dtype(q.dtype)
+    # the attention output stays in float32 for the RMSNorm: one rounding to q's dtype, at the end
+    work = rowwise_attention(
         q, k, v, normalize, layout=layout, scale=scale, causal=causal, key_lengths=key_lengths,
-        key_padding_mask=key_padding_mask, chunk_size=chunk_size,
+        key_padding_mask=key_padding_mask, chunk_size=chunk_size, out_dtype=cdt,
     )
-    work = out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
-    weight = None if gain is None else gain.to(work.dtype)
+    weight = None if gain is None else gain.to(cdt)
     if weight is not None and weight.dim() == 2:
         weight = weight.unsqueeze(0).unsqueeze(0)  # [1, 1, H, D]
-    return rms_norm(work, weight, eps).to(q.dtype)
+    with full_precision(q.device):
+        return rms_norm(work, weight, eps).to(q.dtype)
 
 
 class ReLA(nn.Module):

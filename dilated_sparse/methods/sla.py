@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from ..layout import normalize_block_size
 from ..ops import block_sparse_attention
-from ._common import check_qkv, default_scale, expand_kv, key_valid_mask
+from ._common import check_qkv, compute_dtype, default_scale, expand_kv, full_precision, key_valid_mask
 from .block_topk import block_scores, fixed_row_layout
 
 __all__ = ["FEATURE_MAPS", "SLA", "sla_attention", "sla_block_classes"]
@@ -102,11 +102,11 @@ def _linear_attention(
     """Linear attention of every query over the keys of its row's marginal blocks."""
     bsz, sq, heads, dim = q.shape
     sk = k.shape[1]
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    cdt = compute_dtype(q.dtype)
     nqb, nkb = marginal.shape[-2:]
     fq = phi(q.transpose(1, 2).to(cdt))  # [B, H, Sq, F]
-    fk = phi(expand_kv(k, heads).to(cdt))  # [B, H, Sk, F]
-    vh = expand_kv(v, heads).to(cdt)
+    fk = phi(expand_kv(k, heads, cdt))  # [B, H, Sk, F]
+    vh = expand_kv(v, heads, cdt)
     if key_valid is not None:
         fk = fk * key_valid.view(bsz, 1, sk, 1).to(cdt)
     pad_k = nkb * bk - sk
@@ -179,7 +179,8 @@ def sla_attention(
         q, k, v, layout, scale=default_scale(scale, dim), causal=causal, key_lengths=key_lengths,
         key_padding_mask=key_padding_mask,
     )
-    linear = _linear_attention(q, k, v, marginal, bq, bk, phi, key_valid)
+    with full_precision(q.device):  # linear branch and the sum in float32, rounded once
+        linear = _linear_attention(q, k, v, marginal, bq, bk, phi, key_valid)
     projected = linear if proj is None else proj(linear)
     out = (sparse.to(projected.dtype) + projected).to(q.dtype)
     if return_parts:

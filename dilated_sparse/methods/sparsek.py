@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import RowInfo, check_qkv, masked_softmax, rowwise_attention
+from ._common import RowInfo, check_qkv, compute_dtype, full_precision, masked_softmax, rowwise_attention
 
 __all__ = ["SparseK", "sparsek_attention", "sparsek_mask"]
 
@@ -130,8 +130,14 @@ class SparseK(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_kv_heads))
 
     def scores(self, k: torch.Tensor) -> torch.Tensor:
-        """Importance ``u`` ``[B, Sk, Hkv]`` of the keys ``[B, Sk, Hkv, D]``."""
-        return torch.einsum("bshd,hd->bsh", k, self.weight.to(k.dtype)) + self.bias.to(k.dtype)
+        """Importance ``u`` ``[B, Sk, Hkv]`` of the keys ``[B, Sk, Hkv, D]``.
+
+        Float32 for half-precision keys (float64 for float64): ``u`` sets the SPARSEK threshold,
+        so it is not rounded to bfloat16 on the way.
+        """
+        cdt = compute_dtype(k.dtype)
+        with full_precision(k.device):
+            return torch.einsum("bshd,hd->bsh", k.to(cdt), self.weight.to(cdt)) + self.bias.to(cdt)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: object) -> torch.Tensor:
         """:func:`sparsek_attention` with the scores of this module's network."""

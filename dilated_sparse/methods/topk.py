@@ -24,6 +24,7 @@ from ._common import (
     compute_dtype,
     default_scale,
     expand_kv,
+    full_precision,
     key_valid_mask,
     masked_softmax,
     maybe_checkpoint,
@@ -63,10 +64,21 @@ def _select_then_gather(
     """
     bsz, sq, sk, heads, _, dim = check_qkv(q, k, v)
     scale = default_scale(scale, dim)
+    with full_precision(q.device):  # selection scores and softmax in float32 even under autocast
+        return _select_then_gather_impl(q, k, v, kk, weights_fn, bsz, sq, sk, heads, dim, scale, causal,
+                                        key_lengths, key_padding_mask, chunk_size)
+
+
+def _select_then_gather_impl(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kk: int,
+    weights_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    bsz: int, sq: int, sk: int, heads: int, dim: int, scale: float, causal: bool,
+    key_lengths: torch.Tensor | None, key_padding_mask: torch.Tensor | None, chunk_size: int | None,
+) -> torch.Tensor:
     cdt = compute_dtype(q.dtype)
     qh = q.transpose(1, 2).to(cdt)
-    kh = expand_kv(k, heads).to(cdt)
-    vh = expand_kv(v, heads).to(cdt)
+    kh = expand_kv(k, heads, cdt)
+    vh = expand_kv(v, heads, cdt)
     key_valid = key_valid_mask(bsz, sk, key_lengths, key_padding_mask, q.device)
     kk = min(kk, sk)
     rows = auto_rows(chunk_size, bsz * heads * sk, sq)
