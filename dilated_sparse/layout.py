@@ -417,8 +417,13 @@ class BlockSparseLayout:
         block_size: int | Sequence[int],
         seq_len_q: int,
         seq_len_k: int | None = None,
+        validate: bool = True,
     ) -> BlockSparseLayout:
-        """Build from a bool block mask ``[nqb, nkb]``, ``[Lh, nqb, nkb]`` or ``[Lb, Lh, nqb, nkb]``."""
+        """Build from a bool block mask ``[nqb, nkb]``, ``[Lh, nqb, nkb]`` or ``[Lb, Lh, nqb, nkb]``.
+
+        A mask always gives a well-formed CSR; ``validate=False`` skips the (host-syncing) value
+        checks for callers that build a layout from a fresh mask on every call.
+        """
         if not isinstance(mask, torch.Tensor):
             raise TypeError("mask must be a torch.Tensor")
         if mask.dtype != torch.bool:
@@ -442,7 +447,7 @@ class BlockSparseLayout:
         crow[1:] = torch.cumsum(counts, 0)
         col = torch.nonzero(flat)[:, 1]  # row-major, so sorted within each row
         return cls(crow, col, block_size=(bq, bk), seq_len_q=seq_len_q, seq_len_k=seq_len_k,
-                   layout_batch=lb, layout_heads=lh)
+                   layout_batch=lb, layout_heads=lh, validate=validate)
 
     def to_dense_mask(self) -> torch.Tensor:
         """Bool ``[Lb, Lh, nqb, nkb]`` block mask (dense: for small layouts and tests)."""

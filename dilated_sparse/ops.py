@@ -215,8 +215,6 @@ def _cached_csc(col_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] 
 
 # ----------------------------------------------------------------- fake + autograd
 def _register() -> None:
-    fwd_op = torch.ops.dilated_sparse.block_sparse_attn_fwd
-
     @torch.library.register_fake("dilated_sparse::block_sparse_attn_fwd")
     def _fwd_fake(q, k, v, crow_indices, col_indices, block_q, block_k, layout_batch, layout_heads,
                   scale, causal, window_left, window_right, key_lengths, key_padding_mask):
@@ -264,7 +262,6 @@ def _register() -> None:
     torch.library.register_autograd(
         "dilated_sparse::block_sparse_attn_fwd", _backward, setup_context=_setup_context
     )
-    del fwd_op
 
 
 if _LOAD_ERROR is None:
@@ -369,20 +366,7 @@ def attention_weights(
         layout.max_slice_nnz, scale, bool(causal), wl, wr, key_lengths, key_padding_mask,
     )
     bsz, sq, heads, _ = q.shape
-    result: dict[str, Any] = {
-        "block_values": values,
-        "shape": (bsz, heads, sq, k.shape[1]),
-        "block_size": layout.block_size,
-    }
-    if layout.num_slices == 1:
-        result["block_indices"] = torch.stack(
-            [layout.row_ids(), layout.col_indices.to(torch.int64)], dim=1
-        )
-    else:
-        result["crow_indices"] = layout.crow_indices
-        result["col_indices"] = layout.col_indices
-        result["layout_shape"] = layout.layout_shape
-    return result
+    return layout.weights_dict(values, (bsz, heads, sq, k.shape[1]))
 
 
 def block_sparse_attention(

@@ -22,6 +22,7 @@ Three splits are offered:
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -278,6 +279,9 @@ def balanced_sharding(
     return _from_unit_counts(seq_len, unit, counts, range(world_size), world_size, "balanced")
 
 
+_BALANCED: weakref.WeakKeyDictionary[BlockSparseLayout, dict[tuple, SequenceSharding]] = weakref.WeakKeyDictionary()
+
+
 def make_sharding(
     kind: str | SequenceSharding,
     layout: BlockSparseLayout,
@@ -302,5 +306,10 @@ def make_sharding(
     if kind == "zigzag":
         return zigzag_sharding(layout.seq_len_q, world_size, layout.block_size)
     if kind == "balanced":
-        return balanced_sharding(layout, world_size, causal=causal, window=window)
+        # cached per layout: balancing reads the whole layout on the host, once, not on every ring call
+        per_layout = _BALANCED.setdefault(layout, {})
+        key = (world_size, bool(causal), tuple(window))
+        if key not in per_layout:
+            per_layout[key] = balanced_sharding(layout, world_size, causal=causal, window=window)
+        return per_layout[key]
     raise ValueError(f"sharding must be 'contiguous', 'zigzag', 'balanced' or a SequenceSharding, got {kind!r}")

@@ -39,13 +39,14 @@ packed sequences (several sequences in one row separated by ``position_ids``).
 from __future__ import annotations
 
 import warnings
-from collections import OrderedDict
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
 from ..layout import BlockSparseLayout, normalize_block_size
+from ..modules._common import LayoutCache
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -63,8 +64,11 @@ ATTN_IMPLEMENTATION = "dilated_sparse"
 #: Block size used when a spec does not give one.
 DEFAULT_BLOCK_SIZE = 64
 
-_LAYOUT_CACHE: OrderedDict[tuple[Any, ...], BlockSparseLayout] = OrderedDict()
-_LAYOUT_CACHE_SIZE = 64
+_LAYOUT_CACHE = LayoutCache(max_entries=64)
+# Layouts derived from a cached one for generation steps (query rows of the full layout), per layout.
+_DERIVED: weakref.WeakKeyDictionary[BlockSparseLayout, dict[tuple[str, int, int], BlockSparseLayout]] = (
+    weakref.WeakKeyDictionary()
+)
 _DENSE_SPEC: dict[str, Any] = {"pattern": "dense"}
 _warned: set[str] = set()
 
@@ -146,15 +150,8 @@ def layout_for(spec: Mapping[str, Any], seq_len_q: int, seq_len_k: int, device: 
         options["causal"] = True
     device = torch.device(device)
     key = (name, block, _freeze(options), seq_len_q, seq_len_k, str(device))
-    layout = _LAYOUT_CACHE.get(key)
-    if layout is not None:
-        _LAYOUT_CACHE.move_to_end(key)
-        return layout
-    layout = make_layout(name, seq_len_q=seq_len_q, seq_len_k=seq_len_k, block_size=block, **options).to(device)
-    _LAYOUT_CACHE[key] = layout
-    while len(_LAYOUT_CACHE) > _LAYOUT_CACHE_SIZE:
-        _LAYOUT_CACHE.popitem(last=False)
-    return layout
+    return _LAYOUT_CACHE.get(key, lambda: make_layout(name, seq_len_q=seq_len_q, seq_len_k=seq_len_k,
+                                                      block_size=block, **options).to(device))
 
 
 def _query_rows(layout: BlockSparseLayout, first_block: int, seq_len_q: int) -> BlockSparseLayout:
@@ -235,8 +232,8 @@ def _key_padding_mask(attention_mask: torch.Tensor | None, batch: int, kv_length
         )
     keep = attention_mask[:, -kv_length:]
     keep = keep if keep.dtype == torch.bool else keep != 0
-    padding = ~keep.to(device)
-    return padding if bool(padding.any()) else None
+    # No `padding.any()` check: it would sync on every layer; an all-False mask gives the same result.
+    return ~keep.to(device)
 
 
 # ------------------------------------------------------------------------ attention
@@ -306,21 +303,29 @@ def dilated_sparse_attention_forward(
     # Queries are the last q_len of kv_len positions (generation with a cache).
     full = layout_for(spec, kv_len, kv_len, query.device, causal=True)
     first_block = offset // full.block_q
+    # The row layouts below are cached on `full` (itself cached): every layer of a decoding step
+    # asks for the same one, so it is built (with its host syncs) once per step, not once per layer.
+    derived = _DERIVED.setdefault(full, {})
     if left < 0:
         # Take the rows of the full square layout that hold the queries, pad the queries on the
         # left to that block boundary and express causality as a right window counted from it.
         start = first_block * full.block_q
         pad = offset - start
-        layout = _query_rows(full, first_block, pad + q_len)
+        key = ("rows", first_block, pad + q_len)
+        if key not in derived:
+            derived[key] = _query_rows(full, first_block, pad + q_len)
         window = (None, start)
         causal_in_kernel = False
     else:
         # A left window bound needs query and key positions to coincide: pad the queries by the
         # whole offset and empty the rows before them (the kernel skips empty rows).
         pad = offset
-        layout = _empty_rows_before(full, first_block)
+        key = ("empty_before", first_block, 0)
+        if key not in derived:
+            derived[key] = _empty_rows_before(full, first_block)
         window = (left, None)
         causal_in_kernel = True
+    layout = derived[key]
     if pad:
         q = torch.cat([q.new_zeros(batch, pad, heads, q.shape[-1]), q], dim=1)
     out = block_sparse_attention(q, k, v, layout, scale=scaling, causal=causal_in_kernel, window=window,

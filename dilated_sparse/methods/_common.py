@@ -356,7 +356,10 @@ def _layout_rows(
     starts = flat_crow[:-1].view(lb, lh, nqb)
     counts = (flat_crow[1:] - flat_crow[:-1]).view(lb, lh, nqb)
     col = layout.col_indices.to(torch.int64)
-    max_row_keys = int(counts.max()) * bk if counts.numel() else 0
+    # Row widths decide the chunk shapes on the host: read them from the layout's (cached) CPU copy,
+    # so a device layout costs one copy in its lifetime rather than a sync per chunk and call.
+    host_counts = layout.to("cpu").row_counts().view(lb, lh, nqb)
+    max_row_keys = int(host_counts.max()) * bk if host_counts.numel() else 0
     rows = auto_rows(chunk_size, bsz * heads * bq * max(1, max_row_keys), nqb)
     if sq < nqb * bq:  # pad the queries to whole blocks; padded rows are masked and cut off
         qh = torch.cat([qh, qh.new_zeros(bsz, heads, nqb * bq - sq, dim)], dim=2)
@@ -364,7 +367,7 @@ def _layout_rows(
     for index, g0 in enumerate(range(0, nqb, rows)):
         g1 = min(nqb, g0 + rows)
         cnt = counts[:, :, g0:g1]  # [lb, lh, G]
-        width = int(cnt.max()) if cnt.numel() else 0
+        width = int(host_counts[:, :, g0:g1].max()) if cnt.numel() else 0
         if width == 0:
             outs.append(qh.new_zeros(bsz, heads, (g1 - g0) * bq, dim))
             continue

@@ -97,7 +97,7 @@ class SparseMethodAttention(nn.Module):
         opts = dict(options)
         self.scale: float | None = _pop(opts, "scale", None)
         self.reg_weight = 0.0
-        self._layouts: dict[tuple[int, int, str], BlockSparseLayout] = {}
+        self._layouts: dict[tuple[int, int, str, bool], BlockSparseLayout] = {}  # (Sq, Sk, device, causal)
         self._run: Callable[..., torch.Tensor] = getattr(self, f"_build_{name}", self._build_pattern)(opts)
         if opts:
             raise TypeError(f"unknown options for sparse method {name!r}: {sorted(opts)}")

@@ -67,10 +67,9 @@ class GECO(nn.Module):
         """The scalar loss to minimise; updates the multiplier in training mode."""
         constraint = task_loss - self.tolerance
         value = constraint.detach().to(self.constraint_ma.dtype)
-        if torch.isnan(self.constraint_ma):
-            ma = value
-        else:
-            ma = self.ema * self.constraint_ma + (1 - self.ema) * value
+        # the first step (moving average still NaN) starts it at the value; no host sync to decide
+        ma = torch.where(torch.isnan(self.constraint_ma), value,
+                         self.ema * self.constraint_ma + (1 - self.ema) * value)
         c_hat = constraint + (ma.to(constraint.dtype) - constraint).detach()
         # a copy: the buffer is updated in place below, after the loss has used its old value
         loss = sparsity_loss + self.lagrange_multiplier.detach().clone().to(constraint.dtype) * c_hat

@@ -7,15 +7,31 @@ op) over a :class:`~dilated_sparse.layout.BlockSparseLayout` built by
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from ..layout import BlockSparseLayout
 
-__all__ = ["LayoutCache", "check_options", "pattern_stats", "resolve_mixed_precision"]
+__all__ = ["LayoutCache", "check_options", "derived", "pattern_stats", "resolve_mixed_precision"]
+
+_T = TypeVar("_T")
+_DERIVED: weakref.WeakKeyDictionary[BlockSparseLayout, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def derived(layout: BlockSparseLayout, name: str, build: Callable[[BlockSparseLayout], _T]) -> _T:
+    """``build(layout)``, computed once per layout object and kept while the layout lives.
+
+    For tables the modules derive from a layout on every forward (ELL index tables, dense block
+    masks, row maxima): a cached layout then pays for them (and their host syncs) once.
+    """
+    entries = _DERIVED.setdefault(layout, {})
+    if name not in entries:
+        entries[name] = build(layout)
+    return entries[name]
 
 
 class LayoutCache:
@@ -160,6 +176,33 @@ def resolve_mixed_precision(value: Any) -> torch.dtype | None:
     raise ValueError(
         f"mixed_precision must be a bool, torch.float16 or torch.bfloat16, got {value!r}"
     )
+
+
+def check_segments(
+    segment_lengths: Iterable[int] | None, dilation_rates: Iterable[int] | None
+) -> tuple[list[int] | None, list[int] | None]:
+    """A module's own copies of LongNet ``segment_lengths``/``dilation_rates`` (None stays None).
+
+    Raises ``ValueError`` when both are given with different lengths.
+    """
+    segs = None if segment_lengths is None else list(segment_lengths)
+    rates = None if dilation_rates is None else list(dilation_rates)
+    if segs is not None and rates is not None and len(segs) != len(rates):
+        raise ValueError(f"segment_lengths {segs} and dilation_rates {rates} must have the same length")
+    return segs, rates
+
+
+def check_segments_used(pattern_type: str, segment_lengths: Any, dilation_rates: Any) -> None:
+    """``ValueError`` when ``segment_lengths``/``dilation_rates`` were given for a pattern that ignores them."""
+    if segment_lengths is None and dilation_rates is None:
+        return
+    from ..patterns import pattern_options
+
+    if "segment_lengths" not in pattern_options(pattern_type):
+        raise ValueError(
+            f"segment_lengths/dilation_rates were given but pattern {pattern_type!r} does not use them (only "
+            "'dilated_sparse' does); drop them or choose pattern_type='dilated_sparse'"
+        )
 
 
 def check_dropout(dropout: Any) -> float:

@@ -21,12 +21,18 @@ import torch.nn.functional as F
 
 from ..layout import BlockSparseLayout
 from ..reference import allowed_keys
+from ._common import derived
 
-__all__ = ["dropout_block_sparse_attention"]
+__all__ = ["dropout_block_sparse_attention", "entry_tables"]
 
 
-def _ell(layout: BlockSparseLayout) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(idx, valid, max_row)``: key blocks per row padded to ``[Lb, Lh, nqb, max_row]``."""
+def _ell(layout: BlockSparseLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """``(idx, valid, pos, max_row)``: key blocks per row padded to ``[Lb, Lh, nqb, max_row]``,
+    and each CSR entry's position in its row (``[nnz]``). Built once per layout (cached)."""
+    return derived(layout, "ell", _build_ell)
+
+
+def _build_ell(layout: BlockSparseLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     counts = layout.row_counts()
     rows = layout.row_ids()
     crow = layout.crow_indices.to(torch.int64)
@@ -38,16 +44,33 @@ def _ell(layout: BlockSparseLayout) -> tuple[torch.Tensor, torch.Tensor, int]:
     idx[rows, pos] = layout.col_indices.to(torch.int64)
     valid[rows, pos] = True
     shape = (layout.layout_batch, layout.layout_heads, layout.num_query_blocks, max_row)
-    return idx.view(shape), valid.view(shape), max_row
+    return idx.view(shape), valid.view(shape), pos, max_row
 
 
-def _slice_entries(layout: BlockSparseLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per active block (CSR order): its stacked block row, its slice and its entry index within the slice."""
+def entry_tables(layout: BlockSparseLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q_block, k_block, row_pos, valid)`` ``[Lb, Lh, max(max_slice_nnz, 1)]``: for entry ``e`` of
+    each slice's weights-dict values (CSR order), its query block, key block and position in its
+    row (the ELL column of :func:`_ell`). Built once per layout (cached)."""
+    return derived(layout, "entries", _build_entry_tables)
+
+
+def _build_entry_tables(layout: BlockSparseLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     nqb = layout.num_query_blocks
     rows = layout.row_ids()
     slices = rows // nqb
     local = torch.arange(layout.nnz, device=rows.device) - layout.crow_indices.to(torch.int64)[slices * nqb]
-    return rows, slices, local
+    pos = _ell(layout)[2]
+    width = max(layout.max_slice_nnz, 1)
+    qb = torch.zeros(layout.num_slices, width, dtype=torch.int64, device=rows.device)
+    kb = torch.zeros_like(qb)
+    row_pos = torch.zeros_like(qb)
+    valid = torch.zeros(layout.num_slices, width, dtype=torch.bool, device=rows.device)
+    qb[slices, local] = rows % nqb
+    kb[slices, local] = layout.col_indices.to(torch.int64)
+    row_pos[slices, local] = pos
+    valid[slices, local] = True
+    shape = (*layout.layout_shape, width)
+    return qb.view(shape), kb.view(shape), row_pos.view(shape), valid.view(shape)
 
 
 def _to_blocks(t: torch.Tensor, block: int, num_blocks: int) -> torch.Tensor:
@@ -65,22 +88,12 @@ def _weights_from_ell(probs: torch.Tensor, layout: BlockSparseLayout, out_shape:
     ``probs``: ``[B, H, nqb, bq, max_row, bk]``.
     """
     bsz, heads = probs.shape[:2]
-    nqb = layout.num_query_blocks
-    bq, bk = layout.block_size
-    rows, slices, local = _slice_entries(layout)
-    pos = torch.arange(layout.nnz, device=rows.device) - layout.crow_indices.to(torch.int64)[rows]
-    values = probs.new_zeros(bsz, heads, layout.max_slice_nnz, bq, bk)
-    lb, lh = layout.layout_shape
-    for s in range(layout.num_slices):
-        sel = slices == s
-        b_idx = torch.arange(bsz, device=probs.device) if lb == 1 else torch.tensor([s // lh], device=probs.device)
-        h_idx = torch.arange(heads, device=probs.device) if lh == 1 else torch.tensor([s % lh], device=probs.device)
-        qb = (rows[sel] % nqb).to(probs.device)
-        p = pos[sel].to(probs.device)
-        e = local[sel].to(probs.device)
-        block = probs[b_idx.view(-1, 1, 1), h_idx.view(1, -1, 1), qb.view(1, 1, -1), :, p.view(1, 1, -1), :]
-        values[b_idx.view(-1, 1, 1), h_idx.view(1, -1, 1), e.view(1, 1, -1)] = block
-    return layout.weights_dict(values, out_shape)
+    qb, _, pos, valid = (t.to(probs.device).expand(bsz, heads, -1) for t in entry_tables(layout))
+    b_i = torch.arange(bsz, device=probs.device).view(-1, 1, 1)
+    h_i = torch.arange(heads, device=probs.device).view(1, -1, 1)
+    values = probs[b_i, h_i, qb, :, pos, :]  # [B, H, width, bq, bk]
+    values = torch.where(valid[..., None, None], values, torch.zeros_like(values))
+    return layout.weights_dict(values[:, :, : layout.max_slice_nnz], out_shape)
 
 
 def dropout_block_sparse_attention(
@@ -137,7 +150,7 @@ def dropout_block_sparse_attention(
     qb = _to_blocks(q.to(cdt), bq, nqb)  # [B, H, nqb, bq, D]
     kb = _to_blocks(k.to(cdt), bk, nkb)  # [B, H, nkb, bk, D]
     vb = _to_blocks(v.to(cdt), bk, nkb)
-    idx, valid, max_row = _ell(layout)
+    idx, valid, _, max_row = _ell(layout)
     idx = idx.expand(bsz, heads, nqb, max_row)
     valid = valid.expand(bsz, heads, nqb, max_row)
     b_i = torch.arange(bsz, device=q.device).view(-1, 1, 1, 1)

@@ -24,6 +24,7 @@ The temperature is ``temperature`` (a buffer, annealed by
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Hashable, Sequence
 from typing import Any
@@ -35,7 +36,8 @@ from torch import nn
 from ..configs import AdaptiveConfig
 from ..layout import BlockSparseLayout
 from ..ops import attention_backward, attention_forward, attention_weights
-from ._dropout import _slice_entries, _to_blocks, dropout_block_sparse_attention
+from ._common import check_segments, derived
+from ._dropout import _to_blocks, dropout_block_sparse_attention, entry_tables
 from .block_sparse import BlockSparseAttentionBase, _check_qkv
 
 __all__ = ["BlockSparseAdaptive", "gated_block_sparse_attention"]
@@ -43,19 +45,8 @@ __all__ = ["BlockSparseAdaptive", "gated_block_sparse_attention"]
 
 def _slice_tables(layout: BlockSparseLayout, bsz: int, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(q_block, k_block, valid)`` ``[B, H, max_slice_nnz]`` of every weights-dict entry."""
-    nqb = layout.num_query_blocks
-    rows, slices, local = _slice_entries(layout)
-    width = max(layout.max_slice_nnz, 1)
-    qb = torch.zeros(layout.num_slices, width, dtype=torch.int64, device=rows.device)
-    kb = torch.zeros_like(qb)
-    valid = torch.zeros(layout.num_slices, width, dtype=torch.bool, device=rows.device)
-    qb[slices, local] = rows % nqb
-    kb[slices, local] = layout.col_indices.to(torch.int64)
-    valid[slices, local] = True
-    lb, lh = layout.layout_shape
-    shape = (lb, lh, width)
-    expand = (bsz, heads, width)
-    return qb.view(shape).expand(expand), kb.view(shape).expand(expand), valid.view(shape).expand(expand)
+    qb, kb, _, valid = entry_tables(layout)
+    return qb.expand(bsz, heads, -1), kb.expand(bsz, heads, -1), valid.expand(bsz, heads, -1)
 
 
 class _GatedAttention(torch.autograd.Function):
@@ -176,16 +167,13 @@ class BlockSparseAdaptive(BlockSparseAttentionBase):
         elif not isinstance(adaptive_config, AdaptiveConfig):
             raise TypeError(f"adaptive_config must be an AdaptiveConfig, got {type(adaptive_config).__name__}")
         if block_size is not None:
-            adaptive_config = AdaptiveConfig(**{**dataclass_values(adaptive_config), "block_size": block_size})
+            adaptive_config = dataclasses.replace(adaptive_config, block_size=block_size)
         self.config = adaptive_config
-        self.adaptive_config = adaptive_config
-        self.block_size = adaptive_config.block_size
         for name, value in (("num_heads", num_heads), ("head_dim", head_dim)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         self.num_heads, self.head_dim = num_heads, head_dim
-        self.segment_lengths = None if segment_lengths is None else list(segment_lengths)
-        self.dilation_rates = None if dilation_rates is None else list(dilation_rates)
+        self.segment_lengths, self.dilation_rates = check_segments(segment_lengths, dilation_rates)
         hidden = adaptive_config.hidden_dim
         self.query_tower = _Tower(head_dim, hidden, adaptive_config.num_layers)
         self.key_tower = _Tower(head_dim, hidden, adaptive_config.num_layers)
@@ -195,6 +183,16 @@ class BlockSparseAdaptive(BlockSparseAttentionBase):
         else:
             self.register_buffer("log_temperature_scale", torch.zeros(()))
         self._last_soft: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def adaptive_config(self) -> AdaptiveConfig:
+        """The module's :class:`~dilated_sparse.configs.AdaptiveConfig` (alias of ``config``)."""
+        return self.config
+
+    @property
+    def block_size(self) -> int:
+        """Block edge in tokens (the config's ``block_size``)."""
+        return self.config.block_size
 
     # ------------------------------------------------------------- selection
     @property
@@ -240,7 +238,7 @@ class BlockSparseAdaptive(BlockSparseAttentionBase):
         heads = num_heads or self.num_heads or 1
         candidates = self.get_layout(seq_len, seq_len_k, causal=causal)
         nqb, nkb = candidates.num_query_blocks, candidates.num_key_blocks
-        keep = max(1, min(int(candidates.row_counts().max().item()), round(self.keep_fraction * nkb)))
+        keep = max(1, min(derived(candidates, "max_row", _max_row), round(self.keep_fraction * nkb)))
         rows = torch.clamp(candidates.row_counts(), max=keep).to(torch.float64)
         slices = batch_size * (1 if self.config.share_across_heads else heads)
         nnz = int(rows.sum().item())
@@ -282,10 +280,13 @@ class BlockSparseAdaptive(BlockSparseAttentionBase):
             scores = scores.mean(dim=1, keepdim=True)
         return scores
 
-    def _select(self, scores: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """``(hard, soft, k)``: top-k mask per row among candidates and its relaxation."""
+    def _select(self, scores: torch.Tensor, candidates: torch.Tensor,
+                max_cand: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(hard, soft, k)``: top-k mask per row among candidates and its relaxation.
+
+        ``max_cand`` is the largest number of candidates of a row (known from the cached layout).
+        """
         n_cand = candidates.sum(dim=-1, keepdim=True)  # [1, 1, nqb, 1]
-        max_cand = int(n_cand.max().item())
         keep = max(1, min(max_cand, round(self.keep_fraction * scores.shape[-1])))
         perturbed = scores
         if self.training and self.config.gumbel_noise:
@@ -316,11 +317,14 @@ class BlockSparseAdaptive(BlockSparseAttentionBase):
         if self.head_dim is not None and dim != self.head_dim:
             raise ValueError(f"q has head_dim {dim} but the module was built with head_dim={self.head_dim}")
         candidates_layout = self.get_layout(sq, k.shape[1], causal=is_causal, device=q.device)
-        candidates = candidates_layout.to_dense_mask()  # [1, 1, nqb, nkb]
+        # the candidate layout is cached, so its dense block mask and widest row are too (no per-call sync)
+        candidates = derived(candidates_layout, "dense_mask", BlockSparseLayout.to_dense_mask)  # [1, 1, nqb, nkb]
+        max_cand = derived(candidates_layout, "max_row", _max_row)
         scores = self.importance_scores(q, k)
-        hard, soft, keep = self._select(scores, candidates)
+        hard, soft, keep = self._select(scores, candidates, max_cand)
         self._last_soft = (soft, hard)
-        layout = BlockSparseLayout.from_dense_mask(hard, block_size=self.block_size, seq_len_q=sq, seq_len_k=k.shape[1])
+        layout = BlockSparseLayout.from_dense_mask(hard, block_size=self.block_size, seq_len_q=sq, seq_len_k=k.shape[1],
+                                                   validate=False)  # a fresh mask per call: well formed by construction
         use_gate = self.training and not self.config.hard_sparsity and torch.is_grad_enabled()
         out_dtype = q.dtype
         qc, kc, vc = q, k, v
@@ -378,6 +382,12 @@ class BlockSparseAdaptive(BlockSparseAttentionBase):
         return ((soft - hard.to(soft.dtype)) ** 2).mean()
 
 
+def _max_row(layout: BlockSparseLayout) -> int:
+    """The most active key blocks of a query-block row (0 for an empty layout)."""
+    counts = layout.row_counts()
+    return int(counts.max().item()) if counts.numel() else 0
+
+
 def _counts(seq_len: int, block: int, num_blocks: int, like: torch.Tensor) -> torch.Tensor:
     """Tokens per block ``[1, 1, nb, 1]`` (the last block may be partial)."""
     sizes = torch.full((num_blocks,), block, dtype=like.dtype, device=like.device)
@@ -387,10 +397,3 @@ def _counts(seq_len: int, block: int, num_blocks: int, like: torch.Tensor) -> to
 
 def _is_lazy(module: nn.Module) -> bool:
     return any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters())
-
-
-def dataclass_values(config: Any) -> dict[str, Any]:
-    """Field values of a dataclass instance."""
-    import dataclasses
-
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}

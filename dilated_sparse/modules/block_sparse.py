@@ -21,10 +21,12 @@ from torch import nn
 
 from ..configs import SparsePatternConfig
 from ..layout import BlockSparseLayout
-from ..ops import block_sparse_attention
+from ..ops import _check_tensor, block_sparse_attention
 from ._common import (
     LayoutCache,
     check_dropout,
+    check_segments,
+    check_segments_used,
     check_use_memory_pool,
     pattern_stats,
     resolve_mixed_precision,
@@ -36,11 +38,48 @@ __all__ = ["BlockSparseAttentionBase", "BlockSparseRingDilatedAttention", "Block
 
 
 def _check_qkv(q: Any, k: Any, v: Any) -> None:
+    """The op's tensor checks (type, float dtype, 4-D), before their shapes pick a layout."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [batch, seq_len, heads, head_dim], got shape {tuple(t.shape)}")
+        _check_tensor(name, t)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockSparseLayout,
+    *,
+    training: bool,
+    dropout: float,
+    compute_dtype: torch.dtype | None,
+    scale: float | None,
+    causal: bool,
+    window: tuple[int | None, int | None] | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    return_attention_weights: bool = False,
+) -> Any:
+    """The modules' attention call: the op, or the dropout path when ``training`` with ``dropout > 0``.
+
+    With ``compute_dtype`` set, float32 ``q``/``k``/``v`` are cast to it for the attention and the
+    output is cast back to ``q``'s dtype. Returns ``out`` or ``(out, weights_dict)``.
+    """
+    out_dtype = q.dtype
+    if compute_dtype is not None and q.dtype == torch.float32:
+        q, k, v = (t.to(compute_dtype) for t in (q, k, v))
+    if training and dropout > 0.0:
+        result = dropout_block_sparse_attention(
+            q, k, v, layout, dropout_p=dropout, scale=scale, causal=causal, window=window,
+            key_padding_mask=key_padding_mask, return_attention_weights=return_attention_weights,
+        )
+    else:
+        result = block_sparse_attention(
+            q, k, v, layout, scale=scale, causal=causal, window=window,
+            key_padding_mask=key_padding_mask, return_attention_weights=return_attention_weights,
+        )
+    if return_attention_weights:
+        out, weights = result
+        return out.to(out_dtype), weights
+    return result.to(out_dtype)
 
 
 class BlockSparseAttentionBase(nn.Module):
@@ -151,23 +190,11 @@ class BlockSparseAttentionBase(nn.Module):
         window: tuple[int | None, int | None] | None = None,
     ) -> Any:
         """Attention over ``layout``: the op, or the dropout path when training with dropout."""
-        out_dtype = q.dtype
-        if self.compute_dtype is not None and q.dtype == torch.float32:
-            q, k, v = (t.to(self.compute_dtype) for t in (q, k, v))
-        if self.training and self.dropout > 0.0:
-            result = dropout_block_sparse_attention(
-                q, k, v, layout, dropout_p=self.dropout, scale=self.softmax_scale, causal=causal, window=window,
-                key_padding_mask=key_padding_mask, return_attention_weights=return_attention_weights,
-            )
-        else:
-            result = block_sparse_attention(
-                q, k, v, layout, scale=self.softmax_scale, causal=causal, window=window,
-                key_padding_mask=key_padding_mask, return_attention_weights=return_attention_weights,
-            )
-        if return_attention_weights:
-            out, weights = result
-            return out.to(out_dtype), weights
-        return result.to(out_dtype)
+        return attend(
+            q, k, v, layout, training=self.training, dropout=self.dropout, compute_dtype=self.compute_dtype,
+            scale=self.softmax_scale, causal=causal, window=window, key_padding_mask=key_padding_mask,
+            return_attention_weights=return_attention_weights,
+        )
 
     def forward(
         self,
@@ -253,26 +280,11 @@ class BlockSparseRingDilatedAttention(BlockSparseAttentionBase):
         super().__init__(dropout=dropout, softmax_scale=softmax_scale, mixed_precision=mixed_precision,
                          use_memory_pool=use_memory_pool, enable_caching=enable_caching, cache_size=cache_size)
         self.sparse_config = sparse_config
-        self.segment_lengths = None if segment_lengths is None else list(segment_lengths)
-        self.dilation_rates = None if dilation_rates is None else list(dilation_rates)
-        if (self.segment_lengths is not None and self.dilation_rates is not None
-                and len(self.segment_lengths) != len(self.dilation_rates)):
-            raise ValueError(
-                f"segment_lengths {self.segment_lengths} and dilation_rates {self.dilation_rates} must have the "
-                "same length"
-            )
+        self.segment_lengths, self.dilation_rates = check_segments(segment_lengths, dilation_rates)
         self._check_segments_used()
 
     def _check_segments_used(self) -> None:
-        from ..patterns import pattern_options
-
-        if self.segment_lengths is None and self.dilation_rates is None:
-            return
-        if "segment_lengths" not in pattern_options(self.sparse_config.pattern_type):
-            raise ValueError(
-                f"segment_lengths/dilation_rates were given but pattern {self.sparse_config.pattern_type!r} does "
-                "not use them (only 'dilated_sparse' does); drop them or choose pattern_type='dilated_sparse'"
-            )
+        check_segments_used(self.sparse_config.pattern_type, self.segment_lengths, self.dilation_rates)
 
     @property
     def block_size(self) -> int:

@@ -26,18 +26,18 @@ import torch
 from torch import nn
 
 from ..layout import BlockSparseLayout
-from ._common import check_dropout
+from ._common import check_dropout, check_segments
 from .block_sparse import BlockSparseAttentionBase
 
 __all__ = ["DilatedAttention", "MultiheadDilatedAttention"]
 
 
 def _check_segments(segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> tuple[list[int], list[int]]:
-    segs, rates = list(segment_lengths), list(dilation_rates)
+    segs, rates = check_segments(segment_lengths, dilation_rates)
+    if segs is None or rates is None:
+        raise TypeError("segment_lengths and dilation_rates are required (lists of ints)")
     if not segs:
         raise ValueError("segment_lengths must not be empty")
-    if len(segs) != len(rates):
-        raise ValueError(f"segment_lengths {segs} and dilation_rates {rates} must have the same length")
     for name, values in (("segment_lengths", segs), ("dilation_rates", rates)):
         for value in values:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -109,9 +109,7 @@ def create_block_sparse_attention(kind: str = "auto", **options: Any) -> nn.Modu
                     f"sparsity_ratio={ratio} (fraction computed) contradicts adaptive_config.base_sparsity="
                     f"{base.base_sparsity} (fraction skipped); give one of them"
                 )
-            base = copy.copy(base)
-            base.base_sparsity = 1.0 - float(ratio)
-            opts["adaptive_config"] = base
+            opts["adaptive_config"] = dataclasses.replace(base, base_sparsity=1.0 - float(ratio))  # validated copy
         return BlockSparseAdaptive(**opts)
     # multihead
     from .multihead import BlockSparseRingMultiheadDilatedAttention

@@ -13,6 +13,7 @@ import torch
 
 from ..configs import HierarchicalConfig
 from ..layout import SUPPORTED_BLOCK_SIZES, BlockSparseLayout
+from ._common import check_segments
 from .block_sparse import BlockSparseAttentionBase
 
 __all__ = ["BlockSparseHierarchical"]
@@ -62,12 +63,7 @@ class BlockSparseHierarchical(BlockSparseAttentionBase):
         if block_size not in SUPPORTED_BLOCK_SIZES:
             raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
         self.block_size = block_size
-        self.segment_lengths = None if segment_lengths is None else list(segment_lengths)
-        self.dilation_rates = None if dilation_rates is None else list(dilation_rates)
-        if self.segment_lengths is not None and self.dilation_rates is not None and (
-                len(self.segment_lengths) != len(self.dilation_rates)):
-            raise ValueError(f"segment_lengths {self.segment_lengths} and dilation_rates {self.dilation_rates} must "
-                             "have the same length")
+        self.segment_lengths, self.dilation_rates = check_segments(segment_lengths, dilation_rates)
 
     def _layout_key(self) -> Hashable:
         levels = tuple(tuple(sorted(level.items())) for level in self.hierarchical_config.level_configs)

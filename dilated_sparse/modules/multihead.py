@@ -33,12 +33,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..configs import SparsePatternConfig
 from ..layout import BlockSparseLayout
-from ..ops import block_sparse_attention
-from ._common import LayoutCache, check_dropout, check_use_memory_pool, pattern_stats, resolve_mixed_precision
-from ._dropout import dropout_block_sparse_attention
+from ._common import (
+    LayoutCache,
+    check_dropout,
+    check_segments,
+    check_segments_used,
+    check_use_memory_pool,
+    pattern_stats,
+    resolve_mixed_precision,
+)
+from .block_sparse import attend
 
 __all__ = [
     "BlockSparseMultiheadAttention",
@@ -90,14 +98,12 @@ def average_weights_over_heads(weights: dict[str, Any]) -> dict[str, Any]:
     starts = union_crow[::nqb]
     width = int((starts[1:] - starts[:-1]).max().item()) if lb else 0
     averaged = values.new_zeros(bsz, width, bq, bk)
-    for s in range(lb * lh):
-        sel = slices == s
-        h = s % lh
-        if lb == 1:
-            averaged.index_add_(1, position[sel], values[:, h, entry[sel]])
-        else:
-            b = s // lh
-            averaged[b].index_add_(0, position[sel], values[b, h, entry[sel]])
+    head = slices % lh
+    if lb == 1:  # every batch element sums its heads' blocks into the shared union
+        averaged.index_add_(1, position, values[:, head, entry])
+    else:  # batch slice b sums into its own union: flat (b, position) targets
+        averaged.view(bsz * width, bq, bk).index_add_(0, batch_slice * width + position,
+                                                      values[batch_slice, head, entry])
     out["block_values"] = (averaged / heads).unsqueeze(1)
     for key in ("crow_indices", "col_indices", "layout_shape", "block_indices"):
         out.pop(key, None)
@@ -125,6 +131,23 @@ def _is_no_op_mask(mask: torch.Tensor) -> bool:
     if mask.dtype == torch.bool:
         return not bool(mask.any())
     return mask.is_floating_point() and bool((mask == 0).all())
+
+
+# attn_mask tensor -> (its version, sq, sk, kind): nn.Transformer passes the same causal mask on every
+# call, so it is classified (an S x S comparison and a host sync) once, not on every forward.
+_MASK_KINDS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _mask_kind(mask: torch.Tensor, sq: int, sk: int) -> str:
+    """``"causal"``, ``"no-op"`` or ``"other"`` for an ``attn_mask`` (cached per tensor and version)."""
+    cacheable = not (mask.is_inference() or torch.compiler.is_compiling())  # inference tensors have no version
+    cached = _MASK_KINDS.get(mask) if cacheable else None
+    if cached is not None and cached[:3] == (mask._version, sq, sk):
+        return cached[3]
+    kind = "causal" if _is_causal_mask(mask, sq, sk) else "no-op" if _is_no_op_mask(mask) else "other"
+    if cacheable:
+        _MASK_KINDS[mask] = (mask._version, sq, sk, kind)
+    return kind
 
 
 _MASK_HELP = (
@@ -192,8 +215,7 @@ class BlockSparseMultiheadAttention(nn.MultiheadAttention):
         self.compute_dtype = resolve_mixed_precision(mixed_precision)
         check_use_memory_pool(use_memory_pool)
         self._layout_cache = LayoutCache(cache_size, enabled=enable_caching)
-        self.segment_lengths = None if segment_lengths is None else list(segment_lengths)
-        self.dilation_rates = None if dilation_rates is None else list(dilation_rates)
+        self.segment_lengths, self.dilation_rates = check_segments(segment_lengths, dilation_rates)
         self.fixed_layout: BlockSparseLayout | None = None
         self.pattern_fn: Callable[..., BlockSparseLayout] | None = None
         self.sparse_config: SparsePatternConfig | None = None
@@ -224,14 +246,8 @@ class BlockSparseMultiheadAttention(nn.MultiheadAttention):
                 "pattern must be 'all', a pattern name, a SparsePatternConfig, a BlockSparseLayout or a callable, "
                 f"got {type(pattern).__name__}"
             )
-        if self.sparse_config is not None and (self.segment_lengths or self.dilation_rates):
-            from ..patterns import pattern_options as _options
-
-            if "segment_lengths" not in _options(self.sparse_config.pattern_type):
-                raise ValueError(
-                    f"segment_lengths/dilation_rates were given but pattern {self.sparse_config.pattern_type!r} "
-                    "does not use them (only 'dilated_sparse' does)"
-                )
+        if self.sparse_config is not None:
+            check_segments_used(self.sparse_config.pattern_type, self.segment_lengths, self.dilation_rates)
         if (add_bias_kv or add_zero_attn) and not self._is_dense_pattern():
             raise ValueError(
                 "add_bias_kv/add_zero_attn append keys that every query must see; this is supported with "
@@ -335,11 +351,12 @@ class BlockSparseMultiheadAttention(nn.MultiheadAttention):
         if tuple(attn_mask.shape) not in shapes:
             raise ValueError(f"attn_mask must have shape {list(shapes[0])} or {list(shapes[1])}, got "
                              f"{tuple(attn_mask.shape)}")
-        if _is_causal_mask(attn_mask, sq, sk):
+        kind = _mask_kind(attn_mask, sq, sk)
+        if kind == "causal":
             return True
         if is_causal:
             raise ValueError("is_causal=True was given with an attn_mask that is not the causal mask. " + _MASK_HELP)
-        if _is_no_op_mask(attn_mask):
+        if kind == "no-op":
             return False
         raise ValueError("attn_mask is not supported. " + _MASK_HELP)
 
@@ -422,17 +439,11 @@ class BlockSparseMultiheadAttention(nn.MultiheadAttention):
         k = k.reshape(bsz, sk, heads, hd)
         v = v.reshape(bsz, sk, heads, hd)
         layout = self.get_layout(sq, sk, causal=causal, device=q.device)
-        out_dtype = q.dtype
-        if self.compute_dtype is not None and q.dtype == torch.float32:
-            q, k, v = (t.to(self.compute_dtype) for t in (q, k, v))
-        if self.training and self.dropout > 0.0:
-            result = dropout_block_sparse_attention(q, k, v, layout, dropout_p=self.dropout, causal=causal,
-                                                    key_padding_mask=kpm, return_attention_weights=need_weights)
-        else:
-            result = block_sparse_attention(q, k, v, layout, causal=causal, key_padding_mask=kpm,
-                                            return_attention_weights=need_weights)
+        result = attend(q, k, v, layout, training=self.training, dropout=self.dropout,
+                        compute_dtype=self.compute_dtype, scale=None, causal=causal, key_padding_mask=kpm,
+                        return_attention_weights=need_weights)
         out, weights = result if need_weights else (result, None)
-        out = self.out_proj(out.to(out_dtype).reshape(bsz, sq, self.embed_dim))
+        out = self.out_proj(out.reshape(bsz, sq, self.embed_dim))
         if weights is not None and average_attn_weights:
             weights = average_weights_over_heads(weights)
         if not batched:

@@ -15,6 +15,7 @@ import torch
 
 from ..configs import SparsePatternConfig
 from ..layout import BlockSparseLayout
+from ._common import check_segments
 from .block_sparse import BlockSparseAttentionBase
 
 __all__ = ["MultiPatternAttention", "SparseAttention"]
@@ -155,8 +156,7 @@ class MultiPatternAttention(BlockSparseAttentionBase):
             configs.append(item)
         self.pattern_configs = configs
         self.block_size = block_size
-        self.segment_lengths = None if segment_lengths is None else list(segment_lengths)
-        self.dilation_rates = None if dilation_rates is None else list(dilation_rates)
+        self.segment_lengths, self.dilation_rates = check_segments(segment_lengths, dilation_rates)
 
     def _layout_key(self) -> Hashable:
         return tuple(c.fingerprint() for c in self.pattern_configs)
