@@ -5,6 +5,7 @@
 // csrc/cuda registers the CUDA ones.
 #include "dilated_sparse/dilated_sparse.h"
 #include "dilated_sparse/detail/checks.h"
+#include "dilated_sparse/detail/schema.h"
 #include "cpu/kernels.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -19,22 +20,9 @@
 #endif
 
 TORCH_LIBRARY(dilated_sparse, m) {
-  m.def(
-      "block_sparse_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor crow_indices, "
-      "Tensor col_indices, int block_q, int block_k, int layout_batch, int layout_heads, "
-      "float scale, bool causal, int window_left, int window_right, Tensor? key_lengths, "
-      "Tensor? key_padding_mask) -> (Tensor out, Tensor lse)");
-  m.def(
-      "block_sparse_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "Tensor ccol_indices, Tensor row_indices, Tensor crow_indices, Tensor col_indices, "
-      "int block_q, int block_k, int layout_batch, int layout_heads, float scale, bool causal, "
-      "int window_left, int window_right, Tensor? key_lengths, Tensor? key_padding_mask) "
-      "-> (Tensor dq, Tensor dk, Tensor dv)");
-  m.def(
-      "block_sparse_attn_weights(Tensor q, Tensor k, Tensor lse, Tensor crow_indices, "
-      "Tensor col_indices, int block_q, int block_k, int layout_batch, int layout_heads, "
-      "int max_slice_nnz, float scale, bool causal, int window_left, int window_right, "
-      "Tensor? key_lengths, Tensor? key_padding_mask) -> Tensor");
+  m.def(dilated_sparse::detail::kFwdSchema);
+  m.def(dilated_sparse::detail::kBwdSchema);
+  m.def(dilated_sparse::detail::kWeightsSchema);
 }
 
 // The forward's autograd formula is registered from Python (dilated_sparse/ops.py,

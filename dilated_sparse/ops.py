@@ -23,6 +23,7 @@ __all__ = [
     "attention_forward",
     "attention_weights",
     "block_sparse_attention",
+    "check_qkv",
     "extension_available",
     "weights_to_bsr",
     "weights_to_dense",
@@ -117,6 +118,42 @@ def _check_cuda_kernel(dtype: torch.dtype, head_dim: int) -> None:
         )
 
 
+def check_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, v_head_dim_may_differ: bool = False
+) -> tuple[int, int, int, int, int, int]:
+    """Check ``q [B,Sq,H,D]`` and ``k, v [B,Sk,Hkv,D]`` (GQA: ``H % Hkv == 0``).
+
+    Shared by the op and every method that takes q/k/v. ``v_head_dim_may_differ`` lets ``v``
+    have its own head dim (methods computing ``P @ V`` themselves).
+
+    Returns:
+        ``(B, Sq, Sk, H, Hkv, D)``.
+
+    Raises:
+        TypeError: not tensors, not floating point, or mixed dtypes.
+        ValueError: wrong ranks, mismatched sizes or devices, ``H % Hkv != 0``, empty inputs.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")
+    bsz, sq, heads, dim = q.shape
+    if (k.shape[:3] != v.shape[:3]) if v_head_dim_may_differ else (k.shape != v.shape):
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != bsz:
+        raise ValueError(f"k/v batch size {k.shape[0]} does not match q batch size {bsz}")
+    if k.shape[3] != dim:
+        raise ValueError(f"k head_dim {k.shape[3]} does not match q head_dim {dim}")
+    kv_heads = k.shape[2]
+    if kv_heads == 0 or heads % kv_heads != 0:
+        raise ValueError(f"q heads ({heads}) must be a multiple of k/v heads ({kv_heads}) (GQA/MQA)")
+    if min(bsz, sq, k.shape[1], dim) == 0:
+        raise ValueError(f"empty inputs are not supported: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    return bsz, sq, k.shape[1], heads, kv_heads, dim
+
+
 def _check_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -128,27 +165,9 @@ def _check_inputs(
     key_padding_mask: torch.Tensor | None,
 ) -> tuple[BlockSparseLayout, float, int, int, torch.Tensor | None, torch.Tensor | None]:
     """Check every argument once; returns the normalised layout, scale, window and masks."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")
-    bsz, sq, heads, dim = q.shape
+    bsz, sq, sk, heads, _, dim = check_qkv(q, k, v)
     if q.device.type == "cuda":
         _check_cuda_kernel(q.dtype, dim)
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != bsz:
-        raise ValueError(f"k/v batch size {k.shape[0]} does not match q batch size {bsz}")
-    if k.shape[3] != dim:
-        raise ValueError(f"k/v head_dim {k.shape[3]} does not match q head_dim {dim}")
-    kv_heads = k.shape[2]
-    if kv_heads == 0 or heads % kv_heads != 0:
-        raise ValueError(f"q heads ({heads}) must be a multiple of k/v heads ({kv_heads}) (GQA/MQA)")
-    if sq == 0 or k.shape[1] == 0 or bsz == 0 or dim == 0:
-        raise ValueError(f"empty inputs are not supported: q {tuple(q.shape)}, k {tuple(k.shape)}")
-    sk = k.shape[1]
     if not isinstance(layout, BlockSparseLayout):
         raise TypeError(f"layout must be a BlockSparseLayout, got {type(layout).__name__}")
     if layout.seq_len_q != sq or layout.seq_len_k != sk:
@@ -287,9 +306,14 @@ def attention_forward(
     merged by (see :mod:`dilated_sparse.distributed`).
     """
     _require_extension()
-    layout, scale, wl, wr, key_lengths, key_padding_mask = _check_inputs(
-        q, k, v, layout, scale, window, key_lengths, key_padding_mask
-    )
+    checked = _check_inputs(q, k, v, layout, scale, window, key_lengths, key_padding_mask)
+    return _forward_op(q, k, v, causal, *checked)
+
+
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, layout: BlockSparseLayout,
+                scale: float, wl: int, wr: int, key_lengths: torch.Tensor | None,
+                key_padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward op on arguments already normalised by :func:`_check_inputs`."""
     return torch.ops.dilated_sparse.block_sparse_attn_fwd(
         _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v),
         layout.crow_indices, layout.col_indices, layout.block_q, layout.block_k,
@@ -356,9 +380,14 @@ def attention_weights(
     ``layout_shape``. The weights are not differentiable (a detached inspection result).
     """
     _require_extension()
-    layout, scale, wl, wr, key_lengths, key_padding_mask = _check_inputs(
-        q, k, k, layout, scale, window, key_lengths, key_padding_mask
-    )
+    checked = _check_inputs(q, k, k, layout, scale, window, key_lengths, key_padding_mask)
+    return _weights_op(q, k, lse, causal, *checked)
+
+
+def _weights_op(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, causal: bool, layout: BlockSparseLayout,
+                scale: float, wl: int, wr: int, key_lengths: torch.Tensor | None,
+                key_padding_mask: torch.Tensor | None) -> dict[str, Any]:
+    """The weights op on arguments already normalised by :func:`_check_inputs`."""
     values = torch.ops.dilated_sparse.block_sparse_attn_weights(
         _last_dim_contiguous(q.detach()), _last_dim_contiguous(k.detach()),
         lse.detach().to(_lse_dtype(q.dtype)).contiguous(), layout.crow_indices, layout.col_indices,
@@ -403,17 +432,12 @@ def block_sparse_attention(
         ``out`` ``[B, Sq, H, D]`` in ``q``'s dtype, or ``(out, weights)``. A query with no
         allowed key gets zeros (and zero gradients), never NaN.
     """
-    out, lse = attention_forward(
-        q, k, v, layout, scale=scale, causal=causal, window=window,
-        key_lengths=key_lengths, key_padding_mask=key_padding_mask,
-    )
+    _require_extension()
+    checked = _check_inputs(q, k, v, layout, scale, window, key_lengths, key_padding_mask)  # once for both ops
+    out, lse = _forward_op(q, k, v, causal, *checked)
     if not return_attention_weights:
         return out
-    weights = attention_weights(
-        q, k, lse, layout, scale=scale, causal=causal, window=window,
-        key_lengths=key_lengths, key_padding_mask=key_padding_mask,
-    )
-    return out, weights
+    return out, _weights_op(q, k, lse, causal, *checked)
 
 
 # ------------------------------------------------------------------- weights helpers

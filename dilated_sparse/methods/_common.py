@@ -26,7 +26,7 @@ import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ..layout import BlockSparseLayout
-from ..ops import _check_tensor
+from ..ops import check_qkv as ops_check_qkv
 
 __all__ = [
     "Normalizer",
@@ -73,31 +73,11 @@ Normalizer = Callable[[torch.Tensor, torch.Tensor, RowInfo], torch.Tensor]
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int, int]:
-    """Check ``q [B,Sq,H,D]``, ``k/v [B,Sk,Hkv,D]``; returns ``(B, Sq, Sk, H, Hkv, D)``.
+    """The op's q/k/v checks (:func:`dilated_sparse.ops.check_qkv`); ``v`` may have its own head dim.
 
-    Raises:
-        TypeError: not tensors, not floating point, or mixed dtypes.
-        ValueError: wrong ranks, mismatched sizes or devices, ``H % Hkv != 0``, empty inputs.
+    Returns ``(B, Sq, Sk, H, Hkv, D)``.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")
-    bsz, sq, heads, dim = q.shape
-    if k.shape[:3] != v.shape[:3]:
-        raise ValueError(f"k and v must agree in batch, length and heads, got {tuple(k.shape)}, {tuple(v.shape)}")
-    if k.shape[0] != bsz:
-        raise ValueError(f"k/v batch size {k.shape[0]} does not match q batch size {bsz}")
-    if k.shape[3] != dim:
-        raise ValueError(f"k head_dim {k.shape[3]} does not match q head_dim {dim}")
-    kv_heads = k.shape[2]
-    if kv_heads == 0 or heads % kv_heads != 0:
-        raise ValueError(f"q heads ({heads}) must be a multiple of k/v heads ({kv_heads})")
-    if min(bsz, sq, k.shape[1], dim) == 0:
-        raise ValueError(f"empty inputs are not supported: q {tuple(q.shape)}, k {tuple(k.shape)}")
-    return bsz, sq, k.shape[1], heads, kv_heads, dim
+    return ops_check_qkv(q, k, v, v_head_dim_may_differ=True)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

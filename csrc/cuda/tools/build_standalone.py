@@ -18,6 +18,6 @@ srcs = [os.path.join(root, "csrc/cuda/tools/schema_only.cc")] + [os.path.join(ro
 build = os.path.join(os.environ.get("TMPDIR", "/tmp"), "ds_standalone")
 os.makedirs(build, exist_ok=True)
 cpp_extension.load(name="ds_standalone", sources=srcs, extra_cflags=["-O3", "-std=c++20"],
-                   extra_cuda_cflags=list(_sources.NVCC_FLAGS), extra_include_paths=[os.path.join(root, "csrc")],
+                   extra_cuda_cflags=list(_sources.NVCC_FLAGS), extra_include_paths=[os.path.join(root, "csrc"), os.path.join(root, "csrc", "include")],
                    build_directory=build, is_python_module=False, verbose=False)
 print(glob.glob(os.path.join(build, "ds_standalone*.so"))[0])
