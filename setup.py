@@ -4,7 +4,7 @@
 
 CPU kernels always; the CUDA kernels join when nvcc is found (CUDA_HOME), torch is a CUDA build and
 DILATED_SPARSE_BUILD_CUDA is not 0. DILATED_SPARSE_CUDA_INSTANTIATIONS selects a subset of the CUDA
-instantiation files, TORCH_CUDA_ARCH_LIST the architectures (default 8.0;9.0), MAX_JOBS the
+instantiation files, TORCH_CUDA_ARCH_LIST the architectures (default 8.0;9.0a), MAX_JOBS the
 parallel compile jobs. The file list and flags come from dilated_sparse/_sources.py, shared with the
 JIT and CMake builds.
 """

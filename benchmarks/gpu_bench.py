@@ -123,6 +123,9 @@ def main() -> int:
     ap.add_argument("--patterns", default="", help="comma list of kind:density (default: all)")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-dense", action="store_true")
+    ap.add_argument("--compare-variant", type=int, default=None, metavar="N",
+                    help="also time ours with every kernel forced to tile variant N (e.g. 0: the mma.sync "
+                         "kernels on an H100), reported as impl 'ours-vN'")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
 
@@ -189,6 +192,17 @@ def main() -> int:
                               "fwdbwd_ms": fbm, "tf_fwd": fl / fm / 1e9, "tf_fwdbwd": 3.5 * fl / fbm / 1e9})
                 except Exception as e:  # noqa: BLE001
                     emit({"cfg": cfg, "pattern": pname, "impl": "ours", "block": bs, "error": str(e)[:200]})
+                if args.compare_variant is not None:
+                    forced = {f"DILATED_SPARSE_{op}_VARIANT": str(args.compare_variant) for op in ("FWD", "DQ", "DKV")}
+                    os.environ.update(forced)
+                    try:
+                        fm, fbm = bench(ours, [q, k, v], True)
+                        emit({"cfg": cfg, "pattern": pname, "impl": f"ours-v{args.compare_variant}", "block": bs,
+                              "density": density, "fwd_ms": fm, "fwdbwd_ms": fbm, "tf_fwd": fl / fm / 1e9,
+                              "tf_fwdbwd": 3.5 * fl / fbm / 1e9})
+                    finally:
+                        for key in forced:
+                            os.environ.pop(key, None)
                 if flex is None or bs != 128:
                     continue
                 lay_dev = lay_mask.to(dev)
@@ -253,7 +267,7 @@ def main() -> int:
     flex_rows = {(r["cfg"], r["pattern"]): r for r in rows if r.get("impl") == "flex" and "error" not in r}
     dense_rows = {(r["cfg"], r["impl"]): r for r in rows if r.get("pattern") == "dense" and "error" not in r}
     for r in rows:
-        if r.get("impl") != "ours" or "error" in r:
+        if not str(r.get("impl", "")).startswith("ours") or "error" in r:
             continue
         f = flex_rows.get((r["cfg"], r.get("pattern")))
         if f and r["block"] == 128:

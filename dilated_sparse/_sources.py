@@ -133,7 +133,8 @@ def want_cuda(root: Path = ROOT) -> bool:
     return nvcc_path() is not None and bool(cuda_sources(root))
 
 
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+# sm_90a (not plain 9.0): the Hopper kernels (wgmma) exist only in an sm_90a cubin.
+DEFAULT_CUDA_ARCHS = "8.0;9.0a"
 
 
 def cuda_arch_list() -> str:
@@ -146,12 +147,16 @@ def define_macros(with_cuda: bool) -> list[tuple[str, str | None]]:
 
     The arch list travels as a comma-separated token list (``8.0,9.0``) that ``csrc/ops.cpp``
     stringifies: no quotes or semicolons, which the shell of a ninja build would mangle.
+    ``DILATED_SPARSE_SM90A`` marks a build with an sm_90a target: the host code then registers the
+    Hopper (wgmma) kernels (csrc/cuda/kernels_sm90.cuh), which are picked on compute capability 9.0.
     """
     macros: list[tuple[str, str | None]] = []
     if with_cuda:
-        archs = ",".join(a for a in cuda_arch_list().replace(";", " ").split() if a)
+        arch_list = [a for a in cuda_arch_list().replace(";", " ").replace(",", " ").split() if a]
         macros.append(("DILATED_SPARSE_WITH_CUDA", None))
-        macros.append(("DILATED_SPARSE_CUDA_ARCHS", archs))
+        macros.append(("DILATED_SPARSE_CUDA_ARCHS", ",".join(arch_list)))
+        if any(a.split("+")[0].lower() in ("9.0a", "90a") for a in arch_list):
+            macros.append(("DILATED_SPARSE_SM90A", None))
     return macros
 
 

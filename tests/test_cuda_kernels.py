@@ -241,6 +241,25 @@ def test_rules(kw):
     run_case(**kw)
 
 
+# Every tile variant of each kernel, forced through DILATED_SPARSE_{FWD,DQ,DKV}_VARIANT: 0-3 are the
+# mma.sync kernels, 4-7 the sm_90a (wgmma) ones. A variant that is not compiled for this head dim, or
+# an sm_90a one on another GPU, is ignored by the host (the default runs instead).
+@pytest.mark.parametrize("variant", range(8))
+@pytest.mark.parametrize("D,dtype", [(64, torch.float16), (128, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"Sq": 700, "Sk": 650, "bq": 128, "bk": 128, "density": 0.4, "causal": True, "H": 4, "Hkv": 2},
+        {"Sq": 333, "Sk": 301, "bq": 64, "bk": 32, "density": 0.5, "use_kpm": True, "empty_rows": 0.3},
+        {"Sq": 520, "Sk": 520, "bq": 256, "bk": 64, "density": 0.5, "wl": 90, "lh": 0, "H": 3},
+    ],
+)
+def test_forced_variants(variant, D, dtype, kw, monkeypatch):
+    for op in ("FWD", "DQ", "DKV"):
+        monkeypatch.setenv(f"DILATED_SPARSE_{op}_VARIANT", str(variant))
+    run_case(D=D, dtype=dtype, seed=variant * 13 + D, **kw)
+
+
 def test_empty_everything():
     B, H = 2, 2
     mask = torch.zeros(1, 1, 4, 4, dtype=torch.bool)

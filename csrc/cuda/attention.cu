@@ -483,10 +483,29 @@ int dtype_index(const at::Tensor& t) {
   TORCH_CHECK(false, msg);
 }
 
-// The kernel variant of one call: DILATED_SPARSE_{FWD,DQ,DKV}_VARIANT=<n> forces variant n (when
-// compiled); otherwise variant 0, unless the layout's primary block (block_q for fwd/dQ, block_k
-// for dK/dV) is smaller than its tile: then the variant marked `small` with the largest tile <= the
-// block, if any (fewer wasted rows per tile; marked where measured faster, gen_instantiations.py).
+// Whether the current device runs the sm_90a (wgmma) kernels: compute capability 9.0 exactly (an
+// sm_90a cubin loads on no other device). Cached per device.
+bool device_is_sm90() {
+  static int cache[64] = {};  // 0 unknown, 1 yes, 2 no
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  int& c = cache[dev & 63];
+  if (c == 0) {
+    int major = 0, minor = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+    c = (major == 9 && minor == 0) ? 1 : 2;
+  }
+  return c == 1;
+}
+
+// The kernel variant of one call. Usable variants: compiled, and for arch-90 (wgmma) variants a
+// compute capability 9.0 device. DILATED_SPARSE_{FWD,DQ,DKV}_VARIANT=<n> forces variant n when
+// usable. Otherwise the default is the first usable wgmma variant (4..7) on sm_90, else variant 0;
+// when the layout's primary block (block_q for fwd/dQ, block_k for dK/dV) is smaller than the
+// default's tile, the usable variant marked `small` with the largest tile <= the block is taken
+// (wgmma first on a tie; fewer wasted rows per tile; marked where measured faster,
+// gen_instantiations.py).
 const KernelEntry& pick(Op op, const at::Tensor& q, int kD, int prim_block) {
   const int di = dtype_index(q);
   TORCH_CHECK(di >= 0, "dilated_sparse CUDA: q must be float16 or bfloat16, got ", q.scalar_type());
@@ -495,17 +514,28 @@ const KernelEntry& pick(Op op, const at::Tensor& q, int kD, int prim_block) {
               " unsupported (multiple of 8, at most 256)");
   const KernelEntry* arr = registry().e[op][di][hi];
   if (arr[0].fn == nullptr) fail_not_compiled(di, kD);
+  const bool sm90 = device_is_sm90();
+  auto usable = [&](int v) { return arr[v].fn != nullptr && (arr[v].arch == 0 || sm90); };
   static const char* const kEnv[kNumOps] = {"DILATED_SPARSE_FWD_VARIANT", "DILATED_SPARSE_DQ_VARIANT",
                                             "DILATED_SPARSE_DKV_VARIANT"};
   if (const char* env = std::getenv(kEnv[op])) {
     const int v = std::atoi(env);
-    if (v >= 0 && v < kMaxVariants && arr[v].fn != nullptr) return arr[v];
+    if (v >= 0 && v < kMaxVariants && usable(v)) return arr[v];
   }
-  if (prim_block >= arr[0].pm) return arr[0];
-  int best = 0;
-  for (int v = 1; v < kMaxVariants; ++v) {
-    if (arr[v].fn == nullptr || !arr[v].small || arr[v].pm > prim_block) continue;
-    if (arr[best].pm > prim_block || arr[v].pm > arr[best].pm) best = v;
+  int def = 0;
+  for (int v = 0; v < kMaxVariants; ++v) {
+    if (arr[v].arch == 90 && usable(v)) {
+      def = v;
+      break;
+    }
+  }
+  if (prim_block >= arr[def].pm) return arr[def];
+  int best = def;
+  for (int v = 0; v < kMaxVariants; ++v) {
+    if (!usable(v) || !arr[v].small || arr[v].pm > prim_block) continue;
+    const bool better = arr[best].pm > prim_block || arr[v].pm > arr[best].pm ||
+                        (arr[v].pm == arr[best].pm && arr[v].arch > arr[best].arch);
+    if (better) best = v;
   }
   return arr[best];
 }

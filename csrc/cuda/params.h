@@ -104,7 +104,7 @@ using LaunchFn = void (*)(const Params&, int64_t /*num_items*/, cudaStream_t);
 
 enum Op { kOpFwd = 0, kOpDq = 1, kOpDkv = 2, kNumOps = 3 };
 constexpr int kNumHeadDims = 5;  // 32, 64, 96, 128, 256
-constexpr int kMaxVariants = 4;
+constexpr int kMaxVariants = 8;  // 0-3: mma.sync (sm_80+), 4-7: wgmma (sm_90a)
 
 inline int head_dim_index(int kD) {
   switch (kD) {
@@ -122,10 +122,12 @@ struct KernelEntry {
   LaunchFn fn = nullptr;
   int pm = 0;
   int sn = 0;
-  int small = 0;  // may be picked automatically for blocks smaller than variant 0's tile
+  int small = 0;  // may be picked automatically for blocks smaller than the default tile
+  int arch = 0;   // 90: sm_90a kernel (wgmma), used on compute capability 9.0 only; 0: any
 };
 
-// dtype index: 0 = fp16, 1 = bf16. Variant 0 is the default of each (op, dtype, head dim).
+// dtype index: 0 = fp16, 1 = bf16. The default of each (op, dtype, head dim) is its first sm_90a
+// variant on a compute capability 9.0 device, else variant 0 (attention.cu: pick()).
 struct Registry {
   KernelEntry e[kNumOps][2][kNumHeadDims][kMaxVariants] = {};
 };
@@ -133,12 +135,13 @@ struct Registry {
 Registry& registry();
 
 struct Registrar {
-  Registrar(Op op, int dtype, int kD, int variant, LaunchFn f, int pm, int sn, int small) {
+  Registrar(Op op, int dtype, int kD, int variant, LaunchFn f, int pm, int sn, int small, int arch = 0) {
     KernelEntry& k = registry().e[op][dtype][head_dim_index(kD)][variant];
     k.fn = f;
     k.pm = pm;
     k.sn = sn;
     k.small = small;
+    k.arch = arch;
   }
 };
 

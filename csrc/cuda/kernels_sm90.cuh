@@ -1,0 +1,662 @@
+// Hopper (sm_90a) kernels: forward, dQ and dK/dV over the same tile lists, token rules and work
+// decoding as the mma.sync kernels of kernels.cuh, with the matrix products on warpgroup MMA
+// (wgmma.mma_async) reading 128-byte-swizzled shared tiles (sm90.cuh).
+//
+// Each warpgroup (4 warps, 128 threads) owns 64 rows of the CTA's primary tile; a CTA has kWG of
+// them. Secondary tiles stream through a 3-stage cp.async ring: the product that consumes the
+// probabilities (P V, dS K, P^T dO, dS^T Q) is left in flight while the next tile's scores are
+// issued, so a stage is refilled only after every warpgroup has waited for its last reader (the
+// barrier at the top of the next step).
+//
+// Compiled to real code only for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); other targets get a stub that
+// traps, and the host never picks these kernels there (attention.cu: pick()).
+#pragma once
+
+#include "kernels.cuh"
+#include "sm90.cuh"
+
+namespace dilated_sparse::cuda {
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define DS_SM90_BODY 1
+#else
+#define DS_SM90_BODY 0
+#endif
+
+constexpr int kSm90Stages = 3;
+
+// fwd / dQ: kWG warpgroups of 64 query rows, kBN keys per step.
+template <int kD, int kWG_, int kBN_>
+struct FwdSm90Cfg {
+  static constexpr int kWG = kWG_;
+  static constexpr int kBM = 64 * kWG_;
+  static constexpr int kBN = kBN_;
+  static constexpr int kThreads = 128 * kWG_;
+  static constexpr int kQBytes = kBM * kD * 2;
+  static constexpr int kKVBytes = kBN * kD * 2;
+  static constexpr int kSmem = kQBytes + 2 * kSm90Stages * kKVBytes + 1024;  // + alignment slack
+};
+
+template <int kD, int kWG_, int kBN_>
+struct DqSm90Cfg {
+  static constexpr int kWG = kWG_;
+  static constexpr int kBM = 64 * kWG_;
+  static constexpr int kBN = kBN_;
+  static constexpr int kThreads = 128 * kWG_;
+  static constexpr int kQBytes = kBM * kD * 2;
+  static constexpr int kKVBytes = kBN * kD * 2;
+  static constexpr int kSmem = 2 * kQBytes + 2 * kSm90Stages * kKVBytes + 1024;
+};
+
+// dK/dV: kWG warpgroups of 64 keys, kBM queries per step.
+template <int kD, int kWG_, int kBM_>
+struct DkvSm90Cfg {
+  static constexpr int kWG = kWG_;
+  static constexpr int kBN = 64 * kWG_;
+  static constexpr int kBM = kBM_;
+  static constexpr int kThreads = 128 * kWG_;
+  static constexpr int kKVBytes = kBN * kD * 2;
+  static constexpr int kQBytes = kBM * kD * 2;
+  // Q, dO, lse, Delta; rounded up so that every stage's tiles start on a 1024-byte boundary.
+  static constexpr int kStageBytes = (2 * kQBytes + 2 * kBM * 4 + 1023) / 1024 * 1024;
+  static constexpr int kSmem = 2 * kKVBytes + kSm90Stages * kStageBytes + 1024;
+};
+
+__device__ __forceinline__ uint32_t align1024(uint32_t a) { return (a + 1023u) & ~1023u; }
+
+// Per-element token rules and layout membership on one warp's 16 x (8 kN) accumulator tile whose
+// rows are primary positions (queries: kTransposed = false) or keys (kTransposed = true).
+template <int kN, bool kTransposed>
+__device__ __forceinline__ void mask_tile(float (&S)[kN][4], const Rules& R, const TileList& tl,
+                                          uint64_t msk, int row_tile0, int row_local0, int col_tile0,
+                                          int g, int t4, float fill) {
+#pragma unroll
+  for (int nt = 0; nt < kN; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int rl = row_local0 + g + (e >> 1) * 8;
+      const int cl = nt * 8 + 2 * t4 + (e & 1);
+      const bool ok = kTransposed ? R.ok(col_tile0 + cl, row_tile0 + rl) && member(msk, rl, cl, tl)
+                                  : R.ok(row_tile0 + rl, col_tile0 + cl) && member(msk, rl, cl, tl);
+      if (!ok) S[nt][e] = fill;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, int kD, int kWG, int kBN>
+__global__ void __launch_bounds__(128 * kWG, 1) fwd_sm90_kernel(const __grid_constant__ Params p) {
+#if DS_SM90_BODY
+  using Cfg = FwdSm90Cfg<kD, kWG, kBN>;
+  constexpr int kBM = Cfg::kBM, kNT = Cfg::kThreads;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const uint32_t sQ = align1024(smem_u32(smem_raw));
+  const uint32_t sK0 = sQ + Cfg::kQBytes;
+  const uint32_t sV0 = sK0 + kSm90Stages * Cfg::kKVBytes;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  const int wg = warp / 4;
+  const int wrow = warp * 16;  // this warp's first row in the tile
+  int s, t, b, h;
+  decode_item(p, blockIdx.x, s, t, b, h);
+  const int hk = h / p.G;
+  const int m0 = t * kBM;
+  const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  const Rules R = make_rules(p, b);
+  Entries E = make_entries(p.tl, s, t);
+  int e0 = 0, slot = -1;
+  if (p.tl.work != nullptr) {  // a piece of a split row: entries [e0, e1), partial result to `slot`
+    const int4 w = p.tl.work[blockIdx.x / p.tl.rep];
+    e0 = w.y;
+    E.n = w.z;
+    slot = w.w;
+  }
+  const uint64_t full = p.tl.full;
+
+  auto find = [&](int from, int& kt, uint64_t& m, int& st) -> int {
+    for (int i = from; i < E.n; ++i) {
+      E.get(i, kt, m);
+      st = pair_state(R, m0, kBM, kt * kBN, kBN, m, full);
+      if (st != 0) return i;
+    }
+    return E.n;
+  };
+  auto load_kv = [&](int stage, int kt) {
+    sm90::load_tile<T, kBN, kD, kNT>(sK0 + stage * Cfg::kKVBytes, kg, p.k_ss, kt * kBN, p.Sk, p.D, tid);
+    sm90::load_tile<T, kBN, kD, kNT>(sV0 + stage * Cfg::kKVBytes, vg, p.v_ss, kt * kBN, p.Sk, p.D, tid);
+  };
+
+  sm90::load_tile<T, kBM, kD, kNT>(sQ, qg, p.q_ss, m0, p.Sq, p.D, tid);
+  int kt = 0, state = 0;
+  uint64_t msk = 0;
+  int it = find(e0, kt, msk, state);
+  if (it < E.n) load_kv(0, kt);
+  cp_async_commit();
+
+  float acc[kD / 8][4], S[kBN / 8][4];
+#pragma unroll
+  for (int i = 0; i < kD / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+#pragma unroll
+  for (int i = 0; i < kBN / 8; ++i) S[i][0] = S[i][1] = S[i][2] = S[i][3] = 0.f;
+  float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.f, 0.f};
+  const float sl2 = p.scale_log2;
+  uint32_t pa[kBN / 16][4];
+
+  int stage = 0;
+  while (it < E.n) {
+    cp_async_wait<0>();
+    sm90::fence_async_smem();
+    __syncthreads();
+    int kt_n = 0, state_n = 0;
+    uint64_t msk_n = 0;
+    const int nx = find(it + 1, kt_n, msk_n, state_n);
+    const int stage_n = stage + 1 == kSm90Stages ? 0 : stage + 1;
+    if (nx < E.n) load_kv(stage_n, kt_n);
+    cp_async_commit();
+
+    const uint32_t sK = sK0 + stage * Cfg::kKVBytes, sV = sV0 + stage * Cfg::kKVBytes;
+    // S = Q K^T (this warpgroup's 64 rows x kBN keys)
+    sm90::fence_regs(S);
+    sm90::fence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      sm90::Wgmma<kBN, T>::template ss<0>(S, sm90::desc_k<kBM>(sQ, wg * 64, kk),
+                                          sm90::desc_k<kBN>(sK, 0, kk), kk > 0 ? 1 : 0);
+    }
+    sm90::commit();
+    sm90::wait<0>();  // also retires the previous step's P V
+    sm90::fence_regs(S);
+    sm90::fence_regs(acc);
+
+    if (state == 2) mask_tile<kBN / 8, false>(S, R, p.tl, msk, m0, wrow, kt * kBN, g, t4, -INFINITY);
+    // Online softmax (log2 domain).
+    float mx[2] = {mrow[0], mrow[1]};
+#pragma unroll
+    for (int nt = 0; nt < kBN / 8; ++nt) {
+      mx[0] = fmaxf(mx[0], fmaxf(S[nt][0] * sl2, S[nt][1] * sl2));
+      mx[1] = fmaxf(mx[1], fmaxf(S[nt][2] * sl2, S[nt][3] * sl2));
+    }
+    float base[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = quad_max(mx[r]);
+      base[r] = mx[r] == -INFINITY ? 0.f : mx[r];
+      const float corr = fast_exp2(mrow[r] - base[r]);
+      mrow[r] = mx[r];
+      lrow[r] *= corr;
+#pragma unroll
+      for (int i = 0; i < kD / 8; ++i) {
+        acc[i][2 * r] *= corr;
+        acc[i][2 * r + 1] *= corr;
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < kBN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        S[nt][e] = fast_exp2(fmaf(S[nt][e], sl2, -base[e >> 1]));
+        lrow[e >> 1] += S[nt][e];
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) sm90::to_a_frag<T>(pa[kk], S, kk);
+    // O += P V, left in flight
+    sm90::fence_regs(acc);
+    sm90::fence();
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      sm90::Wgmma<kD, T>::template rs<1>(acc, pa[kk], sm90::desc_mn<kBN>(sV, kk), 1);
+    }
+    sm90::commit();
+    stage = stage_n;
+    it = nx;
+    kt = kt_n;
+    msk = msk_n;
+    state = state_n;
+  }
+  sm90::wait<0>();
+  sm90::fence_regs(acc);
+  cp_async_wait<0>();
+
+  if (slot >= 0) {  // split row: normalised partial output and its lse, merged by merge_kernel
+    const int64_t ws = static_cast<int64_t>(slot) * p.tl.rep + static_cast<int>(blockIdx.x % p.tl.rep);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float l = quad_sum(lrow[r]);
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const int il = wrow + g + r * 8;
+      float* orow = p.opart + (ws * kBM + il) * p.D;
+#pragma unroll
+      for (int nt = 0; nt < kD / 8; ++nt) {
+        const int d = nt * 8 + 2 * t4;
+        if (d < p.D) *reinterpret_cast<float2*>(orow + d) = make_float2(acc[nt][2 * r] * inv, acc[nt][2 * r + 1] * inv);
+      }
+      if (t4 == 0) p.lpart[ws * kBM + il] = l > 0.f ? (mrow[r] + __log2f(l)) * kLn2 : -INFINITY;
+    }
+    return;
+  }
+  T* og = static_cast<T*>(p.out);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float l = quad_sum(lrow[r]);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int i = m0 + wrow + g + r * 8;
+    if (i < p.Sq) {
+      T* orow = og + ((static_cast<int64_t>(b) * p.Sq + i) * p.H + h) * p.D;
+#pragma unroll
+      for (int nt = 0; nt < kD / 8; ++nt) {
+        const int d = nt * 8 + 2 * t4;
+        if (d < p.D) store2(orow + d, acc[nt][2 * r] * inv, acc[nt][2 * r + 1] * inv);
+      }
+      if (t4 == 0) {
+        p.lse_out[(static_cast<int64_t>(b) * p.H + h) * p.Sq + i] =
+            l > 0.f ? (mrow[r] + __log2f(l)) * kLn2 : -INFINITY;
+      }
+    }
+  }
+#else
+  __trap();
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: dQ over the CSR rows
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, int kD, int kWG, int kBN>
+__global__ void __launch_bounds__(128 * kWG, 1) dq_sm90_kernel(const __grid_constant__ Params p) {
+#if DS_SM90_BODY
+  using Cfg = DqSm90Cfg<kD, kWG, kBN>;
+  constexpr int kBM = Cfg::kBM, kNT = Cfg::kThreads;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const uint32_t sQ = align1024(smem_u32(smem_raw));
+  const uint32_t sdO = sQ + Cfg::kQBytes;
+  const uint32_t sK0 = sdO + Cfg::kQBytes;
+  const uint32_t sV0 = sK0 + kSm90Stages * Cfg::kKVBytes;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  const int wg = warp / 4;
+  const int wrow = warp * 16;
+  int s, t, b, h;
+  decode_item(p, blockIdx.x, s, t, b, h);
+  const int hk = h / p.G;
+  const int m0 = t * kBM;
+  const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
+  const T* dog = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh;
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  const Rules R = make_rules(p, b);
+  const Entries E = make_entries(p.tl, s, t);
+  const uint64_t full = p.tl.full;
+
+  auto find = [&](int from, int& kt, uint64_t& m, int& st) -> int {
+    for (int i = from; i < E.n; ++i) {
+      E.get(i, kt, m);
+      st = pair_state(R, m0, kBM, kt * kBN, kBN, m, full);
+      if (st != 0) return i;
+    }
+    return E.n;
+  };
+  auto load_kv = [&](int stage, int kt) {
+    sm90::load_tile<T, kBN, kD, kNT>(sK0 + stage * Cfg::kKVBytes, kg, p.k_ss, kt * kBN, p.Sk, p.D, tid);
+    sm90::load_tile<T, kBN, kD, kNT>(sV0 + stage * Cfg::kKVBytes, vg, p.v_ss, kt * kBN, p.Sk, p.D, tid);
+  };
+
+  sm90::load_tile<T, kBM, kD, kNT>(sQ, qg, p.q_ss, m0, p.Sq, p.D, tid);
+  sm90::load_tile<T, kBM, kD, kNT>(sdO, dog, p.do_ss, m0, p.Sq, p.D, tid);
+  int kt = 0, state = 0;
+  uint64_t msk = 0;
+  int it = find(0, kt, msk, state);
+  if (it < E.n) load_kv(0, kt);
+  cp_async_commit();
+
+  const int64_t rowbase = (static_cast<int64_t>(b) * p.H + h) * p.Sq;
+  float lse2[2], dl[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = m0 + wrow + g + r * 8;
+    lse2[r] = i < p.Sq ? lse_to_log2(p.lse[rowbase + i]) : INFINITY;
+    dl[r] = i < p.Sq ? p.delta[rowbase + i] : 0.f;
+  }
+  float acc[kD / 8][4], S[kBN / 8][4], dP[kBN / 8][4];
+#pragma unroll
+  for (int i = 0; i < kD / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+#pragma unroll
+  for (int i = 0; i < kBN / 8; ++i) {
+    S[i][0] = S[i][1] = S[i][2] = S[i][3] = 0.f;
+    dP[i][0] = dP[i][1] = dP[i][2] = dP[i][3] = 0.f;
+  }
+  const float sl2 = p.scale_log2;
+  uint32_t sa[kBN / 16][4];
+
+  int stage = 0;
+  while (it < E.n) {
+    cp_async_wait<0>();
+    sm90::fence_async_smem();
+    __syncthreads();
+    int kt_n = 0, state_n = 0;
+    uint64_t msk_n = 0;
+    const int nx = find(it + 1, kt_n, msk_n, state_n);
+    const int stage_n = stage + 1 == kSm90Stages ? 0 : stage + 1;
+    if (nx < E.n) load_kv(stage_n, kt_n);
+    cp_async_commit();
+
+    const uint32_t sK = sK0 + stage * Cfg::kKVBytes, sV = sV0 + stage * Cfg::kKVBytes;
+    // S = Q K^T, dP = dO V^T
+    sm90::fence_regs(S);
+    sm90::fence_regs(dP);
+    sm90::fence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      sm90::Wgmma<kBN, T>::template ss<0>(S, sm90::desc_k<kBM>(sQ, wg * 64, kk),
+                                          sm90::desc_k<kBN>(sK, 0, kk), kk > 0 ? 1 : 0);
+    }
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      sm90::Wgmma<kBN, T>::template ss<0>(dP, sm90::desc_k<kBM>(sdO, wg * 64, kk),
+                                          sm90::desc_k<kBN>(sV, 0, kk), kk > 0 ? 1 : 0);
+    }
+    sm90::commit();
+    sm90::wait<0>();  // also retires the previous step's dS K
+    sm90::fence_regs(S);
+    sm90::fence_regs(dP);
+    sm90::fence_regs(acc);
+
+#pragma unroll
+    for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) S[nt][e] = fast_exp2(fmaf(S[nt][e], sl2, -lse2[e >> 1]));
+    if (state == 2) mask_tile<kBN / 8, false>(S, R, p.tl, msk, m0, wrow, kt * kBN, g, t4, 0.f);
+#pragma unroll
+    for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) S[nt][e] *= dP[nt][e] - dl[e >> 1];  // dS
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) sm90::to_a_frag<T>(sa[kk], S, kk);
+    // dQ += dS K, left in flight
+    sm90::fence_regs(acc);
+    sm90::fence();
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      sm90::Wgmma<kD, T>::template rs<1>(acc, sa[kk], sm90::desc_mn<kBN>(sK, kk), 1);
+    }
+    sm90::commit();
+    stage = stage_n;
+    it = nx;
+    kt = kt_n;
+    msk = msk_n;
+    state = state_n;
+  }
+  sm90::wait<0>();
+  sm90::fence_regs(acc);
+  cp_async_wait<0>();
+
+  T* dqg = static_cast<T*>(p.dq);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = m0 + wrow + g + r * 8;
+    if (i < p.Sq) {
+      T* row = dqg + ((static_cast<int64_t>(b) * p.Sq + i) * p.H + h) * p.D;
+#pragma unroll
+      for (int nt = 0; nt < kD / 8; ++nt) {
+        const int d = nt * 8 + 2 * t4;
+        if (d < p.D) store2(row + d, acc[nt][2 * r] * p.scale, acc[nt][2 * r + 1] * p.scale);
+      }
+    }
+  }
+#else
+  __trap();
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: dK, dV over the CSC columns, reduced over the GQA group in registers
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, int kD, int kWG, int kBM>
+__global__ void __launch_bounds__(128 * kWG, 1) dkv_sm90_kernel(const __grid_constant__ Params p) {
+#if DS_SM90_BODY
+  using Cfg = DkvSm90Cfg<kD, kWG, kBM>;
+  constexpr int kBN = Cfg::kBN, kNT = Cfg::kThreads;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const uint32_t sK = align1024(smem_u32(smem_raw));
+  const uint32_t sV = sK + Cfg::kKVBytes;
+  const uint32_t sStage0 = sV + Cfg::kKVBytes;  // [stages] {Q, dO, lse, Delta}
+  // Generic pointer to the same (aligned) shared bytes, for the lse / Delta rows.
+  unsigned char* const sgen = smem_raw + (sK - smem_u32(smem_raw));
+  auto stage_q = [&](int st) { return sStage0 + st * Cfg::kStageBytes; };
+  auto stage_do = [&](int st) { return sStage0 + st * Cfg::kStageBytes + Cfg::kQBytes; };
+  auto stage_l = [&](int st) {
+    return reinterpret_cast<const float*>(sgen + 2 * Cfg::kKVBytes + st * Cfg::kStageBytes + 2 * Cfg::kQBytes);
+  };
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  const int wg = warp / 4;
+  const int wrow = warp * 16;  // this warp's first key in the tile
+  int s, t, b, h;
+  decode_item(p, blockIdx.x, s, t, b, h);
+  int hk;
+  if (p.Lh == 1) {
+    hk = h;  // decoded over the kv heads
+  } else {
+    if (h % p.G != 0) return;  // the group's first query head does the work
+    hk = h / p.G;
+  }
+  const int n0 = t * kBN;
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  const Rules R = make_rules(p, b);
+  const uint64_t full = p.tl.full;
+
+  sm90::load_tile<T, kBN, kD, kNT>(sK, kg, p.k_ss, n0, p.Sk, p.D, tid);
+  sm90::load_tile<T, kBN, kD, kNT>(sV, vg, p.v_ss, n0, p.Sk, p.D, tid);
+
+  // Cursor over (group member gg, entry it).
+  auto find = [&](int& gg, int& it, Entries& E, int& qt, uint64_t& m, int& st) {
+    while (gg < p.G) {
+      for (; it < E.n; ++it) {
+        E.get(it, qt, m);
+        st = pair_state(R, qt * kBM, kBM, n0, kBN, m, full);
+        if (st != 0) return;
+      }
+      ++gg;
+      it = 0;
+      if (gg < p.G) E = make_entries(p.tl, layout_slice(p, b, hk * p.G + gg), t);
+    }
+  };
+  auto load_q = [&](int st, int gg, int qt) {
+    const int hq = hk * p.G + gg;
+    const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + hq * p.q_sh;
+    const T* dog = static_cast<const T*>(p.dout) + b * p.do_sb + hq * p.do_sh;
+    sm90::load_tile<T, kBM, kD, kNT>(stage_q(st), qg, p.q_ss, qt * kBM, p.Sq, p.D, tid);
+    sm90::load_tile<T, kBM, kD, kNT>(stage_do(st), dog, p.do_ss, qt * kBM, p.Sq, p.D, tid);
+    const int64_t rowbase = (static_cast<int64_t>(b) * p.H + hq) * p.Sq;
+    const uint32_t sl = stage_do(st) + Cfg::kQBytes;
+    for (int i = tid; i < kBM; i += kNT) {
+      const int qi = qt * kBM + i;
+      const bool pred = qi < p.Sq;
+      cp_async4(sl + 4 * i, pred ? p.lse + rowbase + qi : p.lse, pred);
+      cp_async4(sl + 4 * (kBM + i), pred ? p.delta + rowbase + qi : p.delta, pred);
+    }
+  };
+
+  int gg = 0, it = 0, qt = 0, state = 0;
+  uint64_t msk = 0;
+  Entries E = make_entries(p.tl, layout_slice(p, b, hk * p.G), t);
+  find(gg, it, E, qt, msk, state);
+  if (gg < p.G) load_q(0, gg, qt);
+  cp_async_commit();
+
+  float dK[kD / 8][4], dV[kD / 8][4], S[kBM / 8][4], dP[kBM / 8][4];
+#pragma unroll
+  for (int i = 0; i < kD / 8; ++i) {
+    dK[i][0] = dK[i][1] = dK[i][2] = dK[i][3] = 0.f;
+    dV[i][0] = dV[i][1] = dV[i][2] = dV[i][3] = 0.f;
+  }
+#pragma unroll
+  for (int i = 0; i < kBM / 8; ++i) {
+    S[i][0] = S[i][1] = S[i][2] = S[i][3] = 0.f;
+    dP[i][0] = dP[i][1] = dP[i][2] = dP[i][3] = 0.f;
+  }
+  const float sl2 = p.scale_log2;
+  uint32_t pa[kBM / 16][4], sa[kBM / 16][4];
+
+  int stage = 0;
+  while (gg < p.G) {
+    cp_async_wait<0>();
+    sm90::fence_async_smem();
+    __syncthreads();
+    int gg_n = gg, it_n = it + 1, qt_n = 0, state_n = 0;
+    uint64_t msk_n = 0;
+    Entries E_n = E;
+    find(gg_n, it_n, E_n, qt_n, msk_n, state_n);
+    const int stage_n = stage + 1 == kSm90Stages ? 0 : stage + 1;
+    if (gg_n < p.G) load_q(stage_n, gg_n, qt_n);
+    cp_async_commit();
+
+    const uint32_t sQ = stage_q(stage), sdO = stage_do(stage);
+    const float* lrow = stage_l(stage);
+    const float* drow = lrow + kBM;
+    const int m0 = qt * kBM;
+    // S^T = K Q^T, dP^T = V dO^T (this warpgroup's 64 keys x kBM queries)
+    sm90::fence_regs(S);
+    sm90::fence_regs(dP);
+    sm90::fence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      sm90::Wgmma<kBM, T>::template ss<0>(S, sm90::desc_k<kBN>(sK, wg * 64, kk),
+                                          sm90::desc_k<kBM>(sQ, 0, kk), kk > 0 ? 1 : 0);
+    }
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      sm90::Wgmma<kBM, T>::template ss<0>(dP, sm90::desc_k<kBN>(sV, wg * 64, kk),
+                                          sm90::desc_k<kBM>(sdO, 0, kk), kk > 0 ? 1 : 0);
+    }
+    sm90::commit();
+    sm90::wait<0>();  // also retires the previous step's dV and dK products
+    sm90::fence_regs(S);
+    sm90::fence_regs(dP);
+    sm90::fence_regs(dK);
+    sm90::fence_regs(dV);
+
+    // P^T
+#pragma unroll
+    for (int nt = 0; nt < kBM / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int il = nt * 8 + 2 * t4 + (e & 1);  // query (column)
+        S[nt][e] = fast_exp2(fmaf(S[nt][e], sl2, -lse_to_log2(lrow[il])));
+      }
+    if (state == 2) mask_tile<kBM / 8, true>(S, R, p.tl, msk, n0, wrow, m0, g, t4, 0.f);
+#pragma unroll
+    for (int kk = 0; kk < kBM / 16; ++kk) sm90::to_a_frag<T>(pa[kk], S, kk);
+    // dS^T = P^T (dP^T - Delta)
+#pragma unroll
+    for (int nt = 0; nt < kBM / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) S[nt][e] *= dP[nt][e] - drow[nt * 8 + 2 * t4 + (e & 1)];
+#pragma unroll
+    for (int kk = 0; kk < kBM / 16; ++kk) sm90::to_a_frag<T>(sa[kk], S, kk);
+    // dV += P^T dO, dK += dS^T Q, left in flight
+    sm90::fence_regs(dK);
+    sm90::fence_regs(dV);
+    sm90::fence();
+#pragma unroll
+    for (int kk = 0; kk < kBM / 16; ++kk) {
+      sm90::Wgmma<kD, T>::template rs<1>(dV, pa[kk], sm90::desc_mn<kBM>(sdO, kk), 1);
+    }
+#pragma unroll
+    for (int kk = 0; kk < kBM / 16; ++kk) {
+      sm90::Wgmma<kD, T>::template rs<1>(dK, sa[kk], sm90::desc_mn<kBM>(sQ, kk), 1);
+    }
+    sm90::commit();
+    stage = stage_n;
+    gg = gg_n;
+    it = it_n;
+    E = E_n;
+    qt = qt_n;
+    msk = msk_n;
+    state = state_n;
+  }
+  sm90::wait<0>();
+  sm90::fence_regs(dK);
+  sm90::fence_regs(dV);
+  cp_async_wait<0>();
+
+  T* dkg = static_cast<T*>(p.dk);
+  T* dvg = static_cast<T*>(p.dv);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int j = n0 + wrow + g + r * 8;
+    if (j < p.Sk) {
+      const int64_t off = ((static_cast<int64_t>(b) * p.Sk + j) * p.Hkv + hk) * p.D;
+#pragma unroll
+      for (int nt = 0; nt < kD / 8; ++nt) {
+        const int d = nt * 8 + 2 * t4;
+        if (d < p.D) {
+          store2(dkg + off + d, dK[nt][2 * r] * p.scale, dK[nt][2 * r + 1] * p.scale);
+          store2(dvg + off + d, dV[nt][2 * r], dV[nt][2 * r + 1]);
+        }
+      }
+    }
+  }
+#else
+  __trap();
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launchers
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, int kD, int kWG, int kBN>
+void launch_fwd_sm90(const Params& p, int64_t items, cudaStream_t stream) {
+  using Cfg = FwdSm90Cfg<kD, kWG, kBN>;
+  auto kern = &fwd_sm90_kernel<T, kD, kWG, kBN>;
+  static bool done[64] = {};
+  set_smem_once(done, kern, Cfg::kSmem);
+  kern<<<dim3(static_cast<unsigned>(items)), Cfg::kThreads, Cfg::kSmem, stream>>>(p);
+}
+
+template <typename T, int kD, int kWG, int kBN>
+void launch_dq_sm90(const Params& p, int64_t items, cudaStream_t stream) {
+  using Cfg = DqSm90Cfg<kD, kWG, kBN>;
+  auto kern = &dq_sm90_kernel<T, kD, kWG, kBN>;
+  static bool done[64] = {};
+  set_smem_once(done, kern, Cfg::kSmem);
+  kern<<<dim3(static_cast<unsigned>(items)), Cfg::kThreads, Cfg::kSmem, stream>>>(p);
+}
+
+template <typename T, int kD, int kWG, int kBM>
+void launch_dkv_sm90(const Params& p, int64_t items, cudaStream_t stream) {
+  using Cfg = DkvSm90Cfg<kD, kWG, kBM>;
+  auto kern = &dkv_sm90_kernel<T, kD, kWG, kBM>;
+  static bool done[64] = {};
+  set_smem_once(done, kern, Cfg::kSmem);
+  kern<<<dim3(static_cast<unsigned>(items), 1), Cfg::kThreads, Cfg::kSmem, stream>>>(p);
+}
+
+// Registration (instantiations/*_sm90_*.cu). Host code registers the kernels only when the build
+// targets sm_90a (DILATED_SPARSE_SM90A, set by _sources.py from the arch list); the entries carry
+// arch 90 so pick() uses them on compute capability 9.0 devices only.
+#if defined(DILATED_SPARSE_SM90A)
+#define DS_SM90_REGISTRAR(OP, DT, D, V, FN, PM, SN, AUTO) \
+  static const Registrar kReg##OP##V(OP, DT, D, V, FN, PM, SN, AUTO, 90);
+#else
+#define DS_SM90_REGISTRAR(OP, DT, D, V, FN, PM, SN, AUTO)
+#endif
+#define DS_REGISTER_FWD_SM90(T, DT, D, V, WG, BN, AUTO)                                   \
+  template void launch_fwd_sm90<T, D, WG, BN>(const Params&, int64_t, cudaStream_t);     \
+  DS_SM90_REGISTRAR(kOpFwd, DT, D, V, (&launch_fwd_sm90<T, D, WG, BN>), 64 * WG, BN, AUTO)
+#define DS_REGISTER_DQ_SM90(T, DT, D, V, WG, BN, AUTO)                                    \
+  template void launch_dq_sm90<T, D, WG, BN>(const Params&, int64_t, cudaStream_t);      \
+  DS_SM90_REGISTRAR(kOpDq, DT, D, V, (&launch_dq_sm90<T, D, WG, BN>), 64 * WG, BN, AUTO)
+#define DS_REGISTER_DKV_SM90(T, DT, D, V, WG, BM, AUTO)                                   \
+  template void launch_dkv_sm90<T, D, WG, BM>(const Params&, int64_t, cudaStream_t);     \
+  DS_SM90_REGISTRAR(kOpDkv, DT, D, V, (&launch_dkv_sm90<T, D, WG, BM>), 64 * WG, BM, AUTO)
+
+}  // namespace dilated_sparse::cuda

@@ -1,0 +1,111 @@
+// Hopper (sm_90a) primitives of the dilated_sparse kernels: warpgroup MMA (wgmma.mma_async) with
+// shared-memory descriptors, and the 128-byte-swizzled shared tiles those descriptors read.
+//
+// Tile layout ("SW128"): a [rows][kD] tile of 16-bit values is kept as kD / 64 panels of
+// [rows][64] (128 bytes a row); inside a panel the 16-byte chunk c of row r sits at chunk
+// c ^ (r % 8). Panels start on 1024-byte boundaries. This is the canonical 128-byte swizzle of the
+// wgmma descriptors: the same tile serves as a K-major operand (rows = M or N, columns = K: Q and K
+// in S = Q K^T) and as an MN-major operand (rows = K, columns = N: V in O += P V), so no tile is
+// ever transposed.
+#pragma once
+
+#include <cstdint>
+
+#include "common.cuh"
+
+namespace dilated_sparse::cuda::sm90 {
+
+// Bytes of a SW128 tile.
+template <int kRows, int kD>
+constexpr int tile_bytes() {
+  return kRows * kD * 2;
+}
+
+// Copy rows [row0, row0 + kRows) x [0, kD) of a [seq][D] matrix into a SW128 tile (cp.async, 16
+// bytes a copy); rows at or past `valid_rows` and columns at or past D are zero-filled.
+template <typename T, int kRows, int kD, int kThreads>
+__device__ __forceinline__ void load_tile(uint32_t sbase, const T* gbase, int64_t row_stride, int row0,
+                                          int valid_rows, int D, int tid) {
+  static_assert(kD % 64 == 0, "SW128 tiles need a multiple of 64 columns");
+  constexpr int kChunks = kD / 8;
+  constexpr int kTotal = kRows * kChunks;
+#pragma unroll
+  for (int c0 = 0; c0 < kTotal; c0 += kThreads) {
+    const int c = c0 + tid;
+    if (kTotal % kThreads == 0 || c < kTotal) {
+      const int r = c / kChunks;
+      const int ch = c % kChunks;
+      const bool pred = (row0 + r) < valid_rows && ch * 8 < D;
+      const T* src = pred ? gbase + static_cast<int64_t>(row0 + r) * row_stride + ch * 8 : gbase;
+      const uint32_t dst = sbase + (ch / 8) * (kRows * 128) + r * 128 + (((ch % 8) ^ (r % 8)) << 4);
+      cp_async16(dst, src, pred);
+    }
+  }
+}
+
+// Shared-memory matrix descriptor of a SW128 operand (byte offsets; the fields hold them >> 4).
+//   K-major (rows = M/N, 16 K-columns at `addr`): lbo unused (16), sbo = 1024 (next 8 rows).
+//   MN-major (16 K-rows at `addr`, N columns across panels): lbo = panel stride (next 64 columns),
+//   sbo = 1024 (next 8 K-rows).
+__device__ __forceinline__ uint64_t desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lbo >> 4) << 16) |
+         (static_cast<uint64_t>(sbo >> 4) << 32) | (1ull << 62);
+}
+
+// K-major descriptor of rows [row0, row0 + 64 or N) and K-columns [16 kk, 16 kk + 16) of a
+// [kRows][kD] SW128 tile: panel kk / 4, 32 bytes per 16 columns inside the panel (the hardware
+// applies the swizzle to the final address, so the offset composes with it).
+template <int kRows>
+__device__ __forceinline__ uint64_t desc_k(uint32_t tile, int row0, int kk) {
+  return desc(tile + (kk / 4) * (kRows * 128) + row0 * 128 + (kk % 4) * 32, 16, 1024);
+}
+
+// MN-major descriptor of K-rows [16 kk, 16 kk + 16) of a [kRows][kD] SW128 tile, all kD columns.
+template <int kRows>
+__device__ __forceinline__ uint64_t desc_mn(uint32_t tile, int kk) {
+  return desc(tile + kk * 16 * 128, kRows * 128, 1024);
+}
+
+__device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// cp.async writes through the generic proxy, wgmma reads through the async proxy: each writer
+// fences its own writes before the barrier that publishes them.
+__device__ __forceinline__ void fence_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// Keeps the compiler from moving accumulator reads/writes across wgmma issue and wait.
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&d)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
+}
+
+// Named barrier over the 128 threads of one warpgroup (id 1 + warpgroup; 0 is __syncthreads).
+__device__ __forceinline__ void wg_barrier(int wg) {
+  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
+}
+
+template <int N, typename T>
+struct Wgmma;
+
+#include "wgmma.inc"
+
+// A fragment (16-bit, registers) of k-step kk of a 64 x N fp32 accumulator: the same per-warp
+// layout as mma.sync m16n8k16, so a probability tile feeds the next MMA without shared memory.
+template <typename T, int N>
+__device__ __forceinline__ void to_a_frag(uint32_t (&a)[4], const float (&s)[N][4], int kk) {
+  a[0] = MmaOp<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+  a[1] = MmaOp<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+  a[2] = MmaOp<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+  a[3] = MmaOp<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
+}  // namespace dilated_sparse::cuda::sm90
