@@ -12,6 +12,8 @@
 // traps, and the host never picks these kernels there (attention.cu: pick()).
 #pragma once
 
+#include <type_traits>
+
 #include "kernels.cuh"
 #include "sm90.cuh"
 
@@ -86,7 +88,11 @@ __device__ __forceinline__ void mask_tile(float (&S)[kN][4], const Rules& R, con
 // Forward
 // ---------------------------------------------------------------------------------------------
 
-template <typename T, int kD, int kWG, int kBN>
+// kOverlap = false: per key tile, S = Q K^T, wait, softmax, then P V left in flight.
+// kOverlap = true (FlashAttention-3's intra-warpgroup pipelining): the scores of tile j+1 and P_j V_j
+// are issued together and the softmax of tile j+1 runs while P_j V_j is on the tensor cores; the
+// probabilities alternate between two register sets (the loop is unrolled by two).
+template <typename T, int kD, int kWG, int kBN, bool kOverlap>
 __global__ void __launch_bounds__(128 * kWG, 1) fwd_sm90_kernel(const __grid_constant__ Params p) {
 #if DS_SM90_BODY
   using Cfg = FwdSm90Cfg<kD, kWG, kBN>;
@@ -125,16 +131,15 @@ __global__ void __launch_bounds__(128 * kWG, 1) fwd_sm90_kernel(const __grid_con
     }
     return E.n;
   };
-  auto load_kv = [&](int stage, int kt) {
-    sm90::load_tile<T, kBN, kD, kNT>(sK0 + stage * Cfg::kKVBytes, kg, p.k_ss, kt * kBN, p.Sk, p.D, tid);
-    sm90::load_tile<T, kBN, kD, kNT>(sV0 + stage * Cfg::kKVBytes, vg, p.v_ss, kt * kBN, p.Sk, p.D, tid);
-  };
 
   sm90::load_tile<T, kBM, kD, kNT>(sQ, qg, p.q_ss, m0, p.Sq, p.D, tid);
-  int kt = 0, state = 0;
+  int kt = 0, state = 0, stage = 0;
   uint64_t msk = 0;
   int it = find(e0, kt, msk, state);
-  if (it < E.n) load_kv(0, kt);
+  if (it < E.n) {
+    sm90::load_tile<T, kBN, kD, kNT>(sK0, kg, p.k_ss, kt * kBN, p.Sk, p.D, tid);
+    sm90::load_tile<T, kBN, kD, kNT>(sV0, vg, p.v_ss, kt * kBN, p.Sk, p.D, tid);
+  }
   cp_async_commit();
 
   float acc[kD / 8][4], S[kBN / 8][4];
@@ -144,22 +149,35 @@ __global__ void __launch_bounds__(128 * kWG, 1) fwd_sm90_kernel(const __grid_con
   for (int i = 0; i < kBN / 8; ++i) S[i][0] = S[i][1] = S[i][2] = S[i][3] = 0.f;
   float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.f, 0.f};
   const float sl2 = p.scale_log2;
-  uint32_t pa[kBN / 16][4];
+  uint32_t P[2][kBN / 16][4];
 
-  int stage = 0;
-  while (it < E.n) {
+  // Tile `it` (in `stage`) has landed for every thread; the stage after it is free (its last
+  // readers were retired before this barrier): fetch the next tile there and advance the cursor
+  // fields *_n.
+  int nx = E.n, kt_n = 0, state_n = 0;
+  uint64_t msk_n = 0;
+  auto wait_and_prefetch = [&]() {
     cp_async_wait<0>();
     sm90::fence_async_smem();
     __syncthreads();
-    int kt_n = 0, state_n = 0;
-    uint64_t msk_n = 0;
-    const int nx = find(it + 1, kt_n, msk_n, state_n);
-    const int stage_n = stage + 1 == kSm90Stages ? 0 : stage + 1;
-    if (nx < E.n) load_kv(stage_n, kt_n);
+    nx = find(it + 1, kt_n, msk_n, state_n);
+    if (nx < E.n) {
+      const int st = stage + 1 == kSm90Stages ? 0 : stage + 1;
+      sm90::load_tile<T, kBN, kD, kNT>(sK0 + st * Cfg::kKVBytes, kg, p.k_ss, kt_n * kBN, p.Sk, p.D, tid);
+      sm90::load_tile<T, kBN, kD, kNT>(sV0 + st * Cfg::kKVBytes, vg, p.v_ss, kt_n * kBN, p.Sk, p.D, tid);
+    }
     cp_async_commit();
-
-    const uint32_t sK = sK0 + stage * Cfg::kKVBytes, sV = sV0 + stage * Cfg::kKVBytes;
-    // S = Q K^T (this warpgroup's 64 rows x kBN keys)
+  };
+  auto advance = [&]() {
+    stage = stage + 1 == kSm90Stages ? 0 : stage + 1;
+    it = nx;
+    kt = kt_n;
+    msk = msk_n;
+    state = state_n;
+  };
+  // S = Q K^T of the tile in `stage` (this warpgroup's 64 rows x kBN keys).
+  auto issue_s = [&]() {
+    const uint32_t sK = sK0 + stage * Cfg::kKVBytes;
     sm90::fence_regs(S);
     sm90::fence();
 #pragma unroll
@@ -168,12 +186,22 @@ __global__ void __launch_bounds__(128 * kWG, 1) fwd_sm90_kernel(const __grid_con
                                           sm90::desc_k<kBN>(sK, 0, kk), kk > 0 ? 1 : 0);
     }
     sm90::commit();
-    sm90::wait<0>();  // also retires the previous step's P V
-    sm90::fence_regs(S);
+  };
+  // O += P V with the V tile of stage `st`.
+  auto issue_pv = [&](const uint32_t (&pa)[kBN / 16][4], int st) {
+    const uint32_t sV = sV0 + st * Cfg::kKVBytes;
     sm90::fence_regs(acc);
-
+    sm90::fence();
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      sm90::Wgmma<kD, T>::template rs<1>(acc, pa[kk], sm90::desc_mn<kBN>(sV, kk), 1);
+    }
+    sm90::commit();
+  };
+  // Online softmax of S (log2 domain): masks, updates the running max and sum, writes the
+  // probabilities to pa and the factor the output rows must be rescaled by to corr.
+  auto softmax = [&](uint32_t (&pa)[kBN / 16][4], float (&corr)[2]) {
     if (state == 2) mask_tile<kBN / 8, false>(S, R, p.tl, msk, m0, wrow, kt * kBN, g, t4, -INFINITY);
-    // Online softmax (log2 domain).
     float mx[2] = {mrow[0], mrow[1]};
 #pragma unroll
     for (int nt = 0; nt < kBN / 8; ++nt) {
@@ -185,14 +213,9 @@ __global__ void __launch_bounds__(128 * kWG, 1) fwd_sm90_kernel(const __grid_con
     for (int r = 0; r < 2; ++r) {
       mx[r] = quad_max(mx[r]);
       base[r] = mx[r] == -INFINITY ? 0.f : mx[r];
-      const float corr = fast_exp2(mrow[r] - base[r]);
+      corr[r] = fast_exp2(mrow[r] - base[r]);
       mrow[r] = mx[r];
-      lrow[r] *= corr;
-#pragma unroll
-      for (int i = 0; i < kD / 8; ++i) {
-        acc[i][2 * r] *= corr;
-        acc[i][2 * r + 1] *= corr;
-      }
+      lrow[r] *= corr[r];
     }
 #pragma unroll
     for (int nt = 0; nt < kBN / 8; ++nt) {
@@ -204,19 +227,62 @@ __global__ void __launch_bounds__(128 * kWG, 1) fwd_sm90_kernel(const __grid_con
     }
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) sm90::to_a_frag<T>(pa[kk], S, kk);
-    // O += P V, left in flight
-    sm90::fence_regs(acc);
-    sm90::fence();
+  };
+  auto rescale = [&](const float (&corr)[2]) {
 #pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      sm90::Wgmma<kD, T>::template rs<1>(acc, pa[kk], sm90::desc_mn<kBN>(sV, kk), 1);
+    for (int i = 0; i < kD / 8; ++i) {
+      acc[i][0] *= corr[0];
+      acc[i][1] *= corr[0];
+      acc[i][2] *= corr[1];
+      acc[i][3] *= corr[1];
     }
-    sm90::commit();
-    stage = stage_n;
-    it = nx;
-    kt = kt_n;
-    msk = msk_n;
-    state = state_n;
+  };
+
+  if constexpr (!kOverlap) {
+    while (it < E.n) {
+      wait_and_prefetch();
+      issue_s();
+      sm90::wait<0>();  // also retires the previous tile's P V
+      sm90::fence_regs(S);
+      sm90::fence_regs(acc);
+      float corr[2];
+      softmax(P[0], corr);
+      rescale(corr);
+      issue_pv(P[0], stage);
+      advance();
+    }
+  } else if (it < E.n) {
+    wait_and_prefetch();
+    issue_s();
+    sm90::wait<0>();
+    sm90::fence_regs(S);
+    float corr[2];
+    softmax(P[0], corr);  // acc is still zero: no rescale
+    int pv_stage = stage;
+    advance();
+    // One step: P[c] holds the probabilities of the tile in pv_stage; `it` is the next tile.
+    auto step = [&](auto parity) -> bool {
+      constexpr int c = decltype(parity)::value;
+      if (it >= E.n) {
+        issue_pv(P[c], pv_stage);
+        return false;
+      }
+      wait_and_prefetch();
+      issue_s();
+      issue_pv(P[c], pv_stage);
+      sm90::wait<1>();  // the scores; P V may still run
+      sm90::fence_regs(S);
+      float cr[2];
+      softmax(P[1 - c], cr);
+      sm90::wait<0>();
+      sm90::fence_regs(acc);
+      rescale(cr);
+      pv_stage = stage;
+      advance();
+      return true;
+    };
+    while (step(std::integral_constant<int, 0>{}) && step(std::integral_constant<int, 1>{})) {
+    }
   }
   sm90::wait<0>();
   sm90::fence_regs(acc);
@@ -267,7 +333,9 @@ __global__ void __launch_bounds__(128 * kWG, 1) fwd_sm90_kernel(const __grid_con
 // Backward: dQ over the CSR rows
 // ---------------------------------------------------------------------------------------------
 
-template <typename T, int kD, int kWG, int kBN>
+// kOverlap: the scores of tile j+1 are issued before dS_j K, and the element-wise work of tile j+1
+// runs while dS_j K is on the tensor cores (two register sets for dS, loop unrolled by two).
+template <typename T, int kD, int kWG, int kBN, bool kOverlap>
 __global__ void __launch_bounds__(128 * kWG, 1) dq_sm90_kernel(const __grid_constant__ Params p) {
 #if DS_SM90_BODY
   using Cfg = DqSm90Cfg<kD, kWG, kBN>;
@@ -301,17 +369,16 @@ __global__ void __launch_bounds__(128 * kWG, 1) dq_sm90_kernel(const __grid_cons
     }
     return E.n;
   };
-  auto load_kv = [&](int stage, int kt) {
-    sm90::load_tile<T, kBN, kD, kNT>(sK0 + stage * Cfg::kKVBytes, kg, p.k_ss, kt * kBN, p.Sk, p.D, tid);
-    sm90::load_tile<T, kBN, kD, kNT>(sV0 + stage * Cfg::kKVBytes, vg, p.v_ss, kt * kBN, p.Sk, p.D, tid);
-  };
 
   sm90::load_tile<T, kBM, kD, kNT>(sQ, qg, p.q_ss, m0, p.Sq, p.D, tid);
   sm90::load_tile<T, kBM, kD, kNT>(sdO, dog, p.do_ss, m0, p.Sq, p.D, tid);
-  int kt = 0, state = 0;
+  int kt = 0, state = 0, stage = 0;
   uint64_t msk = 0;
   int it = find(0, kt, msk, state);
-  if (it < E.n) load_kv(0, kt);
+  if (it < E.n) {
+    sm90::load_tile<T, kBN, kD, kNT>(sK0, kg, p.k_ss, kt * kBN, p.Sk, p.D, tid);
+    sm90::load_tile<T, kBN, kD, kNT>(sV0, vg, p.v_ss, kt * kBN, p.Sk, p.D, tid);
+  }
   cp_async_commit();
 
   const int64_t rowbase = (static_cast<int64_t>(b) * p.H + h) * p.Sq;
@@ -331,22 +398,32 @@ __global__ void __launch_bounds__(128 * kWG, 1) dq_sm90_kernel(const __grid_cons
     dP[i][0] = dP[i][1] = dP[i][2] = dP[i][3] = 0.f;
   }
   const float sl2 = p.scale_log2;
-  uint32_t sa[kBN / 16][4];
+  uint32_t sa[kOverlap ? 2 : 1][kBN / 16][4];
 
-  int stage = 0;
-  while (it < E.n) {
+  int nx = E.n, kt_n = 0, state_n = 0;
+  uint64_t msk_n = 0;
+  auto wait_and_prefetch = [&]() {
     cp_async_wait<0>();
     sm90::fence_async_smem();
     __syncthreads();
-    int kt_n = 0, state_n = 0;
-    uint64_t msk_n = 0;
-    const int nx = find(it + 1, kt_n, msk_n, state_n);
-    const int stage_n = stage + 1 == kSm90Stages ? 0 : stage + 1;
-    if (nx < E.n) load_kv(stage_n, kt_n);
+    nx = find(it + 1, kt_n, msk_n, state_n);
+    if (nx < E.n) {
+      const int st = stage + 1 == kSm90Stages ? 0 : stage + 1;
+      sm90::load_tile<T, kBN, kD, kNT>(sK0 + st * Cfg::kKVBytes, kg, p.k_ss, kt_n * kBN, p.Sk, p.D, tid);
+      sm90::load_tile<T, kBN, kD, kNT>(sV0 + st * Cfg::kKVBytes, vg, p.v_ss, kt_n * kBN, p.Sk, p.D, tid);
+    }
     cp_async_commit();
-
+  };
+  auto advance = [&]() {
+    stage = stage + 1 == kSm90Stages ? 0 : stage + 1;
+    it = nx;
+    kt = kt_n;
+    msk = msk_n;
+    state = state_n;
+  };
+  // S = Q K^T, dP = dO V^T of the tile in `stage`.
+  auto issue_s = [&]() {
     const uint32_t sK = sK0 + stage * Cfg::kKVBytes, sV = sV0 + stage * Cfg::kKVBytes;
-    // S = Q K^T, dP = dO V^T
     sm90::fence_regs(S);
     sm90::fence_regs(dP);
     sm90::fence();
@@ -361,11 +438,9 @@ __global__ void __launch_bounds__(128 * kWG, 1) dq_sm90_kernel(const __grid_cons
                                           sm90::desc_k<kBN>(sV, 0, kk), kk > 0 ? 1 : 0);
     }
     sm90::commit();
-    sm90::wait<0>();  // also retires the previous step's dS K
-    sm90::fence_regs(S);
-    sm90::fence_regs(dP);
-    sm90::fence_regs(acc);
-
+  };
+  // dS = P (dP - Delta) with P recomputed from lse, as A fragments.
+  auto make_ds = [&](uint32_t (&a)[kBN / 16][4]) {
 #pragma unroll
     for (int nt = 0; nt < kBN / 8; ++nt)
 #pragma unroll
@@ -374,22 +449,62 @@ __global__ void __launch_bounds__(128 * kWG, 1) dq_sm90_kernel(const __grid_cons
 #pragma unroll
     for (int nt = 0; nt < kBN / 8; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) S[nt][e] *= dP[nt][e] - dl[e >> 1];  // dS
+      for (int e = 0; e < 4; ++e) S[nt][e] *= dP[nt][e] - dl[e >> 1];
 #pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) sm90::to_a_frag<T>(sa[kk], S, kk);
-    // dQ += dS K, left in flight
+    for (int kk = 0; kk < kBN / 16; ++kk) sm90::to_a_frag<T>(a[kk], S, kk);
+  };
+  // dQ += dS K with the K tile of stage `st`.
+  auto issue_dq = [&](const uint32_t (&a)[kBN / 16][4], int st) {
+    const uint32_t sK = sK0 + st * Cfg::kKVBytes;
     sm90::fence_regs(acc);
     sm90::fence();
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
-      sm90::Wgmma<kD, T>::template rs<1>(acc, sa[kk], sm90::desc_mn<kBN>(sK, kk), 1);
+      sm90::Wgmma<kD, T>::template rs<1>(acc, a[kk], sm90::desc_mn<kBN>(sK, kk), 1);
     }
     sm90::commit();
-    stage = stage_n;
-    it = nx;
-    kt = kt_n;
-    msk = msk_n;
-    state = state_n;
+  };
+
+  if constexpr (!kOverlap) {
+    while (it < E.n) {
+      wait_and_prefetch();
+      issue_s();
+      sm90::wait<0>();  // also retires the previous tile's dS K
+      sm90::fence_regs(S);
+      sm90::fence_regs(dP);
+      make_ds(sa[0]);
+      issue_dq(sa[0], stage);
+      advance();
+    }
+  } else if (it < E.n) {
+    wait_and_prefetch();
+    issue_s();
+    sm90::wait<0>();
+    sm90::fence_regs(S);
+    sm90::fence_regs(dP);
+    make_ds(sa[0]);
+    int dq_stage = stage;
+    advance();
+    auto step = [&](auto parity) -> bool {
+      constexpr int c = decltype(parity)::value;
+      if (it >= E.n) {
+        issue_dq(sa[c], dq_stage);
+        return false;
+      }
+      wait_and_prefetch();
+      issue_s();
+      issue_dq(sa[c], dq_stage);
+      sm90::wait<1>();  // the scores; dS K may still run
+      sm90::fence_regs(S);
+      sm90::fence_regs(dP);
+      make_ds(sa[1 - c]);
+      sm90::wait<0>();  // its K stage is refilled after the next barrier
+      dq_stage = stage;
+      advance();
+      return true;
+    };
+    while (step(std::integral_constant<int, 0>{}) && step(std::integral_constant<int, 1>{})) {
+    }
   }
   sm90::wait<0>();
   sm90::fence_regs(acc);
@@ -417,7 +532,9 @@ __global__ void __launch_bounds__(128 * kWG, 1) dq_sm90_kernel(const __grid_cons
 // Backward: dK, dV over the CSC columns, reduced over the GQA group in registers
 // ---------------------------------------------------------------------------------------------
 
-template <typename T, int kD, int kWG, int kBM>
+// kOverlap: as dq_sm90_kernel, with P^T dO and dS^T Q in flight during the next tile's element-wise
+// work.
+template <typename T, int kD, int kWG, int kBM, bool kOverlap>
 __global__ void __launch_bounds__(128 * kWG, 1) dkv_sm90_kernel(const __grid_constant__ Params p) {
 #if DS_SM90_BODY
   using Cfg = DkvSm90Cfg<kD, kWG, kBM>;
@@ -484,7 +601,7 @@ __global__ void __launch_bounds__(128 * kWG, 1) dkv_sm90_kernel(const __grid_con
     }
   };
 
-  int gg = 0, it = 0, qt = 0, state = 0;
+  int gg = 0, it = 0, qt = 0, state = 0, stage = 0;
   uint64_t msk = 0;
   Entries E = make_entries(p.tl, layout_slice(p, b, hk * p.G), t);
   find(gg, it, E, qt, msk, state);
@@ -503,26 +620,35 @@ __global__ void __launch_bounds__(128 * kWG, 1) dkv_sm90_kernel(const __grid_con
     dP[i][0] = dP[i][1] = dP[i][2] = dP[i][3] = 0.f;
   }
   const float sl2 = p.scale_log2;
-  uint32_t pa[kBM / 16][4], sa[kBM / 16][4];
+  constexpr int kBufs = kOverlap ? 2 : 1;
+  uint32_t pa[kBufs][kBM / 16][4], sa[kBufs][kBM / 16][4];
 
-  int stage = 0;
-  while (gg < p.G) {
+  int gg_n = 0, it_n = 0, qt_n = 0, state_n = 0;
+  uint64_t msk_n = 0;
+  Entries E_n = E;
+  auto wait_and_prefetch = [&]() {
     cp_async_wait<0>();
     sm90::fence_async_smem();
     __syncthreads();
-    int gg_n = gg, it_n = it + 1, qt_n = 0, state_n = 0;
-    uint64_t msk_n = 0;
-    Entries E_n = E;
+    gg_n = gg;
+    it_n = it + 1;
+    E_n = E;
     find(gg_n, it_n, E_n, qt_n, msk_n, state_n);
-    const int stage_n = stage + 1 == kSm90Stages ? 0 : stage + 1;
-    if (gg_n < p.G) load_q(stage_n, gg_n, qt_n);
+    if (gg_n < p.G) load_q(stage + 1 == kSm90Stages ? 0 : stage + 1, gg_n, qt_n);
     cp_async_commit();
-
+  };
+  auto advance = [&]() {
+    stage = stage + 1 == kSm90Stages ? 0 : stage + 1;
+    gg = gg_n;
+    it = it_n;
+    E = E_n;
+    qt = qt_n;
+    msk = msk_n;
+    state = state_n;
+  };
+  // S^T = K Q^T, dP^T = V dO^T (this warpgroup's 64 keys x kBM queries of the tile in `stage`).
+  auto issue_s = [&]() {
     const uint32_t sQ = stage_q(stage), sdO = stage_do(stage);
-    const float* lrow = stage_l(stage);
-    const float* drow = lrow + kBM;
-    const int m0 = qt * kBM;
-    // S^T = K Q^T, dP^T = V dO^T (this warpgroup's 64 keys x kBM queries)
     sm90::fence_regs(S);
     sm90::fence_regs(dP);
     sm90::fence();
@@ -537,13 +663,11 @@ __global__ void __launch_bounds__(128 * kWG, 1) dkv_sm90_kernel(const __grid_con
                                           sm90::desc_k<kBM>(sdO, 0, kk), kk > 0 ? 1 : 0);
     }
     sm90::commit();
-    sm90::wait<0>();  // also retires the previous step's dV and dK products
-    sm90::fence_regs(S);
-    sm90::fence_regs(dP);
-    sm90::fence_regs(dK);
-    sm90::fence_regs(dV);
-
-    // P^T
+  };
+  // P^T and dS^T = P^T (dP^T - Delta) as A fragments.
+  auto make_p_ds = [&](uint32_t (&ap)[kBM / 16][4], uint32_t (&as)[kBM / 16][4]) {
+    const float* lrow = stage_l(stage);
+    const float* drow = lrow + kBM;
 #pragma unroll
     for (int nt = 0; nt < kBM / 8; ++nt)
 #pragma unroll
@@ -551,36 +675,72 @@ __global__ void __launch_bounds__(128 * kWG, 1) dkv_sm90_kernel(const __grid_con
         const int il = nt * 8 + 2 * t4 + (e & 1);  // query (column)
         S[nt][e] = fast_exp2(fmaf(S[nt][e], sl2, -lse_to_log2(lrow[il])));
       }
-    if (state == 2) mask_tile<kBM / 8, true>(S, R, p.tl, msk, n0, wrow, m0, g, t4, 0.f);
+    if (state == 2) mask_tile<kBM / 8, true>(S, R, p.tl, msk, n0, wrow, qt * kBM, g, t4, 0.f);
 #pragma unroll
-    for (int kk = 0; kk < kBM / 16; ++kk) sm90::to_a_frag<T>(pa[kk], S, kk);
-    // dS^T = P^T (dP^T - Delta)
+    for (int kk = 0; kk < kBM / 16; ++kk) sm90::to_a_frag<T>(ap[kk], S, kk);
 #pragma unroll
     for (int nt = 0; nt < kBM / 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) S[nt][e] *= dP[nt][e] - drow[nt * 8 + 2 * t4 + (e & 1)];
 #pragma unroll
-    for (int kk = 0; kk < kBM / 16; ++kk) sm90::to_a_frag<T>(sa[kk], S, kk);
-    // dV += P^T dO, dK += dS^T Q, left in flight
+    for (int kk = 0; kk < kBM / 16; ++kk) sm90::to_a_frag<T>(as[kk], S, kk);
+  };
+  // dV += P^T dO, dK += dS^T Q with the query tile of stage `st`.
+  auto issue_dkv = [&](const uint32_t (&ap)[kBM / 16][4], const uint32_t (&as)[kBM / 16][4], int st) {
     sm90::fence_regs(dK);
     sm90::fence_regs(dV);
     sm90::fence();
 #pragma unroll
     for (int kk = 0; kk < kBM / 16; ++kk) {
-      sm90::Wgmma<kD, T>::template rs<1>(dV, pa[kk], sm90::desc_mn<kBM>(sdO, kk), 1);
+      sm90::Wgmma<kD, T>::template rs<1>(dV, ap[kk], sm90::desc_mn<kBM>(stage_do(st), kk), 1);
     }
 #pragma unroll
     for (int kk = 0; kk < kBM / 16; ++kk) {
-      sm90::Wgmma<kD, T>::template rs<1>(dK, sa[kk], sm90::desc_mn<kBM>(sQ, kk), 1);
+      sm90::Wgmma<kD, T>::template rs<1>(dK, as[kk], sm90::desc_mn<kBM>(stage_q(st), kk), 1);
     }
     sm90::commit();
-    stage = stage_n;
-    gg = gg_n;
-    it = it_n;
-    E = E_n;
-    qt = qt_n;
-    msk = msk_n;
-    state = state_n;
+  };
+
+  if constexpr (!kOverlap) {
+    while (gg < p.G) {
+      wait_and_prefetch();
+      issue_s();
+      sm90::wait<0>();  // also retires the previous tile's dV and dK products
+      sm90::fence_regs(S);
+      sm90::fence_regs(dP);
+      make_p_ds(pa[0], sa[0]);
+      issue_dkv(pa[0], sa[0], stage);
+      advance();
+    }
+  } else if (gg < p.G) {
+    wait_and_prefetch();
+    issue_s();
+    sm90::wait<0>();
+    sm90::fence_regs(S);
+    sm90::fence_regs(dP);
+    make_p_ds(pa[0], sa[0]);
+    int dkv_stage = stage;
+    advance();
+    auto step = [&](auto parity) -> bool {
+      constexpr int c = decltype(parity)::value;
+      if (gg >= p.G) {
+        issue_dkv(pa[c], sa[c], dkv_stage);
+        return false;
+      }
+      wait_and_prefetch();
+      issue_s();
+      issue_dkv(pa[c], sa[c], dkv_stage);
+      sm90::wait<1>();  // the scores; the dV / dK products may still run
+      sm90::fence_regs(S);
+      sm90::fence_regs(dP);
+      make_p_ds(pa[1 - c], sa[1 - c]);
+      sm90::wait<0>();  // their Q / dO stage is refilled after the next barrier
+      dkv_stage = stage;
+      advance();
+      return true;
+    };
+    while (step(std::integral_constant<int, 0>{}) && step(std::integral_constant<int, 1>{})) {
+    }
   }
   sm90::wait<0>();
   sm90::fence_regs(dK);
@@ -613,28 +773,28 @@ __global__ void __launch_bounds__(128 * kWG, 1) dkv_sm90_kernel(const __grid_con
 // Launchers
 // ---------------------------------------------------------------------------------------------
 
-template <typename T, int kD, int kWG, int kBN>
+template <typename T, int kD, int kWG, int kBN, bool kOverlap>
 void launch_fwd_sm90(const Params& p, int64_t items, cudaStream_t stream) {
   using Cfg = FwdSm90Cfg<kD, kWG, kBN>;
-  auto kern = &fwd_sm90_kernel<T, kD, kWG, kBN>;
+  auto kern = &fwd_sm90_kernel<T, kD, kWG, kBN, kOverlap>;
   static bool done[64] = {};
   set_smem_once(done, kern, Cfg::kSmem);
   kern<<<dim3(static_cast<unsigned>(items)), Cfg::kThreads, Cfg::kSmem, stream>>>(p);
 }
 
-template <typename T, int kD, int kWG, int kBN>
+template <typename T, int kD, int kWG, int kBN, bool kOverlap>
 void launch_dq_sm90(const Params& p, int64_t items, cudaStream_t stream) {
   using Cfg = DqSm90Cfg<kD, kWG, kBN>;
-  auto kern = &dq_sm90_kernel<T, kD, kWG, kBN>;
+  auto kern = &dq_sm90_kernel<T, kD, kWG, kBN, kOverlap>;
   static bool done[64] = {};
   set_smem_once(done, kern, Cfg::kSmem);
   kern<<<dim3(static_cast<unsigned>(items)), Cfg::kThreads, Cfg::kSmem, stream>>>(p);
 }
 
-template <typename T, int kD, int kWG, int kBM>
+template <typename T, int kD, int kWG, int kBM, bool kOverlap>
 void launch_dkv_sm90(const Params& p, int64_t items, cudaStream_t stream) {
   using Cfg = DkvSm90Cfg<kD, kWG, kBM>;
-  auto kern = &dkv_sm90_kernel<T, kD, kWG, kBM>;
+  auto kern = &dkv_sm90_kernel<T, kD, kWG, kBM, kOverlap>;
   static bool done[64] = {};
   set_smem_once(done, kern, Cfg::kSmem);
   kern<<<dim3(static_cast<unsigned>(items), 1), Cfg::kThreads, Cfg::kSmem, stream>>>(p);
@@ -649,14 +809,14 @@ void launch_dkv_sm90(const Params& p, int64_t items, cudaStream_t stream) {
 #else
 #define DS_SM90_REGISTRAR(OP, DT, D, V, FN, PM, SN, AUTO)
 #endif
-#define DS_REGISTER_FWD_SM90(T, DT, D, V, WG, BN, AUTO)                                   \
-  template void launch_fwd_sm90<T, D, WG, BN>(const Params&, int64_t, cudaStream_t);     \
-  DS_SM90_REGISTRAR(kOpFwd, DT, D, V, (&launch_fwd_sm90<T, D, WG, BN>), 64 * WG, BN, AUTO)
-#define DS_REGISTER_DQ_SM90(T, DT, D, V, WG, BN, AUTO)                                    \
-  template void launch_dq_sm90<T, D, WG, BN>(const Params&, int64_t, cudaStream_t);      \
-  DS_SM90_REGISTRAR(kOpDq, DT, D, V, (&launch_dq_sm90<T, D, WG, BN>), 64 * WG, BN, AUTO)
-#define DS_REGISTER_DKV_SM90(T, DT, D, V, WG, BM, AUTO)                                   \
-  template void launch_dkv_sm90<T, D, WG, BM>(const Params&, int64_t, cudaStream_t);     \
-  DS_SM90_REGISTRAR(kOpDkv, DT, D, V, (&launch_dkv_sm90<T, D, WG, BM>), 64 * WG, BM, AUTO)
+#define DS_REGISTER_FWD_SM90(T, DT, D, V, WG, BN, OVERLAP, AUTO)                                   \
+  template void launch_fwd_sm90<T, D, WG, BN, OVERLAP>(const Params&, int64_t, cudaStream_t);     \
+  DS_SM90_REGISTRAR(kOpFwd, DT, D, V, (&launch_fwd_sm90<T, D, WG, BN, OVERLAP>), 64 * WG, BN, AUTO)
+#define DS_REGISTER_DQ_SM90(T, DT, D, V, WG, BN, OVERLAP, AUTO)                                  \
+  template void launch_dq_sm90<T, D, WG, BN, OVERLAP>(const Params&, int64_t, cudaStream_t);     \
+  DS_SM90_REGISTRAR(kOpDq, DT, D, V, (&launch_dq_sm90<T, D, WG, BN, OVERLAP>), 64 * WG, BN, AUTO)
+#define DS_REGISTER_DKV_SM90(T, DT, D, V, WG, BM, OVERLAP, AUTO)                                 \
+  template void launch_dkv_sm90<T, D, WG, BM, OVERLAP>(const Params&, int64_t, cudaStream_t);    \
+  DS_SM90_REGISTRAR(kOpDkv, DT, D, V, (&launch_dkv_sm90<T, D, WG, BM, OVERLAP>), 64 * WG, BM, AUTO)
 
 }  // namespace dilated_sparse::cuda

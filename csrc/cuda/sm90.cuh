@@ -22,23 +22,28 @@ constexpr int tile_bytes() {
 }
 
 // Copy rows [row0, row0 + kRows) x [0, kD) of a [seq][D] matrix into a SW128 tile (cp.async, 16
-// bytes a copy); rows at or past `valid_rows` and columns at or past D are zero-filled.
+// bytes a copy); rows at or past `valid_rows` and columns at or past D are zero-filled. Each thread
+// keeps one 16-byte column chunk and walks rows a pass apart; a pass spans a multiple of 8 rows, so
+// the thread's swizzled offset is the same in every pass (few live registers).
 template <typename T, int kRows, int kD, int kThreads>
 __device__ __forceinline__ void load_tile(uint32_t sbase, const T* gbase, int64_t row_stride, int row0,
                                           int valid_rows, int D, int tid) {
   static_assert(kD % 64 == 0, "SW128 tiles need a multiple of 64 columns");
   constexpr int kChunks = kD / 8;
-  constexpr int kTotal = kRows * kChunks;
+  constexpr int kRowsPerPass = kThreads / kChunks;
+  static_assert(kThreads % kChunks == 0 && kRowsPerPass % 8 == 0, "a pass must cover 8k rows");
+  const int ch = tid % kChunks;
+  const int r0 = tid / kChunks;
+  const uint32_t dst0 = sbase + (ch / 8) * (kRows * 128) + r0 * 128 + (((ch % 8) ^ (r0 % 8)) << 4);
+  const bool col_ok = ch * 8 < D;
+  const T* src0 = gbase + static_cast<int64_t>(row0 + r0) * row_stride + ch * 8;
 #pragma unroll
-  for (int c0 = 0; c0 < kTotal; c0 += kThreads) {
-    const int c = c0 + tid;
-    if (kTotal % kThreads == 0 || c < kTotal) {
-      const int r = c / kChunks;
-      const int ch = c % kChunks;
-      const bool pred = (row0 + r) < valid_rows && ch * 8 < D;
-      const T* src = pred ? gbase + static_cast<int64_t>(row0 + r) * row_stride + ch * 8 : gbase;
-      const uint32_t dst = sbase + (ch / 8) * (kRows * 128) + r * 128 + (((ch % 8) ^ (r % 8)) << 4);
-      cp_async16(dst, src, pred);
+  for (int pass = 0; pass < (kRows + kRowsPerPass - 1) / kRowsPerPass; ++pass) {
+    const int r = r0 + pass * kRowsPerPass;
+    if (kRows % kRowsPerPass == 0 || r < kRows) {
+      const bool pred = col_ok && row0 + r < valid_rows;
+      const T* src = pred ? src0 + static_cast<int64_t>(pass * kRowsPerPass) * row_stride : gbase;
+      cp_async16(dst0 + pass * kRowsPerPass * 128, src, pred);
     }
   }
 }

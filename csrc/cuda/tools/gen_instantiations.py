@@ -38,19 +38,20 @@ DKV = {
 # Hopper (sm_90a, wgmma) variants, registered as variants 4, 5, ... of the same (op, dtype, head dim)
 # and preferred on compute capability 9.0 (attention.cu: pick()). Own files (*_sm90_*), compiled for
 # every arch but with real bodies only for sm_90a (kernels_sm90.cuh).
-# fwd / dq: (WG warpgroups of 64 query rows, BN keys per step); dkv: (WG warpgroups of 64 keys, BM
-# queries per step).
+# fwd / dq: (WG warpgroups of 64 query rows, BN keys per step, element-wise work overlapped with the
+# last product); dkv: (WG warpgroups of 64 keys, BM queries per step, overlap). A last True marks a
+# small-block variant.
 FWD_SM90 = {
-    64: [(2, 128), (1, 128, True)],
-    128: [(2, 128), (1, 128, True), (1, 64)],
+    64: [("2", "128", "true"), ("2", "128", "false"), ("1", "64", "true", True), ("1", "128", "true")],
+    128: [("2", "128", "true"), ("2", "128", "false"), ("1", "64", "true", True), ("1", "64", "false")],
 }
 DQ_SM90 = {
-    64: [(2, 64), (1, 64, True)],
-    128: [(2, 64), (1, 64, True)],
+    64: [("2", "64", "true"), ("2", "64", "false"), ("1", "64", "true", True), ("2", "128", "false")],
+    128: [("2", "64", "true"), ("2", "64", "false"), ("1", "64", "true", True), ("1", "64", "false")],
 }
 DKV_SM90 = {
-    64: [(2, 64), (1, 64, True)],
-    128: [(2, 64), (1, 64, True)],
+    64: [("2", "64", "true"), ("2", "64", "false"), ("1", "64", "true", True), ("2", "128", "false")],
+    128: [("2", "64", "true"), ("2", "64", "false"), ("1", "64", "true", True), ("1", "64", "false")],
 }
 SM90_FIRST_VARIANT = 4
 DTYPES = [("fp16", "__half", 0), ("bf16", "__nv_bfloat16", 1)]
@@ -91,9 +92,10 @@ def main() -> None:
                     "namespace dilated_sparse::cuda {",
                 ]
                 for v, var in enumerate(variants):
-                    a, b = var[:2]
-                    auto = int(len(var) > 2 and var[2])
-                    lines.append(f"{MACRO[op]}_SM90({ctype}, {di}, {d}, {SM90_FIRST_VARIANT + v}, {a}, {b}, {auto})")
+                    args = [str(x) for x in var if not isinstance(x, bool)]
+                    auto = int(isinstance(var[-1], bool) and var[-1])
+                    lines.append(f"{MACRO[op]}_SM90({ctype}, {di}, {d}, {SM90_FIRST_VARIANT + v}, "
+                                 f"{', '.join(args)}, {auto})")
                 lines.append("}  // namespace dilated_sparse::cuda")
                 (out / f"{op}_sm90_hdim{d}_{name}.cu").write_text("\n".join(lines) + "\n")
 
