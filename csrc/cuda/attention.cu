@@ -715,7 +715,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  {
+  if (kdq.arch != 90) {  // the sm_90a dQ kernel computes Delta itself
     const int64_t rows = B * Sq * H;
     const int threads = 256;
     const int64_t blocks = (rows + 7) / 8;

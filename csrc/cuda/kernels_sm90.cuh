@@ -382,12 +382,37 @@ __global__ void __launch_bounds__(128 * kWG, 1) dq_sm90_kernel(const __grid_cons
   cp_async_commit();
 
   const int64_t rowbase = (static_cast<int64_t>(b) * p.H + h) * p.Sq;
-  float lse2[2], dl[2];
+  float lse2[2], dl[2] = {0.f, 0.f};
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int i = m0 + wrow + g + r * 8;
     lse2[r] = i < p.Sq ? lse_to_log2(p.lse[rowbase + i]) : INFINITY;
-    dl[r] = i < p.Sq ? p.delta[rowbase + i] : 0.f;
+  }
+  // Delta = rowsum(dO * O) of this warp's 16 rows, fused here (each (b, h, query tile) has exactly
+  // one dQ CTA) and published for the dK/dV kernel that runs next on the stream.
+  {
+    const T* og = static_cast<const T*>(p.o) + b * p.o_sb + h * p.o_sh;
+#pragma unroll
+    for (int rr = 0; rr < 16; ++rr) {
+      const int i = m0 + wrow + rr;
+      float sum = 0.f;
+#pragma unroll
+      for (int c = 0; c < kD / 64; ++c) {
+        const int d = 2 * lane + 64 * c;
+        if (i < p.Sq && d < p.D) {
+          const uint32_t ov = *reinterpret_cast<const uint32_t*>(og + static_cast<int64_t>(i) * p.o_ss + d);
+          const uint32_t dv = *reinterpret_cast<const uint32_t*>(dog + static_cast<int64_t>(i) * p.do_ss + d);
+          const T* oe = reinterpret_cast<const T*>(&ov);
+          const T* de = reinterpret_cast<const T*>(&dv);
+          sum += to_float(oe[0]) * to_float(de[0]) + to_float(oe[1]) * to_float(de[1]);
+        }
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      if (rr == g) dl[0] = sum;
+      if (rr == g + 8) dl[1] = sum;
+      if (lane == 0 && i < p.Sq) p.delta[rowbase + i] = sum;
+    }
   }
   float acc[kD / 8][4], S[kBN / 8][4], dP[kBN / 8][4];
 #pragma unroll

@@ -42,16 +42,17 @@ DKV = {
 # last product); dkv: (WG warpgroups of 64 keys, BM queries per step, overlap). A last True marks a
 # small-block variant.
 FWD_SM90 = {
-    64: [("2", "128", "true"), ("2", "128", "false"), ("1", "64", "true", True), ("1", "128", "true")],
-    128: [("2", "128", "true"), ("2", "128", "false"), ("1", "64", "true", True), ("1", "64", "false")],
+    64: [("1", "64", "true", True), ("2", "128", "false"), ("2", "128", "true"), ("1", "128", "true")],
+    128: [("2", "128", "false"), ("2", "128", "true"), ("1", "64", "false", True), ("1", "64", "true")],
 }
 DQ_SM90 = {
-    64: [("2", "64", "true"), ("2", "64", "false"), ("1", "64", "true", True), ("2", "128", "false")],
+    64: [("2", "128", "false"), ("2", "64", "true"), ("1", "64", "true", True), ("2", "64", "false")],
     128: [("2", "64", "true"), ("2", "64", "false"), ("1", "64", "true", True), ("1", "64", "false")],
 }
+# D128: no small variant; the 128-key tile beats the 64-key one at block 64 too.
 DKV_SM90 = {
-    64: [("2", "64", "true"), ("2", "64", "false"), ("1", "64", "true", True), ("2", "128", "false")],
-    128: [("2", "64", "true"), ("2", "64", "false"), ("1", "64", "true", True), ("1", "64", "false")],
+    64: [("2", "128", "false"), ("2", "64", "true"), ("1", "64", "true", True), ("2", "64", "false")],
+    128: [("2", "64", "false"), ("2", "64", "true"), ("1", "64", "true"), ("1", "64", "false")],
 }
 SM90_FIRST_VARIANT = 4
 DTYPES = [("fp16", "__half", 0), ("bf16", "__nv_bfloat16", 1)]
