@@ -89,12 +89,10 @@ __device__ __forceinline__ void mask_tile(float (&S)[kN][4], const Rules& R, con
 // ---------------------------------------------------------------------------------------------
 
 // kOverlap = false: per key tile, S = Q K^T, wait, softmax, then P V left in flight.
-// kQReg: Q is read once into registers (A operand of S = Q K^T), so the score product streams only
-// K from shared memory.
 // kOverlap = true (FlashAttention-3's intra-warpgroup pipelining): the scores of tile j+1 and P_j V_j
 // are issued together and the softmax of tile j+1 runs while P_j V_j is on the tensor cores; the
 // probabilities alternate between two register sets (the loop is unrolled by two).
-template <typename T, int kD, int kWG, int kBN, bool kOverlap, bool kQReg>
+template <typename T, int kD, int kWG, int kBN, bool kOverlap>
 __global__ void __launch_bounds__(128 * kWG, 1) fwd_sm90_kernel(const __grid_constant__ Params p) {
 #if DS_SM90_BODY
   using Cfg = FwdSm90Cfg<kD, kWG, kBN>;
@@ -177,29 +175,15 @@ __global__ void __launch_bounds__(128 * kWG, 1) fwd_sm90_kernel(const __grid_con
     msk = msk_n;
     state = state_n;
   };
-  uint32_t qf[kQReg ? kD / 16 : 1][4];
-  bool q_in_regs = false;
-  // S = Q K^T of the tile in `stage` (this warpgroup's 64 rows x kBN keys). Called after a barrier
-  // that published the Q tile.
+  // S = Q K^T of the tile in `stage` (this warpgroup's 64 rows x kBN keys).
   auto issue_s = [&]() {
     const uint32_t sK = sK0 + stage * Cfg::kKVBytes;
-    if constexpr (kQReg) {
-      if (!q_in_regs) {
-#pragma unroll
-        for (int kk = 0; kk < kD / 16; ++kk) sm90::ldsm_a<kBM>(qf[kk], sQ, wrow, kk, lane);
-        q_in_regs = true;
-      }
-    }
     sm90::fence_regs(S);
     sm90::fence();
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
-      if constexpr (kQReg) {
-        sm90::Wgmma<kBN, T>::template rs<0>(S, qf[kk], sm90::desc_k<kBN>(sK, 0, kk), kk > 0 ? 1 : 0);
-      } else {
-        sm90::Wgmma<kBN, T>::template ss<0>(S, sm90::desc_k<kBM>(sQ, wg * 64, kk),
-                                            sm90::desc_k<kBN>(sK, 0, kk), kk > 0 ? 1 : 0);
-      }
+      sm90::Wgmma<kBN, T>::template ss<0>(S, sm90::desc_k<kBM>(sQ, wg * 64, kk),
+                                          sm90::desc_k<kBN>(sK, 0, kk), kk > 0 ? 1 : 0);
     }
     sm90::commit();
   };
@@ -814,10 +798,10 @@ __global__ void __launch_bounds__(128 * kWG, 1) dkv_sm90_kernel(const __grid_con
 // Launchers
 // ---------------------------------------------------------------------------------------------
 
-template <typename T, int kD, int kWG, int kBN, bool kOverlap, bool kQReg>
+template <typename T, int kD, int kWG, int kBN, bool kOverlap>
 void launch_fwd_sm90(const Params& p, int64_t items, cudaStream_t stream) {
   using Cfg = FwdSm90Cfg<kD, kWG, kBN>;
-  auto kern = &fwd_sm90_kernel<T, kD, kWG, kBN, kOverlap, kQReg>;
+  auto kern = &fwd_sm90_kernel<T, kD, kWG, kBN, kOverlap>;
   static bool done[64] = {};
   set_smem_once(done, kern, Cfg::kSmem);
   kern<<<dim3(static_cast<unsigned>(items)), Cfg::kThreads, Cfg::kSmem, stream>>>(p);
@@ -850,9 +834,9 @@ void launch_dkv_sm90(const Params& p, int64_t items, cudaStream_t stream) {
 #else
 #define DS_SM90_REGISTRAR(OP, DT, D, V, FN, PM, SN, AUTO)
 #endif
-#define DS_REGISTER_FWD_SM90(T, DT, D, V, WG, BN, OVERLAP, QREG, AUTO)                                   \
-  template void launch_fwd_sm90<T, D, WG, BN, OVERLAP, QREG>(const Params&, int64_t, cudaStream_t);     \
-  DS_SM90_REGISTRAR(kOpFwd, DT, D, V, (&launch_fwd_sm90<T, D, WG, BN, OVERLAP, QREG>), 64 * WG, BN, AUTO)
+#define DS_REGISTER_FWD_SM90(T, DT, D, V, WG, BN, OVERLAP, AUTO)                                   \
+  template void launch_fwd_sm90<T, D, WG, BN, OVERLAP>(const Params&, int64_t, cudaStream_t);     \
+  DS_SM90_REGISTRAR(kOpFwd, DT, D, V, (&launch_fwd_sm90<T, D, WG, BN, OVERLAP>), 64 * WG, BN, AUTO)
 #define DS_REGISTER_DQ_SM90(T, DT, D, V, WG, BN, OVERLAP, AUTO)                                  \
   template void launch_dq_sm90<T, D, WG, BN, OVERLAP>(const Params&, int64_t, cudaStream_t);     \
   DS_SM90_REGISTRAR(kOpDq, DT, D, V, (&launch_dq_sm90<T, D, WG, BN, OVERLAP>), 64 * WG, BN, AUTO)

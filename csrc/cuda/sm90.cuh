@@ -103,15 +103,6 @@ struct Wgmma;
 
 #include "wgmma.inc"
 
-// A fragment (16-bit) of rows [row0, row0 + 16) x K-columns [16 kk, 16 kk + 16) of a [kRows][kD]
-// SW128 tile, read with ldmatrix (the per-warp layout of an A operand from registers).
-template <int kRows>
-__device__ __forceinline__ void ldsm_a(uint32_t (&a)[4], uint32_t tile, int row0, int kk, int lane) {
-  const int r = row0 + (lane & 15);
-  const int chunk = (kk % 4) * 2 + (lane >> 4);
-  ldsm_x4(a, tile + (kk / 4) * (kRows * 128) + r * 128 + ((chunk ^ (r % 8)) << 4));
-}
-
 // A fragment (16-bit, registers) of k-step kk of a 64 x N fp32 accumulator: the same per-warp
 // layout as mma.sync m16n8k16, so a probability tile feeds the next MMA without shared memory.
 template <typename T, int N>

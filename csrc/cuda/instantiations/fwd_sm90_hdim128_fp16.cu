@@ -4,8 +4,8 @@
 #include "../kernels_sm90.cuh"
 
 namespace dilated_sparse::cuda {
-DS_REGISTER_FWD_SM90(__half, 0, 128, 4, 2, 128, false, false, 0)
-DS_REGISTER_FWD_SM90(__half, 0, 128, 5, 2, 128, false, true, 0)
-DS_REGISTER_FWD_SM90(__half, 0, 128, 6, 1, 64, false, true, 1)
-DS_REGISTER_FWD_SM90(__half, 0, 128, 7, 1, 64, true, true, 0)
+DS_REGISTER_FWD_SM90(__half, 0, 128, 4, 2, 128, false, 0)
+DS_REGISTER_FWD_SM90(__half, 0, 128, 5, 2, 128, true, 0)
+DS_REGISTER_FWD_SM90(__half, 0, 128, 6, 1, 64, false, 1)
+DS_REGISTER_FWD_SM90(__half, 0, 128, 7, 1, 64, true, 0)
 }  // namespace dilated_sparse::cuda

@@ -39,13 +39,11 @@ DKV = {
 # and preferred on compute capability 9.0 (attention.cu: pick()). Own files (*_sm90_*), compiled for
 # every arch but with real bodies only for sm_90a (kernels_sm90.cuh).
 # fwd / dq: (WG warpgroups of 64 query rows, BN keys per step, element-wise work overlapped with the
-# last product[, fwd: Q held in registers]); dkv: (WG warpgroups of 64 keys, BM queries per step, overlap). A last True marks a
+# last product); dkv: (WG warpgroups of 64 keys, BM queries per step, overlap). A last True marks a
 # small-block variant.
 FWD_SM90 = {
-    64: [("1", "64", "true", "false", True), ("1", "64", "false", "true"), ("1", "64", "true", "true"),
-         ("2", "128", "false", "true")],
-    128: [("2", "128", "false", "false"), ("2", "128", "false", "true"), ("1", "64", "false", "true", True),
-          ("1", "64", "true", "true")],
+    64: [("1", "64", "true", True), ("2", "128", "false"), ("2", "128", "true"), ("1", "128", "true")],
+    128: [("2", "128", "false"), ("2", "128", "true"), ("1", "64", "false", True), ("1", "64", "true")],
 }
 DQ_SM90 = {
     64: [("2", "128", "false"), ("2", "64", "true"), ("1", "64", "true", True), ("2", "64", "false")],
