@@ -27,16 +27,27 @@ namespace dilated_sparse::cuda {
 
 constexpr int kSm90Stages = 3;
 
+// Schedules of the forward kernel.
+enum FwdSched {
+  kSchedLockstep = 0,  // every thread loads; one CTA barrier per key tile
+  kSchedOverlap = 1,   // lockstep + the softmax of tile j+1 overlaps P_j V_j (FA3 intra-warpgroup)
+  kSchedPingPong = 2,  // a producer warpgroup loads through mbarriers; two warpgroups take turns on
+                       // the tensor cores, so one's softmax runs during the other's products (FA3);
+                       // the producer gives registers to the consumers (setmaxnreg)
+};
+
 // fwd / dQ: kWG warpgroups of 64 query rows, kBN keys per step.
-template <int kD, int kWG_, int kBN_>
+template <int kD, int kWG_, int kBN_, int kSched = kSchedLockstep>
 struct FwdSm90Cfg {
   static constexpr int kWG = kWG_;
   static constexpr int kBM = 64 * kWG_;
   static constexpr int kBN = kBN_;
-  static constexpr int kThreads = 128 * kWG_;
+  static constexpr int kConsumers = 128 * kWG_;
+  static constexpr int kThreads = kConsumers + (kSched == kSchedPingPong ? 128 : 0);
   static constexpr int kQBytes = kBM * kD * 2;
   static constexpr int kKVBytes = kBN * kD * 2;
-  static constexpr int kSmem = kQBytes + 2 * kSm90Stages * kKVBytes + 1024;  // + alignment slack
+  // + 1024 alignment slack, + 64 bytes of mbarriers
+  static constexpr int kSmem = kQBytes + 2 * kSm90Stages * kKVBytes + 1024 + 64;
 };
 
 template <int kD, int kWG_, int kBN_>
@@ -88,19 +99,23 @@ __device__ __forceinline__ void mask_tile(float (&S)[kN][4], const Rules& R, con
 // Forward
 // ---------------------------------------------------------------------------------------------
 
-// kOverlap = false: per key tile, S = Q K^T, wait, softmax, then P V left in flight.
-// kOverlap = true (FlashAttention-3's intra-warpgroup pipelining): the scores of tile j+1 and P_j V_j
-// are issued together and the softmax of tile j+1 runs while P_j V_j is on the tensor cores; the
-// probabilities alternate between two register sets (the loop is unrolled by two).
-template <typename T, int kD, int kWG, int kBN, bool kOverlap>
-__global__ void __launch_bounds__(128 * kWG, 1) fwd_sm90_kernel(const __grid_constant__ Params p) {
+// kSched (FwdSched): lockstep: per key tile, S = Q K^T, wait, softmax, then P V left in flight.
+// overlap: the scores of tile j+1 and P_j V_j are issued together and the softmax of tile j+1 runs
+// while P_j V_j is on the tensor cores; the probabilities alternate between two register sets (the
+// loop is unrolled by two). Ping-pong: see FwdSched.
+template <typename T, int kD, int kWG, int kBN, int kSched>
+__global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
+    fwd_sm90_kernel(const __grid_constant__ Params p) {
 #if DS_SM90_BODY
-  using Cfg = FwdSm90Cfg<kD, kWG, kBN>;
-  constexpr int kBM = Cfg::kBM, kNT = Cfg::kThreads;
+  using Cfg = FwdSm90Cfg<kD, kWG, kBN, kSched>;
+  constexpr int kBM = Cfg::kBM, kNT = Cfg::kConsumers;
+  static_assert(kSched != kSchedPingPong || kWG == 2, "ping-pong needs two warpgroups");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t sQ = align1024(smem_u32(smem_raw));
   const uint32_t sK0 = sQ + Cfg::kQBytes;
   const uint32_t sV0 = sK0 + kSm90Stages * Cfg::kKVBytes;
+  const uint32_t bar_full = sV0 + kSm90Stages * Cfg::kKVBytes;  // [stages] mbarriers (kPingPong)
+  const uint32_t bar_empty = bar_full + 8 * kSm90Stages;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const int wg = warp / 4;
@@ -132,15 +147,41 @@ __global__ void __launch_bounds__(128 * kWG, 1) fwd_sm90_kernel(const __grid_con
     return E.n;
   };
 
-  sm90::load_tile<T, kBM, kD, kNT>(sQ, qg, p.q_ss, m0, p.Sq, p.D, tid);
   int kt = 0, state = 0, stage = 0;
   uint64_t msk = 0;
   int it = find(e0, kt, msk, state);
-  if (it < E.n) {
-    sm90::load_tile<T, kBN, kD, kNT>(sK0, kg, p.k_ss, kt * kBN, p.Sk, p.D, tid);
-    sm90::load_tile<T, kBN, kD, kNT>(sV0, vg, p.v_ss, kt * kBN, p.Sk, p.D, tid);
+  if constexpr (kSched == kSchedPingPong) {
+    if (tid == 0) {
+      for (int i = 0; i < kSm90Stages; ++i) {
+        sm90::mbar_init(bar_full + 8 * i, 128);
+        sm90::mbar_init(bar_empty + 8 * i, kNT);
+      }
+    }
+    __syncthreads();
+    if (wg == kWG) {  // producer warpgroup: Q, then every key tile, kSm90Stages ahead at most
+      sm90::regs_decrease<32>();
+      const int ptid = tid - kNT;
+      sm90::load_tile<T, kBM, kD, 128>(sQ, qg, p.q_ss, m0, p.Sq, p.D, ptid);
+      for (int j = 0; it < E.n; ++j) {
+        const int st = j % kSm90Stages;
+        if (j >= kSm90Stages) sm90::mbar_wait(bar_empty + 8 * st, (j / kSm90Stages - 1) & 1);
+        sm90::load_tile<T, kBN, kD, 128>(sK0 + st * Cfg::kKVBytes, kg, p.k_ss, kt * kBN, p.Sk, p.D, ptid);
+        sm90::load_tile<T, kBN, kD, 128>(sV0 + st * Cfg::kKVBytes, vg, p.v_ss, kt * kBN, p.Sk, p.D, ptid);
+        sm90::cp_async_arrive(bar_full + 8 * st);
+        it = find(it + 1, kt, msk, state);
+      }
+      cp_async_wait<0>();
+      return;
+    }
+    sm90::regs_increase<232>();
+  } else {
+    sm90::load_tile<T, kBM, kD, kNT>(sQ, qg, p.q_ss, m0, p.Sq, p.D, tid);
+    if (it < E.n) {
+      sm90::load_tile<T, kBN, kD, kNT>(sK0, kg, p.k_ss, kt * kBN, p.Sk, p.D, tid);
+      sm90::load_tile<T, kBN, kD, kNT>(sV0, vg, p.v_ss, kt * kBN, p.Sk, p.D, tid);
+    }
+    cp_async_commit();
   }
-  cp_async_commit();
 
   float acc[kD / 8][4], S[kBN / 8][4];
 #pragma unroll
@@ -238,7 +279,38 @@ __global__ void __launch_bounds__(128 * kWG, 1) fwd_sm90_kernel(const __grid_con
     }
   };
 
-  if constexpr (!kOverlap) {
+  if constexpr (kSched == kSchedPingPong) {
+    // Turns on the tensor cores alternate between the warpgroups through named barriers 1 + wg
+    // (256 threads: one warpgroup syncs, the other arrives); warpgroup 0 goes first. A turn issues
+    // the previous tile's P V and this tile's scores.
+    const int other = 1 - wg;
+    int j = 0, pv_stage = 0;
+    if (wg == 1 && it < E.n) sm90::named_arrive(1, kNT);
+    while (it < E.n) {
+      sm90::mbar_wait(bar_full + 8 * stage, (j / kSm90Stages) & 1);
+      sm90::fence_async_smem();
+      sm90::named_sync(1 + wg, kNT);
+      if (j > 0) issue_pv(P[0], pv_stage);
+      issue_s();
+      sm90::named_arrive(1 + other, kNT);
+      sm90::wait<0>();
+      sm90::fence_regs(S);
+      sm90::fence_regs(acc);
+      if (j > 0) sm90::mbar_arrive(bar_empty + 8 * pv_stage);  // its K and V are no longer read
+      float corr[2];
+      softmax(P[0], corr);
+      rescale(corr);
+      pv_stage = stage;
+      ++j;
+      stage = stage + 1 == kSm90Stages ? 0 : stage + 1;
+      it = find(it + 1, kt, msk, state);
+    }
+    if (j > 0) {
+      sm90::named_sync(1 + wg, kNT);
+      issue_pv(P[0], pv_stage);
+      if (wg == 0) sm90::named_arrive(1 + other, kNT);  // warpgroup 1's last turn
+    }
+  } else if constexpr (kSched == kSchedLockstep) {
     while (it < E.n) {
       wait_and_prefetch();
       issue_s();
@@ -798,10 +870,10 @@ __global__ void __launch_bounds__(128 * kWG, 1) dkv_sm90_kernel(const __grid_con
 // Launchers
 // ---------------------------------------------------------------------------------------------
 
-template <typename T, int kD, int kWG, int kBN, bool kOverlap>
+template <typename T, int kD, int kWG, int kBN, int kSched>
 void launch_fwd_sm90(const Params& p, int64_t items, cudaStream_t stream) {
-  using Cfg = FwdSm90Cfg<kD, kWG, kBN>;
-  auto kern = &fwd_sm90_kernel<T, kD, kWG, kBN, kOverlap>;
+  using Cfg = FwdSm90Cfg<kD, kWG, kBN, kSched>;
+  auto kern = &fwd_sm90_kernel<T, kD, kWG, kBN, kSched>;
   static bool done[64] = {};
   set_smem_once(done, kern, Cfg::kSmem);
   kern<<<dim3(static_cast<unsigned>(items)), Cfg::kThreads, Cfg::kSmem, stream>>>(p);
@@ -834,9 +906,9 @@ void launch_dkv_sm90(const Params& p, int64_t items, cudaStream_t stream) {
 #else
 #define DS_SM90_REGISTRAR(OP, DT, D, V, FN, PM, SN, AUTO)
 #endif
-#define DS_REGISTER_FWD_SM90(T, DT, D, V, WG, BN, OVERLAP, AUTO)                                   \
-  template void launch_fwd_sm90<T, D, WG, BN, OVERLAP>(const Params&, int64_t, cudaStream_t);     \
-  DS_SM90_REGISTRAR(kOpFwd, DT, D, V, (&launch_fwd_sm90<T, D, WG, BN, OVERLAP>), 64 * WG, BN, AUTO)
+#define DS_REGISTER_FWD_SM90(T, DT, D, V, WG, BN, SCHED, AUTO)                                   \
+  template void launch_fwd_sm90<T, D, WG, BN, SCHED>(const Params&, int64_t, cudaStream_t);     \
+  DS_SM90_REGISTRAR(kOpFwd, DT, D, V, (&launch_fwd_sm90<T, D, WG, BN, SCHED>), 64 * WG, BN, AUTO)
 #define DS_REGISTER_DQ_SM90(T, DT, D, V, WG, BN, OVERLAP, AUTO)                                  \
   template void launch_dq_sm90<T, D, WG, BN, OVERLAP>(const Params&, int64_t, cudaStream_t);     \
   DS_SM90_REGISTRAR(kOpDq, DT, D, V, (&launch_dq_sm90<T, D, WG, BN, OVERLAP>), 64 * WG, BN, AUTO)

@@ -38,12 +38,14 @@ DKV = {
 # Hopper (sm_90a, wgmma) variants, registered as variants 4, 5, ... of the same (op, dtype, head dim)
 # and preferred on compute capability 9.0 (attention.cu: pick()). Own files (*_sm90_*), compiled for
 # every arch but with real bodies only for sm_90a (kernels_sm90.cuh).
-# fwd / dq: (WG warpgroups of 64 query rows, BN keys per step, element-wise work overlapped with the
-# last product); dkv: (WG warpgroups of 64 keys, BM queries per step, overlap). A last True marks a
+# fwd: (WG warpgroups of 64 query rows, BN keys per step, schedule: kernels_sm90.cuh FwdSched);
+# dq: (WG, BN, element-wise work overlapped with the last product); dkv: (WG warpgroups of 64 keys, BM queries per step, overlap). A last True marks a
 # small-block variant.
 FWD_SM90 = {
-    64: [("1", "64", "true", True), ("2", "128", "false"), ("2", "128", "true"), ("1", "128", "true")],
-    128: [("2", "128", "false"), ("2", "128", "true"), ("1", "64", "false", True), ("1", "64", "true")],
+    64: [("1", "64", "kSchedOverlap", True), ("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"),
+         ("2", "128", "kSchedOverlap")],
+    128: [("2", "128", "kSchedLockstep"), ("2", "128", "kSchedPingPong"), ("1", "64", "kSchedLockstep", True),
+          ("2", "128", "kSchedOverlap")],
 }
 DQ_SM90 = {
     64: [("2", "128", "false"), ("2", "64", "true"), ("1", "64", "true", True), ("2", "64", "false")],
