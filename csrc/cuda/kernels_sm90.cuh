@@ -46,33 +46,35 @@ struct FwdSm90Cfg {
   static constexpr int kThreads = kConsumers + (kSched == kSchedPingPong ? 128 : 0);
   static constexpr int kQBytes = kBM * kD * 2;
   static constexpr int kKVBytes = kBN * kD * 2;
-  // + 1024 alignment slack, + 64 bytes of mbarriers
-  static constexpr int kSmem = kQBytes + 2 * kSm90Stages * kKVBytes + 1024 + 64;
+  // + 1024 alignment slack (+ 64 bytes of mbarriers)
+  static constexpr int kSmem = kQBytes + 2 * kSm90Stages * kKVBytes + 1024 + (kSched == kSchedPingPong ? 64 : 0);
 };
 
-template <int kD, int kWG_, int kBN_>
+template <int kD, int kWG_, int kBN_, int kSched = kSchedLockstep>
 struct DqSm90Cfg {
   static constexpr int kWG = kWG_;
   static constexpr int kBM = 64 * kWG_;
   static constexpr int kBN = kBN_;
-  static constexpr int kThreads = 128 * kWG_;
+  static constexpr int kConsumers = 128 * kWG_;
+  static constexpr int kThreads = kConsumers + (kSched == kSchedPingPong ? 128 : 0);
   static constexpr int kQBytes = kBM * kD * 2;
   static constexpr int kKVBytes = kBN * kD * 2;
-  static constexpr int kSmem = 2 * kQBytes + 2 * kSm90Stages * kKVBytes + 1024;
+  static constexpr int kSmem = 2 * kQBytes + 2 * kSm90Stages * kKVBytes + 1024 + (kSched == kSchedPingPong ? 64 : 0);
 };
 
 // dK/dV: kWG warpgroups of 64 keys, kBM queries per step.
-template <int kD, int kWG_, int kBM_>
+template <int kD, int kWG_, int kBM_, int kSched = kSchedLockstep>
 struct DkvSm90Cfg {
   static constexpr int kWG = kWG_;
   static constexpr int kBN = 64 * kWG_;
   static constexpr int kBM = kBM_;
-  static constexpr int kThreads = 128 * kWG_;
+  static constexpr int kConsumers = 128 * kWG_;
+  static constexpr int kThreads = kConsumers + (kSched == kSchedPingPong ? 128 : 0);
   static constexpr int kKVBytes = kBN * kD * 2;
   static constexpr int kQBytes = kBM * kD * 2;
   // Q, dO, lse, Delta; rounded up so that every stage's tiles start on a 1024-byte boundary.
   static constexpr int kStageBytes = (2 * kQBytes + 2 * kBM * 4 + 1023) / 1024 * 1024;
-  static constexpr int kSmem = 2 * kKVBytes + kSm90Stages * kStageBytes + 1024;
+  static constexpr int kSmem = 2 * kKVBytes + kSm90Stages * kStageBytes + 1024 + (kSched == kSchedPingPong ? 64 : 0);
 };
 
 __device__ __forceinline__ uint32_t align1024(uint32_t a) { return (a + 1023u) & ~1023u; }
@@ -159,7 +161,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     }
     __syncthreads();
     if (wg == kWG) {  // producer warpgroup: Q, then every key tile, kSm90Stages ahead at most
-      sm90::regs_decrease<32>();
+      sm90::regs_decrease<24>();
       const int ptid = tid - kNT;
       sm90::load_tile<T, kBM, kD, 128>(sQ, qg, p.q_ss, m0, p.Sq, p.D, ptid);
       for (int j = 0; it < E.n; ++j) {
@@ -173,7 +175,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
       cp_async_wait<0>();
       return;
     }
-    sm90::regs_increase<232>();
+    sm90::regs_increase<240>();
   } else {
     sm90::load_tile<T, kBM, kD, kNT>(sQ, qg, p.q_ss, m0, p.Sq, p.D, tid);
     if (it < E.n) {
@@ -405,18 +407,24 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
 // Backward: dQ over the CSR rows
 // ---------------------------------------------------------------------------------------------
 
-// kOverlap: the scores of tile j+1 are issued before dS_j K, and the element-wise work of tile j+1
-// runs while dS_j K is on the tensor cores (two register sets for dS, loop unrolled by two).
-template <typename T, int kD, int kWG, int kBN, bool kOverlap>
-__global__ void __launch_bounds__(128 * kWG, 1) dq_sm90_kernel(const __grid_constant__ Params p) {
+// kSched (FwdSched): overlap: the scores of tile j+1 are issued before dS_j K, and the element-wise
+// work of tile j+1 runs while dS_j K is on the tensor cores (two register sets for dS, loop unrolled by
+// two). Ping-pong: a producer warpgroup loads; a turn issues dS_{j-1} K and tile j's two products.
+template <typename T, int kD, int kWG, int kBN, int kSched>
+__global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
+    dq_sm90_kernel(const __grid_constant__ Params p) {
 #if DS_SM90_BODY
-  using Cfg = DqSm90Cfg<kD, kWG, kBN>;
-  constexpr int kBM = Cfg::kBM, kNT = Cfg::kThreads;
+  using Cfg = DqSm90Cfg<kD, kWG, kBN, kSched>;
+  constexpr int kBM = Cfg::kBM, kNT = Cfg::kConsumers;
+  constexpr bool kOverlap = kSched == kSchedOverlap;
+  static_assert(kSched != kSchedPingPong || kWG == 2, "ping-pong needs two warpgroups");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t sQ = align1024(smem_u32(smem_raw));
   const uint32_t sdO = sQ + Cfg::kQBytes;
   const uint32_t sK0 = sdO + Cfg::kQBytes;
   const uint32_t sV0 = sK0 + kSm90Stages * Cfg::kKVBytes;
+  const uint32_t bar_full = sV0 + kSm90Stages * Cfg::kKVBytes;  // [stages] mbarriers (ping-pong)
+  const uint32_t bar_empty = bar_full + 8 * kSm90Stages;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const int wg = warp / 4;
@@ -442,16 +450,43 @@ __global__ void __launch_bounds__(128 * kWG, 1) dq_sm90_kernel(const __grid_cons
     return E.n;
   };
 
-  sm90::load_tile<T, kBM, kD, kNT>(sQ, qg, p.q_ss, m0, p.Sq, p.D, tid);
-  sm90::load_tile<T, kBM, kD, kNT>(sdO, dog, p.do_ss, m0, p.Sq, p.D, tid);
   int kt = 0, state = 0, stage = 0;
   uint64_t msk = 0;
   int it = find(0, kt, msk, state);
-  if (it < E.n) {
-    sm90::load_tile<T, kBN, kD, kNT>(sK0, kg, p.k_ss, kt * kBN, p.Sk, p.D, tid);
-    sm90::load_tile<T, kBN, kD, kNT>(sV0, vg, p.v_ss, kt * kBN, p.Sk, p.D, tid);
+  if constexpr (kSched == kSchedPingPong) {
+    if (tid == 0) {
+      for (int i = 0; i < kSm90Stages; ++i) {
+        sm90::mbar_init(bar_full + 8 * i, 128);
+        sm90::mbar_init(bar_empty + 8 * i, kNT);
+      }
+    }
+    __syncthreads();
+    if (wg == kWG) {  // producer warpgroup: Q and dO, then every key tile, kSm90Stages ahead at most
+      sm90::regs_decrease<24>();
+      const int ptid = tid - kNT;
+      sm90::load_tile<T, kBM, kD, 128>(sQ, qg, p.q_ss, m0, p.Sq, p.D, ptid);
+      sm90::load_tile<T, kBM, kD, 128>(sdO, dog, p.do_ss, m0, p.Sq, p.D, ptid);
+      for (int j = 0; it < E.n; ++j) {
+        const int st = j % kSm90Stages;
+        if (j >= kSm90Stages) sm90::mbar_wait(bar_empty + 8 * st, (j / kSm90Stages - 1) & 1);
+        sm90::load_tile<T, kBN, kD, 128>(sK0 + st * Cfg::kKVBytes, kg, p.k_ss, kt * kBN, p.Sk, p.D, ptid);
+        sm90::load_tile<T, kBN, kD, 128>(sV0 + st * Cfg::kKVBytes, vg, p.v_ss, kt * kBN, p.Sk, p.D, ptid);
+        sm90::cp_async_arrive(bar_full + 8 * st);
+        it = find(it + 1, kt, msk, state);
+      }
+      cp_async_wait<0>();
+      return;
+    }
+    sm90::regs_increase<240>();
+  } else {
+    sm90::load_tile<T, kBM, kD, kNT>(sQ, qg, p.q_ss, m0, p.Sq, p.D, tid);
+    sm90::load_tile<T, kBM, kD, kNT>(sdO, dog, p.do_ss, m0, p.Sq, p.D, tid);
+    if (it < E.n) {
+      sm90::load_tile<T, kBN, kD, kNT>(sK0, kg, p.k_ss, kt * kBN, p.Sk, p.D, tid);
+      sm90::load_tile<T, kBN, kD, kNT>(sV0, vg, p.v_ss, kt * kBN, p.Sk, p.D, tid);
+    }
+    cp_async_commit();
   }
-  cp_async_commit();
 
   const int64_t rowbase = (static_cast<int64_t>(b) * p.H + h) * p.Sq;
   float lse2[2], dl[2] = {0.f, 0.f};
@@ -562,7 +597,33 @@ __global__ void __launch_bounds__(128 * kWG, 1) dq_sm90_kernel(const __grid_cons
     sm90::commit();
   };
 
-  if constexpr (!kOverlap) {
+  if constexpr (kSched == kSchedPingPong) {
+    const int other = 1 - wg;
+    int j = 0, dq_stage = 0;
+    if (wg == 1 && it < E.n) sm90::named_arrive(1, kNT);
+    while (it < E.n) {
+      sm90::mbar_wait(bar_full + 8 * stage, (j / kSm90Stages) & 1);
+      sm90::fence_async_smem();
+      sm90::named_sync(1 + wg, kNT);
+      if (j > 0) issue_dq(sa[0], dq_stage);
+      issue_s();
+      sm90::named_arrive(1 + other, kNT);
+      sm90::wait<0>();
+      sm90::fence_regs(S);
+      sm90::fence_regs(dP);
+      if (j > 0) sm90::mbar_arrive(bar_empty + 8 * dq_stage);  // its K and V are no longer read
+      make_ds(sa[0]);
+      dq_stage = stage;
+      ++j;
+      stage = stage + 1 == kSm90Stages ? 0 : stage + 1;
+      it = find(it + 1, kt, msk, state);
+    }
+    if (j > 0) {
+      sm90::named_sync(1 + wg, kNT);
+      issue_dq(sa[0], dq_stage);
+      if (wg == 0) sm90::named_arrive(1 + other, kNT);  // warpgroup 1's last turn
+    }
+  } else if constexpr (!kOverlap) {
     while (it < E.n) {
       wait_and_prefetch();
       issue_s();
@@ -629,17 +690,26 @@ __global__ void __launch_bounds__(128 * kWG, 1) dq_sm90_kernel(const __grid_cons
 // Backward: dK, dV over the CSC columns, reduced over the GQA group in registers
 // ---------------------------------------------------------------------------------------------
 
-// kOverlap: as dq_sm90_kernel, with P^T dO and dS^T Q in flight during the next tile's element-wise
-// work.
-template <typename T, int kD, int kWG, int kBM, bool kOverlap>
-__global__ void __launch_bounds__(128 * kWG, 1) dkv_sm90_kernel(const __grid_constant__ Params p) {
+// kSched (FwdSched): overlap: as dq_sm90_kernel, with P^T dO and dS^T Q in flight during the next
+// tile's element-wise work. Ping-pong: a producer warpgroup loads; a turn issues the previous tile's
+// dV and dK products and this tile's two score products.
+template <typename T, int kD, int kWG, int kBM, int kSched>
+__global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
+    dkv_sm90_kernel(const __grid_constant__ Params p) {
 #if DS_SM90_BODY
-  using Cfg = DkvSm90Cfg<kD, kWG, kBM>;
-  constexpr int kBN = Cfg::kBN, kNT = Cfg::kThreads;
+  using Cfg = DkvSm90Cfg<kD, kWG, kBM, kSched>;
+  constexpr int kBN = Cfg::kBN, kNT = Cfg::kConsumers;
+  constexpr bool kOverlap = kSched == kSchedOverlap;
+  constexpr bool kPing = kSched == kSchedPingPong;
+  static_assert(!kPing || kWG == 2, "ping-pong needs two warpgroups");
+  // Threads that issue the loads: the producer warpgroup (ping-pong) or every consumer.
+  constexpr int kLoaders = kPing ? 128 : kNT;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t sK = align1024(smem_u32(smem_raw));
   const uint32_t sV = sK + Cfg::kKVBytes;
   const uint32_t sStage0 = sV + Cfg::kKVBytes;  // [stages] {Q, dO, lse, Delta}
+  const uint32_t bar_full = sStage0 + kSm90Stages * Cfg::kStageBytes;  // [stages] mbarriers (ping-pong)
+  const uint32_t bar_empty = bar_full + 8 * kSm90Stages;
   // Generic pointer to the same (aligned) shared bytes, for the lse / Delta rows.
   unsigned char* const sgen = smem_raw + (sK - smem_u32(smem_raw));
   auto stage_q = [&](int st) { return sStage0 + st * Cfg::kStageBytes; };
@@ -666,8 +736,7 @@ __global__ void __launch_bounds__(128 * kWG, 1) dkv_sm90_kernel(const __grid_con
   const Rules R = make_rules(p, b);
   const uint64_t full = p.tl.full;
 
-  sm90::load_tile<T, kBN, kD, kNT>(sK, kg, p.k_ss, n0, p.Sk, p.D, tid);
-  sm90::load_tile<T, kBN, kD, kNT>(sV, vg, p.v_ss, n0, p.Sk, p.D, tid);
+  const int ltid = kPing ? tid - kNT : tid;  // index among the loading threads
 
   // Cursor over (group member gg, entry it).
   auto find = [&](int& gg, int& it, Entries& E, int& qt, uint64_t& m, int& st) {
@@ -686,11 +755,11 @@ __global__ void __launch_bounds__(128 * kWG, 1) dkv_sm90_kernel(const __grid_con
     const int hq = hk * p.G + gg;
     const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + hq * p.q_sh;
     const T* dog = static_cast<const T*>(p.dout) + b * p.do_sb + hq * p.do_sh;
-    sm90::load_tile<T, kBM, kD, kNT>(stage_q(st), qg, p.q_ss, qt * kBM, p.Sq, p.D, tid);
-    sm90::load_tile<T, kBM, kD, kNT>(stage_do(st), dog, p.do_ss, qt * kBM, p.Sq, p.D, tid);
+    sm90::load_tile<T, kBM, kD, kLoaders>(stage_q(st), qg, p.q_ss, qt * kBM, p.Sq, p.D, ltid);
+    sm90::load_tile<T, kBM, kD, kLoaders>(stage_do(st), dog, p.do_ss, qt * kBM, p.Sq, p.D, ltid);
     const int64_t rowbase = (static_cast<int64_t>(b) * p.H + hq) * p.Sq;
     const uint32_t sl = stage_do(st) + Cfg::kQBytes;
-    for (int i = tid; i < kBM; i += kNT) {
+    for (int i = ltid; i < kBM; i += kLoaders) {
       const int qi = qt * kBM + i;
       const bool pred = qi < p.Sq;
       cp_async4(sl + 4 * i, pred ? p.lse + rowbase + qi : p.lse, pred);
@@ -702,8 +771,36 @@ __global__ void __launch_bounds__(128 * kWG, 1) dkv_sm90_kernel(const __grid_con
   uint64_t msk = 0;
   Entries E = make_entries(p.tl, layout_slice(p, b, hk * p.G), t);
   find(gg, it, E, qt, msk, state);
-  if (gg < p.G) load_q(0, gg, qt);
-  cp_async_commit();
+  if constexpr (kPing) {
+    if (tid == 0) {
+      for (int i = 0; i < kSm90Stages; ++i) {
+        sm90::mbar_init(bar_full + 8 * i, 128);
+        sm90::mbar_init(bar_empty + 8 * i, kNT);
+      }
+    }
+    __syncthreads();
+    if (wg == kWG) {  // producer warpgroup: K and V, then every query tile, kSm90Stages ahead at most
+      sm90::regs_decrease<24>();
+      sm90::load_tile<T, kBN, kD, 128>(sK, kg, p.k_ss, n0, p.Sk, p.D, ltid);
+      sm90::load_tile<T, kBN, kD, 128>(sV, vg, p.v_ss, n0, p.Sk, p.D, ltid);
+      for (int j = 0; gg < p.G; ++j) {
+        const int st = j % kSm90Stages;
+        if (j >= kSm90Stages) sm90::mbar_wait(bar_empty + 8 * st, (j / kSm90Stages - 1) & 1);
+        load_q(st, gg, qt);
+        sm90::cp_async_arrive(bar_full + 8 * st);
+        ++it;
+        find(gg, it, E, qt, msk, state);
+      }
+      cp_async_wait<0>();
+      return;
+    }
+    sm90::regs_increase<240>();
+  } else {
+    sm90::load_tile<T, kBN, kD, kNT>(sK, kg, p.k_ss, n0, p.Sk, p.D, tid);
+    sm90::load_tile<T, kBN, kD, kNT>(sV, vg, p.v_ss, n0, p.Sk, p.D, tid);
+    if (gg < p.G) load_q(0, gg, qt);
+    cp_async_commit();
+  }
 
   float dK[kD / 8][4], dV[kD / 8][4], S[kBM / 8][4], dP[kBM / 8][4];
 #pragma unroll
@@ -798,7 +895,36 @@ __global__ void __launch_bounds__(128 * kWG, 1) dkv_sm90_kernel(const __grid_con
     sm90::commit();
   };
 
-  if constexpr (!kOverlap) {
+  if constexpr (kPing) {
+    // Two turns per query tile (scores, then the dV / dK products), each waited for before the
+    // next: the probabilities never share the register file with the next tile's scores, which
+    // the dK and dV accumulators leave no room for. The other warpgroup fills the tensor cores.
+    const int other = 1 - wg;
+    int j = 0;
+    if (wg == 1 && gg < p.G) sm90::named_arrive(1, kNT);
+    while (gg < p.G) {
+      sm90::mbar_wait(bar_full + 8 * stage, (j / kSm90Stages) & 1);
+      sm90::fence_async_smem();
+      sm90::named_sync(1 + wg, kNT);
+      issue_s();
+      sm90::named_arrive(1 + other, kNT);
+      sm90::wait<0>();
+      sm90::fence_regs(S);
+      sm90::fence_regs(dP);
+      make_p_ds(pa[0], sa[0]);
+      ++it;
+      find(gg, it, E, qt, msk, state);
+      sm90::named_sync(1 + wg, kNT);
+      issue_dkv(pa[0], sa[0], stage);
+      if (wg == 0 || gg < p.G) sm90::named_arrive(1 + other, kNT);  // not after warpgroup 1's last turn
+      sm90::wait<0>();
+      sm90::fence_regs(dK);
+      sm90::fence_regs(dV);
+      sm90::mbar_arrive(bar_empty + 8 * stage);  // its Q, dO, lse, Delta are no longer read
+      ++j;
+      stage = stage + 1 == kSm90Stages ? 0 : stage + 1;
+    }
+  } else if constexpr (!kOverlap) {
     while (gg < p.G) {
       wait_and_prefetch();
       issue_s();
@@ -879,19 +1005,19 @@ void launch_fwd_sm90(const Params& p, int64_t items, cudaStream_t stream) {
   kern<<<dim3(static_cast<unsigned>(items)), Cfg::kThreads, Cfg::kSmem, stream>>>(p);
 }
 
-template <typename T, int kD, int kWG, int kBN, bool kOverlap>
+template <typename T, int kD, int kWG, int kBN, int kSched>
 void launch_dq_sm90(const Params& p, int64_t items, cudaStream_t stream) {
-  using Cfg = DqSm90Cfg<kD, kWG, kBN>;
-  auto kern = &dq_sm90_kernel<T, kD, kWG, kBN, kOverlap>;
+  using Cfg = DqSm90Cfg<kD, kWG, kBN, kSched>;
+  auto kern = &dq_sm90_kernel<T, kD, kWG, kBN, kSched>;
   static bool done[64] = {};
   set_smem_once(done, kern, Cfg::kSmem);
   kern<<<dim3(static_cast<unsigned>(items)), Cfg::kThreads, Cfg::kSmem, stream>>>(p);
 }
 
-template <typename T, int kD, int kWG, int kBM, bool kOverlap>
+template <typename T, int kD, int kWG, int kBM, int kSched>
 void launch_dkv_sm90(const Params& p, int64_t items, cudaStream_t stream) {
-  using Cfg = DkvSm90Cfg<kD, kWG, kBM>;
-  auto kern = &dkv_sm90_kernel<T, kD, kWG, kBM, kOverlap>;
+  using Cfg = DkvSm90Cfg<kD, kWG, kBM, kSched>;
+  auto kern = &dkv_sm90_kernel<T, kD, kWG, kBM, kSched>;
   static bool done[64] = {};
   set_smem_once(done, kern, Cfg::kSmem);
   kern<<<dim3(static_cast<unsigned>(items), 1), Cfg::kThreads, Cfg::kSmem, stream>>>(p);
@@ -909,11 +1035,11 @@ void launch_dkv_sm90(const Params& p, int64_t items, cudaStream_t stream) {
 #define DS_REGISTER_FWD_SM90(T, DT, D, V, WG, BN, SCHED, AUTO)                                   \
   template void launch_fwd_sm90<T, D, WG, BN, SCHED>(const Params&, int64_t, cudaStream_t);     \
   DS_SM90_REGISTRAR(kOpFwd, DT, D, V, (&launch_fwd_sm90<T, D, WG, BN, SCHED>), 64 * WG, BN, AUTO)
-#define DS_REGISTER_DQ_SM90(T, DT, D, V, WG, BN, OVERLAP, AUTO)                                  \
-  template void launch_dq_sm90<T, D, WG, BN, OVERLAP>(const Params&, int64_t, cudaStream_t);     \
-  DS_SM90_REGISTRAR(kOpDq, DT, D, V, (&launch_dq_sm90<T, D, WG, BN, OVERLAP>), 64 * WG, BN, AUTO)
-#define DS_REGISTER_DKV_SM90(T, DT, D, V, WG, BM, OVERLAP, AUTO)                                 \
-  template void launch_dkv_sm90<T, D, WG, BM, OVERLAP>(const Params&, int64_t, cudaStream_t);    \
-  DS_SM90_REGISTRAR(kOpDkv, DT, D, V, (&launch_dkv_sm90<T, D, WG, BM, OVERLAP>), 64 * WG, BM, AUTO)
+#define DS_REGISTER_DQ_SM90(T, DT, D, V, WG, BN, SCHED, AUTO)                                  \
+  template void launch_dq_sm90<T, D, WG, BN, SCHED>(const Params&, int64_t, cudaStream_t);     \
+  DS_SM90_REGISTRAR(kOpDq, DT, D, V, (&launch_dq_sm90<T, D, WG, BN, SCHED>), 64 * WG, BN, AUTO)
+#define DS_REGISTER_DKV_SM90(T, DT, D, V, WG, BM, SCHED, AUTO)                                 \
+  template void launch_dkv_sm90<T, D, WG, BM, SCHED>(const Params&, int64_t, cudaStream_t);    \
+  DS_SM90_REGISTRAR(kOpDkv, DT, D, V, (&launch_dkv_sm90<T, D, WG, BM, SCHED>), 64 * WG, BM, AUTO)
 
 }  // namespace dilated_sparse::cuda

@@ -4,8 +4,8 @@
 #include "../kernels_sm90.cuh"
 
 namespace dilated_sparse::cuda {
-DS_REGISTER_DQ_SM90(__nv_bfloat16, 1, 128, 4, 2, 64, true, 0)
-DS_REGISTER_DQ_SM90(__nv_bfloat16, 1, 128, 5, 2, 64, false, 0)
-DS_REGISTER_DQ_SM90(__nv_bfloat16, 1, 128, 6, 1, 64, true, 1)
-DS_REGISTER_DQ_SM90(__nv_bfloat16, 1, 128, 7, 1, 64, false, 0)
+DS_REGISTER_DQ_SM90(__nv_bfloat16, 1, 128, 4, 2, 64, kSchedPingPong, 0)
+DS_REGISTER_DQ_SM90(__nv_bfloat16, 1, 128, 5, 2, 64, kSchedOverlap, 0)
+DS_REGISTER_DQ_SM90(__nv_bfloat16, 1, 128, 6, 1, 64, kSchedOverlap, 1)
+DS_REGISTER_DQ_SM90(__nv_bfloat16, 1, 128, 7, 2, 128, kSchedPingPong, 0)
 }  // namespace dilated_sparse::cuda

@@ -38,23 +38,26 @@ DKV = {
 # Hopper (sm_90a, wgmma) variants, registered as variants 4, 5, ... of the same (op, dtype, head dim)
 # and preferred on compute capability 9.0 (attention.cu: pick()). Own files (*_sm90_*), compiled for
 # every arch but with real bodies only for sm_90a (kernels_sm90.cuh).
-# fwd: (WG warpgroups of 64 query rows, BN keys per step, schedule: kernels_sm90.cuh FwdSched);
-# dq: (WG, BN, element-wise work overlapped with the last product); dkv: (WG warpgroups of 64 keys, BM queries per step, overlap). A last True marks a
+# fwd / dq: (WG warpgroups of 64 query rows, BN keys per step, schedule: kernels_sm90.cuh FwdSched); dkv: (WG warpgroups of 64 keys, BM queries per step, overlap). A last True marks a
 # small-block variant.
 FWD_SM90 = {
-    64: [("1", "64", "kSchedOverlap", True), ("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"),
+    64: [("2", "128", "kSchedPingPong"), ("1", "64", "kSchedOverlap", True), ("2", "128", "kSchedLockstep"),
          ("2", "128", "kSchedOverlap")],
-    128: [("2", "128", "kSchedLockstep"), ("2", "128", "kSchedPingPong"), ("1", "64", "kSchedLockstep", True),
+    128: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedLockstep", True),
           ("2", "128", "kSchedOverlap")],
 }
 DQ_SM90 = {
-    64: [("2", "128", "false"), ("2", "64", "true"), ("1", "64", "true", True), ("2", "64", "false")],
-    128: [("2", "64", "true"), ("2", "64", "false"), ("1", "64", "true", True), ("1", "64", "false")],
+    64: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedOverlap", True),
+         ("2", "64", "kSchedPingPong")],
+    128: [("2", "64", "kSchedPingPong"), ("2", "64", "kSchedOverlap"), ("1", "64", "kSchedOverlap", True),
+          ("2", "128", "kSchedPingPong")],
 }
 # D128: no small variant; the 128-key tile beats the 64-key one at block 64 too.
 DKV_SM90 = {
-    64: [("2", "128", "false"), ("2", "64", "true"), ("1", "64", "true", True), ("2", "64", "false")],
-    128: [("2", "64", "false"), ("2", "64", "true"), ("1", "64", "true"), ("1", "64", "false")],
+    64: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedOverlap", True),
+         ("2", "64", "kSchedPingPong")],
+    128: [("2", "64", "kSchedPingPong"), ("2", "64", "kSchedLockstep"), ("2", "64", "kSchedOverlap"),
+          ("1", "64", "kSchedOverlap")],
 }
 SM90_FIRST_VARIANT = 4
 DTYPES = [("fp16", "__half", 0), ("bf16", "__nv_bfloat16", 1)]
