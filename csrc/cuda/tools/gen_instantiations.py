@@ -49,10 +49,10 @@ FWD_SM90 = {
 DQ_SM90 = {
     64: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedOverlap", True),
          ("2", "64", "kSchedPingPong")],
-    128: [("2", "64", "kSchedPingPong"), ("2", "64", "kSchedOverlap"), ("1", "64", "kSchedOverlap", True),
-          ("2", "128", "kSchedPingPong")],
+    128: [("2", "64", "kSchedPingPong"), ("2", "64", "kSchedOverlap"), ("1", "64", "kSchedOverlap"),
+          ("2", "64", "kSchedLockstep")],
 }
-# D128: no small variant; the 128-key tile beats the 64-key one at block 64 too.
+# D128 dQ and dK/dV: no small variant; the 128-row ping-pong tiles beat the 64-row ones at block 64 too.
 DKV_SM90 = {
     64: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedOverlap", True),
          ("2", "64", "kSchedPingPong")],
