@@ -59,7 +59,12 @@ struct DqSm90Cfg {
   static constexpr int kThreads = kConsumers + (kSched == kSchedPingPong ? 128 : 0);
   static constexpr int kQBytes = kBM * kD * 2;
   static constexpr int kKVBytes = kBN * kD * 2;
-  static constexpr int kSmem = 2 * kQBytes + 2 * kSm90Stages * kKVBytes + 1024 + (kSched == kSchedPingPong ? 64 : 0);
+  // Ping-pong releases stages through mbarriers and runs with two when three do not fit (128 keys
+  // at D128); the other schedules need three.
+  static constexpr int kStages =
+      kSched == kSchedPingPong && 2 * kQBytes + 2 * kSm90Stages * kKVBytes + 1088 > 232448 ? 2 : kSm90Stages;
+  static constexpr int kSmem = 2 * kQBytes + 2 * kStages * kKVBytes + 1024 + (kSched == kSchedPingPong ? 64 : 0);
+  static_assert(kSmem <= 232448, "dQ tile does not fit in shared memory");
 };
 
 // dK/dV: kWG warpgroups of 64 keys, kBM queries per step.
@@ -422,9 +427,9 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
   const uint32_t sQ = align1024(smem_u32(smem_raw));
   const uint32_t sdO = sQ + Cfg::kQBytes;
   const uint32_t sK0 = sdO + Cfg::kQBytes;
-  const uint32_t sV0 = sK0 + kSm90Stages * Cfg::kKVBytes;
-  const uint32_t bar_full = sV0 + kSm90Stages * Cfg::kKVBytes;  // [stages] mbarriers (ping-pong)
-  const uint32_t bar_empty = bar_full + 8 * kSm90Stages;
+  const uint32_t sV0 = sK0 + Cfg::kStages * Cfg::kKVBytes;
+  const uint32_t bar_full = sV0 + Cfg::kStages * Cfg::kKVBytes;  // [stages] mbarriers (ping-pong)
+  const uint32_t bar_empty = bar_full + 8 * Cfg::kStages;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const int wg = warp / 4;
@@ -455,20 +460,20 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
   int it = find(0, kt, msk, state);
   if constexpr (kSched == kSchedPingPong) {
     if (tid == 0) {
-      for (int i = 0; i < kSm90Stages; ++i) {
+      for (int i = 0; i < Cfg::kStages; ++i) {
         sm90::mbar_init(bar_full + 8 * i, 128);
         sm90::mbar_init(bar_empty + 8 * i, kNT);
       }
     }
     __syncthreads();
-    if (wg == kWG) {  // producer warpgroup: Q and dO, then every key tile, kSm90Stages ahead at most
+    if (wg == kWG) {  // producer warpgroup: Q and dO, then every key tile, kStages ahead at most
       sm90::regs_decrease<24>();
       const int ptid = tid - kNT;
       sm90::load_tile<T, kBM, kD, 128>(sQ, qg, p.q_ss, m0, p.Sq, p.D, ptid);
       sm90::load_tile<T, kBM, kD, 128>(sdO, dog, p.do_ss, m0, p.Sq, p.D, ptid);
       for (int j = 0; it < E.n; ++j) {
-        const int st = j % kSm90Stages;
-        if (j >= kSm90Stages) sm90::mbar_wait(bar_empty + 8 * st, (j / kSm90Stages - 1) & 1);
+        const int st = j % Cfg::kStages;
+        if (j >= Cfg::kStages) sm90::mbar_wait(bar_empty + 8 * st, (j / Cfg::kStages - 1) & 1);
         sm90::load_tile<T, kBN, kD, 128>(sK0 + st * Cfg::kKVBytes, kg, p.k_ss, kt * kBN, p.Sk, p.D, ptid);
         sm90::load_tile<T, kBN, kD, 128>(sV0 + st * Cfg::kKVBytes, vg, p.v_ss, kt * kBN, p.Sk, p.D, ptid);
         sm90::cp_async_arrive(bar_full + 8 * st);
@@ -540,14 +545,14 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     __syncthreads();
     nx = find(it + 1, kt_n, msk_n, state_n);
     if (nx < E.n) {
-      const int st = stage + 1 == kSm90Stages ? 0 : stage + 1;
+      const int st = stage + 1 == Cfg::kStages ? 0 : stage + 1;
       sm90::load_tile<T, kBN, kD, kNT>(sK0 + st * Cfg::kKVBytes, kg, p.k_ss, kt_n * kBN, p.Sk, p.D, tid);
       sm90::load_tile<T, kBN, kD, kNT>(sV0 + st * Cfg::kKVBytes, vg, p.v_ss, kt_n * kBN, p.Sk, p.D, tid);
     }
     cp_async_commit();
   };
   auto advance = [&]() {
-    stage = stage + 1 == kSm90Stages ? 0 : stage + 1;
+    stage = stage + 1 == Cfg::kStages ? 0 : stage + 1;
     it = nx;
     kt = kt_n;
     msk = msk_n;
@@ -597,12 +602,42 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     sm90::commit();
   };
 
-  if constexpr (kSched == kSchedPingPong) {
+  if constexpr (kSched == kSchedPingPong && kBN >= 128 && kD >= 128) {
+    // Two turns per key tile (as in dkv_sm90_kernel): at D128, 128-key scores leave no room for the
+    // previous tile's dS next to them.
+    const int other = 1 - wg;
+    int j = 0;
+    if (wg == 1 && it < E.n) sm90::named_arrive(1, kNT);
+    while (it < E.n) {
+      sm90::mbar_wait(bar_full + 8 * stage, (j / Cfg::kStages) & 1);
+      sm90::fence_async_smem();
+      sm90::named_sync(1 + wg, kNT);
+      issue_s();
+      sm90::named_arrive(1 + other, kNT);
+      sm90::wait<0>();
+      sm90::fence_regs(S);
+      sm90::fence_regs(dP);
+      make_ds(sa[0]);
+      const int nxt = find(it + 1, kt_n, msk_n, state_n);
+      sm90::named_sync(1 + wg, kNT);
+      issue_dq(sa[0], stage);
+      if (wg == 0 || nxt < E.n) sm90::named_arrive(1 + other, kNT);  // not after warpgroup 1's last turn
+      sm90::wait<0>();
+      sm90::fence_regs(acc);
+      sm90::mbar_arrive(bar_empty + 8 * stage);  // its K and V are no longer read
+      ++j;
+      stage = stage + 1 == Cfg::kStages ? 0 : stage + 1;
+      it = nxt;
+      kt = kt_n;
+      msk = msk_n;
+      state = state_n;
+    }
+  } else if constexpr (kSched == kSchedPingPong) {
     const int other = 1 - wg;
     int j = 0, dq_stage = 0;
     if (wg == 1 && it < E.n) sm90::named_arrive(1, kNT);
     while (it < E.n) {
-      sm90::mbar_wait(bar_full + 8 * stage, (j / kSm90Stages) & 1);
+      sm90::mbar_wait(bar_full + 8 * stage, (j / Cfg::kStages) & 1);
       sm90::fence_async_smem();
       sm90::named_sync(1 + wg, kNT);
       if (j > 0) issue_dq(sa[0], dq_stage);
@@ -615,7 +650,7 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
       make_ds(sa[0]);
       dq_stage = stage;
       ++j;
-      stage = stage + 1 == kSm90Stages ? 0 : stage + 1;
+      stage = stage + 1 == Cfg::kStages ? 0 : stage + 1;
       it = find(it + 1, kt, msk, state);
     }
     if (j > 0) {

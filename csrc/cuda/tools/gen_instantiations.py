@@ -49,7 +49,7 @@ FWD_SM90 = {
 DQ_SM90 = {
     64: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedOverlap", True),
          ("2", "64", "kSchedPingPong")],
-    128: [("2", "64", "kSchedPingPong"), ("2", "64", "kSchedOverlap"), ("1", "64", "kSchedOverlap"),
+    128: [("2", "64", "kSchedPingPong"), ("2", "128", "kSchedPingPong"), ("2", "64", "kSchedOverlap"),
           ("2", "64", "kSchedLockstep")],
 }
 # D128 dQ and dK/dV: no small variant; the 128-row ping-pong tiles beat the 64-row ones at block 64 too.
