@@ -101,6 +101,21 @@ def test_build_cuda_zero_forces_cpu_only(monkeypatch):
     assert "DILATED_SPARSE_WITH_CUDA" in macros and ";" not in (macros["DILATED_SPARSE_CUDA_ARCHS"] or "")
 
 
+@pytest.mark.parametrize("archs,hopper", [("8.0;9.0a", True), ("9.0a+PTX", True), ("8.0 9.0", False), ("8.0", False)])
+def test_sm90a_macro_follows_the_arch_list(monkeypatch, archs, hopper):
+    """The Hopper kernels are registered only for builds with an sm_90a target (plain 9.0 lacks wgmma)."""
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", archs)
+    macros = dict(_sources.define_macros(True))
+    assert ("DILATED_SPARSE_SM90A" in macros) is hopper
+    assert ";" not in macros["DILATED_SPARSE_CUDA_ARCHS"]
+
+
+def test_default_arch_list_has_sm90a(monkeypatch):
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    assert "9.0a" in _sources.cuda_arch_list().split(";")
+    assert "DILATED_SPARSE_SM90A" in dict(_sources.define_macros(True))
+
+
 def test_sources_cmake_listing():
     proc = subprocess.run([sys.executable, str(ROOT / "dilated_sparse" / "_sources.py"), "--cmake", "cpp"],
                           capture_output=True, text=True, check=True)
