@@ -2,11 +2,17 @@
 // decoding as the mma.sync kernels of kernels.cuh, with the matrix products on warpgroup MMA
 // (wgmma.mma_async) reading 128-byte-swizzled shared tiles (sm90.cuh).
 //
-// Each warpgroup (4 warps, 128 threads) owns 64 rows of the CTA's primary tile; a CTA has kWG of
-// them. Secondary tiles stream through a 3-stage cp.async ring: the product that consumes the
-// probabilities (P V, dS K, P^T dO, dS^T Q) is left in flight while the next tile's scores are
-// issued, so a stage is refilled only after every warpgroup has waited for its last reader (the
-// barrier at the top of the next step).
+// Each consumer warpgroup (4 warps, 128 threads) owns 64 rows of the CTA's primary tile; a CTA has
+// kWG of them. Secondary tiles stream through a cp.async ring of kSm90Stages tiles. Three schedules
+// (Sm90Sched, used by all three kernels):
+//  - lockstep: every thread loads; a CTA barrier per tile publishes the tile and frees the stage
+//    after next; the product that consumes the probabilities (P V, dS K, P^T dO, dS^T Q) is left in
+//    flight while the next tile's scores are issued.
+//  - overlap: lockstep, plus the element-wise work of tile j+1 runs while tile j's last product is
+//    on the tensor cores (FlashAttention-3's intra-warpgroup pipelining).
+//  - ping-pong (the defaults): a producer warpgroup loads through full/empty mbarriers and hands its
+//    registers to the consumers (setmaxnreg); the two consumer warpgroups take turns issuing
+//    products (named barriers), so one's softmax runs during the other's products (FA3 ping-pong).
 //
 // Compiled to real code only for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); other targets get a stub that
 // traps, and the host never picks these kernels there (attention.cu: pick()).
@@ -27,8 +33,8 @@ namespace dilated_sparse::cuda {
 
 constexpr int kSm90Stages = 3;
 
-// Schedules of the forward kernel.
-enum FwdSched {
+// Schedules (see the top of this file).
+enum Sm90Sched {
   kSchedLockstep = 0,  // every thread loads; one CTA barrier per key tile
   kSchedOverlap = 1,   // lockstep + the softmax of tile j+1 overlaps P_j V_j (FA3 intra-warpgroup)
   kSchedPingPong = 2,  // a producer warpgroup loads through mbarriers; two warpgroups take turns on
@@ -106,10 +112,10 @@ __device__ __forceinline__ void mask_tile(float (&S)[kN][4], const Rules& R, con
 // Forward
 // ---------------------------------------------------------------------------------------------
 
-// kSched (FwdSched): lockstep: per key tile, S = Q K^T, wait, softmax, then P V left in flight.
+// kSched (Sm90Sched): lockstep: per key tile, S = Q K^T, wait, softmax, then P V left in flight.
 // overlap: the scores of tile j+1 and P_j V_j are issued together and the softmax of tile j+1 runs
 // while P_j V_j is on the tensor cores; the probabilities alternate between two register sets (the
-// loop is unrolled by two). Ping-pong: see FwdSched.
+// loop is unrolled by two). Ping-pong: see Sm90Sched.
 template <typename T, int kD, int kWG, int kBN, int kSched>
 __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     fwd_sm90_kernel(const __grid_constant__ Params p) {
@@ -412,7 +418,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
 // Backward: dQ over the CSR rows
 // ---------------------------------------------------------------------------------------------
 
-// kSched (FwdSched): overlap: the scores of tile j+1 are issued before dS_j K, and the element-wise
+// kSched (Sm90Sched): overlap: the scores of tile j+1 are issued before dS_j K, and the element-wise
 // work of tile j+1 runs while dS_j K is on the tensor cores (two register sets for dS, loop unrolled by
 // two). Ping-pong: a producer warpgroup loads; a turn issues dS_{j-1} K and tile j's two products.
 template <typename T, int kD, int kWG, int kBN, int kSched>
@@ -725,7 +731,7 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
 // Backward: dK, dV over the CSC columns, reduced over the GQA group in registers
 // ---------------------------------------------------------------------------------------------
 
-// kSched (FwdSched): overlap: as dq_sm90_kernel, with P^T dO and dS^T Q in flight during the next
+// kSched (Sm90Sched): overlap: as dq_sm90_kernel, with P^T dO and dS^T Q in flight during the next
 // tile's element-wise work. Ping-pong: a producer warpgroup loads; a turn issues the previous tile's
 // dV and dK products and this tile's two score products.
 template <typename T, int kD, int kWG, int kBM, int kSched>

@@ -17,7 +17,8 @@ import _sources
 srcs = [os.path.join(root, "csrc/cuda/tools/schema_only.cc")] + [os.path.join(root, s) for s in _sources.cuda_sources()]
 build = os.path.join(os.environ.get("TMPDIR", "/tmp"), "ds_standalone")
 os.makedirs(build, exist_ok=True)
-cpp_extension.load(name="ds_standalone", sources=srcs, extra_cflags=["-O3", "-std=c++20"],
-                   extra_cuda_cflags=list(_sources.NVCC_FLAGS), extra_include_paths=[os.path.join(root, "csrc"), os.path.join(root, "csrc", "include")],
+macros = [f"-D{k}" if v is None else f"-D{k}={v}" for k, v in _sources.define_macros(True)]
+cpp_extension.load(name="ds_standalone", sources=srcs, extra_cflags=["-O3", "-std=c++20", *macros],
+                   extra_cuda_cflags=[*_sources.NVCC_FLAGS, *macros], extra_include_paths=[os.path.join(root, "csrc"), os.path.join(root, "csrc", "include")],
                    build_directory=build, is_python_module=False, verbose=False)
 print(glob.glob(os.path.join(build, "ds_standalone*.so"))[0])

@@ -38,7 +38,7 @@ DKV = {
 # Hopper (sm_90a, wgmma) variants, registered as variants 4, 5, ... of the same (op, dtype, head dim)
 # and preferred on compute capability 9.0 (attention.cu: pick()). Own files (*_sm90_*), compiled for
 # every arch but with real bodies only for sm_90a (kernels_sm90.cuh).
-# fwd / dq: (WG warpgroups of 64 query rows, BN keys per step, schedule: kernels_sm90.cuh FwdSched); dkv: (WG warpgroups of 64 keys, BM queries per step, overlap). A last True marks a
+# fwd / dq: (WG warpgroups of 64 query rows, BN keys per step, schedule: kernels_sm90.cuh Sm90Sched); dkv: (WG warpgroups of 64 keys, BM queries per step, overlap). A last True marks a
 # small-block variant.
 FWD_SM90 = {
     64: [("2", "128", "kSchedPingPong"), ("1", "64", "kSchedOverlap", True), ("2", "128", "kSchedLockstep"),
