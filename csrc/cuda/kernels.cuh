@@ -166,6 +166,154 @@ __device__ __forceinline__ void store2(T* dst, float x, float y) {
   *reinterpret_cast<uint32_t*>(dst) = v;
 }
 
+// A primary query tile of the forward / dQ kernels: where it is, its token rules and the entries
+// it walks (only a piece of them for a split forward row, whose partial result goes to `slot`).
+struct QueryTile {
+  int s, t, b, h, hk, m0;
+  Rules R;
+  Entries E;
+  int e0 = 0;
+  int slot = -1;
+};
+
+__device__ __forceinline__ QueryTile make_query_tile(const Params& p, int bm) {
+  QueryTile w;
+  decode_item(p, blockIdx.x, w.s, w.t, w.b, w.h);
+  w.hk = w.h / p.G;
+  w.m0 = w.t * bm;
+  w.R = make_rules(p, w.b);
+  w.E = make_entries(p.tl, w.s, w.t);
+  if (p.tl.work != nullptr) {
+    const int4 piece = p.tl.work[blockIdx.x / p.tl.rep];
+    w.e0 = piece.y;
+    w.E.n = piece.z;
+    w.slot = piece.w;
+  }
+  return w;
+}
+
+// The first entry at or after `from` whose (bm-row, bn-column) tile pair at rows m0 holds an
+// allowed element: its secondary tile, membership mask and pair_state; E.n when none is left.
+__device__ __forceinline__ int next_pair(const Entries& E, const Rules& R, uint64_t full, int from, int m0,
+                                         int bm, int bn, int& kt, uint64_t& m, int& st) {
+  for (int i = from; i < E.n; ++i) {
+    E.get(i, kt, m);
+    st = pair_state(R, m0, bm, kt * bn, bn, m, full);
+    if (st != 0) return i;
+  }
+  return E.n;
+}
+
+// A primary key tile of the dK/dV kernels: (slice, tile, batch, kv head). False for a work item a
+// CTA skips: with a per-head layout items run over query heads and the group's first one does the
+// work for its kv head.
+__device__ __forceinline__ bool decode_key_tile(const Params& p, int& s, int& t, int& b, int& hk) {
+  int h;
+  decode_item(p, blockIdx.x, s, t, b, h);
+  if (p.Lh == 1) {
+    hk = h;  // decoded over the kv heads
+    return true;
+  }
+  hk = h / p.G;
+  return h % p.G == 0;
+}
+
+// Advances the cursor (GQA group member gg, entry it, entries E of that member's layout row) of key
+// tile t (keys from n0) to the first pair at or after it whose (bm-query, bn-key) tile pair holds an
+// allowed element; gg == G when none is left.
+__device__ __forceinline__ void next_group_pair(const Params& p, const Rules& R, int b, int hk, int t, int n0,
+                                                int bm, int bn, int& gg, int& it, Entries& E, int& qt,
+                                                uint64_t& m, int& st) {
+  while (gg < p.G) {
+    for (; it < E.n; ++it) {
+      E.get(it, qt, m);
+      st = pair_state(R, qt * bm, bm, n0, bn, m, p.tl.full);
+      if (st != 0) return;
+    }
+    ++gg;
+    it = 0;
+    if (gg < p.G) E = make_entries(p.tl, layout_slice(p, b, hk * p.G + gg), t);
+  }
+}
+
+// Per-element token rules and layout membership on one warp's 16 x (8 kN) accumulator fragment
+// (mma.sync m16n8 or wgmma layout) whose rows are queries (kTransposed = false) or keys (true);
+// elements not allowed become `fill`.
+template <int kN, bool kTransposed>
+__device__ __forceinline__ void mask_tile(float (&S)[kN][4], const Rules& R, const TileList& tl,
+                                          uint64_t msk, int row_tile0, int row_local0, int col_tile0,
+                                          int g, int t4, float fill) {
+#pragma unroll
+  for (int nt = 0; nt < kN; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int rl = row_local0 + g + (e >> 1) * 8;
+      const int cl = nt * 8 + 2 * t4 + (e & 1);
+      const bool ok = kTransposed ? R.ok(col_tile0 + cl, row_tile0 + rl) && member(msk, rl, cl, tl)
+                                  : R.ok(row_tile0 + rl, col_tile0 + cl) && member(msk, rl, cl, tl);
+      if (!ok) S[nt][e] = fill;
+    }
+}
+
+// Forward epilogue of 16 rows (tile rows row_local.. of an accumulator fragment): the normalised
+// output and lse, or for a piece of a split row the fp32 partials merge_kernel combines.
+template <typename T, int kD>
+__device__ __forceinline__ void store_fwd_rows(const Params& p, const QueryTile& w, int bm,
+                                               const float (&acc)[kD / 8][4], const float (&mrow)[2],
+                                               const float (&lrow)[2], int row_local, int g, int t4) {
+  if (w.slot >= 0) {
+    const int64_t ws = static_cast<int64_t>(w.slot) * p.tl.rep + static_cast<int>(blockIdx.x % p.tl.rep);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float l = quad_sum(lrow[r]);
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const int il = row_local + g + r * 8;
+      float* orow = p.opart + (ws * bm + il) * p.D;
+#pragma unroll
+      for (int nt = 0; nt < kD / 8; ++nt) {
+        const int d = nt * 8 + 2 * t4;
+        if (d < p.D) *reinterpret_cast<float2*>(orow + d) = make_float2(acc[nt][2 * r] * inv, acc[nt][2 * r + 1] * inv);
+      }
+      if (t4 == 0) p.lpart[ws * bm + il] = l > 0.f ? (mrow[r] + __log2f(l)) * kLn2 : -INFINITY;
+    }
+    return;
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float l = quad_sum(lrow[r]);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int i = w.m0 + row_local + g + r * 8;
+    if (i >= p.Sq) continue;
+    T* orow = static_cast<T*>(p.out) + ((static_cast<int64_t>(w.b) * p.Sq + i) * p.H + w.h) * p.D;
+#pragma unroll
+    for (int nt = 0; nt < kD / 8; ++nt) {
+      const int d = nt * 8 + 2 * t4;
+      if (d < p.D) store2(orow + d, acc[nt][2 * r] * inv, acc[nt][2 * r + 1] * inv);
+    }
+    if (t4 == 0) {
+      p.lse_out[(static_cast<int64_t>(w.b) * p.H + w.h) * p.Sq + i] = l > 0.f ? (mrow[r] + __log2f(l)) * kLn2 : -INFINITY;
+    }
+  }
+}
+
+// 16 rows x kCols columns (from column col0) of an accumulator fragment, times `scale`, stored to
+// rows row0 + g (+ 8) of a contiguous [B, seq, heads, D] tensor at (b, head).
+template <typename T, int kCols>
+__device__ __forceinline__ void store_rows(void* base, const float (&acc)[kCols / 8][4], int b, int seq, int heads,
+                                           int head, int D, int row0, int col0, float scale, int g, int t4) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = row0 + g + r * 8;
+    if (i >= seq) continue;
+    T* row = static_cast<T*>(base) + ((static_cast<int64_t>(b) * seq + i) * heads + head) * D;
+#pragma unroll
+    for (int nt = 0; nt < kCols / 8; ++nt) {
+      const int d = col0 + nt * 8 + 2 * t4;
+      if (d < D) store2(row + d, acc[nt][2 * r] * scale, acc[nt][2 * r + 1] * scale);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
@@ -184,39 +332,23 @@ __global__ void __launch_bounds__(FwdCfg<kD, kBM, kBN, kMT>::kWarps * 32, 1)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const int wrow = warp * 16 * kMT;  // this warp's first row in the tile
-  int s, t, b, h;
-  decode_item(p, blockIdx.x, s, t, b, h);
-  const int hk = h / p.G;
-  const int m0 = t * kBM;
-  const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
-  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
-  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
-  const Rules R = make_rules(p, b);
-  Entries E = make_entries(p.tl, s, t);
-  int e0 = 0, slot = -1;
-  if (p.tl.work != nullptr) {  // a piece of a split row: entries [e0, e1), partial result to `slot`
-    const int4 w = p.tl.work[blockIdx.x / p.tl.rep];
-    e0 = w.y;
-    E.n = w.z;
-    slot = w.w;
-  }
-  const uint64_t full = p.tl.full;
+  const QueryTile W = make_query_tile(p, kBM);
+  const int m0 = W.m0;
+  const T* qg = static_cast<const T*>(p.q) + W.b * p.q_sb + W.h * p.q_sh;
+  const T* kg = static_cast<const T*>(p.k) + W.b * p.k_sb + W.hk * p.k_sh;
+  const T* vg = static_cast<const T*>(p.v) + W.b * p.v_sb + W.hk * p.v_sh;
+  const Entries& E = W.E;
 
   load_tile<T, kBM, kD, kNT>(sQ, qg, p.q_ss, m0, p.Sq, p.D, tid);
   cp_async_commit();
 
-  auto find = [&](int from, int& kt, uint64_t& m, int& st) -> int {
-    for (int i = from; i < E.n; ++i) {
-      E.get(i, kt, m);
-      st = pair_state(R, m0, kBM, kt * kBN, kBN, m, full);
-      if (st != 0) return i;
-    }
-    return E.n;
+  auto find = [&](int from, int& kt, uint64_t& m, int& st) {
+    return next_pair(E, W.R, p.tl.full, from, m0, kBM, kBN, kt, m, st);
   };
 
   int kt = 0, state = 0;
   uint64_t msk = 0;
-  int it = find(e0, kt, msk, state);
+  int it = find(W.e0, kt, msk, state);
   if (it < E.n) {
     load_tile<T, kBN, kD, kNT>(sK, kg, p.k_ss, kt * kBN, p.Sk, p.D, tid);
     load_tile<T, kBN, kD, kNT>(sV, vg, p.v_ss, kt * kBN, p.Sk, p.D, tid);
@@ -288,20 +420,10 @@ __global__ void __launch_bounds__(FwdCfg<kD, kBM, kBN, kMT>::kWarps * 32, 1)
         }
       }
     }
-    const int n0 = kt * kBN;
     if (state == 2) {
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < kBN / 8; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int il = wrow + mt * 16 + g + (e >> 1) * 8;
-            const int jl = nt * 8 + 2 * t4 + (e & 1);
-            const bool ok = R.ok(m0 + il, n0 + jl) && member(msk, il, jl, p.tl);
-            if (!ok) S[mt][nt][e] = -INFINITY;
-          }
-        }
+        mask_tile<kBN / 8, false>(S[mt], W.R, p.tl, msk, m0, wrow + mt * 16, kt * kBN, g, t4, -INFINITY);
     }
     // Online softmax (log2 domain).
 #pragma unroll
@@ -366,49 +488,8 @@ __global__ void __launch_bounds__(FwdCfg<kD, kBM, kBN, kMT>::kWarps * 32, 1)
   }
   cp_async_wait<0>();
 
-  if (slot >= 0) {  // split row: normalised partial output and its lse, merged by merge_kernel
-    const int64_t ws = static_cast<int64_t>(slot) * p.tl.rep + static_cast<int>(blockIdx.x % p.tl.rep);
 #pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float l = quad_sum(lrow[mt][r]);
-        const float inv = l > 0.f ? 1.f / l : 0.f;
-        const int il = wrow + mt * 16 + g + r * 8;
-        float* orow = p.opart + (ws * kBM + il) * p.D;
-#pragma unroll
-        for (int nt = 0; nt < kD / 8; ++nt) {
-          const int d = nt * 8 + 2 * t4;
-          if (d < p.D) *reinterpret_cast<float2*>(orow + d) = make_float2(acc[mt][nt][2 * r] * inv, acc[mt][nt][2 * r + 1] * inv);
-        }
-        if (t4 == 0) p.lpart[ws * kBM + il] = l > 0.f ? (mrow[mt][r] + __log2f(l)) * kLn2 : -INFINITY;
-      }
-    }
-    return;
-  }
-  // Epilogue.
-  T* og = static_cast<T*>(p.out);
-#pragma unroll
-  for (int mt = 0; mt < kMT; ++mt) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float l = quad_sum(lrow[mt][r]);
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-      const int i = m0 + wrow + mt * 16 + g + r * 8;
-      if (i < p.Sq) {
-        T* orow = og + ((static_cast<int64_t>(b) * p.Sq + i) * p.H + h) * p.D;
-#pragma unroll
-        for (int nt = 0; nt < kD / 8; ++nt) {
-          const int d = nt * 8 + 2 * t4;
-          if (d < p.D) store2(orow + d, acc[mt][nt][2 * r] * inv, acc[mt][nt][2 * r + 1] * inv);
-        }
-        if (t4 == 0) {
-          p.lse_out[(static_cast<int64_t>(b) * p.H + h) * p.Sq + i] =
-              l > 0.f ? (mrow[mt][r] + __log2f(l)) * kLn2 : -INFINITY;
-        }
-      }
-    }
-  }
+  for (int mt = 0; mt < kMT; ++mt) store_fwd_rows<T, kD>(p, W, kBM, acc[mt], mrow[mt], lrow[mt], wrow + mt * 16, g, t4);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -429,29 +510,20 @@ __global__ void __launch_bounds__(DqCfg<kD, kBM, kBN, kMT>::kWarps * 32, 1)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const int wrow = warp * 16 * kMT;
-  int s, t, b, h;
-  decode_item(p, blockIdx.x, s, t, b, h);
-  const int hk = h / p.G;
-  const int m0 = t * kBM;
+  const QueryTile W = make_query_tile(p, kBM);
+  const int m0 = W.m0, b = W.b, h = W.h;
   const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
   const T* dog = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh;
-  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
-  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
-  const Rules R = make_rules(p, b);
-  const Entries E = make_entries(p.tl, s, t);
-  const uint64_t full = p.tl.full;
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + W.hk * p.k_sh;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + W.hk * p.v_sh;
+  const Entries& E = W.E;
 
   load_tile<T, kBM, kD, kNT>(sQ, qg, p.q_ss, m0, p.Sq, p.D, tid);
   load_tile<T, kBM, kD, kNT>(sdO, dog, p.do_ss, m0, p.Sq, p.D, tid);
   cp_async_commit();
 
-  auto find = [&](int from, int& kt, uint64_t& m, int& st) -> int {
-    for (int i = from; i < E.n; ++i) {
-      E.get(i, kt, m);
-      st = pair_state(R, m0, kBM, kt * kBN, kBN, m, full);
-      if (st != 0) return i;
-    }
-    return E.n;
+  auto find = [&](int from, int& kt, uint64_t& m, int& st) {
+    return next_pair(E, W.R, p.tl.full, from, m0, kBM, kBN, kt, m, st);
   };
   int kt = 0, state = 0;
   uint64_t msk = 0;
@@ -525,22 +597,18 @@ __global__ void __launch_bounds__(DqCfg<kD, kBM, kBN, kMT>::kWarps * 32, 1)
         }
       }
     }
-    const int n0 = kt * kBN;
 #pragma unroll
-    for (int mt = 0; mt < kMT; ++mt)
+    for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-      for (int nt = 0; nt < kBN / 8; ++nt) {
+      for (int nt = 0; nt < kBN / 8; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float pr = fast_exp2(fmaf(S[mt][nt][e], sl2, -lse2[mt][e >> 1]));
-          if (state == 2) {
-            const int il = wrow + mt * 16 + g + (e >> 1) * 8;
-            const int jl = nt * 8 + 2 * t4 + (e & 1);
-            if (!(R.ok(m0 + il, n0 + jl) && member(msk, il, jl, p.tl))) pr = 0.f;
-          }
-          S[mt][nt][e] = pr * (dP[mt][nt][e] - dl[mt][e >> 1]);  // dS
-        }
-      }
+        for (int e = 0; e < 4; ++e) S[mt][nt][e] = fast_exp2(fmaf(S[mt][nt][e], sl2, -lse2[mt][e >> 1]));
+      if (state == 2) mask_tile<kBN / 8, false>(S[mt], W.R, p.tl, msk, m0, wrow + mt * 16, kt * kBN, g, t4, 0.f);
+#pragma unroll
+      for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) S[mt][nt][e] *= dP[mt][nt][e] - dl[mt][e >> 1];  // dS
+    }
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
       uint32_t a[kMT][4];
@@ -571,21 +639,9 @@ __global__ void __launch_bounds__(DqCfg<kD, kBM, kBN, kMT>::kWarps * 32, 1)
   }
   cp_async_wait<0>();
 
-  T* dqg = static_cast<T*>(p.dq);
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int i = m0 + wrow + mt * 16 + g + r * 8;
-      if (i < p.Sq) {
-        T* row = dqg + ((static_cast<int64_t>(b) * p.Sq + i) * p.H + h) * p.D;
-#pragma unroll
-        for (int nt = 0; nt < kD / 8; ++nt) {
-          const int d = nt * 8 + 2 * t4;
-          if (d < p.D) store2(row + d, acc[mt][nt][2 * r] * p.scale, acc[mt][nt][2 * r + 1] * p.scale);
-        }
-      }
-    }
+    store_rows<T, kD>(p.dq, acc[mt], b, p.Sq, p.H, h, p.D, m0 + wrow + mt * 16, 0, p.scale, g, t4);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -608,21 +664,13 @@ __global__ void __launch_bounds__(DkvCfg<kD, kBN, kBM, kDO>::kWarps * 32, 1)
   float* sDl = sL + 2 * kBM;                                 // [2][kBM]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
-  int s, t, b, h;
-  decode_item(p, blockIdx.x, s, t, b, h);
-  int hk;
-  if (p.Lh == 1) {
-    hk = h;  // decoded over the kv heads
-  } else {
-    if (h % p.G != 0) return;  // the group's first query head does the work
-    hk = h / p.G;
-  }
+  int s, t, b, hk;
+  if (!decode_key_tile(p, s, t, b, hk)) return;
   const int dcol0 = blockIdx.y * kDO;
   const int n0 = t * kBN;
   const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
   const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
   const Rules R = make_rules(p, b);
-  const uint64_t full = p.tl.full;
 
   load_tile<T, kBN, kD, kNT>(sK, kg, p.k_ss, n0, p.Sk, p.D, tid);
   load_tile<T, kBN, kD, kNT>(sV, vg, p.v_ss, n0, p.Sk, p.D, tid);
@@ -630,16 +678,7 @@ __global__ void __launch_bounds__(DkvCfg<kD, kBN, kBM, kDO>::kWarps * 32, 1)
 
   // Cursor over (group member gg, entry it).
   auto find = [&](int& gg, int& it, Entries& E, int& qt, uint64_t& m, int& st) {
-    while (gg < p.G) {
-      for (; it < E.n; ++it) {
-        E.get(it, qt, m);
-        st = pair_state(R, qt * kBM, kBM, n0, kBN, m, full);
-        if (st != 0) return;
-      }
-      ++gg;
-      it = 0;
-      if (gg < p.G) E = make_entries(p.tl, layout_slice(p, b, hk * p.G + gg), t);
-    }
+    next_group_pair(p, R, b, hk, t, n0, kBM, kBN, gg, it, E, qt, m, st);
   };
   auto load_q = [&](int bufi, int gg, int qt) {
     const int hq = hk * p.G + gg;
@@ -706,18 +745,10 @@ __global__ void __launch_bounds__(DkvCfg<kD, kBN, kBM, kDO>::kWarps * 32, 1)
     }
     // P^T
 #pragma unroll
-    for (int nt = 0; nt < kBM / 8; ++nt) {
+    for (int nt = 0; nt < kBM / 8; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int il = nt * 8 + 2 * t4 + (e & 1);  // query (column)
-        float pr = fast_exp2(fmaf(S[nt][e], sl2, -lse_to_log2(lrow[il])));
-        if (state == 2) {
-          const int jl = warp * 16 + g + (e >> 1) * 8;  // key (row)
-          if (!(R.ok(m0 + il, n0 + jl) && member(msk, jl, il, p.tl))) pr = 0.f;
-        }
-        S[nt][e] = pr;
-      }
-    }
+      for (int e = 0; e < 4; ++e) S[nt][e] = fast_exp2(fmaf(S[nt][e], sl2, -lse_to_log2(lrow[nt * 8 + 2 * t4 + (e & 1)])));
+    if (state == 2) mask_tile<kBM / 8, true>(S, R, p.tl, msk, n0, warp * 16, m0, g, t4, 0.f);
     // dV += P^T dO
 #pragma unroll
     for (int kk = 0; kk < kBM / 16; ++kk) {
@@ -786,23 +817,8 @@ __global__ void __launch_bounds__(DkvCfg<kD, kBN, kBM, kDO>::kWarps * 32, 1)
   }
   cp_async_wait<0>();
 
-  T* dkg = static_cast<T*>(p.dk);
-  T* dvg = static_cast<T*>(p.dv);
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int j = n0 + warp * 16 + g + r * 8;
-    if (j < p.Sk) {
-      const int64_t off = ((static_cast<int64_t>(b) * p.Sk + j) * p.Hkv + hk) * p.D;
-#pragma unroll
-      for (int nt = 0; nt < kDO / 8; ++nt) {
-        const int d = dcol0 + nt * 8 + 2 * t4;
-        if (d < p.D) {
-          store2(dkg + off + d, dK[nt][2 * r] * p.scale, dK[nt][2 * r + 1] * p.scale);
-          store2(dvg + off + d, dV[nt][2 * r], dV[nt][2 * r + 1]);
-        }
-      }
-    }
-  }
+  store_rows<T, kDO>(p.dk, dK, b, p.Sk, p.Hkv, hk, p.D, n0 + warp * 16, dcol0, p.scale, g, t4);
+  store_rows<T, kDO>(p.dv, dV, b, p.Sk, p.Hkv, hk, p.D, n0 + warp * 16, dcol0, 1.f, g, t4);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -849,43 +865,35 @@ __global__ void __launch_bounds__(256) merge_kernel(const __grid_constant__ Para
   }
 }
 
-// The dynamic shared-memory limit is raised once per kernel and device (`done` is a static of the
-// calling launcher, so one per kernel instantiation).
-template <typename K>
-inline void set_smem_once(bool (&done)[64], K kern, int smem) {
+// Launch of one kernel instantiation; its dynamic shared-memory limit is raised once per device.
+template <auto kKernel, int kThreads, int kSmem, int kGridY = 1>
+void launch_kernel(const Params& p, int64_t items, cudaStream_t stream) {
+  static bool done[64] = {};
   int dev = 0;
   cudaGetDevice(&dev);
   if (!done[dev & 63]) {
-    cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
     done[dev & 63] = true;
   }
+  kKernel<<<dim3(static_cast<unsigned>(items), kGridY), kThreads, kSmem, stream>>>(p);
 }
 
 template <typename T, int kD, int kBM, int kBN, int kMT>
 void launch_fwd(const Params& p, int64_t items, cudaStream_t stream) {
   using Cfg = FwdCfg<kD, kBM, kBN, kMT>;
-  auto kern = &fwd_kernel<T, kD, kBM, kBN, kMT>;
-  static bool done[64] = {};
-  set_smem_once(done, kern, Cfg::kSmem);
-  kern<<<dim3(static_cast<unsigned>(items)), Cfg::kWarps * 32, Cfg::kSmem, stream>>>(p);
+  launch_kernel<&fwd_kernel<T, kD, kBM, kBN, kMT>, Cfg::kWarps * 32, Cfg::kSmem>(p, items, stream);
 }
 
 template <typename T, int kD, int kBM, int kBN, int kMT>
 void launch_dq(const Params& p, int64_t items, cudaStream_t stream) {
   using Cfg = DqCfg<kD, kBM, kBN, kMT>;
-  auto kern = &dq_kernel<T, kD, kBM, kBN, kMT>;
-  static bool done[64] = {};
-  set_smem_once(done, kern, Cfg::kSmem);
-  kern<<<dim3(static_cast<unsigned>(items)), Cfg::kWarps * 32, Cfg::kSmem, stream>>>(p);
+  launch_kernel<&dq_kernel<T, kD, kBM, kBN, kMT>, Cfg::kWarps * 32, Cfg::kSmem>(p, items, stream);
 }
 
 template <typename T, int kD, int kBN, int kBM, int kDO>
 void launch_dkv(const Params& p, int64_t items, cudaStream_t stream) {
   using Cfg = DkvCfg<kD, kBN, kBM, kDO>;
-  auto kern = &dkv_kernel<T, kD, kBN, kBM, kDO>;
-  static bool done[64] = {};
-  set_smem_once(done, kern, Cfg::kSmem);
-  kern<<<dim3(static_cast<unsigned>(items), kD / kDO), Cfg::kWarps * 32, Cfg::kSmem, stream>>>(p);
+  launch_kernel<&dkv_kernel<T, kD, kBN, kBM, kDO>, Cfg::kWarps * 32, Cfg::kSmem, kD / kDO>(p, items, stream);
 }
 
 // Registration helpers used by the instantiation files.
