@@ -333,29 +333,53 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
 // Delta = rowsum(dout * out), fp32, [B, H, Sq]
 // ---------------------------------------------------------------------------------------------
 
-template <typename T>
-__global__ void delta_kernel(const T* __restrict__ o, const T* __restrict__ dout, float* delta,
-                             int64_t o_sb, int64_t o_ss, int64_t o_sh, int64_t d_sb, int64_t d_ss,
-                             int64_t d_sh, int B, int Sq, int H, int D) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= static_cast<int64_t>(B) * Sq * H) return;
+// kTPR threads per row (16 bytes each, a power of two covering D), 256 / kTPR rows per CTA, so
+// every lane loads at any head dim.
+template <typename T, int kTPR>
+__global__ void __launch_bounds__(256) delta_kernel(const T* __restrict__ o, const T* __restrict__ dout, float* delta,
+                                                    int64_t o_sb, int64_t o_ss, int64_t o_sh, int64_t d_sb,
+                                                    int64_t d_ss, int64_t d_sh, int B, int Sq, int H, int D) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (256 / kTPR) + threadIdx.x / kTPR;
+  const int sub = threadIdx.x % kTPR;
+  const bool valid = row < static_cast<int64_t>(B) * Sq * H;
   const int h = static_cast<int>(row % H);
   const int i = static_cast<int>((row / H) % Sq);
   const int b = static_cast<int>(row / (static_cast<int64_t>(H) * Sq));
   float acc = 0.f;
-  const int d = lane * 8;
-  if (d < D) {
-    const uint4 ov = *reinterpret_cast<const uint4*>(o + b * o_sb + i * o_ss + h * o_sh + d);
-    const uint4 dv = *reinterpret_cast<const uint4*>(dout + b * d_sb + i * d_ss + h * d_sh + d);
-    const T* oe = reinterpret_cast<const T*>(&ov);
-    const T* de = reinterpret_cast<const T*>(&dv);
+  if (valid) {
+    for (int d = sub * 8; d < D; d += kTPR * 8) {
+      const uint4 ov = *reinterpret_cast<const uint4*>(o + b * o_sb + i * o_ss + h * o_sh + d);
+      const uint4 dv = *reinterpret_cast<const uint4*>(dout + b * d_sb + i * d_ss + h * d_sh + d);
+      const T* oe = reinterpret_cast<const T*>(&ov);
+      const T* de = reinterpret_cast<const T*>(&dv);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) acc += to_float(oe[e]) * to_float(de[e]);
+      for (int e = 0; e < 8; ++e) acc += to_float(oe[e]) * to_float(de[e]);
+    }
   }
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  if (lane == 0) delta[(static_cast<int64_t>(b) * H + h) * Sq + i] = acc;
+  for (int off = kTPR / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (valid && sub == 0) delta[(static_cast<int64_t>(b) * H + h) * Sq + i] = acc;
+}
+
+template <typename T>
+void launch_delta(const Params& p, cudaStream_t stream) {
+  const int64_t rows = static_cast<int64_t>(p.B) * p.Sq * p.H;
+  auto run = [&](auto tpr) {
+    constexpr int kTPR = decltype(tpr)::value;
+    const auto grid = static_cast<unsigned>((rows + 256 / kTPR - 1) / (256 / kTPR));
+    delta_kernel<T, kTPR><<<grid, 256, 0, stream>>>(static_cast<const T*>(p.o), static_cast<const T*>(p.dout),
+                                                    p.delta, p.o_sb, p.o_ss, p.o_sh, p.do_sb, p.do_ss, p.do_sh,
+                                                    p.B, p.Sq, p.H, p.D);
+  };
+  if (p.D <= 32) {
+    run(std::integral_constant<int, 4>{});
+  } else if (p.D <= 64) {
+    run(std::integral_constant<int, 8>{});
+  } else if (p.D <= 128) {
+    run(std::integral_constant<int, 16>{});
+  } else {
+    run(std::integral_constant<int, 32>{});
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -506,7 +530,18 @@ bool device_is_sm90() {
 // default's tile, the variant of the default's family (wgmma or mma.sync) marked `small` with the
 // largest tile <= the block is taken, if any (fewer wasted rows per tile; marked where measured
 // faster, gen_instantiations.py).
-const KernelEntry& pick(Op op, const at::Tensor& q, int kD, int prim_block) {
+// Rows at most this many secondary tokens long on average (about five 128-key tiles) take a
+// "short rows" variant where one exists (fwd D128 on sm_90: two primary buffers, two ring stages).
+constexpr double kShortRowTokens = 640.0;
+
+// Average secondary tokens a primary row (of `rows` in all slices) walks: nnz blocks x secondary block
+// x the GQA group a dK/dV column covers.
+double tokens_per_row(const at::Tensor& index, int64_t rows, int64_t sec_block, int64_t group) {
+  return rows > 0 ? static_cast<double>(index.numel()) * sec_block * group / rows : 0.0;
+}
+
+// sec_per_row: secondary tokens an average primary row walks (its active blocks x block size).
+const KernelEntry& pick(Op op, const at::Tensor& q, int kD, int prim_block, double sec_per_row) {
   const int di = dtype_index(q);
   TORCH_CHECK(di >= 0, "dilated_sparse CUDA: q must be float16 or bfloat16, got ", q.scalar_type());
   const int hi = head_dim_index(kD);
@@ -529,7 +564,14 @@ const KernelEntry& pick(Op op, const at::Tensor& q, int kD, int prim_block) {
       break;
     }
   }
-  if (prim_block >= arr[def].pm) return arr[def];
+  if (prim_block >= arr[def].pm) {
+    if (sec_per_row <= kShortRowTokens) {
+      for (int v = 0; v < kMaxVariants; ++v) {
+        if (usable(v) && arr[v].short_rows && arr[v].arch == arr[def].arch && arr[v].pm == arr[def].pm) return arr[v];
+      }
+    }
+    return arr[def];
+  }
   int best = def;
   for (int v = 0; v < kMaxVariants; ++v) {
     // Same kernel family as the default: on sm_90 a wgmma tile with a partly used primary tile
@@ -606,6 +648,11 @@ Params base_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   return p;
 }
 
+// Zeroed work counters of the persistent (sm_90a) kernels, one per launch; undefined for none.
+at::Tensor work_counters(int n, const at::Tensor& like) {
+  return n > 0 ? at::zeros({n}, like.options().dtype(at::kInt)) : at::Tensor();
+}
+
 at::Tensor opt_contig(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->contiguous() : at::Tensor();
 }
@@ -629,7 +676,9 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
   auto lse = at::empty({B, H, Sq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
   const int kD = padded_head_dim(D);
-  const KernelEntry& kf = pick(kOpFwd, q, kD, static_cast<int>(block_q));
+  const int64_t nqb = (Sq + block_q - 1) / block_q;
+  const KernelEntry& kf = pick(kOpFwd, q, kD, static_cast<int>(block_q),
+                               tokens_per_row(col, layout_batch * layout_heads * nqb, block_k, 1));
   const at::Tensor klen = opt_contig(key_lengths), kpm = opt_contig(key_padding_mask);
   const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
   Params p = base_params(q, k, v, block_q, block_k, layout_batch, layout_heads, scale, causal,
@@ -650,6 +699,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
     p.lpart = lpart.data_ptr<float>();
   }
   const int64_t units = p.tl.work != nullptr ? keep.nwork : static_cast<int64_t>(L) * p.tl.ntiles;
+  const at::Tensor counter = work_counters(kf.arch == 90 ? 1 : 0, q);
+  p.work_counter = counter.defined() ? counter.data_ptr<int>() : nullptr;
   kf.fn(p, units * rep, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.tl.work != nullptr && keep.nsplit > 0) {
@@ -697,8 +748,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     return {dq, dk, dv};
   }
   const int kD = padded_head_dim(D);
-  const KernelEntry& kdq = pick(kOpDq, q, kD, static_cast<int>(block_q));
-  const KernelEntry& kdkv = pick(kOpDkv, q, kD, static_cast<int>(block_k));
+  const int64_t nqb = (Sq + block_q - 1) / block_q, nkb = (Sk + block_k - 1) / block_k;
+  const KernelEntry& kdq = pick(kOpDq, q, kD, static_cast<int>(block_q),
+                                tokens_per_row(col, layout_batch * layout_heads * nqb, block_k, 1));
+  const KernelEntry& kdkv = pick(kOpDkv, q, kD, static_cast<int>(block_k),
+                                 tokens_per_row(rowi, layout_batch * layout_heads * nkb, block_q, H / Hkv));
   const at::Tensor klen = opt_contig(key_lengths), kpm = opt_contig(key_padding_mask);
   const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
   const at::Tensor ccol_c = ccol.contiguous(), rowi_c = rowi.contiguous();
@@ -715,28 +769,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  if (kdq.arch != 90) {  // the sm_90a dQ kernel computes Delta itself
-    const int64_t rows = B * Sq * H;
-    const int threads = 256;
-    const int64_t blocks = (rows + 7) / 8;
-    if (q.scalar_type() == at::kHalf) {
-      delta_kernel<__half><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-          static_cast<const __half*>(p.o), static_cast<const __half*>(p.dout), p.delta, p.o_sb,
-          p.o_ss, p.o_sh, p.do_sb, p.do_ss, p.do_sh, p.B, p.Sq, p.H, p.D);
-    } else {
-      delta_kernel<__nv_bfloat16><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-          static_cast<const __nv_bfloat16*>(p.o), static_cast<const __nv_bfloat16*>(p.dout),
-          p.delta, p.o_sb, p.o_ss, p.o_sh, p.do_sb, p.do_ss, p.do_sh, p.B, p.Sq, p.H, p.D);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (q.scalar_type() == at::kHalf) {
+    launch_delta<__half>(p, stream);
+  } else {
+    launch_delta<__nv_bfloat16>(p, stream);
   }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int L = p.Lb * p.Lh;
+  const at::Tensor counters = work_counters((kdq.arch == 90) + (kdkv.arch == 90), q);
+  int* next_counter = counters.defined() ? counters.data_ptr<int>() : nullptr;
   PlanBufs keep_q, keep_k;
   {
     const int rep = static_cast<int>(B * H / L);
     Params pq = p;
     pq.tl = plan_tiles(crow_c, col_c, L, p.nqb, p.Sq, kdq.pm, p.bq, kdq.sn, p.bk, rep, p.H, keep_q,
                         stream);
+    if (kdq.arch == 90) pq.work_counter = next_counter++;
     kdq.fn(pq, static_cast<int64_t>(L) * pq.tl.ntiles * rep, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -747,6 +795,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     Params pk = p;
     pk.tl = plan_tiles(ccol_c, rowi_c, L, p.nkb, p.Sk, kdkv.pm, p.bk, kdkv.sn, p.bq, rep, hdec,
                         keep_k, stream);
+    if (kdkv.arch == 90) pk.work_counter = next_counter++;
     kdkv.fn(pk, static_cast<int64_t>(L) * pk.tl.ntiles * rep, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

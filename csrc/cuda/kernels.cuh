@@ -174,17 +174,19 @@ struct QueryTile {
   Entries E;
   int e0 = 0;
   int slot = -1;
+  int64_t item = 0;
 };
 
-__device__ __forceinline__ QueryTile make_query_tile(const Params& p, int bm) {
+__device__ __forceinline__ QueryTile make_query_tile(const Params& p, int bm, int64_t item) {
   QueryTile w;
-  decode_item(p, blockIdx.x, w.s, w.t, w.b, w.h);
+  w.item = item;
+  decode_item(p, item, w.s, w.t, w.b, w.h);
   w.hk = w.h / p.G;
   w.m0 = w.t * bm;
   w.R = make_rules(p, w.b);
   w.E = make_entries(p.tl, w.s, w.t);
   if (p.tl.work != nullptr) {
-    const int4 piece = p.tl.work[blockIdx.x / p.tl.rep];
+    const int4 piece = p.tl.work[item / p.tl.rep];
     w.e0 = piece.y;
     w.E.n = piece.z;
     w.slot = piece.w;
@@ -207,9 +209,10 @@ __device__ __forceinline__ int next_pair(const Entries& E, const Rules& R, uint6
 // A primary key tile of the dK/dV kernels: (slice, tile, batch, kv head). False for a work item a
 // CTA skips: with a per-head layout items run over query heads and the group's first one does the
 // work for its kv head.
-__device__ __forceinline__ bool decode_key_tile(const Params& p, int& s, int& t, int& b, int& hk) {
+__device__ __forceinline__ bool decode_key_tile(const Params& p, int64_t item, int& s, int& t, int& b,
+                                                int& hk) {
   int h;
-  decode_item(p, blockIdx.x, s, t, b, h);
+  decode_item(p, item, s, t, b, h);
   if (p.Lh == 1) {
     hk = h;  // decoded over the kv heads
     return true;
@@ -262,7 +265,7 @@ __device__ __forceinline__ void store_fwd_rows(const Params& p, const QueryTile&
                                                const float (&acc)[kD / 8][4], const float (&mrow)[2],
                                                const float (&lrow)[2], int row_local, int g, int t4) {
   if (w.slot >= 0) {
-    const int64_t ws = static_cast<int64_t>(w.slot) * p.tl.rep + static_cast<int>(blockIdx.x % p.tl.rep);
+    const int64_t ws = static_cast<int64_t>(w.slot) * p.tl.rep + static_cast<int>(w.item % p.tl.rep);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float l = quad_sum(lrow[r]);
@@ -332,7 +335,7 @@ __global__ void __launch_bounds__(FwdCfg<kD, kBM, kBN, kMT>::kWarps * 32, 1)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const int wrow = warp * 16 * kMT;  // this warp's first row in the tile
-  const QueryTile W = make_query_tile(p, kBM);
+  const QueryTile W = make_query_tile(p, kBM, blockIdx.x);
   const int m0 = W.m0;
   const T* qg = static_cast<const T*>(p.q) + W.b * p.q_sb + W.h * p.q_sh;
   const T* kg = static_cast<const T*>(p.k) + W.b * p.k_sb + W.hk * p.k_sh;
@@ -510,7 +513,7 @@ __global__ void __launch_bounds__(DqCfg<kD, kBM, kBN, kMT>::kWarps * 32, 1)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const int wrow = warp * 16 * kMT;
-  const QueryTile W = make_query_tile(p, kBM);
+  const QueryTile W = make_query_tile(p, kBM, blockIdx.x);
   const int m0 = W.m0, b = W.b, h = W.h;
   const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
   const T* dog = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh;
@@ -665,7 +668,7 @@ __global__ void __launch_bounds__(DkvCfg<kD, kBN, kBM, kDO>::kWarps * 32, 1)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   int s, t, b, hk;
-  if (!decode_key_tile(p, s, t, b, hk)) return;
+  if (!decode_key_tile(p, blockIdx.x, s, t, b, hk)) return;
   const int dcol0 = blockIdx.y * kDO;
   const int n0 = t * kBN;
   const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;

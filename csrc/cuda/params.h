@@ -64,6 +64,10 @@ struct Params {
   const int* key_lengths = nullptr;  // [B]
   const bool* kpm = nullptr;         // [B, Sk] contiguous, true = padding
   TileList tl;
+  // Persistent kernels (sm_90a ping-pong): a CTA's first work item is blockIdx.x, later ones come
+  // from this counter (zeroed before the launch) until `items` are taken.
+  int* work_counter = nullptr;
+  int64_t items = 0;
 };
 
 // Tile shapes. Every kernel is a template over its tile; the instantiation files register a few
@@ -122,9 +126,13 @@ struct KernelEntry {
   LaunchFn fn = nullptr;
   int pm = 0;
   int sn = 0;
-  int small = 0;  // may be picked automatically for blocks smaller than the default tile
-  int arch = 0;   // 90: sm_90a kernel (wgmma), used on compute capability 9.0 only; 0: any
+  int small = 0;       // may be picked automatically for blocks smaller than the default tile
+  int short_rows = 0;  // preferred when primary tiles walk few secondary rows (attention.cu: pick())
+  int arch = 0;        // 90: sm_90a kernel (wgmma), used on compute capability 9.0 only; 0: any
 };
+
+// Registration flags of a variant.
+enum VariantFlags { kFlagSmall = 1, kFlagShortRows = 2 };
 
 // dtype index: 0 = fp16, 1 = bf16. The default of each (op, dtype, head dim) is its first sm_90a
 // variant on a compute capability 9.0 device, else variant 0 (attention.cu: pick()).
@@ -135,12 +143,13 @@ struct Registry {
 Registry& registry();
 
 struct Registrar {
-  Registrar(Op op, int dtype, int kD, int variant, LaunchFn f, int pm, int sn, int small, int arch = 0) {
+  Registrar(Op op, int dtype, int kD, int variant, LaunchFn f, int pm, int sn, int flags, int arch = 0) {
     KernelEntry& k = registry().e[op][dtype][head_dim_index(kD)][variant];
     k.fn = f;
     k.pm = pm;
     k.sn = sn;
-    k.small = small;
+    k.small = (flags & kFlagSmall) != 0;
+    k.short_rows = (flags & kFlagShortRows) != 0;
     k.arch = arch;
   }
 };

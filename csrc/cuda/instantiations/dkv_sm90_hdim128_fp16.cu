@@ -4,8 +4,8 @@
 #include "../kernels_sm90.cuh"
 
 namespace dilated_sparse::cuda {
-DS_REGISTER_DKV_SM90(__half, 0, 128, 4, 2, 64, kSchedPingPong, 0)
+DS_REGISTER_DKV_SM90(__half, 0, 128, 4, 2, 64, kSchedPingPong2, 0)
 DS_REGISTER_DKV_SM90(__half, 0, 128, 5, 2, 64, kSchedLockstep, 0)
 DS_REGISTER_DKV_SM90(__half, 0, 128, 6, 2, 64, kSchedOverlap, 0)
-DS_REGISTER_DKV_SM90(__half, 0, 128, 7, 1, 64, kSchedOverlap, 0)
+DS_REGISTER_DKV_SM90(__half, 0, 128, 7, 2, 64, kSchedPingPong, 0)
 }  // namespace dilated_sparse::cuda

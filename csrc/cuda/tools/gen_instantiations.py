@@ -38,29 +38,33 @@ DKV = {
 # Hopper (sm_90a, wgmma) variants, registered as variants 4, 5, ... of the same (op, dtype, head dim)
 # and preferred on compute capability 9.0 (attention.cu: pick()). Own files (*_sm90_*), compiled for
 # every arch but with real bodies only for sm_90a (kernels_sm90.cuh).
-# fwd / dq: (WG warpgroups of 64 query rows, BN keys per step, schedule: kernels_sm90.cuh Sm90Sched); dkv: (WG warpgroups of 64 keys, BM queries per step, overlap). A last True marks a
-# small-block variant.
+# fwd / dq: (WG warpgroups of 64 query rows, BN keys per step, schedule: kernels_sm90.cuh Sm90Sched);
+# dkv: (WG warpgroups of 64 keys, BM queries per step, schedule). A last "small" marks a small-block
+# variant, "short" one the host prefers when the rows are short (attention.cu: pick()).
 FWD_SM90 = {
-    64: [("2", "128", "kSchedPingPong"), ("1", "64", "kSchedOverlap", True), ("2", "128", "kSchedLockstep"),
-         ("2", "128", "kSchedOverlap")],
-    128: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedLockstep", True),
-          ("2", "128", "kSchedOverlap")],
+    64: [("2", "128", "kSchedPingPong"), ("1", "64", "kSchedOverlap", "small"), ("2", "128", "kSchedLockstep"),
+         ("2", "128", "kSchedPingPong2")],
+    128: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedLockstep", "small"),
+          ("2", "128", "kSchedPingPong2", "short")],
 }
 DQ_SM90 = {
-    64: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedOverlap", True),
-         ("2", "64", "kSchedPingPong")],
+    64: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedOverlap", "small"),
+         ("2", "128", "kSchedPingPong2")],
     128: [("2", "64", "kSchedPingPong"), ("2", "128", "kSchedPingPong"), ("2", "64", "kSchedOverlap"),
-          ("2", "64", "kSchedLockstep")],
+          ("2", "64", "kSchedPingPong2")],
 }
 # D128 dQ and dK/dV: no small variant; the 128-row ping-pong tiles beat the 64-row ones at block 64 too.
 # D128 dQ variant 5 (128 keys, two stages) is 4% faster at block 128 but 16% slower at block 64.
+# kSchedPingPong2 (two buffers of primary tiles, so two ring stages at D128 fwd / dK/dV): D128 fwd
+# 17% faster with ~3 key blocks a row, 13% slower with ~13 (hence "short"); D128 dK/dV never slower.
 DKV_SM90 = {
-    64: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedOverlap", True),
-         ("2", "64", "kSchedPingPong")],
-    128: [("2", "64", "kSchedPingPong"), ("2", "64", "kSchedLockstep"), ("2", "64", "kSchedOverlap"),
-          ("1", "64", "kSchedOverlap")],
+    64: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedOverlap", "small"),
+         ("2", "128", "kSchedPingPong2")],
+    128: [("2", "64", "kSchedPingPong2"), ("2", "64", "kSchedLockstep"), ("2", "64", "kSchedOverlap"),
+          ("2", "64", "kSchedPingPong")],
 }
 SM90_FIRST_VARIANT = 4
+SM90_FLAGS = {"small": 1, "short": 2}  # KernelEntry flags (params.h)
 DTYPES = [("fp16", "__half", 0), ("bf16", "__nv_bfloat16", 1)]
 MACRO = {"fwd": "DS_REGISTER_FWD", "dq": "DS_REGISTER_DQ", "dkv": "DS_REGISTER_DKV"}
 HEADER = (
@@ -99,8 +103,8 @@ def main() -> None:
                     "namespace dilated_sparse::cuda {",
                 ]
                 for v, var in enumerate(variants):
-                    args = [str(x) for x in var if not isinstance(x, bool)]
-                    auto = int(isinstance(var[-1], bool) and var[-1])
+                    args = [str(x) for x in var[:3]]
+                    auto = SM90_FLAGS[var[3]] if len(var) > 3 else 0
                     lines.append(f"{MACRO[op]}_SM90({ctype}, {di}, {d}, {SM90_FIRST_VARIANT + v}, "
                                  f"{', '.join(args)}, {auto})")
                 lines.append("}  // namespace dilated_sparse::cuda")
