@@ -140,7 +140,7 @@ __global__ void plan_kernel(const int* __restrict__ ptr, const int* __restrict__
 }
 
 struct PlanBufs {
-  at::Tensor len, start, tile, mask, order;
+  at::Tensor len, start, tile, mask, order, runs;
   at::Tensor work, split;  // split plan (fwd), see make_split
   int64_t nwork = 0, nsplit = 0, nslots = 0;
 };
@@ -213,6 +213,21 @@ void make_split(PlanBufs& keep, TileList& tl, int rep, cudaStream_t stream) {
   tl.work = reinterpret_cast<const int4*>(keep.work.data_ptr<int>());
 }
 
+// Runs of equal values in a sorted length vector: [n, 2] int32 {first index, length} of the run
+// holding each index. Tensor ops only (no host sync), so plans can be built during graph capture.
+at::Tensor equal_length_runs(const at::Tensor& sorted_len) {
+  const int64_t n = sorted_len.numel();
+  const at::Tensor pos = at::arange(n, sorted_len.options().dtype(at::kLong));
+  at::Tensor starts = at::ones({n}, sorted_len.options().dtype(at::kBool));
+  if (n > 1) starts.slice(0, 1).copy_(sorted_len.slice(0, 1) != sorted_len.slice(0, 0, n - 1));
+  const at::Tensor first = std::get<0>(at::cummax(at::where(starts, pos, at::zeros_like(pos)), 0));
+  // The next run's first index (n after the last run): suffix minimum of the starts after each index.
+  at::Tensor next = at::full({n}, n, pos.options());
+  if (n > 1) next.slice(0, 0, n - 1).copy_(at::where(starts.slice(0, 1), pos.slice(0, 1), next.slice(0, 1)));
+  next = std::get<0>(at::cummin(next.flip(0), 0)).flip(0);
+  return at::stack({first, next - first}, 1).to(at::kInt).contiguous();
+}
+
 TileList build_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb, int prim_tokens,
                      int PT, int pb, int ST, int sb, int rep, int hdec, PlanBufs& keep,
                      cudaStream_t stream) {
@@ -255,14 +270,17 @@ TileList build_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int np
         startp, tilep, maskp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     keep.order = std::get<1>(at::sort(keep.len, /*stable=*/true, /*dim=*/0, /*descending=*/true));
+    keep.runs = equal_length_runs(keep.len.index_select(0, keep.order));
   } else {
     keep.order = at::empty({0}, iopt.dtype(at::kLong));
+    keep.runs = at::empty({0, 2}, iopt);
   }
   tl.len = keep.len.data_ptr<int>();
   tl.start = startp;
   tl.tile = tilep;
   tl.mask = maskp;
   tl.order = keep.order.data_ptr<int64_t>();
+  tl.runs = reinterpret_cast<const int2*>(keep.runs.data_ptr<int>());
   return tl;
 }
 

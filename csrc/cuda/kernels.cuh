@@ -44,12 +44,19 @@ __device__ __forceinline__ void decode_st(const Params& p, int64_t st, int r, in
   }
 }
 
-// Work item -> (slice, primary tile, batch, head). Items come longest tile first.
+// Work item -> (slice, primary tile, batch, head). Items come longest tile first; among tiles of
+// equal length, all of one repeat (batch, head) before the next, so the CTAs running at one time
+// share that head's keys and values in L2 (a split plan keeps the repeat innermost).
 __device__ __forceinline__ void decode_item(const Params& p, int64_t item, int& s, int& t, int& b,
                                             int& h) {
   const TileList& tl = p.tl;
-  const int64_t st = tl.work != nullptr ? tl.work[item / tl.rep].x : tl.order[item / tl.rep];
-  decode_st(p, st, static_cast<int>(item % tl.rep), s, t, b, h);
+  if (tl.work != nullptr) {
+    decode_st(p, tl.work[item / tl.rep].x, static_cast<int>(item % tl.rep), s, t, b, h);
+    return;
+  }
+  const int2 run = tl.runs[item / tl.rep];
+  const int64_t o = item - static_cast<int64_t>(run.x) * tl.rep;
+  decode_st(p, tl.order[run.x + o % run.y], static_cast<int>(o / run.y), s, t, b, h);
 }
 
 // The secondary tiles walked by one primary tile.

@@ -26,6 +26,8 @@ struct TileList {
   const int* tile = nullptr;    // secondary tile ids (plan mode)
   const uint64_t* mask = nullptr;  // membership masks (plan mode)
   const int64_t* order = nullptr;  // slice-tiles, longest first
+  const int2* runs = nullptr;      // per position of `order`: {first position, length} of its run of
+                                   // equal-length slice-tiles (items run repeat-major inside a run)
   int ntiles = 0;               // primary tiles per slice
   int prim_sub = 0;             // min(primary block, primary tile)
   int sec_sub = 0;              // min(secondary block, secondary tile)
