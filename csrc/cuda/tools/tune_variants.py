@@ -49,6 +49,7 @@ def main() -> int:
     ap.add_argument("--configs", default="1x16x16384x128,1x32x16384x64")
     ap.add_argument("--blocks", default="128,64")
     ap.add_argument("--densities", default="0.10", help="local-pattern densities to time")
+    ap.add_argument("--patterns", default="", help="kind:density list (gpu_bench patterns); replaces --densities")
     ap.add_argument("--fwd", default="0,1,2,3,4,5,6,7", help="forward variants to time")
     ap.add_argument("--dq", default="0,4", help="dQ variants (bwd is timed for every dq x dkv pair)")
     ap.add_argument("--dkv", default="0,4", help="dK/dV variants")
@@ -61,9 +62,10 @@ def main() -> int:
         B, H, S, D = (int(x) for x in cfg.split("x"))
         q, k, v, do = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
         scale = 1 / math.sqrt(D)
-        for bs, dens in itertools.product((int(b) for b in args.blocks.split(",")),
-                                          (float(d) for d in args.densities.split(","))):
-            mask = pattern(S // bs, "local", dens)
+        kinds = ([(k.split(":")[0], float(k.split(":")[1])) for k in args.patterns.split(",")] if args.patterns
+                 else [("local", float(d)) for d in args.densities.split(",")])
+        for bs, (kind, dens) in itertools.product((int(b) for b in args.blocks.split(",")), kinds):
+            mask = pattern(S // bs, kind, dens)
             nnz = int(mask.sum())
             crow, col, ccol, row = csr(mask, "cuda")
             fl = 4 * B * H * nnz * bs * bs * D
@@ -71,7 +73,7 @@ def main() -> int:
             for fv in fwd_vs:
                 os.environ["DILATED_SPARSE_FWD_VARIANT"] = str(fv)
                 ms = do_bench(functools.partial(ops.block_sparse_attn_fwd, q, k, v, *a), warmup=10, rep=60, return_mode="median")
-                r = {"cfg": cfg, "block": bs, "density": dens, "op": "fwd", "variant": fv, "ms": ms, "tflops": fl / ms / 1e9}
+                r = {"cfg": cfg, "block": bs, "pattern": kind, "density": dens, "op": "fwd", "variant": fv, "ms": ms, "tflops": fl / ms / 1e9}
                 res.append(r)
                 print(json.dumps(r), flush=True)
             os.environ.pop("DILATED_SPARSE_FWD_VARIANT")
@@ -81,7 +83,7 @@ def main() -> int:
                 os.environ["DILATED_SPARSE_DKV_VARIANT"] = str(kv)
                 fn = functools.partial(ops.block_sparse_attn_bwd, do, q, k, v, out, lse, ccol, row, *a)
                 ms = do_bench(fn, warmup=10, rep=60, return_mode="median")
-                r = {"cfg": cfg, "block": bs, "density": dens, "op": "bwd", "variant": f"dq{qv}/dkv{kv}", "ms": ms, "tflops": 2.5 * fl / ms / 1e9}
+                r = {"cfg": cfg, "block": bs, "pattern": kind, "density": dens, "op": "bwd", "variant": f"dq{qv}/dkv{kv}", "ms": ms, "tflops": 2.5 * fl / ms / 1e9}
                 res.append(r)
                 print(json.dumps(r), flush=True)
             os.environ.pop("DILATED_SPARSE_DQ_VARIANT")
@@ -91,12 +93,12 @@ def main() -> int:
                     ops.block_sparse_attn_fwd(q, k, v, *a)
                     ops.block_sparse_attn_bwd(do, q, k, v, out, lse, ccol, row, *a)
 
-                profile_kernels(fwd_bwd, f"{cfg} block {bs} local {dens}")
+                profile_kernels(fwd_bwd, f"{cfg} block {bs} {kind} {dens}")
     with open(os.path.join(args.out, "tune.json"), "w") as fh:
         json.dump(res, fh, indent=1)
     best = {}
     for r in res:
-        key = (r["cfg"], r["block"], r["density"], r["op"])
+        key = (r["cfg"], r["block"], r["pattern"], r["density"], r["op"])
         if key not in best or r["ms"] < best[key]["ms"]:
             best[key] = r
     for key, r in best.items():
