@@ -93,6 +93,19 @@ def test_cuda_instantiation_filter(monkeypatch):
     assert subset and all(s.startswith("fwd_") and s.endswith("_fp16") for s in subset)
 
 
+def test_instantiation_files_match_their_generator(tmp_path):
+    """The committed instantiations/*.cu are exactly what tools/gen_instantiations.py writes (the
+    variant tables and their flags live in the generator)."""
+    committed = ROOT / "csrc" / "cuda" / "instantiations"
+    if not committed.is_dir():
+        pytest.skip("no CUDA instantiation files in this checkout")
+    subprocess.run([sys.executable, str(ROOT / "csrc" / "cuda" / "tools" / "gen_instantiations.py"), "--out",
+                    str(tmp_path)], check=True, capture_output=True, text=True, timeout=60)
+    generated = {p.name: p.read_text() for p in tmp_path.glob("*.cu")}
+    assert generated, "the generator wrote nothing"
+    assert generated == {p.name: p.read_text() for p in committed.glob("*.cu")}
+
+
 def test_build_cuda_zero_forces_cpu_only(monkeypatch):
     monkeypatch.setenv("DILATED_SPARSE_BUILD_CUDA", "0")
     assert _sources.want_cuda(ROOT) is False

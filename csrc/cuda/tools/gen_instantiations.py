@@ -2,9 +2,12 @@
 tile variants listed here (variant 0 is the default; attention.cu picks another for small blocks or
 when DILATED_SPARSE_{FWD,DQ,DKV}_VARIANT is set). Run from the repository root:
 
-    python csrc/cuda/tools/gen_instantiations.py
+    python csrc/cuda/tools/gen_instantiations.py [--out DIR]
+
+(tests/test_build.py checks that the committed files match this generator.)
 """
 
+import argparse
 from pathlib import Path
 
 # Variant 0 is the default; a 4th entry True marks a variant the host may pick automatically when
@@ -74,7 +77,10 @@ HEADER = (
 
 
 def main() -> None:
-    out = Path(__file__).resolve().parent.parent / "instantiations"
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "instantiations")
+    out = ap.parse_args().out
+    out.mkdir(parents=True, exist_ok=True)
     for op, table in (("fwd", FWD), ("dq", DQ), ("dkv", DKV)):
         for d, variants in table.items():
             for name, ctype, di in DTYPES:
