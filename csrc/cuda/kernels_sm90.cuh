@@ -392,6 +392,46 @@ __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, i
   }
 }
 
+// A forward / dQ work item: its query tile, the q / k / v rows it reads, and the cursor over the
+// key tiles that hold an allowed element: current and next (_n); `stage` is the ring slot of the
+// current one. `pieces`: the item may be a piece of a split row (forward), which starts at its
+// first entry.
+template <typename T, int kBM, int kBN, int kStages, bool kPieces>
+struct QueryItem {
+  QueryTile W;
+  const T *q = nullptr, *k = nullptr, *v = nullptr;
+  int it = 0, kt = 0, state = 0, stage = 0, kt_n = 0, state_n = 0, nx = 0;
+  uint64_t msk = 0, msk_n = 0;
+
+  __device__ __forceinline__ void start(const Params& p, int item) {
+    W = make_query_tile(p, kBM, item);
+    q = static_cast<const T*>(p.q) + W.b * p.q_sb + W.h * p.q_sh;
+    k = static_cast<const T*>(p.k) + W.b * p.k_sb + W.hk * p.k_sh;
+    v = static_cast<const T*>(p.v) + W.b * p.v_sb + W.hk * p.v_sh;
+    it = next_pair(W.E, W.R, p.tl.full, kPieces ? W.e0 : 0, W.m0, kBM, kBN, kt, msk, state);
+    nx = W.E.n;
+  }
+  __device__ __forceinline__ bool has() const { return it < W.E.n; }
+  __device__ __forceinline__ void next(const Params& p) {
+    nx = next_pair(W.E, W.R, p.tl.full, it + 1, W.m0, kBM, kBN, kt_n, msk_n, state_n);
+  }
+  __device__ __forceinline__ bool has_next() const { return nx < W.E.n; }
+  __device__ __forceinline__ void advance() {
+    stage = stage + 1 == kStages ? 0 : stage + 1;
+    it = nx;
+    kt = kt_n;
+    msk = msk_n;
+    state = state_n;
+  }
+  // K and V rows of key tile `tile` into ring slot st (tiles kKVBytes apart from sK0 / sV0).
+  template <int kD, int kLoaders, int kKVBytes>
+  __device__ __forceinline__ void load_kv(const Params& p, uint32_t sK0, uint32_t sV0, int st, int tile,
+                                          int ltid) const {
+    sm90::load_tile<T, kBN, kD, kLoaders>(sK0 + st * kKVBytes, k, p.k_ss, tile * kBN, p.Sk, p.D, ltid);
+    sm90::load_tile<T, kBN, kD, kLoaders>(sV0 + st * kKVBytes, v, p.v_ss, tile * kBN, p.Sk, p.D, ltid);
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
@@ -416,42 +456,22 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
   const int wrow = warp * 16;  // this warp's first row in the tile
   const int ltid = Cfg::kPing ? tid - kNT : tid;
 
-  // The current work item and its cursor over the key tiles that hold an allowed element:
-  // current and next (_n).
-  QueryTile W;
-  const T *qg = nullptr, *kg = nullptr, *vg = nullptr;
-  int it = 0, kt = 0, state = 0, stage = 0, kt_n = 0, state_n = 0, nx = 0;
-  uint64_t msk = 0, msk_n = 0;
-  auto start = [&](int item) {
-    W = make_query_tile(p, kBM, item);
-    qg = static_cast<const T*>(p.q) + W.b * p.q_sb + W.h * p.q_sh;
-    kg = static_cast<const T*>(p.k) + W.b * p.k_sb + W.hk * p.k_sh;
-    vg = static_cast<const T*>(p.v) + W.b * p.v_sb + W.hk * p.v_sh;
-    it = next_pair(W.E, W.R, p.tl.full, W.e0, W.m0, kBM, kBN, kt, msk, state);
-    nx = W.E.n;
-  };
-  auto has = [&]() { return it < W.E.n; };
-  auto next = [&]() { nx = next_pair(W.E, W.R, p.tl.full, it + 1, W.m0, kBM, kBN, kt_n, msk_n, state_n); };
-  auto has_next = [&]() { return nx < W.E.n; };
-  auto advance = [&]() {
-    stage = stage + 1 == kStages ? 0 : stage + 1;
-    it = nx;
-    kt = kt_n;
-    msk = msk_n;
-    state = state_n;
-  };
-  auto load_q = [&]() { sm90::load_tile<T, kBM, kD, kLoaders>(sQ, qg, p.q_ss, W.m0, p.Sq, p.D, ltid); };
-  auto load_kv = [&](int st, int tile) {
-    sm90::load_tile<T, kBN, kD, kLoaders>(sK0 + st * Cfg::kKVBytes, kg, p.k_ss, tile * kBN, p.Sk, p.D, ltid);
-    sm90::load_tile<T, kBN, kD, kLoaders>(sV0 + st * Cfg::kKVBytes, vg, p.v_ss, tile * kBN, p.Sk, p.D, ltid);
-  };
+  // The current work item and its cursor (QueryItem).
+  QueryItem<T, kBM, kBN, kStages, true> C;
+  const QueryTile& W = C.W;
+  auto has = [&]() { return C.has(); };
+  auto next = [&]() { C.next(p); };
+  auto has_next = [&]() { return C.has_next(); };
+  auto advance = [&]() { C.advance(); };
+  auto load_q = [&]() { sm90::load_tile<T, kBM, kD, kLoaders>(sQ, C.q, p.q_ss, W.m0, p.Sq, p.D, ltid); };
+  auto load_kv = [&](int st, int tile) { C.template load_kv<kD, kLoaders, Cfg::kKVBytes>(p, sK0, sV0, st, tile, ltid); };
 
   auto use_buffer = [&](int nres) { sQ = sRes0 + res_buf<Cfg::kResBufs>(nres) * Cfg::kResBytes; };
   auto producer_item = [&](int item, int& ring, int nres) {
     use_buffer(nres);
-    start(item);
+    C.start(p, item);
     if (!has()) return false;
-    produce<kStages, Cfg::kResBufs>(sy, ring, nres, has, [&](int st) { load_kv(st, kt); }, load_q, [&]() {
+    produce<kStages, Cfg::kResBufs>(sy, ring, nres, has, [&](int st) { load_kv(st, C.kt); }, load_q, [&]() {
       next();
       advance();
     });
@@ -460,13 +480,13 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
 
   auto consumer_item = [&](int item, int& ring, int nres) {
     use_buffer(nres);
-    start(item);
+    C.start(p, item);
     const bool any = has();
     if constexpr (Cfg::kPing) {
       if (any) wait_primary<Cfg::kResBufs>(sy, nres);
     } else {
       load_q();
-      if (any) load_kv(0, kt);
+      if (any) load_kv(0, C.kt);
       cp_async_commit();
     }
     float acc[kD / 8][4], S[kBN / 8][4];
@@ -480,7 +500,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
 
     // S = Q K^T of the current tile (this warpgroup's 64 rows x kBN keys).
     auto scores = [&]() {
-      const uint32_t sK = sK0 + stage * Cfg::kKVBytes;
+      const uint32_t sK = sK0 + C.stage * Cfg::kKVBytes;
       sm90::fence_regs(S);
       sm90::fence();
 #pragma unroll
@@ -494,7 +514,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     // probabilities to P[c] and the factor the output rows must be rescaled by to corr.
     auto softmax = [&](auto c) {
       sm90::fence_regs(S);
-      if (state == 2) mask_tile<kBN / 8, false>(S, W.R, p.tl, msk, W.m0, wrow, kt * kBN, g, t4, -INFINITY);
+      if (C.state == 2) mask_tile<kBN / 8, false>(S, W.R, p.tl, C.msk, W.m0, wrow, C.kt * kBN, g, t4, -INFINITY);
       float mx[2] = {mrow[0], mrow[1]};
 #pragma unroll
       for (int nt = 0; nt < kBN / 8; ++nt) {
@@ -541,8 +561,8 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
         acc[i][3] *= corr[1];
       }
     };
-    run_tiles<kSched, kStages, false>(stage, ring, wg, kNT, sy, has, next, has_next, advance,
-                                      [&](int st) { load_kv(st, kt_n); }, scores, softmax, pv, rescale,
+    run_tiles<kSched, kStages, false>(C.stage, ring, wg, kNT, sy, has, next, has_next, advance,
+                                      [&](int st) { load_kv(st, C.kt_n); }, scores, softmax, pv, rescale,
                                       [&]() { release_primary<Cfg::kResBufs>(sy, nres); });
     sm90::wait<0>();
     sm90::fence_regs(acc);
@@ -582,35 +602,20 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
   const int wrow = warp * 16;
   const int ltid = Cfg::kPing ? tid - kNT : tid;
 
-  QueryTile W;
-  const T *qg = nullptr, *dog = nullptr, *kg = nullptr, *vg = nullptr;
-  int it = 0, kt = 0, state = 0, stage = 0, kt_n = 0, state_n = 0, nx = 0;
-  uint64_t msk = 0, msk_n = 0;
+  QueryItem<T, kBM, kBN, kStages, false> C;
+  const QueryTile& W = C.W;
+  const T* dog = nullptr;
+  auto has = [&]() { return C.has(); };
+  auto next = [&]() { C.next(p); };
+  auto has_next = [&]() { return C.has_next(); };
+  auto advance = [&]() { C.advance(); };
   auto start = [&](int item) {
-    W = make_query_tile(p, kBM, item);
-    qg = static_cast<const T*>(p.q) + W.b * p.q_sb + W.h * p.q_sh;
+    C.start(p, item);
     dog = static_cast<const T*>(p.dout) + W.b * p.do_sb + W.h * p.do_sh;
-    kg = static_cast<const T*>(p.k) + W.b * p.k_sb + W.hk * p.k_sh;
-    vg = static_cast<const T*>(p.v) + W.b * p.v_sb + W.hk * p.v_sh;
-    it = next_pair(W.E, W.R, p.tl.full, 0, W.m0, kBM, kBN, kt, msk, state);
-    nx = W.E.n;
   };
-  auto has = [&]() { return it < W.E.n; };
-  auto next = [&]() { nx = next_pair(W.E, W.R, p.tl.full, it + 1, W.m0, kBM, kBN, kt_n, msk_n, state_n); };
-  auto has_next = [&]() { return nx < W.E.n; };
-  auto advance = [&]() {
-    stage = stage + 1 == kStages ? 0 : stage + 1;
-    it = nx;
-    kt = kt_n;
-    msk = msk_n;
-    state = state_n;
-  };
-  auto load_kv = [&](int st, int tile) {
-    sm90::load_tile<T, kBN, kD, kLoaders>(sK0 + st * Cfg::kKVBytes, kg, p.k_ss, tile * kBN, p.Sk, p.D, ltid);
-    sm90::load_tile<T, kBN, kD, kLoaders>(sV0 + st * Cfg::kKVBytes, vg, p.v_ss, tile * kBN, p.Sk, p.D, ltid);
-  };
+  auto load_kv = [&](int st, int tile) { C.template load_kv<kD, kLoaders, Cfg::kKVBytes>(p, sK0, sV0, st, tile, ltid); };
   auto load_q_do = [&]() {
-    sm90::load_tile<T, kBM, kD, kLoaders>(sQ, qg, p.q_ss, W.m0, p.Sq, p.D, ltid);
+    sm90::load_tile<T, kBM, kD, kLoaders>(sQ, C.q, p.q_ss, W.m0, p.Sq, p.D, ltid);
     sm90::load_tile<T, kBM, kD, kLoaders>(sdO, dog, p.do_ss, W.m0, p.Sq, p.D, ltid);
   };
 
@@ -622,7 +627,7 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     use_buffer(nres);
     start(item);
     if (!has()) return false;
-    produce<kStages, Cfg::kResBufs>(sy, ring, nres, has, [&](int st) { load_kv(st, kt); }, load_q_do, [&]() {
+    produce<kStages, Cfg::kResBufs>(sy, ring, nres, has, [&](int st) { load_kv(st, C.kt); }, load_q_do, [&]() {
       next();
       advance();
     });
@@ -646,7 +651,7 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
       if (any) wait_primary<Cfg::kResBufs>(sy, nres);
     } else {
       load_q_do();
-      if (any) load_kv(0, kt);
+      if (any) load_kv(0, C.kt);
       cp_async_commit();
     }
     float acc[kD / 8][4], S[kBN / 8][4], dP[kBN / 8][4];
@@ -662,7 +667,7 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
 
     // S = Q K^T, dP = dO V^T of the current tile.
     auto scores = [&]() {
-      const uint32_t sK = sK0 + stage * Cfg::kKVBytes, sV = sV0 + stage * Cfg::kKVBytes;
+      const uint32_t sK = sK0 + C.stage * Cfg::kKVBytes, sV = sV0 + C.stage * Cfg::kKVBytes;
       sm90::fence_regs(S);
       sm90::fence_regs(dP);
       sm90::fence();
@@ -686,7 +691,7 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
       for (int nt = 0; nt < kBN / 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) S[nt][e] = fast_exp2(fmaf(S[nt][e], sl2, -lse2[e >> 1]));
-      if (state == 2) mask_tile<kBN / 8, false>(S, W.R, p.tl, msk, W.m0, wrow, kt * kBN, g, t4, 0.f);
+      if (C.state == 2) mask_tile<kBN / 8, false>(S, W.R, p.tl, C.msk, W.m0, wrow, C.kt * kBN, g, t4, 0.f);
 #pragma unroll
       for (int nt = 0; nt < kBN / 8; ++nt)
 #pragma unroll
@@ -705,8 +710,8 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
       }
       sm90::commit();
     };
-    run_tiles<kSched, kStages, kTwoTurns>(stage, ring, wg, kNT, sy, has, next, has_next, advance,
-                                          [&](int st) { load_kv(st, kt_n); }, scores, make_ds, ds_k,
+    run_tiles<kSched, kStages, kTwoTurns>(C.stage, ring, wg, kNT, sy, has, next, has_next, advance,
+                                          [&](int st) { load_kv(st, C.kt_n); }, scores, make_ds, ds_k,
                                           [&]() { sm90::fence_regs(acc); },
                                           [&]() { release_primary<Cfg::kResBufs>(sy, nres); });
     sm90::wait<0>();
