@@ -162,6 +162,36 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// acc += P B for kMT m16 row tiles: P the kBN-column accumulator fragments S (probabilities, or
+// dS) repacked as A operands, B the [kBN][kD] shared tile at `tile` (row stride kS), read
+// transposed by ldmatrix. O += P V in the forward, dQ += dS K in the dQ kernel.
+template <typename T, int kMT, int kBN, int kD, int kS>
+__device__ __forceinline__ void mma_p_tile(float (&acc)[kMT][kD / 8][4], const float (&S)[kMT][kBN / 8][4],
+                                           uint32_t tile, int lane) {
+  using Mma = MmaOp<T>;
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk) {
+    uint32_t a[kMT][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+      a[mt][0] = Mma::pack(S[mt][2 * kk][0], S[mt][2 * kk][1]);
+      a[mt][1] = Mma::pack(S[mt][2 * kk][2], S[mt][2 * kk][3]);
+      a[mt][2] = Mma::pack(S[mt][2 * kk + 1][0], S[mt][2 * kk + 1][1]);
+      a[mt][3] = Mma::pack(S[mt][2 * kk + 1][2], S[mt][2 * kk + 1][3]);
+    }
+#pragma unroll
+    for (int np = 0; np < kD / 16; ++np) {
+      uint32_t bb[4];
+      ldsm_x4_t(bb, ldsm_addr_a<kS>(tile, kk * 16, np * 16, lane));
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        Mma::run(acc[mt][2 * np], a[mt], bb[0], bb[1]);
+        Mma::run(acc[mt][2 * np + 1], a[mt], bb[2], bb[3]);
+      }
+    }
+  }
+}
+
 // lse (natural) -> log2 domain; an empty row (-inf) gives +inf so that every probability is 0.
 __device__ __forceinline__ float lse_to_log2(float lse) {
   return lse == -INFINITY ? INFINITY : lse * kLog2e;
@@ -468,27 +498,7 @@ __global__ void __launch_bounds__(FwdCfg<kD, kBM, kBN, kMT>::kWarps * 32, 1)
       }
     }
     // O += P V
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      uint32_t a[kMT][4];
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) {
-        a[mt][0] = Mma::pack(S[mt][2 * kk][0], S[mt][2 * kk][1]);
-        a[mt][1] = Mma::pack(S[mt][2 * kk][2], S[mt][2 * kk][3]);
-        a[mt][2] = Mma::pack(S[mt][2 * kk + 1][0], S[mt][2 * kk + 1][1]);
-        a[mt][3] = Mma::pack(S[mt][2 * kk + 1][2], S[mt][2 * kk + 1][3]);
-      }
-#pragma unroll
-      for (int np = 0; np < kD / 16; ++np) {
-        uint32_t bb[4];
-        ldsm_x4_t(bb, ldsm_addr_a<kS>(vb, kk * 16, np * 16, lane));
-#pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) {
-          Mma::run(acc[mt][2 * np], a[mt], bb[0], bb[1]);
-          Mma::run(acc[mt][2 * np + 1], a[mt], bb[2], bb[3]);
-        }
-      }
-    }
+    mma_p_tile<T, kMT, kBN, kD, kS>(acc, S, vb, lane);
     __syncthreads();
     buf ^= 1;
     it = nx;
@@ -619,27 +629,7 @@ __global__ void __launch_bounds__(DqCfg<kD, kBM, kBN, kMT>::kWarps * 32, 1)
 #pragma unroll
         for (int e = 0; e < 4; ++e) S[mt][nt][e] *= dP[mt][nt][e] - dl[mt][e >> 1];  // dS
     }
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      uint32_t a[kMT][4];
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) {
-        a[mt][0] = Mma::pack(S[mt][2 * kk][0], S[mt][2 * kk][1]);
-        a[mt][1] = Mma::pack(S[mt][2 * kk][2], S[mt][2 * kk][3]);
-        a[mt][2] = Mma::pack(S[mt][2 * kk + 1][0], S[mt][2 * kk + 1][1]);
-        a[mt][3] = Mma::pack(S[mt][2 * kk + 1][2], S[mt][2 * kk + 1][3]);
-      }
-#pragma unroll
-      for (int np = 0; np < kD / 16; ++np) {
-        uint32_t bb[4];
-        ldsm_x4_t(bb, ldsm_addr_a<kS>(kb, kk * 16, np * 16, lane));
-#pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) {
-          Mma::run(acc[mt][2 * np], a[mt], bb[0], bb[1]);
-          Mma::run(acc[mt][2 * np + 1], a[mt], bb[2], bb[3]);
-        }
-      }
-    }
+    mma_p_tile<T, kMT, kBN, kD, kS>(acc, S, kb, lane);
     __syncthreads();
     buf ^= 1;
     it = nx;
