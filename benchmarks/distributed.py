@@ -136,13 +136,16 @@ def _block_flops(layout: ds.BlockSparseLayout, args: argparse.Namespace, window:
     return 4.0 * per_slice_batch * per_slice_heads * args.head_dim * live * layout.block_q * layout.block_k
 
 
-def _time(fn: Any, args: argparse.Namespace, device: torch.device) -> float:
+def _time(fn: Any, args: argparse.Namespace, device: torch.device, barrier: bool = True) -> float:
+    """Median seconds of fn over args.iters runs after args.warmup; with `barrier`, every rank
+    starts each run together."""
     for _ in range(args.warmup):
         fn()
     _sync(device)
     times = []
     for _ in range(args.iters):
-        _barrier()
+        if barrier:
+            _barrier()
         _sync(device)
         start = time.perf_counter()
         fn()
@@ -291,16 +294,7 @@ def _time_alone(full: list[torch.Tensor], layout: ds.BlockSparseLayout, args: ar
                 device: torch.device) -> float:
     """Time the single-process op on rank 0 while the other ranks wait (no barriers inside)."""
     run = _step(lambda q, k, v: ds.block_sparse_attention(q, k, v, layout, causal=args.causal), full, args.backward)
-    for _ in range(args.warmup):
-        run()
-    times = []
-    for _ in range(args.iters):
-        _sync(device)
-        start = time.perf_counter()
-        run()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return _time(run, args, device, barrier=False)
 
 
 if __name__ == "__main__":
