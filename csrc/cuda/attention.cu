@@ -694,9 +694,6 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
   auto lse = at::empty({B, H, Sq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
   const int kD = padded_head_dim(D);
-  const int64_t nqb = (Sq + block_q - 1) / block_q;
-  const KernelEntry& kf = pick(kOpFwd, q, kD, static_cast<int>(block_q),
-                               tokens_per_row(col, layout_batch * layout_heads * nqb, block_k, 1));
   const at::Tensor klen = opt_contig(key_lengths), kpm = opt_contig(key_padding_mask);
   const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
   Params p = base_params(q, k, v, block_q, block_k, layout_batch, layout_heads, scale, causal,
@@ -704,6 +701,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
   p.out = out.data_ptr();
   p.lse_out = lse.data_ptr<float>();
   const int L = p.Lb * p.Lh;
+  const KernelEntry& kf = pick(kOpFwd, q, kD, p.bq, tokens_per_row(col, int64_t{L} * p.nqb, p.bk, 1));
   const int rep = static_cast<int>(B * H / L);
   auto stream = c10::cuda::getCurrentCUDAStream();
   PlanBufs keep;
@@ -766,16 +764,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     return {dq, dk, dv};
   }
   const int kD = padded_head_dim(D);
-  const int64_t nqb = (Sq + block_q - 1) / block_q, nkb = (Sk + block_k - 1) / block_k;
-  const KernelEntry& kdq = pick(kOpDq, q, kD, static_cast<int>(block_q),
-                                tokens_per_row(col, layout_batch * layout_heads * nqb, block_k, 1));
-  const KernelEntry& kdkv = pick(kOpDkv, q, kD, static_cast<int>(block_k),
-                                 tokens_per_row(rowi, layout_batch * layout_heads * nkb, block_q, H / Hkv));
   const at::Tensor klen = opt_contig(key_lengths), kpm = opt_contig(key_padding_mask);
   const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
   const at::Tensor ccol_c = ccol.contiguous(), rowi_c = rowi.contiguous();
   Params p = base_params(q, k, v, block_q, block_k, layout_batch, layout_heads, scale, causal,
                          window_left, window_right, klen, kpm);
+  const int L = p.Lb * p.Lh;
+  const KernelEntry& kdq = pick(kOpDq, q, kD, p.bq, tokens_per_row(col, int64_t{L} * p.nqb, p.bk, 1));
+  const KernelEntry& kdkv = pick(kOpDkv, q, kD, p.bk, tokens_per_row(rowi, int64_t{L} * p.nkb, p.bq, p.G));
   p.o = out.data_ptr();
   p.dout = dout.data_ptr();
   p.o_sb = out.stride(0); p.o_ss = out.stride(1); p.o_sh = out.stride(2);
@@ -793,7 +789,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     launch_delta<__nv_bfloat16>(p, stream);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int L = p.Lb * p.Lh;
   const at::Tensor counters = work_counters((kdq.arch == 90) + (kdkv.arch == 90), q);
   int* next_counter = counters.defined() ? counters.data_ptr<int>() : nullptr;
   PlanBufs keep_q, keep_k;
