@@ -667,6 +667,15 @@ Params base_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 }
 
 // Zeroed work counters of the persistent (sm_90a) kernels, one per launch; undefined for none.
+// `waiter` runs its later work after what `signaller` has queued so far (an event; capture-safe).
+void stream_wait(cudaStream_t waiter, cudaStream_t signaller) {
+  cudaEvent_t ev;
+  C10_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+  C10_CUDA_CHECK(cudaEventRecord(ev, signaller));
+  C10_CUDA_CHECK(cudaStreamWaitEvent(waiter, ev, 0));
+  C10_CUDA_CHECK(cudaEventDestroy(ev));  // released once the wait no longer needs it
+}
+
 at::Tensor work_counters(int n, const at::Tensor& like) {
   return n > 0 ? at::zeros({n}, like.options().dtype(at::kInt)) : at::Tensor();
 }
@@ -792,26 +801,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   const at::Tensor counters = work_counters((kdq.arch == 90) + (kdkv.arch == 90), q);
   int* next_counter = counters.defined() ? counters.data_ptr<int>() : nullptr;
   PlanBufs keep_q, keep_k;
-  {
-    const int rep = static_cast<int>(B * H / L);
-    Params pq = p;
-    pq.tl = plan_tiles(crow_c, col_c, L, p.nqb, p.Sq, kdq.pm, p.bq, kdq.sn, p.bk, rep, p.H, keep_q,
-                        stream);
-    if (kdq.arch == 90) pq.work_counter = next_counter++;
-    kdq.fn(pq, static_cast<int64_t>(L) * pq.tl.ntiles * rep, stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  Params pq = p, pk = p;
+  const int rep_q = static_cast<int>(B * H / L);
+  pq.tl = plan_tiles(crow_c, col_c, L, p.nqb, p.Sq, kdq.pm, p.bq, kdq.sn, p.bk, rep_q, p.H, keep_q, stream);
+  if (kdq.arch == 90) pq.work_counter = next_counter++;
+  const int rep_k = p.Lh == 1 ? static_cast<int>((p.Lb == 1 ? B : 1) * Hkv) : static_cast<int>(p.Lb == 1 ? B : 1);
+  const int hdec = p.Lh == 1 ? p.Hkv : p.H;
+  pk.tl = plan_tiles(ccol_c, rowi_c, L, p.nkb, p.Sk, kdkv.pm, p.bk, kdkv.sn, p.bq, rep_k, hdec, keep_k, stream);
+  if (kdkv.arch == 90) pk.work_counter = next_counter++;
+  // dQ and dK/dV are independent once Delta is written: dK/dV runs on a side stream, so its CTAs
+  // take the SMs that dQ's last items leave idle (and the other way round) instead of each kernel
+  // ending in its own tail. Every output still has one writer (deterministic). The side stream
+  // joins back before anything else on `stream` runs, so the tensors used there (all allocated on
+  // `stream`) are not reused early. DILATED_SPARSE_BWD_STREAMS=1 runs both on `stream`.
+  static const bool one_stream = [] {
+    const char* e = std::getenv("DILATED_SPARSE_BWD_STREAMS");
+    return e != nullptr && std::string(e) == "1";
+  }();
+  cudaStream_t dkv_stream = stream;
+  if (!one_stream) {
+    dkv_stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, q.get_device()).stream();
+    stream_wait(dkv_stream, stream);
   }
-  {
-    const int rep = p.Lh == 1 ? static_cast<int>((p.Lb == 1 ? B : 1) * Hkv)
-                              : static_cast<int>(p.Lb == 1 ? B : 1);
-    const int hdec = p.Lh == 1 ? p.Hkv : p.H;
-    Params pk = p;
-    pk.tl = plan_tiles(ccol_c, rowi_c, L, p.nkb, p.Sk, kdkv.pm, p.bk, kdkv.sn, p.bq, rep, hdec,
-                        keep_k, stream);
-    if (kdkv.arch == 90) pk.work_counter = next_counter++;
-    kdkv.fn(pk, static_cast<int64_t>(L) * pk.tl.ntiles * rep, stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  kdkv.fn(pk, static_cast<int64_t>(L) * pk.tl.ntiles * rep_k, dkv_stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  kdq.fn(pq, static_cast<int64_t>(L) * pq.tl.ntiles * rep_q, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (!one_stream) stream_wait(stream, dkv_stream);
   return {dq, dk, dv};
 }
 

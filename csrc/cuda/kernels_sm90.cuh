@@ -68,12 +68,14 @@ struct Sm90Threads {
   static_assert(!kPing || kWG_ == 2, "ping-pong needs two consumer warpgroups");
 
   // Ring stages: three, or two where ping-pong (which releases slots through mbarriers) cannot fit
-  // three next to its primary tiles. Shared memory = primary + stages x stage + alignment slack.
-  static constexpr int stages(int res_bytes, int stage_bytes) {
-    return kPing && kResBufs * res_bytes + kSm90Stages * stage_bytes + 1024 + kBarBytes > kMaxSmem ? 2 : kSm90Stages;
+  // three next to its primary tiles. Shared memory = primary + stages x (stage tiles + side rows)
+  // + alignment slack; the side rows (dK/dV: lse, Delta) sit after all the stages' tiles, so the
+  // tiles stay 1024-byte aligned without padding each stage.
+  static constexpr int smem(int res_bytes, int stage_bytes, int stages, int side_bytes = 0) {
+    return kResBufs * res_bytes + stages * (stage_bytes + side_bytes) + 1024 + kBarBytes;
   }
-  static constexpr int smem(int res_bytes, int stage_bytes, int stages) {
-    return kResBufs * res_bytes + stages * stage_bytes + 1024 + kBarBytes;
+  static constexpr int stages(int res_bytes, int stage_bytes, int side_bytes = 0) {
+    return kPing && smem(res_bytes, stage_bytes, kSm90Stages, side_bytes) > kMaxSmem ? 2 : kSm90Stages;
   }
 };
 
@@ -106,8 +108,8 @@ struct DqSm90Cfg : Sm90Threads<kWG_, kSched> {
 };
 
 // dK/dV: kWG warpgroups of 64 keys, kBM queries per step. Shared memory: K, V per primary buffer,
-// then kStages of {Q, dO, lse, Delta}, each rounded up so that every stage's tiles start on a
-// 1024-byte boundary.
+// then kStages of {Q, dO} tiles, then kStages of {lse, Delta} rows. (Padding each stage's rows to
+// the next tile boundary instead cost the third stage at D128 with two primary buffers.)
 template <int kD, int kWG_, int kBM_, int kSched = kSchedLockstep>
 struct DkvSm90Cfg : Sm90Threads<kWG_, kSched> {
   using Base = Sm90Threads<kWG_, kSched>;
@@ -116,9 +118,11 @@ struct DkvSm90Cfg : Sm90Threads<kWG_, kSched> {
   static constexpr int kKVBytes = kBN * kD * 2;
   static constexpr int kQBytes = kBM * kD * 2;
   static constexpr int kResBytes = 2 * kKVBytes;  // K, V
-  static constexpr int kStageBytes = (2 * kQBytes + 2 * kBM * 4 + 1023) / 1024 * 1024;
-  static constexpr int kStages = Base::stages(kResBytes, kStageBytes);
-  static constexpr int kSmem = Base::smem(kResBytes, kStageBytes, kStages);
+  static constexpr int kStageBytes = 2 * kQBytes;  // Q, dO
+  static constexpr int kSideBytes = 2 * kBM * 4;   // lse, Delta
+  static_assert(kStageBytes % 1024 == 0 && kResBytes % 1024 == 0, "swizzled tiles need 1024-byte alignment");
+  static constexpr int kStages = Base::stages(kResBytes, kStageBytes, kSideBytes);
+  static constexpr int kSmem = Base::smem(kResBytes, kStageBytes, kStages, kSideBytes);
   static_assert(kSmem <= kMaxSmem, "dK/dV tile does not fit in shared memory");
 };
 
@@ -741,15 +745,15 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
   const uint32_t sRes0 = align1024(smem_u32(smem_raw));  // [kResBufs] {K, V}
   const uint32_t sStage0 = sRes0 + Cfg::kResBufs * Cfg::kResBytes;  // [stages] {Q, dO, lse, Delta}
   uint32_t sK = sRes0, sV = sRes0 + Cfg::kKVBytes;  // the current item's
-  const uint32_t sbar = sStage0 + kStages * Cfg::kStageBytes;
+  const uint32_t sSide0 = sStage0 + kStages * Cfg::kStageBytes;  // [stages] {lse, Delta}
+  const uint32_t sbar = sSide0 + kStages * Cfg::kSideBytes;
   const PingSync sy = make_ping_sync<Cfg::kPing>(sbar, smem_raw + (sbar - smem_u32(smem_raw)), kStages, kNT);
-  // Generic pointer to the stages, for the lse / Delta rows.
-  unsigned char* const sgen = smem_raw + (sStage0 - smem_u32(smem_raw));
+  // Generic pointer to the side rows, for the lse / Delta reads.
+  unsigned char* const sgen = smem_raw + (sSide0 - smem_u32(smem_raw));
   auto stage_q = [&](int st) { return sStage0 + st * Cfg::kStageBytes; };
   auto stage_do = [&](int st) { return sStage0 + st * Cfg::kStageBytes + Cfg::kQBytes; };
-  auto stage_l = [&](int st) {
-    return reinterpret_cast<const float*>(sgen + st * Cfg::kStageBytes + 2 * Cfg::kQBytes);
-  };
+  auto stage_side = [&](int st) { return sSide0 + st * Cfg::kSideBytes; };
+  auto stage_l = [&](int st) { return reinterpret_cast<const float*>(sgen + st * Cfg::kSideBytes); };
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const int wg = warp / 4;
@@ -803,7 +807,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
     sm90::load_tile<T, kBM, kD, kLoaders>(stage_q(st), qg, p.q_ss, tile * kBM, p.Sq, p.D, ltid);
     sm90::load_tile<T, kBM, kD, kLoaders>(stage_do(st), dog, p.do_ss, tile * kBM, p.Sq, p.D, ltid);
     const int64_t rowbase = (static_cast<int64_t>(b) * p.H + hq) * p.Sq;
-    const uint32_t sl = stage_do(st) + Cfg::kQBytes;
+    const uint32_t sl = stage_side(st);
     for (int i = ltid; i < kBM; i += kLoaders) {
       const int qi = tile * kBM + i;
       const bool pred = qi < p.Sq;
