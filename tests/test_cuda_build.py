@@ -70,9 +70,9 @@ def test_cuda_sources_compile_and_link(tmp_path):
     for (s, _), r in zip(jobs, results):
         assert r.returncode == 0, f"{s.name} failed to compile:\n{r.stderr[-4000:]}"
     # ptxas serialises wgmma (warnings C751x) when registers run out or a pipeline stage is broken:
-    # allowed in tuning variants, never in the ping-pong kernels (schedules 2 and 3, the defaults).
+    # allowed in tuning variants, never in the ping-pong kernels (schedules 2-4; 2 and 3 are the defaults).
     serialised = [line for _, r in zip(jobs, results) for line in r.stderr.splitlines() if "C751" in line]
-    assert not [line for line in serialised if re.search(r"_sm90_kernel\w*ELi[23]EEEv", line)], serialised
+    assert not [line for line in serialised if re.search(r"_sm90_kernel\w*ELi[234]EEEv", line)], serialised
     lib = tmp_path / "libds_cuda_test.so"
     r = subprocess.run([NVCC, "-shared", *map(str, objs), "-o", str(lib)], capture_output=True, text=True, check=False,
                        timeout=300)

@@ -53,6 +53,9 @@ enum Sm90Sched {
                        // the producer gives registers to the consumers (setmaxnreg)
   kSchedPingPong2 = 3, // ping-pong with two buffers of primary tiles: the next item's load in full
                        // while the current one runs (two ring stages where three do not fit)
+  kSchedPingPongOverlap = 4,  // ping-pong, and inside each turn the element-wise work of tile j runs
+                              // while the warpgroup's own product of tile j - 1 does (both FA3
+                              // schedules at once); one turn a tile, two register sets
 };
 
 // Threads, primary-tile buffers and mbarrier bytes of a schedule: kWG consumer warpgroups, plus
@@ -273,6 +276,60 @@ __device__ __forceinline__ void run_tiles(const int& stage, int& ring, int wg, i
       sm90::wait<0>();
       done();
       last_stage = stage;
+      advance();
+      return true;
+    };
+    while (step(Set0{}) && step(Set1{})) {
+    }
+  } else if constexpr (kSched == kSchedPingPongOverlap) {
+    static_assert(!kTwoTurns, "the overlapped ping-pong takes one turn a tile");
+    // The turns of the ping-pong below; within a turn the scores of tile j are issued before the
+    // last products of tile j - 1 (set c), so they retire first (wait<1>) and tile j's element-wise
+    // work, into the other set, runs while those products still do. The first tile is peeled off
+    // so that every wait retires a statically known group (ptxas serialises otherwise).
+    const int other = 1 - wg;
+    if (!has()) return;
+    if (wg == 1) sm90::named_arrive(1, consumers);
+    auto begin_turn = [&]() {
+      sm90::mbar_wait(sy.full + 8 * stage, (ring / kStages) & 1);
+      sm90::fence_async_smem();
+      sm90::named_sync(1 + wg, consumers);
+    };
+    begin_turn();
+    scores();
+    sm90::named_arrive(1 + other, consumers);
+    next();
+    sm90::wait<0>();
+    if (!has_next()) release();
+    compute(Set0{});
+    done();
+    int last_stage = stage;
+    ++ring;
+    advance();
+    // Set c holds the previous tile's work.
+    auto step = [&](auto c) -> bool {
+      constexpr int kOther = 1 - decltype(c)::value;
+      if (!has()) {
+        sm90::named_sync(1 + wg, consumers);
+        last(c, last_stage);
+        if (wg == 0) sm90::named_arrive(1 + other, consumers);  // warpgroup 1's last turn
+        sm90::wait<0>();
+        sm90::mbar_arrive(sy.empty + 8 * last_stage);
+        return false;
+      }
+      begin_turn();
+      scores();
+      last(c, last_stage);
+      sm90::named_arrive(1 + other, consumers);
+      next();
+      sm90::wait<1>();  // the scores; the last products may still run
+      if (!has_next()) release();
+      compute(std::integral_constant<int, kOther>{});
+      sm90::wait<0>();
+      sm90::mbar_arrive(sy.empty + 8 * last_stage);  // no longer read
+      done();
+      last_stage = stage;
+      ++ring;
       advance();
       return true;
     };

@@ -46,18 +46,20 @@ DKV = {
 # variant, "short" one the host prefers when the rows are short (attention.cu: pick()).
 FWD_SM90 = {
     64: [("2", "128", "kSchedPingPong"), ("1", "64", "kSchedOverlap", "small"), ("2", "128", "kSchedLockstep"),
-         ("2", "128", "kSchedPingPong2")],
+         ("2", "128", "kSchedPingPong2"), ("2", "128", "kSchedPingPongOverlap")],
     128: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedLockstep", "small"),
-          ("2", "128", "kSchedPingPong2", "short")],
+          ("2", "128", "kSchedPingPong2", "short"), ("2", "128", "kSchedPingPongOverlap")],
 }
 DQ_SM90 = {
     64: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedOverlap", "small"),
-         ("2", "128", "kSchedPingPong2")],
+         ("2", "128", "kSchedPingPong2"), ("2", "64", "kSchedPingPongOverlap")],
     128: [("2", "64", "kSchedPingPong"), ("2", "128", "kSchedPingPong"), ("2", "64", "kSchedOverlap"),
-          ("2", "64", "kSchedPingPong2")],
+          ("2", "64", "kSchedPingPong2"), ("2", "64", "kSchedPingPongOverlap")],
 }
 # D128 dQ and dK/dV: no small variant; the 128-row ping-pong tiles beat the 64-row ones at block 64 too.
 # D128 dQ variant 5 (128 keys, two stages) is 4% faster at block 128 but 16% slower at block 64.
+# kSchedPingPongOverlap (variant 8, fwd and dQ; not yet timed on a GPU): ping-pong plus FA3's
+# intra-warpgroup overlap, 64 keys a step for dQ (128 spills at D64).
 # kSchedPingPong2 (two buffers of primary tiles, so two ring stages at D128 fwd / dK/dV): D128 fwd
 # 17% faster with ~3 key blocks a row, 13% slower with ~13 (hence "short"); D128 dK/dV never slower.
 DKV_SM90 = {
