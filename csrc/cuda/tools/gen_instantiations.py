@@ -45,8 +45,8 @@ DKV = {
 # dkv: (WG warpgroups of 64 keys, BM queries per step, schedule). A last "small" marks a small-block
 # variant, "short" one the host prefers when the rows are short (attention.cu: pick()).
 FWD_SM90 = {
-    64: [("2", "128", "kSchedPingPong"), ("1", "64", "kSchedOverlap", "small"), ("2", "128", "kSchedLockstep"),
-         ("2", "128", "kSchedPingPong2"), ("2", "128", "kSchedPingPongOverlap")],
+    64: [("2", "128", "kSchedPingPongOverlap"), ("1", "64", "kSchedOverlap", "small"), ("2", "128", "kSchedLockstep"),
+         ("2", "128", "kSchedPingPong2"), ("2", "128", "kSchedPingPong")],
     128: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedLockstep", "small"),
           ("2", "128", "kSchedPingPong2", "short"), ("2", "128", "kSchedPingPongOverlap")],
 }
@@ -58,8 +58,9 @@ DQ_SM90 = {
 }
 # D128 dQ and dK/dV: no small variant; the 128-row ping-pong tiles beat the 64-row ones at block 64 too.
 # D128 dQ variant 5 (128 keys, two stages) is 4% faster at block 128 but 16% slower at block 64.
-# kSchedPingPongOverlap (variant 8, fwd and dQ; not yet timed on a GPU): ping-pong plus FA3's
-# intra-warpgroup overlap, 64 keys a step for dQ (128 spills at D64).
+# kSchedPingPongOverlap (ping-pong plus FA3's intra-warpgroup overlap; H200, S16k, 4 patterns): D64
+# fwd 1-5% faster than kSchedPingPong (hence its default), D128 fwd within +-2%; dQ 7-11% slower
+# (64 keys a step; 128 spills at D64), kept as variant 8 for comparison.
 # kSchedPingPong2 (two buffers of primary tiles, so two ring stages at D128 fwd / dK/dV): D128 fwd
 # 17% faster with ~3 key blocks a row, 13% slower with ~13 (hence "short"); D128 dK/dV never slower.
 DKV_SM90 = {
