@@ -650,11 +650,6 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
   constexpr int kLoaders = Cfg::kPing ? 128 : kNT;
   // At D128, 128-key scores leave no room for the previous tile's dS next to them.
   constexpr bool kTwoTurns = Cfg::kPing && kBN >= 128 && kD >= 128;
-  // D128 ping-pong with 64 keys a step: Q and dO, the same over the whole item, are loaded once
-  // into registers as the A operands of the score products. Those m64n64 products then read only
-  // K / V from shared memory (with both operands there they need its full bandwidth), and the
-  // primary buffer is released as soon as the item starts.
-  constexpr bool kRegA = kSched == kSchedPingPong && kBN == 64 && kD == 128;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t sRes0 = align1024(smem_u32(smem_raw));  // [kResBufs] {Q, dO}
   const uint32_t sK0 = sRes0 + Cfg::kResBufs * Cfg::kResBytes;
@@ -713,19 +708,8 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
       lse2[r] = i < p.Sq ? lse_to_log2(p.lse[rowbase + i]) : INFINITY;
       dl[r] = i < p.Sq ? p.delta[rowbase + i] : 0.f;
     }
-    uint32_t qa[kRegA ? kD / 16 : 1][4], da[kRegA ? kD / 16 : 1][4];
     if constexpr (Cfg::kPing) {
-      if (any) {
-        wait_primary<Cfg::kResBufs>(sy, nres);
-        if constexpr (kRegA) {
-#pragma unroll
-          for (int kk = 0; kk < kD / 16; ++kk) {
-            sm90::load_a_frag<kBM>(qa[kk], sQ, wrow, kk, lane);
-            sm90::load_a_frag<kBM>(da[kk], sdO, wrow, kk, lane);
-          }
-          release_primary<Cfg::kResBufs>(sy, nres);
-        }
-      }
+      if (any) wait_primary<Cfg::kResBufs>(sy, nres);
     } else {
       load_q_do();
       if (any) load_kv(0, C.kt);
@@ -750,21 +734,13 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
       sm90::fence();
 #pragma unroll
       for (int kk = 0; kk < kD / 16; ++kk) {
-        if constexpr (kRegA) {
-          sm90::Wgmma<kBN, T>::template rs<0>(S, qa[kk], sm90::desc_k<kBN>(sK, 0, kk), kk > 0 ? 1 : 0);
-        } else {
-          sm90::Wgmma<kBN, T>::template ss<0>(S, sm90::desc_k<kBM>(sQ, wg * 64, kk),
-                                              sm90::desc_k<kBN>(sK, 0, kk), kk > 0 ? 1 : 0);
-        }
+        sm90::Wgmma<kBN, T>::template ss<0>(S, sm90::desc_k<kBM>(sQ, wg * 64, kk),
+                                            sm90::desc_k<kBN>(sK, 0, kk), kk > 0 ? 1 : 0);
       }
 #pragma unroll
       for (int kk = 0; kk < kD / 16; ++kk) {
-        if constexpr (kRegA) {
-          sm90::Wgmma<kBN, T>::template rs<0>(dP, da[kk], sm90::desc_k<kBN>(sV, 0, kk), kk > 0 ? 1 : 0);
-        } else {
-          sm90::Wgmma<kBN, T>::template ss<0>(dP, sm90::desc_k<kBM>(sdO, wg * 64, kk),
-                                              sm90::desc_k<kBN>(sV, 0, kk), kk > 0 ? 1 : 0);
-        }
+        sm90::Wgmma<kBN, T>::template ss<0>(dP, sm90::desc_k<kBM>(sdO, wg * 64, kk),
+                                            sm90::desc_k<kBN>(sV, 0, kk), kk > 0 ? 1 : 0);
       }
       sm90::commit();
     };
@@ -798,9 +774,7 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     run_tiles<kSched, kStages, kTwoTurns>(C.stage, ring, wg, kNT, sy, has, next, has_next, advance,
                                           [&](int st) { load_kv(st, C.kt_n); }, scores, make_ds, ds_k,
                                           [&]() { sm90::fence_regs(acc); },
-                                          [&]() {
-                                            if constexpr (!kRegA) release_primary<Cfg::kResBufs>(sy, nres);
-                                          });
+                                          [&]() { release_primary<Cfg::kResBufs>(sy, nres); });
     sm90::wait<0>();
     sm90::fence_regs(acc);
     if constexpr (!Cfg::kPing) cp_async_wait<0>();

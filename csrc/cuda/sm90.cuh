@@ -147,16 +147,6 @@ struct Wgmma;
 
 #include "wgmma.inc"
 
-// A fragment (registers) of this warp's 16 rows [row0, row0 + 16) and K-columns [16 kk, 16 kk + 16)
-// of a [kRows][kD] SW128 tile (ldmatrix.x4; the layout to_a_frag produces), for an operand that
-// stays the same over many products.
-template <int kRows>
-__device__ __forceinline__ void load_a_frag(uint32_t (&a)[4], uint32_t tile, int row0, int kk, int lane) {
-  const int r = row0 + (lane & 7) + ((lane >> 3) & 1) * 8;
-  const int c = (kk % 4) * 2 + (lane >> 4);
-  ldsm_x4(a, tile + (kk / 4) * (kRows * 128) + r * 128 + ((c ^ (r % 8)) << 4));
-}
-
 // A fragment (16-bit, registers) of k-step kk of a 64 x N fp32 accumulator: the same per-warp
 // layout as mma.sync m16n8k16, so a probability tile feeds the next MMA without shared memory.
 template <typename T, int N>
