@@ -324,7 +324,8 @@ def test_split_rows(kw, monkeypatch):
 def test_cuda_graph_capture():
     """fwd + bwd captured into a CUDA graph (the backward forks dK/dV onto a side stream and joins it
     back; plans are built during the capture) replay bitwise to the eager results, with the graph's
-    outputs poisoned before the replay."""
+    outputs poisoned before the replay. (Rows are never split while capturing, so with splitting
+    forced by DILATED_SPARSE_SPLIT_CHUNK the eager forward merges pieces: compared by tolerance.)"""
     nb, bs, H, D = 8, 64, 2, 64
     idx = torch.arange(nb)
     mask = ((idx.view(-1, 1) - idx.view(1, -1)).abs() <= 1).view(1, 1, nb, nb)
@@ -347,8 +348,10 @@ def test_cuda_graph_capture():
         t.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
+    split_forced = bool(os.environ.get("DILATED_SPARSE_SPLIT_CHUNK"))
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), captured, eager):
-        assert torch.equal(a, b), name
+        assert torch.isfinite(a).all(), name
+        assert (rel(a, b) < 1e-2) if split_forced else torch.equal(a, b), name
 
 
 def test_plan_cache_sees_inplace_edits():
