@@ -214,20 +214,60 @@ struct QueryTile {
   int64_t item = 0;
 };
 
-__device__ __forceinline__ QueryTile make_query_tile(const Params& p, int bm, int64_t item) {
+// A work item decoded from the tile lists: (slice, primary tile, batch, head), the slice row's
+// entries [base, base + n) (n: the piece's end for a split forward row, which starts at e0 and
+// writes partial slot `slot`). Decoding takes a chain of dependent global loads (run / order or
+// work entry, then the row pointers); the ping-pong producer does it once per item and posts the
+// result to the consumers through shared memory, so they start an item without those loads.
+struct ItemInfo {
+  int item, s, t, b, h, n, e0, slot;
+  int64_t base;
+};
+
+__device__ __forceinline__ ItemInfo describe_item(const Params& p, int item) {
+  ItemInfo d;
+  d.item = item;
+  decode_item(p, item, d.s, d.t, d.b, d.h);
+  const Entries E = make_entries(p.tl, d.s, d.t);
+  d.base = E.base;
+  d.n = E.n;
+  d.e0 = 0;
+  d.slot = -1;
+  if (p.tl.work != nullptr) {
+    const int4 piece = p.tl.work[item / p.tl.rep];
+    d.e0 = piece.y;
+    d.n = piece.z;
+    d.slot = piece.w;
+  }
+  return d;
+}
+
+// The entries of a described item (no loads).
+__device__ __forceinline__ Entries item_entries(const TileList& tl, const ItemInfo& d) {
+  Entries e;
+  e.idx = tl.idx;
+  e.tile = tl.tile;
+  e.mask = tl.mask;
+  e.kf = tl.kf;
+  e.direct = tl.direct;
+  e.base = d.base;
+  e.n = d.n;
+  return e;
+}
+
+__device__ __forceinline__ QueryTile make_query_tile(const Params& p, int bm, const ItemInfo& d) {
   QueryTile w;
-  w.item = item;
-  decode_item(p, item, w.s, w.t, w.b, w.h);
+  w.item = d.item;
+  w.s = d.s;
+  w.t = d.t;
+  w.b = d.b;
+  w.h = d.h;
   w.hk = w.h / p.G;
   w.m0 = w.t * bm;
   w.R = make_rules(p, w.b);
-  w.E = make_entries(p.tl, w.s, w.t);
-  if (p.tl.work != nullptr) {
-    const int4 piece = p.tl.work[item / p.tl.rep];
-    w.e0 = piece.y;
-    w.E.n = piece.z;
-    w.slot = piece.w;
-  }
+  w.E = item_entries(p.tl, d);
+  w.e0 = d.e0;
+  w.slot = d.slot;
   return w;
 }
 
@@ -246,16 +286,19 @@ __device__ __forceinline__ int next_pair(const Entries& E, const Rules& R, uint6
 // A primary key tile of the dK/dV kernels: (slice, tile, batch, kv head). False for a work item a
 // CTA skips: with a per-head layout items run over query heads and the group's first one does the
 // work for its kv head.
-__device__ __forceinline__ bool decode_key_tile(const Params& p, int64_t item, int& s, int& t, int& b,
-                                                int& hk) {
-  int h;
-  decode_item(p, item, s, t, b, h);
+__device__ __forceinline__ bool key_tile_head(const Params& p, int h, int& hk) {
   if (p.Lh == 1) {
     hk = h;  // decoded over the kv heads
     return true;
   }
   hk = h / p.G;
   return h % p.G == 0;
+}
+__device__ __forceinline__ bool decode_key_tile(const Params& p, int64_t item, int& s, int& t, int& b,
+                                                int& hk) {
+  int h;
+  decode_item(p, item, s, t, b, h);
+  return key_tile_head(p, h, hk);
 }
 
 // Advances the cursor (GQA group member gg, entry it, entries E of that member's layout row) of key
@@ -372,7 +415,7 @@ __global__ void __launch_bounds__(FwdCfg<kD, kBM, kBN, kMT>::kWarps * 32, 1)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const int wrow = warp * 16 * kMT;  // this warp's first row in the tile
-  const QueryTile W = make_query_tile(p, kBM, blockIdx.x);
+  const QueryTile W = make_query_tile(p, kBM, describe_item(p, blockIdx.x));
   const int m0 = W.m0;
   const T* qg = static_cast<const T*>(p.q) + W.b * p.q_sb + W.h * p.q_sh;
   const T* kg = static_cast<const T*>(p.k) + W.b * p.k_sb + W.hk * p.k_sh;
@@ -530,7 +573,7 @@ __global__ void __launch_bounds__(DqCfg<kD, kBM, kBN, kMT>::kWarps * 32, 1)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const int wrow = warp * 16 * kMT;
-  const QueryTile W = make_query_tile(p, kBM, blockIdx.x);
+  const QueryTile W = make_query_tile(p, kBM, describe_item(p, blockIdx.x));
   const int m0 = W.m0, b = W.b, h = W.h;
   const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
   const T* dog = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh;

@@ -67,7 +67,7 @@ struct Sm90Threads {
   static constexpr bool kPing = kSched >= kSchedPingPong;
   static constexpr int kResBufs = kSched == kSchedPingPong2 ? 2 : 1;
   static constexpr int kThreads = kConsumers + (kPing ? 128 : 0);
-  static constexpr int kBarBytes = kPing ? 128 : 0;  // PingSync
+  static constexpr int kBarBytes = kPing ? 192 : 0;  // PingSync
   static_assert(!kPing || kWG_ == 2, "ping-pong needs two consumer warpgroups");
 
   // Ring stages: three, or two where ping-pong (which releases slots through mbarriers) cannot fit
@@ -142,11 +142,11 @@ using Set1 = std::integral_constant<int, 1>;
 //   full[s] / empty[s]       ring slot s landed (the producer's 128 threads' copies) / released
 //   res_full[b] / res_empty[b]  primary-tile buffer b (Q [+ dO], or K and V) landed / no longer
 //                            read (after its item's last score products)
-//   item_full / item_empty   [2] each, with two int slots: the mailbox through which the producer
-//                            posts work items to the consumers
+//   item_full / item_empty   [2] each, with two ItemInfo slots: the mailbox through which the
+//                            producer posts work items, decoded, to the consumers
 struct PingSync {
   uint32_t full, empty, res_full, res_empty, item_full, item_empty;
-  volatile int* slot;
+  volatile ItemInfo* slot;
 };
 
 // `at`: shared address of the barrier bytes (8-byte aligned), `gen`: generic pointer to them.
@@ -160,7 +160,7 @@ __device__ __forceinline__ PingSync make_ping_sync(uint32_t at, unsigned char* g
   s.res_empty = s.res_full + 16;
   s.item_full = s.res_empty + 16;
   s.item_empty = s.item_full + 16;
-  s.slot = reinterpret_cast<volatile int*>(gen + (s.item_empty + 16 - at));
+  s.slot = reinterpret_cast<volatile ItemInfo*>(gen + (s.item_empty + 16 - at));  // 8-byte aligned
   if constexpr (kInit) {
     if (threadIdx.x == 0) {
       for (int i = 0; i < stages; ++i) {
@@ -189,28 +189,54 @@ __device__ __forceinline__ int res_round(int nres) {
   return kResBufs == 2 ? nres >> 1 : nres;
 }
 
-// Producer side of the mailbox: the CTA's n-th work item (blockIdx.x, then the global counter's
-// next; -1 once `items` are taken), posted to the consumers and returned to every producer thread
-// (named barrier 3 over the producer warpgroup).
-__device__ __forceinline__ int post_item(const PingSync& s, const Params& p, int n, int ltid) {
+// Producer side of the mailbox: the CTA's n-th work item (blockIdx.x, then the global counter's;
+// -1 once `items` are taken), returned to every producer thread (named barrier 3 over the producer
+// warpgroup). Thread 0 takes the counter's next value one item ahead (`pending`), so the atomic's
+// round trip overlaps the current item's loads instead of delaying the next item's first tile.
+__device__ __forceinline__ int fetch_item(const PingSync& s, const Params& p, int n, int ltid, int& pending) {
   const int b = n & 1;
   if (ltid == 0) {
     if (n >= 2) sm90::mbar_wait(s.item_empty + 8 * b, ((n >> 1) - 1) & 1);
-    const int64_t item = n == 0 ? static_cast<int64_t>(blockIdx.x) : gridDim.x + static_cast<int64_t>(atomicAdd(p.work_counter, 1));
-    s.slot[b] = item < p.items ? static_cast<int>(item) : -1;
-    sm90::mbar_arrive(s.item_full + 8 * b);  // release: the slot write is visible to the waiters
+    const int64_t item = n == 0 ? static_cast<int64_t>(blockIdx.x) : gridDim.x + static_cast<int64_t>(pending);
+    if (item < p.items) pending = atomicAdd(p.work_counter, 1);  // first read at the next fetch
+    s.slot[b].item = item < p.items ? static_cast<int>(item) : -1;
   }
   sm90::named_sync(3, 128);
-  return s.slot[b];
+  return s.slot[b].item;
 }
 
-// Consumer side: the n-th item posted (-1: none left).
-__device__ __forceinline__ int take_item(const PingSync& s, int n) {
+// Posts the n-th item, decoded (d; d.item -1: none left), to the consumers.
+__device__ __forceinline__ void post_item(const PingSync& s, int n, int ltid, const ItemInfo& d) {
+  if (ltid != 0) return;
+  volatile ItemInfo& v = s.slot[n & 1];
+  v.s = d.s;
+  v.t = d.t;
+  v.b = d.b;
+  v.h = d.h;
+  v.n = d.n;
+  v.e0 = d.e0;
+  v.slot = d.slot;
+  v.base = d.base;
+  sm90::mbar_arrive(s.item_full + 8 * (n & 1));  // release: the slot writes are visible to the waiters
+}
+
+// Consumer side: the n-th item posted (item -1: none left).
+__device__ __forceinline__ ItemInfo take_item(const PingSync& s, int n) {
   const int b = n & 1;
   sm90::mbar_wait(s.item_full + 8 * b, (n >> 1) & 1);
-  const int item = s.slot[b];
+  const volatile ItemInfo& v = s.slot[b];
+  ItemInfo d;
+  d.item = v.item;
+  d.s = v.s;
+  d.t = v.t;
+  d.b = v.b;
+  d.h = v.h;
+  d.n = v.n;
+  d.e0 = v.e0;
+  d.slot = v.slot;
+  d.base = v.base;
   sm90::mbar_arrive(s.item_empty + 8 * b);
-  return item;
+  return d;
 }
 
 // Consumer loop over the secondary tiles of one primary tile. The kernel supplies, as lambdas:
@@ -424,9 +450,10 @@ __device__ __forceinline__ void release_primary(const PingSync& sy, int nres) {
   sm90::mbar_arrive(sy.res_empty + 8 * res_buf<kResBufs>(nres));
 }
 
-// The work-item loops of a kernel. Ping-pong: the producer warpgroup posts items and loads them
-// (producer_item(item, ring, nres) returns whether the item had tiles), the consumers take them
-// (consumer_item(item, ring, nres), same result); otherwise the CTA runs item blockIdx.x.
+// The work-item loops of a kernel. Ping-pong: the producer warpgroup fetches items, decodes and
+// posts them, and loads them (producer_item(d, ring, nres) returns whether the item had tiles), the
+// consumers take them (consumer_item(d, ring, nres), same result); otherwise the CTA runs item
+// blockIdx.x.
 template <bool kPing, int kWG, class ProducerItem, class ConsumerItem>
 __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, int wg, int ltid,
                                           ProducerItem producer_item, ConsumerItem consumer_item) {
@@ -434,22 +461,27 @@ __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, i
   if constexpr (kPing) {
     if (wg == kWG) {
       sm90::regs_decrease<kProducerRegs>();
+      int pending = 0;
       for (int n = 0;; ++n) {
-        const int item = post_item(sy, p, n, ltid);
+        const int item = fetch_item(sy, p, n, ltid, pending);
+        ItemInfo d{};
+        d.item = item;
+        if (item >= 0) d = describe_item(p, item);
+        post_item(sy, n, ltid, d);
         if (item < 0) break;
-        if (producer_item(item, ring, nres)) ++nres;
+        if (producer_item(d, ring, nres)) ++nres;
       }
       cp_async_wait<0>();
       return;
     }
     sm90::regs_increase<kConsumerRegs>();
     for (int n = 0;; ++n) {
-      const int item = take_item(sy, n);
-      if (item < 0) break;
-      if (consumer_item(item, ring, nres)) ++nres;
+      const ItemInfo d = take_item(sy, n);
+      if (d.item < 0) break;
+      if (consumer_item(d, ring, nres)) ++nres;
     }
   } else {
-    consumer_item(static_cast<int>(blockIdx.x), ring, nres);
+    consumer_item(describe_item(p, static_cast<int>(blockIdx.x)), ring, nres);
   }
 }
 
@@ -464,8 +496,8 @@ struct QueryItem {
   int it = 0, kt = 0, state = 0, stage = 0, kt_n = 0, state_n = 0, nx = 0;
   uint64_t msk = 0, msk_n = 0;
 
-  __device__ __forceinline__ void start(const Params& p, int item) {
-    W = make_query_tile(p, kBM, item);
+  __device__ __forceinline__ void start(const Params& p, const ItemInfo& d) {
+    W = make_query_tile(p, kBM, d);
     q = static_cast<const T*>(p.q) + W.b * p.q_sb + W.h * p.q_sh;
     k = static_cast<const T*>(p.k) + W.b * p.k_sb + W.hk * p.k_sh;
     v = static_cast<const T*>(p.v) + W.b * p.v_sb + W.hk * p.v_sh;
@@ -528,9 +560,9 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
   auto load_kv = [&](int st, int tile) { C.template load_kv<kD, kLoaders, Cfg::kKVBytes>(p, sK0, sV0, st, tile, ltid); };
 
   auto use_buffer = [&](int nres) { sQ = sRes0 + res_buf<Cfg::kResBufs>(nres) * Cfg::kResBytes; };
-  auto producer_item = [&](int item, int& ring, int nres) {
+  auto producer_item = [&](const ItemInfo& d, int& ring, int nres) {
     use_buffer(nres);
-    C.start(p, item);
+    C.start(p, d);
     if (!has()) return false;
     produce<kStages, Cfg::kResBufs>(sy, ring, nres, has, [&](int st) { load_kv(st, C.kt); }, load_q, [&]() {
       next();
@@ -539,9 +571,9 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     return true;
   };
 
-  auto consumer_item = [&](int item, int& ring, int nres) {
+  auto consumer_item = [&](const ItemInfo& d, int& ring, int nres) {
     use_buffer(nres);
-    C.start(p, item);
+    C.start(p, d);
     const bool any = has();
     if constexpr (Cfg::kPing) {
       if (any) wait_primary<Cfg::kResBufs>(sy, nres);
@@ -670,8 +702,8 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
   auto next = [&]() { C.next(p); };
   auto has_next = [&]() { return C.has_next(); };
   auto advance = [&]() { C.advance(); };
-  auto start = [&](int item) {
-    C.start(p, item);
+  auto start = [&](const ItemInfo& d) {
+    C.start(p, d);
     dog = static_cast<const T*>(p.dout) + W.b * p.do_sb + W.h * p.do_sh;
   };
   auto load_kv = [&](int st, int tile) { C.template load_kv<kD, kLoaders, Cfg::kKVBytes>(p, sK0, sV0, st, tile, ltid); };
@@ -684,9 +716,9 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     sQ = sRes0 + res_buf<Cfg::kResBufs>(nres) * Cfg::kResBytes;
     sdO = sQ + Cfg::kQBytes;
   };
-  auto producer_item = [&](int item, int& ring, int nres) {
+  auto producer_item = [&](const ItemInfo& d, int& ring, int nres) {
     use_buffer(nres);
-    start(item);
+    start(d);
     if (!has()) return false;
     produce<kStages, Cfg::kResBufs>(sy, ring, nres, has, [&](int st) { load_kv(st, C.kt); }, load_q_do, [&]() {
       next();
@@ -695,9 +727,9 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     return true;
   };
 
-  auto consumer_item = [&](int item, int& ring, int nres) {
+  auto consumer_item = [&](const ItemInfo& d, int& ring, int nres) {
     use_buffer(nres);
-    start(item);
+    start(d);
     const bool any = has();
     // lse and Delta (delta_kernel) of this thread's two rows.
     const int64_t rowbase = (static_cast<int64_t>(W.b) * p.H + W.h) * p.Sq;
@@ -826,16 +858,17 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
   uint64_t msk = 0, msk_n = 0;
   Entries E, E_n;
   // False for an item no CTA works on (see decode_key_tile).
-  auto start = [&](int item) {
-    int s;
-    if (!decode_key_tile(p, item, s, t, b, hk)) return false;
+  auto start = [&](const ItemInfo& d) {
+    if (!key_tile_head(p, d.h, hk)) return false;
+    t = d.t;
+    b = d.b;
     n0 = t * kBN;
     kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
     vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
     R = make_rules(p, b);
     gg = 0;
     it = 0;
-    E = make_entries(p.tl, layout_slice(p, b, hk * p.G), t);
+    E = item_entries(p.tl, d);  // slice d.s = layout_slice(p, b, hk * p.G): the group's first head
     next_group_pair(p, R, b, hk, t, n0, kBM, kBN, gg, it, E, qt, msk, state);
     E_n = E;
     return true;
@@ -881,9 +914,9 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
     sK = sRes0 + res_buf<Cfg::kResBufs>(nres) * Cfg::kResBytes;
     sV = sK + Cfg::kKVBytes;
   };
-  auto producer_item = [&](int item, int& ring, int nres) {
+  auto producer_item = [&](const ItemInfo& d, int& ring, int nres) {
     use_buffer(nres);
-    if (!start(item) || !has()) return false;
+    if (!start(d) || !has()) return false;
     produce<kStages, Cfg::kResBufs>(sy, ring, nres, has, [&](int st) { load_q(st, gg, qt); }, load_kv, [&]() {
       next();
       advance();
@@ -891,9 +924,9 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
     return true;
   };
 
-  auto consumer_item = [&](int item, int& ring, int nres) {
+  auto consumer_item = [&](const ItemInfo& d, int& ring, int nres) {
     use_buffer(nres);
-    if (!start(item)) return false;
+    if (!start(d)) return false;
     const bool any = has();
     if constexpr (Cfg::kPing) {
       if (any) wait_primary<Cfg::kResBufs>(sy, nres);
