@@ -3,8 +3,8 @@
 // (wgmma.mma_async) reading 128-byte-swizzled shared tiles (sm90.cuh).
 //
 // Each consumer warpgroup (4 warps, 128 threads) owns 64 rows of the CTA's primary tile; a CTA has
-// kWG of them. Secondary tiles stream through a cp.async ring of kSm90Stages tiles. Three schedules
-// (Sm90Sched, used by all three kernels):
+// kWG of them. Secondary tiles stream through a cp.async ring of kSm90Stages tiles. The schedules
+// (Sm90Sched, used by all three kernels; the enum below lists the ping-pong refinements):
 //  - lockstep: every thread loads; a CTA barrier per tile publishes the tile and frees the stage
 //    after next; the product that consumes the probabilities (P V, dS K, P^T dO, dS^T Q) is left in
 //    flight while the next tile's scores are issued.
@@ -14,8 +14,9 @@
 //    registers to the consumers (setmaxnreg); the two consumer warpgroups take turns issuing
 //    products (named barriers), so one's softmax runs during the other's products (FA3 ping-pong).
 //    These kernels are persistent: one CTA per SM takes work items from a global counter (longest
-//    first, as planned), and the producer loads the next item's first tiles while the consumers
-//    finish the current one, so short rows do not pay a cold start each.
+//    first, as planned); the producer decodes each item, posts it to the consumers through shared
+//    memory (ItemInfo) and loads the next item's first tiles while they finish the current one, so
+//    short rows do not pay a cold start each.
 //
 // Compiled to real code only for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); other targets get a stub that
 // traps, and the host never picks these kernels there (attention.cu: pick()).

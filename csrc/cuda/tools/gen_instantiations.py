@@ -61,8 +61,9 @@ DQ_SM90 = {
 # kSchedPingPongOverlap (ping-pong plus FA3's intra-warpgroup overlap; H200, S16k, 4 patterns): D64
 # fwd 1-5% faster than kSchedPingPong (hence its default), D128 fwd within +-2%; dQ 7-11% slower
 # (64 keys a step; 128 spills at D64), kept as variant 8 for comparison.
-# kSchedPingPong2 (two buffers of primary tiles, so two ring stages at D128 fwd / dK/dV): D128 fwd
-# 17% faster with ~3 key blocks a row, 13% slower with ~13 (hence "short"); D128 dK/dV never slower.
+# kSchedPingPong2 (two buffers of primary tiles; two ring stages at D128 fwd, three at D128 dK/dV):
+# D128 fwd 17% faster with ~3 key blocks a row, 3-4% with ~7, equal at ~10, 13% slower with ~13
+# (hence "short"); D128 dK/dV 2-6% faster than kSchedPingPong (variant 7) on the H200.
 DKV_SM90 = {
     64: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedOverlap", "small"),
          ("2", "128", "kSchedPingPong2")],
