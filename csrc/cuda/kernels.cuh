@@ -80,13 +80,21 @@ struct Entries {
   }
 };
 
-__device__ __forceinline__ Entries make_entries(const TileList& tl, int s, int t) {
+// Entries [base, base + n) of a tile list.
+__device__ __forceinline__ Entries entries_at(const TileList& tl, int64_t base, int n) {
   Entries e;
   e.idx = tl.idx;
   e.tile = tl.tile;
   e.mask = tl.mask;
   e.kf = tl.kf;
   e.direct = tl.direct;
+  e.base = base;
+  e.n = n;
+  return e;
+}
+
+__device__ __forceinline__ Entries make_entries(const TileList& tl, int s, int t) {
+  Entries e = entries_at(tl, 0, 0);
   if (tl.direct) {
     const int r = s * tl.npb + t / tl.fsplit;
     const int p0 = tl.ptr[r];
@@ -242,19 +250,6 @@ __device__ __forceinline__ ItemInfo describe_item(const Params& p, int item) {
   return d;
 }
 
-// The entries of a described item (no loads).
-__device__ __forceinline__ Entries item_entries(const TileList& tl, const ItemInfo& d) {
-  Entries e;
-  e.idx = tl.idx;
-  e.tile = tl.tile;
-  e.mask = tl.mask;
-  e.kf = tl.kf;
-  e.direct = tl.direct;
-  e.base = d.base;
-  e.n = d.n;
-  return e;
-}
-
 __device__ __forceinline__ QueryTile make_query_tile(const Params& p, int bm, const ItemInfo& d) {
   QueryTile w;
   w.item = d.item;
@@ -265,7 +260,7 @@ __device__ __forceinline__ QueryTile make_query_tile(const Params& p, int bm, co
   w.hk = w.h / p.G;
   w.m0 = w.t * bm;
   w.R = make_rules(p, w.b);
-  w.E = item_entries(p.tl, d);
+  w.E = entries_at(p.tl, d.base, d.n);
   w.e0 = d.e0;
   w.slot = d.slot;
   return w;

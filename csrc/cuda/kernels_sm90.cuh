@@ -206,28 +206,9 @@ __device__ __forceinline__ int fetch_item(const PingSync& s, const Params& p, in
   return s.slot[b].item;
 }
 
-// Posts the n-th item, decoded (d; d.item -1: none left), to the consumers.
-__device__ __forceinline__ void post_item(const PingSync& s, int n, int ltid, const ItemInfo& d) {
-  if (ltid != 0) return;
-  volatile ItemInfo& v = s.slot[n & 1];
-  v.s = d.s;
-  v.t = d.t;
-  v.b = d.b;
-  v.h = d.h;
-  v.n = d.n;
-  v.e0 = d.e0;
-  v.slot = d.slot;
-  v.base = d.base;
-  sm90::mbar_arrive(s.item_full + 8 * (n & 1));  // release: the slot writes are visible to the waiters
-}
-
-// Consumer side: the n-th item posted (item -1: none left).
-__device__ __forceinline__ ItemInfo take_item(const PingSync& s, int n) {
-  const int b = n & 1;
-  sm90::mbar_wait(s.item_full + 8 * b, (n >> 1) & 1);
-  const volatile ItemInfo& v = s.slot[b];
-  ItemInfo d;
-  d.item = v.item;
+// The fields of an ItemInfo after `item`, between a register copy and the mailbox slot (volatile).
+template <class Dst, class Src>
+__device__ __forceinline__ void copy_item_fields(Dst& d, const Src& v) {
   d.s = v.s;
   d.t = v.t;
   d.b = v.b;
@@ -236,6 +217,22 @@ __device__ __forceinline__ ItemInfo take_item(const PingSync& s, int n) {
   d.e0 = v.e0;
   d.slot = v.slot;
   d.base = v.base;
+}
+
+// Posts the n-th item, decoded (d; d.item -1: none left; fetch_item wrote the index), to the consumers.
+__device__ __forceinline__ void post_item(const PingSync& s, int n, int ltid, const ItemInfo& d) {
+  if (ltid != 0) return;
+  copy_item_fields(s.slot[n & 1], d);
+  sm90::mbar_arrive(s.item_full + 8 * (n & 1));  // release: the slot writes are visible to the waiters
+}
+
+// Consumer side: the n-th item posted (item -1: none left).
+__device__ __forceinline__ ItemInfo take_item(const PingSync& s, int n) {
+  const int b = n & 1;
+  sm90::mbar_wait(s.item_full + 8 * b, (n >> 1) & 1);
+  ItemInfo d;
+  d.item = s.slot[b].item;
+  copy_item_fields(d, s.slot[b]);
   sm90::mbar_arrive(s.item_empty + 8 * b);
   return d;
 }
@@ -833,7 +830,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
   constexpr int kLoaders = Cfg::kPing ? 128 : kNT;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t sRes0 = align1024(smem_u32(smem_raw));  // [kResBufs] {K, V}
-  const uint32_t sStage0 = sRes0 + Cfg::kResBufs * Cfg::kResBytes;  // [stages] {Q, dO, lse, Delta}
+  const uint32_t sStage0 = sRes0 + Cfg::kResBufs * Cfg::kResBytes;  // [stages] {Q, dO}
   uint32_t sK = sRes0, sV = sRes0 + Cfg::kKVBytes;  // the current item's
   const uint32_t sSide0 = sStage0 + kStages * Cfg::kStageBytes;  // [stages] {lse, Delta}
   const uint32_t sbar = sSide0 + kStages * Cfg::kSideBytes;
@@ -869,7 +866,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
     R = make_rules(p, b);
     gg = 0;
     it = 0;
-    E = item_entries(p.tl, d);  // slice d.s = layout_slice(p, b, hk * p.G): the group's first head
+    E = entries_at(p.tl, d.base, d.n);  // slice d.s = layout_slice(p, b, hk * p.G): the group's first head
     next_group_pair(p, R, b, hk, t, n0, kBM, kBN, gg, it, E, qt, msk, state);
     E_n = E;
     return true;
