@@ -211,6 +211,43 @@ __device__ __forceinline__ void store2(T* dst, float x, float y) {
   *reinterpret_cast<uint32_t*>(dst) = v;
 }
 
+// One row (r 0: g, 1: g + 8) of an accumulator fragment, times `scale`, as 16-byte stores: the
+// quad's four threads exchange their 32-bit pairs (a 4 x 4 transpose in two butterfly stages) so
+// that each holds 8 consecutive columns of one 8-column group. Every lane must call it (shuffles);
+// `ok` predicates the stores.
+template <typename T, int kN>
+__device__ __forceinline__ void store_row_vec(T* row, const float (&acc)[kN][4], int r, float scale, int col0,
+                                              int D, bool ok, int t4) {
+  static_assert(kN % 4 == 0, "16-byte stores take groups of four 8-column tiles");
+  const bool b0 = t4 & 1, b1 = t4 & 2;
+#pragma unroll
+  for (int j = 0; j < kN / 4; ++j) {
+    uint32_t w[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) w[c] = MmaOp<T>::pack(acc[4 * j + c][2 * r] * scale, acc[4 * j + c][2 * r + 1] * scale);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const uint32_t recv = __shfl_xor_sync(0xffffffffu, b0 ? w[2 * i] : w[2 * i + 1], 1);
+      if (b0) {
+        w[2 * i] = recv;
+      } else {
+        w[2 * i + 1] = recv;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const uint32_t recv = __shfl_xor_sync(0xffffffffu, b1 ? w[i] : w[i + 2], 2);
+      if (b1) {
+        w[i] = recv;
+      } else {
+        w[i + 2] = recv;
+      }
+    }
+    const int d = col0 + (4 * j + t4) * 8;
+    if (ok && d < D) *reinterpret_cast<uint4*>(row + d) = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+}
+
 // A primary query tile of the forward / dQ kernels: where it is, its token rules and the entries
 // it walks (only a piece of them for a split forward row, whose partial result goes to `slot`).
 struct QueryTile {
@@ -361,13 +398,17 @@ __device__ __forceinline__ void store_fwd_rows(const Params& p, const QueryTile&
     const float l = quad_sum(lrow[r]);
     const float inv = l > 0.f ? 1.f / l : 0.f;
     const int i = w.m0 + row_local + g + r * 8;
-    if (i >= p.Sq) continue;
     T* orow = static_cast<T*>(p.out) + ((static_cast<int64_t>(w.b) * p.Sq + i) * p.H + w.h) * p.D;
+    if constexpr ((kD / 8) % 4 == 0) {
+      store_row_vec<T, kD / 8>(orow, acc, r, inv, 0, p.D, i < p.Sq, t4);
+    } else {
 #pragma unroll
-    for (int nt = 0; nt < kD / 8; ++nt) {
-      const int d = nt * 8 + 2 * t4;
-      if (d < p.D) store2(orow + d, acc[nt][2 * r] * inv, acc[nt][2 * r + 1] * inv);
+      for (int nt = 0; nt < kD / 8; ++nt) {
+        const int d = nt * 8 + 2 * t4;
+        if (i < p.Sq && d < p.D) store2(orow + d, acc[nt][2 * r] * inv, acc[nt][2 * r + 1] * inv);
+      }
     }
+    if (i >= p.Sq) continue;
     if (t4 == 0) {
       p.lse_out[(static_cast<int64_t>(w.b) * p.H + w.h) * p.Sq + i] = l > 0.f ? (mrow[r] + __log2f(l)) * kLn2 : -INFINITY;
     }
@@ -382,12 +423,15 @@ __device__ __forceinline__ void store_rows(void* base, const float (&acc)[kCols 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int i = row0 + g + r * 8;
-    if (i >= seq) continue;
     T* row = static_cast<T*>(base) + ((static_cast<int64_t>(b) * seq + i) * heads + head) * D;
+    if constexpr ((kCols / 8) % 4 == 0) {
+      store_row_vec<T, kCols / 8>(row, acc, r, scale, col0, D, i < seq, t4);
+    } else {
 #pragma unroll
-    for (int nt = 0; nt < kCols / 8; ++nt) {
-      const int d = col0 + nt * 8 + 2 * t4;
-      if (d < D) store2(row + d, acc[nt][2 * r] * scale, acc[nt][2 * r + 1] * scale);
+      for (int nt = 0; nt < kCols / 8; ++nt) {
+        const int d = col0 + nt * 8 + 2 * t4;
+        if (i < seq && d < D) store2(row + d, acc[nt][2 * r] * scale, acc[nt][2 * r + 1] * scale);
+      }
     }
   }
 }

@@ -313,7 +313,6 @@ __device__ __forceinline__ void run_tiles(const int& stage, int& ring, int wg, i
     // so that every wait retires a statically known group (ptxas serialises otherwise).
     const int other = 1 - wg;
     if (!has()) return;
-    if (wg == 1) sm90::named_arrive(1, consumers);
     auto begin_turn = [&]() {
       sm90::mbar_wait(sy.full + 8 * stage, (ring / kStages) & 1);
       sm90::fence_async_smem();
@@ -336,7 +335,7 @@ __device__ __forceinline__ void run_tiles(const int& stage, int& ring, int wg, i
       if (!has()) {
         sm90::named_sync(1 + wg, consumers);
         last(c, last_stage);
-        if (wg == 0) sm90::named_arrive(1 + other, consumers);  // warpgroup 1's last turn
+        sm90::named_arrive(1 + other, consumers);  // warpgroup 1's: the next item's first turn
         sm90::wait<0>();
         sm90::mbar_arrive(sy.empty + 8 * last_stage);
         return false;
@@ -361,12 +360,12 @@ __device__ __forceinline__ void run_tiles(const int& stage, int& ring, int wg, i
     }
   } else {
     // Turns alternate between the two warpgroups through named barriers 1 + wg (one warpgroup
-    // syncs, the other arrives); warpgroup 0 goes first. The producer refills a slot once both
-    // released it (empty); a slot is ready when its full phase completes.
+    // syncs, the other arrives); warpgroup 0 goes first: warpgroup 1's arrival that opens it was
+    // made at the end of its previous item (or by run_items before the first). The producer
+    // refills a slot once both released it (empty); a slot is ready when its full phase completes.
     const int other = 1 - wg;
     bool first = true;
     int last_stage = 0;
-    if (wg == 1 && has()) sm90::named_arrive(1, consumers);
     while (has()) {
       sm90::mbar_wait(sy.full + 8 * stage, (ring / kStages) & 1);
       sm90::fence_async_smem();
@@ -383,7 +382,7 @@ __device__ __forceinline__ void run_tiles(const int& stage, int& ring, int wg, i
         compute(Set0{});
         sm90::named_sync(1 + wg, consumers);
         last(Set0{}, stage);
-        if (wg == 0 || has_next()) sm90::named_arrive(1 + other, consumers);  // not after warpgroup 1's last turn
+        sm90::named_arrive(1 + other, consumers);
         sm90::wait<0>();
         done();
         sm90::mbar_arrive(sy.empty + 8 * stage);
@@ -401,7 +400,7 @@ __device__ __forceinline__ void run_tiles(const int& stage, int& ring, int wg, i
       if (!first) {
         sm90::named_sync(1 + wg, consumers);
         last(Set0{}, last_stage);
-        if (wg == 0) sm90::named_arrive(1 + other, consumers);  // warpgroup 1's last turn
+        sm90::named_arrive(1 + other, consumers);  // warpgroup 1's: the next item's first turn
         sm90::wait<0>();
         sm90::mbar_arrive(sy.empty + 8 * last_stage);
       }
@@ -473,11 +472,17 @@ __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, i
       return;
     }
     sm90::regs_increase<kConsumerRegs>();
+    // Warpgroup 0's first turn of an item is opened by warpgroup 1 ahead of time: here for the
+    // first item, then by warpgroup 1's last turn of each item (run_tiles), so warpgroup 0 starts
+    // the next item while 1 still finishes and stores the last one. The arrival left open after the
+    // last item is taken here, before the CTA exits.
+    if (wg == 1) sm90::named_arrive(1, 128 * kWG);
     for (int n = 0;; ++n) {
       const ItemInfo d = take_item(sy, n);
       if (d.item < 0) break;
       if (consumer_item(d, ring, nres)) ++nres;
     }
+    if (wg == 0) sm90::named_sync(1, 128 * kWG);
   } else {
     consumer_item(describe_item(p, static_cast<int>(blockIdx.x)), ring, nres);
   }
