@@ -52,6 +52,9 @@ if [ "${SANITIZE:-1}" = "1" ]; then
   if [ "${RACECHECK:-0}" = "1" ]; then
     timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool racecheck --error-exitcode 9 $PY tests/test_cuda_kernels.py --small > "$OUT/racecheck.log" 2>&1
     echo "racecheck rc=$? ($(( $(date +%s) - t0 )) s)"; tail -3 "$OUT/racecheck.log"
+    # Barrier use: the consumer warpgroups hand turns over through named barriers across items.
+    timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool synccheck --error-exitcode 9 $PY tests/test_cuda_kernels.py --small > "$OUT/synccheck.log" 2>&1
+    echo "synccheck rc=$? ($(( $(date +%s) - t0 )) s)"; tail -3 "$OUT/synccheck.log"
   fi
 fi
 if [ "${BENCH:-1}" = "1" ]; then
