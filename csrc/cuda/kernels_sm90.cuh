@@ -57,6 +57,10 @@ enum Sm90Sched {
   kSchedPingPongOverlap = 4,  // ping-pong, and inside each turn the element-wise work of tile j runs
                               // while the warpgroup's own product of tile j - 1 does (both FA3
                               // schedules at once); one turn a tile, two register sets
+  kSchedPingPongSplit = 5,  // forward: ping-pong with two primary buffers, and K and V in rings of
+                            // their own (three K slots, two V slots: V_j is read one turn after
+                            // K_j, so two slots give it the same lead), which fits two Q buffers
+                            // next to three K slots at D128
 };
 
 // Threads, primary-tile buffers and mbarrier bytes of a schedule: kWG consumer warpgroups, plus
@@ -66,9 +70,11 @@ struct Sm90Threads {
   static constexpr int kWG = kWG_;
   static constexpr int kConsumers = 128 * kWG_;
   static constexpr bool kPing = kSched >= kSchedPingPong;
-  static constexpr int kResBufs = kSched == kSchedPingPong2 ? 2 : 1;
+  static constexpr int kResBufs = kSched == kSchedPingPong2 || kSched == kSchedPingPongSplit ? 2 : 1;
+  static constexpr int kVStages = kSched == kSchedPingPongSplit ? 2 : 0;  // separate V ring (slots)
   static constexpr int kThreads = kConsumers + (kPing ? 128 : 0);
-  static constexpr int kBarBytes = kPing ? 192 : 0;  // PingSync
+  static constexpr int kBarBytes = kPing ? 192 + 16 * kVStages : 0;  // PingSync
+  static_assert(16 * kSm90Stages + 64 + 2 * sizeof(ItemInfo) <= 192, "PingSync exceeds its bytes");
   static_assert(!kPing || kWG_ == 2, "ping-pong needs two consumer warpgroups");
 
   // Ring stages: three, or two where ping-pong (which releases slots through mbarriers) cannot fit
@@ -93,8 +99,10 @@ struct FwdSm90Cfg : Sm90Threads<kWG_, kSched> {
   static constexpr int kQBytes = kBM * kD * 2;
   static constexpr int kKVBytes = kBN * kD * 2;
   static constexpr int kResBytes = kQBytes;
-  static constexpr int kStages = Base::stages(kResBytes, 2 * kKVBytes);
-  static constexpr int kSmem = Base::smem(kResBytes, 2 * kKVBytes, kStages);
+  // K ring slots; the V ring has as many unless the schedule splits them (Base::kVStages).
+  static constexpr int kStages = Base::kVStages > 0 ? kSm90Stages : Base::stages(kResBytes, 2 * kKVBytes);
+  static constexpr int kVSlots = Base::kVStages > 0 ? Base::kVStages : kStages;
+  static constexpr int kSmem = Base::smem(kResBytes, kKVBytes, kStages + kVSlots);
   static_assert(kSmem <= kMaxSmem, "forward tile does not fit in shared memory");
 };
 
@@ -145,15 +153,17 @@ using Set1 = std::integral_constant<int, 1>;
 //                            read (after its item's last score products)
 //   item_full / item_empty   [2] each, with two ItemInfo slots: the mailbox through which the
 //                            producer posts work items, decoded, to the consumers
+//   vfull[v] / vempty[v]     kSchedPingPongSplit: V ring slot v (full / empty above are the K ring)
 struct PingSync {
-  uint32_t full, empty, res_full, res_empty, item_full, item_empty;
+  uint32_t full, empty, res_full, res_empty, item_full, item_empty, vfull, vempty;
   volatile ItemInfo* slot;
 };
 
 // `at`: shared address of the barrier bytes (8-byte aligned), `gen`: generic pointer to them.
 // Initialises the barriers when kInit (ping-pong), then syncs the CTA.
 template <bool kInit>
-__device__ __forceinline__ PingSync make_ping_sync(uint32_t at, unsigned char* gen, int stages, int consumers) {
+__device__ __forceinline__ PingSync make_ping_sync(uint32_t at, unsigned char* gen, int stages, int consumers,
+                                                  int vstages = 0) {
   PingSync s;
   s.full = at;
   s.empty = at + 8 * stages;
@@ -162,11 +172,17 @@ __device__ __forceinline__ PingSync make_ping_sync(uint32_t at, unsigned char* g
   s.item_full = s.res_empty + 16;
   s.item_empty = s.item_full + 16;
   s.slot = reinterpret_cast<volatile ItemInfo*>(gen + (s.item_empty + 16 - at));  // 8-byte aligned
+  s.vfull = s.item_empty + 16 + 2 * static_cast<uint32_t>(sizeof(ItemInfo));
+  s.vempty = s.vfull + 8 * vstages;
   if constexpr (kInit) {
     if (threadIdx.x == 0) {
       for (int i = 0; i < stages; ++i) {
         sm90::mbar_init(s.full + 8 * i, 128);
         sm90::mbar_init(s.empty + 8 * i, consumers);
+      }
+      for (int i = 0; i < vstages; ++i) {
+        sm90::mbar_init(s.vfull + 8 * i, 128);
+        sm90::mbar_init(s.vempty + 8 * i, consumers);
       }
       for (int i = 0; i < 2; ++i) {
         sm90::mbar_init(s.res_full + 8 * i, 128);
@@ -363,11 +379,20 @@ __device__ __forceinline__ void run_tiles(const int& stage, int& ring, int wg, i
     // syncs, the other arrives); warpgroup 0 goes first: warpgroup 1's arrival that opens it was
     // made at the end of its previous item (or by run_items before the first). The producer
     // refills a slot once both released it (empty); a slot is ready when its full phase completes.
+    // With a separate V ring (kVStages, one turn a tile): the turn of tile j waits for K_j and
+    // V_{j-1}, releases K_j once its scores retired and V_{j-1} once P V did; last() gets V slots.
+    constexpr int kVStages = Sm90Threads<2, kSched>::kVStages;
+    static_assert(kVStages == 0 || !kTwoTurns, "a separate V ring takes one turn a tile");
     const int other = 1 - wg;
     bool first = true;
-    int last_stage = 0;
+    int last_stage = 0;  // the previous tile's slot (its V slot with a V ring)
+    auto wait_v = [&]() {  // V of the previous tile, ring index ring - 1
+      if constexpr (kVStages > 0) sm90::mbar_wait(sy.vfull + 8 * last_stage, ((ring - 1) / kVStages) & 1);
+    };
+    const uint32_t last_empty = kVStages > 0 ? sy.vempty : sy.empty;
     while (has()) {
       sm90::mbar_wait(sy.full + 8 * stage, (ring / kStages) & 1);
+      if (!first) wait_v();
       sm90::fence_async_smem();
       sm90::named_sync(1 + wg, consumers);
       if constexpr (!kTwoTurns) {
@@ -387,10 +412,11 @@ __device__ __forceinline__ void run_tiles(const int& stage, int& ring, int wg, i
         done();
         sm90::mbar_arrive(sy.empty + 8 * stage);
       } else {
-        if (!first) sm90::mbar_arrive(sy.empty + 8 * last_stage);  // no longer read
+        if constexpr (kVStages > 0) sm90::mbar_arrive(sy.empty + 8 * stage);  // K_j no longer read
+        if (!first) sm90::mbar_arrive(last_empty + 8 * last_stage);  // no longer read
         compute(Set0{});
         done();
-        last_stage = stage;
+        last_stage = kVStages > 0 ? ring % kVStages : stage;
       }
       first = false;
       ++ring;
@@ -398,11 +424,13 @@ __device__ __forceinline__ void run_tiles(const int& stage, int& ring, int wg, i
     }
     if constexpr (!kTwoTurns) {
       if (!first) {
+        wait_v();
+        sm90::fence_async_smem();
         sm90::named_sync(1 + wg, consumers);
         last(Set0{}, last_stage);
         sm90::named_arrive(1 + other, consumers);  // warpgroup 1's: the next item's first turn
         sm90::wait<0>();
-        sm90::mbar_arrive(sy.empty + 8 * last_stage);
+        sm90::mbar_arrive(last_empty + 8 * last_stage);
       }
     }
   }
@@ -410,12 +438,14 @@ __device__ __forceinline__ void run_tiles(const int& stage, int& ring, int wg, i
 
 // Ping-pong producer of one work item: its tiles into the ring (running count `ring` over the
 // CTA's items), at most kStages ahead of the consumers. load(st) issues the copies of the current
-// tile into slot st; step() moves the cursor. The primary tiles (load_res, into buffer
+// tile into slot st (with a separate V ring, kVStages > 0: its K, and load_v(v) its V into V slot
+// v); step() moves the cursor. The primary tiles (load_res, into buffer
 // res_buf(nres) once the consumers released it): with one buffer after the first ring tile, so
 // that tile loads while the consumers finish the previous item; with two, first.
-template <int kStages, int kResBufs, class Has, class Load, class LoadRes, class Step>
+template <int kStages, int kResBufs, int kVStages = 0, class Has, class Load, class LoadRes, class Step,
+          class LoadV = int>
 __device__ __forceinline__ void produce(const PingSync& sy, int& ring, int nres, Has has, Load load, LoadRes load_res,
-                                        Step step) {
+                                        Step step, LoadV load_v = 0) {
   const uint32_t full = sy.res_full + 8 * res_buf<kResBufs>(nres), empty = sy.res_empty + 8 * res_buf<kResBufs>(nres);
   const int round = res_round<kResBufs>(nres);
   auto primary = [&]() {
@@ -430,6 +460,12 @@ __device__ __forceinline__ void produce(const PingSync& sy, int& ring, int nres,
     if (ring >= kStages) sm90::mbar_wait(sy.empty + 8 * st, (ring / kStages - 1) & 1);
     load(st);
     sm90::cp_async_arrive(sy.full + 8 * st);
+    if constexpr (kVStages > 0) {  // separate V ring: load_v(v) copies the tile's V into V slot v
+      const int vs = ring % kVStages;
+      if (ring >= kVStages) sm90::mbar_wait(sy.vempty + 8 * vs, (ring / kVStages - 1) & 1);
+      load_v(vs);
+      sm90::cp_async_arrive(sy.vfull + 8 * vs);
+    }
     if (kResBufs == 1 && first) primary();
     first = false;
     ++ring;
@@ -519,12 +555,20 @@ struct QueryItem {
     msk = msk_n;
     state = state_n;
   }
-  // K and V rows of key tile `tile` into ring slot st (tiles kKVBytes apart from sK0 / sV0).
+  // K or V rows of key tile `tile` into ring slot st (tiles kKVBytes apart from s0).
+  template <int kD, int kLoaders, int kKVBytes>
+  __device__ __forceinline__ void load_k(const Params& p, uint32_t s0, int st, int tile, int ltid) const {
+    sm90::load_tile<T, kBN, kD, kLoaders>(s0 + st * kKVBytes, k, p.k_ss, tile * kBN, p.Sk, p.D, ltid);
+  }
+  template <int kD, int kLoaders, int kKVBytes>
+  __device__ __forceinline__ void load_v(const Params& p, uint32_t s0, int st, int tile, int ltid) const {
+    sm90::load_tile<T, kBN, kD, kLoaders>(s0 + st * kKVBytes, v, p.v_ss, tile * kBN, p.Sk, p.D, ltid);
+  }
   template <int kD, int kLoaders, int kKVBytes>
   __device__ __forceinline__ void load_kv(const Params& p, uint32_t sK0, uint32_t sV0, int st, int tile,
                                           int ltid) const {
-    sm90::load_tile<T, kBN, kD, kLoaders>(sK0 + st * kKVBytes, k, p.k_ss, tile * kBN, p.Sk, p.D, ltid);
-    sm90::load_tile<T, kBN, kD, kLoaders>(sV0 + st * kKVBytes, v, p.v_ss, tile * kBN, p.Sk, p.D, ltid);
+    load_k<kD, kLoaders, kKVBytes>(p, sK0, st, tile, ltid);
+    load_v<kD, kLoaders, kKVBytes>(p, sV0, st, tile, ltid);
   }
 };
 
@@ -544,8 +588,9 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
   const uint32_t sK0 = sRes0 + Cfg::kResBufs * Cfg::kResBytes;
   uint32_t sQ = sRes0;  // the current item's
   const uint32_t sV0 = sK0 + kStages * Cfg::kKVBytes;
-  const uint32_t sbar = sV0 + kStages * Cfg::kKVBytes;
-  const PingSync sy = make_ping_sync<Cfg::kPing>(sbar, smem_raw + (sbar - smem_u32(smem_raw)), kStages, kNT);
+  const uint32_t sbar = sV0 + Cfg::kVSlots * Cfg::kKVBytes;
+  const PingSync sy = make_ping_sync<Cfg::kPing>(sbar, smem_raw + (sbar - smem_u32(smem_raw)), kStages, kNT,
+                                                 Cfg::Base::kVStages);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const int wg = warp / 4;
@@ -567,10 +612,21 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     use_buffer(nres);
     C.start(p, d);
     if (!has()) return false;
-    produce<kStages, Cfg::kResBufs>(sy, ring, nres, has, [&](int st) { load_kv(st, C.kt); }, load_q, [&]() {
-      next();
-      advance();
-    });
+    if constexpr (Cfg::Base::kVStages > 0) {
+      produce<kStages, Cfg::kResBufs, Cfg::kVSlots>(
+          sy, ring, nres, has,
+          [&](int st) { C.template load_k<kD, kLoaders, Cfg::kKVBytes>(p, sK0, st, C.kt, ltid); }, load_q,
+          [&]() {
+            next();
+            advance();
+          },
+          [&](int vs) { C.template load_v<kD, kLoaders, Cfg::kKVBytes>(p, sV0, vs, C.kt, ltid); });
+    } else {
+      produce<kStages, Cfg::kResBufs>(sy, ring, nres, has, [&](int st) { load_kv(st, C.kt); }, load_q, [&]() {
+        next();
+        advance();
+      });
+    }
     return true;
   };
 

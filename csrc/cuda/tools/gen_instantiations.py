@@ -47,8 +47,9 @@ DKV = {
 FWD_SM90 = {
     64: [("2", "128", "kSchedPingPongOverlap"), ("1", "64", "kSchedOverlap", "small"), ("2", "128", "kSchedLockstep"),
          ("2", "128", "kSchedPingPong2"), ("2", "128", "kSchedPingPong")],
-    128: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedLockstep", "small"),
-          ("2", "128", "kSchedPingPong2", "short"), ("2", "128", "kSchedPingPongOverlap")],
+    128: [("2", "128", "kSchedPingPongSplit"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedLockstep", "small"),
+          ("2", "128", "kSchedPingPong2", "short"), ("2", "128", "kSchedPingPongOverlap"),
+          ("2", "128", "kSchedPingPong")],
 }
 DQ_SM90 = {
     64: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedOverlap", "small"),
