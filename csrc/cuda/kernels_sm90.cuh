@@ -424,8 +424,10 @@ __device__ __forceinline__ void run_tiles(const int& stage, int& ring, int wg, i
     }
     if constexpr (!kTwoTurns) {
       if (!first) {
-        wait_v();
-        sm90::fence_async_smem();
+        if constexpr (kVStages > 0) {
+          wait_v();
+          sm90::fence_async_smem();
+        }
         sm90::named_sync(1 + wg, consumers);
         last(Set0{}, last_stage);
         sm90::named_arrive(1 + other, consumers);  // warpgroup 1's: the next item's first turn
