@@ -548,10 +548,12 @@ bool device_is_sm90() {
 // default's tile, the variant of the default's family (wgmma or mma.sync) marked `small` with the
 // largest tile <= the block is taken, if any (fewer wasted rows per tile; marked where measured
 // faster, gen_instantiations.py).
-// Rows at most this many secondary tokens long on average (eight 128-key tiles) take a "short
-// rows" variant where one exists (fwd D128 on sm_90: two primary buffers, two ring stages). H200,
-// S16k: 3-4% faster at 820-870 tokens a row, equal at 1230; 9-15% slower from 3200 (S64k).
-constexpr double kShortRowTokens = 1024.0;
+// Rows at most this many secondary tokens long on average (four 128-key tiles) take a "short
+// rows" variant where one exists (sm_90, D128: the forward and dQ with two primary buffers and
+// two-slot K/V ring stages). H200, S16k, same process: at ~384 tokens a row the forward 2% and the
+// backward 4% faster than the defaults; at ~870 the default forward (split K/V rings) 6% faster
+// and dQ equal.
+constexpr double kShortRowTokens = 512.0;
 
 // Average secondary tokens a primary row (of `rows` in all slices) walks: nnz blocks x secondary block
 // x the GQA group a dK/dV column covers.

@@ -63,10 +63,14 @@ DQ_SM90 = {
 # fwd 1-5% faster than kSchedPingPong (hence its default), D128 fwd within +-2%; dQ 7-11% slower
 # (64 keys a step; 128 spills at D64), kept as variant 8 for comparison.
 # kSchedPingPong2 (two buffers of primary tiles; two ring stages at D128 fwd, three at D128 dK/dV):
-# D128 fwd 17% faster with ~3 key blocks a row, 3-4% with ~7, equal at ~10, 13% slower with ~13
-# (hence "short"); D128 dK/dV 2-6% faster than kSchedPingPong (variant 7) on the H200. D128 dQ
-# (three stages of 64 keys either way): the backward 2-4% faster with ~3 key blocks a row, equal with
-# ~7 (hence "short" too).
+# D128 fwd 17% faster than kSchedPingPong with ~3 key blocks a row, 3-4% with ~7, equal at ~10, 13%
+# slower with ~13 (hence "short"); D128 dK/dV 2-6% faster than kSchedPingPong (variant 7) on the
+# H200. D128 dQ (three stages of 64 keys either way): the backward 2-4% faster with ~3 key blocks a
+# row, equal with ~7 (hence "short" too).
+# kSchedPingPongSplit (D128 fwd default: two Q buffers, three K and two V slots; H200, three
+# alternating timings each): S16k 3-4% faster than kSchedPingPong with ~12 key blocks a row, 6%
+# faster than kSchedPingPong2 with ~7; S64k within +-2% of kSchedPingPong; ~2% slower than
+# kSchedPingPong2 with ~3 (which keeps "short", now <= 4 blocks a row: attention.cu).
 DKV_SM90 = {
     64: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedOverlap", "small"),
          ("2", "128", "kSchedPingPong2")],
