@@ -82,6 +82,17 @@ struct MmaOp<__half> {
   }
 };
 
+// The A fragment (16-bit, registers) of k-step kk of an fp32 accumulator fragment with N 8-column
+// tiles (mma.sync m16n8 or a warp's share of a wgmma m64 tile: the same per-warp layout), so that
+// probabilities or dS feed the next product without shared memory.
+template <typename T, int N>
+__device__ __forceinline__ void to_a_frag(uint32_t (&a)[4], const float (&s)[N][4], int kk) {
+  a[0] = MmaOp<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+  a[1] = MmaOp<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+  a[2] = MmaOp<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+  a[3] = MmaOp<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
 // Explicit conversions (torch builds with __CUDA_NO_HALF_CONVERSIONS__ and friends).
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }

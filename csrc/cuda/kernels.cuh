@@ -181,12 +181,7 @@ __device__ __forceinline__ void mma_p_tile(float (&acc)[kMT][kD / 8][4], const f
   for (int kk = 0; kk < kBN / 16; ++kk) {
     uint32_t a[kMT][4];
 #pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) {
-      a[mt][0] = Mma::pack(S[mt][2 * kk][0], S[mt][2 * kk][1]);
-      a[mt][1] = Mma::pack(S[mt][2 * kk][2], S[mt][2 * kk][3]);
-      a[mt][2] = Mma::pack(S[mt][2 * kk + 1][0], S[mt][2 * kk + 1][1]);
-      a[mt][3] = Mma::pack(S[mt][2 * kk + 1][2], S[mt][2 * kk + 1][3]);
-    }
+    for (int mt = 0; mt < kMT; ++mt) to_a_frag<T>(a[mt], S[mt], kk);
 #pragma unroll
     for (int np = 0; np < kD / 16; ++np) {
       uint32_t bb[4];
@@ -835,10 +830,7 @@ __global__ void __launch_bounds__(DkvCfg<kD, kBN, kBM, kDO>::kWarps * 32, 1)
 #pragma unroll
     for (int kk = 0; kk < kBM / 16; ++kk) {
       uint32_t a[4];
-      a[0] = Mma::pack(S[2 * kk][0], S[2 * kk][1]);
-      a[1] = Mma::pack(S[2 * kk][2], S[2 * kk][3]);
-      a[2] = Mma::pack(S[2 * kk + 1][0], S[2 * kk + 1][1]);
-      a[3] = Mma::pack(S[2 * kk + 1][2], S[2 * kk + 1][3]);
+      to_a_frag<T>(a, S, kk);
 #pragma unroll
       for (int np = 0; np < kDO / 16; ++np) {
         uint32_t bb[4];
@@ -876,10 +868,7 @@ __global__ void __launch_bounds__(DkvCfg<kD, kBN, kBM, kDO>::kWarps * 32, 1)
 #pragma unroll
     for (int kk = 0; kk < kBM / 16; ++kk) {
       uint32_t a[4];
-      a[0] = Mma::pack(S[2 * kk][0], S[2 * kk][1]);
-      a[1] = Mma::pack(S[2 * kk][2], S[2 * kk][3]);
-      a[2] = Mma::pack(S[2 * kk + 1][0], S[2 * kk + 1][1]);
-      a[3] = Mma::pack(S[2 * kk + 1][2], S[2 * kk + 1][3]);
+      to_a_frag<T>(a, S, kk);
 #pragma unroll
       for (int np = 0; np < kDO / 16; ++np) {
         uint32_t bb[4];

@@ -614,21 +614,22 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     use_buffer(nres);
     C.start(p, d);
     if (!has()) return false;
-    if constexpr (Cfg::Base::kVStages > 0) {
-      produce<kStages, Cfg::kResBufs, Cfg::kVSlots>(
-          sy, ring, nres, has,
-          [&](int st) { C.template load_k<kD, kLoaders, Cfg::kKVBytes>(p, sK0, st, C.kt, ltid); }, load_q,
-          [&]() {
-            next();
-            advance();
-          },
-          [&](int vs) { C.template load_v<kD, kLoaders, Cfg::kKVBytes>(p, sV0, vs, C.kt, ltid); });
-    } else {
-      produce<kStages, Cfg::kResBufs>(sy, ring, nres, has, [&](int st) { load_kv(st, C.kt); }, load_q, [&]() {
-        next();
-        advance();
-      });
-    }
+    // Ring slot st takes the tile's K and V, or only K with a separate V ring (slot vs).
+    produce<kStages, Cfg::kResBufs, Cfg::Base::kVStages>(
+        sy, ring, nres, has,
+        [&](int st) {
+          if constexpr (Cfg::Base::kVStages > 0) {
+            C.template load_k<kD, kLoaders, Cfg::kKVBytes>(p, sK0, st, C.kt, ltid);
+          } else {
+            load_kv(st, C.kt);
+          }
+        },
+        load_q,
+        [&]() {
+          next();
+          advance();
+        },
+        [&](int vs) { C.template load_v<kD, kLoaders, Cfg::kKVBytes>(p, sV0, vs, C.kt, ltid); });
     return true;
   };
 
@@ -693,7 +694,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
         }
       }
 #pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk) sm90::to_a_frag<T>(P[c][kk], S, kk);
+      for (int kk = 0; kk < kBN / 16; ++kk) to_a_frag<T>(P[c][kk], S, kk);
     };
     // O += P[c] V with the V tile of slot st.
     auto pv = [&](auto c, int st) {
@@ -851,7 +852,7 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
 #pragma unroll
         for (int e = 0; e < 4; ++e) S[nt][e] *= dP[nt][e] - dl[e >> 1];
 #pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk) sm90::to_a_frag<T>(sa[c][kk], S, kk);
+      for (int kk = 0; kk < kBN / 16; ++kk) to_a_frag<T>(sa[c][kk], S, kk);
     };
     // dQ += dS K with the K tile of slot st.
     auto ds_k = [&](auto c, int st) {
@@ -1043,13 +1044,13 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
         }
       if (state == 2) mask_tile<kBM / 8, true>(S, R, p.tl, msk, n0, wrow, qt * kBM, g, t4, 0.f);
 #pragma unroll
-      for (int kk = 0; kk < kBM / 16; ++kk) sm90::to_a_frag<T>(pa[c][kk], S, kk);
+      for (int kk = 0; kk < kBM / 16; ++kk) to_a_frag<T>(pa[c][kk], S, kk);
 #pragma unroll
       for (int nt = 0; nt < kBM / 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) S[nt][e] *= dP[nt][e] - drow[nt * 8 + 2 * t4 + (e & 1)];
 #pragma unroll
-      for (int kk = 0; kk < kBM / 16; ++kk) sm90::to_a_frag<T>(sa[c][kk], S, kk);
+      for (int kk = 0; kk < kBM / 16; ++kk) to_a_frag<T>(sa[c][kk], S, kk);
     };
     // dV += P^T dO, dK += dS^T Q with the query tile of slot st.
     auto dv_dk = [&](auto c, int st) {

@@ -147,14 +147,4 @@ struct Wgmma;
 
 #include "wgmma.inc"
 
-// A fragment (16-bit, registers) of k-step kk of a 64 x N fp32 accumulator: the same per-warp
-// layout as mma.sync m16n8k16, so a probability tile feeds the next MMA without shared memory.
-template <typename T, int N>
-__device__ __forceinline__ void to_a_frag(uint32_t (&a)[4], const float (&s)[N][4], int kk) {
-  a[0] = MmaOp<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-  a[1] = MmaOp<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-  a[2] = MmaOp<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-  a[3] = MmaOp<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-}
-
 }  // namespace dilated_sparse::cuda::sm90
