@@ -351,44 +351,57 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
 // Delta = rowsum(dout * out), fp32, [B, H, Sq]
 // ---------------------------------------------------------------------------------------------
 
-// kTPR threads per row (16 bytes each, a power of two covering D), 256 / kTPR rows per CTA, so
-// every lane loads at any head dim.
-template <typename T, int kTPR>
+// kTPR threads per row (16 bytes each, a power of two covering D), kRows rows a thread: a CTA
+// takes 256 / kTPR * kRows consecutive rows of one (b, h) run (query position fastest, so the
+// Delta writes coalesce), and every thread issues all its loads before it reduces them (enough
+// bytes in flight to run near memory bandwidth).
+template <typename T, int kTPR, int kRows>
 __global__ void __launch_bounds__(256) delta_kernel(const T* __restrict__ o, const T* __restrict__ dout, float* delta,
                                                     int64_t o_sb, int64_t o_ss, int64_t o_sh, int64_t d_sb,
                                                     int64_t d_ss, int64_t d_sh, int B, int Sq, int H, int D) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (256 / kTPR) + threadIdx.x / kTPR;
-  const int sub = threadIdx.x % kTPR;
-  const bool valid = row < static_cast<int64_t>(B) * Sq * H;
-  const int h = static_cast<int>(row % H);
-  const int i = static_cast<int>((row / H) % Sq);
-  const int b = static_cast<int>(row / (static_cast<int64_t>(H) * Sq));
-  float acc = 0.f;
-  if (valid) {
-    for (int d = sub * 8; d < D; d += kTPR * 8) {
-      const uint4 ov = *reinterpret_cast<const uint4*>(o + b * o_sb + i * o_ss + h * o_sh + d);
-      const uint4 dv = *reinterpret_cast<const uint4*>(dout + b * d_sb + i * d_ss + h * d_sh + d);
-      const T* oe = reinterpret_cast<const T*>(&ov);
-      const T* de = reinterpret_cast<const T*>(&dv);
+  constexpr int kLanes = 256 / kTPR;  // rows a CTA takes at once
+  const int64_t rows = static_cast<int64_t>(B) * H * Sq;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * (kLanes * kRows) + threadIdx.x / kTPR;
+  const int d = (threadIdx.x % kTPR) * 8;
+  uint4 ov[kRows], dv[kRows];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) acc += to_float(oe[e]) * to_float(de[e]);
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t row = row0 + r * kLanes;  // row = (b * H + h) * Sq + i
+    ov[r] = dv[r] = make_uint4(0, 0, 0, 0);
+    if (row < rows && d < D) {
+      const int64_t bh = row / Sq;
+      const int64_t i = row - bh * Sq, b = bh / H, h = bh - b * H;
+      ov[r] = *reinterpret_cast<const uint4*>(o + b * o_sb + i * o_ss + h * o_sh + d);
+      dv[r] = *reinterpret_cast<const uint4*>(dout + b * d_sb + i * d_ss + h * d_sh + d);
     }
   }
 #pragma unroll
-  for (int off = kTPR / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  if (valid && sub == 0) delta[(static_cast<int64_t>(b) * H + h) * Sq + i] = acc;
+  for (int r = 0; r < kRows; ++r) {
+    const T* oe = reinterpret_cast<const T*>(&ov[r]);
+    const T* de = reinterpret_cast<const T*>(&dv[r]);
+    float acc = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc += to_float(oe[e]) * to_float(de[e]);
+#pragma unroll
+    for (int off = kTPR / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    const int64_t row = row0 + r * kLanes;
+    if (row < rows && d == 0) delta[row] = acc;
+  }
 }
 
 template <typename T>
 void launch_delta(const Params& p, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(p.B) * p.Sq * p.H;
+  constexpr int kRows = 4;
   auto run = [&](auto tpr) {
     constexpr int kTPR = decltype(tpr)::value;
-    const auto grid = static_cast<unsigned>((rows + 256 / kTPR - 1) / (256 / kTPR));
-    delta_kernel<T, kTPR><<<grid, 256, 0, stream>>>(static_cast<const T*>(p.o), static_cast<const T*>(p.dout),
-                                                    p.delta, p.o_sb, p.o_ss, p.o_sh, p.do_sb, p.do_ss, p.do_sh,
-                                                    p.B, p.Sq, p.H, p.D);
+    constexpr int64_t kCtaRows = 256 / kTPR * kRows;
+    const auto grid = static_cast<unsigned>((rows + kCtaRows - 1) / kCtaRows);
+    delta_kernel<T, kTPR, kRows><<<grid, 256, 0, stream>>>(static_cast<const T*>(p.o), static_cast<const T*>(p.dout),
+                                                           p.delta, p.o_sb, p.o_ss, p.o_sh, p.do_sb, p.do_ss, p.do_sh,
+                                                           p.B, p.Sq, p.H, p.D);
   };
+  // A power of two of 16-byte lanes covering D (max head dim 256: one load a lane).
   if (p.D <= 32) {
     run(std::integral_constant<int, 4>{});
   } else if (p.D <= 64) {
