@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <deque>
+#include <limits>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -561,14 +562,27 @@ bool device_is_sm90() {
 // usable. Otherwise the default is the first usable wgmma variant (4..7) on sm_90, else variant 0;
 // when the layout's primary block (block_q for fwd/dQ, block_k for dK/dV) is smaller than the
 // default's tile, the variant of the default's family (wgmma or mma.sync) marked `small` with the
-// largest tile <= the block is taken, if any (fewer wasted rows per tile; marked where measured
-// faster, gen_instantiations.py).
+// largest tile <= the block is taken, if any and if rows are short enough (small_tile_max_tokens;
+// fewer wasted rows per tile; marked where measured faster, gen_instantiations.py).
 // Rows at most this many secondary tokens long on average (four 128-key tiles) take a "short
 // rows" variant where one exists (sm_90, D128: the forward and dQ with two primary buffers and
 // two-slot K/V ring stages). H200, S16k, same process: at ~384 tokens a row the forward 2% and the
 // backward 4% faster than the defaults; at ~870 the default forward (split K/V rings) 6% faster
 // and dQ equal.
 constexpr double kShortRowTokens = 512.0;
+// A primary block smaller than the default's tile takes the `small` variant only while rows are at
+// most this many secondary tokens long; longer rows keep the default, whose tile spans several
+// layout rows (merged key tiles with membership masks). Measured on the H200 with block 64, local
+// 10% (bf16; tokens a row 1561 / 3183 / 6426 at S 16k / 32k / 64k), per op and head dim:
+//   D128 forward: small 21% faster at 1561, default 8% faster at 3183 and 27% at 6426;
+//   D64 dQ and dK/dV: small 15% faster at 1561, default 17% faster at 6426 (both ops alike);
+//   D64 forward: small faster at every length (1561-6426), so no limit.
+// Other sm_90 cases have no small variant; the mma.sync family keeps the small tiles (not measured).
+double small_tile_max_tokens(Op op, int kD, int arch) {
+  if (arch == 90 && kD == 128 && op == kOpFwd) return 2048.0;
+  if (arch == 90 && kD == 64 && op != kOpFwd) return 3072.0;
+  return std::numeric_limits<double>::infinity();
+}
 
 // Average secondary tokens a primary row (of `rows` in all slices) walks: nnz blocks x secondary block
 // x the GQA group a dK/dV column covers.
@@ -608,6 +622,7 @@ const KernelEntry& pick(Op op, const at::Tensor& q, int kD, int prim_block, doub
     }
     return arr[def];
   }
+  if (sec_per_row > small_tile_max_tokens(op, kD, arr[def].arch)) return arr[def];
   int best = def;
   for (int v = 0; v < kMaxVariants; ++v) {
     // Same kernel family as the default: on sm_90 a wgmma tile with a partly used primary tile
