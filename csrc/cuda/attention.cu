@@ -574,12 +574,16 @@ constexpr double kShortRowTokens = 512.0;
 // most this many secondary tokens long; longer rows keep the default, whose tile spans several
 // layout rows (merged key tiles with membership masks). Measured on the H200 with block 64, local
 // 10% (bf16; tokens a row 1561 / 3183 / 6426 at S 16k / 32k / 64k), per op and head dim:
-//   D128 forward: small 21% faster at 1561, default 8% faster at 3183 and 27% at 6426;
+//   D128 forward: default 24% faster at 1561 (556-573 vs 753 us) since mask_tile takes shifts on
+//     query rows (before that: small 21% faster at 1561, default 8% faster at 3183 and 27% at
+//     6426); shorter rows not measured, so they keep the small tiles;
 //   D64 dQ and dK/dV: small 15% faster at 1561, default 17% faster at 6426 (both ops alike);
 //   D64 forward: small faster at every length (1561-6426), so no limit.
-// Other sm_90 cases have no small variant; the mma.sync family keeps the small tiles (not measured).
+// The D64 limits were measured before the mask_tile change, which also speeds the D64 forward and
+// dQ default tiles on block 64 (not re-measured). Other sm_90 cases have no small variant; the
+// mma.sync family keeps the small tiles (not measured).
 double small_tile_max_tokens(Op op, int kD, int arch) {
-  if (arch == 90 && kD == 128 && op == kOpFwd) return 2048.0;
+  if (arch == 90 && kD == 128 && op == kOpFwd) return 1024.0;
   if (arch == 90 && kD == 64 && op != kOpFwd) return 3072.0;
   return std::numeric_limits<double>::infinity();
 }

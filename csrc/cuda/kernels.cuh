@@ -348,21 +348,42 @@ __device__ __forceinline__ void next_group_pair(const Params& p, const Rules& R,
 
 // Per-element token rules and layout membership on one warp's 16 x (8 kN) accumulator fragment
 // (mma.sync m16n8 or wgmma layout) whose rows are queries (kTransposed = false) or keys (true);
-// elements not allowed become `fill`.
+// elements not allowed become `fill`. This runs on every causal diagonal and layout-edge tile.
+// Query rows: the sub-block sizes are powers of two, so membership takes shifts on the row's bits
+// of the mask (none when the whole tile pair is a member) instead of member()'s divisions; the
+// block-64 forward over 128-row tiles went 928 -> 556-573 us (S16k D128, local 10%). Key rows
+// (dK/dV) keep member(): the same change made the dK/dV kernel 7% slower at causal_local.
 template <int kN, bool kTransposed>
 __device__ __forceinline__ void mask_tile(float (&S)[kN][4], const Rules& R, const TileList& tl,
                                           uint64_t msk, int row_tile0, int row_local0, int col_tile0,
                                           int g, int t4, float fill) {
+  if constexpr (kTransposed) {
 #pragma unroll
-  for (int nt = 0; nt < kN; ++nt)
+    for (int nt = 0; nt < kN; ++nt)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int rl = row_local0 + g + (e >> 1) * 8;
-      const int cl = nt * 8 + 2 * t4 + (e & 1);
-      const bool ok = kTransposed ? R.ok(col_tile0 + cl, row_tile0 + rl) && member(msk, rl, cl, tl)
-                                  : R.ok(row_tile0 + rl, col_tile0 + cl) && member(msk, rl, cl, tl);
-      if (!ok) S[nt][e] = fill;
+      for (int e = 0; e < 4; ++e) {
+        const int rl = row_local0 + g + (e >> 1) * 8;
+        const int cl = nt * 8 + 2 * t4 + (e & 1);
+        if (!(R.ok(col_tile0 + cl, row_tile0 + rl) && member(msk, rl, cl, tl))) S[nt][e] = fill;
+      }
+  } else {
+    const bool all_members = (msk & tl.full) == tl.full;
+    const int prim_shift = __ffs(tl.prim_sub) - 1, sec_shift = __ffs(tl.sec_sub) - 1;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int rl = row_local0 + g + r * 8;
+      const uint64_t row_bits = all_members ? ~0ull : msk >> ((rl >> prim_shift) * tl.nsub);
+#pragma unroll
+      for (int nt = 0; nt < kN; ++nt)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int cl = nt * 8 + 2 * t4 + c;
+          if (!(R.ok(row_tile0 + rl, col_tile0 + cl) && ((row_bits >> (cl >> sec_shift)) & 1ull))) {
+            S[nt][2 * r + c] = fill;
+          }
+        }
     }
+  }
 }
 
 // Forward epilogue of 16 rows (tile rows row_local.. of an accumulator fragment): the normalised
