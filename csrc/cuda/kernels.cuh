@@ -352,7 +352,8 @@ __device__ __forceinline__ void next_group_pair(const Params& p, const Rules& R,
 // Query rows: the sub-block sizes are powers of two, so membership takes shifts on the row's bits
 // of the mask (none when the whole tile pair is a member) instead of member()'s divisions; the
 // block-64 forward over 128-row tiles went 928 -> 556-573 us (S16k D128, local 10%). Key rows
-// (dK/dV) keep member(): the same change made the dK/dV kernel 7% slower at causal_local.
+// (dK/dV) keep member(): the same change made the dK/dV kernel 7% slower at causal_local (more
+// spills: the row masks stay live across its tile loop).
 template <int kN, bool kTransposed>
 __device__ __forceinline__ void mask_tile(float (&S)[kN][4], const Rules& R, const TileList& tl,
                                           uint64_t msk, int row_tile0, int row_local0, int col_tile0,
