@@ -703,7 +703,6 @@ Params base_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   return p;
 }
 
-// Zeroed work counters of the persistent (sm_90a) kernels, one per launch; undefined for none.
 // `waiter` runs its later work after what `signaller` has queued so far (an event; capture-safe).
 void stream_wait(cudaStream_t waiter, cudaStream_t signaller) {
   cudaEvent_t ev;
@@ -713,6 +712,7 @@ void stream_wait(cudaStream_t waiter, cudaStream_t signaller) {
   C10_CUDA_CHECK(cudaEventDestroy(ev));  // released once the wait no longer needs it
 }
 
+// Zeroed work counters of the persistent (sm_90a) kernels, one per launch; undefined for none.
 at::Tensor work_counters(int n, const at::Tensor& like) {
   return n > 0 ? at::zeros({n}, like.options().dtype(at::kInt)) : at::Tensor();
 }
