@@ -359,6 +359,19 @@ __device__ __forceinline__ void mask_tile(float (&S)[kN][4], const Rules& R, con
                                           uint64_t msk, int row_tile0, int row_local0, int col_tile0,
                                           int g, int t4, float fill) {
   if constexpr (kTransposed) {
+    // A tile pair that is wholly a member (every tile of a block-128 layout; causal diagonals)
+    // needs only the token rules: no division on that path, and nothing more kept live.
+    if ((msk & tl.full) == tl.full) {
+#pragma unroll
+      for (int nt = 0; nt < kN; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int rl = row_local0 + g + (e >> 1) * 8;
+          const int cl = nt * 8 + 2 * t4 + (e & 1);
+          if (!R.ok(col_tile0 + cl, row_tile0 + rl)) S[nt][e] = fill;
+        }
+      return;
+    }
 #pragma unroll
     for (int nt = 0; nt < kN; ++nt)
 #pragma unroll
