@@ -572,19 +572,21 @@ bool device_is_sm90() {
 constexpr double kShortRowTokens = 512.0;
 // A primary block smaller than the default's tile takes the `small` variant only while rows are at
 // most this many secondary tokens long; longer rows keep the default, whose tile spans several
-// layout rows (merged key tiles with membership masks). Measured on the H200 with block 64, local
-// 10% (bf16; tokens a row 1561 / 3183 / 6426 at S 16k / 32k / 64k), per op and head dim:
-//   D128 forward: default 24% faster at 1561 (556-573 vs 753 us) since mask_tile takes shifts on
-//     query rows (before that: small 21% faster at 1561, default 8% faster at 3183 and 27% at
-//     6426); shorter rows not measured, so they keep the small tiles;
-//   D64 dQ and dK/dV: small 15% faster at 1561, default 17% faster at 6426 (both ops alike);
-//   D64 forward: small faster at every length (1561-6426), so no limit.
-// The D64 limits were measured before the mask_tile change, which also speeds the D64 forward and
-// dQ default tiles on block 64 (not re-measured). Other sm_90 cases have no small variant; the
-// mma.sync family keeps the small tiles (not measured).
+// layout rows (merged key tiles with membership masks). Measured on the H200, S16k, block 64, local
+// 2.5 / 5 / 10 / 20% (445 / 822 / 1561 / 3102 tokens a row), bf16, each op's variants forced in
+// turn with the others at their defaults (seventh session, after mask_tile took shifts on query rows):
+//   D128 forward: small 22% faster at 445 (265 vs 341 us), default 8% faster at 822 (396 vs 428),
+//     24% at 1561 and 31% at 3102: crossover ~700;
+//   D64 forward: small 35% faster at 445 and 9% at 822, default 13% faster at 1561 and 24% at
+//     3102: crossover ~1100;
+//   D64 dQ (whole backward): small 9% faster at 822, equal at 1561, default 7% faster at 3102;
+//   D64 dK/dV (whole backward): small 14% faster at 1561, equal at 3102; default 17% faster at 6426
+//     (sixth session, S64k).
+// Other sm_90 cases have no small variant; the mma.sync family keeps the small tiles (not measured).
 double small_tile_max_tokens(Op op, int kD, int arch) {
-  if (arch == 90 && kD == 128 && op == kOpFwd) return 1024.0;
-  if (arch == 90 && kD == 64 && op != kOpFwd) return 3072.0;
+  if (arch != 90) return std::numeric_limits<double>::infinity();
+  if (op == kOpFwd) return kD == 128 ? 640.0 : kD == 64 ? 1024.0 : std::numeric_limits<double>::infinity();
+  if (kD == 64) return op == kOpDq ? 1536.0 : 3072.0;
   return std::numeric_limits<double>::infinity();
 }
 
@@ -594,8 +596,9 @@ double tokens_per_row(const at::Tensor& index, int64_t rows, int64_t sec_block, 
   return rows > 0 ? static_cast<double>(index.numel()) * sec_block * group / rows : 0.0;
 }
 
-// sec_per_row: secondary tokens an average primary row walks (its active blocks x block size).
-const KernelEntry& pick(Op op, const at::Tensor& q, int kD, int prim_block, double sec_per_row) {
+// sec_block: the layout's secondary block size; sec_per_row: secondary tokens an average primary
+// row walks (its active blocks x block size).
+const KernelEntry& pick(Op op, const at::Tensor& q, int kD, int prim_block, int sec_block, double sec_per_row) {
   const int di = dtype_index(q);
   TORCH_CHECK(di >= 0, "dilated_sparse CUDA: q must be float16 or bfloat16, got ", q.scalar_type());
   const int hi = head_dim_index(kD);
@@ -623,6 +626,12 @@ const KernelEntry& pick(Op op, const at::Tensor& q, int kD, int prim_block, doub
       for (int v = 0; v < kMaxVariants; ++v) {
         if (usable(v) && arr[v].short_rows && arr[v].arch == arr[def].arch && arr[v].pm == arr[def].pm) return arr[v];
       }
+    }
+    // A wider step (D128 dQ: 128 keys) only pays when no step straddles a layout block.
+    for (int v = 0; v < kMaxVariants; ++v) {
+      if (usable(v) && arr[v].wide && arr[v].arch == arr[def].arch && arr[v].pm == arr[def].pm &&
+          sec_block % arr[v].sn == 0)
+        return arr[v];
     }
     return arr[def];
   }
@@ -747,7 +756,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
   p.out = out.data_ptr();
   p.lse_out = lse.data_ptr<float>();
   const int L = p.Lb * p.Lh;
-  const KernelEntry& kf = pick(kOpFwd, q, kD, p.bq, tokens_per_row(col, int64_t{L} * p.nqb, p.bk, 1));
+  const KernelEntry& kf = pick(kOpFwd, q, kD, p.bq, p.bk, tokens_per_row(col, int64_t{L} * p.nqb, p.bk, 1));
   const int rep = static_cast<int>(B * H / L);
   auto stream = c10::cuda::getCurrentCUDAStream();
   PlanBufs keep;
@@ -816,8 +825,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   Params p = base_params(q, k, v, block_q, block_k, layout_batch, layout_heads, scale, causal,
                          window_left, window_right, klen, kpm);
   const int L = p.Lb * p.Lh;
-  const KernelEntry& kdq = pick(kOpDq, q, kD, p.bq, tokens_per_row(col, int64_t{L} * p.nqb, p.bk, 1));
-  const KernelEntry& kdkv = pick(kOpDkv, q, kD, p.bk, tokens_per_row(rowi, int64_t{L} * p.nkb, p.bq, p.G));
+  const KernelEntry& kdq = pick(kOpDq, q, kD, p.bq, p.bk, tokens_per_row(col, int64_t{L} * p.nqb, p.bk, 1));
+  const KernelEntry& kdkv = pick(kOpDkv, q, kD, p.bk, p.bq, tokens_per_row(rowi, int64_t{L} * p.nkb, p.bq, p.G));
   p.o = out.data_ptr();
   p.dout = dout.data_ptr();
   p.o_sb = out.stride(0); p.o_ss = out.stride(1); p.o_sh = out.stride(2);

@@ -130,11 +130,12 @@ struct KernelEntry {
   int sn = 0;
   int small = 0;       // may be picked automatically for blocks smaller than the default tile
   int short_rows = 0;  // preferred when primary tiles walk few secondary rows (attention.cu: pick())
+  int wide = 0;        // preferred when the secondary block is a multiple of sn (attention.cu: pick())
   int arch = 0;        // 90: sm_90a kernel (wgmma), used on compute capability 9.0 only; 0: any
 };
 
 // Registration flags of a variant.
-enum VariantFlags { kFlagSmall = 1, kFlagShortRows = 2 };
+enum VariantFlags { kFlagSmall = 1, kFlagShortRows = 2, kFlagWide = 4 };
 
 // dtype index: 0 = fp16, 1 = bf16. The default of each (op, dtype, head dim) is its first sm_90a
 // variant on a compute capability 9.0 device, else variant 0 (attention.cu: pick()).
@@ -152,6 +153,7 @@ struct Registrar {
     k.sn = sn;
     k.small = (flags & kFlagSmall) != 0;
     k.short_rows = (flags & kFlagShortRows) != 0;
+    k.wide = (flags & kFlagWide) != 0;
     k.arch = arch;
   }
 };

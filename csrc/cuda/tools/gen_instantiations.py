@@ -43,7 +43,8 @@ DKV = {
 # every arch but with real bodies only for sm_90a (kernels_sm90.cuh).
 # fwd / dq: (WG warpgroups of 64 query rows, BN keys per step, schedule: kernels_sm90.cuh Sm90Sched);
 # dkv: (WG warpgroups of 64 keys, BM queries per step, schedule). A last "small" marks a small-block
-# variant, "short" one the host prefers when the rows are short (attention.cu: pick()).
+# variant, "short" one the host prefers when the rows are short, "wide" one it prefers (rows not short)
+# when the secondary block is a multiple of the variant's step (attention.cu: pick()).
 FWD_SM90 = {
     64: [("2", "128", "kSchedPingPongOverlap"), ("1", "64", "kSchedOverlap", "small"), ("2", "128", "kSchedLockstep"),
          ("2", "128", "kSchedPingPong2"), ("2", "128", "kSchedPingPong")],
@@ -54,7 +55,7 @@ FWD_SM90 = {
 DQ_SM90 = {
     64: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedOverlap", "small"),
          ("2", "128", "kSchedPingPong2"), ("2", "64", "kSchedPingPongOverlap")],
-    128: [("2", "64", "kSchedPingPong"), ("2", "128", "kSchedPingPong"), ("2", "64", "kSchedOverlap"),
+    128: [("2", "64", "kSchedPingPong"), ("2", "128", "kSchedPingPong", "wide"), ("2", "64", "kSchedOverlap"),
           ("2", "64", "kSchedPingPong2", "short"), ("2", "64", "kSchedPingPongOverlap")],
 }
 # D128 dQ and dK/dV: no small variant; the 128-row ping-pong tiles beat the 64-row ones at block 64 too.
@@ -78,7 +79,7 @@ DKV_SM90 = {
           ("2", "64", "kSchedPingPong")],
 }
 SM90_FIRST_VARIANT = 4
-SM90_FLAGS = {"small": 1, "short": 2}  # KernelEntry flags (params.h)
+SM90_FLAGS = {"small": 1, "short": 2, "wide": 4}  # KernelEntry flags (params.h)
 DTYPES = [("fp16", "__half", 0), ("bf16", "__nv_bfloat16", 1)]
 MACRO = {"fwd": "DS_REGISTER_FWD", "dq": "DS_REGISTER_DQ", "dkv": "DS_REGISTER_DKV"}
 HEADER = (
