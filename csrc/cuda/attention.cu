@@ -570,6 +570,12 @@ bool device_is_sm90() {
 // backward 4% faster than the defaults; at ~870 the default forward (split K/V rings) 6% faster
 // and dQ equal.
 constexpr double kShortRowTokens = 512.0;
+// Rows longer than this take a "wide" variant where one exists (D128 dQ with 128-key steps) and the
+// secondary block is a multiple of its step. H200, S16k block 128, whole backward, D128 dQ 128 vs
+// 64 keys a step (seventh session): causal_local 5% (~850 tokens a row) 3% slower, dilated (~1500)
+// equal, global_local (~1130 on average) 2% and local 10% (~1640) 2% faster; S64k causal_local and
+// dilated (~3300 / ~6100) 3% faster. At block 64 the wide steps were 16% slower (fifth session).
+constexpr double kWideRowTokens = 1024.0;
 // A primary block smaller than the default's tile takes the `small` variant only while rows are at
 // most this many secondary tokens long; longer rows keep the default, whose tile spans several
 // layout rows (merged key tiles with membership masks). Measured on the H200, S16k, block 64, local
@@ -627,10 +633,11 @@ const KernelEntry& pick(Op op, const at::Tensor& q, int kD, int prim_block, int 
         if (usable(v) && arr[v].short_rows && arr[v].arch == arr[def].arch && arr[v].pm == arr[def].pm) return arr[v];
       }
     }
-    // A wider step (D128 dQ: 128 keys) only pays when no step straddles a layout block.
+    // A wider step (D128 dQ: 128 keys, two ring stages instead of three) pays on long rows whose
+    // blocks no step straddles (kWideRowTokens).
     for (int v = 0; v < kMaxVariants; ++v) {
-      if (usable(v) && arr[v].wide && arr[v].arch == arr[def].arch && arr[v].pm == arr[def].pm &&
-          sec_block % arr[v].sn == 0)
+      if (sec_per_row > kWideRowTokens && usable(v) && arr[v].wide && arr[v].arch == arr[def].arch &&
+          arr[v].pm == arr[def].pm && sec_block % arr[v].sn == 0)
         return arr[v];
     }
     return arr[def];

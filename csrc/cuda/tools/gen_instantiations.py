@@ -59,7 +59,8 @@ DQ_SM90 = {
           ("2", "64", "kSchedPingPong2", "short"), ("2", "64", "kSchedPingPongOverlap")],
 }
 # D128 dQ and dK/dV: no small variant; the 128-row ping-pong tiles beat the 64-row ones at block 64 too.
-# D128 dQ variant 5 (128 keys, two stages) is 4% faster at block 128 but 16% slower at block 64.
+# D128 dQ variant 5 (128 keys, two stages; "wide"): 2-3% faster at block 128 on rows longer than
+# ~1000 tokens, 3% slower on ~850, 16% slower at block 64 (attention.cu: kWideRowTokens).
 # kSchedPingPongOverlap (ping-pong plus FA3's intra-warpgroup overlap; H200, S16k, 4 patterns): D64
 # fwd 1-5% faster than kSchedPingPong (hence its default), D128 fwd within +-2%; dQ 7-11% slower
 # (64 keys a step; 128 spills at D64), kept as variant 8 for comparison.
