@@ -355,24 +355,33 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
 // kTPR threads per row (16 bytes each, a power of two covering D), kRows rows a thread: a CTA
 // reads 256 / kTPR * kRows consecutive rows of the [B, S, H] row order (contiguous memory), and
 // every thread issues its loads before it reduces them. Two rows a thread measured 2-7% faster than
-// one; four or more were slower (fewer CTAs in flight).
-template <typename T, int kTPR, int kRows>
+// one; four or more were slower (fewer CTAs in flight). A row's (b, i, h) is decoded once, with
+// 32-bit divisions when the row count fits (Idx = uint32_t): the 64-bit ones, twice a row, made the
+// kernel issue-bound (55 us at S16k H16 D128, against 34 us for Flex's Delta).
+template <typename T, int kTPR, int kRows, typename Idx>
 __global__ void __launch_bounds__(256) delta_kernel(const T* __restrict__ o, const T* __restrict__ dout, float* delta,
                                                     int64_t o_sb, int64_t o_ss, int64_t o_sh, int64_t d_sb,
                                                     int64_t d_ss, int64_t d_sh, int B, int Sq, int H, int D) {
   constexpr int kLanes = 256 / kTPR;  // rows a CTA reads at once
-  const int64_t rows = static_cast<int64_t>(B) * Sq * H;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * (kLanes * kRows) + threadIdx.x / kTPR;
+  const Idx rows = static_cast<Idx>(B) * static_cast<Idx>(Sq) * static_cast<Idx>(H);
+  const Idx row0 = static_cast<Idx>(blockIdx.x) * (kLanes * kRows) + threadIdx.x / kTPR;
   const int d = (threadIdx.x % kTPR) * 8;
   uint4 ov[kRows], dv[kRows];
+  int64_t dst[kRows];  // where the row's Delta goes ([B, H, Sq]); -1: past the end
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
-    const int64_t row = row0 + r * kLanes;  // row = (b * Sq + i) * H + h
+    const Idx row = row0 + r * kLanes;  // row = (b * Sq + i) * H + h
     ov[r] = dv[r] = make_uint4(0, 0, 0, 0);
-    if (row < rows && d < D) {
-      const int64_t bi = row / H, h = row - bi * H, b = bi / Sq, i = bi - b * Sq;
-      ov[r] = *reinterpret_cast<const uint4*>(o + b * o_sb + i * o_ss + h * o_sh + d);
-      dv[r] = *reinterpret_cast<const uint4*>(dout + b * d_sb + i * d_ss + h * d_sh + d);
+    dst[r] = -1;
+    if (row < rows) {
+      const Idx bi = row / static_cast<Idx>(H), h = row - bi * static_cast<Idx>(H);
+      const Idx b = bi / static_cast<Idx>(Sq), i = bi - b * static_cast<Idx>(Sq);
+      dst[r] = (static_cast<int64_t>(b) * H + static_cast<int64_t>(h)) * Sq + static_cast<int64_t>(i);
+      if (d < D) {
+        const int64_t bl = static_cast<int64_t>(b), il = static_cast<int64_t>(i), hl = static_cast<int64_t>(h);
+        ov[r] = *reinterpret_cast<const uint4*>(o + bl * o_sb + il * o_ss + hl * o_sh + d);
+        dv[r] = *reinterpret_cast<const uint4*>(dout + bl * d_sb + il * d_ss + hl * d_sh + d);
+      }
     }
   }
 #pragma unroll
@@ -384,11 +393,7 @@ __global__ void __launch_bounds__(256) delta_kernel(const T* __restrict__ o, con
     for (int e = 0; e < 8; ++e) acc += to_float(oe[e]) * to_float(de[e]);
 #pragma unroll
     for (int off = kTPR / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    const int64_t row = row0 + r * kLanes;
-    if (row < rows && d == 0) {
-      const int64_t bi = row / H, h = row - bi * H, b = bi / Sq, i = bi - b * Sq;
-      delta[(b * H + h) * Sq + i] = acc;
-    }
+    if (dst[r] >= 0 && d == 0) delta[dst[r]] = acc;
   }
 }
 
@@ -396,23 +401,33 @@ template <typename T>
 void launch_delta(const Params& p, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(p.B) * p.Sq * p.H;
   constexpr int kRows = 2;
-  auto run = [&](auto tpr) {
+  auto run = [&](auto tpr, auto idx) {
     constexpr int kTPR = decltype(tpr)::value;
+    using Idx = decltype(idx);
     constexpr int64_t kCtaRows = 256 / kTPR * kRows;
     const auto grid = static_cast<unsigned>((rows + kCtaRows - 1) / kCtaRows);
-    delta_kernel<T, kTPR, kRows><<<grid, 256, 0, stream>>>(static_cast<const T*>(p.o), static_cast<const T*>(p.dout),
-                                                           p.delta, p.o_sb, p.o_ss, p.o_sh, p.do_sb, p.do_ss, p.do_sh,
-                                                           p.B, p.Sq, p.H, p.D);
+    delta_kernel<T, kTPR, kRows, Idx><<<grid, 256, 0, stream>>>(
+        static_cast<const T*>(p.o), static_cast<const T*>(p.dout), p.delta, p.o_sb, p.o_ss, p.o_sh, p.do_sb,
+        p.do_ss, p.do_sh, p.B, p.Sq, p.H, p.D);
   };
-  // A power of two of 16-byte lanes covering D (max head dim 256: one load a lane).
+  // A power of two of 16-byte lanes covering D (max head dim 256: one load a lane); 32-bit row
+  // decoding while the last CTA's rows stay below 2^32.
+  auto run_tpr = [&](auto tpr) {
+    constexpr int64_t kCtaRows = 256 / decltype(tpr)::value * kRows;
+    if (rows + kCtaRows < (int64_t{1} << 32)) {
+      run(tpr, uint32_t{});
+    } else {
+      run(tpr, uint64_t{});
+    }
+  };
   if (p.D <= 32) {
-    run(std::integral_constant<int, 4>{});
+    run_tpr(std::integral_constant<int, 4>{});
   } else if (p.D <= 64) {
-    run(std::integral_constant<int, 8>{});
+    run_tpr(std::integral_constant<int, 8>{});
   } else if (p.D <= 128) {
-    run(std::integral_constant<int, 16>{});
+    run_tpr(std::integral_constant<int, 16>{});
   } else {
-    run(std::integral_constant<int, 32>{});
+    run_tpr(std::integral_constant<int, 32>{});
   }
 }
 
