@@ -262,7 +262,7 @@ def test_forced_variants(variant, D, dtype, kw, monkeypatch):
 
 # Block 64 with rows long enough that pick() keeps the default 128-row tiles (two layout rows a
 # tile, merged key tiles with membership masks) instead of the small ones: ~3400 key tokens a row,
-# past small_tile_max_tokens for the D128 forward and the D64 dQ and dK/dV.
+# past small_tile_max_tokens for every op it limits (D128 forward; D64 forward, dQ and dK/dV).
 @pytest.mark.parametrize("D", [64, 128])
 def test_small_blocks_long_rows(D):
     run_case(D=D, Sq=4000, Sk=4000, bq=64, bk=64, density=0.9, H=2, empty_rows=0.05, seed=D + 5)
