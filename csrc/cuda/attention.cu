@@ -401,33 +401,31 @@ template <typename T>
 void launch_delta(const Params& p, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(p.B) * p.Sq * p.H;
   constexpr int kRows = 2;
-  auto run = [&](auto tpr, auto idx) {
-    constexpr int kTPR = decltype(tpr)::value;
-    using Idx = decltype(idx);
-    constexpr int64_t kCtaRows = 256 / kTPR * kRows;
-    const auto grid = static_cast<unsigned>((rows + kCtaRows - 1) / kCtaRows);
-    delta_kernel<T, kTPR, kRows, Idx><<<grid, 256, 0, stream>>>(
-        static_cast<const T*>(p.o), static_cast<const T*>(p.dout), p.delta, p.o_sb, p.o_ss, p.o_sh, p.do_sb,
-        p.do_ss, p.do_sh, p.B, p.Sq, p.H, p.D);
-  };
   // A power of two of 16-byte lanes covering D (max head dim 256: one load a lane); 32-bit row
   // decoding while the last CTA's rows stay below 2^32.
-  auto run_tpr = [&](auto tpr) {
-    constexpr int64_t kCtaRows = 256 / decltype(tpr)::value * kRows;
+  auto run = [&](auto tpr) {
+    constexpr int kTPR = decltype(tpr)::value;
+    constexpr int64_t kCtaRows = 256 / kTPR * kRows;
+    const auto grid = static_cast<unsigned>((rows + kCtaRows - 1) / kCtaRows);
+    auto launch = [&](auto idx) {
+      delta_kernel<T, kTPR, kRows, decltype(idx)><<<grid, 256, 0, stream>>>(
+          static_cast<const T*>(p.o), static_cast<const T*>(p.dout), p.delta, p.o_sb, p.o_ss, p.o_sh, p.do_sb,
+          p.do_ss, p.do_sh, p.B, p.Sq, p.H, p.D);
+    };
     if (rows + kCtaRows < (int64_t{1} << 32)) {
-      run(tpr, uint32_t{});
+      launch(uint32_t{});
     } else {
-      run(tpr, uint64_t{});
+      launch(uint64_t{});
     }
   };
   if (p.D <= 32) {
-    run_tpr(std::integral_constant<int, 4>{});
+    run(std::integral_constant<int, 4>{});
   } else if (p.D <= 64) {
-    run_tpr(std::integral_constant<int, 8>{});
+    run(std::integral_constant<int, 8>{});
   } else if (p.D <= 128) {
-    run_tpr(std::integral_constant<int, 16>{});
+    run(std::integral_constant<int, 16>{});
   } else {
-    run_tpr(std::integral_constant<int, 32>{});
+    run(std::integral_constant<int, 32>{});
   }
 }
 
@@ -643,17 +641,18 @@ const KernelEntry& pick(Op op, const at::Tensor& q, int kD, int prim_block, int 
     }
   }
   if (prim_block >= arr[def].pm) {
-    if (sec_per_row <= kShortRowTokens) {
+    // A variant of the default's family and primary tile that `want` accepts, else the default.
+    auto sibling = [&](auto want) -> const KernelEntry& {
       for (int v = 0; v < kMaxVariants; ++v) {
-        if (usable(v) && arr[v].short_rows && arr[v].arch == arr[def].arch && arr[v].pm == arr[def].pm) return arr[v];
+        if (usable(v) && arr[v].arch == arr[def].arch && arr[v].pm == arr[def].pm && want(arr[v])) return arr[v];
       }
-    }
+      return arr[def];
+    };
+    if (sec_per_row <= kShortRowTokens) return sibling([](const KernelEntry& e) { return e.short_rows != 0; });
     // A wider step (D128 dQ: 128 keys, two ring stages instead of three) pays on long rows whose
     // blocks no step straddles (kWideRowTokens).
-    for (int v = 0; v < kMaxVariants; ++v) {
-      if (sec_per_row > kWideRowTokens && usable(v) && arr[v].wide && arr[v].arch == arr[def].arch &&
-          arr[v].pm == arr[def].pm && sec_block % arr[v].sn == 0)
-        return arr[v];
+    if (sec_per_row > kWideRowTokens) {
+      return sibling([&](const KernelEntry& e) { return e.wide != 0 && sec_block % e.sn == 0; });
     }
     return arr[def];
   }

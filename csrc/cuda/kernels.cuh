@@ -206,40 +206,50 @@ __device__ __forceinline__ void store2(T* dst, float x, float y) {
   *reinterpret_cast<uint32_t*>(dst) = v;
 }
 
-// One row (r 0: g, 1: g + 8) of an accumulator fragment, times `scale`, as 16-byte stores: the
-// quad's four threads exchange their 32-bit pairs (a 4 x 4 transpose in two butterfly stages) so
-// that each holds 8 consecutive columns of one 8-column group. Every lane must call it (shuffles);
+// One row (r 0: g, 1: g + 8) of an accumulator fragment, times `scale`, columns col0.. below D.
+// With groups of four 8-column tiles, as 16-byte stores: the quad's four threads exchange their
+// 32-bit pairs (a 4 x 4 transpose in two butterfly stages) so that each holds 8 consecutive
+// columns of one 8-column group; otherwise 4 bytes a thread. Every lane must call it (shuffles);
 // `ok` predicates the stores.
 template <typename T, int kN>
-__device__ __forceinline__ void store_row_vec(T* row, const float (&acc)[kN][4], int r, float scale, int col0,
-                                              int D, bool ok, int t4) {
-  static_assert(kN % 4 == 0, "16-byte stores take groups of four 8-column tiles");
-  const bool b0 = t4 & 1, b1 = t4 & 2;
+__device__ __forceinline__ void store_row(T* row, const float (&acc)[kN][4], int r, float scale, int col0, int D,
+                                          bool ok, int t4) {
+  if constexpr (kN % 4 != 0) {
 #pragma unroll
-  for (int j = 0; j < kN / 4; ++j) {
-    uint32_t w[4];
-#pragma unroll
-    for (int c = 0; c < 4; ++c) w[c] = MmaOp<T>::pack(acc[4 * j + c][2 * r] * scale, acc[4 * j + c][2 * r + 1] * scale);
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const uint32_t recv = __shfl_xor_sync(0xffffffffu, b0 ? w[2 * i] : w[2 * i + 1], 1);
-      if (b0) {
-        w[2 * i] = recv;
-      } else {
-        w[2 * i + 1] = recv;
-      }
+    for (int nt = 0; nt < kN; ++nt) {
+      const int d = col0 + nt * 8 + 2 * t4;
+      if (ok && d < D) store2(row + d, acc[nt][2 * r] * scale, acc[nt][2 * r + 1] * scale);
     }
+  } else {
+    const bool b0 = t4 & 1, b1 = t4 & 2;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const uint32_t recv = __shfl_xor_sync(0xffffffffu, b1 ? w[i] : w[i + 2], 2);
-      if (b1) {
-        w[i] = recv;
-      } else {
-        w[i + 2] = recv;
+    for (int j = 0; j < kN / 4; ++j) {
+      uint32_t w[4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        w[c] = MmaOp<T>::pack(acc[4 * j + c][2 * r] * scale, acc[4 * j + c][2 * r + 1] * scale);
       }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const uint32_t recv = __shfl_xor_sync(0xffffffffu, b0 ? w[2 * i] : w[2 * i + 1], 1);
+        if (b0) {
+          w[2 * i] = recv;
+        } else {
+          w[2 * i + 1] = recv;
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const uint32_t recv = __shfl_xor_sync(0xffffffffu, b1 ? w[i] : w[i + 2], 2);
+        if (b1) {
+          w[i] = recv;
+        } else {
+          w[i + 2] = recv;
+        }
+      }
+      const int d = col0 + (4 * j + t4) * 8;
+      if (ok && d < D) *reinterpret_cast<uint4*>(row + d) = make_uint4(w[0], w[1], w[2], w[3]);
     }
-    const int d = col0 + (4 * j + t4) * 8;
-    if (ok && d < D) *reinterpret_cast<uint4*>(row + d) = make_uint4(w[0], w[1], w[2], w[3]);
   }
 }
 
@@ -349,39 +359,36 @@ __device__ __forceinline__ void next_group_pair(const Params& p, const Rules& R,
 // Per-element token rules and layout membership on one warp's 16 x (8 kN) accumulator fragment
 // (mma.sync m16n8 or wgmma layout) whose rows are queries (kTransposed = false) or keys (true);
 // elements not allowed become `fill`. This runs on every causal diagonal and layout-edge tile.
+// A tile pair wholly inside the layout (every tile of a block-128 layout) tests no membership.
 // Query rows: the sub-block sizes are powers of two, so membership takes shifts on the row's bits
-// of the mask (none when the whole tile pair is a member) instead of member()'s divisions; the
-// block-64 forward over 128-row tiles went 928 -> 556-573 us (S16k D128, local 10%). Key rows
-// (dK/dV) keep member(): the same change made the dK/dV kernel 7% slower at causal_local (more
-// spills: the row masks stay live across its tile loop).
+// of the mask instead of member()'s divisions; the block-64 forward over 128-row tiles went
+// 928 -> 556-573 us (S16k D128, local 10%). Key rows (dK/dV) keep member(): the same change made
+// the dK/dV kernel 7% slower at causal_local (more spills: the row masks stay live across its tile
+// loop).
 template <int kN, bool kTransposed>
 __device__ __forceinline__ void mask_tile(float (&S)[kN][4], const Rules& R, const TileList& tl,
                                           uint64_t msk, int row_tile0, int row_local0, int col_tile0,
                                           int g, int t4, float fill) {
+  const bool all_members = (msk & tl.full) == tl.full;
   if constexpr (kTransposed) {
-    // A tile pair that is wholly a member (every tile of a block-128 layout; causal diagonals)
-    // needs only the token rules: no division on that path, and nothing more kept live.
-    if ((msk & tl.full) == tl.full) {
+    // One loop, instantiated with and without the membership test (a runtime `||` inside it
+    // changed the dK/dV kernels' register allocation).
+    auto apply = [&](auto in_layout) {
 #pragma unroll
       for (int nt = 0; nt < kN; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int rl = row_local0 + g + (e >> 1) * 8;
           const int cl = nt * 8 + 2 * t4 + (e & 1);
-          if (!R.ok(col_tile0 + cl, row_tile0 + rl)) S[nt][e] = fill;
+          if (!(R.ok(col_tile0 + cl, row_tile0 + rl) && in_layout(rl, cl))) S[nt][e] = fill;
         }
-      return;
+    };
+    if (all_members) {
+      apply([](int, int) { return true; });
+    } else {
+      apply([&](int rl, int cl) { return member(msk, rl, cl, tl); });
     }
-#pragma unroll
-    for (int nt = 0; nt < kN; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int rl = row_local0 + g + (e >> 1) * 8;
-        const int cl = nt * 8 + 2 * t4 + (e & 1);
-        if (!(R.ok(col_tile0 + cl, row_tile0 + rl) && member(msk, rl, cl, tl))) S[nt][e] = fill;
-      }
   } else {
-    const bool all_members = (msk & tl.full) == tl.full;
     const int prim_shift = __ffs(tl.prim_sub) - 1, sec_shift = __ffs(tl.sec_sub) - 1;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -429,15 +436,7 @@ __device__ __forceinline__ void store_fwd_rows(const Params& p, const QueryTile&
     const float inv = l > 0.f ? 1.f / l : 0.f;
     const int i = w.m0 + row_local + g + r * 8;
     T* orow = static_cast<T*>(p.out) + ((static_cast<int64_t>(w.b) * p.Sq + i) * p.H + w.h) * p.D;
-    if constexpr ((kD / 8) % 4 == 0) {
-      store_row_vec<T, kD / 8>(orow, acc, r, inv, 0, p.D, i < p.Sq, t4);
-    } else {
-#pragma unroll
-      for (int nt = 0; nt < kD / 8; ++nt) {
-        const int d = nt * 8 + 2 * t4;
-        if (i < p.Sq && d < p.D) store2(orow + d, acc[nt][2 * r] * inv, acc[nt][2 * r + 1] * inv);
-      }
-    }
+    store_row<T, kD / 8>(orow, acc, r, inv, 0, p.D, i < p.Sq, t4);
     if (i >= p.Sq) continue;
     if (t4 == 0) {
       p.lse_out[(static_cast<int64_t>(w.b) * p.H + w.h) * p.Sq + i] = l > 0.f ? (mrow[r] + __log2f(l)) * kLn2 : -INFINITY;
@@ -454,15 +453,7 @@ __device__ __forceinline__ void store_rows(void* base, const float (&acc)[kCols 
   for (int r = 0; r < 2; ++r) {
     const int i = row0 + g + r * 8;
     T* row = static_cast<T*>(base) + ((static_cast<int64_t>(b) * seq + i) * heads + head) * D;
-    if constexpr ((kCols / 8) % 4 == 0) {
-      store_row_vec<T, kCols / 8>(row, acc, r, scale, col0, D, i < seq, t4);
-    } else {
-#pragma unroll
-      for (int nt = 0; nt < kCols / 8; ++nt) {
-        const int d = col0 + nt * 8 + 2 * t4;
-        if (i < seq && d < D) store2(row + d, acc[nt][2 * r] * scale, acc[nt][2 * r + 1] * scale);
-      }
-    }
+    store_row<T, kCols / 8>(row, acc, r, scale, col0, D, i < seq, t4);
   }
 }
 
