@@ -260,6 +260,25 @@ def test_forced_variants(variant, D, dtype, kw, monkeypatch):
     run_case(D=D, dtype=dtype, seed=variant * 13 + D, **kw)
 
 
+# The dS-scratch backward (DILATED_SPARSE_BWD_DS=1: dK/dV writes dS, dQ = dS K reads it; sm_90,
+# blocks that are multiples of 128): GQA, causal, padding, empty rows, windows, per-head and
+# per-batch layouts, blocks spanning several tiles, lengths not a multiple of the block.
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"Sq": 1000, "Sk": 900, "bq": 128, "bk": 128, "density": 0.4, "causal": True, "H": 4, "Hkv": 2},
+        {"Sq": 777, "Sk": 777, "bq": 256, "bk": 128, "density": 0.5, "use_kpm": True, "empty_rows": 0.3, "B": 2},
+        {"Sq": 640, "Sk": 700, "bq": 128, "bk": 256, "density": 0.6, "wl": 90, "lh": 0, "H": 3},
+        {"Sq": 520, "Sk": 600, "bq": 256, "bk": 256, "density": 0.7, "use_klen": True, "lb": 0, "B": 2, "H": 2},
+        {"Sq": 128, "Sk": 128, "bq": 128, "bk": 128, "density": 1.0, "causal": True, "H": 6, "Hkv": 1},
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ds_scratch_backward(kw, dtype, monkeypatch):
+    monkeypatch.setenv("DILATED_SPARSE_BWD_DS", "1")
+    run_case(D=128, dtype=dtype, seed=kw["Sq"] + kw["bq"], **kw)
+
+
 # Block 64 with rows long enough that pick() keeps the default 128-row tiles (two layout rows a
 # tile, merged key tiles with membership masks) instead of the small ones: ~3400 key tokens a row,
 # past small_tile_max_tokens for every op it limits (D128 forward; D64 forward, dQ and dK/dV).

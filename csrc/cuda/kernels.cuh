@@ -320,6 +320,13 @@ __device__ __forceinline__ int next_pair(const Entries& E, const Rules& R, uint6
   return E.n;
 }
 
+// Element offset of the dS scratch block of CSR entry e for batch b, query head h: the (b, h) pairs
+// sharing a layout slice (p.ds_rep of them) take consecutive blocks of bq x bk.
+__device__ __forceinline__ int64_t ds_offset(const Params& p, int e, int b, int h) {
+  const int r = (p.Lb == 1 ? b : 0) * (p.Lh == 1 ? p.H : 1) + (p.Lh == 1 ? h : 0);
+  return (static_cast<int64_t>(e) * p.ds_rep + r) * p.bq * p.bk;
+}
+
 // A primary key tile of the dK/dV kernels: (slice, tile, batch, kv head). False for a work item a
 // CTA skips: with a per-head layout items run over query heads and the group's first one does the
 // work for its kv head.

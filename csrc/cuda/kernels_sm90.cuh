@@ -62,6 +62,9 @@ enum Sm90Sched {
                             // K_j, so two slots give it the same lead), which fits two Q buffers
                             // next to three K slots at D128
 };
+// dK/dV modifier (or-ed into its schedule): also write each tile pair's dS^T to the dS scratch
+// (Params::ds), which dq_ds_sm90_kernel reads back (the dS-scratch backward, attention.cu).
+constexpr int kSchedWriteDs = 32;
 
 // Threads, primary-tile buffers and mbarrier bytes of a schedule: kWG consumer warpgroups, plus
 // the producer warpgroup and the PingSync barriers with ping-pong.
@@ -122,8 +125,10 @@ struct DqSm90Cfg : Sm90Threads<kWG_, kSched> {
 // dK/dV: kWG warpgroups of 64 keys, kBM queries per step. Shared memory: K, V per primary buffer,
 // then kStages of {Q, dO} tiles, then kStages of {lse, Delta} rows. (Padding each stage's rows to
 // the next tile boundary instead cost the third stage at D128 with two primary buffers.)
-template <int kD, int kWG_, int kBM_, int kSched = kSchedLockstep>
-struct DkvSm90Cfg : Sm90Threads<kWG_, kSched> {
+template <int kD, int kWG_, int kBM_, int kSchedM = kSchedLockstep>
+struct DkvSm90Cfg : Sm90Threads<kWG_, kSchedM & ~kSchedWriteDs> {
+  static constexpr int kSched = kSchedM & ~kSchedWriteDs;
+  static constexpr bool kWriteDs = (kSchedM & kSchedWriteDs) != 0;
   using Base = Sm90Threads<kWG_, kSched>;
   static constexpr int kBN = 64 * kWG_;
   static constexpr int kBM = kBM_;
@@ -1011,8 +1016,16 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
     const float sl2 = p.scale_log2;
     uint32_t pa[2][kBM / 16][4], sa[2][kBM / 16][4];
 
+    // Where this tile pair's dS^T goes in the scratch (kWriteDs; direct tile lists: a key tile and
+    // a query tile each lie inside one layout block): the block's slot plus the pair's offset in it.
+    int64_t ds_at = 0;
     // S^T = K Q^T, dP^T = V dO^T (this warpgroup's 64 keys x kBM queries of the current tile).
     auto scores = [&]() {
+      if constexpr (Cfg::kWriteDs) {  // loaded here, so the products hide the load's latency
+        const int e = p.ds_perm[E.base + it / p.tl.kf];
+        ds_at = ds_offset(p, e, b, hk * p.G + gg) + static_cast<int64_t>((t % p.tl.fsplit) * kBN) * p.bq +
+                (qt % p.tl.kf) * kBM;
+      }
       const uint32_t sQ = stage_q(stage), sdO = stage_do(stage);
       sm90::fence_regs(S);
       sm90::fence_regs(dP);
@@ -1049,6 +1062,16 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
       for (int nt = 0; nt < kBM / 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) S[nt][e] *= dP[nt][e] - drow[nt * 8 + 2 * t4 + (e & 1)];
+      if constexpr (Cfg::kWriteDs) {
+        // [bk keys][bq queries] in the block's slot: this thread's rows wrow + g (+ 8), two queries
+        // a 4-byte store.
+        T* dsg = static_cast<T*>(p.ds) + ds_at + static_cast<int64_t>(wrow + g) * p.bq + 2 * t4;
+#pragma unroll
+        for (int nt = 0; nt < kBM / 8; ++nt)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            *reinterpret_cast<uint32_t*>(dsg + h * 8 * p.bq + nt * 8) = MmaOp<T>::pack(S[nt][2 * h], S[nt][2 * h + 1]);
+      }
 #pragma unroll
       for (int kk = 0; kk < kBM / 16; ++kk) to_a_frag<T>(sa[c][kk], S, kk);
     };
@@ -1069,7 +1092,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
     };
     // Ping-pong takes two turns a tile: the dK and dV accumulators leave no room for the
     // probabilities next to the next tile's scores.
-    run_tiles<kSched, kStages, Cfg::kPing>(stage, ring, wg, kNT, sy, has, next, has_next, advance,
+    run_tiles<Cfg::kSched, kStages, Cfg::kPing>(stage, ring, wg, kNT, sy, has, next, has_next, advance,
                                            [&](int st) { load_q(st, gg_n, qt_n); }, scores, make_p_ds, dv_dk,
                                            [&]() {
                                              sm90::fence_regs(dK);
@@ -1085,6 +1108,102 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
     return any;
   };
   run_items<Cfg::kPing, kWG>(p, sy, wg, ltid, producer_item, consumer_item);
+#else
+  __trap();
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward through the dS scratch: dQ = dS K over the CSR rows
+// ---------------------------------------------------------------------------------------------
+
+// 128 query rows (two consumer warpgroups of 64) and 128 keys a step, the dK/dV kernel's key tile,
+// so a warpgroup's 64 rows x 128 keys are exactly one dK/dV tile pair; the ring holds K and dS
+// tiles (no primary tiles: nothing is recomputed, the products read both operands from the ring).
+template <int kD>
+struct DqDsSm90Cfg : Sm90Threads<2, kSchedPingPong> {
+  using Base = Sm90Threads<2, kSchedPingPong>;
+  static constexpr int kBM = 128, kBN = 128;
+  static constexpr int kKBytes = kBN * kD * 2;
+  static constexpr int kDsBytes = kBN * kBM * 2;
+  static constexpr int kStages = Base::stages(0, kKBytes + kDsBytes);
+  static constexpr int kSmem = Base::smem(0, kKBytes + kDsBytes, kStages);
+  static_assert(kSmem <= kMaxSmem, "dQ-from-dS tiles do not fit in shared memory");
+};
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(DqDsSm90Cfg<kD>::kThreads, 1) dq_ds_sm90_kernel(const __grid_constant__ Params p) {
+#if DS_SM90_BODY
+  using Cfg = DqDsSm90Cfg<kD>;
+  constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kNT = Cfg::kConsumers, kStages = Cfg::kStages;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const uint32_t sK0 = align1024(smem_u32(smem_raw));
+  const uint32_t sDs0 = sK0 + kStages * Cfg::kKBytes;  // [stages] dS: [kBN keys][kBM queries]
+  const uint32_t sbar = sDs0 + kStages * Cfg::kDsBytes;
+  const PingSync sy = make_ping_sync<true>(sbar, smem_raw + (sbar - smem_u32(smem_raw)), kStages, kNT);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  const int wg = warp / 4, wrow = warp * 16, ltid = tid - kNT;
+
+  QueryItem<T, kBM, kBN, kStages, false> C;
+  const QueryTile& W = C.W;
+  // The current pair's dS: its block's slot ([bk keys][bq queries]), from the tile's first key and
+  // query inside the block (direct tile lists: entry it / kf, key sub-tile it % kf).
+  auto ds_tile = [&]() {
+    const int e = static_cast<int>(W.E.base + C.it / p.tl.kf);
+    return static_cast<const T*>(p.ds) + ds_offset(p, e, W.b, W.h) +
+           static_cast<int64_t>((C.it % p.tl.kf) * kBN) * p.bq + W.m0 % p.bq;
+  };
+  auto producer_item = [&](const ItemInfo& d, int& ring, int) {
+    C.start(p, d);
+    if (!C.has()) return false;
+    while (C.has()) {
+      const int st = ring % kStages;
+      if (ring >= kStages) sm90::mbar_wait(sy.empty + 8 * st, (ring / kStages - 1) & 1);
+      C.template load_k<kD, 128, Cfg::kKBytes>(p, sK0, st, C.kt, ltid);
+      sm90::load_tile<T, kBN, kBM, 128>(sDs0 + st * Cfg::kDsBytes, ds_tile(), p.bq, 0, kBN, kBM, ltid);
+      sm90::cp_async_arrive(sy.full + 8 * st);
+      ++ring;
+      C.next(p);
+      C.advance();
+    }
+    return true;
+  };
+  auto consumer_item = [&](const ItemInfo& d, int& ring, int) {
+    C.start(p, d);
+    const bool any = C.has();
+    float acc[kD / 8][4];
+#pragma unroll
+    for (int i = 0; i < kD / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    int prev = -1;  // the slot of the previous tile, released once its products retired
+    while (C.has()) {
+      const int st = ring % kStages;
+      sm90::mbar_wait(sy.full + 8 * st, (ring / kStages) & 1);
+      // dK/dV skipped a pair without an allowed element and left its dS unwritten.
+      if (pair_state(W.R, W.m0 + 64 * wg, 64, C.kt * kBN, kBN, 0, 0) != 0) {
+        sm90::fence_async_smem();
+        sm90::fence_regs(acc);
+        sm90::fence();
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk) {
+          sm90::Wgmma<kD, T>::template ss<1, 1>(acc, sm90::desc_mn<kBN>(sDs0 + st * Cfg::kDsBytes + wg * (kBN * 128), kk),
+                                                sm90::desc_mn<kBN>(sK0 + st * Cfg::kKBytes, kk), 1);
+        }
+      }
+      sm90::commit();
+      sm90::wait<1>();
+      if (prev >= 0) sm90::mbar_arrive(sy.empty + 8 * prev);
+      prev = st;
+      ++ring;
+      C.next(p);
+      C.advance();
+    }
+    sm90::wait<0>();
+    sm90::fence_regs(acc);
+    if (prev >= 0) sm90::mbar_arrive(sy.empty + 8 * prev);
+    store_rows<T, kD>(p.dq, acc, W.b, p.Sq, p.H, W.h, p.D, W.m0 + wrow, 0, p.scale, g, t4);
+    return any;
+  };
+  run_items<true, 2>(p, sy, wg, ltid, producer_item, consumer_item);
 #else
   __trap();
 #endif
@@ -1124,6 +1243,12 @@ void launch_dq_sm90(const Params& p, int64_t items, cudaStream_t stream) {
   launch_sm90<&dq_sm90_kernel<T, kD, kWG, kBN, kSched>, Cfg::kThreads, Cfg::kSmem, Cfg::kPing>(p, items, stream);
 }
 
+template <typename T, int kD>
+void launch_dq_ds_sm90(const Params& p, int64_t items, cudaStream_t stream) {
+  using Cfg = DqDsSm90Cfg<kD>;
+  launch_sm90<&dq_ds_sm90_kernel<T, kD>, Cfg::kThreads, Cfg::kSmem, true>(p, items, stream);
+}
+
 template <typename T, int kD, int kWG, int kBM, int kSched>
 void launch_dkv_sm90(const Params& p, int64_t items, cudaStream_t stream) {
   using Cfg = DkvSm90Cfg<kD, kWG, kBM, kSched>;
@@ -1145,6 +1270,9 @@ void launch_dkv_sm90(const Params& p, int64_t items, cudaStream_t stream) {
 #define DS_REGISTER_DQ_SM90(T, DT, D, V, WG, BN, SCHED, AUTO)                                  \
   template void launch_dq_sm90<T, D, WG, BN, SCHED>(const Params&, int64_t, cudaStream_t);     \
   DS_SM90_REGISTRAR(kOpDq, DT, D, V, (&launch_dq_sm90<T, D, WG, BN, SCHED>), 64 * WG, BN, AUTO)
+#define DS_REGISTER_DQ_DS_SM90(T, DT, D, V)                                       \
+  template void launch_dq_ds_sm90<T, D>(const Params&, int64_t, cudaStream_t);    \
+  DS_SM90_REGISTRAR(kOpDq, DT, D, V, (&launch_dq_ds_sm90<T, D>), 128, 128, kFlagDs)
 #define DS_REGISTER_DKV_SM90(T, DT, D, V, WG, BM, SCHED, AUTO)                                 \
   template void launch_dkv_sm90<T, D, WG, BM, SCHED>(const Params&, int64_t, cudaStream_t);    \
   DS_SM90_REGISTRAR(kOpDkv, DT, D, V, (&launch_dkv_sm90<T, D, WG, BM, SCHED>), 64 * WG, BM, AUTO)
