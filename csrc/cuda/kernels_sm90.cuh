@@ -1062,18 +1062,23 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
       for (int nt = 0; nt < kBM / 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) S[nt][e] *= dP[nt][e] - drow[nt * 8 + 2 * t4 + (e & 1)];
-      if constexpr (Cfg::kWriteDs) {
-        // [bk keys][bq queries] in the block's slot: this thread's rows wrow + g (+ 8), two queries
-        // a 4-byte store.
-        T* dsg = static_cast<T*>(p.ds) + ds_at + static_cast<int64_t>(wrow + g) * p.bq + 2 * t4;
-#pragma unroll
-        for (int nt = 0; nt < kBM / 8; ++nt)
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-            *reinterpret_cast<uint32_t*>(dsg + h * 8 * p.bq + nt * 8) = MmaOp<T>::pack(S[nt][2 * h], S[nt][2 * h + 1]);
-      }
 #pragma unroll
       for (int kk = 0; kk < kBM / 16; ++kk) to_a_frag<T>(sa[c][kk], S, kk);
+      if constexpr (Cfg::kWriteDs) {
+        // [bk keys][bq queries] in the block's slot, from the packed fragments: rows wrow + g
+        // (+ 8), 16-byte stores (4-byte ones wrote half sectors and cost dK/dV a third of its time).
+        T* dsg = static_cast<T*>(p.ds) + ds_at + static_cast<int64_t>(wrow + g) * p.bq;
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int j = 0; j < kBM / 32; ++j) {
+            uint32_t w[4];
+#pragma unroll
+            for (int cg = 0; cg < 4; ++cg) w[cg] = sa[c][2 * j + cg / 2][(cg % 2) * 2 + h];
+            quad_transpose(w, t4);
+            *reinterpret_cast<uint4*>(dsg + h * 8 * p.bq + (4 * j + t4) * 8) = make_uint4(w[0], w[1], w[2], w[3]);
+          }
+      }
     };
     // dV += P^T dO, dK += dS^T Q with the query tile of slot st.
     auto dv_dk = [&](auto c, int st) {
@@ -1174,7 +1179,6 @@ __global__ void __launch_bounds__(DqDsSm90Cfg<kD>::kThreads, 1) dq_ds_sm90_kerne
     float acc[kD / 8][4];
 #pragma unroll
     for (int i = 0; i < kD / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-    int prev = -1;  // the slot of the previous tile, released once its products retired
     while (C.has()) {
       const int st = ring % kStages;
       sm90::mbar_wait(sy.full + 8 * st, (ring / kStages) & 1);
@@ -1190,16 +1194,15 @@ __global__ void __launch_bounds__(DqDsSm90Cfg<kD>::kThreads, 1) dq_ds_sm90_kerne
         }
       }
       sm90::commit();
-      sm90::wait<1>();
-      if (prev >= 0) sm90::mbar_arrive(sy.empty + 8 * prev);
-      prev = st;
+      // Released as soon as read: the producer keeps the other slots loading (holding two slots
+      // while the next tile's products ran left it one tile ahead, latency-bound).
+      sm90::wait<0>();
+      sm90::mbar_arrive(sy.empty + 8 * st);
       ++ring;
       C.next(p);
       C.advance();
     }
-    sm90::wait<0>();
     sm90::fence_regs(acc);
-    if (prev >= 0) sm90::mbar_arrive(sy.empty + 8 * prev);
     store_rows<T, kD>(p.dq, acc, W.b, p.Sq, p.H, W.h, p.D, W.m0 + wrow, 0, p.scale, g, t4);
     return any;
   };
