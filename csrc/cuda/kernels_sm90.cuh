@@ -136,7 +136,8 @@ struct DkvSm90Cfg : Sm90Threads<kWG_, kSchedM & ~kSchedWriteDs> {
   static constexpr int kQBytes = kBM * kD * 2;
   static constexpr int kResBytes = 2 * kKVBytes;  // K, V
   static constexpr int kStageBytes = 2 * kQBytes;  // Q, dO
-  static constexpr int kSideBytes = 2 * kBM * 4;   // lse, Delta
+  static constexpr int kSideBytes = 2 * kBM * 4 + (kWriteDs ? 16 : 0);  // lse, Delta (, CSR entry)
+  static_assert(!kWriteDs || Base::kPing, "dS is written by the ping-pong schedule only");
   static_assert(kStageBytes % 1024 == 0 && kResBytes % 1024 == 0, "swizzled tiles need 1024-byte alignment");
   static constexpr int kStages = Base::stages(kResBytes, kStageBytes, kSideBytes);
   static constexpr int kSmem = Base::smem(kResBytes, kStageBytes, kStages, kSideBytes);
@@ -984,7 +985,12 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
   auto producer_item = [&](const ItemInfo& d, int& ring, int nres) {
     use_buffer(nres);
     if (!start(d) || !has()) return false;
-    produce<kStages, Cfg::kResBufs>(sy, ring, nres, has, [&](int st) { load_q(st, gg, qt); }, load_kv, [&]() {
+    produce<kStages, Cfg::kResBufs>(sy, ring, nres, has, [&](int st) {
+      load_q(st, gg, qt);
+      if constexpr (Cfg::kWriteDs) {  // the pair's CSR entry, next to its lse and Delta rows
+        if (ltid == 0) cp_async4(stage_side(st) + 8 * kBM, p.ds_perm + E.base + it / p.tl.kf, true);
+      }
+    }, load_kv, [&]() {
       next();
       advance();
     });
@@ -1016,16 +1022,8 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
     const float sl2 = p.scale_log2;
     uint32_t pa[2][kBM / 16][4], sa[2][kBM / 16][4];
 
-    // Where this tile pair's dS^T goes in the scratch (kWriteDs; direct tile lists: a key tile and
-    // a query tile each lie inside one layout block): the block's slot plus the pair's offset in it.
-    int64_t ds_at = 0;
     // S^T = K Q^T, dP^T = V dO^T (this warpgroup's 64 keys x kBM queries of the current tile).
     auto scores = [&]() {
-      if constexpr (Cfg::kWriteDs) {  // loaded here, so the products hide the load's latency
-        const int e = p.ds_perm[E.base + it / p.tl.kf];
-        ds_at = ds_offset(p, e, b, hk * p.G + gg) + static_cast<int64_t>((t % p.tl.fsplit) * kBN) * p.bq +
-                (qt % p.tl.kf) * kBM;
-      }
       const uint32_t sQ = stage_q(stage), sdO = stage_do(stage);
       sm90::fence_regs(S);
       sm90::fence_regs(dP);
@@ -1065,9 +1063,12 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
 #pragma unroll
       for (int kk = 0; kk < kBM / 16; ++kk) to_a_frag<T>(sa[c][kk], S, kk);
       if constexpr (Cfg::kWriteDs) {
-        // [bk keys][bq queries] in the block's slot, from the packed fragments: rows wrow + g
-        // (+ 8), 16-byte stores (4-byte ones wrote half sectors and cost dK/dV a third of its time).
-        T* dsg = static_cast<T*>(p.ds) + ds_at + static_cast<int64_t>(wrow + g) * p.bq;
+        // [bk keys][bq queries] in the slot of the block's CSR entry (which the producer put after
+        // the stage's Delta row; direct tile lists: a key tile and a query tile each lie inside one
+        // block), from the packed fragments: rows wrow + g (+ 8), 16-byte stores.
+        const int e = *reinterpret_cast<const int*>(drow + kBM);
+        T* dsg = static_cast<T*>(p.ds) + ds_offset(p, e, b, hk * p.G + gg) +
+                 static_cast<int64_t>((t % p.tl.fsplit) * kBN + wrow + g) * p.bq + (qt % p.tl.kf) * kBM;
 #pragma unroll
         for (int h = 0; h < 2; ++h)
 #pragma unroll
@@ -1194,12 +1195,10 @@ __global__ void __launch_bounds__(DqDsSm90Cfg<kD>::kThreads, 1) dq_ds_sm90_kerne
         }
       }
       sm90::commit();
-      // Released as soon as read: the producer keeps the other slots loading (holding two slots
-      // while the next tile's products ran left it one tile ahead, latency-bound).
+      C.next(p);  // its entry load overlaps the products
       sm90::wait<0>();
-      sm90::mbar_arrive(sy.empty + 8 * st);
+      sm90::mbar_arrive(sy.empty + 8 * st);  // released as soon as read
       ++ring;
-      C.next(p);
       C.advance();
     }
     sm90::fence_regs(acc);
