@@ -331,6 +331,10 @@ __device__ __forceinline__ int64_t ds_offset(const Params& p, int e, int b, int 
   const int r = (p.Lb == 1 ? b : 0) * (p.Lh == 1 ? p.H : 1) + (p.Lh == 1 ? h : 0);
   return (static_cast<int64_t>(e) * p.ds_rep + r) * p.bq * p.bk;
 }
+// Inside a block: panel (key sub-tile ks of 128 keys, query sub-tile qs of 64 queries), 128 rows
+// (keys) of 64 queries, kept as the 128-byte-swizzled shared image that the dQ kernel's products
+// read (sm90.cuh); a key sub-tile's panels are consecutive, so two of them are 32 contiguous KB.
+__device__ __forceinline__ int ds_panel(const Params& p, int ks, int qs) { return (ks * (p.bq / 64) + qs) * (128 * 64); }
 
 // A primary key tile of the dK/dV kernels: (slice, tile, batch, kv head). False for a work item a
 // CTA skips: with a per-head layout items run over query heads and the group's first one does the

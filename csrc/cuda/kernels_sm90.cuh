@@ -495,13 +495,15 @@ __device__ __forceinline__ void release_primary(const PingSync& sy, int nres) {
 // posts them, and loads them (producer_item(d, ring, nres) returns whether the item had tiles), the
 // consumers take them (consumer_item(d, ring, nres), same result); otherwise the CTA runs item
 // blockIdx.x.
-template <bool kPing, int kWG, class ProducerItem, class ConsumerItem>
+// kRebalance: the producer hands registers to the consumers (setmaxnreg); a kernel whose consumers
+// need few keeps the launch's split.
+template <bool kPing, int kWG, bool kRebalance = true, class ProducerItem, class ConsumerItem>
 __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, int wg, int ltid,
                                           ProducerItem producer_item, ConsumerItem consumer_item) {
   int ring = 0, nres = 0;
   if constexpr (kPing) {
     if (wg == kWG) {
-      sm90::regs_decrease<kProducerRegs>();
+      if constexpr (kRebalance) sm90::regs_decrease<kProducerRegs>();
       int pending = 0;
       for (int n = 0;; ++n) {
         const int item = fetch_item(sy, p, n, ltid, pending);
@@ -515,7 +517,7 @@ __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, i
       cp_async_wait<0>();
       return;
     }
-    sm90::regs_increase<kConsumerRegs>();
+    if constexpr (kRebalance) sm90::regs_increase<kConsumerRegs>();
     // Warpgroup 0's first turn of an item is opened by warpgroup 1 ahead of time: here for the
     // first item, then by warpgroup 1's last turn of each item (run_tiles), so warpgroup 0 starts
     // the next item while 1 still finishes and stores the last one. The arrival left open after the
@@ -1063,12 +1065,14 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
 #pragma unroll
       for (int kk = 0; kk < kBM / 16; ++kk) to_a_frag<T>(sa[c][kk], S, kk);
       if constexpr (Cfg::kWriteDs) {
-        // [bk keys][bq queries] in the slot of the block's CSR entry (which the producer put after
-        // the stage's Delta row; direct tile lists: a key tile and a query tile each lie inside one
-        // block), from the packed fragments: rows wrow + g (+ 8), 16-byte stores.
+        // The pair's panel (ds_panel) in the slot of the block's CSR entry (which the producer put
+        // after the stage's Delta row; direct tile lists: a key tile and a query tile each lie
+        // inside one block), from the packed fragments: rows wrow + g (+ 8), one 16-byte chunk of
+        // 8 queries a store, swizzled as in shared memory.
+        static_assert(kBM == 64, "a dS panel holds 64 queries");
         const int e = *reinterpret_cast<const int*>(drow + kBM);
-        T* dsg = static_cast<T*>(p.ds) + ds_offset(p, e, b, hk * p.G + gg) +
-                 static_cast<int64_t>((t % p.tl.fsplit) * kBN + wrow + g) * p.bq + (qt % p.tl.kf) * kBM;
+        T* dsg = static_cast<T*>(p.ds) + ds_offset(p, e, b, hk * p.G + gg) + ds_panel(p, t % p.tl.fsplit, qt % p.tl.kf) +
+                 (wrow + g) * 64;
 #pragma unroll
         for (int h = 0; h < 2; ++h)
 #pragma unroll
@@ -1077,7 +1081,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
 #pragma unroll
             for (int cg = 0; cg < 4; ++cg) w[cg] = sa[c][2 * j + cg / 2][(cg % 2) * 2 + h];
             quad_transpose(w, t4);
-            *reinterpret_cast<uint4*>(dsg + h * 8 * p.bq + (4 * j + t4) * 8) = make_uint4(w[0], w[1], w[2], w[3]);
+            *reinterpret_cast<uint4*>(dsg + h * 8 * 64 + (((4 * j + t4) ^ g) << 3)) = make_uint4(w[0], w[1], w[2], w[3]);
           }
       }
     };
@@ -1152,12 +1156,11 @@ __global__ void __launch_bounds__(DqDsSm90Cfg<kD>::kThreads, 1) dq_ds_sm90_kerne
 
   QueryItem<T, kBM, kBN, kStages, false> C;
   const QueryTile& W = C.W;
-  // The current pair's dS: its block's slot ([bk keys][bq queries]), from the tile's first key and
-  // query inside the block (direct tile lists: entry it / kf, key sub-tile it % kf).
+  // The current pair's dS: two consecutive panels (64 queries each) of its block's slot (ds_panel;
+  // direct tile lists: entry it / kf, key sub-tile it % kf), 32 contiguous KB.
   auto ds_tile = [&]() {
     const int e = static_cast<int>(W.E.base + C.it / p.tl.kf);
-    return static_cast<const T*>(p.ds) + ds_offset(p, e, W.b, W.h) +
-           static_cast<int64_t>((C.it % p.tl.kf) * kBN) * p.bq + W.m0 % p.bq;
+    return static_cast<const T*>(p.ds) + ds_offset(p, e, W.b, W.h) + ds_panel(p, C.it % p.tl.kf, (W.m0 % p.bq) / 64);
   };
   auto producer_item = [&](const ItemInfo& d, int& ring, int) {
     C.start(p, d);
@@ -1166,7 +1169,10 @@ __global__ void __launch_bounds__(DqDsSm90Cfg<kD>::kThreads, 1) dq_ds_sm90_kerne
       const int st = ring % kStages;
       if (ring >= kStages) sm90::mbar_wait(sy.empty + 8 * st, (ring / kStages - 1) & 1);
       C.template load_k<kD, 128, Cfg::kKBytes>(p, sK0, st, C.kt, ltid);
-      sm90::load_tile<T, kBN, kBM, 128>(sDs0 + st * Cfg::kDsBytes, ds_tile(), p.bq, 0, kBN, kBM, ltid);
+      if (ltid == 0) {  // the dS panels are stored swizzled: one bulk copy, counted in bytes
+        sm90::mbar_expect_tx(sy.full + 8 * st, Cfg::kDsBytes);
+        sm90::bulk_load(sDs0 + st * Cfg::kDsBytes, ds_tile(), Cfg::kDsBytes, sy.full + 8 * st);
+      }
       sm90::cp_async_arrive(sy.full + 8 * st);
       ++ring;
       C.next(p);
@@ -1205,7 +1211,7 @@ __global__ void __launch_bounds__(DqDsSm90Cfg<kD>::kThreads, 1) dq_ds_sm90_kerne
     store_rows<T, kD>(p.dq, acc, W.b, p.Sq, p.H, W.h, p.D, W.m0 + wrow, 0, p.scale, g, t4);
     return any;
   };
-  run_items<true, 2>(p, sy, wg, ltid, producer_item, consumer_item);
+  run_items<true, 2, false>(p, sy, wg, ltid, producer_item, consumer_item);
 #else
   __trap();
 #endif
