@@ -695,6 +695,14 @@ const KernelEntry& pick(Op op, const at::Tensor& q, int kD, int prim_block, int 
   return arr[best];
 }
 
+// Bytes the dS-scratch backward may allocate: DILATED_SPARSE_BWD_SCRATCH_MB (MiB; 0 turns it off),
+// default 1024 MiB (every block-128 S16k point of the benchmark matrix at D128 fits; S64k does not).
+int64_t scratch_limit_bytes() {
+  const char* e = std::getenv("DILATED_SPARSE_BWD_SCRATCH_MB");
+  const int64_t mib = e != nullptr && *e != '\0' ? std::atoll(e) : 1024;
+  return std::max<int64_t>(0, mib) << 20;
+}
+
 // The kernel of the dS-scratch backward registered for `op` (a dK/dV that writes dS, a dQ that reads
 // it), or null.
 const KernelEntry* ds_entry(Op op, const at::Tensor& q, int kD) {
@@ -887,15 +895,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   const int L = p.Lb * p.Lh;
   const KernelEntry* kdq_p = &pick(kOpDq, q, kD, p.bq, p.bk, tokens_per_row(col, int64_t{L} * p.nqb, p.bk, 1));
   const KernelEntry* kdkv_p = &pick(kOpDkv, q, kD, p.bk, p.bq, tokens_per_row(rowi, int64_t{L} * p.nkb, p.bq, p.G));
-  // dS-scratch backward: dK/dV writes dS (one bf16/fp16 block per active block and (b, h) pair
-  // sharing it), then dQ = dS K reads it instead of recomputing the scores (5 products instead of 7).
-  // Needs blocks that are multiples of both kernels' tiles (128).
-  const char* ds_e = std::getenv("DILATED_SPARSE_BWD_DS");
-  const bool ds_env = ds_e != nullptr && std::string(ds_e) == "1";
+  // The dS-scratch backward (sm_90 "ds" kernels: D128, blocks that are multiples of 128): dK/dV
+  // writes each active block's dS (bq x bk in q's dtype, per (b, h) pair sharing the block), then
+  // dQ = dS K reads it back instead of recomputing the scores and dP (5 products instead of 7).
+  // Its scratch grows with nnz, so it runs only while that stays within scratch_limit_bytes() and
+  // the allocation succeeds; otherwise the recompute backward runs. Both give the same dq, dk, dv
+  // (the same products, summed in the same order).
   const int64_t ds_rep = (p.Lb == 1 ? B : 1) * (p.Lh == 1 ? H : 1);
   const KernelEntry *ds_dq = ds_entry(kOpDq, q, kD), *ds_dkv = ds_entry(kOpDkv, q, kD);
-  const bool ds_mode = ds_env && ds_dq != nullptr && ds_dkv != nullptr && p.bq % ds_dq->pm == 0 &&
-                       p.bk % ds_dq->sn == 0 && p.bk % ds_dkv->pm == 0 && p.bq % ds_dkv->sn == 0;
+  at::Tensor ds;
+  if (ds_dq != nullptr && ds_dkv != nullptr && p.bq % ds_dq->pm == 0 && p.bk % ds_dq->sn == 0 &&
+      p.bk % ds_dkv->pm == 0 && p.bq % ds_dkv->sn == 0 && col.numel() > 0) {
+    const int64_t elems = col.numel() * ds_rep * p.bq * p.bk;
+    if (elems * static_cast<int64_t>(q.element_size()) <= scratch_limit_bytes()) {
+      try {
+        ds = at::empty({elems}, q.options());
+      } catch (const c10::OutOfMemoryError&) {
+        ds = at::Tensor();  // the recompute backward needs no scratch
+      }
+    }
+  }
+  const bool ds_mode = ds.defined();
   if (ds_mode) {
     kdq_p = ds_dq;
     kdkv_p = ds_dkv;
@@ -940,9 +960,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     return e != nullptr && std::string(e) == "1";
   }();
   cudaStream_t dkv_stream = stream;
-  at::Tensor ds, ds_perm;
+  at::Tensor ds_perm;
   if (ds_mode) {
-    ds = at::empty({col.numel() * ds_rep * p.bq * p.bk}, q.options());
     ds_perm = at::empty({std::max<int64_t>(1, rowi.numel())}, q.options().dtype(at::kInt));
     if (rowi.numel() > 0) {
       csc_to_csr_kernel<<<static_cast<unsigned>((rowi.numel() + 255) / 256), 256, 0, stream>>>(

@@ -18,6 +18,11 @@
 //    memory (ItemInfo) and loads the next item's first tiles while they finish the current one, so
 //    short rows do not pay a cold start each.
 //
+// The dS-scratch backward (attention.cu: bwd_cuda): a dK/dV variant (kSchedWriteDs) also writes
+// each tile pair's dS^T, as the swizzled shared image the products read, to a scratch buffer; then
+// dq_ds_sm90_kernel computes dQ = dS K from it with one bulk copy a tile, instead of recomputing the
+// scores and dP in a dQ kernel (5 products instead of 7).
+//
 // Compiled to real code only for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); other targets get a stub that
 // traps, and the host never picks these kernels there (attention.cu: pick()).
 #pragma once
@@ -1024,28 +1029,6 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
     const float sl2 = p.scale_log2;
     uint32_t pa[2][kBM / 16][4], sa[2][kBM / 16][4];
 
-    // kWriteDs: the tile's dS^T (sa[0]) goes to ds_dst once its products retired (done()), while
-    // the other warpgroup's run, not in the element-wise work between the two turns of a tile,
-    // which the tensor cores wait for. Rows wrow + g (+ 8), one 16-byte chunk of 8 queries a
-    // store, swizzled as in shared memory.
-    T* ds_dst = nullptr;
-    auto flush_ds = [&]() {
-      if constexpr (Cfg::kWriteDs) {
-        static_assert(kBM == 64 && Cfg::kPing, "a dS panel holds 64 queries; two turns a tile");
-        if (ds_dst == nullptr) return;
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-#pragma unroll
-          for (int j = 0; j < kBM / 32; ++j) {
-            uint32_t w[4];
-#pragma unroll
-            for (int cg = 0; cg < 4; ++cg) w[cg] = sa[0][2 * j + cg / 2][(cg % 2) * 2 + h];
-            quad_transpose(w, t4);
-            *reinterpret_cast<uint4*>(ds_dst + h * 8 * 64 + (((4 * j + t4) ^ g) << 3)) = make_uint4(w[0], w[1], w[2], w[3]);
-          }
-        ds_dst = nullptr;
-      }
-    };
     // S^T = K Q^T, dP^T = V dO^T (this warpgroup's 64 keys x kBM queries of the current tile).
     auto scores = [&]() {
       const uint32_t sQ = stage_q(stage), sdO = stage_do(stage);
@@ -1087,12 +1070,24 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
 #pragma unroll
       for (int kk = 0; kk < kBM / 16; ++kk) to_a_frag<T>(sa[c][kk], S, kk);
       if constexpr (Cfg::kWriteDs) {
-        // The pair's panel (ds_panel) in the slot of the block's CSR entry, which the producer put
-        // after the stage's Delta row (direct tile lists: a key tile and a query tile each lie
-        // inside one block); written by flush_ds.
+        // The pair's panel (ds_panel) in the slot of the block's CSR entry (which the producer put
+        // after the stage's Delta row; direct tile lists: a key tile and a query tile each lie
+        // inside one block), from the packed fragments: rows wrow + g (+ 8), one 16-byte chunk of
+        // 8 queries a store, swizzled as in shared memory.
+        static_assert(kBM == 64, "a dS panel holds 64 queries");
         const int e = *reinterpret_cast<const int*>(drow + kBM);
-        ds_dst = static_cast<T*>(p.ds) + ds_offset(p, e, b, hk * p.G + gg) +
-                 ds_panel(p, t % p.tl.fsplit, qt % p.tl.kf) + (wrow + g) * 64;
+        T* dsg = static_cast<T*>(p.ds) + ds_offset(p, e, b, hk * p.G + gg) + ds_panel(p, t % p.tl.fsplit, qt % p.tl.kf) +
+                 (wrow + g) * 64;
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int j = 0; j < kBM / 32; ++j) {
+            uint32_t w[4];
+#pragma unroll
+            for (int cg = 0; cg < 4; ++cg) w[cg] = sa[c][2 * j + cg / 2][(cg % 2) * 2 + h];
+            quad_transpose(w, t4);
+            *reinterpret_cast<uint4*>(dsg + h * 8 * 64 + (((4 * j + t4) ^ g) << 3)) = make_uint4(w[0], w[1], w[2], w[3]);
+          }
       }
     };
     // dV += P^T dO, dK += dS^T Q with the query tile of slot st.
@@ -1117,11 +1112,9 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
                                            [&]() {
                                              sm90::fence_regs(dK);
                                              sm90::fence_regs(dV);
-                                             flush_ds();
                                            },
                                            [&]() { release_primary<Cfg::kResBufs>(sy, nres); });
     sm90::wait<0>();
-    flush_ds();
     sm90::fence_regs(dK);
     sm90::fence_regs(dV);
     if constexpr (!Cfg::kPing) cp_async_wait<0>();
