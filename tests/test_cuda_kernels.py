@@ -508,4 +508,6 @@ if __name__ == "__main__":
     if "--small" in sys.argv:  # tiny case for compute-sanitizer
         run_case(B=2, H=4, Hkv=2, Sq=150, Sk=140, D=64, bq=32, bk=64, causal=True, use_kpm=True, check_weights=True)
         run_case(B=1, H=2, Sq=100, Sk=90, D=128, bq=64, bk=16, lh=0, wl=20)
+        # the dS-scratch backward on sm_90 (D128, block 128)
+        run_case(B=1, H=4, Hkv=2, Sq=300, Sk=280, D=128, bq=128, bk=128, causal=True, use_kpm=True, density=0.7)
         print("small cases ok")
