@@ -973,6 +973,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     pk.ds_perm = ds_perm.data_ptr<int>();
     pk.ds_rep = pq.ds_rep = static_cast<int>(ds_rep);
   }
+  // The scratch backward runs dK/dV, then dQ on `stream`: dQ reads what dK/dV wrote.
   if (!one_stream && !ds_mode) {
     dkv_stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, q.get_device()).stream();
     stream_wait(dkv_stream, stream);
