@@ -172,7 +172,8 @@ def run_case(*, B=1, H=2, Hkv=None, Sq=200, Sk=None, D=64, bq=32, bk=64, dtype=t
             else:
                 assert (got == 0).all()
         assert (dq.transpose(1, 2)[empty] == 0).all()
-        res.update(dq=dq, dk=dk, dv=dv, do=do, crow=crow, col=col, ccol=ccol, rowi=rowi)
+        res.update(dq=dq, dk=dk, dv=dv, do=do, crow=crow, col=col, ccol=ccol, rowi=rowi, q=q, k=k, v=v,
+                   args=(bq, bk, Lb, Lh, scale, causal, wl, wr, klen, kpm))
     if check_weights:
         msn = int((crow[nqb::nqb] - crow[:-1:nqb]).max().item()) if crow.numel() > 1 else 0
         poison()
@@ -258,6 +259,51 @@ def test_forced_variants(variant, D, dtype, kw, monkeypatch):
     for op in ("FWD", "DQ", "DKV"):
         monkeypatch.setenv(f"DILATED_SPARSE_{op}_VARIANT", str(variant))
     run_case(D=D, dtype=dtype, seed=variant * 13 + D, **kw)
+
+
+# The dS-scratch backward (dK/dV writes dS, dQ = dS K reads it; sm_90, D128, blocks that are
+# multiples of 128, scratch within DILATED_SPARSE_BWD_SCRATCH_MB): GQA, causal, padding, empty rows,
+# windows, per-head and per-batch layouts, blocks spanning several tiles, lengths not a multiple of
+# the block. Against the reference (run_case), run to run, against the recompute backward (bit for
+# bit: the same products in the same order), and its scratch measured.
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"Sq": 1000, "Sk": 900, "bq": 128, "bk": 128, "density": 0.4, "causal": True, "H": 4, "Hkv": 2},
+        {"Sq": 777, "Sk": 777, "bq": 256, "bk": 128, "density": 0.5, "use_kpm": True, "empty_rows": 0.3, "B": 2},
+        {"Sq": 640, "Sk": 700, "bq": 128, "bk": 256, "density": 0.6, "wl": 90, "lh": 0, "H": 3},
+        {"Sq": 520, "Sk": 600, "bq": 256, "bk": 256, "density": 0.7, "use_klen": True, "lb": 0, "B": 2, "H": 2},
+        {"Sq": 128, "Sk": 128, "bq": 128, "bk": 128, "density": 1.0, "causal": True, "H": 6, "Hkv": 1},
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ds_scratch_backward(kw, dtype, monkeypatch):
+    monkeypatch.setenv("DILATED_SPARSE_BWD_SCRATCH_MB", "1024")
+    r = run_case(D=128, dtype=dtype, seed=kw["Sq"] + kw["bq"], **kw)
+    ops = _ops()
+
+    def bwd():
+        poison()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        grads = ops.block_sparse_attn_bwd(r["do"], r["q"], r["k"], r["v"], r["out"], r["lse"], r["ccol"], r["rowi"],
+                                          r["crow"], r["col"], *r["args"])
+        torch.cuda.synchronize()
+        return grads, torch.cuda.max_memory_allocated() - base
+
+    again, peak_scratch = bwd()
+    monkeypatch.setenv("DILATED_SPARSE_BWD_SCRATCH_MB", "0")
+    recompute, peak_recompute = bwd()
+    for name, first, second, other in zip(("dq", "dk", "dv"), (r["dq"], r["dk"], r["dv"]), again, recompute):
+        assert torch.equal(first, second), f"{name} differs run to run"
+        assert torch.equal(first, other), f"{name}: scratch and recompute backward differ"
+    if torch.cuda.get_device_capability() == (9, 0):
+        B, H = r["q"].shape[0], r["q"].shape[2]
+        Lb, Lh = r["args"][2], r["args"][3]
+        rep = (B if Lb == 1 else 1) * (H if Lh == 1 else 1)
+        scratch = r["col"].numel() * rep * kw["bq"] * kw["bk"] * r["q"].element_size()
+        assert peak_scratch - peak_recompute >= 0.9 * scratch, (peak_scratch, peak_recompute, scratch)
 
 
 # Block 64 with rows long enough that pick() keeps the default 128-row tiles (two layout rows a
@@ -462,4 +508,6 @@ if __name__ == "__main__":
     if "--small" in sys.argv:  # tiny case for compute-sanitizer
         run_case(B=2, H=4, Hkv=2, Sq=150, Sk=140, D=64, bq=32, bk=64, causal=True, use_kpm=True, check_weights=True)
         run_case(B=1, H=2, Sq=100, Sk=90, D=128, bq=64, bk=16, lh=0, wl=20)
+        # the dS-scratch backward on sm_90 (D128, block 128)
+        run_case(B=1, H=4, Hkv=2, Sq=300, Sk=280, D=128, bq=128, bk=128, causal=True, use_kpm=True, density=0.7)
         print("small cases ok")

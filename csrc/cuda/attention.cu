@@ -397,6 +397,34 @@ __global__ void __launch_bounds__(256) delta_kernel(const T* __restrict__ o, con
   }
 }
 
+// CSC entry -> CSR entry of the same layout block (the dS scratch is addressed by CSR entry): the
+// entry's column by bisection over the column pointers, then its column inside its CSR row.
+__global__ void csc_to_csr_kernel(const int* ccol, const int* rowi, const int* crow, const int* col, int ncols,
+                                  int nkb, int nqb, int64_t nnz, int* perm) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= nnz) return;
+  int lo = 0, hi = ncols - 1;  // the last column starting at or before e
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (ccol[mid] <= e) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  const int c = lo % nkb;
+  int a = crow[(lo / nkb) * nqb + rowi[e]], z = crow[(lo / nkb) * nqb + rowi[e] + 1];
+  while (a < z) {
+    const int mid = (a + z) / 2;
+    if (col[mid] < c) {
+      a = mid + 1;
+    } else {
+      z = mid;
+    }
+  }
+  perm[e] = a;
+}
+
 template <typename T>
 void launch_delta(const Params& p, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(p.B) * p.Sq * p.H;
@@ -626,7 +654,7 @@ const KernelEntry& pick(Op op, const at::Tensor& q, int kD, int prim_block, int 
   const KernelEntry* arr = registry().e[op][di][hi];
   if (arr[0].fn == nullptr) fail_not_compiled(di, kD);
   const bool sm90 = device_is_sm90();
-  auto usable = [&](int v) { return arr[v].fn != nullptr && (arr[v].arch == 0 || sm90); };
+  auto usable = [&](int v) { return arr[v].fn != nullptr && (arr[v].arch == 0 || sm90) && arr[v].ds == 0; };
   static const char* const kEnv[kNumOps] = {"DILATED_SPARSE_FWD_VARIANT", "DILATED_SPARSE_DQ_VARIANT",
                                             "DILATED_SPARSE_DKV_VARIANT"};
   if (const char* env = std::getenv(kEnv[op])) {
@@ -665,6 +693,25 @@ const KernelEntry& pick(Op op, const at::Tensor& q, int kD, int prim_block, int 
     if (arr[best].pm > prim_block || arr[v].pm > arr[best].pm) best = v;
   }
   return arr[best];
+}
+
+// Bytes the dS-scratch backward may allocate: DILATED_SPARSE_BWD_SCRATCH_MB (MiB; 0 turns it off),
+// default 1024 MiB (every block-128 S16k point of the benchmark matrix at D128 fits; S64k does not).
+int64_t scratch_limit_bytes() {
+  const char* e = std::getenv("DILATED_SPARSE_BWD_SCRATCH_MB");
+  const int64_t mib = e != nullptr && *e != '\0' ? std::atoll(e) : 1024;
+  return std::max<int64_t>(0, mib) << 20;
+}
+
+// The kernel of the dS-scratch backward registered for `op` (a dK/dV that writes dS, a dQ that reads
+// it), or null.
+const KernelEntry* ds_entry(Op op, const at::Tensor& q, int kD) {
+  const int di = dtype_index(q), hi = head_dim_index(kD);
+  if (di < 0 || hi < 0 || !device_is_sm90()) return nullptr;
+  for (const KernelEntry& e : registry().e[op][di][hi]) {
+    if (e.fn != nullptr && e.ds != 0) return &e;
+  }
+  return nullptr;
 }
 
 void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -846,8 +893,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   Params p = base_params(q, k, v, block_q, block_k, layout_batch, layout_heads, scale, causal,
                          window_left, window_right, klen, kpm);
   const int L = p.Lb * p.Lh;
-  const KernelEntry& kdq = pick(kOpDq, q, kD, p.bq, p.bk, tokens_per_row(col, int64_t{L} * p.nqb, p.bk, 1));
-  const KernelEntry& kdkv = pick(kOpDkv, q, kD, p.bk, p.bq, tokens_per_row(rowi, int64_t{L} * p.nkb, p.bq, p.G));
+  const KernelEntry* kdq_p = &pick(kOpDq, q, kD, p.bq, p.bk, tokens_per_row(col, int64_t{L} * p.nqb, p.bk, 1));
+  const KernelEntry* kdkv_p = &pick(kOpDkv, q, kD, p.bk, p.bq, tokens_per_row(rowi, int64_t{L} * p.nkb, p.bq, p.G));
+  // The dS-scratch backward (sm_90 "ds" kernels: D128, blocks that are multiples of 128): dK/dV
+  // writes each active block's dS (bq x bk in q's dtype, per (b, h) pair sharing the block), then
+  // dQ = dS K reads it back instead of recomputing the scores and dP (5 products instead of 7).
+  // Its scratch grows with nnz, so it runs only while that stays within scratch_limit_bytes() and
+  // the allocation succeeds; otherwise the recompute backward runs. Both give the same dq, dk, dv
+  // (the same products, summed in the same order).
+  const int64_t ds_rep = (p.Lb == 1 ? B : 1) * (p.Lh == 1 ? H : 1);
+  const KernelEntry *ds_dq = ds_entry(kOpDq, q, kD), *ds_dkv = ds_entry(kOpDkv, q, kD);
+  at::Tensor ds;
+  if (ds_dq != nullptr && ds_dkv != nullptr && p.bq % ds_dq->pm == 0 && p.bk % ds_dq->sn == 0 &&
+      p.bk % ds_dkv->pm == 0 && p.bq % ds_dkv->sn == 0 && col.numel() > 0) {
+    const int64_t elems = col.numel() * ds_rep * p.bq * p.bk;
+    if (elems * static_cast<int64_t>(q.element_size()) <= scratch_limit_bytes()) {
+      try {
+        ds = at::empty({elems}, q.options());
+      } catch (const c10::OutOfMemoryError&) {
+        ds = at::Tensor();  // the recompute backward needs no scratch
+      }
+    }
+  }
+  const bool ds_mode = ds.defined();
+  if (ds_mode) {
+    kdq_p = ds_dq;
+    kdkv_p = ds_dkv;
+  }
+  const KernelEntry& kdq = *kdq_p;
+  const KernelEntry& kdkv = *kdkv_p;
   p.o = out.data_ptr();
   p.dout = dout.data_ptr();
   p.o_sb = out.stride(0); p.o_ss = out.stride(1); p.o_sh = out.stride(2);
@@ -886,7 +960,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     return e != nullptr && std::string(e) == "1";
   }();
   cudaStream_t dkv_stream = stream;
-  if (!one_stream) {
+  at::Tensor ds_perm;
+  if (ds_mode) {
+    ds_perm = at::empty({std::max<int64_t>(1, rowi.numel())}, q.options().dtype(at::kInt));
+    if (rowi.numel() > 0) {
+      csc_to_csr_kernel<<<static_cast<unsigned>((rowi.numel() + 255) / 256), 256, 0, stream>>>(
+          ccol_c.data_ptr<int>(), rowi_c.data_ptr<int>(), crow_c.data_ptr<int>(), col_c.data_ptr<int>(),
+          L * p.nkb, p.nkb, p.nqb, rowi.numel(), ds_perm.data_ptr<int>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    pk.ds = pq.ds = ds.data_ptr();
+    pk.ds_perm = ds_perm.data_ptr<int>();
+    pk.ds_rep = pq.ds_rep = static_cast<int>(ds_rep);
+  }
+  // The scratch backward runs dK/dV, then dQ on `stream`: dQ reads what dK/dV wrote.
+  if (!one_stream && !ds_mode) {
     dkv_stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, q.get_device()).stream();
     stream_wait(dkv_stream, stream);
   }
@@ -894,7 +982,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   kdq.fn(pq, static_cast<int64_t>(L) * pq.tl.ntiles * rep_q, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (!one_stream) stream_wait(stream, dkv_stream);
+  if (!one_stream && !ds_mode) stream_wait(stream, dkv_stream);
   return {dq, dk, dv};
 }
 

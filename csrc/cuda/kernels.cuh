@@ -206,11 +206,34 @@ __device__ __forceinline__ void store2(T* dst, float x, float y) {
   *reinterpret_cast<uint32_t*>(dst) = v;
 }
 
+// A quad's four threads each hold a 32-bit pair (columns 2 t4, 2 t4 + 1) of four consecutive
+// 8-column groups (w[c]: group c); a 4 x 4 transpose in two butterfly stages leaves each thread the
+// 8 consecutive columns of group t4 (w[0..3]). Every lane must call it (shuffles).
+__device__ __forceinline__ void quad_transpose(uint32_t (&w)[4], int t4) {
+  const bool b0 = t4 & 1, b1 = t4 & 2;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const uint32_t recv = __shfl_xor_sync(0xffffffffu, b0 ? w[2 * i] : w[2 * i + 1], 1);
+    if (b0) {
+      w[2 * i] = recv;
+    } else {
+      w[2 * i + 1] = recv;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const uint32_t recv = __shfl_xor_sync(0xffffffffu, b1 ? w[i] : w[i + 2], 2);
+    if (b1) {
+      w[i] = recv;
+    } else {
+      w[i + 2] = recv;
+    }
+  }
+}
+
 // One row (r 0: g, 1: g + 8) of an accumulator fragment, times `scale`, columns col0.. below D.
-// With groups of four 8-column tiles, as 16-byte stores: the quad's four threads exchange their
-// 32-bit pairs (a 4 x 4 transpose in two butterfly stages) so that each holds 8 consecutive
-// columns of one 8-column group; otherwise 4 bytes a thread. Every lane must call it (shuffles);
-// `ok` predicates the stores.
+// With groups of four 8-column tiles, as 16-byte stores (quad_transpose); otherwise 4 bytes a
+// thread. Every lane must call it (shuffles); `ok` predicates the stores.
 template <typename T, int kN>
 __device__ __forceinline__ void store_row(T* row, const float (&acc)[kN][4], int r, float scale, int col0, int D,
                                           bool ok, int t4) {
@@ -221,7 +244,6 @@ __device__ __forceinline__ void store_row(T* row, const float (&acc)[kN][4], int
       if (ok && d < D) store2(row + d, acc[nt][2 * r] * scale, acc[nt][2 * r + 1] * scale);
     }
   } else {
-    const bool b0 = t4 & 1, b1 = t4 & 2;
 #pragma unroll
     for (int j = 0; j < kN / 4; ++j) {
       uint32_t w[4];
@@ -229,24 +251,7 @@ __device__ __forceinline__ void store_row(T* row, const float (&acc)[kN][4], int
       for (int c = 0; c < 4; ++c) {
         w[c] = MmaOp<T>::pack(acc[4 * j + c][2 * r] * scale, acc[4 * j + c][2 * r + 1] * scale);
       }
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const uint32_t recv = __shfl_xor_sync(0xffffffffu, b0 ? w[2 * i] : w[2 * i + 1], 1);
-        if (b0) {
-          w[2 * i] = recv;
-        } else {
-          w[2 * i + 1] = recv;
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const uint32_t recv = __shfl_xor_sync(0xffffffffu, b1 ? w[i] : w[i + 2], 2);
-        if (b1) {
-          w[i] = recv;
-        } else {
-          w[i + 2] = recv;
-        }
-      }
+      quad_transpose(w, t4);
       const int d = col0 + (4 * j + t4) * 8;
       if (ok && d < D) *reinterpret_cast<uint4*>(row + d) = make_uint4(w[0], w[1], w[2], w[3]);
     }
@@ -319,6 +324,17 @@ __device__ __forceinline__ int next_pair(const Entries& E, const Rules& R, uint6
   }
   return E.n;
 }
+
+// Element offset of the dS scratch block of CSR entry e for batch b, query head h: the (b, h) pairs
+// sharing a layout slice (p.ds_rep of them) take consecutive blocks of bq x bk.
+__device__ __forceinline__ int64_t ds_offset(const Params& p, int e, int b, int h) {
+  const int r = (p.Lb == 1 ? b : 0) * (p.Lh == 1 ? p.H : 1) + (p.Lh == 1 ? h : 0);
+  return (static_cast<int64_t>(e) * p.ds_rep + r) * p.bq * p.bk;
+}
+// Inside a block: panel (key sub-tile ks of 128 keys, query sub-tile qs of 64 queries), 128 rows
+// (keys) of 64 queries, kept as the 128-byte-swizzled shared image that the dQ kernel's products
+// read (sm90.cuh); a key sub-tile's panels are consecutive, so two of them are 32 contiguous KB.
+__device__ __forceinline__ int ds_panel(const Params& p, int ks, int qs) { return (ks * (p.bq / 64) + qs) * (128 * 64); }
 
 // A primary key tile of the dK/dV kernels: (slice, tile, batch, kv head). False for a work item a
 // CTA skips: with a per-head layout items run over query heads and the group's first one does the

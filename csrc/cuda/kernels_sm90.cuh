@@ -18,6 +18,11 @@
 //    memory (ItemInfo) and loads the next item's first tiles while they finish the current one, so
 //    short rows do not pay a cold start each.
 //
+// The dS-scratch backward (attention.cu: bwd_cuda): a dK/dV variant (kSchedWriteDs) also writes
+// each tile pair's dS^T, as the swizzled shared image the products read, to a scratch buffer; then
+// dq_ds_sm90_kernel computes dQ = dS K from it with one bulk copy a tile, instead of recomputing the
+// scores and dP in a dQ kernel (5 products instead of 7).
+//
 // Compiled to real code only for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); other targets get a stub that
 // traps, and the host never picks these kernels there (attention.cu: pick()).
 #pragma once
@@ -62,6 +67,9 @@ enum Sm90Sched {
                             // K_j, so two slots give it the same lead), which fits two Q buffers
                             // next to three K slots at D128
 };
+// dK/dV modifier (or-ed into its schedule): also write each tile pair's dS^T to the dS scratch
+// (Params::ds), which dq_ds_sm90_kernel reads back (the dS-scratch backward, attention.cu).
+constexpr int kSchedWriteDs = 32;
 
 // Threads, primary-tile buffers and mbarrier bytes of a schedule: kWG consumer warpgroups, plus
 // the producer warpgroup and the PingSync barriers with ping-pong.
@@ -122,8 +130,10 @@ struct DqSm90Cfg : Sm90Threads<kWG_, kSched> {
 // dK/dV: kWG warpgroups of 64 keys, kBM queries per step. Shared memory: K, V per primary buffer,
 // then kStages of {Q, dO} tiles, then kStages of {lse, Delta} rows. (Padding each stage's rows to
 // the next tile boundary instead cost the third stage at D128 with two primary buffers.)
-template <int kD, int kWG_, int kBM_, int kSched = kSchedLockstep>
-struct DkvSm90Cfg : Sm90Threads<kWG_, kSched> {
+template <int kD, int kWG_, int kBM_, int kSchedM = kSchedLockstep>
+struct DkvSm90Cfg : Sm90Threads<kWG_, kSchedM & ~kSchedWriteDs> {
+  static constexpr int kSched = kSchedM & ~kSchedWriteDs;
+  static constexpr bool kWriteDs = (kSchedM & kSchedWriteDs) != 0;
   using Base = Sm90Threads<kWG_, kSched>;
   static constexpr int kBN = 64 * kWG_;
   static constexpr int kBM = kBM_;
@@ -131,7 +141,8 @@ struct DkvSm90Cfg : Sm90Threads<kWG_, kSched> {
   static constexpr int kQBytes = kBM * kD * 2;
   static constexpr int kResBytes = 2 * kKVBytes;  // K, V
   static constexpr int kStageBytes = 2 * kQBytes;  // Q, dO
-  static constexpr int kSideBytes = 2 * kBM * 4;   // lse, Delta
+  static constexpr int kSideBytes = 2 * kBM * 4 + (kWriteDs ? 16 : 0);  // lse, Delta (, CSR entry)
+  static_assert(!kWriteDs || Base::kPing, "dS is written by the ping-pong schedule only");
   static_assert(kStageBytes % 1024 == 0 && kResBytes % 1024 == 0, "swizzled tiles need 1024-byte alignment");
   static constexpr int kStages = Base::stages(kResBytes, kStageBytes, kSideBytes);
   static constexpr int kSmem = Base::smem(kResBytes, kStageBytes, kStages, kSideBytes);
@@ -489,13 +500,15 @@ __device__ __forceinline__ void release_primary(const PingSync& sy, int nres) {
 // posts them, and loads them (producer_item(d, ring, nres) returns whether the item had tiles), the
 // consumers take them (consumer_item(d, ring, nres), same result); otherwise the CTA runs item
 // blockIdx.x.
-template <bool kPing, int kWG, class ProducerItem, class ConsumerItem>
+// kRebalance: the producer hands registers to the consumers (setmaxnreg); a kernel whose consumers
+// need few keeps the launch's split.
+template <bool kPing, int kWG, bool kRebalance = true, class ProducerItem, class ConsumerItem>
 __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, int wg, int ltid,
                                           ProducerItem producer_item, ConsumerItem consumer_item) {
   int ring = 0, nres = 0;
   if constexpr (kPing) {
     if (wg == kWG) {
-      sm90::regs_decrease<kProducerRegs>();
+      if constexpr (kRebalance) sm90::regs_decrease<kProducerRegs>();
       int pending = 0;
       for (int n = 0;; ++n) {
         const int item = fetch_item(sy, p, n, ltid, pending);
@@ -509,7 +522,7 @@ __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, i
       cp_async_wait<0>();
       return;
     }
-    sm90::regs_increase<kConsumerRegs>();
+    if constexpr (kRebalance) sm90::regs_increase<kConsumerRegs>();
     // Warpgroup 0's first turn of an item is opened by warpgroup 1 ahead of time: here for the
     // first item, then by warpgroup 1's last turn of each item (run_tiles), so warpgroup 0 starts
     // the next item while 1 still finishes and stores the last one. The arrival left open after the
@@ -979,7 +992,12 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
   auto producer_item = [&](const ItemInfo& d, int& ring, int nres) {
     use_buffer(nres);
     if (!start(d) || !has()) return false;
-    produce<kStages, Cfg::kResBufs>(sy, ring, nres, has, [&](int st) { load_q(st, gg, qt); }, load_kv, [&]() {
+    produce<kStages, Cfg::kResBufs>(sy, ring, nres, has, [&](int st) {
+      load_q(st, gg, qt);
+      if constexpr (Cfg::kWriteDs) {  // the pair's CSR entry, next to its lse and Delta rows
+        if (ltid == 0) cp_async4(stage_side(st) + 8 * kBM, p.ds_perm + E.base + it / p.tl.kf, true);
+      }
+    }, load_kv, [&]() {
       next();
       advance();
     });
@@ -1051,6 +1069,26 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
         for (int e = 0; e < 4; ++e) S[nt][e] *= dP[nt][e] - drow[nt * 8 + 2 * t4 + (e & 1)];
 #pragma unroll
       for (int kk = 0; kk < kBM / 16; ++kk) to_a_frag<T>(sa[c][kk], S, kk);
+      if constexpr (Cfg::kWriteDs) {
+        // The pair's panel (ds_panel) in the slot of the block's CSR entry (which the producer put
+        // after the stage's Delta row; direct tile lists: a key tile and a query tile each lie
+        // inside one block), from the packed fragments: rows wrow + g (+ 8), one 16-byte chunk of
+        // 8 queries a store, swizzled as in shared memory.
+        static_assert(kBM == 64, "a dS panel holds 64 queries");
+        const int e = *reinterpret_cast<const int*>(drow + kBM);
+        T* dsg = static_cast<T*>(p.ds) + ds_offset(p, e, b, hk * p.G + gg) + ds_panel(p, t % p.tl.fsplit, qt % p.tl.kf) +
+                 (wrow + g) * 64;
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int j = 0; j < kBM / 32; ++j) {
+            uint32_t w[4];
+#pragma unroll
+            for (int cg = 0; cg < 4; ++cg) w[cg] = sa[c][2 * j + cg / 2][(cg % 2) * 2 + h];
+            quad_transpose(w, t4);
+            *reinterpret_cast<uint4*>(dsg + h * 8 * 64 + (((4 * j + t4) ^ g) << 3)) = make_uint4(w[0], w[1], w[2], w[3]);
+          }
+      }
     };
     // dV += P^T dO, dK += dS^T Q with the query tile of slot st.
     auto dv_dk = [&](auto c, int st) {
@@ -1069,7 +1107,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
     };
     // Ping-pong takes two turns a tile: the dK and dV accumulators leave no room for the
     // probabilities next to the next tile's scores.
-    run_tiles<kSched, kStages, Cfg::kPing>(stage, ring, wg, kNT, sy, has, next, has_next, advance,
+    run_tiles<Cfg::kSched, kStages, Cfg::kPing>(stage, ring, wg, kNT, sy, has, next, has_next, advance,
                                            [&](int st) { load_q(st, gg_n, qt_n); }, scores, make_p_ds, dv_dk,
                                            [&]() {
                                              sm90::fence_regs(dK);
@@ -1085,6 +1123,100 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
     return any;
   };
   run_items<Cfg::kPing, kWG>(p, sy, wg, ltid, producer_item, consumer_item);
+#else
+  __trap();
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward through the dS scratch: dQ = dS K over the CSR rows
+// ---------------------------------------------------------------------------------------------
+
+// 128 query rows (two consumer warpgroups of 64) and 128 keys a step, the dK/dV kernel's key tile,
+// so a warpgroup's 64 rows x 128 keys are exactly one dK/dV tile pair; the ring holds K and dS
+// tiles (no primary tiles: nothing is recomputed, the products read both operands from the ring).
+template <int kD>
+struct DqDsSm90Cfg : Sm90Threads<2, kSchedPingPong> {
+  using Base = Sm90Threads<2, kSchedPingPong>;
+  static constexpr int kBM = 128, kBN = 128;
+  static constexpr int kKBytes = kBN * kD * 2;
+  static constexpr int kDsBytes = kBN * kBM * 2;
+  static constexpr int kStages = Base::stages(0, kKBytes + kDsBytes);
+  static constexpr int kSmem = Base::smem(0, kKBytes + kDsBytes, kStages);
+  static_assert(kSmem <= kMaxSmem, "dQ-from-dS tiles do not fit in shared memory");
+};
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(DqDsSm90Cfg<kD>::kThreads, 1) dq_ds_sm90_kernel(const __grid_constant__ Params p) {
+#if DS_SM90_BODY
+  using Cfg = DqDsSm90Cfg<kD>;
+  constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kNT = Cfg::kConsumers, kStages = Cfg::kStages;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const uint32_t sK0 = align1024(smem_u32(smem_raw));
+  const uint32_t sDs0 = sK0 + kStages * Cfg::kKBytes;  // [stages] dS: [kBN keys][kBM queries]
+  const uint32_t sbar = sDs0 + kStages * Cfg::kDsBytes;
+  const PingSync sy = make_ping_sync<true>(sbar, smem_raw + (sbar - smem_u32(smem_raw)), kStages, kNT);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  const int wg = warp / 4, wrow = warp * 16, ltid = tid - kNT;
+
+  QueryItem<T, kBM, kBN, kStages, false> C;
+  const QueryTile& W = C.W;
+  // The current pair's dS: two consecutive panels (64 queries each) of its block's slot (ds_panel;
+  // direct tile lists: entry it / kf, key sub-tile it % kf), 32 contiguous KB.
+  auto ds_tile = [&]() {
+    const int e = static_cast<int>(W.E.base + C.it / p.tl.kf);
+    return static_cast<const T*>(p.ds) + ds_offset(p, e, W.b, W.h) + ds_panel(p, C.it % p.tl.kf, (W.m0 % p.bq) / 64);
+  };
+  auto producer_item = [&](const ItemInfo& d, int& ring, int) {
+    C.start(p, d);
+    if (!C.has()) return false;
+    while (C.has()) {
+      const int st = ring % kStages;
+      if (ring >= kStages) sm90::mbar_wait(sy.empty + 8 * st, (ring / kStages - 1) & 1);
+      C.template load_k<kD, 128, Cfg::kKBytes>(p, sK0, st, C.kt, ltid);
+      if (ltid == 0) {  // the dS panels are stored swizzled: one bulk copy, counted in bytes
+        sm90::mbar_expect_tx(sy.full + 8 * st, Cfg::kDsBytes);
+        sm90::bulk_load(sDs0 + st * Cfg::kDsBytes, ds_tile(), Cfg::kDsBytes, sy.full + 8 * st);
+      }
+      sm90::cp_async_arrive(sy.full + 8 * st);
+      ++ring;
+      C.next(p);
+      C.advance();
+    }
+    return true;
+  };
+  auto consumer_item = [&](const ItemInfo& d, int& ring, int) {
+    C.start(p, d);
+    const bool any = C.has();
+    float acc[kD / 8][4];
+#pragma unroll
+    for (int i = 0; i < kD / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    while (C.has()) {
+      const int st = ring % kStages;
+      sm90::mbar_wait(sy.full + 8 * st, (ring / kStages) & 1);
+      // dK/dV skipped a pair without an allowed element and left its dS unwritten.
+      if (pair_state(W.R, W.m0 + 64 * wg, 64, C.kt * kBN, kBN, 0, 0) != 0) {
+        sm90::fence_async_smem();
+        sm90::fence_regs(acc);
+        sm90::fence();
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk) {
+          sm90::Wgmma<kD, T>::template ss<1, 1>(acc, sm90::desc_mn<kBN>(sDs0 + st * Cfg::kDsBytes + wg * (kBN * 128), kk),
+                                                sm90::desc_mn<kBN>(sK0 + st * Cfg::kKBytes, kk), 1);
+        }
+      }
+      sm90::commit();
+      C.next(p);  // its entry load overlaps the products
+      sm90::wait<0>();
+      sm90::mbar_arrive(sy.empty + 8 * st);  // released as soon as read
+      ++ring;
+      C.advance();
+    }
+    sm90::fence_regs(acc);
+    store_rows<T, kD>(p.dq, acc, W.b, p.Sq, p.H, W.h, p.D, W.m0 + wrow, 0, p.scale, g, t4);
+    return any;
+  };
+  run_items<true, 2, false>(p, sy, wg, ltid, producer_item, consumer_item);
 #else
   __trap();
 #endif
@@ -1124,6 +1256,12 @@ void launch_dq_sm90(const Params& p, int64_t items, cudaStream_t stream) {
   launch_sm90<&dq_sm90_kernel<T, kD, kWG, kBN, kSched>, Cfg::kThreads, Cfg::kSmem, Cfg::kPing>(p, items, stream);
 }
 
+template <typename T, int kD>
+void launch_dq_ds_sm90(const Params& p, int64_t items, cudaStream_t stream) {
+  using Cfg = DqDsSm90Cfg<kD>;
+  launch_sm90<&dq_ds_sm90_kernel<T, kD>, Cfg::kThreads, Cfg::kSmem, true>(p, items, stream);
+}
+
 template <typename T, int kD, int kWG, int kBM, int kSched>
 void launch_dkv_sm90(const Params& p, int64_t items, cudaStream_t stream) {
   using Cfg = DkvSm90Cfg<kD, kWG, kBM, kSched>;
@@ -1145,6 +1283,9 @@ void launch_dkv_sm90(const Params& p, int64_t items, cudaStream_t stream) {
 #define DS_REGISTER_DQ_SM90(T, DT, D, V, WG, BN, SCHED, AUTO)                                  \
   template void launch_dq_sm90<T, D, WG, BN, SCHED>(const Params&, int64_t, cudaStream_t);     \
   DS_SM90_REGISTRAR(kOpDq, DT, D, V, (&launch_dq_sm90<T, D, WG, BN, SCHED>), 64 * WG, BN, AUTO)
+#define DS_REGISTER_DQ_DS_SM90(T, DT, D, V)                                       \
+  template void launch_dq_ds_sm90<T, D>(const Params&, int64_t, cudaStream_t);    \
+  DS_SM90_REGISTRAR(kOpDq, DT, D, V, (&launch_dq_ds_sm90<T, D>), 128, 128, kFlagDs)
 #define DS_REGISTER_DKV_SM90(T, DT, D, V, WG, BM, SCHED, AUTO)                                 \
   template void launch_dkv_sm90<T, D, WG, BM, SCHED>(const Params&, int64_t, cudaStream_t);    \
   DS_SM90_REGISTRAR(kOpDkv, DT, D, V, (&launch_dkv_sm90<T, D, WG, BM, SCHED>), 64 * WG, BM, AUTO)

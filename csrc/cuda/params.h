@@ -70,6 +70,11 @@ struct Params {
   // from this counter (zeroed before the launch) until `items` are taken.
   int* work_counter = nullptr;
   int64_t items = 0;
+  // Backward through a dS scratch (attention.cu: ds_mode): dK/dV writes each block's dS^T as
+  // [bk keys][bq queries] at slot (CSR entry x repeats + repeat), and dQ = dS K reads it back.
+  void* ds = nullptr;
+  const int* ds_perm = nullptr;  // CSC entry -> CSR entry
+  int ds_rep = 1;                // repeats: the (b, h) pairs sharing a layout slice
 };
 
 // Tile shapes. Every kernel is a template over its tile; the instantiation files register a few
@@ -132,10 +137,11 @@ struct KernelEntry {
   int short_rows = 0;  // preferred when primary tiles walk few secondary rows (attention.cu: pick())
   int wide = 0;        // preferred when the secondary block is a multiple of sn (attention.cu: pick())
   int arch = 0;        // 90: sm_90a kernel (wgmma), used on compute capability 9.0 only; 0: any
+  int ds = 0;          // a kernel of the dS-scratch backward: never picked, taken by ds_mode only
 };
 
 // Registration flags of a variant.
-enum VariantFlags { kFlagSmall = 1, kFlagShortRows = 2, kFlagWide = 4 };
+enum VariantFlags { kFlagSmall = 1, kFlagShortRows = 2, kFlagWide = 4, kFlagDs = 8 };
 
 // dtype index: 0 = fp16, 1 = bf16. The default of each (op, dtype, head dim) is its first sm_90a
 // variant on a compute capability 9.0 device, else variant 0 (attention.cu: pick()).
@@ -154,6 +160,7 @@ struct Registrar {
     k.small = (flags & kFlagSmall) != 0;
     k.short_rows = (flags & kFlagShortRows) != 0;
     k.wide = (flags & kFlagWide) != 0;
+    k.ds = (flags & kFlagDs) != 0;
     k.arch = arch;
   }
 };

@@ -9,4 +9,5 @@ DS_REGISTER_DQ_SM90(__half, 0, 128, 5, 2, 128, kSchedPingPong, 4)
 DS_REGISTER_DQ_SM90(__half, 0, 128, 6, 2, 64, kSchedOverlap, 0)
 DS_REGISTER_DQ_SM90(__half, 0, 128, 7, 2, 64, kSchedPingPong2, 2)
 DS_REGISTER_DQ_SM90(__half, 0, 128, 8, 2, 64, kSchedPingPongOverlap, 0)
+DS_REGISTER_DQ_DS_SM90(__half, 0, 128, 9)
 }  // namespace dilated_sparse::cuda

@@ -77,10 +77,13 @@ DKV_SM90 = {
     64: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedOverlap", "small"),
          ("2", "128", "kSchedPingPong2")],
     128: [("2", "64", "kSchedPingPong2"), ("2", "64", "kSchedLockstep"), ("2", "64", "kSchedOverlap"),
-          ("2", "64", "kSchedPingPong")],
+          ("2", "64", "kSchedPingPong"), ("2", "64", "kSchedPingPong2 | kSchedWriteDs", "ds")],
 }
 SM90_FIRST_VARIANT = 4
-SM90_FLAGS = {"small": 1, "short": 2, "wide": 4}  # KernelEntry flags (params.h)
+SM90_FLAGS = {"small": 1, "short": 2, "wide": 4, "ds": 8}
+# The dS-scratch backward (attention.cu: ds_mode): dQ = dS K after the dK/dV variant marked "ds"
+# above wrote dS; registered as the dQ variant after the table's (never picked, taken by ds_mode).
+DQ_DS_SM90 = (128,)  # KernelEntry flags (params.h)
 DTYPES = [("fp16", "__half", 0), ("bf16", "__nv_bfloat16", 1)]
 MACRO = {"fwd": "DS_REGISTER_FWD", "dq": "DS_REGISTER_DQ", "dkv": "DS_REGISTER_DKV"}
 HEADER = (
@@ -126,6 +129,8 @@ def main() -> None:
                     auto = SM90_FLAGS[var[3]] if len(var) > 3 else 0
                     lines.append(f"{MACRO[op]}_SM90({ctype}, {di}, {d}, {SM90_FIRST_VARIANT + v}, "
                                  f"{', '.join(args)}, {auto})")
+                if op == "dq" and d in DQ_DS_SM90:
+                    lines.append(f"DS_REGISTER_DQ_DS_SM90({ctype}, {di}, {d}, {SM90_FIRST_VARIANT + len(variants)})")
                 lines.append("}  // namespace dilated_sparse::cuda")
                 (out / f"{op}_sm90_hdim{d}_{name}.cu").write_text("\n".join(lines) + "\n")
 

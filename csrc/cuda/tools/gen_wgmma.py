@@ -30,16 +30,17 @@ def wrapper(n: int, ctype: str, ptx: str) -> str:
     head = f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx}.{ptx} "
     return f"""template <>
 struct Wgmma<{n}, {ctype}> {{
-  // D (64 x {n}, fp32) += A (64 x 16, shared-memory descriptor) * B (16 x {n}, descriptor).
-  template <int kTransB>
+  // D (64 x {n}, fp32) += A (64 x 16, shared-memory descriptor) * B (16 x {n}, descriptor);
+  // kTransA / kTransB: the operand is MN-major (its rows are K) instead of K-major.
+  template <int kTransB, int kTransA = 0>
   __device__ __forceinline__ static void ss(float (&d)[{n // 8}][4], uint64_t da, uint64_t db, int scale_d) {{
     asm volatile(
         "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nreg + 2}, 0;\\n"
         "{head}"
         "{{{reg_list(nreg)}}}, "
-        "%{nreg}, %{nreg + 1}, p, 1, 1, 0, %{nreg + 3};\\n}}\\n"
+        "%{nreg}, %{nreg + 1}, p, 1, 1, %{nreg + 4}, %{nreg + 3};\\n}}\\n"
         : {operands(nreg)}
-        : "l"(da), "l"(db), "r"(scale_d), "n"(kTransB));
+        : "l"(da), "l"(db), "r"(scale_d), "n"(kTransB), "n"(kTransA));
   }}
   // D (64 x {n}, fp32) += A (64 x 16, registers) * B (16 x {n}, descriptor).
   template <int kTransB>
