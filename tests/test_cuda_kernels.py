@@ -263,8 +263,8 @@ def test_forced_variants(variant, D, dtype, kw, monkeypatch):
 
 # The dS-scratch backward (dK/dV writes dS, dQ = dS K reads it; sm_90, D128, blocks that are
 # multiples of 128, scratch within DILATED_SPARSE_BWD_SCRATCH_MB): GQA, causal, padding, empty rows,
-# windows, per-head and per-batch layouts, blocks spanning several tiles, lengths not a multiple of
-# the block. Against the reference (run_case), run to run, against the recompute backward (bit for
+# windows, per-head (also with GQA) and per-batch layouts, blocks spanning several tiles, lengths
+# not a multiple of the block. Against the reference (run_case), run to run, against the recompute backward (bit for
 # bit: the same products in the same order), and its scratch measured.
 @pytest.mark.parametrize(
     "kw",
@@ -274,6 +274,7 @@ def test_forced_variants(variant, D, dtype, kw, monkeypatch):
         {"Sq": 640, "Sk": 700, "bq": 128, "bk": 256, "density": 0.6, "wl": 90, "lh": 0, "H": 3},
         {"Sq": 520, "Sk": 600, "bq": 256, "bk": 256, "density": 0.7, "use_klen": True, "lb": 0, "B": 2, "H": 2},
         {"Sq": 128, "Sk": 128, "bq": 128, "bk": 128, "density": 1.0, "causal": True, "H": 6, "Hkv": 1},
+        {"Sq": 450, "Sk": 500, "bq": 128, "bk": 128, "density": 0.6, "causal": True, "lh": 0, "H": 4, "Hkv": 2},
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
