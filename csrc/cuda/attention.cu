@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <deque>
+#include <functional>
 #include <limits>
 #include <mutex>
 #include <optional>
@@ -143,6 +144,7 @@ __global__ void plan_kernel(const int* __restrict__ ptr, const int* __restrict__
 struct PlanBufs {
   at::Tensor len, start, tile, mask, order, runs;
   at::Tensor work, split;  // split plan (fwd), see make_split
+  at::Tensor csr_entry;    // dK/dV plan of the dS-scratch backward: CSC entry -> CSR entry
   int64_t nwork = 0, nsplit = 0, nslots = 0;
 };
 
@@ -299,9 +301,12 @@ struct PlanCacheEntry {
   TileList tl;
 };
 
+// make_csr_entry (dK/dV plans of the dS-scratch backward): builds PlanBufs::csr_entry, once per
+// cached plan (a consistent CSC determines its CSR, so the CSC's key covers it).
 TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb, int prim_tokens,
                     int PT, int pb, int ST, int sb, int rep, int hdec, PlanBufs& keep,
-                    cudaStream_t stream, bool allow_split = false) {
+                    cudaStream_t stream, bool allow_split = false,
+                    const std::function<at::Tensor()>& make_csr_entry = nullptr) {
   static std::mutex* mu = new std::mutex();
   static std::deque<PlanCacheEntry>* cache = new std::deque<PlanCacheEntry>();  // never freed (exit order)
   static const bool enabled = [] {
@@ -311,6 +316,7 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
   if (!enabled || ptr.is_inference() || idx.is_inference()) {
     TileList tl = build_tiles(ptr, idx, L, npb, prim_tokens, PT, pb, ST, sb, rep, hdec, keep, stream);
     if (allow_split) make_split(keep, tl, rep, stream);
+    if (make_csr_entry) keep.csr_entry = make_csr_entry();
     return tl;
   }
   const int params[8] = {L, npb, prim_tokens, PT, pb, ST, sb, allow_split ? 1 : 0};
@@ -320,6 +326,7 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
     if (it->ptr.unsafeGetTensorImpl() == ptr.unsafeGetTensorImpl() &&
         it->idx.unsafeGetTensorImpl() == idx.unsafeGetTensorImpl() && it->ptr_ver == pv &&
         it->idx_ver == iv && it->stream == stream && std::equal(params, params + 8, it->params)) {
+      if (make_csr_entry && !it->bufs.csr_entry.defined()) it->bufs.csr_entry = make_csr_entry();
       keep = it->bufs;
       TileList tl = it->tl;
       tl.rep = rep;
@@ -334,6 +341,7 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
   }
   TileList tl = build_tiles(ptr, idx, L, npb, prim_tokens, PT, pb, ST, sb, rep, hdec, keep, stream);
   if (allow_split) make_split(keep, tl, rep, stream);
+  if (make_csr_entry) keep.csr_entry = make_csr_entry();
   PlanCacheEntry e;
   e.ptr = ptr;
   e.idx = idx;
@@ -893,8 +901,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   Params p = base_params(q, k, v, block_q, block_k, layout_batch, layout_heads, scale, causal,
                          window_left, window_right, klen, kpm);
   const int L = p.Lb * p.Lh;
-  const KernelEntry* kdq_p = &pick(kOpDq, q, kD, p.bq, p.bk, tokens_per_row(col, int64_t{L} * p.nqb, p.bk, 1));
-  const KernelEntry* kdkv_p = &pick(kOpDkv, q, kD, p.bk, p.bq, tokens_per_row(rowi, int64_t{L} * p.nkb, p.bq, p.G));
   // The dS-scratch backward (sm_90 "ds" kernels: D128, blocks that are multiples of 128): dK/dV
   // writes each active block's dS (bq x bk in q's dtype, per (b, h) pair sharing the block), then
   // dQ = dS K reads it back instead of recomputing the scores and dP (5 products instead of 7).
@@ -916,12 +922,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     }
   }
   const bool ds_mode = ds.defined();
-  if (ds_mode) {
-    kdq_p = ds_dq;
-    kdkv_p = ds_dkv;
-  }
-  const KernelEntry& kdq = *kdq_p;
-  const KernelEntry& kdkv = *kdkv_p;
+  const KernelEntry& kdq =
+      ds_mode ? *ds_dq : pick(kOpDq, q, kD, p.bq, p.bk, tokens_per_row(col, int64_t{L} * p.nqb, p.bk, 1));
+  const KernelEntry& kdkv =
+      ds_mode ? *ds_dkv : pick(kOpDkv, q, kD, p.bk, p.bq, tokens_per_row(rowi, int64_t{L} * p.nkb, p.bq, p.G));
   p.o = out.data_ptr();
   p.dout = dout.data_ptr();
   p.o_sb = out.stride(0); p.o_ss = out.stride(1); p.o_sh = out.stride(2);
@@ -948,7 +952,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   if (kdq.arch == 90) pq.work_counter = next_counter++;
   const int rep_k = p.Lh == 1 ? static_cast<int>((p.Lb == 1 ? B : 1) * Hkv) : static_cast<int>(p.Lb == 1 ? B : 1);
   const int hdec = p.Lh == 1 ? p.Hkv : p.H;
-  pk.tl = plan_tiles(ccol_c, rowi_c, L, p.nkb, p.Sk, kdkv.pm, p.bk, kdkv.sn, p.bq, rep_k, hdec, keep_k, stream);
+  // The dS-scratch backward's CSC -> CSR entry map, kept with the dK/dV plan (csc_to_csr_kernel).
+  std::function<at::Tensor()> make_csr_entry;
+  if (ds_mode) {
+    make_csr_entry = [&]() {
+      auto map = at::empty({std::max<int64_t>(1, rowi.numel())}, q.options().dtype(at::kInt));
+      if (rowi.numel() > 0) {
+        csc_to_csr_kernel<<<static_cast<unsigned>((rowi.numel() + 255) / 256), 256, 0, stream>>>(
+            ccol_c.data_ptr<int>(), rowi_c.data_ptr<int>(), crow_c.data_ptr<int>(), col_c.data_ptr<int>(),
+            L * p.nkb, p.nkb, p.nqb, rowi.numel(), map.data_ptr<int>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      return map;
+    };
+  }
+  pk.tl = plan_tiles(ccol_c, rowi_c, L, p.nkb, p.Sk, kdkv.pm, p.bk, kdkv.sn, p.bq, rep_k, hdec, keep_k, stream,
+                     /*allow_split=*/false, make_csr_entry);
   if (kdkv.arch == 90) pk.work_counter = next_counter++;
   // dQ and dK/dV are independent once Delta is written: dK/dV runs on a side stream, so its CTAs
   // take the SMs that dQ's last items leave idle (and the other way round) instead of each kernel
@@ -960,17 +979,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     return e != nullptr && std::string(e) == "1";
   }();
   cudaStream_t dkv_stream = stream;
-  at::Tensor ds_perm;
   if (ds_mode) {
-    ds_perm = at::empty({std::max<int64_t>(1, rowi.numel())}, q.options().dtype(at::kInt));
-    if (rowi.numel() > 0) {
-      csc_to_csr_kernel<<<static_cast<unsigned>((rowi.numel() + 255) / 256), 256, 0, stream>>>(
-          ccol_c.data_ptr<int>(), rowi_c.data_ptr<int>(), crow_c.data_ptr<int>(), col_c.data_ptr<int>(),
-          L * p.nkb, p.nkb, p.nqb, rowi.numel(), ds_perm.data_ptr<int>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
     pk.ds = pq.ds = ds.data_ptr();
-    pk.ds_perm = ds_perm.data_ptr<int>();
+    pk.ds_csr_entry = keep_k.csr_entry.data_ptr<int>();
     pk.ds_rep = pq.ds_rep = static_cast<int>(ds_rep);
   }
   // The scratch backward runs dK/dV, then dQ on `stream`: dQ reads what dK/dV wrote.

@@ -995,7 +995,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
     produce<kStages, Cfg::kResBufs>(sy, ring, nres, has, [&](int st) {
       load_q(st, gg, qt);
       if constexpr (Cfg::kWriteDs) {  // the pair's CSR entry, next to its lse and Delta rows
-        if (ltid == 0) cp_async4(stage_side(st) + 8 * kBM, p.ds_perm + E.base + it / p.tl.kf, true);
+        if (ltid == 0) cp_async4(stage_side(st) + 8 * kBM, p.ds_csr_entry + E.base + it / p.tl.kf, true);
       }
     }, load_kv, [&]() {
       next();

@@ -73,7 +73,7 @@ struct Params {
   // Backward through a dS scratch (attention.cu: ds_mode): dK/dV writes each block's dS^T as
   // [bk keys][bq queries] at slot (CSR entry x repeats + repeat), and dQ = dS K reads it back.
   void* ds = nullptr;
-  const int* ds_perm = nullptr;  // CSC entry -> CSR entry
+  const int* ds_csr_entry = nullptr;  // CSC entry -> CSR entry (cached with the dK/dV plan)
   int ds_rep = 1;                // repeats: the (b, h) pairs sharing a layout slice
 };
 
