@@ -264,8 +264,8 @@ def test_forced_variants(variant, D, dtype, kw, monkeypatch):
 # The dS-scratch backward (dK/dV writes dS, dQ = dS K reads it; sm_90, D128, blocks that are
 # multiples of 128, scratch within DILATED_SPARSE_BWD_SCRATCH_MB): GQA, causal, padding, empty rows,
 # windows, per-head (also with GQA) and per-batch layouts, blocks spanning several tiles, lengths
-# not a multiple of the block. Against the reference (run_case), run to run, against the recompute backward (bit for
-# bit: the same products in the same order), and its scratch measured.
+# not a multiple of the block. Against the reference (run_case), run to run, against the recompute
+# backward (bit for bit: the same products in the same order), and its scratch measured.
 @pytest.mark.parametrize(
     "kw",
     [

@@ -80,10 +80,10 @@ DKV_SM90 = {
           ("2", "64", "kSchedPingPong"), ("2", "64", "kSchedPingPong2 | kSchedWriteDs", "ds")],
 }
 SM90_FIRST_VARIANT = 4
-SM90_FLAGS = {"small": 1, "short": 2, "wide": 4, "ds": 8}
+SM90_FLAGS = {"small": 1, "short": 2, "wide": 4, "ds": 8}  # KernelEntry flags (params.h)
 # The dS-scratch backward (attention.cu: ds_mode): dQ = dS K after the dK/dV variant marked "ds"
 # above wrote dS; registered as the dQ variant after the table's (never picked, taken by ds_mode).
-DQ_DS_SM90 = (128,)  # KernelEntry flags (params.h)
+DQ_DS_SM90 = (128,)
 DTYPES = [("fp16", "__half", 0), ("bf16", "__nv_bfloat16", 1)]
 MACRO = {"fwd": "DS_REGISTER_FWD", "dq": "DS_REGISTER_DQ", "dkv": "DS_REGISTER_DKV"}
 HEADER = (
