@@ -7,10 +7,13 @@
 //   DILATED_SPARSE_PLAN_CACHE=0              rebuild the tile lists on every call.
 //   DILATED_SPARSE_SPLIT=0                   never split heavy forward rows (see make_split()).
 //   DILATED_SPARSE_SPLIT_CHUNK=<entries>     split forward rows longer than this (tests).
+//   DILATED_SPARSE_TMA=0|1                   sm_90 kernels: cp.async copies instead of TMA / TMA
+//                                            required (see set_tma()).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 #include <torch/library.h>
 
 #include <algorithm>
@@ -788,6 +791,65 @@ Params base_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   return p;
 }
 
+// The driver's tensor-map encoder, looked up once through the runtime (no link against libcuda);
+// null where the driver lacks it.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      f = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// A TMA descriptor of t ([B, S, H, D] as prep() leaves it: 16-byte aligned, strides multiples of 8
+// elements) over (D, S, H, B), boxes of 64 columns x `rows` rows, 128-byte swizzle (the SW128
+// tiles of kernels_sm90.cuh); elements outside t read as zeros. False if the driver refuses it.
+bool encode_tma(CUtensorMap* map, const at::Tensor& t, int rows) {
+  const auto encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(t.size(3)), static_cast<cuuint64_t>(t.size(1)),
+                              static_cast<cuuint64_t>(t.size(2)), static_cast<cuuint64_t>(t.size(0))};
+  // Byte strides of S, H, B; a dimension of extent 1 is never stepped, so any legal stride does.
+  cuuint64_t strides[3];
+  const int64_t dim_of[3] = {1, 2, 0};
+  for (int i = 0; i < 3; ++i) {
+    const int64_t d = dim_of[i];
+    strides[i] = static_cast<cuuint64_t>(t.size(d) > 1 ? t.stride(d) : 8) * t.element_size();
+  }
+  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(rows), 1, 1};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  const CUtensorMapDataType type =
+      t.scalar_type() == at::kHalf ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  return encode(map, type, 4, t.data_ptr(), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// Fills p.tma_{q,k,v} (and tma_do when dout is given) for an sm_90 kernel whose Q (and dO) tiles
+// have `q_rows` rows and K/V tiles `kv_rows`, and sets p.tma when every map encodes; the kernel
+// copies with cp.async otherwise (same tiles, same results). DILATED_SPARSE_TMA=0 never uses TMA,
+// =1 requires it (an error if a map does not encode; tests). The maps hold the pointers, so they
+// are made per call (a host-side encode, no launch).
+void set_tma(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
+             int q_rows, int kv_rows) {
+  p.tma = 0;
+  const char* e = std::getenv("DILATED_SPARSE_TMA");
+  const std::string mode = e != nullptr ? e : "";
+  if (mode == "0") return;
+  const bool ok = encode_tma(&p.tma_q, q, q_rows) && encode_tma(&p.tma_k, k, kv_rows) &&
+                  encode_tma(&p.tma_v, v, kv_rows) && (!dout.defined() || encode_tma(&p.tma_do, dout, q_rows));
+  TORCH_CHECK(ok || mode != "1", "dilated_sparse CUDA: DILATED_SPARSE_TMA=1 but the driver did not encode a TMA "
+              "descriptor for q, k, v or dout (shape ", q.sizes(), ", strides ", q.strides(), ")");
+  p.tma = ok ? 1 : 0;
+}
+
 // `waiter` runs its later work after what `signaller` has queued so far (an event; capture-safe).
 void stream_wait(cudaStream_t waiter, cudaStream_t signaller) {
   cudaEvent_t ev;
@@ -848,6 +910,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
   const int64_t units = p.tl.work != nullptr ? keep.nwork : static_cast<int64_t>(L) * p.tl.ntiles;
   const at::Tensor counter = work_counters(kf.arch == 90 ? 1 : 0, q);
   p.work_counter = counter.defined() ? counter.data_ptr<int>() : nullptr;
+  if (kf.arch == 90) set_tma(p, q, k, v, at::Tensor(), kf.pm, kf.sn);
   kf.fn(p, units * rep, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.tl.work != nullptr && keep.nsplit > 0) {
@@ -989,6 +1052,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     dkv_stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, q.get_device()).stream();
     stream_wait(dkv_stream, stream);
   }
+  // dQ tiles: pm query rows, sn keys a step; dK/dV tiles: pm keys, sn queries a step.
+  if (kdq.arch == 90) set_tma(pq, q, k, v, dout, kdq.pm, kdq.sn);
+  if (kdkv.arch == 90) set_tma(pk, q, k, v, dout, kdkv.sn, kdkv.pm);
   kdkv.fn(pk, static_cast<int64_t>(L) * pk.tl.ntiles * rep_k, dkv_stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   kdq.fn(pq, static_cast<int64_t>(L) * pq.tl.ntiles * rep_q, stream);

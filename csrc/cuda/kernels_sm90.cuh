@@ -539,6 +539,20 @@ __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, i
   }
 }
 
+// A ping-pong producer's copy of a [kRows][kD] tile, rows row0.. of head h, batch b of a [B][S][H][D]
+// tensor (g: its (b, h) rows, `map` its TMA descriptor), into `dst`, counted on `bar`: with the
+// host's tensor maps (p.tma) producer thread 0 issues it as TMA boxes, else the 128 producer
+// threads copy it with cp.async; either way every producer thread arrives on bar afterwards.
+// TMA keeps the per-tile address arithmetic of the copies (in cp.async form ~30% of the forward
+// consumers' instruction count at short rows) off the issue slots the consumers' softmax needs.
+template <typename T, int kRows, int kD>
+__device__ __forceinline__ void produce_tile(const Params& p, const CUtensorMap& map, uint32_t dst, const T* g,
+                                             int64_t row_stride, int row0, int valid_rows, int h, int b,
+                                             uint32_t bar, int ltid) {
+  if (p.tma == 0) return sm90::load_tile<T, kRows, kD, 128>(dst, g, row_stride, row0, valid_rows, p.D, ltid);
+  if (ltid == 0) sm90::tma_tile<kRows, kD>(dst, &map, row0, h, b, bar);
+}
+
 // A forward / dQ work item: its query tile, the q / k / v rows it reads, and the cursor over the
 // key tiles that hold an allowed element: current and next (_n); `stage` is the ring slot of the
 // current one. `pieces`: the item may be a piece of a split row (forward), which starts at its
@@ -578,6 +592,15 @@ struct QueryItem {
   template <int kD, int kLoaders, int kKVBytes>
   __device__ __forceinline__ void load_v(const Params& p, uint32_t s0, int st, int tile, int ltid) const {
     sm90::load_tile<T, kBN, kD, kLoaders>(s0 + st * kKVBytes, v, p.v_ss, tile * kBN, p.Sk, p.D, ltid);
+  }
+  // The current tile's K (V) into slot st of the ring at s0, counted on bar (produce_tile).
+  template <int kD, int kKVBytes>
+  __device__ __forceinline__ void produce_k(const Params& p, uint32_t s0, int st, uint32_t bar, int ltid) const {
+    produce_tile<T, kBN, kD>(p, p.tma_k, s0 + st * kKVBytes, k, p.k_ss, kt * kBN, p.Sk, W.hk, W.b, bar, ltid);
+  }
+  template <int kD, int kKVBytes>
+  __device__ __forceinline__ void produce_v(const Params& p, uint32_t s0, int st, uint32_t bar, int ltid) const {
+    produce_tile<T, kBN, kD>(p, p.tma_v, s0 + st * kKVBytes, v, p.v_ss, kt * kBN, p.Sk, W.hk, W.b, bar, ltid);
   }
   template <int kD, int kLoaders, int kKVBytes>
   __device__ __forceinline__ void load_kv(const Params& p, uint32_t sK0, uint32_t sV0, int st, int tile,
@@ -631,18 +654,18 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     produce<kStages, Cfg::kResBufs, Cfg::Base::kVStages>(
         sy, ring, nres, has,
         [&](int st) {
-          if constexpr (Cfg::Base::kVStages > 0) {
-            C.template load_k<kD, kLoaders, Cfg::kKVBytes>(p, sK0, st, C.kt, ltid);
-          } else {
-            load_kv(st, C.kt);
-          }
+          C.template produce_k<kD, Cfg::kKVBytes>(p, sK0, st, sy.full + 8 * st, ltid);
+          if constexpr (Cfg::Base::kVStages == 0) C.template produce_v<kD, Cfg::kKVBytes>(p, sV0, st, sy.full + 8 * st, ltid);
         },
-        load_q,
+        [&]() {
+          produce_tile<T, kBM, kD>(p, p.tma_q, sQ, C.q, p.q_ss, W.m0, p.Sq, W.h, W.b,
+                                   sy.res_full + 8 * res_buf<Cfg::kResBufs>(nres), ltid);
+        },
         [&]() {
           next();
           advance();
         },
-        [&](int vs) { C.template load_v<kD, kLoaders, Cfg::kKVBytes>(p, sV0, vs, C.kt, ltid); });
+        [&](int vs) { C.template produce_v<kD, Cfg::kKVBytes>(p, sV0, vs, sy.vfull + 8 * vs, ltid); });
     return true;
   };
 
@@ -795,10 +818,21 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     use_buffer(nres);
     start(d);
     if (!has()) return false;
-    produce<kStages, Cfg::kResBufs>(sy, ring, nres, has, [&](int st) { load_kv(st, C.kt); }, load_q_do, [&]() {
-      next();
-      advance();
-    });
+    produce<kStages, Cfg::kResBufs>(
+        sy, ring, nres, has,
+        [&](int st) {
+          C.template produce_k<kD, Cfg::kKVBytes>(p, sK0, st, sy.full + 8 * st, ltid);
+          C.template produce_v<kD, Cfg::kKVBytes>(p, sV0, st, sy.full + 8 * st, ltid);
+        },
+        [&]() {
+          const uint32_t bar = sy.res_full + 8 * res_buf<Cfg::kResBufs>(nres);
+          produce_tile<T, kBM, kD>(p, p.tma_q, sQ, C.q, p.q_ss, W.m0, p.Sq, W.h, W.b, bar, ltid);
+          produce_tile<T, kBM, kD>(p, p.tma_do, sdO, dog, p.do_ss, W.m0, p.Sq, W.h, W.b, bar, ltid);
+        },
+        [&]() {
+          next();
+          advance();
+        });
     return true;
   };
 
@@ -969,8 +1003,14 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
     const int hq = hk * p.G + member;
     const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + hq * p.q_sh;
     const T* dog = static_cast<const T*>(p.dout) + b * p.do_sb + hq * p.do_sh;
-    sm90::load_tile<T, kBM, kD, kLoaders>(stage_q(st), qg, p.q_ss, tile * kBM, p.Sq, p.D, ltid);
-    sm90::load_tile<T, kBM, kD, kLoaders>(stage_do(st), dog, p.do_ss, tile * kBM, p.Sq, p.D, ltid);
+    if constexpr (Cfg::kPing) {  // the producer: counted on the slot's barrier
+      const uint32_t bar = sy.full + 8 * st;
+      produce_tile<T, kBM, kD>(p, p.tma_q, stage_q(st), qg, p.q_ss, tile * kBM, p.Sq, hq, b, bar, ltid);
+      produce_tile<T, kBM, kD>(p, p.tma_do, stage_do(st), dog, p.do_ss, tile * kBM, p.Sq, hq, b, bar, ltid);
+    } else {
+      sm90::load_tile<T, kBM, kD, kLoaders>(stage_q(st), qg, p.q_ss, tile * kBM, p.Sq, p.D, ltid);
+      sm90::load_tile<T, kBM, kD, kLoaders>(stage_do(st), dog, p.do_ss, tile * kBM, p.Sq, p.D, ltid);
+    }
     const int64_t rowbase = (static_cast<int64_t>(b) * p.H + hq) * p.Sq;
     const uint32_t sl = stage_side(st);
     for (int i = ltid; i < kBM; i += kLoaders) {
@@ -997,7 +1037,11 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
       if constexpr (Cfg::kWriteDs) {  // the pair's CSR entry, next to its lse and Delta rows
         if (ltid == 0) cp_async4(stage_side(st) + 8 * kBM, p.ds_csr_entry + E.base + it / p.tl.kf, true);
       }
-    }, load_kv, [&]() {
+    }, [&]() {
+      const uint32_t bar = sy.res_full + 8 * res_buf<Cfg::kResBufs>(nres);
+      produce_tile<T, kBN, kD>(p, p.tma_k, sK, kg, p.k_ss, n0, p.Sk, hk, b, bar, ltid);
+      produce_tile<T, kBN, kD>(p, p.tma_v, sV, vg, p.v_ss, n0, p.Sk, hk, b, bar, ltid);
+    }, [&]() {
       next();
       advance();
     });
@@ -1173,7 +1217,7 @@ __global__ void __launch_bounds__(DqDsSm90Cfg<kD>::kThreads, 1) dq_ds_sm90_kerne
     while (C.has()) {
       const int st = ring % kStages;
       if (ring >= kStages) sm90::mbar_wait(sy.empty + 8 * st, (ring / kStages - 1) & 1);
-      C.template load_k<kD, 128, Cfg::kKBytes>(p, sK0, st, C.kt, ltid);
+      C.template produce_k<kD, Cfg::kKBytes>(p, sK0, st, sy.full + 8 * st, ltid);
       if (ltid == 0) {  // the dS panels are stored swizzled: one bulk copy, counted in bytes
         sm90::mbar_expect_tx(sy.full + 8 * st, Cfg::kDsBytes);
         sm90::bulk_load(sDs0 + st * Cfg::kDsBytes, ds_tile(), Cfg::kDsBytes, sy.full + 8 * st);

@@ -3,6 +3,7 @@
 // launchers (so a reduced build simply lacks some entries).
 #pragma once
 
+#include <cuda.h>  // CUtensorMap
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -75,6 +76,13 @@ struct Params {
   void* ds = nullptr;
   const int* ds_csr_entry = nullptr;  // CSC entry -> CSR entry (cached with the dK/dV plan)
   int ds_rep = 1;                // repeats: the (b, h) pairs sharing a layout slice
+  // sm_90a ping-pong kernels: TMA descriptors of q, k, v (and dout for the backward) over
+  // (D, S, H, B), boxes of 64 columns x the kernel's tile rows with the 128-byte swizzle of its
+  // shared tiles (attention.cu: set_tma). tma = 1: one producer thread issues each tile as TMA
+  // copies; 0: the producer's 128 threads copy it with cp.async (DILATED_SPARSE_TMA=0, or the
+  // driver could not encode the maps).
+  CUtensorMap tma_q, tma_k, tma_v, tma_do;
+  int tma = 0;
 };
 
 // Tile shapes. Every kernel is a template over its tile; the instantiation files register a few

@@ -124,6 +124,27 @@ __device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_
                "l"(src), "r"(bytes), "r"(bar)
                : "memory");
 }
+// TMA: the box at coordinates (c0, c1, c2, c3), innermost first, of the 4-D tensor map at `map`
+// (a __grid_constant__ parameter's address) into shared memory at dst, completing its bytes on bar.
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const void* map, int c0, int c1, int c2, int c3,
+                                            uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, "
+      "%5}], [%6];\n" ::"r"(dst),
+      "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+      : "memory");
+}
+// The [kRows][kD] SW128 tile that load_tile writes, rows row0.. of head h, batch b, from a tensor
+// map over (D, S, H, B) with boxes of 64 columns x kRows rows and the 128-byte swizzle: one box
+// per 64-column panel. Rows and columns outside the tensor arrive as zeros; the barrier is told
+// to expect all kRows x kD x 2 bytes first.
+template <int kRows, int kD>
+__device__ __forceinline__ void tma_tile(uint32_t dst, const void* map, int row0, int h, int b, uint32_t bar) {
+  static_assert(kD % 64 == 0 && kRows <= 256, "TMA boxes: 64-column panels of at most 256 rows");
+  mbar_expect_tx(bar, kRows * kD * 2);
+#pragma unroll
+  for (int panel = 0; panel < kD / 64; ++panel) tma_load_4d(dst + panel * (kRows * 128), map, panel * 64, row0, h, b, bar);
+}
 __device__ __forceinline__ void named_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
