@@ -617,10 +617,10 @@ bool device_is_sm90() {
 // largest tile <= the block is taken, if any and if rows are short enough (small_tile_max_tokens;
 // fewer wasted rows per tile; marked where measured faster, gen_instantiations.py).
 // Rows at most this many secondary tokens long on average (four 128-key tiles) take a "short
-// rows" variant where one exists (sm_90, D128: the forward and dQ with two primary buffers and
-// two-slot K/V ring stages). H200, S16k, same process: at ~384 tokens a row the forward 2% and the
-// backward 4% faster than the defaults; at ~870 the default forward (split K/V rings) 6% faster
-// and dQ equal.
+// rows" variant where one exists (sm_90, D128: dQ with two primary buffers and two-slot K/V ring
+// stages). H200, S16k, same process: at ~384 tokens a row the backward 4% faster than the
+// default; at ~870 dQ equal. (The D128 forward had one too until its producer copied with TMA;
+// gen_instantiations.py.)
 constexpr double kShortRowTokens = 512.0;
 // Rows longer than this take a "wide" variant where one exists (D128 dQ with 128-key steps) and the
 // secondary block is a multiple of its step. H200, S16k block 128, whole backward, D128 dQ 128 vs

@@ -48,9 +48,9 @@ DKV = {
 FWD_SM90 = {
     64: [("2", "128", "kSchedPingPongOverlap"), ("1", "64", "kSchedOverlap", "small"), ("2", "128", "kSchedLockstep"),
          ("2", "128", "kSchedPingPong2"), ("2", "128", "kSchedPingPong")],
-    128: [("2", "128", "kSchedPingPongSplit"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedLockstep", "small"),
-          ("2", "128", "kSchedPingPong2", "short"), ("2", "128", "kSchedPingPongOverlap"),
-          ("2", "128", "kSchedPingPong")],
+    128: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedLockstep", "small"),
+          ("2", "128", "kSchedPingPong2"), ("2", "128", "kSchedPingPongOverlap"),
+          ("2", "128", "kSchedPingPongSplit")],
 }
 DQ_SM90 = {
     64: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedOverlap", "small"),
@@ -65,14 +65,19 @@ DQ_SM90 = {
 # fwd 1-5% faster than kSchedPingPong (hence its default), D128 fwd within +-2%; dQ 7-11% slower
 # (64 keys a step; 128 spills at D64), kept as variant 8 for comparison.
 # kSchedPingPong2 (two buffers of primary tiles; two ring stages at D128 fwd, three at D128 dK/dV):
-# D128 fwd 17% faster than kSchedPingPong with ~3 key blocks a row, 3-4% with ~7, equal at ~10, 13%
-# slower with ~13 (hence "short"); D128 dK/dV 2-6% faster than kSchedPingPong (variant 7) on the
+# with cp.async producers D128 fwd 17% faster than kSchedPingPong with ~3 key blocks a row, 3-4%
+# with ~7, equal at ~10, 13% slower with ~13 (then "short"; not since TMA, below); D128 dK/dV 2-6% faster than kSchedPingPong (variant 7) on the
 # H200. D128 dQ (three stages of 64 keys either way): the backward 2-4% faster with ~3 key blocks a
 # row, equal with ~7 (hence "short" too).
-# kSchedPingPongSplit (D128 fwd default: two Q buffers, three K and two V slots; H200, three
-# alternating timings each): S16k 3-4% faster than kSchedPingPong with ~12 key blocks a row, 6%
+# kSchedPingPongSplit (two Q buffers, three K and two V slots; H200, three alternating timings
+# each, cp.async producers): S16k 3-4% faster than kSchedPingPong with ~12 key blocks a row, 6%
 # faster than kSchedPingPong2 with ~7; S64k within +-2% of kSchedPingPong; ~2% slower than
-# kSchedPingPong2 with ~3 (which keeps "short", now <= 4 blocks a row: attention.cu).
+# kSchedPingPong2 with ~3. Since the producers copy with TMA (ninth session; H200, three
+# interleaved rounds), kSchedPingPong (one Q buffer, three ring stages) is the D128 fwd default:
+# at S16k 1-4% faster than kSchedPingPongSplit at 5-10% density and 7% at 2.5% (3 blocks a row),
+# where kSchedPingPong2 is now 1% slower than the Split; S64k within +-2.5% of the Split; block 64
+# 0.3-2.6% faster. kSchedPingPong2 lost its "short" flag (7-17% slower than kSchedPingPong on
+# every row length from 3 blocks up).
 DKV_SM90 = {
     64: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedOverlap", "small"),
          ("2", "128", "kSchedPingPong2")],
