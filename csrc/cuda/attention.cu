@@ -619,9 +619,12 @@ bool device_is_sm90() {
 // Rows at most this many secondary tokens long on average (four 128-key tiles) take a "short
 // rows" variant where one exists (sm_90, D128: dQ with two primary buffers and two-slot K/V ring
 // stages). H200, S16k, same process: at ~384 tokens a row the backward 4% faster than the
-// default; at ~870 dQ equal. (The D128 forward had one too until its producer copied with TMA;
-// gen_instantiations.py.)
+// default; at ~870 dQ equal.
 constexpr double kShortRowTokens = 512.0;
+// The forward's threshold (D128: the two-buffer, two-stage kernel). With TMA producers it is 8-9%
+// faster than the default (three ring stages) at 128 and 256 tokens a row and 10% slower at 384
+// (H200, S16k H16 bands of 1-3 blocks, ninth session; gen_instantiations.py).
+constexpr double kShortRowTokensFwd = 320.0;
 // Rows longer than this take a "wide" variant where one exists (D128 dQ with 128-key steps) and the
 // secondary block is a multiple of its step. H200, S16k block 128, whole backward, D128 dQ 128 vs
 // 64 keys a step (seventh session): causal_local 5% (~850 tokens a row) 3% slower, dilated (~1500)
@@ -687,7 +690,9 @@ const KernelEntry& pick(Op op, const at::Tensor& q, int kD, int prim_block, int 
       }
       return arr[def];
     };
-    if (sec_per_row <= kShortRowTokens) return sibling([](const KernelEntry& e) { return e.short_rows != 0; });
+    if (sec_per_row <= (op == kOpFwd ? kShortRowTokensFwd : kShortRowTokens)) {
+      return sibling([](const KernelEntry& e) { return e.short_rows != 0; });
+    }
     // A wider step (D128 dQ: 128 keys, two ring stages instead of three) pays on long rows whose
     // blocks no step straddles (kWideRowTokens).
     if (sec_per_row > kWideRowTokens) {

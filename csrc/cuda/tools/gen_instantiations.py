@@ -49,7 +49,7 @@ FWD_SM90 = {
     64: [("2", "128", "kSchedPingPongOverlap"), ("1", "64", "kSchedOverlap", "small"), ("2", "128", "kSchedLockstep"),
          ("2", "128", "kSchedPingPong2"), ("2", "128", "kSchedPingPong")],
     128: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedLockstep", "small"),
-          ("2", "128", "kSchedPingPong2"), ("2", "128", "kSchedPingPongOverlap"),
+          ("2", "128", "kSchedPingPong2", "short"), ("2", "128", "kSchedPingPongOverlap"),
           ("2", "128", "kSchedPingPongSplit")],
 }
 DQ_SM90 = {
@@ -76,8 +76,9 @@ DQ_SM90 = {
 # interleaved rounds), kSchedPingPong (one Q buffer, three ring stages) is the D128 fwd default:
 # at S16k 1-4% faster than kSchedPingPongSplit at 5-10% density and 7% at 2.5% (3 blocks a row),
 # where kSchedPingPong2 is now 1% slower than the Split; S64k within +-2.5% of the Split; block 64
-# 0.3-2.6% faster. kSchedPingPong2 lost its "short" flag (7-17% slower than kSchedPingPong on
-# every row length from 3 blocks up).
+# 0.3-2.6% faster. kSchedPingPong2 keeps "short" for rows of at most 2.5 blocks (attention.cu:
+# kShortRowTokensFwd): 8-9% faster than kSchedPingPong with 1 and 2 blocks a row, 10% slower with 3,
+# 7-17% slower from there up.
 DKV_SM90 = {
     64: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedOverlap", "small"),
          ("2", "128", "kSchedPingPong2")],
