@@ -3,16 +3,18 @@
 // (wgmma.mma_async) reading 128-byte-swizzled shared tiles (sm90.cuh).
 //
 // Each consumer warpgroup (4 warps, 128 threads) owns 64 rows of the CTA's primary tile; a CTA has
-// kWG of them. Secondary tiles stream through a cp.async ring of kSm90Stages tiles. The schedules
+// kWG of them. Secondary tiles stream through a ring of kSm90Stages tiles. The schedules
 // (Sm90Sched, used by all three kernels; the enum below lists the ping-pong refinements):
 //  - lockstep: every thread loads; a CTA barrier per tile publishes the tile and frees the stage
 //    after next; the product that consumes the probabilities (P V, dS K, P^T dO, dS^T Q) is left in
 //    flight while the next tile's scores are issued.
 //  - overlap: lockstep, plus the element-wise work of tile j+1 runs while tile j's last product is
 //    on the tensor cores (FlashAttention-3's intra-warpgroup pipelining).
-//  - ping-pong (the defaults): a producer warpgroup loads through full/empty mbarriers and hands its
-//    registers to the consumers (setmaxnreg); the two consumer warpgroups take turns issuing
-//    products (named barriers), so one's softmax runs during the other's products (FA3 ping-pong).
+//  - ping-pong (the defaults): a producer warpgroup loads through full/empty mbarriers (one thread
+//    issuing TMA copies where the host encoded tensor maps, else all 128 with cp.async:
+//    produce_tile) and hands its registers to the consumers (setmaxnreg); the two consumer
+//    warpgroups take turns issuing products (named barriers), so one's softmax runs during the
+//    other's products (FA3 ping-pong).
 //    These kernels are persistent: one CTA per SM takes work items from a global counter (longest
 //    first, as planned); the producer decodes each item, posts it to the consumers through shared
 //    memory (ItemInfo) and loads the next item's first tiles while they finish the current one, so
