@@ -308,9 +308,9 @@ def test_ds_scratch_backward(kw, dtype, monkeypatch):
 
 
 # The sm_90 kernels' producers copy tiles with TMA where the host could encode tensor maps (forced
-# here: DILATED_SPARSE_TMA=1), else with cp.async (DILATED_SPARSE_TMA=0): packed-projection views, GQA, per-batch layouts, lengths
-# that end inside a tile (TMA zero-fills past the tensor), D below the kernel's (zero columns), both
-# backwards. Same tiles, same products: the results must agree bit for bit (and, through
+# here: DILATED_SPARSE_TMA=1), else with cp.async (DILATED_SPARSE_TMA=0): packed-projection views,
+# GQA, per-batch layouts, lengths that end inside a tile (TMA zero-fills past the tensor), D below
+# the kernel's (zero columns), both backwards. Same tiles, same products: the results must agree bit for bit (and, through
 # run_case, with the reference).
 @pytest.mark.parametrize(
     "kw",

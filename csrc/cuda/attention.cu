@@ -411,7 +411,7 @@ __global__ void __launch_bounds__(256) delta_kernel(const T* __restrict__ o, con
 // CSC entry -> CSR entry of the same layout block (the dS scratch is addressed by CSR entry): the
 // entry's column by bisection over the column pointers, then its column inside its CSR row.
 __global__ void csc_to_csr_kernel(const int* ccol, const int* rowi, const int* crow, const int* col, int ncols,
-                                  int nkb, int nqb, int64_t nnz, int* perm) {
+                                  int nkb, int nqb, int64_t nnz, int* csr_entry) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= nnz) return;
   int lo = 0, hi = ncols - 1;  // the last column starting at or before e
@@ -433,7 +433,7 @@ __global__ void csc_to_csr_kernel(const int* ccol, const int* rowi, const int* c
       z = mid;
     }
   }
-  perm[e] = a;
+  csr_entry[e] = a;
 }
 
 template <typename T>
@@ -979,12 +979,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   // Its scratch grows with nnz, so it runs only while that stays within scratch_limit_bytes() and
   // the allocation succeeds; otherwise the recompute backward runs. Both give the same dq, dk, dv
   // (the same products, summed in the same order).
-  const int64_t ds_rep = (p.Lb == 1 ? B : 1) * (p.Lh == 1 ? H : 1);
+  const int rep_q = static_cast<int>(B * H / L);  // the (b, h) pairs sharing a layout slice
   const KernelEntry *ds_dq = ds_entry(kOpDq, q, kD), *ds_dkv = ds_entry(kOpDkv, q, kD);
   at::Tensor ds;
   if (ds_dq != nullptr && ds_dkv != nullptr && p.bq % ds_dq->pm == 0 && p.bk % ds_dq->sn == 0 &&
       p.bk % ds_dkv->pm == 0 && p.bq % ds_dkv->sn == 0 && col.numel() > 0) {
-    const int64_t elems = col.numel() * ds_rep * p.bq * p.bk;
+    const int64_t elems = col.numel() * rep_q * p.bq * p.bk;
     if (elems * static_cast<int64_t>(q.element_size()) <= scratch_limit_bytes()) {
       try {
         ds = at::empty({elems}, q.options());
@@ -1019,7 +1019,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   int* next_counter = counters.defined() ? counters.data_ptr<int>() : nullptr;
   PlanBufs keep_q, keep_k;
   Params pq = p, pk = p;
-  const int rep_q = static_cast<int>(B * H / L);
   pq.tl = plan_tiles(crow_c, col_c, L, p.nqb, p.Sq, kdq.pm, p.bq, kdq.sn, p.bk, rep_q, p.H, keep_q, stream);
   if (kdq.arch == 90) pq.work_counter = next_counter++;
   const int rep_k = p.Lh == 1 ? static_cast<int>((p.Lb == 1 ? B : 1) * Hkv) : static_cast<int>(p.Lb == 1 ? B : 1);
@@ -1050,14 +1049,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     const char* e = std::getenv("DILATED_SPARSE_BWD_STREAMS");
     return e != nullptr && std::string(e) == "1";
   }();
+  // The scratch backward runs dK/dV, then dQ on `stream`: dQ reads what dK/dV wrote.
+  const bool side_stream = !one_stream && !ds_mode;
   cudaStream_t dkv_stream = stream;
   if (ds_mode) {
     pk.ds = pq.ds = ds.data_ptr();
     pk.ds_csr_entry = keep_k.csr_entry.data_ptr<int>();
-    pk.ds_rep = pq.ds_rep = static_cast<int>(ds_rep);
+    pk.ds_rep = pq.ds_rep = rep_q;
   }
-  // The scratch backward runs dK/dV, then dQ on `stream`: dQ reads what dK/dV wrote.
-  if (!one_stream && !ds_mode) {
+  if (side_stream) {
     dkv_stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, q.get_device()).stream();
     stream_wait(dkv_stream, stream);
   }
@@ -1068,7 +1068,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   kdq.fn(pq, static_cast<int64_t>(L) * pq.tl.ntiles * rep_q, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (!one_stream && !ds_mode) stream_wait(stream, dkv_stream);
+  if (side_stream) stream_wait(stream, dkv_stream);
   return {dq, dk, dv};
 }
 

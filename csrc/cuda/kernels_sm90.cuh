@@ -456,7 +456,8 @@ __device__ __forceinline__ void run_tiles(const int& stage, int& ring, int wg, i
 // tile into slot st (with a separate V ring, kVStages > 0: its K, and load_v(v) its V into V slot
 // v); step() moves the cursor. The primary tiles (load_res, into buffer
 // res_buf(nres) once the consumers released it): with one buffer after the first ring tile, so
-// that tile loads while the consumers finish the previous item; with two, first.
+// that tile loads while the consumers finish the previous item; with two, first; with none
+// (kResBufs 0: the dQ-from-dS kernel reads both operands from the ring), never.
 template <int kStages, int kResBufs, int kVStages = 0, class Has, class Load, class LoadRes, class Step,
           class LoadV = int>
 __device__ __forceinline__ void produce(const PingSync& sy, int& ring, int nres, Has has, Load load, LoadRes load_res,
@@ -1213,22 +1214,23 @@ __global__ void __launch_bounds__(DqDsSm90Cfg<kD>::kThreads, 1) dq_ds_sm90_kerne
     const int e = static_cast<int>(W.E.base + C.it / p.tl.kf);
     return static_cast<const T*>(p.ds) + ds_offset(p, e, W.b, W.h) + ds_panel(p, C.it % p.tl.kf, (W.m0 % p.bq) / 64);
   };
-  auto producer_item = [&](const ItemInfo& d, int& ring, int) {
+  auto producer_item = [&](const ItemInfo& d, int& ring, int nres) {
     C.start(p, d);
     if (!C.has()) return false;
-    while (C.has()) {
-      const int st = ring % kStages;
-      if (ring >= kStages) sm90::mbar_wait(sy.empty + 8 * st, (ring / kStages - 1) & 1);
-      C.template produce_k<kD, Cfg::kKBytes>(p, sK0, st, sy.full + 8 * st, ltid);
-      if (ltid == 0) {  // the dS panels are stored swizzled: one bulk copy, counted in bytes
-        sm90::mbar_expect_tx(sy.full + 8 * st, Cfg::kDsBytes);
-        sm90::bulk_load(sDs0 + st * Cfg::kDsBytes, ds_tile(), Cfg::kDsBytes, sy.full + 8 * st);
-      }
-      sm90::cp_async_arrive(sy.full + 8 * st);
-      ++ring;
-      C.next(p);
-      C.advance();
-    }
+    produce<kStages, 0>(
+        sy, ring, nres, [&]() { return C.has(); },
+        [&](int st) {
+          C.template produce_k<kD, Cfg::kKBytes>(p, sK0, st, sy.full + 8 * st, ltid);
+          if (ltid == 0) {  // the dS panels are stored swizzled: one bulk copy, counted in bytes
+            sm90::mbar_expect_tx(sy.full + 8 * st, Cfg::kDsBytes);
+            sm90::bulk_load(sDs0 + st * Cfg::kDsBytes, ds_tile(), Cfg::kDsBytes, sy.full + 8 * st);
+          }
+        },
+        []() {},
+        [&]() {
+          C.next(p);
+          C.advance();
+        });
     return true;
   };
   auto consumer_item = [&](const ItemInfo& d, int& ring, int) {

@@ -66,9 +66,10 @@ DQ_SM90 = {
 # (64 keys a step; 128 spills at D64), kept as variant 8 for comparison.
 # kSchedPingPong2 (two buffers of primary tiles; two ring stages at D128 fwd, three at D128 dK/dV):
 # with cp.async producers D128 fwd 17% faster than kSchedPingPong with ~3 key blocks a row, 3-4%
-# with ~7, equal at ~10, 13% slower with ~13 (then "short"; not since TMA, below); D128 dK/dV 2-6% faster than kSchedPingPong (variant 7) on the
-# H200. D128 dQ (three stages of 64 keys either way): the backward 2-4% faster with ~3 key blocks a
-# row, equal with ~7 (hence "short" too).
+# with ~7, equal at ~10, 13% slower with ~13 (with TMA producers its "short" range shrank to 2.5
+# blocks, below); D128 dK/dV 2-6% faster than kSchedPingPong (variant 7) on the H200. D128 dQ
+# (three stages of 64 keys either way): the backward 2-4% faster with ~3 key blocks a row, equal
+# with ~7 (hence "short" too).
 # kSchedPingPongSplit (two Q buffers, three K and two V slots; H200, three alternating timings
 # each, cp.async producers): S16k 3-4% faster than kSchedPingPong with ~12 key blocks a row, 6%
 # faster than kSchedPingPong2 with ~7; S64k within +-2% of kSchedPingPong; ~2% slower than
