@@ -154,12 +154,6 @@ __device__ __forceinline__ int pair_state(const Rules& R, int m0, int bm, int n0
   return need ? 2 : 1;
 }
 
-__device__ __forceinline__ bool member(uint64_t mask, int prim_local, int sec_local,
-                                       const TileList& tl) {
-  const int bit = (prim_local / tl.prim_sub) * tl.nsub + sec_local / tl.sec_sub;
-  return (mask >> bit) & 1ull;
-}
-
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
@@ -375,51 +369,65 @@ __device__ __forceinline__ void next_group_pair(const Params& p, const Rules& R,
 // Per-element token rules and layout membership on one warp's 16 x (8 kN) accumulator fragment
 // (mma.sync m16n8 or wgmma layout) whose rows are queries (kTransposed = false) or keys (true);
 // elements not allowed become `fill`. This runs on every causal diagonal and layout-edge tile.
-// A tile pair wholly inside the layout (every tile of a block-128 layout) tests no membership.
-// Query rows: the sub-block sizes are powers of two, so membership takes shifts on the row's bits
-// of the mask instead of member()'s divisions; the block-64 forward over 128-row tiles went
-// 928 -> 556-573 us (S16k D128, local 10%). Key rows (dK/dV) keep member(): the same change made
-// the dK/dV kernel 7% slower at causal_local (more spills: the row masks stay live across its tile
-// loop).
+// Every rule leaves a row one interval of columns (a key padding mask, read per key, does so only
+// for key rows), so a row's rules cost two compares an element. The thread's two rows (g, g + 8
+// of a 16-row fragment) share a sub-block row (sub-blocks are powers of two >= 16 rows), and each
+// of its eight-column groups a sub-block column, so membership is one bit a group. Element-wise
+// rules and membership made a layout-edge tile of the block-64 forward cost about twice a full
+// one: S16k D128 local 10% at block 64 went 545 -> 446 us (block 128: 451).
 template <int kN, bool kTransposed>
 __device__ __forceinline__ void mask_tile(float (&S)[kN][4], const Rules& R, const TileList& tl,
                                           uint64_t msk, int row_tile0, int row_local0, int col_tile0,
                                           int g, int t4, float fill) {
   const bool all_members = (msk & tl.full) == tl.full;
-  if constexpr (kTransposed) {
-    // One loop, instantiated with and without the membership test (a runtime `||` inside it
-    // changed the dK/dV kernels' register allocation).
-    auto apply = [&](auto in_layout) {
-#pragma unroll
-      for (int nt = 0; nt < kN; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int rl = row_local0 + g + (e >> 1) * 8;
-          const int cl = nt * 8 + 2 * t4 + (e & 1);
-          if (!(R.ok(col_tile0 + cl, row_tile0 + rl) && in_layout(rl, cl))) S[nt][e] = fill;
-        }
-    };
-    if (all_members) {
-      apply([](int, int) { return true; });
-    } else {
-      apply([&](int rl, int cl) { return member(msk, rl, cl, tl); });
-    }
-  } else {
-    const int prim_shift = __ffs(tl.prim_sub) - 1, sec_shift = __ffs(tl.sec_sub) - 1;
+  const int prim_shift = __ffs(tl.prim_sub) - 1, sec_shift = __ffs(tl.sec_sub) - 1;
+  const int rl0 = row_local0 + g;
+  const uint64_t row_bits = all_members ? ~0ull : msk >> ((rl0 >> prim_shift) * tl.nsub);
+  if (!kTransposed && R.kpm != nullptr) {  // query rows under a padding mask: per element
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int rl = row_local0 + g + r * 8;
-      const uint64_t row_bits = all_members ? ~0ull : msk >> ((rl >> prim_shift) * tl.nsub);
+      const int i = row_tile0 + rl0 + r * 8;
 #pragma unroll
       for (int nt = 0; nt < kN; ++nt)
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           const int cl = nt * 8 + 2 * t4 + c;
-          if (!(R.ok(row_tile0 + rl, col_tile0 + cl) && ((row_bits >> (cl >> sec_shift)) & 1ull))) {
-            S[nt][2 * r + c] = fill;
-          }
+          if (!(R.ok(i, col_tile0 + cl) && ((row_bits >> (cl >> sec_shift)) & 1ull))) S[nt][2 * r + c] = fill;
         }
     }
+    return;
+  }
+  int lo[2], hi[2];  // each row's allowed columns, as offsets from the thread's first column
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int x = row_tile0 + rl0 + r * 8;  // the row's query (key, kTransposed)
+    int first = 0, last;
+    if constexpr (!kTransposed) {  // keys j of query x: j < klen, j <= x, x - j <= wl, j - x <= wr
+      last = R.klen - 1;
+      if (R.causal) last = min(last, x);
+      if (R.wl >= 0) first = max(first, x - R.wl);
+      if (R.wr >= 0) last = min(last, x + R.wr);
+      if (x >= R.Sq) last = -1;
+    } else {  // queries i of key x: i < Sq, x <= i, i - x <= wl, x - i <= wr
+      last = R.Sq - 1;
+      if (R.causal) first = max(first, x);
+      if (R.wl >= 0) last = min(last, x + R.wl);
+      if (R.wr >= 0) first = max(first, x - R.wr);
+      if (x >= R.klen || (R.kpm != nullptr && R.kpm[x])) last = -1;
+    }
+    lo[r] = first - col_tile0 - 2 * t4;
+    hi[r] = last - col_tile0 - 2 * t4;
+  }
+#pragma unroll
+  for (int nt = 0; nt < kN; ++nt) {
+    const bool member_group = (row_bits >> ((nt * 8) >> sec_shift)) & 1ull;
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int x = nt * 8 + c;
+        if (!(member_group && x >= lo[r] && x <= hi[r])) S[nt][2 * r + c] = fill;
+      }
   }
 }
 
