@@ -633,22 +633,19 @@ constexpr double kShortRowTokensFwd = 320.0;
 constexpr double kWideRowTokens = 1024.0;
 // A primary block smaller than the default's tile takes the `small` variant only while rows are at
 // most this many secondary tokens long; longer rows keep the default, whose tile spans several
-// layout rows (merged key tiles with membership masks). Measured on the H200, S16k, block 64, local
-// 2.5 / 5 / 10 / 20% (445 / 822 / 1561 / 3102 tokens a row), bf16, each op's variants forced in
-// turn with the others at their defaults (seventh session, after mask_tile took shifts on query rows):
-//   D128 forward: small 22% faster at 445 (265 vs 341 us), default 8% faster at 822 (396 vs 428),
-//     24% at 1561 and 31% at 3102: crossover ~700;
-//   D64 forward: small 35% faster at 445 and 9% at 822, default 13% faster at 1561 and 24% at
-//     3102: crossover ~1100;
-//   D64 dQ (whole backward): small 9% faster at 822, equal at 1561, default 7% faster at 3102;
-//   D64 dK/dV (whole backward): small 14% faster at 1561, equal at 3102; default 17% faster at 6426
-//     (sixth session, S64k).
+// layout rows (merged key tiles with membership masks). Since mask_tile tests each row's rules as
+// one interval and membership per eight-column group (tenth session), the default's edge tiles cost
+// little more than full ones, and only the D64 forward on the shortest rows keeps the small tile.
+// H200, S16k, block 64, local 2.5 / 5 / 10% and causal_local 5% (448 / 832 / 1600 / ~830 tokens a
+// row), bf16, each op's variants forced in turn (.whl/abvar.py, three interleaved rounds, medians):
+//   D128 forward: default 28% faster at 448 (196 vs 272 us), 41-47% at 832 and 1600;
+//   D64 forward: small 4% faster at 448 (293 vs 304 us), default 20% faster at 832, 27% at 1600;
+//   D64 dQ (whole backward): equal at 448-832, default 16% faster at 1600;
+//   D64 dK/dV (whole backward): default 7% faster at 448, 16-18% at 832-1600.
 // Other sm_90 cases have no small variant; the mma.sync family keeps the small tiles (not measured).
 double small_tile_max_tokens(Op op, int kD, int arch) {
   if (arch != 90) return std::numeric_limits<double>::infinity();
-  if (op == kOpFwd) return kD == 128 ? 640.0 : kD == 64 ? 1024.0 : std::numeric_limits<double>::infinity();
-  if (kD == 64) return op == kOpDq ? 1536.0 : 3072.0;
-  return std::numeric_limits<double>::infinity();
+  return op == kOpFwd && kD == 64 ? 512.0 : 0.0;
 }
 
 // Average secondary tokens a primary row (of `rows` in all slices) walks: nnz blocks x secondary block
