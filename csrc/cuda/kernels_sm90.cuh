@@ -1188,8 +1188,9 @@ struct DqDsSm90Cfg : Sm90Threads<2, kSchedPingPong> {
   static constexpr int kBM = 128, kBN = 128;
   static constexpr int kKBytes = kBN * kD * 2;
   static constexpr int kDsBytes = kBN * kBM * 2;
-  static constexpr int kStages = Base::stages(0, kKBytes + kDsBytes);
-  static constexpr int kSmem = Base::smem(0, kKBytes + kDsBytes, kStages);
+  static constexpr int kZeroBytes = kBN * 128;  // one warpgroup's dS panel of zeros
+  static constexpr int kStages = Base::stages(kZeroBytes, kKBytes + kDsBytes);
+  static constexpr int kSmem = Base::smem(kZeroBytes, kKBytes + kDsBytes, kStages);
   static_assert(kSmem <= kMaxSmem, "dQ-from-dS tiles do not fit in shared memory");
 };
 
@@ -1201,7 +1202,10 @@ __global__ void __launch_bounds__(DqDsSm90Cfg<kD>::kThreads, 1) dq_ds_sm90_kerne
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t sK0 = align1024(smem_u32(smem_raw));
   const uint32_t sDs0 = sK0 + kStages * Cfg::kKBytes;  // [stages] dS: [kBN keys][kBM queries]
-  const uint32_t sbar = sDs0 + kStages * Cfg::kDsBytes;
+  const uint32_t sZero = sDs0 + kStages * Cfg::kDsBytes;  // a panel of zeros (below)
+  const uint32_t sbar = sZero + Cfg::kZeroBytes;
+  for (int i = threadIdx.x; i < Cfg::kZeroBytes / 16; i += Cfg::kThreads) sm90::st_shared_zero16(sZero + 16 * i);
+  sm90::fence_async_smem();  // the zeros are read by wgmma (async proxy); make_ping_sync syncs the CTA
   const PingSync sy = make_ping_sync<true>(sbar, smem_raw + (sbar - smem_u32(smem_raw)), kStages, kNT);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const int wg = warp / 4, wrow = warp * 16, ltid = tid - kNT;
@@ -1242,16 +1246,19 @@ __global__ void __launch_bounds__(DqDsSm90Cfg<kD>::kThreads, 1) dq_ds_sm90_kerne
     while (C.has()) {
       const int st = ring % kStages;
       sm90::mbar_wait(sy.full + 8 * st, (ring / kStages) & 1);
-      // dK/dV skipped a pair without an allowed element and left its dS unwritten.
-      if (pair_state(W.R, W.m0 + 64 * wg, 64, C.kt * kBN, kBN, 0, 0) != 0) {
-        sm90::fence_async_smem();
-        sm90::fence_regs(acc);
-        sm90::fence();
+      // dK/dV skipped a pair without an allowed element and left its dS unwritten: the products
+      // read the zero panel instead. (Skipping them in a branch made ptxas serialize every wgmma
+      // of the kernel, C7520: 16% of its warps' samples waited on each product in turn. Keeping
+      // one tile's products in flight across the loop does the same.)
+      const bool written = pair_state(W.R, W.m0 + 64 * wg, 64, C.kt * kBN, kBN, 0, 0) != 0;
+      const uint32_t sDs = written ? sDs0 + st * Cfg::kDsBytes + wg * (kBN * 128) : sZero;
+      sm90::fence_async_smem();
+      sm90::fence_regs(acc);
+      sm90::fence();
 #pragma unroll
-        for (int kk = 0; kk < kBN / 16; ++kk) {
-          sm90::Wgmma<kD, T>::template ss<1, 1>(acc, sm90::desc_mn<kBN>(sDs0 + st * Cfg::kDsBytes + wg * (kBN * 128), kk),
-                                                sm90::desc_mn<kBN>(sK0 + st * Cfg::kKBytes, kk), 1);
-        }
+      for (int kk = 0; kk < kBN / 16; ++kk) {
+        sm90::Wgmma<kD, T>::template ss<1, 1>(acc, sm90::desc_mn<kBN>(sDs, kk),
+                                              sm90::desc_mn<kBN>(sK0 + st * Cfg::kKBytes, kk), 1);
       }
       sm90::commit();
       C.next(p);  // its entry load overlaps the products

@@ -84,6 +84,11 @@ __device__ __forceinline__ void fence_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
+// 16 zero bytes at shared address `at` (16-byte aligned).
+__device__ __forceinline__ void st_shared_zero16(uint32_t at) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(at), "r"(0) : "memory");
+}
+
 // Keeps the compiler from moving accumulator reads/writes across wgmma issue and wait.
 template <int N>
 __device__ __forceinline__ void fence_regs(float (&d)[N][4]) {
