@@ -112,6 +112,12 @@ def poison():
     del x
 
 
+def bwd_again(r: dict) -> tuple:
+    """The backward op once more on a run_case result's inputs, forward outputs and arguments."""
+    return _ops().block_sparse_attn_bwd(r["do"], r["q"], r["k"], r["v"], r["out"], r["lse"], r["ccol"], r["rowi"],
+                                        r["crow"], r["col"], *r["args"])
+
+
 def run_case(*, B=1, H=2, Hkv=None, Sq=200, Sk=None, D=64, bq=32, bk=64, dtype=torch.bfloat16,
              density=0.5, lb=1, lh=1, causal=False, wl=-1, wr=-1, use_klen=False, use_kpm=False,
              empty_rows=0.0, bwd=True, seed=0, mask=None, strided=False, check_weights=False,
@@ -281,15 +287,13 @@ def test_forced_variants(variant, D, dtype, kw, monkeypatch):
 def test_ds_scratch_backward(kw, dtype, monkeypatch):
     monkeypatch.setenv("DILATED_SPARSE_BWD_SCRATCH_MB", "1024")
     r = run_case(D=128, dtype=dtype, seed=kw["Sq"] + kw["bq"], **kw)
-    ops = _ops()
 
     def bwd():
         poison()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        grads = ops.block_sparse_attn_bwd(r["do"], r["q"], r["k"], r["v"], r["out"], r["lse"], r["ccol"], r["rowi"],
-                                          r["crow"], r["col"], *r["args"])
+        grads = bwd_again(r)
         torch.cuda.synchronize()
         return grads, torch.cuda.max_memory_allocated() - base
 
@@ -332,8 +336,7 @@ def test_tma_matches_cp_async(kw, monkeypatch):
     poison()
     out, lse = ops.block_sparse_attn_fwd(r["q"], r["k"], r["v"], r["crow"], r["col"], *r["args"])
     poison()
-    grads = ops.block_sparse_attn_bwd(r["do"], r["q"], r["k"], r["v"], r["out"], r["lse"], r["ccol"], r["rowi"],
-                                      r["crow"], r["col"], *r["args"])
+    grads = bwd_again(r)
     torch.cuda.synchronize()
     for name, got in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads)):
         assert torch.equal(r[name], got), f"{name}: TMA and cp.async copies differ"

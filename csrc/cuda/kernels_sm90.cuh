@@ -587,15 +587,6 @@ struct QueryItem {
     msk = msk_n;
     state = state_n;
   }
-  // K or V rows of key tile `tile` into ring slot st (tiles kKVBytes apart from s0).
-  template <int kD, int kLoaders, int kKVBytes>
-  __device__ __forceinline__ void load_k(const Params& p, uint32_t s0, int st, int tile, int ltid) const {
-    sm90::load_tile<T, kBN, kD, kLoaders>(s0 + st * kKVBytes, k, p.k_ss, tile * kBN, p.Sk, p.D, ltid);
-  }
-  template <int kD, int kLoaders, int kKVBytes>
-  __device__ __forceinline__ void load_v(const Params& p, uint32_t s0, int st, int tile, int ltid) const {
-    sm90::load_tile<T, kBN, kD, kLoaders>(s0 + st * kKVBytes, v, p.v_ss, tile * kBN, p.Sk, p.D, ltid);
-  }
   // The current tile's K (V) into slot st of the ring at s0, counted on bar (produce_tile).
   template <int kD, int kKVBytes>
   __device__ __forceinline__ void produce_k(const Params& p, uint32_t s0, int st, uint32_t bar, int ltid) const {
@@ -605,11 +596,13 @@ struct QueryItem {
   __device__ __forceinline__ void produce_v(const Params& p, uint32_t s0, int st, uint32_t bar, int ltid) const {
     produce_tile<T, kBN, kD>(p, p.tma_v, s0 + st * kKVBytes, v, p.v_ss, kt * kBN, p.Sk, W.hk, W.b, bar, ltid);
   }
+  // K and V rows of key tile `tile` into ring slot st (tiles kKVBytes apart from sK0 / sV0), copied
+  // by kLoaders threads (lockstep schedules).
   template <int kD, int kLoaders, int kKVBytes>
   __device__ __forceinline__ void load_kv(const Params& p, uint32_t sK0, uint32_t sV0, int st, int tile,
                                           int ltid) const {
-    load_k<kD, kLoaders, kKVBytes>(p, sK0, st, tile, ltid);
-    load_v<kD, kLoaders, kKVBytes>(p, sV0, st, tile, ltid);
+    sm90::load_tile<T, kBN, kD, kLoaders>(sK0 + st * kKVBytes, k, p.k_ss, tile * kBN, p.Sk, p.D, ltid);
+    sm90::load_tile<T, kBN, kD, kLoaders>(sV0 + st * kKVBytes, v, p.v_ss, tile * kBN, p.Sk, p.D, ltid);
   }
 };
 

@@ -157,18 +157,6 @@ __device__ __forceinline__ void named_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
-// Ring barriers of the ping-pong schedule: full[s] completes when the 128 producer threads'
-// copies into slot s landed, empty[s] when every consumer released it.
-__device__ __forceinline__ void init_ring(uint32_t bar_full, uint32_t bar_empty, int stages, int consumers) {
-  if (threadIdx.x == 0) {
-    for (int i = 0; i < stages; ++i) {
-      mbar_init(bar_full + 8 * i, 128);
-      mbar_init(bar_empty + 8 * i, consumers);
-    }
-  }
-  __syncthreads();
-}
-
 // Re-balances the register file between warpgroups (all warps of a warpgroup execute it).
 template <int N>
 __device__ __forceinline__ void regs_increase() {
