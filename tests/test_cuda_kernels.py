@@ -312,9 +312,11 @@ def test_ds_scratch_backward(kw, dtype, monkeypatch):
 
 
 # The sm_90 kernels' producers copy tiles with TMA where the host could encode tensor maps (forced
-# here: DILATED_SPARSE_TMA=1), else with cp.async (DILATED_SPARSE_TMA=0): packed-projection views,
-# GQA, per-batch layouts, lengths that end inside a tile (TMA zero-fills past the tensor), D below
-# the kernel's (zero columns), both backwards. Same tiles, same products: the results must agree bit for bit (and, through
+# here: DILATED_SPARSE_TMA=1), else with cp.async (DILATED_SPARSE_TMA=0); with TMA the forward
+# kernels that have a staging tile (D64) also write their output rows with TMA stores, which must
+# clip at the sequence end and at D. Packed-projection views, GQA, per-batch layouts, lengths that
+# end inside a tile (TMA zero-fills past the tensor), D below the kernel's (zero columns), both
+# backwards. Same tiles, same products: the results must agree bit for bit (and, through
 # run_case, with the reference).
 @pytest.mark.parametrize(
     "kw",
@@ -325,6 +327,7 @@ def test_ds_scratch_backward(kw, dtype, monkeypatch):
          "lb": 0, "D": 128},
         {"Sq": 333, "Sk": 301, "bq": 64, "bk": 64, "density": 0.5, "use_klen": True, "B": 2, "D": 64},
         {"Sq": 1000, "Sk": 900, "bq": 128, "bk": 128, "density": 0.5, "wl": 200, "H": 3, "D": 120},
+        {"Sq": 700, "Sk": 650, "bq": 128, "bk": 128, "density": 0.4, "H": 4, "Hkv": 1, "D": 56},
     ],
 )
 def test_tma_matches_cp_async(kw, monkeypatch):

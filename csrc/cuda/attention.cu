@@ -838,21 +838,23 @@ bool encode_tma(CUtensorMap* map, const at::Tensor& t, int rows) {
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// Fills p.tma_{q,k,v} (and tma_do when dout is given) for an sm_90 kernel whose Q (and dO) tiles
-// have `q_rows` rows and K/V tiles `kv_rows`, and sets p.tma when every map encodes; the kernel
+// Fills p.tma_{q,k,v} (and tma_do when dout is given, tma_o with 64-row boxes when out is) for an
+// sm_90 kernel whose Q (and dO) tiles have `q_rows` rows and K/V tiles `kv_rows`, and sets p.tma
+// when every map encodes; the kernel
 // copies with cp.async otherwise (same tiles, same results). DILATED_SPARSE_TMA=0 never uses TMA,
 // =1 requires it (an error if a map does not encode; tests). The maps hold the pointers, so they
 // are made per call (a host-side encode, no launch).
 void set_tma(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
-             int q_rows, int kv_rows) {
+             int q_rows, int kv_rows, const at::Tensor& out = at::Tensor()) {
   p.tma = 0;
   const char* e = std::getenv("DILATED_SPARSE_TMA");
   const std::string mode = e != nullptr ? e : "";
   if (mode == "0") return;
   const bool ok = encode_tma(&p.tma_q, q, q_rows) && encode_tma(&p.tma_k, k, kv_rows) &&
-                  encode_tma(&p.tma_v, v, kv_rows) && (!dout.defined() || encode_tma(&p.tma_do, dout, q_rows));
+                  encode_tma(&p.tma_v, v, kv_rows) && (!dout.defined() || encode_tma(&p.tma_do, dout, q_rows)) &&
+                  (!out.defined() || encode_tma(&p.tma_o, out, 64));
   TORCH_CHECK(ok || mode != "1", "dilated_sparse CUDA: DILATED_SPARSE_TMA=1 but the driver did not encode a TMA "
-              "descriptor for q, k, v or dout (shape ", q.sizes(), ", strides ", q.strides(), ")");
+              "descriptor for q, k, v, dout or out (shape ", q.sizes(), ", strides ", q.strides(), ")");
   p.tma = ok ? 1 : 0;
 }
 
@@ -916,7 +918,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
   const int64_t units = p.tl.work != nullptr ? keep.nwork : static_cast<int64_t>(L) * p.tl.ntiles;
   const at::Tensor counter = work_counters(kf.arch == 90 ? 1 : 0, q);
   p.work_counter = counter.defined() ? counter.data_ptr<int>() : nullptr;
-  if (kf.arch == 90) set_tma(p, q, k, v, at::Tensor(), kf.pm, kf.sn);
+  if (kf.arch == 90) set_tma(p, q, k, v, at::Tensor(), kf.pm, kf.sn, out);
   kf.fn(p, units * rep, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.tl.work != nullptr && keep.nsplit > 0) {

@@ -433,6 +433,12 @@ __device__ __forceinline__ void mask_tile(float (&S)[kN][4], const Rules& R, con
 
 // Forward epilogue of 16 rows (tile rows row_local.. of an accumulator fragment): the normalised
 // output and lse, or for a piece of a split row the fp32 partials merge_kernel combines.
+// The log-sum-exp (natural log) of a row from its running max (log2 domain) and its quad-reduced
+// sum; -inf for a row without an allowed key.
+__device__ __forceinline__ float row_lse(float mrow, float l) {
+  return l > 0.f ? (mrow + __log2f(l)) * kLn2 : -INFINITY;
+}
+
 template <typename T, int kD>
 __device__ __forceinline__ void store_fwd_rows(const Params& p, const QueryTile& w, int bm,
                                                const float (&acc)[kD / 8][4], const float (&mrow)[2],
@@ -450,7 +456,7 @@ __device__ __forceinline__ void store_fwd_rows(const Params& p, const QueryTile&
         const int d = nt * 8 + 2 * t4;
         if (d < p.D) *reinterpret_cast<float2*>(orow + d) = make_float2(acc[nt][2 * r] * inv, acc[nt][2 * r + 1] * inv);
       }
-      if (t4 == 0) p.lpart[ws * bm + il] = l > 0.f ? (mrow[r] + __log2f(l)) * kLn2 : -INFINITY;
+      if (t4 == 0) p.lpart[ws * bm + il] = row_lse(mrow[r], l);
     }
     return;
   }
@@ -463,7 +469,7 @@ __device__ __forceinline__ void store_fwd_rows(const Params& p, const QueryTile&
     store_row<T, kD / 8>(orow, acc, r, inv, 0, p.D, i < p.Sq, t4);
     if (i >= p.Sq) continue;
     if (t4 == 0) {
-      p.lse_out[(static_cast<int64_t>(w.b) * p.H + w.h) * p.Sq + i] = l > 0.f ? (mrow[r] + __log2f(l)) * kLn2 : -INFINITY;
+      p.lse_out[(static_cast<int64_t>(w.b) * p.H + w.h) * p.Sq + i] = row_lse(mrow[r], l);
     }
   }
 }

@@ -112,7 +112,11 @@ struct FwdSm90Cfg : Sm90Threads<kWG_, kSched> {
   // K ring slots; the V ring has as many unless the schedule splits them (Base::kVStages).
   static constexpr int kStages = Base::kVStages > 0 ? kSm90Stages : Base::stages(kResBytes, 2 * kKVBytes);
   static constexpr int kVSlots = Base::kVStages > 0 ? Base::kVStages : kStages;
-  static constexpr int kSmem = Base::smem(kResBytes, kKVBytes, kStages + kVSlots);
+  // Ping-pong: a tile that stages the output rows for TMA stores, where it fits after the ring
+  // (D64; D128 with two primary buffers and two stages), else none (stores from registers).
+  static constexpr int kOBytes =
+      Base::kPing && Base::smem(kResBytes, kKVBytes, kStages + kVSlots) + kBM * kD * 2 <= kMaxSmem ? kBM * kD * 2 : 0;
+  static constexpr int kSmem = Base::smem(kResBytes, kKVBytes, kStages + kVSlots) + kOBytes;
   static_assert(kSmem <= kMaxSmem, "forward tile does not fit in shared memory");
 };
 
@@ -610,6 +614,27 @@ struct QueryItem {
 // Forward
 // ---------------------------------------------------------------------------------------------
 
+// A warpgroup's 64 output rows, divided by their softmax sums l (quad-reduced), into the [64][kD]
+// SW128 tile at sO (stmatrix; what tma_store_tile sends). w4: the warp in the warpgroup.
+template <typename T, int kD>
+__device__ __forceinline__ void stage_fwd_rows(uint32_t sO, const float (&acc)[kD / 8][4], const float (&l)[2],
+                                               int w4, int lane) {
+  const float inv[2] = {l[0] > 0.f ? 1.f / l[0] : 0.f, l[1] > 0.f ? 1.f / l[1] : 0.f};
+  // This lane addresses row lane % 8 of matrix lane / 8: rows 8 (m % 2) + j, 8-column group m / 2
+  // of each pair of groups.
+  const int m = lane / 8, j = lane % 8;
+  const uint32_t row_at = sO + (w4 * 16 + (m & 1) * 8 + j) * 128;
+#pragma unroll
+  for (int c2 = 0; c2 < kD / 16; ++c2) {
+    const int c = 2 * c2 + (m >> 1);
+    const float(&a)[4] = acc[2 * c2];
+    const float(&b)[4] = acc[2 * c2 + 1];
+    sm90::stmatrix_x4(row_at + (c / 8) * (64 * 128) + (((c % 8) ^ j) << 4), MmaOp<T>::pack(a[0] * inv[0], a[1] * inv[0]),
+                      MmaOp<T>::pack(a[2] * inv[1], a[3] * inv[1]), MmaOp<T>::pack(b[0] * inv[0], b[1] * inv[0]),
+                      MmaOp<T>::pack(b[2] * inv[1], b[3] * inv[1]));
+  }
+}
+
 template <typename T, int kD, int kWG, int kBN, int kSched>
 __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     fwd_sm90_kernel(const __grid_constant__ Params p) {
@@ -622,7 +647,8 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
   const uint32_t sK0 = sRes0 + Cfg::kResBufs * Cfg::kResBytes;
   uint32_t sQ = sRes0;  // the current item's
   const uint32_t sV0 = sK0 + kStages * Cfg::kKVBytes;
-  const uint32_t sbar = sV0 + Cfg::kVSlots * Cfg::kKVBytes;
+  const uint32_t sO0 = sV0 + Cfg::kVSlots * Cfg::kKVBytes;  // [kBM][kD] output staging (kOBytes)
+  const uint32_t sbar = sO0 + Cfg::kOBytes;
   const PingSync sy = make_ping_sync<Cfg::kPing>(sbar, smem_raw + (sbar - smem_u32(smem_raw)), kStages, kNT,
                                                  Cfg::Base::kVStages);
 
@@ -634,6 +660,11 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
   // The current work item and its cursor (QueryItem).
   QueryItem<T, kBM, kBN, kStages, true> C;
   const QueryTile& W = C.W;
+  // With a staging tile and TMA, an unsplit item's output rows go out as TMA stores (one thread of
+  // each warpgroup issues its 64 rows'): no quad transposes or per-store addresses in the epilogue,
+  // which is on the item boundary's critical path (RESULTS.md, eleventh session: 2-3% at D64).
+  const bool o_issuer = lane == 0 && warp % 4 == 0;
+  constexpr int kBarO = 4;  // + wg: a consumer warpgroup's own barrier
   auto has = [&]() { return C.has(); };
   auto next = [&]() { C.next(p); };
   auto has_next = [&]() { return C.has_next(); };
@@ -754,10 +785,30 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     sm90::wait<0>();
     sm90::fence_regs(acc);
     if constexpr (!Cfg::kPing) cp_async_wait<0>();
-    store_fwd_rows<T, kD>(p, W, kBM, acc, mrow, lrow, wrow, g, t4);
+    if (Cfg::kOBytes > 0 && p.tma != 0 && W.slot < 0) {
+      const uint32_t sO = sO0 + wg * (64 * kD * 2);
+      const float l[2] = {quad_sum(lrow[0]), quad_sum(lrow[1])};
+      if (o_issuer) sm90::bulk_wait_read();  // the previous item's store has read the tile
+      sm90::named_sync(kBarO + wg, 128);
+      stage_fwd_rows<T, kD>(sO, acc, l, warp % 4, lane);
+      sm90::fence_async_smem();  // the writes, before the async proxy reads them
+      sm90::named_sync(kBarO + wg, 128);
+      if (o_issuer) sm90::tma_store_tile<64, kD>(sO, &p.tma_o, W.m0 + wg * 64, W.h, W.b);
+      // The lse after the fence and the store: written before them, the D64 forward gained nothing.
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int i = W.m0 + wrow + g + r * 8;
+        if (t4 == 0 && i < p.Sq) {
+          p.lse_out[(static_cast<int64_t>(W.b) * p.H + W.h) * p.Sq + i] = row_lse(mrow[r], l[r]);
+        }
+      }
+    } else {
+      store_fwd_rows<T, kD>(p, W, kBM, acc, mrow, lrow, wrow, g, t4);
+    }
     return any;
   };
   run_items<Cfg::kPing, kWG>(p, sy, wg, ltid, producer_item, consumer_item);
+  if (Cfg::kOBytes > 0 && wg < kWG && o_issuer) sm90::bulk_wait();  // before the CTA's memory goes
 #else
   __trap();
 #endif

@@ -80,8 +80,9 @@ struct Params {
   // (D, S, H, B), boxes of 64 columns x the kernel's tile rows with the 128-byte swizzle of its
   // shared tiles (attention.cu: set_tma). tma = 1: one producer thread issues each tile as TMA
   // copies; 0: the producer's 128 threads copy it with cp.async (DILATED_SPARSE_TMA=0, or the
-  // driver could not encode the maps).
-  CUtensorMap tma_q, tma_k, tma_v, tma_do;
+  // driver could not encode the maps). The forward also stores its output rows with TMA (tma_o:
+  // `out`, boxes of 64 columns x 64 rows, one warpgroup's rows).
+  CUtensorMap tma_q, tma_k, tma_v, tma_do, tma_o;
   int tma = 0;
 };
 

@@ -150,6 +150,31 @@ __device__ __forceinline__ void tma_tile(uint32_t dst, const void* map, int row0
 #pragma unroll
   for (int panel = 0; panel < kD / 64; ++panel) tma_load_4d(dst + panel * (kRows * 128), map, panel * 64, row0, h, b, bar);
 }
+// TMA store: the [kRows][kD] SW128 tile at `src` to rows row0.. of head h, batch b of the tensor
+// map's tensor (boxes of 64 columns x kRows rows); rows and columns outside the tensor are not
+// written. Committed as one bulk group of the issuing thread (bulk_wait_read / bulk_wait).
+template <int kRows, int kD>
+__device__ __forceinline__ void tma_store_tile(uint32_t src, const void* map, int row0, int h, int b) {
+  static_assert(kD % 64 == 0 && kRows <= 256, "TMA boxes: 64-column panels of at most 256 rows");
+#pragma unroll
+  for (int panel = 0; panel < kD / 64; ++panel) {
+    asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%1, %2, %3, %4}], [%5];\n" ::"l"(map),
+                 "r"(panel * 64), "r"(row0), "r"(h), "r"(b), "r"(src + panel * (kRows * 128))
+                 : "memory");
+  }
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+// The issuing thread's bulk groups have finished reading shared memory / have completed.
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+// Four 8 x 8 matrices of 16-bit values from the mma fragments r0..r3 (lane l: row l / 4, columns
+// 2 (l % 4) and 2 (l % 4) + 1 of each) to shared memory; lane l gives the address of row l % 8 of
+// matrix l / 8.
+__device__ __forceinline__ void stmatrix_x4(uint32_t at, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(at), "r"(r0), "r"(r1),
+               "r"(r2), "r"(r3)
+               : "memory");
+}
 __device__ __forceinline__ void named_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
