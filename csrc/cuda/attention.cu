@@ -840,10 +840,10 @@ bool encode_tma(CUtensorMap* map, const at::Tensor& t, int rows) {
 
 // Fills p.tma_{q,k,v} (and tma_do when dout is given, tma_o with 64-row boxes when out is) for an
 // sm_90 kernel whose Q (and dO) tiles have `q_rows` rows and K/V tiles `kv_rows`, and sets p.tma
-// when every map encodes; the kernel
-// copies with cp.async otherwise (same tiles, same results). DILATED_SPARSE_TMA=0 never uses TMA,
-// =1 requires it (an error if a map does not encode; tests). The maps hold the pointers, so they
-// are made per call (a host-side encode, no launch).
+// when every map encodes; the kernel copies with cp.async otherwise (same tiles, same results) and
+// stores its output from registers. DILATED_SPARSE_TMA=0 never uses TMA, =1 requires it (an error
+// if a map does not encode; tests). The maps hold the pointers, so they are made per call (a
+// host-side encode, no launch).
 void set_tma(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
              int q_rows, int kv_rows, const at::Tensor& out = at::Tensor()) {
   p.tma = 0;
