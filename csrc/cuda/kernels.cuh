@@ -431,14 +431,20 @@ __device__ __forceinline__ void mask_tile(float (&S)[kN][4], const Rules& R, con
   }
 }
 
-// Forward epilogue of 16 rows (tile rows row_local.. of an accumulator fragment): the normalised
-// output and lse, or for a piece of a split row the fp32 partials merge_kernel combines.
-// The log-sum-exp (natural log) of a row from its running max (log2 domain) and its quad-reduced
-// sum; -inf for a row without an allowed key.
+// A forward row's epilogue from its running max (log2 domain) and quad-reduced softmax sum l: the
+// factor its output is divided by (0 for a row without an allowed key, so it stays 0) ...
+__device__ __forceinline__ float row_inv_sum(float l) { return l > 0.f ? 1.f / l : 0.f; }
+// ... its log-sum-exp (natural log; -inf without an allowed key) ...
 __device__ __forceinline__ float row_lse(float mrow, float l) {
   return l > 0.f ? (mrow + __log2f(l)) * kLn2 : -INFINITY;
 }
+// ... and where that goes: query row i of batch b, head h.
+__device__ __forceinline__ float& lse_at(const Params& p, int b, int h, int i) {
+  return p.lse_out[(static_cast<int64_t>(b) * p.H + h) * p.Sq + i];
+}
 
+// Forward epilogue of 16 rows (tile rows row_local.. of an accumulator fragment): the normalised
+// output and lse, or for a piece of a split row the fp32 partials merge_kernel combines.
 template <typename T, int kD>
 __device__ __forceinline__ void store_fwd_rows(const Params& p, const QueryTile& w, int bm,
                                                const float (&acc)[kD / 8][4], const float (&mrow)[2],
@@ -448,7 +454,7 @@ __device__ __forceinline__ void store_fwd_rows(const Params& p, const QueryTile&
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float l = quad_sum(lrow[r]);
-      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const float inv = row_inv_sum(l);
       const int il = row_local + g + r * 8;
       float* orow = p.opart + (ws * bm + il) * p.D;
 #pragma unroll
@@ -463,14 +469,12 @@ __device__ __forceinline__ void store_fwd_rows(const Params& p, const QueryTile&
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float l = quad_sum(lrow[r]);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float inv = row_inv_sum(l);
     const int i = w.m0 + row_local + g + r * 8;
     T* orow = static_cast<T*>(p.out) + ((static_cast<int64_t>(w.b) * p.Sq + i) * p.H + w.h) * p.D;
     store_row<T, kD / 8>(orow, acc, r, inv, 0, p.D, i < p.Sq, t4);
     if (i >= p.Sq) continue;
-    if (t4 == 0) {
-      p.lse_out[(static_cast<int64_t>(w.b) * p.H + w.h) * p.Sq + i] = row_lse(mrow[r], l);
-    }
+    if (t4 == 0) lse_at(p, w.b, w.h, i) = row_lse(mrow[r], l);
   }
 }
 

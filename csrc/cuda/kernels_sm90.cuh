@@ -619,7 +619,7 @@ struct QueryItem {
 template <typename T, int kD>
 __device__ __forceinline__ void stage_fwd_rows(uint32_t sO, const float (&acc)[kD / 8][4], const float (&l)[2],
                                                int w4, int lane) {
-  const float inv[2] = {l[0] > 0.f ? 1.f / l[0] : 0.f, l[1] > 0.f ? 1.f / l[1] : 0.f};
+  const float inv[2] = {row_inv_sum(l[0]), row_inv_sum(l[1])};
   // This lane addresses row lane % 8 of matrix lane / 8: rows 8 (m % 2) + j, 8-column group m / 2
   // of each pair of groups.
   const int m = lane / 8, j = lane % 8;
@@ -798,9 +798,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int i = W.m0 + wrow + g + r * 8;
-        if (t4 == 0 && i < p.Sq) {
-          p.lse_out[(static_cast<int64_t>(W.b) * p.H + W.h) * p.Sq + i] = row_lse(mrow[r], l[r]);
-        }
+        if (t4 == 0 && i < p.Sq) lse_at(p, W.b, W.h, i) = row_lse(mrow[r], l[r]);
       }
     } else {
       store_fwd_rows<T, kD>(p, W, kBM, acc, mrow, lrow, wrow, g, t4);
