@@ -918,7 +918,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
   const int64_t units = p.tl.work != nullptr ? keep.nwork : static_cast<int64_t>(L) * p.tl.ntiles;
   const at::Tensor counter = work_counters(kf.arch == 90 ? 1 : 0, q);
   p.work_counter = counter.defined() ? counter.data_ptr<int>() : nullptr;
-  if (kf.arch == 90) set_tma(p, q, k, v, at::Tensor(), kf.pm, kf.sn, out);
+  if (kf.arch == 90) set_tma(p, q, k, v, at::Tensor(), kf.pm, kf.sn, kf.tma_out ? out : at::Tensor());
   kf.fn(p, units * rep, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.tl.work != nullptr && keep.nsplit > 0) {
@@ -1061,7 +1061,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     stream_wait(dkv_stream, stream);
   }
   // dQ tiles: pm query rows, sn keys a step; dK/dV tiles: pm keys, sn queries a step.
-  if (kdq.arch == 90) set_tma(pq, q, k, v, dout, kdq.pm, kdq.sn);
+  // The dQ-from-dS kernel copies K with cp.async and the dS panels with bulk copies: no maps.
+  if (kdq.arch == 90 && !kdq.ds) set_tma(pq, q, k, v, dout, kdq.pm, kdq.sn);
   if (kdkv.arch == 90) set_tma(pk, q, k, v, dout, kdkv.sn, kdkv.pm);
   kdkv.fn(pk, static_cast<int64_t>(L) * pk.tl.ntiles * rep_k, dkv_stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -1376,7 +1376,8 @@ void launch_dkv_sm90(const Params& p, int64_t items, cudaStream_t stream) {
 #endif
 #define DS_REGISTER_FWD_SM90(T, DT, D, V, WG, BN, SCHED, AUTO)                                   \
   template void launch_fwd_sm90<T, D, WG, BN, SCHED>(const Params&, int64_t, cudaStream_t);     \
-  DS_SM90_REGISTRAR(kOpFwd, DT, D, V, (&launch_fwd_sm90<T, D, WG, BN, SCHED>), 64 * WG, BN, AUTO)
+  DS_SM90_REGISTRAR(kOpFwd, DT, D, V, (&launch_fwd_sm90<T, D, WG, BN, SCHED>), 64 * WG, BN,     \
+                    (AUTO) | (FwdSm90Cfg<D, WG, BN, SCHED>::kOBytes > 0 ? kFlagTmaOut : 0))
 #define DS_REGISTER_DQ_SM90(T, DT, D, V, WG, BN, SCHED, AUTO)                                  \
   template void launch_dq_sm90<T, D, WG, BN, SCHED>(const Params&, int64_t, cudaStream_t);     \
   DS_SM90_REGISTRAR(kOpDq, DT, D, V, (&launch_dq_sm90<T, D, WG, BN, SCHED>), 64 * WG, BN, AUTO)
