@@ -38,7 +38,7 @@ def main() -> None:
 
     rows = load_rows(args.json)
     shapes = sorted({cfg for cfg, _, _ in rows}, key=lambda c: (c.split()[1], int(c.split()[2][1:])))
-    fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 3.9), squeeze=False)
     for ax, cfg in zip(axes[0], shapes):
         patterns = sorted({p for c, p, _ in rows if c == cfg and (c, p, "ours") in rows and (c, p, "flex") in rows})
         xs = range(len(patterns))
@@ -52,9 +52,11 @@ def main() -> None:
         ax.set_xticks(list(xs), [p.replace(" ", "\n") for p in patterns], fontsize=7)
         ax.set_title(f"{cfg} bf16", fontsize=9)
         ax.set_ylabel("TFLOP/s (active blocks)")
-    axes[0][0].legend(fontsize=7)
+    # One legend for all panels, below them: inside a panel it hid the tallest bars.
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
     fig.suptitle("dilated_sparse vs FlexAttention (same block mask), H200", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(args.output, dpi=80)
     print(f"wrote {args.output}")
 
