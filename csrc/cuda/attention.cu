@@ -1061,8 +1061,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     stream_wait(dkv_stream, stream);
   }
   // dQ tiles: pm query rows, sn keys a step; dK/dV tiles: pm keys, sn queries a step.
-  // The dQ-from-dS kernel copies K with cp.async and the dS panels with bulk copies: no maps.
-  if (kdq.arch == 90 && !kdq.ds) set_tma(pq, q, k, v, dout, kdq.pm, kdq.sn);
+  // (The dQ-from-dS kernel reads only the K map; its dS panels are plain bulk copies.)
+  if (kdq.arch == 90) set_tma(pq, q, k, v, dout, kdq.pm, kdq.sn);
   if (kdkv.arch == 90) set_tma(pk, q, k, v, dout, kdkv.sn, kdkv.pm);
   kdkv.fn(pk, static_cast<int64_t>(L) * pk.tl.ntiles * rep_k, dkv_stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
