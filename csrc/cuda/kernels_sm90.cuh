@@ -458,10 +458,10 @@ __device__ __forceinline__ void run_tiles(const int& stage, int& ring, int wg, i
 // Ping-pong producer of one work item: its tiles into the ring (running count `ring` over the
 // CTA's items), at most kStages ahead of the consumers. load(st) issues the copies of the current
 // tile into slot st (with a separate V ring, kVStages > 0: its K, and load_v(v) its V into V slot
-// v); step() moves the cursor. The primary tiles (load_res, into buffer
-// res_buf(nres) once the consumers released it): with one buffer after the first ring tile, so
-// that tile loads while the consumers finish the previous item; with two, first; with none
-// (kResBufs 0: the dQ-from-dS kernel reads both operands from the ring), never.
+// v); step() moves the cursor. The primary tiles (load_res(bar): into buffer res_buf(nres) once
+// the consumers released it, counted on that buffer's barrier bar): with one buffer after the
+// first ring tile, so that tile loads while the consumers finish the previous item; with two,
+// first; with none (kResBufs 0: the dQ-from-dS kernel reads both operands from the ring), never.
 template <int kStages, int kResBufs, int kVStages = 0, class Has, class Load, class LoadRes, class Step,
           class LoadV = int>
 __device__ __forceinline__ void produce(const PingSync& sy, int& ring, int nres, Has has, Load load, LoadRes load_res,
@@ -470,7 +470,7 @@ __device__ __forceinline__ void produce(const PingSync& sy, int& ring, int nres,
   const int round = res_round<kResBufs>(nres);
   auto primary = [&]() {
     if (round > 0) sm90::mbar_wait(empty, (round - 1) & 1);
-    load_res();
+    load_res(full);
     sm90::cp_async_arrive(full);
   };
   if constexpr (kResBufs == 2) primary();
@@ -684,10 +684,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
           C.template produce_k<kD, Cfg::kKVBytes>(p, sK0, st, sy.full + 8 * st, ltid);
           if constexpr (Cfg::Base::kVStages == 0) C.template produce_v<kD, Cfg::kKVBytes>(p, sV0, st, sy.full + 8 * st, ltid);
         },
-        [&]() {
-          produce_tile<T, kBM, kD>(p, p.tma_q, sQ, C.q, p.q_ss, W.m0, p.Sq, W.h, W.b,
-                                   sy.res_full + 8 * res_buf<Cfg::kResBufs>(nres), ltid);
-        },
+        [&](uint32_t bar) { produce_tile<T, kBM, kD>(p, p.tma_q, sQ, C.q, p.q_ss, W.m0, p.Sq, W.h, W.b, bar, ltid); },
         [&]() {
           next();
           advance();
@@ -869,8 +866,7 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
           C.template produce_k<kD, Cfg::kKVBytes>(p, sK0, st, sy.full + 8 * st, ltid);
           C.template produce_v<kD, Cfg::kKVBytes>(p, sV0, st, sy.full + 8 * st, ltid);
         },
-        [&]() {
-          const uint32_t bar = sy.res_full + 8 * res_buf<Cfg::kResBufs>(nres);
+        [&](uint32_t bar) {
           produce_tile<T, kBM, kD>(p, p.tma_q, sQ, C.q, p.q_ss, W.m0, p.Sq, W.h, W.b, bar, ltid);
           produce_tile<T, kBM, kD>(p, p.tma_do, sdO, dog, p.do_ss, W.m0, p.Sq, W.h, W.b, bar, ltid);
         },
@@ -1082,8 +1078,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
       if constexpr (Cfg::kWriteDs) {  // the pair's CSR entry, next to its lse and Delta rows
         if (ltid == 0) cp_async4(stage_side(st) + 8 * kBM, p.ds_csr_entry + E.base + it / p.tl.kf, true);
       }
-    }, [&]() {
-      const uint32_t bar = sy.res_full + 8 * res_buf<Cfg::kResBufs>(nres);
+    }, [&](uint32_t bar) {
       produce_tile<T, kBN, kD>(p, p.tma_k, sK, kg, p.k_ss, n0, p.Sk, hk, b, bar, ltid);
       produce_tile<T, kBN, kD>(p, p.tma_v, sV, vg, p.v_ss, n0, p.Sk, hk, b, bar, ltid);
     }, [&]() {
@@ -1272,7 +1267,7 @@ __global__ void __launch_bounds__(DqDsSm90Cfg<kD>::kThreads, 1) dq_ds_sm90_kerne
             sm90::bulk_load(sDs0 + st * Cfg::kDsBytes, ds_tile(), Cfg::kDsBytes, sy.full + 8 * st);
           }
         },
-        []() {},
+        [](uint32_t) {},
         [&]() {
           C.next(p);
           C.advance();
