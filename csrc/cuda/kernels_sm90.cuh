@@ -99,6 +99,18 @@ struct Sm90Threads {
   }
 };
 
+// The ping-pong forward's record of a ring slot's key tile, written by producer thread 0 with the
+// tile's copies and published by that slot's full barrier (one more arrival, with release
+// semantics): the consumers read it instead of walking the tile list themselves (~130 lines of
+// SASS between a turn and its wait, on the path to the softmax; RESULTS.md, thirteenth session).
+struct alignas(16) TileRecord {
+  int kt;     // key tile
+  int state;  // pair_state (2: mask per element)
+  uint32_t msk_lo, msk_hi;  // membership mask
+  int last;   // the item's last tile
+  int pad[3];
+};
+
 // fwd / dQ: kWG warpgroups of 64 query rows, kBN keys per step. Shared memory (+ 1024 bytes of
 // alignment slack): Q (and dO for dQ) per primary buffer, kStages K and V tiles, the mbarriers.
 template <int kD, int kWG_, int kBN_, int kSched = kSchedLockstep>
@@ -116,7 +128,9 @@ struct FwdSm90Cfg : Sm90Threads<kWG_, kSched> {
   // (D64; D128 with two primary buffers and two stages), else none (stores from registers).
   static constexpr int kOBytes =
       Base::kPing && Base::smem(kResBytes, kKVBytes, kStages + kVSlots) + kBM * kD * 2 <= kMaxSmem ? kBM * kD * 2 : 0;
-  static constexpr int kSmem = Base::smem(kResBytes, kKVBytes, kStages + kVSlots) + kOBytes;
+  // Ping-pong: the producer's record of each ring slot's tile (TileRecord), after the barriers.
+  static constexpr int kRecBytes = Base::kPing ? kStages * static_cast<int>(sizeof(TileRecord)) : 0;
+  static constexpr int kSmem = Base::smem(kResBytes, kKVBytes, kStages + kVSlots) + kOBytes + kRecBytes;
   static_assert(kSmem <= kMaxSmem, "forward tile does not fit in shared memory");
 };
 
@@ -177,10 +191,11 @@ struct PingSync {
 };
 
 // `at`: shared address of the barrier bytes (8-byte aligned), `gen`: generic pointer to them.
-// Initialises the barriers when kInit (ping-pong), then syncs the CTA.
+// Initialises the barriers when kInit (ping-pong), then syncs the CTA. full_extra: arrivals on a
+// ring slot's full barrier besides the producer's 128 (the forward's record: TileRecord).
 template <bool kInit>
 __device__ __forceinline__ PingSync make_ping_sync(uint32_t at, unsigned char* gen, int stages, int consumers,
-                                                  int vstages = 0) {
+                                                  int vstages = 0, int full_extra = 0) {
   PingSync s;
   s.full = at;
   s.empty = at + 8 * stages;
@@ -194,7 +209,7 @@ __device__ __forceinline__ PingSync make_ping_sync(uint32_t at, unsigned char* g
   if constexpr (kInit) {
     if (threadIdx.x == 0) {
       for (int i = 0; i < stages; ++i) {
-        sm90::mbar_init(s.full + 8 * i, 128);
+        sm90::mbar_init(s.full + 8 * i, 128 + full_extra);
         sm90::mbar_init(s.empty + 8 * i, consumers);
       }
       for (int i = 0; i < vstages; ++i) {
@@ -280,15 +295,20 @@ __device__ __forceinline__ ItemInfo take_item(const PingSync& s, int n) {
 //   last(c, st)    issue and commit the products that consume set c, reading slot st
 //   done()         once those retired (the forward rescales its output rows here)
 //   release()      ping-pong: the primary tiles are no longer read (after the last scores)
+//   landed()       ping-pong: the current tile's slot is full (the forward reads the producer's
+//                  record of the tile here: TileRecord)
 // Ping-pong: `ring` counts the ring tiles this CTA consumed over all its items (slot and phase);
 // kTwoTurns: scores and last products take separate turns, each waited for, so set c never
 // shares the register file with the next tile's scores.
+struct NoHook {
+  __device__ __forceinline__ void operator()() const {}
+};
 template <int kSched, int kStages, bool kTwoTurns, class Has, class Next, class HasNext, class Advance,
-          class LoadNext, class Scores, class Compute, class Last, class Done, class Release>
+          class LoadNext, class Scores, class Compute, class Last, class Done, class Release, class Landed = NoHook>
 __device__ __forceinline__ void run_tiles(const int& stage, int& ring, int wg, int consumers, const PingSync& sy,
                                           Has has, Next next, HasNext has_next, Advance advance,
                                           LoadNext load_next, Scores scores, Compute compute, Last last,
-                                          Done done, Release release) {
+                                          Done done, Release release, Landed landed = {}) {
   // lockstep / overlap: the current tile has landed for every thread, and the slot after it is
   // free (its last readers retired before this barrier): start the next tile there.
   auto publish_and_prefetch = [&]() {
@@ -348,6 +368,7 @@ __device__ __forceinline__ void run_tiles(const int& stage, int& ring, int wg, i
     if (!has()) return;
     auto begin_turn = [&]() {
       sm90::mbar_wait(sy.full + 8 * stage, (ring / kStages) & 1);
+      landed();
       sm90::fence_async_smem();
       sm90::named_sync(1 + wg, consumers);
     };
@@ -409,6 +430,7 @@ __device__ __forceinline__ void run_tiles(const int& stage, int& ring, int wg, i
     const uint32_t last_empty = kVStages > 0 ? sy.vempty : sy.empty;
     while (has()) {
       sm90::mbar_wait(sy.full + 8 * stage, (ring / kStages) & 1);
+      landed();
       if (!first) wait_v();
       sm90::fence_async_smem();
       sm90::named_sync(1 + wg, consumers);
@@ -650,7 +672,9 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
   const uint32_t sO0 = sV0 + Cfg::kVSlots * Cfg::kKVBytes;  // [kBM][kD] output staging (kOBytes)
   const uint32_t sbar = sO0 + Cfg::kOBytes;
   const PingSync sy = make_ping_sync<Cfg::kPing>(sbar, smem_raw + (sbar - smem_u32(smem_raw)), kStages, kNT,
-                                                 Cfg::Base::kVStages);
+                                                 Cfg::Base::kVStages, Cfg::kPing ? 1 : 0);
+  // [kStages] TileRecord (ping-pong)
+  volatile TileRecord* rec = reinterpret_cast<volatile TileRecord*>(smem_raw + (sbar + Cfg::kBarBytes - smem_u32(smem_raw)));
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const int wg = warp / 4;
@@ -683,12 +707,18 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
         [&](int st) {
           C.template produce_k<kD, Cfg::kKVBytes>(p, sK0, st, sy.full + 8 * st, ltid);
           if constexpr (Cfg::Base::kVStages == 0) C.template produce_v<kD, Cfg::kKVBytes>(p, sV0, st, sy.full + 8 * st, ltid);
+          next();  // the tile after it, for the record's `last` (step() only advances)
+          if (ltid == 0) {
+            rec[st].kt = C.kt;
+            rec[st].state = C.state;
+            rec[st].msk_lo = static_cast<uint32_t>(C.msk);
+            rec[st].msk_hi = static_cast<uint32_t>(C.msk >> 32);
+            rec[st].last = has_next() ? 0 : 1;
+            sm90::mbar_arrive(sy.full + 8 * st);  // release: the record, with the slot's tiles
+          }
         },
         [&](uint32_t bar) { produce_tile<T, kBM, kD>(p, p.tma_q, sQ, C.q, p.q_ss, W.m0, p.Sq, W.h, W.b, bar, ltid); },
-        [&]() {
-          next();
-          advance();
-        },
+        advance,
         [&](int vs) { C.template produce_v<kD, Cfg::kKVBytes>(p, sV0, vs, sy.vfull + 8 * vs, ltid); });
     return true;
   };
@@ -712,6 +742,9 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.f, 0.f}, corr[2] = {1.f, 1.f};
     const float sl2 = p.scale_log2;
     uint32_t P[2][kBN / 16][4];
+    // Ping-pong: the current tile as the producer recorded it (read once its slot is full).
+    int kt = 0, state = 0, last = 0;
+    uint64_t msk = 0;
 
     // S = Q K^T of the current tile (this warpgroup's 64 rows x kBN keys).
     auto scores = [&]() {
@@ -729,7 +762,12 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     // probabilities to P[c] and the factor the output rows must be rescaled by to corr.
     auto softmax = [&](auto c) {
       sm90::fence_regs(S);
-      if (C.state == 2) mask_tile<kBN / 8, false>(S, W.R, p.tl, C.msk, W.m0, wrow, C.kt * kBN, g, t4, -INFINITY);
+      if constexpr (!Cfg::kPing) {
+        kt = C.kt;
+        state = C.state;
+        msk = C.msk;
+      }
+      if (state == 2) mask_tile<kBN / 8, false>(S, W.R, p.tl, msk, W.m0, wrow, kt * kBN, g, t4, -INFINITY);
       float mx[2] = {mrow[0], mrow[1]};
 #pragma unroll
       for (int nt = 0; nt < kBN / 8; ++nt) {
@@ -776,9 +814,32 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
         acc[i][3] *= corr[1];
       }
     };
-    run_tiles<kSched, kStages, false>(C.stage, ring, wg, kNT, sy, has, next, has_next, advance,
+    // Ping-pong: the walk follows the producer's records (the item's first tile is known from
+    // C.start); otherwise every consumer walks the tile list.
+    bool more = any;
+    auto c_has = [&]() { return Cfg::kPing ? more : C.has(); };
+    auto c_next = [&]() {
+      if constexpr (!Cfg::kPing) C.next(p);
+    };
+    auto c_has_next = [&]() { return Cfg::kPing ? last == 0 : C.has_next(); };
+    auto c_advance = [&]() {
+      if constexpr (Cfg::kPing) {
+        C.stage = C.stage + 1 == kStages ? 0 : C.stage + 1;
+        more = last == 0;
+      } else {
+        C.advance();
+      }
+    };
+    auto landed = [&]() {
+      const volatile TileRecord& r = rec[C.stage];
+      kt = r.kt;
+      state = r.state;
+      msk = r.msk_lo | static_cast<uint64_t>(r.msk_hi) << 32;
+      last = r.last;
+    };
+    run_tiles<kSched, kStages, false>(C.stage, ring, wg, kNT, sy, c_has, c_next, c_has_next, c_advance,
                                       [&](int st) { load_kv(st, C.kt_n); }, scores, softmax, pv, rescale,
-                                      [&]() { release_primary<Cfg::kResBufs>(sy, nres); });
+                                      [&]() { release_primary<Cfg::kResBufs>(sy, nres); }, landed);
     sm90::wait<0>();
     sm90::fence_regs(acc);
     if constexpr (!Cfg::kPing) cp_async_wait<0>();
