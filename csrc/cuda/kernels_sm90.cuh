@@ -701,14 +701,16 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     use_buffer(nres);
     C.start(p, d);
     if (!has()) return false;
+    // The producer looks one tile ahead (next() after each step, while it waits for a free slot),
+    // so a slot's record, `last` included, goes out with its copies.
+    next();
     // Ring slot st takes the tile's K and V, or only K with a separate V ring (slot vs).
     produce<kStages, Cfg::kResBufs, Cfg::Base::kVStages>(
         sy, ring, nres, has,
         [&](int st) {
           C.template produce_k<kD, Cfg::kKVBytes>(p, sK0, st, sy.full + 8 * st, ltid);
           if constexpr (Cfg::Base::kVStages == 0) C.template produce_v<kD, Cfg::kKVBytes>(p, sV0, st, sy.full + 8 * st, ltid);
-          next();  // the tile after it, for the record's `last` (step() only advances)
-          if (ltid == 0) {
+          if (ltid == 0) {  // has_next(): the lookahead step() made, before this slot was free
             rec[st].kt = C.kt;
             rec[st].state = C.state;
             rec[st].msk_lo = static_cast<uint32_t>(C.msk);
@@ -718,7 +720,10 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
           }
         },
         [&](uint32_t bar) { produce_tile<T, kBM, kD>(p, p.tma_q, sQ, C.q, p.q_ss, W.m0, p.Sq, W.h, W.b, bar, ltid); },
-        advance,
+        [&]() {
+          advance();
+          if (has()) next();
+        },
         [&](int vs) { C.template produce_v<kD, Cfg::kKVBytes>(p, sV0, vs, sy.vfull + 8 * vs, ltid); });
     return true;
   };
