@@ -18,7 +18,8 @@
 //    These kernels are persistent: one CTA per SM takes work items from a global counter (longest
 //    first, as planned); the producer decodes each item, posts it to the consumers through shared
 //    memory (ItemInfo) and loads the next item's first tiles while they finish the current one, so
-//    short rows do not pay a cold start each.
+//    short rows do not pay a cold start each. In the forward the producer also walks the tile list
+//    for the consumers: a TileRecord per ring slot, published by the slot's full barrier.
 //
 // The dS-scratch backward (attention.cu: bwd_cuda): a dK/dV variant (kSchedWriteDs) also writes
 // each tile pair's dS^T, as the swizzled shared image the products read, to a scratch buffer; then
