@@ -109,7 +109,6 @@ struct alignas(16) TileRecord {
   int state;  // pair_state (2: mask per element)
   uint32_t msk_lo, msk_hi;  // membership mask
   int last;   // the item's last tile
-  int pad[3];
 };
 
 // fwd / dQ: kWG warpgroups of 64 query rows, kBN keys per step. Shared memory (+ 1024 bytes of
@@ -768,7 +767,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     // probabilities to P[c] and the factor the output rows must be rescaled by to corr.
     auto softmax = [&](auto c) {
       sm90::fence_regs(S);
-      if constexpr (!Cfg::kPing) {
+      if constexpr (!Cfg::kPing) {  // no records: the cursor's current tile
         kt = C.kt;
         state = C.state;
         msk = C.msk;
