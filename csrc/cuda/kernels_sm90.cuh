@@ -100,15 +100,17 @@ struct Sm90Threads {
   }
 };
 
-// The ping-pong forward's record of a ring slot's key tile, written by producer thread 0 with the
-// tile's copies and published by that slot's full barrier (one more arrival, with release
-// semantics): the consumers read it instead of walking the tile list themselves (~130 lines of
-// SASS between a turn and its wait, on the path to the softmax; RESULTS.md, thirteenth session).
+// A ping-pong kernel's record of a ring slot's secondary tile (forward: key tile; dK/dV: query
+// tile), written by producer thread 0 with the tile's copies and published by that slot's full
+// barrier (one more arrival, with release semantics): the consumers read it instead of walking the
+// tile list themselves (~130 lines of SASS between a turn and its wait, on the path to the
+// softmax; RESULTS.md, thirteenth session).
 struct alignas(16) TileRecord {
-  int kt;     // key tile
+  int tile;   // secondary tile
   int state;  // pair_state (2: mask per element)
   uint32_t msk_lo, msk_hi;  // membership mask
   int last;   // the item's last tile
+  int member;  // dK/dV: the GQA group member whose query tile it is
 };
 
 // fwd / dQ: kWG warpgroups of 64 query rows, kBN keys per step. Shared memory (+ 1024 bytes of
@@ -161,7 +163,9 @@ struct DkvSm90Cfg : Sm90Threads<kWG_, kSchedM & ~kSchedWriteDs> {
   static constexpr int kQBytes = kBM * kD * 2;
   static constexpr int kResBytes = 2 * kKVBytes;  // K, V
   static constexpr int kStageBytes = 2 * kQBytes;  // Q, dO
-  static constexpr int kSideBytes = 2 * kBM * 4 + (kWriteDs ? 16 : 0);  // lse, Delta (, CSR entry)
+  // lse, Delta (, CSR entry) (, ping-pong: the slot's TileRecord)
+  static constexpr int kRecOffset = 2 * kBM * 4 + (kWriteDs ? 16 : 0);
+  static constexpr int kSideBytes = kRecOffset + (Base::kPing ? static_cast<int>(sizeof(TileRecord)) : 0);
   static_assert(!kWriteDs || Base::kPing, "dS is written by the ping-pong schedule only");
   static_assert(kStageBytes % 1024 == 0 && kResBytes % 1024 == 0, "swizzled tiles need 1024-byte alignment");
   static constexpr int kStages = Base::stages(kResBytes, kStageBytes, kSideBytes);
@@ -711,7 +715,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
           C.template produce_k<kD, Cfg::kKVBytes>(p, sK0, st, sy.full + 8 * st, ltid);
           if constexpr (Cfg::Base::kVStages == 0) C.template produce_v<kD, Cfg::kKVBytes>(p, sV0, st, sy.full + 8 * st, ltid);
           if (ltid == 0) {  // has_next(): the lookahead step() made, before this slot was free
-            rec[st].kt = C.kt;
+            rec[st].tile = C.kt;
             rec[st].state = C.state;
             rec[st].msk_lo = static_cast<uint32_t>(C.msk);
             rec[st].msk_hi = static_cast<uint32_t>(C.msk >> 32);
@@ -837,7 +841,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     };
     auto landed = [&]() {
       const volatile TileRecord& r = rec[C.stage];
-      kt = r.kt;
+      kt = r.tile;
       state = r.state;
       msk = r.msk_lo | static_cast<uint64_t>(r.msk_hi) << 32;
       last = r.last;
@@ -1052,9 +1056,13 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
   uint32_t sK = sRes0, sV = sRes0 + Cfg::kKVBytes;  // the current item's
   const uint32_t sSide0 = sStage0 + kStages * Cfg::kStageBytes;  // [stages] {lse, Delta}
   const uint32_t sbar = sSide0 + kStages * Cfg::kSideBytes;
-  const PingSync sy = make_ping_sync<Cfg::kPing>(sbar, smem_raw + (sbar - smem_u32(smem_raw)), kStages, kNT);
+  const PingSync sy = make_ping_sync<Cfg::kPing>(sbar, smem_raw + (sbar - smem_u32(smem_raw)), kStages, kNT, 0,
+                                                 Cfg::kPing ? 1 : 0);
   // Generic pointer to the side rows, for the lse / Delta reads.
   unsigned char* const sgen = smem_raw + (sSide0 - smem_u32(smem_raw));
+  auto record = [&](int st) -> volatile TileRecord& {
+    return *reinterpret_cast<volatile TileRecord*>(sgen + st * Cfg::kSideBytes + Cfg::kRecOffset);
+  };
   auto stage_q = [&](int st) { return sStage0 + st * Cfg::kStageBytes; };
   auto stage_do = [&](int st) { return sStage0 + st * Cfg::kStageBytes + Cfg::kQBytes; };
   auto stage_side = [&](int st) { return sSide0 + st * Cfg::kSideBytes; };
@@ -1139,17 +1147,28 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
   auto producer_item = [&](const ItemInfo& d, int& ring, int nres) {
     use_buffer(nres);
     if (!start(d) || !has()) return false;
+    next();  // one tile ahead, for the records (as the forward's producer)
     produce<kStages, Cfg::kResBufs>(sy, ring, nres, has, [&](int st) {
       load_q(st, gg, qt);
       if constexpr (Cfg::kWriteDs) {  // the pair's CSR entry, next to its lse and Delta rows
         if (ltid == 0) cp_async4(stage_side(st) + 8 * kBM, p.ds_csr_entry + E.base + it / p.tl.kf, true);
       }
+      if (ltid == 0) {
+        volatile TileRecord& r = record(st);
+        r.tile = qt;
+        r.state = state;
+        r.msk_lo = static_cast<uint32_t>(msk);
+        r.msk_hi = static_cast<uint32_t>(msk >> 32);
+        r.last = has_next() ? 0 : 1;
+        r.member = gg;
+        sm90::mbar_arrive(sy.full + 8 * st);  // release: the record, with the slot's tiles
+      }
     }, [&](uint32_t bar) {
       produce_tile<T, kBN, kD>(p, p.tma_k, sK, kg, p.k_ss, n0, p.Sk, hk, b, bar, ltid);
       produce_tile<T, kBN, kD>(p, p.tma_v, sV, vg, p.v_ss, n0, p.Sk, hk, b, bar, ltid);
     }, [&]() {
-      next();
       advance();
+      if (has()) next();
     });
     return true;
   };
@@ -1257,13 +1276,38 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
     };
     // Ping-pong takes two turns a tile: the dK and dV accumulators leave no room for the
     // probabilities next to the next tile's scores.
-    run_tiles<Cfg::kSched, kStages, Cfg::kPing>(stage, ring, wg, kNT, sy, has, next, has_next, advance,
+    // Ping-pong: the walk follows the producer's records (the item's first tile is known from
+    // start()); otherwise every consumer walks the tile lists.
+    bool more = any;
+    int last = 0;
+    auto c_has = [&]() { return Cfg::kPing ? more : has(); };
+    auto c_next = [&]() {
+      if constexpr (!Cfg::kPing) next();
+    };
+    auto c_has_next = [&]() { return Cfg::kPing ? last == 0 : has_next(); };
+    auto c_advance = [&]() {
+      if constexpr (Cfg::kPing) {
+        stage = stage + 1 == kStages ? 0 : stage + 1;
+        more = last == 0;
+      } else {
+        advance();
+      }
+    };
+    auto landed = [&]() {
+      const volatile TileRecord& r = record(stage);
+      qt = r.tile;
+      state = r.state;
+      msk = r.msk_lo | static_cast<uint64_t>(r.msk_hi) << 32;
+      last = r.last;
+      gg = r.member;
+    };
+    run_tiles<Cfg::kSched, kStages, Cfg::kPing>(stage, ring, wg, kNT, sy, c_has, c_next, c_has_next, c_advance,
                                            [&](int st) { load_q(st, gg_n, qt_n); }, scores, make_p_ds, dv_dk,
                                            [&]() {
                                              sm90::fence_regs(dK);
                                              sm90::fence_regs(dV);
                                            },
-                                           [&]() { release_primary<Cfg::kResBufs>(sy, nres); });
+                                           [&]() { release_primary<Cfg::kResBufs>(sy, nres); }, landed);
     sm90::wait<0>();
     sm90::fence_regs(dK);
     sm90::fence_regs(dV);
