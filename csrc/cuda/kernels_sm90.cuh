@@ -144,8 +144,10 @@ struct DqSm90Cfg : Sm90Threads<kWG_, kSched> {
   static constexpr int kQBytes = kBM * kD * 2;
   static constexpr int kKVBytes = kBN * kD * 2;
   static constexpr int kResBytes = 2 * kQBytes;  // Q, dO
-  static constexpr int kStages = Base::stages(kResBytes, 2 * kKVBytes);
-  static constexpr int kSmem = Base::smem(kResBytes, 2 * kKVBytes, kStages);
+  // Ping-pong: the producer's record of each ring slot's tile (TileRecord), after the barriers.
+  static constexpr int kRecSide = Base::kPing ? static_cast<int>(sizeof(TileRecord)) : 0;
+  static constexpr int kStages = Base::stages(kResBytes, 2 * kKVBytes, kRecSide);
+  static constexpr int kSmem = Base::smem(kResBytes, 2 * kKVBytes, kStages, kRecSide);
   static_assert(kSmem <= kMaxSmem, "dQ tile does not fit in shared memory");
 };
 
@@ -898,7 +900,10 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
   uint32_t sQ = sRes0, sdO = sRes0 + Cfg::kQBytes;  // the current item's
   const uint32_t sV0 = sK0 + kStages * Cfg::kKVBytes;
   const uint32_t sbar = sV0 + kStages * Cfg::kKVBytes;
-  const PingSync sy = make_ping_sync<Cfg::kPing>(sbar, smem_raw + (sbar - smem_u32(smem_raw)), kStages, kNT);
+  const PingSync sy = make_ping_sync<Cfg::kPing>(sbar, smem_raw + (sbar - smem_u32(smem_raw)), kStages, kNT, 0,
+                                                 Cfg::kPing ? 1 : 0);
+  // [kStages] TileRecord (ping-pong)
+  volatile TileRecord* rec = reinterpret_cast<volatile TileRecord*>(smem_raw + (sbar + Cfg::kBarBytes - smem_u32(smem_raw)));
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const int wg = warp / 4;
@@ -930,19 +935,28 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     use_buffer(nres);
     start(d);
     if (!has()) return false;
+    next();  // one tile ahead, for the records (as the forward's producer)
     produce<kStages, Cfg::kResBufs>(
         sy, ring, nres, has,
         [&](int st) {
           C.template produce_k<kD, Cfg::kKVBytes>(p, sK0, st, sy.full + 8 * st, ltid);
           C.template produce_v<kD, Cfg::kKVBytes>(p, sV0, st, sy.full + 8 * st, ltid);
+          if (ltid == 0) {
+            rec[st].tile = C.kt;
+            rec[st].state = C.state;
+            rec[st].msk_lo = static_cast<uint32_t>(C.msk);
+            rec[st].msk_hi = static_cast<uint32_t>(C.msk >> 32);
+            rec[st].last = has_next() ? 0 : 1;
+            sm90::mbar_arrive(sy.full + 8 * st);  // release: the record, with the slot's tiles
+          }
         },
         [&](uint32_t bar) {
           produce_tile<T, kBM, kD>(p, p.tma_q, sQ, C.q, p.q_ss, W.m0, p.Sq, W.h, W.b, bar, ltid);
           produce_tile<T, kBM, kD>(p, p.tma_do, sdO, dog, p.do_ss, W.m0, p.Sq, W.h, W.b, bar, ltid);
         },
         [&]() {
-          next();
           advance();
+          if (has()) next();
         });
     return true;
   };
@@ -977,6 +991,9 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     }
     const float sl2 = p.scale_log2;
     uint32_t sa[2][kBN / 16][4];
+    // Ping-pong: the current tile as the producer recorded it (read once its slot is full).
+    int kt = 0, state = 0, last = 0;
+    uint64_t msk = 0;
 
     // S = Q K^T, dP = dO V^T of the current tile.
     auto scores = [&]() {
@@ -1004,7 +1021,12 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
       for (int nt = 0; nt < kBN / 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) S[nt][e] = fast_exp2(fmaf(S[nt][e], sl2, -lse2[e >> 1]));
-      if (C.state == 2) mask_tile<kBN / 8, false>(S, W.R, p.tl, C.msk, W.m0, wrow, C.kt * kBN, g, t4, 0.f);
+      if constexpr (!Cfg::kPing) {  // no records: the cursor's current tile
+        kt = C.kt;
+        state = C.state;
+        msk = C.msk;
+      }
+      if (state == 2) mask_tile<kBN / 8, false>(S, W.R, p.tl, msk, W.m0, wrow, kt * kBN, g, t4, 0.f);
 #pragma unroll
       for (int nt = 0; nt < kBN / 8; ++nt)
 #pragma unroll
@@ -1023,10 +1045,33 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
       }
       sm90::commit();
     };
-    run_tiles<kSched, kStages, kTwoTurns>(C.stage, ring, wg, kNT, sy, has, next, has_next, advance,
+    // Ping-pong: the walk follows the producer's records (the item's first tile is known from
+    // C.start); otherwise every consumer walks the tile list.
+    bool more = any;
+    auto c_has = [&]() { return Cfg::kPing ? more : C.has(); };
+    auto c_next = [&]() {
+      if constexpr (!Cfg::kPing) C.next(p);
+    };
+    auto c_has_next = [&]() { return Cfg::kPing ? last == 0 : C.has_next(); };
+    auto c_advance = [&]() {
+      if constexpr (Cfg::kPing) {
+        C.stage = C.stage + 1 == kStages ? 0 : C.stage + 1;
+        more = last == 0;
+      } else {
+        C.advance();
+      }
+    };
+    auto landed = [&]() {
+      const volatile TileRecord& r = rec[C.stage];
+      kt = r.tile;
+      state = r.state;
+      msk = r.msk_lo | static_cast<uint64_t>(r.msk_hi) << 32;
+      last = r.last;
+    };
+    run_tiles<kSched, kStages, kTwoTurns>(C.stage, ring, wg, kNT, sy, c_has, c_next, c_has_next, c_advance,
                                           [&](int st) { load_kv(st, C.kt_n); }, scores, make_ds, ds_k,
                                           [&]() { sm90::fence_regs(acc); },
-                                          [&]() { release_primary<Cfg::kResBufs>(sy, nres); });
+                                          [&]() { release_primary<Cfg::kResBufs>(sy, nres); }, landed);
     sm90::wait<0>();
     sm90::fence_regs(acc);
     if constexpr (!Cfg::kPing) cp_async_wait<0>();
