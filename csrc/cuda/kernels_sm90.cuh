@@ -18,8 +18,9 @@
 //    These kernels are persistent: one CTA per SM takes work items from a global counter (longest
 //    first, as planned); the producer decodes each item, posts it to the consumers through shared
 //    memory (ItemInfo) and loads the next item's first tiles while they finish the current one, so
-//    short rows do not pay a cold start each. In the forward the producer also walks the tile list
-//    for the consumers: a TileRecord per ring slot, published by the slot's full barrier.
+//    short rows do not pay a cold start each. The producer also walks the tile lists for the
+//    consumers: a TileRecord per ring slot, published by the slot's full barrier (forward, dQ and
+//    dK/dV; not the dQ-from-dS kernel below).
 //
 // The dS-scratch backward (attention.cu: bwd_cuda): a dK/dV variant (kSchedWriteDs) also writes
 // each tile pair's dS^T, as the swizzled shared image the products read, to a scratch buffer; then
@@ -100,11 +101,11 @@ struct Sm90Threads {
   }
 };
 
-// A ping-pong kernel's record of a ring slot's secondary tile (forward: key tile; dK/dV: query
-// tile), written by producer thread 0 with the tile's copies and published by that slot's full
-// barrier (one more arrival, with release semantics): the consumers read it instead of walking the
-// tile list themselves (~130 lines of SASS between a turn and its wait, on the path to the
-// softmax; RESULTS.md, thirteenth session).
+// A ping-pong kernel's record of a ring slot's secondary tile (forward and dQ: key tile; dK/dV:
+// query tile), written by producer thread 0 with the tile's copies and published by that slot's
+// full barrier (one more arrival, with release semantics): the consumers read it instead of walking
+// the tile lists themselves (in the forward ~130 lines of SASS between a turn and its wait, on the
+// path to the softmax; RESULTS.md, thirteenth and fourteenth sessions).
 struct alignas(16) TileRecord {
   int tile;   // secondary tile
   int state;  // pair_state (2: mask per element)
@@ -144,7 +145,8 @@ struct DqSm90Cfg : Sm90Threads<kWG_, kSched> {
   static constexpr int kQBytes = kBM * kD * 2;
   static constexpr int kKVBytes = kBN * kD * 2;
   static constexpr int kResBytes = 2 * kQBytes;  // Q, dO
-  // Ping-pong: the producer's record of each ring slot's tile (TileRecord), after the barriers.
+  // Ping-pong: the producer's record of each ring slot's tile (TileRecord), after the barriers
+  // (counted here as side bytes of each stage).
   static constexpr int kRecSide = Base::kPing ? static_cast<int>(sizeof(TileRecord)) : 0;
   static constexpr int kStages = Base::stages(kResBytes, 2 * kKVBytes, kRecSide);
   static constexpr int kSmem = Base::smem(kResBytes, 2 * kKVBytes, kStages, kRecSide);
@@ -198,7 +200,7 @@ struct PingSync {
 
 // `at`: shared address of the barrier bytes (8-byte aligned), `gen`: generic pointer to them.
 // Initialises the barriers when kInit (ping-pong), then syncs the CTA. full_extra: arrivals on a
-// ring slot's full barrier besides the producer's 128 (the forward's record: TileRecord).
+// ring slot's full barrier besides the producer's 128 (the slot's TileRecord).
 template <bool kInit>
 __device__ __forceinline__ PingSync make_ping_sync(uint32_t at, unsigned char* gen, int stages, int consumers,
                                                   int vstages = 0, int full_extra = 0) {
@@ -301,7 +303,7 @@ __device__ __forceinline__ ItemInfo take_item(const PingSync& s, int n) {
 //   last(c, st)    issue and commit the products that consume set c, reading slot st
 //   done()         once those retired (the forward rescales its output rows here)
 //   release()      ping-pong: the primary tiles are no longer read (after the last scores)
-//   landed()       ping-pong: the current tile's slot is full (the forward reads the producer's
+//   landed()       ping-pong: the current tile's slot is full (the kernel reads the producer's
 //                  record of the tile here: TileRecord)
 // Ping-pong: `ring` counts the ring tiles this CTA consumed over all its items (slot and phase);
 // kTwoTurns: scores and last products take separate turns, each waited for, so set c never
@@ -1319,8 +1321,6 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
       }
       sm90::commit();
     };
-    // Ping-pong takes two turns a tile: the dK and dV accumulators leave no room for the
-    // probabilities next to the next tile's scores.
     // Ping-pong: the walk follows the producer's records (the item's first tile is known from
     // start()); otherwise every consumer walks the tile lists.
     bool more = any;
@@ -1346,6 +1346,8 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
       last = r.last;
       gg = r.member;
     };
+    // Ping-pong takes two turns a tile: the dK and dV accumulators leave no room for the
+    // probabilities next to the next tile's scores.
     run_tiles<Cfg::kSched, kStages, Cfg::kPing>(stage, ring, wg, kNT, sy, c_has, c_next, c_has_next, c_advance,
                                            [&](int st) { load_q(st, gg_n, qt_n); }, scores, make_p_ds, dv_dk,
                                            [&]() {
