@@ -114,6 +114,27 @@ struct alignas(16) TileRecord {
   int member;  // dK/dV: the GQA group member whose query tile it is
 };
 
+// Producer thread 0: slot record r (kMember: with its GQA member, dK/dV), then the extra arrival on
+// the slot's full barrier `full` (release: the record goes out with the slot's tiles).
+template <bool kMember = false>
+__device__ __forceinline__ void publish_record(volatile TileRecord& r, uint32_t full, int tile, int state, uint64_t msk,
+                                               bool last, int member = 0) {
+  r.tile = tile;
+  r.state = state;
+  r.msk_lo = static_cast<uint32_t>(msk);
+  r.msk_hi = static_cast<uint32_t>(msk >> 32);
+  r.last = last ? 1 : 0;
+  if constexpr (kMember) r.member = member;
+  sm90::mbar_arrive(full);
+}
+// Consumers, once the slot is full: the record's tile, state and mask; returns its `last`.
+__device__ __forceinline__ int read_record(const volatile TileRecord& r, int& tile, int& state, uint64_t& msk) {
+  tile = r.tile;
+  state = r.state;
+  msk = r.msk_lo | static_cast<uint64_t>(r.msk_hi) << 32;
+  return r.last;
+}
+
 // fwd / dQ: kWG warpgroups of 64 query rows, kBN keys per step. Shared memory (+ 1024 bytes of
 // alignment slack): Q (and dO for dQ) per primary buffer, kStages K and V tiles, the mbarriers.
 template <int kD, int kWG_, int kBN_, int kSched = kSchedLockstep>
@@ -594,12 +615,16 @@ __device__ __forceinline__ void produce_tile(const Params& p, const CUtensorMap&
 // key tiles that hold an allowed element: current and next (_n); `stage` is the ring slot of the
 // current one. `pieces`: the item may be a piece of a split row (forward), which starts at its
 // first entry.
+// Ping-pong consumers do not walk: walk_*<true> follow the producer's records (publish()), land()
+// reads the current tile's once its slot is full; `more`: the item has a current tile (the first
+// one from start()), `last`: it is the item's last. walk_*<false> are the walk itself.
 template <typename T, int kBM, int kBN, int kStages, bool kPieces>
 struct QueryItem {
   QueryTile W;
   const T *q = nullptr, *k = nullptr, *v = nullptr;
-  int it = 0, kt = 0, state = 0, stage = 0, kt_n = 0, state_n = 0, nx = 0;
+  int it = 0, kt = 0, state = 0, stage = 0, kt_n = 0, state_n = 0, nx = 0, last = 0;
   uint64_t msk = 0, msk_n = 0;
+  bool more = false;
 
   __device__ __forceinline__ void start(const Params& p, const ItemInfo& d) {
     W = make_query_tile(p, kBM, d);
@@ -608,6 +633,7 @@ struct QueryItem {
     v = static_cast<const T*>(p.v) + W.b * p.v_sb + W.hk * p.v_sh;
     it = next_pair(W.E, W.R, p.tl.full, kPieces ? W.e0 : 0, W.m0, kBM, kBN, kt, msk, state);
     nx = W.E.n;
+    more = has();
   }
   __device__ __forceinline__ bool has() const { return it < W.E.n; }
   __device__ __forceinline__ void next(const Params& p) {
@@ -620,6 +646,33 @@ struct QueryItem {
     kt = kt_n;
     msk = msk_n;
     state = state_n;
+  }
+  // Producer thread 0: the current tile's record (has_next(): the lookahead made before its slot
+  // was free).
+  __device__ __forceinline__ void publish(volatile TileRecord& r, uint32_t full) const {
+    publish_record(r, full, kt, state, msk, !has_next());
+  }
+  __device__ __forceinline__ void land(const volatile TileRecord& r) { last = read_record(r, kt, state, msk); }
+  template <bool kRecords>
+  __device__ __forceinline__ bool walk_has() const {
+    return kRecords ? more : has();
+  }
+  template <bool kRecords>
+  __device__ __forceinline__ void walk_next(const Params& p) {
+    if constexpr (!kRecords) next(p);
+  }
+  template <bool kRecords>
+  __device__ __forceinline__ bool walk_has_next() const {
+    return kRecords ? last == 0 : has_next();
+  }
+  template <bool kRecords>
+  __device__ __forceinline__ void walk_advance() {
+    if constexpr (kRecords) {
+      stage = stage + 1 == kStages ? 0 : stage + 1;
+      more = last == 0;
+    } else {
+      advance();
+    }
   }
   // The current tile's K (V) into slot st of the ring at s0, counted on bar (produce_tile).
   template <int kD, int kKVBytes>
@@ -699,7 +752,6 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
   constexpr int kBarO = 4;  // + wg: a consumer warpgroup's own barrier
   auto has = [&]() { return C.has(); };
   auto next = [&]() { C.next(p); };
-  auto has_next = [&]() { return C.has_next(); };
   auto advance = [&]() { C.advance(); };
   auto load_q = [&]() { sm90::load_tile<T, kBM, kD, kLoaders>(sQ, C.q, p.q_ss, W.m0, p.Sq, p.D, ltid); };
   auto load_kv = [&](int st, int tile) { C.template load_kv<kD, kLoaders, Cfg::kKVBytes>(p, sK0, sV0, st, tile, ltid); };
@@ -718,14 +770,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
         [&](int st) {
           C.template produce_k<kD, Cfg::kKVBytes>(p, sK0, st, sy.full + 8 * st, ltid);
           if constexpr (Cfg::Base::kVStages == 0) C.template produce_v<kD, Cfg::kKVBytes>(p, sV0, st, sy.full + 8 * st, ltid);
-          if (ltid == 0) {  // has_next(): the lookahead step() made, before this slot was free
-            rec[st].tile = C.kt;
-            rec[st].state = C.state;
-            rec[st].msk_lo = static_cast<uint32_t>(C.msk);
-            rec[st].msk_hi = static_cast<uint32_t>(C.msk >> 32);
-            rec[st].last = has_next() ? 0 : 1;
-            sm90::mbar_arrive(sy.full + 8 * st);  // release: the record, with the slot's tiles
-          }
+          if (ltid == 0) C.publish(rec[st], sy.full + 8 * st);
         },
         [&](uint32_t bar) { produce_tile<T, kBM, kD>(p, p.tma_q, sQ, C.q, p.q_ss, W.m0, p.Sq, W.h, W.b, bar, ltid); },
         [&]() {
@@ -755,9 +800,6 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.f, 0.f}, corr[2] = {1.f, 1.f};
     const float sl2 = p.scale_log2;
     uint32_t P[2][kBN / 16][4];
-    // Ping-pong: the current tile as the producer recorded it (read once its slot is full).
-    int kt = 0, state = 0, last = 0;
-    uint64_t msk = 0;
 
     // S = Q K^T of the current tile (this warpgroup's 64 rows x kBN keys).
     auto scores = [&]() {
@@ -775,12 +817,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     // probabilities to P[c] and the factor the output rows must be rescaled by to corr.
     auto softmax = [&](auto c) {
       sm90::fence_regs(S);
-      if constexpr (!Cfg::kPing) {  // no records: the cursor's current tile
-        kt = C.kt;
-        state = C.state;
-        msk = C.msk;
-      }
-      if (state == 2) mask_tile<kBN / 8, false>(S, W.R, p.tl, msk, W.m0, wrow, kt * kBN, g, t4, -INFINITY);
+      if (C.state == 2) mask_tile<kBN / 8, false>(S, W.R, p.tl, C.msk, W.m0, wrow, C.kt * kBN, g, t4, -INFINITY);
       float mx[2] = {mrow[0], mrow[1]};
 #pragma unroll
       for (int nt = 0; nt < kBN / 8; ++nt) {
@@ -827,29 +864,12 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
         acc[i][3] *= corr[1];
       }
     };
-    // Ping-pong: the walk follows the producer's records (the item's first tile is known from
-    // C.start); otherwise every consumer walks the tile list.
-    bool more = any;
-    auto c_has = [&]() { return Cfg::kPing ? more : C.has(); };
-    auto c_next = [&]() {
-      if constexpr (!Cfg::kPing) C.next(p);
-    };
-    auto c_has_next = [&]() { return Cfg::kPing ? last == 0 : C.has_next(); };
-    auto c_advance = [&]() {
-      if constexpr (Cfg::kPing) {
-        C.stage = C.stage + 1 == kStages ? 0 : C.stage + 1;
-        more = last == 0;
-      } else {
-        C.advance();
-      }
-    };
-    auto landed = [&]() {
-      const volatile TileRecord& r = rec[C.stage];
-      kt = r.tile;
-      state = r.state;
-      msk = r.msk_lo | static_cast<uint64_t>(r.msk_hi) << 32;
-      last = r.last;
-    };
+    // Ping-pong: the walk follows the producer's records; otherwise every consumer walks.
+    auto c_has = [&]() { return C.template walk_has<Cfg::kPing>(); };
+    auto c_next = [&]() { C.template walk_next<Cfg::kPing>(p); };
+    auto c_has_next = [&]() { return C.template walk_has_next<Cfg::kPing>(); };
+    auto c_advance = [&]() { C.template walk_advance<Cfg::kPing>(); };
+    auto landed = [&]() { C.land(rec[C.stage]); };
     run_tiles<kSched, kStages, false>(C.stage, ring, wg, kNT, sy, c_has, c_next, c_has_next, c_advance,
                                       [&](int st) { load_kv(st, C.kt_n); }, scores, softmax, pv, rescale,
                                       [&]() { release_primary<Cfg::kResBufs>(sy, nres); }, landed);
@@ -917,7 +937,6 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
   const T* dog = nullptr;
   auto has = [&]() { return C.has(); };
   auto next = [&]() { C.next(p); };
-  auto has_next = [&]() { return C.has_next(); };
   auto advance = [&]() { C.advance(); };
   auto start = [&](const ItemInfo& d) {
     C.start(p, d);
@@ -943,14 +962,7 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
         [&](int st) {
           C.template produce_k<kD, Cfg::kKVBytes>(p, sK0, st, sy.full + 8 * st, ltid);
           C.template produce_v<kD, Cfg::kKVBytes>(p, sV0, st, sy.full + 8 * st, ltid);
-          if (ltid == 0) {
-            rec[st].tile = C.kt;
-            rec[st].state = C.state;
-            rec[st].msk_lo = static_cast<uint32_t>(C.msk);
-            rec[st].msk_hi = static_cast<uint32_t>(C.msk >> 32);
-            rec[st].last = has_next() ? 0 : 1;
-            sm90::mbar_arrive(sy.full + 8 * st);  // release: the record, with the slot's tiles
-          }
+          if (ltid == 0) C.publish(rec[st], sy.full + 8 * st);
         },
         [&](uint32_t bar) {
           produce_tile<T, kBM, kD>(p, p.tma_q, sQ, C.q, p.q_ss, W.m0, p.Sq, W.h, W.b, bar, ltid);
@@ -993,9 +1005,6 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     }
     const float sl2 = p.scale_log2;
     uint32_t sa[2][kBN / 16][4];
-    // Ping-pong: the current tile as the producer recorded it (read once its slot is full).
-    int kt = 0, state = 0, last = 0;
-    uint64_t msk = 0;
 
     // S = Q K^T, dP = dO V^T of the current tile.
     auto scores = [&]() {
@@ -1023,12 +1032,7 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
       for (int nt = 0; nt < kBN / 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) S[nt][e] = fast_exp2(fmaf(S[nt][e], sl2, -lse2[e >> 1]));
-      if constexpr (!Cfg::kPing) {  // no records: the cursor's current tile
-        kt = C.kt;
-        state = C.state;
-        msk = C.msk;
-      }
-      if (state == 2) mask_tile<kBN / 8, false>(S, W.R, p.tl, msk, W.m0, wrow, kt * kBN, g, t4, 0.f);
+      if (C.state == 2) mask_tile<kBN / 8, false>(S, W.R, p.tl, C.msk, W.m0, wrow, C.kt * kBN, g, t4, 0.f);
 #pragma unroll
       for (int nt = 0; nt < kBN / 8; ++nt)
 #pragma unroll
@@ -1047,29 +1051,12 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
       }
       sm90::commit();
     };
-    // Ping-pong: the walk follows the producer's records (the item's first tile is known from
-    // C.start); otherwise every consumer walks the tile list.
-    bool more = any;
-    auto c_has = [&]() { return Cfg::kPing ? more : C.has(); };
-    auto c_next = [&]() {
-      if constexpr (!Cfg::kPing) C.next(p);
-    };
-    auto c_has_next = [&]() { return Cfg::kPing ? last == 0 : C.has_next(); };
-    auto c_advance = [&]() {
-      if constexpr (Cfg::kPing) {
-        C.stage = C.stage + 1 == kStages ? 0 : C.stage + 1;
-        more = last == 0;
-      } else {
-        C.advance();
-      }
-    };
-    auto landed = [&]() {
-      const volatile TileRecord& r = rec[C.stage];
-      kt = r.tile;
-      state = r.state;
-      msk = r.msk_lo | static_cast<uint64_t>(r.msk_hi) << 32;
-      last = r.last;
-    };
+    // Ping-pong: the walk follows the producer's records; otherwise every consumer walks.
+    auto c_has = [&]() { return C.template walk_has<Cfg::kPing>(); };
+    auto c_next = [&]() { C.template walk_next<Cfg::kPing>(p); };
+    auto c_has_next = [&]() { return C.template walk_has_next<Cfg::kPing>(); };
+    auto c_advance = [&]() { C.template walk_advance<Cfg::kPing>(); };
+    auto landed = [&]() { C.land(rec[C.stage]); };
     run_tiles<kSched, kStages, kTwoTurns>(C.stage, ring, wg, kNT, sy, c_has, c_next, c_has_next, c_advance,
                                           [&](int st) { load_kv(st, C.kt_n); }, scores, make_ds, ds_k,
                                           [&]() { sm90::fence_regs(acc); },
@@ -1200,16 +1187,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
       if constexpr (Cfg::kWriteDs) {  // the pair's CSR entry, next to its lse and Delta rows
         if (ltid == 0) cp_async4(stage_side(st) + 8 * kBM, p.ds_csr_entry + E.base + it / p.tl.kf, true);
       }
-      if (ltid == 0) {
-        volatile TileRecord& r = record(st);
-        r.tile = qt;
-        r.state = state;
-        r.msk_lo = static_cast<uint32_t>(msk);
-        r.msk_hi = static_cast<uint32_t>(msk >> 32);
-        r.last = has_next() ? 0 : 1;
-        r.member = gg;
-        sm90::mbar_arrive(sy.full + 8 * st);  // release: the record, with the slot's tiles
-      }
+      if (ltid == 0) publish_record<true>(record(st), sy.full + 8 * st, qt, state, msk, !has_next(), gg);
     }, [&](uint32_t bar) {
       produce_tile<T, kBN, kD>(p, p.tma_k, sK, kg, p.k_ss, n0, p.Sk, hk, b, bar, ltid);
       produce_tile<T, kBN, kD>(p, p.tma_v, sV, vg, p.v_ss, n0, p.Sk, hk, b, bar, ltid);
@@ -1339,12 +1317,8 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
       }
     };
     auto landed = [&]() {
-      const volatile TileRecord& r = record(stage);
-      qt = r.tile;
-      state = r.state;
-      msk = r.msk_lo | static_cast<uint64_t>(r.msk_hi) << 32;
-      last = r.last;
-      gg = r.member;
+      last = read_record(record(stage), qt, state, msk);
+      gg = record(stage).member;
     };
     // Ping-pong takes two turns a tile: the dK and dV accumulators leave no room for the
     // probabilities next to the next tile's scores.
