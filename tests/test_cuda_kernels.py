@@ -121,7 +121,7 @@ def bwd_again(r: dict) -> tuple:
 def run_case(*, B=1, H=2, Hkv=None, Sq=200, Sk=None, D=64, bq=32, bk=64, dtype=torch.bfloat16,
              density=0.5, lb=1, lh=1, causal=False, wl=-1, wr=-1, use_klen=False, use_kpm=False,
              empty_rows=0.0, bwd=True, seed=0, mask=None, strided=False, check_weights=False,
-             q=None, k=None, v=None):
+             q=None, k=None, v=None, scale=None):
     g = torch.Generator(device="cpu").manual_seed(seed)
     Hkv = Hkv or H
     Sk = Sk or Sq
@@ -144,7 +144,7 @@ def run_case(*, B=1, H=2, Hkv=None, Sq=200, Sk=None, D=64, bq=32, bk=64, dtype=t
             v = torch.randn(B, Sk, Hkv, D, generator=g).to(DEV, dtype)
     klen = torch.randint(0, Sk + 1, (B,), generator=g).to(DEV, torch.int32) if use_klen else None
     kpm = (torch.rand(B, Sk, generator=g) < 0.3).to(DEV) if use_kpm else None
-    scale = 1.0 / math.sqrt(D)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
     ops = _ops()
     poison()
     out, lse = ops.block_sparse_attn_fwd(q, k, v, crow, col, bq, bk, Lb, Lh, scale, causal, wl, wr, klen, kpm)
@@ -265,6 +265,20 @@ def test_forced_variants(variant, D, dtype, kw, monkeypatch):
     for op in ("FWD", "DQ", "DKV"):
         monkeypatch.setenv(f"DILATED_SPARSE_{op}_VARIANT", str(variant))
     run_case(D=D, dtype=dtype, seed=variant * 13 + D, **kw)
+
+
+# Scales that are not positive (legal, if odd) or large: the forward's softmax takes the row max of
+# the raw scores for a positive scale and scales first otherwise; masked scores must stay out of the
+# max either way (causal, padding and an empty row here). Default variant, the mma.sync kernel (0)
+# and the overlapped ping-pong (8).
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 0.9])
+@pytest.mark.parametrize("variant", [None, "0", "8"])
+@pytest.mark.parametrize("D,dtype", [(64, torch.float16), (128, torch.bfloat16)])
+def test_scales(scale, variant, D, dtype, monkeypatch):
+    if variant is not None:
+        monkeypatch.setenv("DILATED_SPARSE_FWD_VARIANT", variant)
+    run_case(D=D, dtype=dtype, Sq=300, Sk=280, bq=128, bk=64, density=0.6, causal=True, use_kpm=True, B=2,
+             empty_rows=0.3, scale=scale, seed=int(10 * scale) + D)
 
 
 # The dS-scratch backward (dK/dV writes dS, dQ = dS K reads it; sm_90, D128, blocks that are

@@ -597,6 +597,17 @@ __global__ void __launch_bounds__(FwdCfg<kD, kBM, kBN, kMT>::kWarps * 32, 1)
         }
       }
     }
+    // A scale <= 0 (legal, if odd) scales the scores before the masks, so that masked ones are
+    // -inf after scaling either way (a positive one scales inside the max and the exponent).
+    const float exp_scale = sl2 > 0.f ? sl2 : 1.f;
+    if (!(sl2 > 0.f)) {
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) S[mt][nt][e] *= sl2;
+    }
     if (state == 2) {
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt)
@@ -608,8 +619,8 @@ __global__ void __launch_bounds__(FwdCfg<kD, kBM, kBN, kMT>::kWarps * 32, 1)
       float mx[2] = {mrow[mt][0], mrow[mt][1]};
 #pragma unroll
       for (int nt = 0; nt < kBN / 8; ++nt) {
-        mx[0] = fmaxf(mx[0], fmaxf(S[mt][nt][0] * sl2, S[mt][nt][1] * sl2));
-        mx[1] = fmaxf(mx[1], fmaxf(S[mt][nt][2] * sl2, S[mt][nt][3] * sl2));
+        mx[0] = fmaxf(mx[0], fmaxf(S[mt][nt][0] * exp_scale, S[mt][nt][1] * exp_scale));
+        mx[1] = fmaxf(mx[1], fmaxf(S[mt][nt][2] * exp_scale, S[mt][nt][3] * exp_scale));
       }
       float base[2];
 #pragma unroll
@@ -629,7 +640,7 @@ __global__ void __launch_bounds__(FwdCfg<kD, kBM, kBN, kMT>::kWarps * 32, 1)
       for (int nt = 0; nt < kBN / 8; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          S[mt][nt][e] = fast_exp2(fmaf(S[mt][nt][e], sl2, -base[e >> 1]));
+          S[mt][nt][e] = fast_exp2(fmaf(S[mt][nt][e], exp_scale, -base[e >> 1]));
           lrow[mt][e >> 1] += S[mt][nt][e];
         }
       }

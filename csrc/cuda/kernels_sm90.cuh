@@ -815,32 +815,46 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     };
     // Online softmax (log2 domain): masks, updates the running max and sum, writes the
     // probabilities to P[c] and the factor the output rows must be rescaled by to corr.
+    // The row max is taken over the raw scores and scaled once a row (a positive scale keeps the
+    // order), so the scale meets each score once, inside the exponent; partial maxima and sums break
+    // the dependency chains. A scale <= 0 (legal, if odd) scales the scores first, so that masked
+    // ones are -inf after scaling either way.
     auto softmax = [&](auto c) {
       sm90::fence_regs(S);
-      if (C.state == 2) mask_tile<kBN / 8, false>(S, W.R, p.tl, C.msk, W.m0, wrow, C.kt * kBN, g, t4, -INFINITY);
-      float mx[2] = {mrow[0], mrow[1]};
+      const bool positive = sl2 > 0.f;
+      if (!positive) {
 #pragma unroll
-      for (int nt = 0; nt < kBN / 8; ++nt) {
-        mx[0] = fmaxf(mx[0], fmaxf(S[nt][0] * sl2, S[nt][1] * sl2));
-        mx[1] = fmaxf(mx[1], fmaxf(S[nt][2] * sl2, S[nt][3] * sl2));
+        for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) S[nt][e] *= sl2;
       }
-      float base[2];
+      if (C.state == 2) mask_tile<kBN / 8, false>(S, W.R, p.tl, C.msk, W.m0, wrow, C.kt * kBN, g, t4, -INFINITY);
+      const float exp_scale = positive ? sl2 : 1.f;
+      float part[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+#pragma unroll
+      for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) part[e] = fmaxf(part[e], S[nt][e]);
+      float mx[2], base[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        mx[r] = quad_max(mx[r]);
+        mx[r] = quad_max(fmaxf(part[2 * r], part[2 * r + 1]));
+        mx[r] = fmaxf(mrow[r], mx[r] == -INFINITY ? -INFINITY : mx[r] * exp_scale);
         base[r] = mx[r] == -INFINITY ? 0.f : mx[r];
         corr[r] = fast_exp2(mrow[r] - base[r]);
         mrow[r] = mx[r];
-        lrow[r] *= corr[r];
       }
+      float sum[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int nt = 0; nt < kBN / 8; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          S[nt][e] = fast_exp2(fmaf(S[nt][e], sl2, -base[e >> 1]));
-          lrow[e >> 1] += S[nt][e];
+          S[nt][e] = fast_exp2(fmaf(S[nt][e], exp_scale, -base[e >> 1]));
+          sum[e] += S[nt][e];
         }
       }
+      lrow[0] = lrow[0] * corr[0] + (sum[0] + sum[1]);
+      lrow[1] = lrow[1] * corr[1] + (sum[2] + sum[3]);
 #pragma unroll
       for (int kk = 0; kk < kBN / 16; ++kk) to_a_frag<T>(P[c][kk], S, kk);
     };
