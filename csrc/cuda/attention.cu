@@ -371,6 +371,7 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
 // kernel issue-bound (55 us at S16k H16 D128, against 34 us for Flex's Delta).
 template <typename T, int kTPR, int kRows, typename Idx>
 __global__ void __launch_bounds__(256) delta_kernel(const T* __restrict__ o, const T* __restrict__ dout, float* delta,
+                                                    const float* __restrict__ lse, float* lse_log2,
                                                     int64_t o_sb, int64_t o_ss, int64_t o_sh, int64_t d_sb,
                                                     int64_t d_ss, int64_t d_sh, int B, int Sq, int H, int D) {
   constexpr int kLanes = 256 / kTPR;  // rows a CTA reads at once
@@ -378,16 +379,19 @@ __global__ void __launch_bounds__(256) delta_kernel(const T* __restrict__ o, con
   const Idx row0 = static_cast<Idx>(blockIdx.x) * (kLanes * kRows) + threadIdx.x / kTPR;
   const int d = (threadIdx.x % kTPR) * 8;
   uint4 ov[kRows], dv[kRows];
-  int64_t dst[kRows];  // where the row's Delta goes ([B, H, Sq]); -1: past the end
+  float lv[kRows];
+  int64_t dst[kRows];  // where the row's Delta (and log2 lse) goes ([B, H, Sq]); -1: past the end
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     const Idx row = row0 + r * kLanes;  // row = (b * Sq + i) * H + h
     ov[r] = dv[r] = make_uint4(0, 0, 0, 0);
+    lv[r] = 0.f;
     dst[r] = -1;
     if (row < rows) {
       const Idx bi = row / static_cast<Idx>(H), h = row - bi * static_cast<Idx>(H);
       const Idx b = bi / static_cast<Idx>(Sq), i = bi - b * static_cast<Idx>(Sq);
       dst[r] = (static_cast<int64_t>(b) * H + static_cast<int64_t>(h)) * Sq + static_cast<int64_t>(i);
+      if (d == 0) lv[r] = lse[dst[r]];
       if (d < D) {
         const int64_t bl = static_cast<int64_t>(b), il = static_cast<int64_t>(i), hl = static_cast<int64_t>(h);
         ov[r] = *reinterpret_cast<const uint4*>(o + bl * o_sb + il * o_ss + hl * o_sh + d);
@@ -404,7 +408,10 @@ __global__ void __launch_bounds__(256) delta_kernel(const T* __restrict__ o, con
     for (int e = 0; e < 8; ++e) acc += to_float(oe[e]) * to_float(de[e]);
 #pragma unroll
     for (int off = kTPR / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    if (dst[r] >= 0 && d == 0) delta[dst[r]] = acc;
+    if (dst[r] >= 0 && d == 0) {
+      delta[dst[r]] = acc;
+      lse_log2[dst[r]] = lse_to_log2(lv[r]);
+    }
   }
 }
 
@@ -448,7 +455,8 @@ void launch_delta(const Params& p, cudaStream_t stream) {
     const auto grid = static_cast<unsigned>((rows + kCtaRows - 1) / kCtaRows);
     auto launch = [&](auto idx) {
       delta_kernel<T, kTPR, kRows, decltype(idx)><<<grid, 256, 0, stream>>>(
-          static_cast<const T*>(p.o), static_cast<const T*>(p.dout), p.delta, p.o_sb, p.o_ss, p.o_sh, p.do_sb,
+          static_cast<const T*>(p.o), static_cast<const T*>(p.dout), p.delta, p.lse, p.lse_log2, p.o_sb, p.o_ss,
+          p.o_sh, p.do_sb,
           p.do_ss, p.do_sh, p.B, p.Sq, p.H, p.D);
     };
     if (rows + kCtaRows < (int64_t{1} << 32)) {
@@ -1003,7 +1011,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   p.do_sb = dout.stride(0); p.do_ss = dout.stride(1); p.do_sh = dout.stride(2);
   p.lse = lse.data_ptr<float>();
   auto delta = at::empty({B, H, Sq}, q.options().dtype(at::kFloat));
+  auto lse_log2 = at::empty({B, H, Sq}, q.options().dtype(at::kFloat));
   p.delta = delta.data_ptr<float>();
+  p.lse_log2 = lse_log2.data_ptr<float>();
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();

@@ -709,7 +709,7 @@ __global__ void __launch_bounds__(DqCfg<kD, kBM, kBN, kMT>::kWarps * 32, 1)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int i = m0 + wrow + mt * 16 + g + r * 8;
-      lse2[mt][r] = i < p.Sq ? lse_to_log2(p.lse[rowbase + i]) : INFINITY;
+      lse2[mt][r] = i < p.Sq ? p.lse_log2[rowbase + i] : INFINITY;
       dl[mt][r] = i < p.Sq ? p.delta[rowbase + i] : 0.f;
     }
   float acc[kMT][kD / 8][4];
@@ -838,7 +838,7 @@ __global__ void __launch_bounds__(DkvCfg<kD, kBN, kBM, kDO>::kWarps * 32, 1)
     for (int i = tid; i < kBM; i += kNT) {
       const int qi = qt * kBM + i;
       const bool pred = qi < p.Sq;
-      cp_async4(smem_u32(sL + bufi * kBM + i), pred ? p.lse + rowbase + qi : p.lse, pred);
+      cp_async4(smem_u32(sL + bufi * kBM + i), pred ? p.lse_log2 + rowbase + qi : p.lse_log2, pred);
       cp_async4(smem_u32(sDl + bufi * kBM + i), pred ? p.delta + rowbase + qi : p.delta, pred);
     }
   };
@@ -895,7 +895,7 @@ __global__ void __launch_bounds__(DkvCfg<kD, kBN, kBM, kDO>::kWarps * 32, 1)
 #pragma unroll
     for (int nt = 0; nt < kBM / 8; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) S[nt][e] = fast_exp2(fmaf(S[nt][e], sl2, -lse_to_log2(lrow[nt * 8 + 2 * t4 + (e & 1)])));
+      for (int e = 0; e < 4; ++e) S[nt][e] = fast_exp2(fmaf(S[nt][e], sl2, -lrow[nt * 8 + 2 * t4 + (e & 1)]));
     if (state == 2) mask_tile<kBM / 8, true>(S, R, p.tl, msk, n0, warp * 16, m0, g, t4, 0.f);
     // dV += P^T dO
 #pragma unroll

@@ -999,7 +999,7 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int i = W.m0 + wrow + g + r * 8;
-      lse2[r] = i < p.Sq ? lse_to_log2(p.lse[rowbase + i]) : INFINITY;
+      lse2[r] = i < p.Sq ? p.lse_log2[rowbase + i] : INFINITY;
       dl[r] = i < p.Sq ? p.delta[rowbase + i] : 0.f;
     }
     if constexpr (Cfg::kPing) {
@@ -1179,7 +1179,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
     for (int i = ltid; i < kBM; i += kLoaders) {
       const int qi = tile * kBM + i;
       const bool pred = qi < p.Sq;
-      cp_async4(sl + 4 * i, pred ? p.lse + rowbase + qi : p.lse, pred);
+      cp_async4(sl + 4 * i, pred ? p.lse_log2 + rowbase + qi : p.lse_log2, pred);
       cp_async4(sl + 4 * (kBM + i), pred ? p.delta + rowbase + qi : p.delta, pred);
     }
   };
@@ -1266,7 +1266,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int il = nt * 8 + 2 * t4 + (e & 1);  // query (column)
-          S[nt][e] = fast_exp2(fmaf(S[nt][e], sl2, -lse_to_log2(lrow[il])));
+          S[nt][e] = fast_exp2(fmaf(S[nt][e], sl2, -lrow[il]));
         }
       if (state == 2) mask_tile<kBM / 8, true>(S, R, p.tl, msk, n0, wrow, qt * kBM, g, t4, 0.f);
 #pragma unroll

@@ -50,6 +50,9 @@ struct Params {
   float* lse_out = nullptr;    // fwd, [B, H, Sq]
   const float* lse = nullptr;  // bwd / weights input, [B, H, Sq]
   float* delta = nullptr;      // bwd workspace, [B, H, Sq]
+  // bwd workspace, [B, H, Sq]: lse in the log2 domain (lse_to_log2: +inf for an empty row), written
+  // with Delta, so the backward's exponentials take it as it is.
+  float* lse_log2 = nullptr;
   float* opart = nullptr;      // fwd split rows: partial outputs [slots * rep, kBM, D] fp32
   float* lpart = nullptr;      // fwd split rows: partial lse [slots * rep, kBM]
   void* dq = nullptr;
