@@ -814,11 +814,11 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
       sm90::commit();
     };
     // Online softmax (log2 domain): masks, updates the running max and sum, writes the
-    // probabilities to P[c] and the factor the output rows must be rescaled by to corr.
-    // The row max is taken over the raw scores and scaled once a row (a positive scale keeps the
-    // order), so the scale meets each score once, inside the exponent; partial maxima and sums break
-    // the dependency chains. A scale <= 0 (legal, if odd) scales the scores first, so that masked
-    // ones are -inf after scaling either way.
+    // probabilities to P[c] and the factor the output rows must be rescaled by to corr. The row max
+    // is taken over the raw scores and scaled once a row (a positive scale keeps the order), so each
+    // score meets the scale once, inside the exponent (RESULTS.md, fifteenth session: +1-8% at long
+    // rows); partial maxima and sums shorten the dependency chains. A scale <= 0 (legal, if odd)
+    // scales the scores before the masks, so that masked ones are -inf after scaling either way.
     auto softmax = [&](auto c) {
       sm90::fence_regs(S);
       const bool positive = sl2 > 0.f;
