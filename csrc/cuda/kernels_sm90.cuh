@@ -615,9 +615,9 @@ __device__ __forceinline__ void produce_tile(const Params& p, const CUtensorMap&
 // key tiles that hold an allowed element: current and next (_n); `stage` is the ring slot of the
 // current one. `pieces`: the item may be a piece of a split row (forward), which starts at its
 // first entry.
-// Ping-pong consumers do not walk: walk_*<true> follow the producer's records (publish()), land()
+// Ping-pong consumers do not walk: consume<true> follows the producer's records (publish()), land()
 // reads the current tile's once its slot is full; `more`: the item has a current tile (the first
-// one from start()), `last`: it is the item's last. walk_*<false> are the walk itself.
+// one from start()), `last`: it is the item's last. consume<false> walks the tile lists itself.
 template <typename T, int kBM, int kBN, int kStages, bool kPieces>
 struct QueryItem {
   QueryTile W;
@@ -653,26 +653,30 @@ struct QueryItem {
     publish_record(r, full, kt, state, msk, !has_next());
   }
   __device__ __forceinline__ void land(const volatile TileRecord& r) { last = read_record(r, kt, state, msk); }
-  template <bool kRecords>
-  __device__ __forceinline__ bool walk_has() const {
-    return kRecords ? more : has();
-  }
-  template <bool kRecords>
-  __device__ __forceinline__ void walk_next(const Params& p) {
-    if constexpr (!kRecords) next(p);
-  }
-  template <bool kRecords>
-  __device__ __forceinline__ bool walk_has_next() const {
-    return kRecords ? last == 0 : has_next();
-  }
-  template <bool kRecords>
-  __device__ __forceinline__ void walk_advance() {
-    if constexpr (kRecords) {
-      stage = stage + 1 == kStages ? 0 : stage + 1;
-      more = last == 0;
-    } else {
-      advance();
-    }
+  // The consumers' loop over this item's tiles (run_tiles), following the producer's records in
+  // `rec` (kRecords: ping-pong) or walking; load_next(st, tile) as run_tiles' load_next, the other
+  // callables as run_tiles'.
+  template <int kSched, bool kTwoTurns, bool kRecords, class LoadNext, class Scores, class Compute, class Last,
+            class Done, class Release>
+  __device__ __forceinline__ void consume(const Params& p, int& ring, int wg, int consumers, const PingSync& sy,
+                                          const volatile TileRecord* rec, LoadNext load_next, Scores scores,
+                                          Compute compute, Last last_products, Done done, Release release) {
+    run_tiles<kSched, kStages, kTwoTurns>(
+        stage, ring, wg, consumers, sy, [&]() { return kRecords ? more : has(); },
+        [&]() {
+          if constexpr (!kRecords) next(p);
+        },
+        [&]() { return kRecords ? last == 0 : has_next(); },
+        [&]() {
+          if constexpr (kRecords) {
+            stage = stage + 1 == kStages ? 0 : stage + 1;
+            more = last == 0;
+          } else {
+            advance();
+          }
+        },
+        [&](int st) { load_next(st, kt_n); }, scores, compute, last_products, done, release,
+        [&]() { land(rec[stage]); });
   }
   // The current tile's K (V) into slot st of the ring at s0, counted on bar (produce_tile).
   template <int kD, int kKVBytes>
@@ -879,14 +883,8 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
       }
     };
     // Ping-pong: the walk follows the producer's records; otherwise every consumer walks.
-    auto c_has = [&]() { return C.template walk_has<Cfg::kPing>(); };
-    auto c_next = [&]() { C.template walk_next<Cfg::kPing>(p); };
-    auto c_has_next = [&]() { return C.template walk_has_next<Cfg::kPing>(); };
-    auto c_advance = [&]() { C.template walk_advance<Cfg::kPing>(); };
-    auto landed = [&]() { C.land(rec[C.stage]); };
-    run_tiles<kSched, kStages, false>(C.stage, ring, wg, kNT, sy, c_has, c_next, c_has_next, c_advance,
-                                      [&](int st) { load_kv(st, C.kt_n); }, scores, softmax, pv, rescale,
-                                      [&]() { release_primary<Cfg::kResBufs>(sy, nres); }, landed);
+    C.template consume<kSched, false, Cfg::kPing>(p, ring, wg, kNT, sy, rec, load_kv, scores, softmax, pv, rescale,
+                                                  [&]() { release_primary<Cfg::kResBufs>(sy, nres); });
     sm90::wait<0>();
     sm90::fence_regs(acc);
     if constexpr (!Cfg::kPing) cp_async_wait<0>();
@@ -1066,15 +1064,9 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
       sm90::commit();
     };
     // Ping-pong: the walk follows the producer's records; otherwise every consumer walks.
-    auto c_has = [&]() { return C.template walk_has<Cfg::kPing>(); };
-    auto c_next = [&]() { C.template walk_next<Cfg::kPing>(p); };
-    auto c_has_next = [&]() { return C.template walk_has_next<Cfg::kPing>(); };
-    auto c_advance = [&]() { C.template walk_advance<Cfg::kPing>(); };
-    auto landed = [&]() { C.land(rec[C.stage]); };
-    run_tiles<kSched, kStages, kTwoTurns>(C.stage, ring, wg, kNT, sy, c_has, c_next, c_has_next, c_advance,
-                                          [&](int st) { load_kv(st, C.kt_n); }, scores, make_ds, ds_k,
-                                          [&]() { sm90::fence_regs(acc); },
-                                          [&]() { release_primary<Cfg::kResBufs>(sy, nres); }, landed);
+    C.template consume<kSched, kTwoTurns, Cfg::kPing>(p, ring, wg, kNT, sy, rec, load_kv, scores, make_ds, ds_k,
+                                                      [&]() { sm90::fence_regs(acc); },
+                                                      [&]() { release_primary<Cfg::kResBufs>(sy, nres); });
     sm90::wait<0>();
     sm90::fence_regs(acc);
     if constexpr (!Cfg::kPing) cp_async_wait<0>();
