@@ -269,8 +269,8 @@ def test_forced_variants(variant, D, dtype, kw, monkeypatch):
 
 # Scales that are not positive (legal, if odd) or large: the forward's softmax takes the row max of
 # the raw scores for a positive scale and scales first otherwise; masked scores must stay out of the
-# max either way (causal, padding and an empty row here). Default variant, the mma.sync kernel (0)
-# and the overlapped ping-pong (8).
+# max either way (causal, padding and an empty row here). Default variant (at D128 with the lazy
+# rescale), the mma.sync kernel (0) and the overlapped ping-pong (8).
 @pytest.mark.parametrize("scale", [-0.3, 0.0, 0.9])
 @pytest.mark.parametrize("variant", [None, "0", "8"])
 @pytest.mark.parametrize("D,dtype", [(64, torch.float16), (128, torch.bfloat16)])
@@ -279,6 +279,21 @@ def test_scales(scale, variant, D, dtype, monkeypatch):
         monkeypatch.setenv("DILATED_SPARSE_FWD_VARIANT", variant)
     run_case(D=D, dtype=dtype, Sq=300, Sk=280, bq=128, bk=64, density=0.6, causal=True, use_kpm=True, B=2,
              empty_rows=0.3, scale=scale, seed=int(10 * scale) + D)
+
+
+# Scores that grow along the row (keys scaled up token by token): the D128 forward keeps a row's
+# running max while a tile's stays within its headroom (probabilities above 1; kFwdLazyRescale)
+# and raises it, rescaling the output, when a tile's exceeds it; both happen here, on the default
+# variants, against the reference.
+@pytest.mark.parametrize("D,dtype", [(64, torch.float16), (128, torch.bfloat16), (128, torch.float16)])
+def test_growing_scores(D, dtype):
+    g = torch.Generator().manual_seed(D)
+    S, H = 640, 2
+    ramp = torch.linspace(0.2, 3.0, S).view(1, S, 1, 1)
+    q = torch.randn(1, S, H, D, generator=g).to(DEV, dtype)
+    k = (torch.randn(1, S, H, D, generator=g) * ramp).to(DEV, dtype)
+    v = torch.randn(1, S, H, D, generator=g).to(DEV, dtype)
+    run_case(H=H, Sq=S, D=D, dtype=dtype, bq=128, bk=128, density=1.0, q=q, k=k, v=v, scale=0.3, seed=D)
 
 
 # The dS-scratch backward (dK/dV writes dS, dQ = dS K reads it; sm_90, D128, blocks that are

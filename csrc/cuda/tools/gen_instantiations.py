@@ -48,8 +48,8 @@ DKV = {
 FWD_SM90 = {
     64: [("2", "128", "kSchedPingPongOverlap"), ("1", "64", "kSchedOverlap", "small"), ("2", "128", "kSchedLockstep"),
          ("2", "128", "kSchedPingPong2"), ("2", "128", "kSchedPingPong")],
-    128: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedLockstep", "small"),
-          ("2", "128", "kSchedPingPong2", "short"), ("2", "128", "kSchedPingPongOverlap"),
+    128: [("2", "128", "kSchedPingPong | kFwdLazyRescale"), ("2", "128", "kSchedLockstep"),
+          ("1", "64", "kSchedLockstep", "small"), ("2", "128", "kSchedPingPong2", "short"), ("2", "128", "kSchedPingPongOverlap"),
           ("2", "128", "kSchedPingPongSplit")],
 }
 DQ_SM90 = {
@@ -58,6 +58,8 @@ DQ_SM90 = {
     128: [("2", "64", "kSchedPingPong"), ("2", "128", "kSchedPingPong", "wide"), ("2", "64", "kSchedOverlap"),
           ("2", "64", "kSchedPingPong2", "short"), ("2", "64", "kSchedPingPongOverlap")],
 }
+# D128 fwd default: ping-pong with the lazy rescale (kernels_sm90.cuh: kFwdLazyRescale; D64's
+# overlapped default gained nothing from it).
 # D128 dQ and dK/dV: no small variant; the 128-row ping-pong tiles beat the 64-row ones at block 64 too.
 # D128 dQ variant 5 (128 keys, two stages; "wide"): 2-3% faster at block 128 on rows longer than
 # ~1000 tokens, 3% slower on ~850, 16% slower at block 64 (attention.cu: kWideRowTokens).
