@@ -8,6 +8,7 @@ and CUDA kernels. This module loads the extension, registers the fake (meta) ker
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import weakref
@@ -233,6 +234,62 @@ def _cached_csc(col_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] 
 
 
 # ----------------------------------------------------------------- fake + autograd
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Saves what the backward of the forward op needs (both autograd paths)."""
+    (q, k, v, crow, col, block_q, block_k, layout_batch, layout_heads, scale, causal,
+     window_left, window_right, key_lengths, key_padding_mask) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, crow, col, key_lengths, key_padding_mask)
+    ctx.scalars = (block_q, block_k, layout_batch, layout_heads, scale, causal, window_left, window_right)
+    ctx.csc = _cached_csc(col)
+
+def _backward(ctx: Any, dout: torch.Tensor, dlse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of the forward op's inputs through ``out`` (``lse`` is not differentiated)."""
+    q, k, v, out, lse, crow, col, key_lengths, key_padding_mask = ctx.saved_tensors
+    block_q, block_k, layout_batch, layout_heads, scale, causal, window_left, window_right = ctx.scalars
+    csc = ctx.csc
+    if csc is None:
+        nqb = -(-q.shape[1] // block_q)
+        nkb = -(-k.shape[1] // block_k)
+        csc = csr_transpose(crow, col, num_slices=layout_batch * layout_heads,
+                            num_query_blocks=nqb, num_key_blocks=nkb)
+    dq, dk, dv = torch.ops.dilated_sparse.block_sparse_attn_bwd(
+        dout.contiguous(), q, k, v, out, lse, csc[0], csc[1], crow, col, block_q, block_k,
+        layout_batch, layout_heads, scale, causal, window_left, window_right, key_lengths,
+        key_padding_mask,
+    )
+    return (dq, dk, dv) + (None,) * 12
+
+
+# Dispatches an op call past its autograd kernel (what torch.library's own formula does around the
+# op); without it (an older or newer torch) the registered kernel takes its no-grad branch instead.
+_below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nullcontext)
+
+
+class _ForwardFunction(torch.autograd.Function):
+    """Eager autograd of the forward op, the formula :func:`_register` registers for it.
+
+    ``torch.library``'s generic autograd layer costs about as much host time as the op itself at
+    small sizes (``fill_defaults`` and a Python redispatch on every call); eager calls that need a
+    gradient come here instead, with the same context and backward, and the op goes straight to its
+    kernel. Traced code (``torch.compile``) keeps the registered formula.
+    The context is set inside ``forward``: a separate ``setup_context`` would admit functorch
+    transforms (which the registered formula does not support either) but costs ~20 us a call in
+    argument binding.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, *inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        with _below_autograd():
+            output = torch.ops.dilated_sparse.block_sparse_attn_fwd(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor, dlse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        return _backward(ctx, dout, dlse)
+
+
 def _register() -> None:
     @torch.library.register_fake("dilated_sparse::block_sparse_attn_fwd")
     def _fwd_fake(q, k, v, crow_indices, col_indices, block_q, block_k, layout_batch, layout_heads,
@@ -253,30 +310,6 @@ def _register() -> None:
                       layout_heads, max_slice_nnz, scale, causal, window_left, window_right,
                       key_lengths, key_padding_mask):
         return q.new_empty((q.shape[0], q.shape[2], max_slice_nnz, block_q, block_k))
-
-    def _setup_context(ctx, inputs, output):
-        (q, k, v, crow, col, block_q, block_k, layout_batch, layout_heads, scale, causal,
-         window_left, window_right, key_lengths, key_padding_mask) = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, crow, col, key_lengths, key_padding_mask)
-        ctx.scalars = (block_q, block_k, layout_batch, layout_heads, scale, causal, window_left, window_right)
-        ctx.csc = _cached_csc(col)
-
-    def _backward(ctx, dout, dlse):
-        q, k, v, out, lse, crow, col, key_lengths, key_padding_mask = ctx.saved_tensors
-        block_q, block_k, layout_batch, layout_heads, scale, causal, window_left, window_right = ctx.scalars
-        csc = ctx.csc
-        if csc is None:
-            nqb = -(-q.shape[1] // block_q)
-            nkb = -(-k.shape[1] // block_k)
-            csc = csr_transpose(crow, col, num_slices=layout_batch * layout_heads,
-                                num_query_blocks=nqb, num_key_blocks=nkb)
-        dq, dk, dv = torch.ops.dilated_sparse.block_sparse_attn_bwd(
-            dout.contiguous(), q, k, v, out, lse, csc[0], csc[1], crow, col, block_q, block_k,
-            layout_batch, layout_heads, scale, causal, window_left, window_right, key_lengths,
-            key_padding_mask,
-        )
-        return (dq, dk, dv) + (None,) * 12
 
     torch.library.register_autograd(
         "dilated_sparse::block_sparse_attn_fwd", _backward, setup_context=_setup_context
@@ -313,13 +346,23 @@ def attention_forward(
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, layout: BlockSparseLayout,
                 scale: float, wl: int, wr: int, key_lengths: torch.Tensor | None,
                 key_padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward op on arguments already normalised by :func:`_check_inputs`."""
-    return torch.ops.dilated_sparse.block_sparse_attn_fwd(
+    """The forward op on arguments already normalised by :func:`_check_inputs`.
+
+    Eager calls that need a gradient take :class:`_ForwardFunction` (the same formula, less host
+    time), eager calls without one go straight to the kernel, traced ones call the op.
+    """
+    inputs = (
         _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v),
         layout.crow_indices, layout.col_indices, layout.block_q, layout.block_k,
         layout.layout_batch, layout.layout_heads, scale, bool(causal), wl, wr,
         key_lengths, key_padding_mask,
     )
+    if torch.compiler.is_compiling():
+        return torch.ops.dilated_sparse.block_sparse_attn_fwd(*inputs)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _ForwardFunction.apply(*inputs)
+    with _below_autograd():
+        return torch.ops.dilated_sparse.block_sparse_attn_fwd(*inputs)
 
 
 def attention_backward(

@@ -197,6 +197,29 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
+def test_eager_autograd_matches_the_registered_formula():
+    """Eager calls that need a gradient skip torch.library's autograd layer (ops._ForwardFunction):
+    their gradients must be the registered formula's bit for bit; direct op calls keep the latter."""
+    q, k, v = make_qkv(2, 70, 60, 4, 2, 16, torch.float32, "cpu", requires_grad=True)
+    layout = random_layout(1, 1, 70, 60, 16, 32, seed=9)
+    out = ds.block_sparse_attention(q, k, v, layout, causal=True, window=(30, None))
+    assert type(out.grad_fn).__name__ == "_ForwardFunctionBackward"
+    grad = torch.randn_like(out)
+    eager = torch.autograd.grad(out, (q, k, v), grad)
+    args = (q, k, v, layout.crow_indices, layout.col_indices, 16, 32, 1, 1, 0.25, True, 30, -1, None, None)
+    op_out, _ = torch.ops.dilated_sparse.block_sparse_attn_fwd(*args)
+    assert type(op_out.grad_fn).__name__.startswith("GeneratedBackwardFor_dilated_sparse")
+    assert torch.equal(op_out, out)
+    registered = torch.autograd.grad(op_out, (q, k, v), grad)
+    for a, b in zip(eager, registered):
+        assert torch.equal(a, b)
+    # Only v needs a gradient: the eager path still; none (no_grad): no graph at all.
+    out_v = ds.block_sparse_attention(q.detach(), k.detach(), v, layout)
+    assert type(out_v.grad_fn).__name__ == "_ForwardFunctionBackward"
+    with torch.no_grad():
+        assert ds.block_sparse_attention(q, k, v, layout).grad_fn is None
+
+
 def test_layout_moves_to_the_inputs_device_once():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
