@@ -161,6 +161,14 @@ void check_lse(const AttnDims& d, const at::Tensor& lse, const at::Tensor& q) {
 
 }  // namespace
 
+void check_dlse(const at::Tensor& dlse, const at::Tensor& lse) {
+  TORCH_CHECK(dlse.sizes() == lse.sizes(), "dilated_sparse: dlse must have lse's shape ", lse.sizes(),
+              ", got ", dlse.sizes());
+  TORCH_CHECK(dlse.scalar_type() == lse.scalar_type(), "dilated_sparse: dlse must have lse's dtype ",
+              lse.scalar_type(), ", got ", dlse.scalar_type());
+  TORCH_CHECK(dlse.device() == lse.device(), "dilated_sparse: dlse must be on ", lse.device());
+}
+
 AttnDims check_fwd_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const at::Tensor& crow_indices, const at::Tensor& col_indices,
                         int64_t block_q, int64_t block_k, int64_t layout_batch,
@@ -181,7 +189,8 @@ AttnDims check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::T
                         int64_t block_q, int64_t block_k, int64_t layout_batch,
                         int64_t layout_heads, int64_t window_left, int64_t window_right,
                         const std::optional<at::Tensor>& key_lengths,
-                        const std::optional<at::Tensor>& key_padding_mask) {
+                        const std::optional<at::Tensor>& key_padding_mask,
+                        const std::optional<at::Tensor>& dlse) {
   check_qkv(q, k, v);
   AttnDims d = make_dims(q, k, block_q, block_k, layout_batch, layout_heads);
   for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&dout, "dout"},
@@ -194,6 +203,7 @@ AttnDims check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::T
                 q.device());
   }
   check_lse(d, lse, q);
+  if (dlse.has_value()) check_dlse(*dlse, lse);
   check_csr(d, crow_indices, col_indices, q);
   check_csc(d, ccol_indices, row_indices, col_indices, q);
   check_masks(d, window_left, window_right, key_lengths, key_padding_mask, q);
@@ -250,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd(
     int64_t block_q, int64_t block_k, int64_t layout_batch, int64_t layout_heads,
     std::optional<double> scale, bool causal, int64_t window_left, int64_t window_right,
     const std::optional<at::Tensor>& key_lengths,
-    const std::optional<at::Tensor>& key_padding_mask) {
+    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& dlse) {
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("dilated_sparse::block_sparse_attn_bwd", "")
@@ -259,10 +269,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, int64_t, double,
               bool, int64_t, int64_t, const std::optional<at::Tensor>&,
-              const std::optional<at::Tensor>&)>();
+              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
   return op.call(dout, q, k, v, out, lse, ccol_indices, row_indices, crow_indices, col_indices,
                  block_q, block_k, layout_batch, layout_heads, resolve_scale(scale, q), causal,
-                 window_left, window_right, key_lengths, key_padding_mask);
+                 window_left, window_right, key_lengths, key_padding_mask, dlse);
 }
 
 at::Tensor block_sparse_attn_weights(

@@ -239,13 +239,18 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor
     (q, k, v, crow, col, block_q, block_k, layout_batch, layout_heads, scale, causal,
      window_left, window_right, key_lengths, key_padding_mask) = inputs
     out, lse = output
+    # An output the loss does not use arrives as None (dout: only lse was used; dlse: the usual case).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, out, lse, crow, col, key_lengths, key_padding_mask)
     ctx.scalars = (block_q, block_k, layout_batch, layout_heads, scale, causal, window_left, window_right)
     ctx.csc = _cached_csc(col)
 
 def _backward(ctx: Any, dout: torch.Tensor, dlse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    """Gradients of the forward op's inputs through ``out`` (``lse`` is not differentiated)."""
+    """Gradients of the forward op's inputs through ``out`` and ``lse``."""
     q, k, v, out, lse, crow, col, key_lengths, key_padding_mask = ctx.saved_tensors
+    if dout is None and dlse is None:
+        return (None,) * 15
+    dout = torch.zeros_like(out) if dout is None else dout.contiguous()
     block_q, block_k, layout_batch, layout_heads, scale, causal, window_left, window_right = ctx.scalars
     csc = ctx.csc
     if csc is None:
@@ -254,9 +259,9 @@ def _backward(ctx: Any, dout: torch.Tensor, dlse: torch.Tensor | None) -> tuple[
         csc = csr_transpose(crow, col, num_slices=layout_batch * layout_heads,
                             num_query_blocks=nqb, num_key_blocks=nkb)
     dq, dk, dv = torch.ops.dilated_sparse.block_sparse_attn_bwd(
-        dout.contiguous(), q, k, v, out, lse, csc[0], csc[1], crow, col, block_q, block_k,
+        dout, q, k, v, out, lse, csc[0], csc[1], crow, col, block_q, block_k,
         layout_batch, layout_heads, scale, causal, window_left, window_right, key_lengths,
-        key_padding_mask,
+        key_padding_mask, None if dlse is None else dlse.contiguous(),
     )
     return (dq, dk, dv) + (None,) * 12
 
@@ -302,7 +307,7 @@ def _register() -> None:
     @torch.library.register_fake("dilated_sparse::block_sparse_attn_bwd")
     def _bwd_fake(dout, q, k, v, out, lse, ccol_indices, row_indices, crow_indices, col_indices,
                   block_q, block_k, layout_batch, layout_heads, scale, causal, window_left,
-                  window_right, key_lengths, key_padding_mask):
+                  window_right, key_lengths, key_padding_mask, dlse=None):
         return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
     @torch.library.register_fake("dilated_sparse::block_sparse_attn_weights")
@@ -333,7 +338,7 @@ def attention_forward(
     key_lengths: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Checked forward returning ``(out, lse)``; differentiable through ``out``.
+    """Checked forward returning ``(out, lse)``; differentiable through both.
 
     ``lse`` (``[B, H, Sq]``, float32, float64 for float64 inputs) is what partial results are
     merged by (see :mod:`dilated_sparse.distributed`).
@@ -379,11 +384,13 @@ def attention_backward(
     window: Any = None,
     key_lengths: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    dlse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Checked backward ``(dq, dk, dv)`` given the forward's ``out`` and ``lse``.
 
     For code that runs its own autograd (e.g. the distributed ring, which merges partial
-    results by ``lse`` and passes the merged ``out``/``lse`` here).
+    results by ``lse`` and passes the merged ``out``/``lse`` here). ``dlse`` (``[B, H, Sq]``):
+    the loss's gradient with respect to ``lse``, when ``lse`` fed it too.
     """
     _require_extension()
     layout, scale, wl, wr, key_lengths, key_padding_mask = _check_inputs(
@@ -394,11 +401,15 @@ def attention_backward(
     expected_lse = (q.shape[0], q.shape[2], q.shape[1])
     if tuple(lse.shape) != expected_lse:
         raise ValueError(f"lse must have shape [B, H, Sq] = {list(expected_lse)}, got {tuple(lse.shape)}")
+    if dlse is not None:
+        if tuple(dlse.shape) != expected_lse:
+            raise ValueError(f"dlse must have lse's shape [B, H, Sq] = {list(expected_lse)}, got {tuple(dlse.shape)}")
+        dlse = dlse.to(device=q.device, dtype=_lse_dtype(q.dtype)).contiguous()
     return torch.ops.dilated_sparse.block_sparse_attn_bwd(
         dout.contiguous(), _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v),
         out.contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous(), layout.ccol_indices, layout.row_indices,
         layout.crow_indices, layout.col_indices, layout.block_q, layout.block_k, layout.layout_batch,
-        layout.layout_heads, scale, bool(causal), wl, wr, key_lengths, key_padding_mask,
+        layout.layout_heads, scale, bool(causal), wl, wr, key_lengths, key_padding_mask, dlse,
     )
 
 

@@ -92,6 +92,75 @@ def test_forward_lse_and_grads_match_reference(device, name):
             assert_close(t.grad.cpu(), t64.grad, dtype, f"{name} {dtype} {label}")
 
 
+# A loss that uses lse as well as out (merging partial results by lse does): the backward takes
+# the gradient of lse too (Delta - dlse), also when only lse is used; rows without a key (lse -inf)
+# take none. Against autograd through the float64 reference.
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["square", "gqa_causal", "key_lengths", "left_padding"])
+@pytest.mark.parametrize("use_out", [True, False])
+def test_grads_through_lse_match_reference(device, name, use_out):
+    for dtype in device_dtypes(device):
+        q, k, v, layout, kw = case_inputs(name, dtype, device, requires_grad=True)
+        out, lse = attention_forward(q, k, v, layout, **kw)
+        q64, k64, v64 = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
+        kw64 = {key: (val.cpu() if isinstance(val, torch.Tensor) else val) for key, val in kw.items()}
+        ref_out, ref_lse = ds.reference_attention(q64, k64, v64, layout, return_lse=True, **kw64)
+        g = torch.Generator().manual_seed(3)
+        grad_out = torch.randn(ref_out.shape, generator=g, dtype=torch.float64)
+        grad_lse = torch.randn(ref_lse.shape, generator=g, dtype=torch.float64)
+
+        def loss(o, lse_, grad_out=grad_out, grad_lse=grad_lse):
+            finite = torch.isfinite(lse_)
+            term = (torch.where(finite, lse_, torch.zeros_like(lse_)) * grad_lse.to(lse_)).sum()
+            return term + ((o.double() * grad_out.to(o.device)).sum() if use_out else 0)
+
+        loss(out, lse).backward()
+        loss(ref_out, ref_lse).backward()
+        for t, t64, label in ((q, q64, "dq"), (k, k64, "dk"), (v, v64, "dv")):
+            want = t64.grad if t64.grad is not None else torch.zeros_like(t64)  # dv: lse alone has none
+            assert not t.grad.isnan().any(), f"{name} {dtype} {label}: NaN"
+            assert_close(t.grad.cpu(), want, dtype, f"{name} {dtype} {label} (use_out={use_out})")
+
+
+def test_bad_dlse_is_rejected():
+    q, k, v = make_qkv(1, 32, 32, 2, 2, 8, torch.float32, "cpu")
+    layout = random_layout(1, 1, 32, 32, 16, 16, seed=3)
+    out, lse = attention_forward(q, k, v, layout)
+    dout = torch.randn_like(out)
+    with pytest.raises(ValueError, match="dlse must have lse's shape"):
+        ds.attention_backward(dout, q, k, v, out, lse, layout, dlse=lse[:, :1])
+    args = (dout, q, k, v, out, lse, layout.ccol_indices, layout.row_indices, layout.crow_indices,
+            layout.col_indices, 16, 16, 1, 1, 0.3, False, -1, -1, None, None)
+    with pytest.raises(RuntimeError, match="dlse must have lse's dtype"):
+        torch.ops.dilated_sparse.block_sparse_attn_bwd(*args, lse.double())
+    with pytest.raises(RuntimeError, match="dlse must have lse's shape"):
+        torch.ops.dilated_sparse.block_sparse_attn_bwd(*args, lse[0])
+    dq, dk, dv = ds.attention_backward(dout, q, k, v, out, lse, layout, dlse=torch.zeros_like(lse))
+    assert torch.equal(dq, ds.attention_backward(dout, q, k, v, out, lse, layout)[0])
+
+
+# Two disjoint halves of a layout's key blocks, each attended on its own and merged by lse
+# (distributed.merge_partials), equal the whole layout: values and gradients.
+@pytest.mark.parametrize("device", DEVICES)
+def test_merged_partials_are_differentiable(device):
+    dtype = torch.float64 if device == "cpu" else torch.bfloat16
+    q, k, v = make_qkv(2, 96, 96, 4, 2, 16, dtype, device, seed=5, requires_grad=True)
+    full = random_layout(1, 1, 96, 96, 16, 16, p=0.6, seed=6)
+    mask = full.to_dense_mask()
+    halves = torch.rand(mask.shape, generator=torch.Generator().manual_seed(7)) < 0.5
+    parts = [ds.BlockSparseLayout.from_dense_mask(mask & side, block_size=16, seq_len_q=96)
+             for side in (halves, ~halves)]
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64).to(device, dtype)
+    outs = [attention_forward(q, k, v, part, causal=True) for part in parts]
+    merged, _ = ds.distributed.merge_partials(outs[0][0], outs[0][1], outs[1][0], outs[1][1])
+    got = torch.autograd.grad((merged * grad).sum(), (q, k, v))
+    whole = ds.block_sparse_attention(q, k, v, full, causal=True)
+    want = torch.autograd.grad((whole * grad).sum(), (q, k, v))
+    assert_close(merged.detach(), whole.detach(), dtype, "merged out")
+    for a, b, label in zip(got, want, ("dq", "dk", "dv")):
+        assert_close(a, b, dtype, f"merged {label}")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["odd_lengths_bq_ne_bk", "gqa_causal", "per_batch_head", "key_lengths"])
 def test_weights_dict_matches_reference(device, name):
@@ -169,12 +238,14 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.dilated_sparse.block_sparse_attn_bwd.default, bargs)
 
 
-def test_torch_compile_fullgraph_forward_backward():
+@pytest.mark.parametrize("with_lse", [False, True])
+def test_torch_compile_fullgraph_forward_backward(with_lse):
     q, k, v = make_qkv(1, 48, 48, 2, 2, 8, torch.float32, "cpu", requires_grad=True)
-    layout = random_layout(1, 1, 48, 48, 16, 16, seed=4)
+    layout = random_layout(1, 1, 48, 48, 16, 16, seed=4, empty_rows=False)
 
     def fn(q, k, v):
-        return ds.block_sparse_attention(q, k, v, layout, causal=True).square().sum()
+        out, lse = attention_forward(q, k, v, layout, causal=True)
+        return out.square().sum() + (0.7 * lse.sum() if with_lse else 0)
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     loss = compiled(q, k, v)

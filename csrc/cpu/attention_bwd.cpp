@@ -1,5 +1,5 @@
 // CPU backward of block_sparse_attn_bwd, without atomics or locks:
-//   1. Delta[b, h, i] = sum_d dout * out                      (one task per (batch, query row))
+//   1. Delta[b, h, i] = sum_d dout * out (- dlse[b, h, i])    (one task per (batch, query row))
 //   2. dK, dV for one (batch, kv head, key block): walk the CSC column of the block for every
 //      query head of the GQA group, summing into the tile's own accumulators.
 //   3. dQ for one (batch, head, query block): walk the CSR row.
@@ -195,11 +195,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd_cpu(
     const at::Tensor& col_indices, int64_t block_q, int64_t block_k, int64_t layout_batch,
     int64_t layout_heads, double scale, bool causal, int64_t window_left, int64_t window_right,
     const std::optional<at::Tensor>& key_lengths,
-    const std::optional<at::Tensor>& key_padding_mask) {
+    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& dlse) {
   const AttnDims d = detail::check_bwd_args(
       dout_in, q_in, k_in, v_in, out_in, lse_in, ccol_indices, row_indices, crow_indices,
       col_indices, block_q, block_k, layout_batch, layout_heads, window_left, window_right,
-      key_lengths, key_padding_mask);
+      key_lengths, key_padding_mask, dlse);
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
                    v = last_dim_contiguous(v_in), dout = last_dim_contiguous(dout_in),
                    out = last_dim_contiguous(out_in), lse = lse_in.contiguous();
@@ -217,6 +217,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd_cpu(
         using T = acc_type<scalar_t>;
         const View4<scalar_t> dout_v(dout), out_v(out);
         compute_delta<scalar_t>(d, dout_v, out_v, delta.data_ptr<T>());
+        // A gradient through lse adds dlse_i * P_ij to dS_ij = P_ij (dP_ij - Delta_i): the same
+        // backward with Delta_i - dlse_i (d lse_i / d s_ij = P_ij).
+        if (dlse.has_value()) delta.sub_(*dlse);
         const BwdArgs<scalar_t> args{d,
                                      View4<scalar_t>(q),
                                      View4<scalar_t>(k),

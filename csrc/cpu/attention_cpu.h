@@ -23,7 +23,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd_cpu(
     int64_t block_q, int64_t block_k, int64_t layout_batch, int64_t layout_heads, double scale,
     bool causal, int64_t window_left, int64_t window_right,
     const std::optional<at::Tensor>& key_lengths,
-    const std::optional<at::Tensor>& key_padding_mask);
+    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& dlse);
 
 at::Tensor block_sparse_attn_weights_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse, const at::Tensor& crow_indices,

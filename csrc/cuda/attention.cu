@@ -360,7 +360,8 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
 }
 
 // ---------------------------------------------------------------------------------------------
-// Delta = rowsum(dout * out), fp32, [B, H, Sq]
+// Delta = rowsum(dout * out) (- dlse: a gradient through lse adds dlse_i * P_ij to dS_ij), fp32,
+// [B, H, Sq]
 // ---------------------------------------------------------------------------------------------
 
 // kTPR threads per row (16 bytes each, a power of two covering D), kRows rows a thread: a CTA
@@ -371,7 +372,8 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
 // kernel issue-bound (55 us at S16k H16 D128, against 34 us for Flex's Delta).
 template <typename T, int kTPR, int kRows, typename Idx>
 __global__ void __launch_bounds__(256) delta_kernel(const T* __restrict__ o, const T* __restrict__ dout, float* delta,
-                                                    const float* __restrict__ lse, float* lse_log2,
+                                                    const float* __restrict__ lse, const float* __restrict__ dlse,
+                                                    float* lse_log2,
                                                     int64_t o_sb, int64_t o_ss, int64_t o_sh, int64_t d_sb,
                                                     int64_t d_ss, int64_t d_sh, int B, int Sq, int H, int D) {
   constexpr int kLanes = 256 / kTPR;  // rows a CTA reads at once
@@ -379,19 +381,22 @@ __global__ void __launch_bounds__(256) delta_kernel(const T* __restrict__ o, con
   const Idx row0 = static_cast<Idx>(blockIdx.x) * (kLanes * kRows) + threadIdx.x / kTPR;
   const int d = (threadIdx.x % kTPR) * 8;
   uint4 ov[kRows], dv[kRows];
-  float lv[kRows];
+  float lv[kRows], gv[kRows];  // lse, and dlse (0 without it)
   int64_t dst[kRows];  // where the row's Delta (and log2 lse) goes ([B, H, Sq]); -1: past the end
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     const Idx row = row0 + r * kLanes;  // row = (b * Sq + i) * H + h
     ov[r] = dv[r] = make_uint4(0, 0, 0, 0);
-    lv[r] = 0.f;
+    lv[r] = gv[r] = 0.f;
     dst[r] = -1;
     if (row < rows) {
       const Idx bi = row / static_cast<Idx>(H), h = row - bi * static_cast<Idx>(H);
       const Idx b = bi / static_cast<Idx>(Sq), i = bi - b * static_cast<Idx>(Sq);
       dst[r] = (static_cast<int64_t>(b) * H + static_cast<int64_t>(h)) * Sq + static_cast<int64_t>(i);
-      if (d == 0) lv[r] = lse[dst[r]];
+      if (d == 0) {
+        lv[r] = lse[dst[r]];
+        if (dlse != nullptr) gv[r] = dlse[dst[r]];
+      }
       if (d < D) {
         const int64_t bl = static_cast<int64_t>(b), il = static_cast<int64_t>(i), hl = static_cast<int64_t>(h);
         ov[r] = *reinterpret_cast<const uint4*>(o + bl * o_sb + il * o_ss + hl * o_sh + d);
@@ -409,7 +414,7 @@ __global__ void __launch_bounds__(256) delta_kernel(const T* __restrict__ o, con
 #pragma unroll
     for (int off = kTPR / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
     if (dst[r] >= 0 && d == 0) {
-      delta[dst[r]] = acc;
+      delta[dst[r]] = acc - gv[r];  // a gradient through lse: Delta - dlse (RESULTS.md, sixteenth session)
       lse_log2[dst[r]] = lse_to_log2(lv[r]);
     }
   }
@@ -455,7 +460,7 @@ void launch_delta(const Params& p, cudaStream_t stream) {
     const auto grid = static_cast<unsigned>((rows + kCtaRows - 1) / kCtaRows);
     auto launch = [&](auto idx) {
       delta_kernel<T, kTPR, kRows, decltype(idx)><<<grid, 256, 0, stream>>>(
-          static_cast<const T*>(p.o), static_cast<const T*>(p.dout), p.delta, p.lse, p.lse_log2, p.o_sb, p.o_ss,
+          static_cast<const T*>(p.o), static_cast<const T*>(p.dout), p.delta, p.lse, p.dlse, p.lse_log2, p.o_sb, p.o_ss,
           p.o_sh, p.do_sb,
           p.do_ss, p.do_sh, p.B, p.Sq, p.H, p.D);
     };
@@ -949,9 +954,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     int64_t block_q, int64_t block_k, int64_t layout_batch, int64_t layout_heads, double scale,
     bool causal, int64_t window_left, int64_t window_right,
     const std::optional<at::Tensor>& key_lengths,
-    const std::optional<at::Tensor>& key_padding_mask) {
+    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& dlse_in) {
   check_common(q_in, k_in, v_in, crow, block_q, block_k, layout_batch, layout_heads, key_lengths,
                key_padding_mask);
+  TORCH_CHECK(!dlse_in.has_value() || (dlse_in->sizes() == lse_in.sizes() &&
+                                        dlse_in->scalar_type() == lse_in.scalar_type() &&
+                                        dlse_in->device() == lse_in.device()),
+              "dilated_sparse: dlse must have lse's shape, dtype and device");
   TORCH_CHECK(dout_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
               "dilated_sparse: dout and out must have q's shape");
   TORCH_CHECK(dout_in.scalar_type() == q_in.scalar_type() && out_in.scalar_type() == q_in.scalar_type(),
@@ -961,6 +970,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   const at::Tensor q = prep(q_in), k = prep(k_in), v = prep(v_in);
   const at::Tensor dout = prep(dout_in), out = prep(out_in);
   const at::Tensor lse = lse_in.contiguous();
+  const at::Tensor dlse = dlse_in.has_value() ? dlse_in->contiguous() : at::Tensor();
   const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), D = q.size(3);
   const int64_t Sk = k.size(1), Hkv = k.size(2);
   auto dq = at::empty({B, Sq, H, D}, q.options());
@@ -1010,6 +1020,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   p.o_sb = out.stride(0); p.o_ss = out.stride(1); p.o_sh = out.stride(2);
   p.do_sb = dout.stride(0); p.do_ss = dout.stride(1); p.do_sh = dout.stride(2);
   p.lse = lse.data_ptr<float>();
+  p.dlse = dlse.defined() ? dlse.data_ptr<float>() : nullptr;
   auto delta = at::empty({B, H, Sq}, q.options().dtype(at::kFloat));
   auto lse_log2 = at::empty({B, H, Sq}, q.options().dtype(at::kFloat));
   p.delta = delta.data_ptr<float>();

@@ -49,6 +49,7 @@ struct Params {
   void* out = nullptr;         // fwd output, contiguous [B, Sq, H, D]
   float* lse_out = nullptr;    // fwd, [B, H, Sq]
   const float* lse = nullptr;  // bwd / weights input, [B, H, Sq]
+  const float* dlse = nullptr;  // bwd input, optional: the gradient of lse, [B, H, Sq]
   float* delta = nullptr;      // bwd workspace, [B, H, Sq]
   // bwd workspace, [B, H, Sq]: lse in the log2 domain (lse_to_log2: +inf for an empty row), written
   // with Delta, so the backward's exponentials take it as it is.

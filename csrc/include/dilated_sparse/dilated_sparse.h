@@ -29,7 +29,8 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd(
     int64_t window_right = -1, const std::optional<at::Tensor>& key_lengths = std::nullopt,
     const std::optional<at::Tensor>& key_padding_mask = std::nullopt);
 
-// Backward. Returns (dq, dk, dv), contiguous, with the shapes and dtypes of q, k, v.
+// Backward. Returns (dq, dk, dv), contiguous, with the shapes and dtypes of q, k, v. dlse: the
+// gradient of the loss with respect to lse (lse's shape and dtype), when lse fed the loss too.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& ccol_indices,
@@ -37,7 +38,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd(
     int64_t block_q, int64_t block_k, int64_t layout_batch = 1, int64_t layout_heads = 1,
     std::optional<double> scale = std::nullopt, bool causal = false, int64_t window_left = -1, int64_t window_right = -1,
     const std::optional<at::Tensor>& key_lengths = std::nullopt,
-    const std::optional<at::Tensor>& key_padding_mask = std::nullopt);
+    const std::optional<at::Tensor>& key_padding_mask = std::nullopt,
+    const std::optional<at::Tensor>& dlse = std::nullopt);
 
 // Attention probabilities of the active blocks: [B, H, max_slice_nnz, block_q, block_k].
 at::Tensor block_sparse_attn_weights(

@@ -14,8 +14,8 @@ inline constexpr const char* kBwdSchema =
     "block_sparse_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
     "Tensor ccol_indices, Tensor row_indices, Tensor crow_indices, Tensor col_indices, "
     "int block_q, int block_k, int layout_batch, int layout_heads, float scale, bool causal, "
-    "int window_left, int window_right, Tensor? key_lengths, Tensor? key_padding_mask) "
-    "-> (Tensor dq, Tensor dk, Tensor dv)";
+    "int window_left, int window_right, Tensor? key_lengths, Tensor? key_padding_mask, "
+    "Tensor? dlse=None) -> (Tensor dq, Tensor dk, Tensor dv)";
 
 inline constexpr const char* kWeightsSchema =
     "block_sparse_attn_weights(Tensor q, Tensor k, Tensor lse, Tensor crow_indices, "
