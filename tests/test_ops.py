@@ -137,6 +137,16 @@ def test_bad_dlse_is_rejected():
         torch.ops.dilated_sparse.block_sparse_attn_bwd(*args, lse[0])
     zero = ds.attention_backward(dout, q, k, v, out, lse, layout, dlse=torch.zeros_like(lse))
     assert all(map(torch.equal, zero, ds.attention_backward(dout, q, k, v, out, lse, layout)))
+    # An empty row's lse is -inf, a constant: what its gradient holds (NaN here) is ignored, also
+    # inside a block the kernels compute (rows 0-7: causal, and keys 0-7 are padding).
+    layout = ds.BlockSparseLayout.from_block_pairs([(0, 0), (1, 0), (1, 1)], block_size=16, seq_len_q=32)
+    kw = {"causal": True, "key_padding_mask": torch.arange(32).view(1, 32) < 8}
+    out, lse = attention_forward(q, k, v, layout, **kw)
+    assert lse[:, :, :8].isneginf().all() and lse[:, :, 8:].isfinite().all()
+    plain = ds.attention_backward(dout, q, k, v, out, lse, layout, **kw)
+    nan_on_empty = torch.where(lse.isneginf(), float("nan"), 0.0)
+    got = ds.attention_backward(dout, q, k, v, out, lse, layout, dlse=nan_on_empty, **kw)
+    assert all(map(torch.equal, plain, got))
 
 
 # Two disjoint halves of a layout's key blocks, each attended on its own and merged by lse

@@ -218,8 +218,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd_cpu(
         const View4<scalar_t> dout_v(dout), out_v(out);
         compute_delta<scalar_t>(d, dout_v, out_v, delta.data_ptr<T>());
         // A gradient through lse adds dlse_i * P_ij to dS_ij = P_ij (dP_ij - Delta_i): the same
-        // backward with Delta_i - dlse_i (d lse_i / d s_ij = P_ij).
-        if (dlse.has_value()) delta.sub_(*dlse);
+        // backward with Delta_i - dlse_i (d lse_i / d s_ij = P_ij). An empty row's lse (-inf) is a
+        // constant, and whatever its gradient holds (NaN, from merging two empty partials by
+        // logaddexp) must not reach its dS as 0 * NaN.
+        if (dlse.has_value()) delta.sub_(dlse->masked_fill(lse.isneginf(), 0));
         const BwdArgs<scalar_t> args{d,
                                      View4<scalar_t>(q),
                                      View4<scalar_t>(k),

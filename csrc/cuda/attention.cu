@@ -395,7 +395,9 @@ __global__ void __launch_bounds__(256) delta_kernel(const T* __restrict__ o, con
       dst[r] = (static_cast<int64_t>(b) * H + static_cast<int64_t>(h)) * Sq + static_cast<int64_t>(i);
       if (d == 0) {
         lv[r] = lse[dst[r]];
-        if (dlse != nullptr) gv[r] = dlse[dst[r]];
+        // An empty row's lse (-inf) is a constant: its gradient, whatever it holds (merging two
+        // empty partials by logaddexp gives NaN), must not reach dS = P (dP - Delta) as 0 * NaN.
+        if (dlse != nullptr && lv[r] != -INFINITY) gv[r] = dlse[dst[r]];
       }
       if (d < D) {
         const int64_t bl = static_cast<int64_t>(b), il = static_cast<int64_t>(i), hl = static_cast<int64_t>(h);
