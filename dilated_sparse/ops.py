@@ -2,8 +2,9 @@
 
 The three ops are declared once in C++ (``csrc/ops.cpp``, namespace ``dilated_sparse``) with CPU
 and CUDA kernels. This module loads the extension, registers the fake (meta) kernels used by
-``torch.compile`` and the autograd formula (``torch.library``), and exposes
-:func:`block_sparse_attention`, which checks every argument before any kernel runs.
+``torch.compile`` and the autograd formula (``torch.library``; eager calls take the same formula
+through a direct ``autograd.Function``), and exposes :func:`block_sparse_attention`, which checks
+every argument before any kernel runs.
 """
 
 from __future__ import annotations
@@ -245,7 +246,8 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor
     ctx.scalars = (block_q, block_k, layout_batch, layout_heads, scale, causal, window_left, window_right)
     ctx.csc = _cached_csc(col)
 
-def _backward(ctx: Any, dout: torch.Tensor, dlse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+
+def _backward(ctx: Any, dout: torch.Tensor | None, dlse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     """Gradients of the forward op's inputs through ``out`` and ``lse``."""
     q, k, v, out, lse, crow, col, key_lengths, key_padding_mask = ctx.saved_tensors
     if dout is None and dlse is None:
@@ -291,7 +293,7 @@ class _ForwardFunction(torch.autograd.Function):
         return output
 
     @staticmethod
-    def backward(ctx: Any, dout: torch.Tensor, dlse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, dout: torch.Tensor | None, dlse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         return _backward(ctx, dout, dlse)
 
 
