@@ -246,6 +246,7 @@ def test_opcheck():
              layout.ccol_indices, layout.row_indices, layout.crow_indices, layout.col_indices,
              16, 16, 1, 1, 0.3, True, -1, -1, None, None)
     torch.library.opcheck(torch.ops.dilated_sparse.block_sparse_attn_bwd.default, bargs)
+    torch.library.opcheck(torch.ops.dilated_sparse.block_sparse_attn_bwd.default, (*bargs, torch.randn_like(lse)))
 
 
 @pytest.mark.parametrize("with_lse", [False, True])
