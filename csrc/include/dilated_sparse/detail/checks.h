@@ -53,9 +53,6 @@ AttnDims check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::T
                         const std::optional<at::Tensor>& key_padding_mask,
                         const std::optional<at::Tensor>& dlse);
 
-// The backward's optional gradient of lse: lse's shape, dtype and device.
-void check_dlse(const at::Tensor& dlse, const at::Tensor& lse);
-
 AttnDims check_weights_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
                             const at::Tensor& crow_indices, const at::Tensor& col_indices,
                             int64_t block_q, int64_t block_k, int64_t layout_batch,
