@@ -69,15 +69,22 @@ def case_inputs(name, dtype, device, requires_grad=False):
     return q, k, v, layout, kwargs
 
 
+def forward_and_reference(name, dtype, device):
+    """A case's forward (inputs needing grad) and the float64 reference on the same inputs (CPU):
+    ``(inputs, (out, lse), inputs64, (ref_out, ref_lse))``."""
+    q, k, v, layout, kw = case_inputs(name, dtype, device, requires_grad=True)
+    out, lse = attention_forward(q, k, v, layout, **kw)
+    q64, k64, v64 = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
+    kw64 = {key: (val.cpu() if isinstance(val, torch.Tensor) else val) for key, val in kw.items()}
+    ref_out, ref_lse = ds.reference_attention(q64, k64, v64, layout, return_lse=True, **kw64)
+    return (q, k, v), (out, lse), (q64, k64, v64), (ref_out, ref_lse)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(CASES))
 def test_forward_lse_and_grads_match_reference(device, name):
     for dtype in device_dtypes(device):
-        q, k, v, layout, kw = case_inputs(name, dtype, device, requires_grad=True)
-        out, lse = attention_forward(q, k, v, layout, **kw)
-        q64, k64, v64 = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
-        kw64 = {key: (val.cpu() if isinstance(val, torch.Tensor) else val) for key, val in kw.items()}
-        ref_out, ref_lse = ds.reference_attention(q64, k64, v64, layout, return_lse=True, **kw64)
+        (q, k, v), (out, lse), (q64, k64, v64), (ref_out, ref_lse) = forward_and_reference(name, dtype, device)
         assert out.dtype == dtype and lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
         assert not out.isnan().any() and not lse.isnan().any()
         assert_close(out.cpu(), ref_out, dtype, f"{name} {dtype} out")
@@ -100,11 +107,7 @@ def test_forward_lse_and_grads_match_reference(device, name):
 @pytest.mark.parametrize("use_out", [True, False])
 def test_grads_through_lse_match_reference(device, name, use_out):
     for dtype in device_dtypes(device):
-        q, k, v, layout, kw = case_inputs(name, dtype, device, requires_grad=True)
-        out, lse = attention_forward(q, k, v, layout, **kw)
-        q64, k64, v64 = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
-        kw64 = {key: (val.cpu() if isinstance(val, torch.Tensor) else val) for key, val in kw.items()}
-        ref_out, ref_lse = ds.reference_attention(q64, k64, v64, layout, return_lse=True, **kw64)
+        (q, k, v), (out, lse), (q64, k64, v64), (ref_out, ref_lse) = forward_and_reference(name, dtype, device)
         g = torch.Generator().manual_seed(3)
         grad_out = torch.randn(ref_out.shape, generator=g, dtype=torch.float64)
         grad_lse = torch.randn(ref_lse.shape, generator=g, dtype=torch.float64)

@@ -462,9 +462,8 @@ void launch_delta(const Params& p, cudaStream_t stream) {
     const auto grid = static_cast<unsigned>((rows + kCtaRows - 1) / kCtaRows);
     auto launch = [&](auto idx) {
       delta_kernel<T, kTPR, kRows, decltype(idx)><<<grid, 256, 0, stream>>>(
-          static_cast<const T*>(p.o), static_cast<const T*>(p.dout), p.delta, p.lse, p.dlse, p.lse_log2, p.o_sb, p.o_ss,
-          p.o_sh, p.do_sb,
-          p.do_ss, p.do_sh, p.B, p.Sq, p.H, p.D);
+          static_cast<const T*>(p.o), static_cast<const T*>(p.dout), p.delta, p.lse, p.dlse, p.lse_log2,
+          p.o_sb, p.o_ss, p.o_sh, p.do_sb, p.do_ss, p.do_sh, p.B, p.Sq, p.H, p.D);
     };
     if (rows + kCtaRows < (int64_t{1} << 32)) {
       launch(uint32_t{});

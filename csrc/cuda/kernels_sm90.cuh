@@ -74,6 +74,7 @@ enum Sm90Sched {
 // dK/dV modifier (or-ed into its schedule): also write each tile pair's dS^T to the dS scratch
 // (Params::ds), which dq_ds_sm90_kernel reads back (the dS-scratch backward, attention.cu).
 constexpr int kSchedWriteDs = 32;
+constexpr int kSchedMask = kSchedWriteDs - 1;  // a schedule without its modifiers (this and below)
 // Forward modifier: a row keeps its running max until a tile's exceeds it by more than
 // kLazyHeadroom (log2 units), so the probabilities stay <= 2^8 (exact in fp32, within fp16 and bf16
 // range; the final normalisation and lse use the same max) and most tiles skip the output
@@ -83,7 +84,6 @@ constexpr int kSchedWriteDs = 32;
 // session: D128 forward 0.4-1.7% faster at every S16k / S64k point with the rescale test, 2-4%
 // more with the vote; D64 (the overlapped schedule) -1..+1% with the first.
 constexpr int kFwdLazyRescale = 64;
-constexpr int kSchedMask = kSchedWriteDs - 1;  // the schedule without its modifiers
 constexpr float kLazyHeadroom = 8.f;
 
 // Threads, primary-tile buffers and mbarrier bytes of a schedule: kWG consumer warpgroups, plus
@@ -191,8 +191,8 @@ struct DqSm90Cfg : Sm90Threads<kWG_, kSched> {
 // then kStages of {Q, dO} tiles, then kStages of {lse, Delta} rows. (Padding each stage's rows to
 // the next tile boundary instead cost the third stage at D128 with two primary buffers.)
 template <int kD, int kWG_, int kBM_, int kSchedM = kSchedLockstep>
-struct DkvSm90Cfg : Sm90Threads<kWG_, kSchedM & ~kSchedWriteDs> {
-  static constexpr int kSched = kSchedM & ~kSchedWriteDs;
+struct DkvSm90Cfg : Sm90Threads<kWG_, kSchedM & kSchedMask> {
+  static constexpr int kSched = kSchedM & kSchedMask;
   static constexpr bool kWriteDs = (kSchedM & kSchedWriteDs) != 0;
   using Base = Sm90Threads<kWG_, kSched>;
   static constexpr int kBN = 64 * kWG_;
