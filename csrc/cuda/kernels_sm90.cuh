@@ -85,6 +85,13 @@ constexpr int kSchedMask = kSchedWriteDs - 1;  // a schedule without its modifie
 // more with the vote; D64 (the overlapped schedule) -1..+1% with the first.
 constexpr int kFwdLazyRescale = 64;
 constexpr float kLazyHeadroom = 8.f;
+// Forward modifier (the one-buffer ping-pong schedules): each consumer warpgroup copies its 64 Q
+// rows into registers (wgmma A fragments, kD / 2 registers a thread; ldmatrix) when its item starts
+// and releases the Q buffer there, so the producer loads the next item's Q during this item instead
+// of after its last scores, and the score products read only K from shared memory. H200,
+// seventeenth session (the same result bit for bit): 1-3.4% faster at long rows (D64 and D128),
+// equal at 1-3 key blocks a row, so the next Q was not what short items waited for.
+constexpr int kFwdQRegs = 128;
 
 // Threads, primary-tile buffers and mbarrier bytes of a schedule: kWG consumer warpgroups, plus
 // the producer warpgroup and the PingSync barriers with ping-pong.
@@ -153,6 +160,9 @@ struct FwdSm90Cfg : Sm90Threads<kWG_, kSchedM & kSchedMask> {
   using Base = Sm90Threads<kWG_, kSchedM & kSchedMask>;
   static constexpr int kSched = kSchedM & kSchedMask;
   static constexpr bool kLazy = (kSchedM & kFwdLazyRescale) != 0;
+  static constexpr bool kQRegs = (kSchedM & kFwdQRegs) != 0;
+  static_assert(!kQRegs || kSched == kSchedPingPong || kSched == kSchedPingPongOverlap,
+                "Q in registers: the one-buffer ping-pong schedules only");
   static constexpr int kBM = 64 * kWG_;
   static constexpr int kBN = kBN_;
   static constexpr int kQBytes = kBM * kD * 2;
@@ -223,7 +233,8 @@ using Set1 = std::integral_constant<int, 1>;
 // Synchronisation of the ping-pong schedule, in the kBarBytes after the tiles (mbarriers):
 //   full[s] / empty[s]       ring slot s landed (the producer's 128 threads' copies) / released
 //   res_full[b] / res_empty[b]  primary-tile buffer b (Q [+ dO], or K and V) landed / no longer
-//                            read (after its item's last score products)
+//                            read (after its item's last score products; the forward's Q with
+//                            kFwdQRegs once copied into registers)
 //   item_full / item_empty   [2] each, with two ItemInfo slots: the mailbox through which the
 //                            producer posts work items, decoded, to the consumers
 //   vfull[v] / vempty[v]     kSchedPingPongSplit: V ring slot v (full / empty above are the K ring)
@@ -803,8 +814,23 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
     use_buffer(nres);
     C.start(p, d);
     const bool any = has();
+    uint32_t QA[Cfg::kQRegs ? kD / 16 : 1][4];  // kQRegs: this warpgroup's Q rows, A fragments
     if constexpr (Cfg::kPing) {
       if (any) wait_primary<Cfg::kResBufs>(sy, nres);
+      if constexpr (Cfg::kQRegs) {
+        if (any) {
+          // ldmatrix.x4: lane l addresses row l % 8 of matrix l / 8 (rows 8 (m % 2) + j, 8-column
+          // group 2 kk + m / 2), the order of an m16k16 A fragment.
+          const int m = lane / 8, j = lane % 8;
+          const int row = wrow + (m & 1) * 8 + j;
+#pragma unroll
+          for (int kk = 0; kk < kD / 16; ++kk) {
+            const int c = 2 * kk + (m >> 1);
+            ldsm_x4(QA[kk], sQ + (c / 8) * (kBM * 128) + row * 128 + (((c % 8) ^ j) << 4));
+          }
+          release_primary<Cfg::kResBufs>(sy, nres);
+        }
+      }
     } else {
       load_q();
       if (any) load_kv(0, C.kt);
@@ -826,8 +852,12 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
       sm90::fence();
 #pragma unroll
       for (int kk = 0; kk < kD / 16; ++kk) {
-        sm90::Wgmma<kBN, T>::template ss<0>(S, sm90::desc_k<kBM>(sQ, wg * 64, kk),
-                                            sm90::desc_k<kBN>(sK, 0, kk), kk > 0 ? 1 : 0);
+        if constexpr (Cfg::kQRegs) {
+          sm90::Wgmma<kBN, T>::template rs<0>(S, QA[kk], sm90::desc_k<kBN>(sK, 0, kk), kk > 0 ? 1 : 0);
+        } else {
+          sm90::Wgmma<kBN, T>::template ss<0>(S, sm90::desc_k<kBM>(sQ, wg * 64, kk),
+                                              sm90::desc_k<kBN>(sK, 0, kk), kk > 0 ? 1 : 0);
+        }
       }
       sm90::commit();
     };
@@ -925,8 +955,10 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
       }
     };
     // Ping-pong: the walk follows the producer's records; otherwise every consumer walks.
-    C.template consume<kSched, false, Cfg::kPing>(p, ring, wg, kNT, sy, rec, load_kv, scores, softmax, pv, rescale,
-                                                  [&]() { release_primary<Cfg::kResBufs>(sy, nres); });
+    // The Q buffer is released after the item's last scores, or at its start with Q in registers.
+    C.template consume<kSched, false, Cfg::kPing>(p, ring, wg, kNT, sy, rec, load_kv, scores, softmax, pv, rescale, [&]() {
+      if constexpr (!Cfg::kQRegs) release_primary<Cfg::kResBufs>(sy, nres);
+    });
     sm90::wait<0>();
     sm90::fence_regs(acc);
     if constexpr (!Cfg::kPing) cp_async_wait<0>();

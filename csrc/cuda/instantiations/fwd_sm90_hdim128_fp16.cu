@@ -4,7 +4,7 @@
 #include "../kernels_sm90.cuh"
 
 namespace dilated_sparse::cuda {
-DS_REGISTER_FWD_SM90(__half, 0, 128, 4, 2, 128, kSchedPingPong | kFwdLazyRescale, 0)
+DS_REGISTER_FWD_SM90(__half, 0, 128, 4, 2, 128, kSchedPingPong | kFwdLazyRescale | kFwdQRegs, 0)
 DS_REGISTER_FWD_SM90(__half, 0, 128, 5, 2, 128, kSchedLockstep, 0)
 DS_REGISTER_FWD_SM90(__half, 0, 128, 6, 1, 64, kSchedLockstep, 1)
 DS_REGISTER_FWD_SM90(__half, 0, 128, 7, 2, 128, kSchedPingPong2, 2)

@@ -46,9 +46,9 @@ DKV = {
 # variant, "short" one the host prefers when the rows are short, "wide" one it prefers (rows not short)
 # when the secondary block is a multiple of the variant's step (attention.cu: pick()).
 FWD_SM90 = {
-    64: [("2", "128", "kSchedPingPongOverlap"), ("1", "64", "kSchedOverlap", "small"), ("2", "128", "kSchedLockstep"),
-         ("2", "128", "kSchedPingPong2"), ("2", "128", "kSchedPingPong")],
-    128: [("2", "128", "kSchedPingPong | kFwdLazyRescale"), ("2", "128", "kSchedLockstep"),
+    64: [("2", "128", "kSchedPingPongOverlap | kFwdQRegs"), ("1", "64", "kSchedOverlap", "small"),
+         ("2", "128", "kSchedLockstep"), ("2", "128", "kSchedPingPong2"), ("2", "128", "kSchedPingPong")],
+    128: [("2", "128", "kSchedPingPong | kFwdLazyRescale | kFwdQRegs"), ("2", "128", "kSchedLockstep"),
           ("1", "64", "kSchedLockstep", "small"), ("2", "128", "kSchedPingPong2", "short"), ("2", "128", "kSchedPingPongOverlap"),
           ("2", "128", "kSchedPingPongSplit")],
 }
@@ -59,7 +59,10 @@ DQ_SM90 = {
           ("2", "64", "kSchedPingPong2", "short"), ("2", "64", "kSchedPingPongOverlap")],
 }
 # D128 fwd default: ping-pong with the lazy rescale (kernels_sm90.cuh: kFwdLazyRescale; D64's
-# overlapped default gained nothing from it).
+# overlapped default gained nothing from it). Both fwd defaults keep Q in registers (kFwdQRegs; H200,
+# seventeenth session, forced variants in one process, 3-5 interleaved rounds, out and lse equal bit
+# for bit): D128 1-2.6% faster at S16k 10% / dilated / causal_local / global_local and at S64k,
+# equal at 1-3 blocks a row; D64 1-3.4% faster at every point tried.
 # D128 dQ and dK/dV: no small variant; the 128-row ping-pong tiles beat the 64-row ones at block 64 too.
 # D128 dQ variant 5 (128 keys, two stages; "wide"): 2-3% faster at block 128 on rows longer than
 # ~1000 tokens, 3% slower on ~850, 16% slower at block 64 (attention.cu: kWideRowTokens).
