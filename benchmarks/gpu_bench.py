@@ -11,6 +11,10 @@ One process, medians of ``triton.testing.do_bench``; TFLOP/s counted on the acti
 
 Peers that are not installed on the machine (flashinfer, MIT block-sparse-attention, DeepSpeed
 sparse attention) are listed as such in the output rather than silently left out.
+
+Each timing carries the SM clock, power draw and throttle reasons that ``nvidia-smi`` sampled
+while it ran (``gpu_fwd`` / ``gpu_fwdbwd`` in the JSON rows; the last column of the table): the
+H200 runs the S=64k kernels at its power cap, and slow timings go with clock dips (RESULTS.md).
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ import importlib.util
 import json
 import math
 import os
+import shutil
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -80,19 +87,89 @@ class _Attn(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def bench(fn: Callable[[], torch.Tensor], tensors: list[torch.Tensor], grad: bool) -> tuple[float, float | None]:
+class GpuMonitor:
+    """SM clock (MHz), power draw (W) and active throttle reasons of the current GPU, sampled by
+    ``nvidia-smi`` in the background every ``period_ms``; ``window(t0, t1)`` summarises the samples
+    taken between two ``time.monotonic()`` readings. Without ``nvidia-smi`` it records nothing and
+    every window is empty."""
+
+    QUERY = "clocks.sm,power.draw,clocks_throttle_reasons.active"
+
+    def __init__(self, period_ms: int = 50) -> None:
+        self.samples: list[tuple[float, float, float, str]] = []
+        self._proc: subprocess.Popen[str] | None = None
+        exe = shutil.which("nvidia-smi")
+        if exe is None or not torch.cuda.is_available():
+            return
+        cmd = [exe, f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits", "-lms", str(period_ms)]
+        uuid = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "uuid", None)
+        if uuid is not None:
+            cmd += ["-i", f"GPU-{uuid}"]
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    @staticmethod
+    def parse(line: str, now: float) -> tuple[float, float, float, str] | None:
+        """One ``nvidia-smi`` CSV line as (time, MHz, W, reasons), or None if it is not a sample."""
+        parts = [x.strip() for x in line.split(",")]
+        try:
+            return now, float(parts[0]), float(parts[1]), parts[2]
+        except (ValueError, IndexError):
+            return None
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            sample = self.parse(line, time.monotonic())
+            if sample is not None:
+                self.samples.append(sample)
+
+    def window(self, t0: float, t1: float) -> dict[str, Any]:
+        """Median and minimum SM clock, median power and the throttle reasons seen in [t0, t1]."""
+        sel = [x for x in self.samples if t0 <= x[0] <= t1]
+        if not sel:
+            return {}
+        clocks = sorted(x[1] for x in sel)
+        power = sorted(x[2] for x in sel)
+        return {"sm_mhz": clocks[len(clocks) // 2], "sm_mhz_min": clocks[0], "power_w": power[len(power) // 2],
+                "throttle": sorted({x[3] for x in sel}), "samples": len(sel)}
+
+    def close(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait()
+            self._proc = None
+            if not self.samples:
+                print("gpu_bench: nvidia-smi gave no samples; the rows carry no clocks", file=sys.stderr)
+
+
+def bench(fn: Callable[[], torch.Tensor], tensors: list[torch.Tensor], grad: bool,
+          monitor: GpuMonitor | None = None) -> tuple[float, float | None, dict[str, Any]]:
+    """Forward (and forward+backward) do_bench medians in ms, and the GPU's conditions while each ran."""
     from triton.testing import do_bench
 
+    cond: dict[str, Any] = {}
+    t0 = time.monotonic()
     ms_f = do_bench(fn, warmup=25, rep=100, return_mode="median")
+    if monitor is not None:
+        cond["gpu_fwd"] = monitor.window(t0, time.monotonic())
     if not grad:
-        return ms_f, None
+        return ms_f, None, cond
     gout = torch.randn_like(fn())
 
     def fb() -> None:
         fn().backward(gout)
 
+    t0 = time.monotonic()
     ms_fb = do_bench(fb, warmup=25, rep=100, return_mode="median", grad_to_none=tensors)
-    return ms_f, ms_fb
+    if monitor is not None:
+        cond["gpu_fwdbwd"] = monitor.window(t0, time.monotonic())
+    return ms_f, ms_fb, cond
+
+
+def _clock_cell(cond: dict[str, Any] | None) -> str:
+    """'1650 (1620)': the median and minimum SM clock of a timing, '-' when none was sampled."""
+    return f"{cond['sm_mhz']:.0f} ({cond['sm_mhz_min']:.0f})" if cond else "-"
 
 
 def _peer_status() -> dict[str, str]:
@@ -151,6 +228,8 @@ def main() -> int:
     if args.patterns:
         kinds = [(p.split(":")[0], float(p.split(":")[1])) for p in args.patterns.split(",")]
 
+    monitor = GpuMonitor()
+
     def emit(r: dict[str, Any]) -> None:
         rows.append(r)
         print(json.dumps(r), flush=True)
@@ -167,10 +246,10 @@ def main() -> int:
                     def f(be=be, qt=qt, kt=kt, vt=vt):
                         with sdpa_kernel(be):
                             return F.scaled_dot_product_attention(qt, kt, vt)
-                    fm, fbm = bench(f, [qt, kt, vt], True)
+                    fm, fbm, cond = bench(f, [qt, kt, vt], True, monitor)
                     fl = 4 * B * H * S * S * D
                     emit({"cfg": cfg, "pattern": "dense", "impl": name, "block": 0, "density": 1.0, "fwd_ms": fm,
-                              "fwdbwd_ms": fbm, "tf_fwd": fl / fm / 1e9, "tf_fwdbwd": 3.5 * fl / fbm / 1e9})
+                              "fwdbwd_ms": fbm, "tf_fwd": fl / fm / 1e9, "tf_fwdbwd": 3.5 * fl / fbm / 1e9, **cond})
                 except Exception as e:  # noqa: BLE001
                     emit({"cfg": cfg, "pattern": "dense", "impl": name, "error": str(e)[:120]})
             del qt, kt, vt
@@ -188,19 +267,19 @@ def main() -> int:
                     return _Attn.apply(q, k, v, lay, bs, bs, scale)
 
                 try:
-                    fm, fbm = bench(ours, [q, k, v], True)
+                    fm, fbm, cond = bench(ours, [q, k, v], True, monitor)
                     emit({"cfg": cfg, "pattern": pname, "impl": "ours", "block": bs, "density": density, "fwd_ms": fm,
-                              "fwdbwd_ms": fbm, "tf_fwd": fl / fm / 1e9, "tf_fwdbwd": 3.5 * fl / fbm / 1e9})
+                              "fwdbwd_ms": fbm, "tf_fwd": fl / fm / 1e9, "tf_fwdbwd": 3.5 * fl / fbm / 1e9, **cond})
                 except Exception as e:  # noqa: BLE001
                     emit({"cfg": cfg, "pattern": pname, "impl": "ours", "block": bs, "error": str(e)[:200]})
                 if args.compare_variant is not None:
                     forced = {f"DILATED_SPARSE_{op}_VARIANT": str(args.compare_variant) for op in ("FWD", "DQ", "DKV")}
                     os.environ.update(forced)
                     try:
-                        fm, fbm = bench(ours, [q, k, v], True)
+                        fm, fbm, cond = bench(ours, [q, k, v], True, monitor)
                         emit({"cfg": cfg, "pattern": pname, "impl": f"ours-v{args.compare_variant}", "block": bs,
                               "density": density, "fwd_ms": fm, "fwdbwd_ms": fbm, "tf_fwd": fl / fm / 1e9,
-                              "tf_fwdbwd": 3.5 * fl / fbm / 1e9})
+                              "tf_fwdbwd": 3.5 * fl / fbm / 1e9, **cond})
                     finally:
                         for key in forced:
                             os.environ.pop(key, None)
@@ -221,15 +300,16 @@ def main() -> int:
                     with torch.no_grad():
                         a, b_ = fx().float(), ours().float()
                         diff = ((a - b_).norm() / b_.norm()).item()
-                    fm, fbm = bench(fx, [qf, kf, vf], True)
+                    fm, fbm, cond = bench(fx, [qf, kf, vf], True, monitor)
                     emit({"cfg": cfg, "pattern": pname, "impl": "flex", "block": bs, "density": density, "fwd_ms": fm,
                               "fwdbwd_ms": fbm, "tf_fwd": fl / fm / 1e9, "tf_fwdbwd": 3.5 * fl / fbm / 1e9,
-                              "rel_diff_vs_ours": diff})
+                              "rel_diff_vs_ours": diff, **cond})
                     del qf, kf, vf
                 except Exception as e:  # noqa: BLE001
                     emit({"cfg": cfg, "pattern": pname, "impl": "flex", "block": bs, "error": str(e)[:200]})
         del q, k, v
         torch.cuda.empty_cache()
+    monitor.close()
 
     # Memory: grows with nnz, not S^2.
     mem = []
@@ -292,8 +372,8 @@ def main() -> int:
     nan = float("nan")
     lines = [f"{info['device']}, torch {info['torch']}", "",
              ("| config | pattern | impl | block | fwd ms | fwd TF/s | fwd+bwd ms | fwd+bwd TF/s | x flex fwd | "
-             "x flex f+b | x dense fwd | x dense f+b |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "x flex f+b | x dense fwd | x dense f+b | SM MHz fwd / f+b (median, min) |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['cfg']} | {r.get('pattern')} | {r['impl']} | {r.get('block', '')} | ERROR {r['error']} |")
@@ -301,7 +381,8 @@ def main() -> int:
         lines.append(
             f"| {r['cfg']} | {r['pattern']} | {r['impl']} | {r['block']} | {r['fwd_ms']:.3f} | {r['tf_fwd']:.0f} | "
             f"{r['fwdbwd_ms']:.3f} | {r['tf_fwdbwd']:.0f} | {r.get('x_flex_fwd', nan):.2f} | "
-            f"{r.get('x_flex_fwdbwd', nan):.2f} | {r.get('x_dense_fwd', nan):.1f} | {r.get('x_dense_fwdbwd', nan):.1f} |")
+            f"{r.get('x_flex_fwdbwd', nan):.2f} | {r.get('x_dense_fwd', nan):.1f} | {r.get('x_dense_fwdbwd', nan):.1f} | "
+            f"{_clock_cell(r.get('gpu_fwd'))} / {_clock_cell(r.get('gpu_fwdbwd'))} |")
     lines.append("")
     for m in mem:
         lines.append("- " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))

@@ -1,0 +1,27 @@
+"""The GPU benchmark's clock monitor (benchmarks/gpu_bench.py): parsing and per-timing summaries."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import gpu_bench
+
+
+def test_monitor_parses_samples_and_skips_other_lines():
+    parse = gpu_bench.GpuMonitor.parse
+    assert parse("1650, 690.50, 0x0000000000000004\n", 2.0) == (2.0, 1650.0, 690.5, "0x0000000000000004")
+    assert parse("[N/A], [N/A], 0x0", 2.0) is None
+    assert parse("No devices were found", 2.0) is None
+
+
+def test_monitor_window_summarises_only_its_samples():
+    m = gpu_bench.GpuMonitor.__new__(gpu_bench.GpuMonitor)  # no nvidia-smi process
+    m._proc = None
+    m.samples = [(1.0, 1650.0, 690.0, "0x4"), (1.05, 1440.0, 700.0, "0x4"), (1.1, 1665.0, 695.0, "0x0"),
+                 (2.0, 1980.0, 100.0, "0x0")]
+    w = m.window(0.9, 1.2)
+    assert w == {"sm_mhz": 1650.0, "sm_mhz_min": 1440.0, "power_w": 695.0, "throttle": ["0x0", "0x4"], "samples": 3}
+    assert m.window(3.0, 4.0) == {}
+    assert gpu_bench._clock_cell(w) == "1650 (1440)"
+    assert gpu_bench._clock_cell({}) == "-"
