@@ -637,7 +637,8 @@ bool device_is_sm90() {
 constexpr double kShortRowTokens = 512.0;
 // The forward's threshold (D128: the two-buffer, two-stage kernel). With TMA producers it is 8-9%
 // faster than the default (three ring stages) at 128 and 256 tokens a row and 10% slower at 384
-// (H200, S16k H16 bands of 1-3 blocks, ninth session; gen_instantiations.py).
+// (H200, S16k H16 bands of 1-3 blocks, ninth session; gen_instantiations.py); against the default
+// with Q in registers 11% and 7% faster, 8% slower (seventeenth session).
 constexpr double kShortRowTokensFwd = 320.0;
 // Rows longer than this take a "wide" variant where one exists (D128 dQ with 128-key steps) and the
 // secondary block is a multiple of its step. H200, S16k block 128, whole backward, D128 dQ 128 vs
