@@ -84,7 +84,8 @@ DQ_SM90 = {
 # where kSchedPingPong2 is now 1% slower than the Split; S64k within +-2.5% of the Split; block 64
 # 0.3-2.6% faster. kSchedPingPong2 keeps "short" for rows of at most 2.5 blocks (attention.cu:
 # kShortRowTokensFwd): 8-9% faster than kSchedPingPong with 1 and 2 blocks a row, 10% slower with 3,
-# 7-17% slower from there up.
+# 7-17% slower from there up (seventeenth session, against the default with Q in registers: 11% and
+# 7% faster with 1 and 2 blocks, 8% slower with 3, 11-15% slower at 5-10% density).
 DKV_SM90 = {
     64: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedOverlap", "small"),
          ("2", "128", "kSchedPingPong2")],
