@@ -86,7 +86,7 @@ constexpr int kSchedMask = kSchedWriteDs - 1;  // a schedule without its modifie
 constexpr int kFwdLazyRescale = 64;
 constexpr float kLazyHeadroom = 8.f;
 // Forward modifier (the one-buffer ping-pong schedules): each consumer warpgroup copies its 64 Q
-// rows into registers (wgmma A fragments, kD / 2 registers a thread; ldmatrix) when its item starts
+// rows into registers (wgmma A fragments, kD / 4 registers a thread; ldmatrix) when its item starts
 // and releases the Q buffer there, so the producer loads the next item's Q during this item instead
 // of after its last scores, and the score products read only K from shared memory. H200,
 // seventeenth session (the same result bit for bit): 1-3.4% faster at long rows (D64 and D128),
