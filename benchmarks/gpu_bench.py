@@ -228,7 +228,7 @@ def main() -> int:
     if args.patterns:
         kinds = [(p.split(":")[0], float(p.split(":")[1])) for p in args.patterns.split(",")]
 
-    monitor = GpuMonitor()
+    monitor = None if args.memory_only else GpuMonitor()
 
     def emit(r: dict[str, Any]) -> None:
         rows.append(r)
@@ -309,7 +309,8 @@ def main() -> int:
                     emit({"cfg": cfg, "pattern": pname, "impl": "flex", "block": bs, "error": str(e)[:200]})
         del q, k, v
         torch.cuda.empty_cache()
-    monitor.close()
+    if monitor is not None:
+        monitor.close()
 
     # Memory: grows with nnz, not S^2.
     mem = []
