@@ -159,16 +159,6 @@ void check_lse(const AttnDims& d, const at::Tensor& lse, const at::Tensor& q) {
   TORCH_CHECK(lse.device() == q.device(), "dilated_sparse: lse must be on ", q.device());
 }
 
-// The backward's optional gradient of lse (the CUDA backend checks the same in bwd_cuda, which
-// the device-test build links without this file).
-void check_dlse(const at::Tensor& dlse, const at::Tensor& lse) {
-  TORCH_CHECK(dlse.sizes() == lse.sizes(), "dilated_sparse: dlse must have lse's shape ", lse.sizes(),
-              ", got ", dlse.sizes());
-  TORCH_CHECK(dlse.scalar_type() == lse.scalar_type(), "dilated_sparse: dlse must have lse's dtype ",
-              lse.scalar_type(), ", got ", dlse.scalar_type());
-  TORCH_CHECK(dlse.device() == lse.device(), "dilated_sparse: dlse must be on ", lse.device());
-}
-
 }  // namespace
 
 AttnDims check_fwd_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

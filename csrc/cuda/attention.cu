@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "common.cuh"
+#include "dilated_sparse/detail/checks.h"
 #include "kernels.cuh"
 #include "params.h"
 
@@ -959,10 +960,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& dlse_in) {
   check_common(q_in, k_in, v_in, crow, block_q, block_k, layout_batch, layout_heads, key_lengths,
                key_padding_mask);
-  TORCH_CHECK(!dlse_in.has_value() || (dlse_in->sizes() == lse_in.sizes() &&
-                                        dlse_in->scalar_type() == lse_in.scalar_type() &&
-                                        dlse_in->device() == lse_in.device()),
-              "dilated_sparse: dlse must have lse's shape, dtype and device");
+  if (dlse_in.has_value()) dilated_sparse::detail::check_dlse(*dlse_in, lse_in);
   TORCH_CHECK(dout_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
               "dilated_sparse: dout and out must have q's shape");
   TORCH_CHECK(dout_in.scalar_type() == q_in.scalar_type() && out_in.scalar_type() == q_in.scalar_type(),

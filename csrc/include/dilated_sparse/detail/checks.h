@@ -60,4 +60,14 @@ AttnDims check_weights_args(const at::Tensor& q, const at::Tensor& k, const at::
                             int64_t window_right, const std::optional<at::Tensor>& key_lengths,
                             const std::optional<at::Tensor>& key_padding_mask);
 
+// The backward's optional gradient of lse: lse's shape, dtype and device. Inline, so that the CUDA
+// backend (which the device-test build links without ops.cpp) checks it with the same code.
+inline void check_dlse(const at::Tensor& dlse, const at::Tensor& lse) {
+  TORCH_CHECK(dlse.sizes() == lse.sizes(), "dilated_sparse: dlse must have lse's shape ", lse.sizes(),
+              ", got ", dlse.sizes());
+  TORCH_CHECK(dlse.scalar_type() == lse.scalar_type(), "dilated_sparse: dlse must have lse's dtype ",
+              lse.scalar_type(), ", got ", dlse.scalar_type());
+  TORCH_CHECK(dlse.device() == lse.device(), "dilated_sparse: dlse must be on ", lse.device());
+}
+
 }  // namespace dilated_sparse::detail
