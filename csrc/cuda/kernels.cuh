@@ -325,10 +325,15 @@ __device__ __forceinline__ int64_t ds_offset(const Params& p, int e, int b, int 
   const int r = (p.Lb == 1 ? b : 0) * (p.Lh == 1 ? p.H : 1) + (p.Lh == 1 ? h : 0);
   return (static_cast<int64_t>(e) * p.ds_rep + r) * p.bq * p.bk;
 }
-// Inside a block: panel (key sub-tile ks of 128 keys, query sub-tile qs of 64 queries), 128 rows
-// (keys) of 64 queries, kept as the 128-byte-swizzled shared image that the dQ kernel's products
-// read (sm90.cuh); a key sub-tile's panels are consecutive, so two of them are 32 contiguous KB.
+// Inside a block: panel (key sub-tile ks of 128 keys, query sub-tile qs of 64 queries), 128 keys x
+// 64 queries of dS^T as 8 x 8 sub-matrices of 128 bytes (ds_sub): each dK/dV warp's four-byte
+// store of a fragment register fills one of them, and the dQ kernel reads them back with
+// ldmatrix.trans as the A fragments of dS; a key sub-tile's panels are consecutive, so two of them
+// are 32 contiguous KB.
 __device__ __forceinline__ int ds_panel(const Params& p, int ks, int qs) { return (ks * (p.bq / 64) + qs) * (128 * 64); }
+// Element offset, inside a panel, of the 8 x 8 sub-matrix of keys 8 kb.. and queries 8 qb.. (its
+// rows: keys, 16 bytes each).
+__device__ __forceinline__ constexpr int ds_sub(int kb, int qb) { return (kb * 8 + qb) * 64; }
 
 // A primary key tile of the dK/dV kernels: (slice, tile, batch, kv head). False for a work item a
 // CTA skips: with a per-head layout items run over query heads and the group's first one does the

@@ -23,9 +23,10 @@
 //    dK/dV; not the dQ-from-dS kernel below).
 //
 // The dS-scratch backward (attention.cu: bwd_cuda): a dK/dV variant (kSchedWriteDs) also writes
-// each tile pair's dS^T, as the swizzled shared image the products read, to a scratch buffer; then
-// dq_ds_sm90_kernel computes dQ = dS K from it with one bulk copy a tile, instead of recomputing the
-// scores and dP in a dQ kernel (5 products instead of 7).
+// each tile pair's dS^T, in 8 x 8 sub-matrices (kernels.cuh: ds_panel), to a scratch buffer; then
+// dq_ds_sm90_kernel computes dQ = dS K from it with one bulk copy a tile (dS through ldmatrix.trans
+// into registers), instead of recomputing the scores and dP in a dQ kernel (5 products instead of
+// 7).
 //
 // Compiled to real code only for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); other targets get a stub that
 // traps, and the host never picks these kernels there (attention.cu: pick()).
@@ -1346,21 +1347,18 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
       if constexpr (Cfg::kWriteDs) {
         // The pair's panel (ds_panel) in the slot of the block's CSR entry (which the producer put
         // after the stage's Delta row; direct tile lists: a key tile and a query tile each lie
-        // inside one block), from the packed fragments: rows wrow + g (+ 8), one 16-byte chunk of
-        // 8 queries a store, swizzled as in shared memory.
+        // inside one block), from the packed fragments as they are: register e of k-step kk holds
+        // keys wrow + g (+ 8 for odd e), queries 16 kk + 8 (e / 2) + 2 t4, so each of the warp's
+        // four-byte stores fills one 128-byte sub-matrix (ds_sub).
         static_assert(kBM == 64, "a dS panel holds 64 queries");
         const int e = *reinterpret_cast<const int*>(drow + kBM);
         T* dsg = static_cast<T*>(p.ds) + ds_offset(p, e, b, hk * p.G + gg) + ds_panel(p, t % p.tl.fsplit, qt % p.tl.kf) +
-                 (wrow + g) * 64;
+                 g * 8 + t4 * 2;
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
+        for (int kk = 0; kk < kBM / 16; ++kk)
 #pragma unroll
-          for (int j = 0; j < kBM / 32; ++j) {
-            uint32_t w[4];
-#pragma unroll
-            for (int cg = 0; cg < 4; ++cg) w[cg] = sa[c][2 * j + cg / 2][(cg % 2) * 2 + h];
-            quad_transpose(w, t4);
-            *reinterpret_cast<uint4*>(dsg + h * 8 * 64 + (((4 * j + t4) ^ g) << 3)) = make_uint4(w[0], w[1], w[2], w[3]);
+          for (int r = 0; r < 4; ++r) {
+            *reinterpret_cast<uint32_t*>(dsg + ds_sub(wrow / 8 + (r & 1), 2 * kk + (r >> 1))) = sa[c][kk][r];
           }
       }
     };
@@ -1473,7 +1471,7 @@ __global__ void __launch_bounds__(DqDsSm90Cfg<kD>::kThreads, 1) dq_ds_sm90_kerne
         sy, ring, nres, [&]() { return C.has(); },
         [&](int st) {
           C.template produce_k<kD, Cfg::kKBytes>(p, sK0, st, sy.full + 8 * st, ltid);
-          if (ltid == 0) {  // the dS panels are stored swizzled: one bulk copy, counted in bytes
+          if (ltid == 0) {  // the dS panels are stored as they are read: one bulk copy, counted in bytes
             sm90::mbar_expect_tx(sy.full + 8 * st, Cfg::kDsBytes);
             sm90::bulk_load(sDs0 + st * Cfg::kDsBytes, ds_tile(), Cfg::kDsBytes, sy.full + 8 * st);
           }
@@ -1500,13 +1498,22 @@ __global__ void __launch_bounds__(DqDsSm90Cfg<kD>::kThreads, 1) dq_ds_sm90_kerne
       // one tile's products in flight across the loop does the same.)
       const bool written = pair_state(W.R, W.m0 + 64 * wg, 64, C.kt * kBN, kBN, 0, 0) != 0;
       const uint32_t sDs = written ? sDs0 + st * Cfg::kDsBytes + wg * (kBN * 128) : sZero;
+      // dS (this warp's 16 queries x 128 keys) as A fragments: ldmatrix.x4.trans, lane l addressing
+      // key row l % 8 of sub-matrix (keys 16 kk + 8 (m / 2), queries of the warp + 8 (m % 2)),
+      // m = l / 8: the order of an m16k16 A fragment.
+      uint32_t dsa[kBN / 16][4];
+      {
+        const int m = lane / 8;
+        const uint32_t at = sDs + 2 * ds_sub(m >> 1, 2 * (warp % 4) + (m & 1)) + (lane % 8) * 16;
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk) ldsm_x4_t(dsa[kk], at + 2 * ds_sub(2 * kk, 0));
+      }
       sm90::fence_async_smem();
       sm90::fence_regs(acc);
       sm90::fence();
 #pragma unroll
       for (int kk = 0; kk < kBN / 16; ++kk) {
-        sm90::Wgmma<kD, T>::template ss<1, 1>(acc, sm90::desc_mn<kBN>(sDs, kk),
-                                              sm90::desc_mn<kBN>(sK0 + st * Cfg::kKBytes, kk), 1);
+        sm90::Wgmma<kD, T>::template rs<1>(acc, dsa[kk], sm90::desc_mn<kBN>(sK0 + st * Cfg::kKBytes, kk), 1);
       }
       sm90::commit();
       C.next(p);  // its entry load overlaps the products
