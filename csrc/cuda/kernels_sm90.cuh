@@ -768,7 +768,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
   volatile TileRecord* rec = reinterpret_cast<volatile TileRecord*>(smem_raw + (sbar + Cfg::kBarBytes - smem_u32(smem_raw)));
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
-  const int wg = warp / 4;
+  const int wg = sm90::warpgroup_index();
   const int wrow = warp * 16;  // this warp's first row in the tile
   const int ltid = Cfg::kPing ? tid - kNT : tid;
 
@@ -1015,7 +1015,7 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
   volatile TileRecord* rec = reinterpret_cast<volatile TileRecord*>(smem_raw + (sbar + Cfg::kBarBytes - smem_u32(smem_raw)));
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
-  const int wg = warp / 4;
+  const int wg = sm90::warpgroup_index();
   const int wrow = warp * 16;
   const int ltid = Cfg::kPing ? tid - kNT : tid;
 
@@ -1184,7 +1184,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
   auto stage_l = [&](int st) { return reinterpret_cast<const float*>(sgen + st * Cfg::kSideBytes); };
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
-  const int wg = warp / 4;
+  const int wg = sm90::warpgroup_index();
   const int wrow = warp * 16;  // this warp's first key in the tile
   const int ltid = Cfg::kPing ? tid - kNT : tid;
 
@@ -1454,7 +1454,7 @@ __global__ void __launch_bounds__(DqDsSm90Cfg<kD>::kThreads, 1) dq_ds_sm90_kerne
   sm90::fence_async_smem();  // the zeros are read by wgmma (async proxy); make_ping_sync syncs the CTA
   const PingSync sy = make_ping_sync<true>(sbar, smem_raw + (sbar - smem_u32(smem_raw)), kStages, kNT);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
-  const int wg = warp / 4, wrow = warp * 16, ltid = tid - kNT;
+  const int wg = sm90::warpgroup_index(), wrow = warp * 16, ltid = tid - kNT;
 
   QueryItem<T, kBM, kBN, kStages, false> C;
   const QueryTile& W = C.W;

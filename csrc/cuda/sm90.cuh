@@ -48,13 +48,21 @@ __device__ __forceinline__ void load_tile(uint32_t sbase, const T* gbase, int64_
   }
 }
 
+// This thread's warpgroup, through a shuffle so that ptxas sees a warp-uniform value: what is
+// derived from it (the descriptors of a warpgroup's rows) then lives in uniform registers, and a
+// product's descriptor costs one uniform add instead of a register computation and two moves.
+__device__ __forceinline__ int warpgroup_index() { return __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / 128, 0); }
+
 // Shared-memory matrix descriptor of a SW128 operand (byte offsets; the fields hold them >> 4).
 //   K-major (rows = M/N, 16 K-columns at `addr`): lbo unused (16), sbo = 1024 (next 8 rows).
 //   MN-major (16 K-rows at `addr`, N columns across panels): lbo = panel stride (next 64 columns),
 //   sbo = 1024 (next 8 K-rows).
-__device__ __forceinline__ uint64_t desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lbo >> 4) << 16) |
-         (static_cast<uint64_t>(sbo >> 4) << 32) | (1ull << 62);
+// Built from the tile's address in 16-byte units plus the offset in the same units, added rather
+// than or-ed: shared addresses are below 2^18, so the start field (14 bits) never carries into
+// the next, and a k-step's descriptor is the tile's plus a constant: one add each (unrolled loops
+// hoist the rest), where masking the final address cost five dependent instructions a product.
+__device__ __forceinline__ uint64_t desc_units(uint32_t units, uint32_t lbo, uint32_t sbo) {
+  return static_cast<uint64_t>(units + ((lbo >> 4) << 16)) | (static_cast<uint64_t>((sbo >> 4) | (1u << 30)) << 32);
 }
 
 // K-major descriptor of rows [row0, row0 + 64 or N) and K-columns [16 kk, 16 kk + 16) of a
@@ -62,13 +70,13 @@ __device__ __forceinline__ uint64_t desc(uint32_t addr, uint32_t lbo, uint32_t s
 // applies the swizzle to the final address, so the offset composes with it).
 template <int kRows>
 __device__ __forceinline__ uint64_t desc_k(uint32_t tile, int row0, int kk) {
-  return desc(tile + (kk / 4) * (kRows * 128) + row0 * 128 + (kk % 4) * 32, 16, 1024);
+  return desc_units((tile >> 4) + row0 * 8 + ((kk / 4) * (kRows * 128) + (kk % 4) * 32) / 16, 16, 1024);
 }
 
 // MN-major descriptor of K-rows [16 kk, 16 kk + 16) of a [kRows][kD] SW128 tile, all kD columns.
 template <int kRows>
 __device__ __forceinline__ uint64_t desc_mn(uint32_t tile, int kk) {
-  return desc(tile + kk * 16 * 128, kRows * 128, 1024);
+  return desc_units((tile >> 4) + kk * 128, kRows * 128, 1024);
 }
 
 __device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
