@@ -90,16 +90,16 @@ class _Attn(torch.autograd.Function):
 class GpuMonitor:
     """SM clock (MHz), power draw (W) and active throttle reasons of the current GPU, sampled by
     ``nvidia-smi`` in the background every ``period_ms``; ``window(t0, t1)`` summarises the samples
-    taken between two ``time.monotonic()`` readings. Without ``nvidia-smi`` it records nothing and
-    every window is empty."""
+    taken between two ``time.monotonic()`` readings. Without ``nvidia-smi`` (or with
+    ``sample=False``) it records nothing, and every window is empty until ``samples`` holds some."""
 
     QUERY = "clocks.sm,power.draw,clocks_throttle_reasons.active"
 
-    def __init__(self, period_ms: int = 50) -> None:
+    def __init__(self, period_ms: int = 50, sample: bool = True) -> None:
         self.samples: list[tuple[float, float, float, str]] = []
         self._proc: subprocess.Popen[str] | None = None
         exe = shutil.which("nvidia-smi")
-        if exe is None or not torch.cuda.is_available():
+        if not sample or exe is None or not torch.cuda.is_available():
             return
         cmd = [exe, f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits", "-lms", str(period_ms)]
         uuid = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "uuid", None)

@@ -16,8 +16,7 @@ def test_monitor_parses_samples_and_skips_other_lines():
 
 
 def test_monitor_window_summarises_only_its_samples():
-    m = gpu_bench.GpuMonitor.__new__(gpu_bench.GpuMonitor)  # no nvidia-smi process
-    m._proc = None
+    m = gpu_bench.GpuMonitor(sample=False)  # no nvidia-smi process
     m.samples = [(1.0, 1650.0, 690.0, "0x4"), (1.05, 1440.0, 700.0, "0x4"), (1.1, 1665.0, 695.0, "0x0"),
                  (2.0, 1980.0, 100.0, "0x0")]
     w = m.window(0.9, 1.2)
