@@ -76,6 +76,11 @@ enum Sm90Sched {
 // (Params::ds), which dq_ds_sm90_kernel reads back (the dS-scratch backward, attention.cu).
 constexpr int kSchedWriteDs = 32;
 constexpr int kSchedMask = kSchedWriteDs - 1;  // a schedule without its modifiers (this and below)
+// dK/dV modifier (ping-pong): issue dV += P^T dO as soon as P^T is in registers, outside the turns,
+// so that it runs while the warpgroup computes dS^T; the turn after issues dK alone. The same
+// products in the same order (the same results, bit for bit). At D64 (128 queries a step) the
+// fragments held across it spill, so only the D128 kernels take it by default.
+constexpr int kDkvEarlyDv = 64;
 // Forward modifier: a row keeps its running max until a tile's exceeds it by more than
 // kLazyHeadroom (log2 units), so the probabilities stay <= 2^8 (exact in fp32, within fp16 and bf16
 // range; the final normalisation and lse use the same max) and most tiles skip the output
@@ -205,6 +210,7 @@ template <int kD, int kWG_, int kBM_, int kSchedM = kSchedLockstep>
 struct DkvSm90Cfg : Sm90Threads<kWG_, kSchedM & kSchedMask> {
   static constexpr int kSched = kSchedM & kSchedMask;
   static constexpr bool kWriteDs = (kSchedM & kSchedWriteDs) != 0;
+  static constexpr bool kEarlyDv = (kSchedM & kDkvEarlyDv) != 0;
   using Base = Sm90Threads<kWG_, kSched>;
   static constexpr int kBN = 64 * kWG_;
   static constexpr int kBM = kBM_;
@@ -216,6 +222,8 @@ struct DkvSm90Cfg : Sm90Threads<kWG_, kSchedM & kSchedMask> {
   static constexpr int kRecOffset = 2 * kBM * 4 + (kWriteDs ? 16 : 0);
   static constexpr int kSideBytes = kRecOffset + (Base::kPing ? static_cast<int>(sizeof(TileRecord)) : 0);
   static_assert(!kWriteDs || Base::kPing, "dS is written by the ping-pong schedule only");
+  static_assert(!kEarlyDv || (Base::kPing && kSched != kSchedPingPongOverlap),
+                "dV is issued early by the two-turn ping-pong schedules only");
   static_assert(kStageBytes % 1024 == 0 && kResBytes % 1024 == 0, "swizzled tiles need 1024-byte alignment");
   static constexpr int kStages = Base::stages(kResBytes, kStageBytes, kSideBytes);
   static constexpr int kSmem = Base::smem(kResBytes, kStageBytes, kStages, kSideBytes);
@@ -1190,7 +1198,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
 
   // The current work item (key tile t of kv head hk) and its cursor over (GQA group member gg,
   // entry it): current and next (_n).
-  int t = 0, b = 0, hk = 0, n0 = 0;
+  int t = 0, b = 0, hk = 0, n0 = 0, t_sub = 0;  // t_sub: t's key sub-tile in its block (the dS panel)
   const T *kg = nullptr, *vg = nullptr;
   Rules R;
   int gg = 0, it = 0, qt = 0, state = 0, stage = 0, gg_n = 0, it_n = 0, qt_n = 0, state_n = 0;
@@ -1202,6 +1210,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
     t = d.t;
     b = d.b;
     n0 = t * kBN;
+    if constexpr (Cfg::kWriteDs) t_sub = t % p.tl.fsplit;
     kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
     vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
     R = make_rules(p, b);
@@ -1322,6 +1331,14 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
       }
       sm90::commit();
     };
+    constexpr bool kEarlyDv = Cfg::kEarlyDv;  // otherwise last() issues dV and dK together
+    // dV += P^T dO with set c and the dO tile of slot st (after the caller's fence; not committed).
+    auto issue_dv = [&](auto c, int st) {
+#pragma unroll
+      for (int kk = 0; kk < kBM / 16; ++kk) {
+        sm90::Wgmma<kD, T>::template rs<1>(dV, pa[c][kk], sm90::desc_mn<kBM>(stage_do(st), kk), 1);
+      }
+    };
     // P^T and dS^T = P^T (dP^T - Delta) as A fragments in set c.
     auto make_p_ds = [&](auto c) {
       sm90::fence_regs(S);
@@ -1338,6 +1355,12 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
       if (state == 2) mask_tile<kBM / 8, true>(S, R, p.tl, msk, n0, wrow, qt * kBM, g, t4, 0.f);
 #pragma unroll
       for (int kk = 0; kk < kBM / 16; ++kk) to_a_frag<T>(pa[c][kk], S, kk);
+      if constexpr (kEarlyDv) {
+        sm90::fence_regs(dV);
+        sm90::fence();
+        issue_dv(c, stage);
+        sm90::commit();
+      }
 #pragma unroll
       for (int nt = 0; nt < kBM / 8; ++nt)
 #pragma unroll
@@ -1352,7 +1375,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
         // four-byte stores fills one 128-byte sub-matrix (ds_sub).
         static_assert(kBM == 64, "a dS panel holds 64 queries");
         const int e = *reinterpret_cast<const int*>(drow + kBM);
-        T* dsg = static_cast<T*>(p.ds) + ds_offset(p, e, b, hk * p.G + gg) + ds_panel(p, t % p.tl.fsplit, qt % p.tl.kf) +
+        T* dsg = static_cast<T*>(p.ds) + ds_offset(p, e, b, hk * p.G + gg) + ds_panel(p, t_sub, qt % p.tl.kf) +
                  g * 8 + t4 * 2;
 #pragma unroll
         for (int kk = 0; kk < kBM / 16; ++kk)
@@ -1362,15 +1385,12 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
           }
       }
     };
-    // dV += P^T dO, dK += dS^T Q with the query tile of slot st.
+    // dV += P^T dO (unless issued early), dK += dS^T Q with the query tile of slot st.
     auto dv_dk = [&](auto c, int st) {
       sm90::fence_regs(dK);
-      sm90::fence_regs(dV);
+      if constexpr (!kEarlyDv) sm90::fence_regs(dV);
       sm90::fence();
-#pragma unroll
-      for (int kk = 0; kk < kBM / 16; ++kk) {
-        sm90::Wgmma<kD, T>::template rs<1>(dV, pa[c][kk], sm90::desc_mn<kBM>(stage_do(st), kk), 1);
-      }
+      if constexpr (!kEarlyDv) issue_dv(c, st);
 #pragma unroll
       for (int kk = 0; kk < kBM / 16; ++kk) {
         sm90::Wgmma<kD, T>::template rs<1>(dK, sa[c][kk], sm90::desc_mn<kBM>(stage_q(st), kk), 1);
@@ -1508,7 +1528,9 @@ __global__ void __launch_bounds__(DqDsSm90Cfg<kD>::kThreads, 1) dq_ds_sm90_kerne
 #pragma unroll
         for (int kk = 0; kk < kBN / 16; ++kk) ldsm_x4_t(dsa[kk], at + 2 * ds_sub(2 * kk, 0));
       }
-      sm90::fence_async_smem();
+      // K copied by cp.async (no tensor maps) was written through the generic proxy; TMA's
+      // copies and the dS bulk copy are async-proxy writes already.
+      if (!p.tma) sm90::fence_async_smem();
       sm90::fence_regs(acc);
       sm90::fence();
 #pragma unroll

@@ -86,11 +86,13 @@ DQ_SM90 = {
 # kShortRowTokensFwd): 8-9% faster than kSchedPingPong with 1 and 2 blocks a row, 10% slower with 3,
 # 7-17% slower from there up (seventeenth session, against the default with Q in registers: 11% and
 # 7% faster with 1 and 2 blocks, 8% slower with 3, 11-15% slower at 5-10% density).
+# kDkvEarlyDv (dV issued as soon as P^T is in registers, running while dS^T is computed): D128
+# defaults; at D64 (variant 8) the fragments held across it spill.
 DKV_SM90 = {
     64: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedOverlap", "small"),
-         ("2", "128", "kSchedPingPong2")],
-    128: [("2", "64", "kSchedPingPong2"), ("2", "64", "kSchedLockstep"), ("2", "64", "kSchedOverlap"),
-          ("2", "64", "kSchedPingPong"), ("2", "64", "kSchedPingPong2 | kSchedWriteDs", "ds")],
+         ("2", "128", "kSchedPingPong2"), ("2", "128", "kSchedPingPong | kDkvEarlyDv")],
+    128: [("2", "64", "kSchedPingPong2 | kDkvEarlyDv"), ("2", "64", "kSchedLockstep"), ("2", "64", "kSchedOverlap"),
+          ("2", "64", "kSchedPingPong"), ("2", "64", "kSchedPingPong2 | kSchedWriteDs | kDkvEarlyDv", "ds")],
 }
 SM90_FIRST_VARIANT = 4
 SM90_FLAGS = {"small": 1, "short": 2, "wide": 4, "ds": 8}  # KernelEntry flags (params.h)
