@@ -3,7 +3,8 @@
 // and the TORCH_LIBRARY_IMPL(dilated_sparse, CUDA) registration.
 //
 // Environment (all optional; for tuning and tests):
-//   DILATED_SPARSE_{FWD,DQ,DKV}_VARIANT=<n>  force tile variant n of a kernel (see pick()).
+//   DILATED_SPARSE_{FWD,DQ,DKV}_VARIANT=<n>  force tile variant n of a kernel (see pick(); a
+//                                            dS-scratch variant applies to that backward, ds_entry()).
 //   DILATED_SPARSE_PLAN_CACHE=0              rebuild the tile lists on every call.
 //   DILATED_SPARSE_SPLIT=0                   never split heavy forward rows (see make_split()).
 //   DILATED_SPARSE_SPLIT_CHUNK=<entries>     split forward rows longer than this (tests).
@@ -624,6 +625,16 @@ bool device_is_sm90() {
   return c == 1;
 }
 
+// DILATED_SPARSE_{FWD,DQ,DKV}_VARIANT of `op`, or -1.
+int forced_variant(Op op) {
+  static const char* const kEnv[kNumOps] = {"DILATED_SPARSE_FWD_VARIANT", "DILATED_SPARSE_DQ_VARIANT",
+                                            "DILATED_SPARSE_DKV_VARIANT"};
+  const char* env = std::getenv(kEnv[op]);
+  if (env == nullptr || *env == '\0') return -1;
+  const int v = std::atoi(env);
+  return v >= 0 && v < kMaxVariants ? v : -1;
+}
+
 // The kernel variant of one call. Usable variants: compiled, and for arch-90 (wgmma) variants a
 // compute capability 9.0 device. DILATED_SPARSE_{FWD,DQ,DKV}_VARIANT=<n> forces variant n when
 // usable. Otherwise the default is the first usable wgmma variant (4..7) on sm_90, else variant 0;
@@ -682,12 +693,8 @@ const KernelEntry& pick(Op op, const at::Tensor& q, int kD, int prim_block, int 
   if (arr[0].fn == nullptr) fail_not_compiled(di, kD);
   const bool sm90 = device_is_sm90();
   auto usable = [&](int v) { return arr[v].fn != nullptr && (arr[v].arch == 0 || sm90) && arr[v].ds == 0; };
-  static const char* const kEnv[kNumOps] = {"DILATED_SPARSE_FWD_VARIANT", "DILATED_SPARSE_DQ_VARIANT",
-                                            "DILATED_SPARSE_DKV_VARIANT"};
-  if (const char* env = std::getenv(kEnv[op])) {
-    const int v = std::atoi(env);
-    if (v >= 0 && v < kMaxVariants && usable(v)) return arr[v];
-  }
+  const int forced = forced_variant(op);
+  if (forced >= 0 && usable(forced)) return arr[forced];
   int def = 0;
   for (int v = 0; v < kMaxVariants; ++v) {
     if (arr[v].arch == 90 && usable(v)) {
@@ -733,10 +740,13 @@ int64_t scratch_limit_bytes() {
 }
 
 // The kernel of the dS-scratch backward registered for `op` (a dK/dV that writes dS, a dQ that reads
-// it), or null.
+// it): the forced variant if that is one, else the first; or null.
 const KernelEntry* ds_entry(Op op, const at::Tensor& q, int kD) {
   const int di = dtype_index(q), hi = head_dim_index(kD);
   if (di < 0 || hi < 0 || !device_is_sm90()) return nullptr;
+  const KernelEntry* arr = registry().e[op][di][hi];
+  const int forced = forced_variant(op);
+  if (forced >= 0 && arr[forced].fn != nullptr && arr[forced].ds != 0) return &arr[forced];
   for (const KernelEntry& e : registry().e[op][di][hi]) {
     if (e.fn != nullptr && e.ds != 0) return &e;
   }

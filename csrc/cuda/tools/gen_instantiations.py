@@ -90,9 +90,12 @@ DQ_SM90 = {
 # defaults; at D64 (variant 8) the fragments held across it spill.
 DKV_SM90 = {
     64: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedOverlap", "small"),
-         ("2", "128", "kSchedPingPong2"), ("2", "128", "kSchedPingPong | kDkvEarlyDv")],
+         ("2", "128", "kSchedPingPong2"), ("2", "128", "kSchedPingPong | kDkvEarlyDv"),
+         ("2", "128", "kSchedPingPong | kDkvEarlyDv | kDkvSplitScores")],
     128: [("2", "64", "kSchedPingPong2 | kDkvEarlyDv"), ("2", "64", "kSchedLockstep"), ("2", "64", "kSchedOverlap"),
-          ("2", "64", "kSchedPingPong"), ("2", "64", "kSchedPingPong2 | kSchedWriteDs | kDkvEarlyDv", "ds")],
+          ("2", "64", "kSchedPingPong"), ("2", "64", "kSchedPingPong2 | kSchedWriteDs | kDkvEarlyDv", "ds"),
+          ("2", "64", "kSchedPingPong2 | kSchedWriteDs | kDkvEarlyDv | kDkvSplitScores", "ds"),
+          ("2", "64", "kSchedPingPong2 | kDkvEarlyDv | kDkvSplitScores")],
 }
 SM90_FIRST_VARIANT = 4
 SM90_FLAGS = {"small": 1, "short": 2, "wide": 4, "ds": 8}  # KernelEntry flags (params.h)
