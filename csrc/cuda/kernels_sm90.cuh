@@ -78,12 +78,9 @@ constexpr int kSchedWriteDs = 32;
 constexpr int kSchedMask = kSchedWriteDs - 1;  // a schedule without its modifiers (this and below)
 // dK/dV modifier (ping-pong): issue dV += P^T dO as soon as P^T is in registers, outside the turns,
 // so that it runs while the warpgroup computes dS^T; the turn after issues dK alone. The same
-// products in the same order (the same results, bit for bit). At D64 (128 queries a step) the
-// fragments held across it spill, so only the D128 kernels take it by default.
+// products in the same order (the same results, bit for bit). The ping-pong defaults take it
+// (measured in gen_instantiations.py).
 constexpr int kDkvEarlyDv = 64;
-// dK/dV modifier (with kDkvEarlyDv): S^T and dP^T are committed as two groups, and the element-wise
-// work starts once S^T retired: the exponentials and dV's issue run while dP^T still does.
-constexpr int kDkvSplitScores = 128;
 // Forward modifier: a row keeps its running max until a tile's exceeds it by more than
 // kLazyHeadroom (log2 units), so the probabilities stay <= 2^8 (exact in fp32, within fp16 and bf16
 // range; the final normalisation and lse use the same max) and most tiles skip the output
@@ -214,7 +211,6 @@ struct DkvSm90Cfg : Sm90Threads<kWG_, kSchedM & kSchedMask> {
   static constexpr int kSched = kSchedM & kSchedMask;
   static constexpr bool kWriteDs = (kSchedM & kSchedWriteDs) != 0;
   static constexpr bool kEarlyDv = (kSchedM & kDkvEarlyDv) != 0;
-  static constexpr bool kSplitScores = (kSchedM & kDkvSplitScores) != 0;
   using Base = Sm90Threads<kWG_, kSched>;
   static constexpr int kBN = 64 * kWG_;
   static constexpr int kBM = kBM_;
@@ -228,7 +224,6 @@ struct DkvSm90Cfg : Sm90Threads<kWG_, kSchedM & kSchedMask> {
   static_assert(!kWriteDs || Base::kPing, "dS is written by the ping-pong schedule only");
   static_assert(!kEarlyDv || (Base::kPing && kSched != kSchedPingPongOverlap),
                 "dV is issued early by the two-turn ping-pong schedules only");
-  static_assert(!kSplitScores || kEarlyDv, "split scores come with the early dV");
   static_assert(kStageBytes % 1024 == 0 && kResBytes % 1024 == 0, "swizzled tiles need 1024-byte alignment");
   static constexpr int kStages = Base::stages(kResBytes, kStageBytes, kSideBytes);
   static constexpr int kSmem = Base::smem(kResBytes, kStageBytes, kStages, kSideBytes);
@@ -366,13 +361,11 @@ __device__ __forceinline__ ItemInfo take_item(const PingSync& s, int n) {
 //                  record of the tile here: TileRecord)
 // Ping-pong: `ring` counts the ring tiles this CTA consumed over all its items (slot and phase);
 // kTwoTurns: scores and last products take separate turns, each waited for, so set c never
-// shares the register file with the next tile's scores. kSplitScores (two turns): scores() commits
-// two groups; compute() starts once the first retired, and itself waits for the second and
-// calls release() where it is due.
+// shares the register file with the next tile's scores.
 struct NoHook {
   __device__ __forceinline__ void operator()() const {}
 };
-template <int kSched, int kStages, bool kTwoTurns, bool kSplitScores = false, class Has, class Next, class HasNext, class Advance,
+template <int kSched, int kStages, bool kTwoTurns, class Has, class Next, class HasNext, class Advance,
           class LoadNext, class Scores, class Compute, class Last, class Done, class Release, class Landed = NoHook>
 __device__ __forceinline__ void run_tiles(const int& stage, int& ring, int wg, int consumers, const PingSync& sy,
                                           Has has, Next next, HasNext has_next, Advance advance,
@@ -490,7 +483,6 @@ __device__ __forceinline__ void run_tiles(const int& stage, int& ring, int wg, i
     // V_{j-1}, releases K_j once its scores retired and V_{j-1} once P V did; last() gets V slots.
     constexpr int kVStages = Sm90Threads<2, kSched>::kVStages;
     static_assert(kVStages == 0 || !kTwoTurns, "a separate V ring takes one turn a tile");
-    static_assert(!kSplitScores || kTwoTurns, "split scores take two turns a tile");
     const int other = 1 - wg;
     bool first = true;
     int last_stage = 0;  // the previous tile's slot (its V slot with a V ring)
@@ -510,12 +502,8 @@ __device__ __forceinline__ void run_tiles(const int& stage, int& ring, int wg, i
       scores();
       sm90::named_arrive(1 + other, consumers);
       next();
-      if constexpr (kSplitScores) {
-        sm90::wait<1>();
-      } else {
-        sm90::wait<0>();
-        if (!has_next()) release();
-      }
+      sm90::wait<0>();
+      if (!has_next()) release();
       if constexpr (kTwoTurns) {
         compute(Set0{});
         sm90::named_sync(1 + wg, consumers);
@@ -1324,7 +1312,6 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
     }
     const float sl2 = p.scale_log2;
     uint32_t pa[2][kBM / 16][4], sa[2][kBM / 16][4];
-    int last = 0;  // ping-pong: the current tile is the item's last (its record; landed())
 
     // S^T = K Q^T, dP^T = V dO^T (this warpgroup's 64 keys x kBM queries of the current tile).
     auto scores = [&]() {
@@ -1337,7 +1324,6 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
         sm90::Wgmma<kBM, T>::template ss<0>(S, sm90::desc_k<kBN>(sK, wg * 64, kk),
                                             sm90::desc_k<kBM>(sQ, 0, kk), kk > 0 ? 1 : 0);
       }
-      if constexpr (Cfg::kSplitScores) sm90::commit();
 #pragma unroll
       for (int kk = 0; kk < kD / 16; ++kk) {
         sm90::Wgmma<kBM, T>::template ss<0>(dP, sm90::desc_k<kBN>(sV, wg * 64, kk),
@@ -1356,7 +1342,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
     // P^T and dS^T = P^T (dP^T - Delta) as A fragments in set c.
     auto make_p_ds = [&](auto c) {
       sm90::fence_regs(S);
-      if constexpr (!Cfg::kSplitScores) sm90::fence_regs(dP);
+      sm90::fence_regs(dP);
       const float* lrow = stage_l(stage);
       const float* drow = lrow + kBM;
 #pragma unroll
@@ -1374,11 +1360,6 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
         sm90::fence();
         issue_dv(c, stage);
         sm90::commit();
-      }
-      if constexpr (Cfg::kSplitScores) {  // dP^T (dV may still run); run_tiles left the release here
-        sm90::wait<1>();
-        sm90::fence_regs(dP);
-        if (last != 0) release_primary<Cfg::kResBufs>(sy, nres);
       }
 #pragma unroll
       for (int nt = 0; nt < kBM / 8; ++nt)
@@ -1419,6 +1400,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
     // Ping-pong: the walk follows the producer's records (the item's first tile is known from
     // start()); otherwise every consumer walks the tile lists.
     bool more = any;
+    int last = 0;
     auto c_has = [&]() { return Cfg::kPing ? more : has(); };
     auto c_next = [&]() {
       if constexpr (!Cfg::kPing) next();
@@ -1438,7 +1420,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
     };
     // Ping-pong takes two turns a tile: the dK and dV accumulators leave no room for the
     // probabilities next to the next tile's scores.
-    run_tiles<Cfg::kSched, kStages, Cfg::kPing, Cfg::kSplitScores>(stage, ring, wg, kNT, sy, c_has, c_next, c_has_next, c_advance,
+    run_tiles<Cfg::kSched, kStages, Cfg::kPing>(stage, ring, wg, kNT, sy, c_has, c_next, c_has_next, c_advance,
                                            [&](int st) { load_q(st, gg_n, qt_n); }, scores, make_p_ds, dv_dk,
                                            [&]() {
                                              sm90::fence_regs(dK);

@@ -128,7 +128,7 @@ using LaunchFn = void (*)(const Params&, int64_t /*num_items*/, cudaStream_t);
 
 enum Op { kOpFwd = 0, kOpDq = 1, kOpDkv = 2, kNumOps = 3 };
 constexpr int kNumHeadDims = 5;  // 32, 64, 96, 128, 256
-constexpr int kMaxVariants = 12;  // 0-3: mma.sync (sm_80+), 4-11: wgmma (sm_90a)
+constexpr int kMaxVariants = 10;  // 0-3: mma.sync (sm_80+), 4-9: wgmma (sm_90a)
 
 inline int head_dim_index(int kD) {
   switch (kD) {

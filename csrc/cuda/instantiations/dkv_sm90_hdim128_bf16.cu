@@ -9,6 +9,4 @@ DS_REGISTER_DKV_SM90(__nv_bfloat16, 1, 128, 5, 2, 64, kSchedLockstep, 0)
 DS_REGISTER_DKV_SM90(__nv_bfloat16, 1, 128, 6, 2, 64, kSchedOverlap, 0)
 DS_REGISTER_DKV_SM90(__nv_bfloat16, 1, 128, 7, 2, 64, kSchedPingPong, 0)
 DS_REGISTER_DKV_SM90(__nv_bfloat16, 1, 128, 8, 2, 64, kSchedPingPong2 | kSchedWriteDs | kDkvEarlyDv, 8)
-DS_REGISTER_DKV_SM90(__nv_bfloat16, 1, 128, 9, 2, 64, kSchedPingPong2 | kSchedWriteDs | kDkvEarlyDv | kDkvSplitScores, 8)
-DS_REGISTER_DKV_SM90(__nv_bfloat16, 1, 128, 10, 2, 64, kSchedPingPong2 | kDkvEarlyDv | kDkvSplitScores, 0)
 }  // namespace dilated_sparse::cuda
