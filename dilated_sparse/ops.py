@@ -392,7 +392,13 @@ def attention_backward(
 
     For code that runs its own autograd (e.g. the distributed ring, which merges partial
     results by ``lse`` and passes the merged ``out``/``lse`` here). ``dlse`` (``[B, H, Sq]``):
-    the loss's gradient with respect to ``lse``, when ``lse`` fed it too.
+    the loss's gradient with respect to ``lse``, when ``lse`` fed it too. ``dout``, ``out``,
+    ``lse`` and ``dlse`` must be on ``q``'s device; ``lse`` and ``dlse`` are taken in the
+    forward's lse dtype (float32, float64 for float64 inputs).
+
+    Raises:
+        ValueError: a shape other than ``q``'s (``dout``, ``out``) or ``[B, H, Sq]`` (``lse``,
+            ``dlse``), or a tensor on another device; and whatever the forward's checks raise.
     """
     _require_extension()
     layout, scale, wl, wr, key_lengths, key_padding_mask = _check_inputs(
@@ -403,13 +409,18 @@ def attention_backward(
     expected_lse = (q.shape[0], q.shape[2], q.shape[1])
     if tuple(lse.shape) != expected_lse:
         raise ValueError(f"lse must have shape [B, H, Sq] = {list(expected_lse)}, got {tuple(lse.shape)}")
+    if dlse is not None and tuple(dlse.shape) != expected_lse:
+        raise ValueError(f"dlse must have lse's shape [B, H, Sq] = {list(expected_lse)}, got {tuple(dlse.shape)}")
+    for name, t in (("dout", dout), ("out", out), ("lse", lse), ("dlse", dlse)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    # lse and dlse in the forward's lse dtype (float32; float64 for float64 inputs).
+    lse = lse.to(_lse_dtype(q.dtype)).contiguous()
     if dlse is not None:
-        if tuple(dlse.shape) != expected_lse:
-            raise ValueError(f"dlse must have lse's shape [B, H, Sq] = {list(expected_lse)}, got {tuple(dlse.shape)}")
-        dlse = dlse.to(device=q.device, dtype=_lse_dtype(q.dtype)).contiguous()
+        dlse = dlse.to(_lse_dtype(q.dtype)).contiguous()
     return torch.ops.dilated_sparse.block_sparse_attn_bwd(
         dout.contiguous(), _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v),
-        out.contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous(), layout.ccol_indices, layout.row_indices,
+        out.contiguous(), lse, layout.ccol_indices, layout.row_indices,
         layout.crow_indices, layout.col_indices, layout.block_q, layout.block_k, layout.layout_batch,
         layout.layout_heads, scale, bool(causal), wl, wr, key_lengths, key_padding_mask, dlse,
     )

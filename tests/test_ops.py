@@ -132,6 +132,12 @@ def test_bad_dlse_is_rejected():
     dout = torch.randn_like(out)
     with pytest.raises(ValueError, match="dlse must have lse's shape"):
         ds.attention_backward(dout, q, k, v, out, lse, layout, dlse=lse[:, :1])
+    # Another device (meta here) is named, for every lse-shaped and q-shaped input alike.
+    for name in ("dout", "out", "lse", "dlse"):
+        given = {"dout": dout, "out": out, "lse": lse, "dlse": torch.zeros_like(lse)}
+        given[name] = given[name].to("meta")
+        with pytest.raises(ValueError, match=f"^{name} must be on q's device cpu, got meta"):
+            ds.attention_backward(given["dout"], q, k, v, given["out"], given["lse"], layout, dlse=given["dlse"])
     args = (dout, q, k, v, out, lse, layout.ccol_indices, layout.row_indices, layout.crow_indices,
             layout.col_indices, 16, 16, 1, 1, 0.3, False, -1, -1, None, None)
     with pytest.raises(RuntimeError, match="dlse must have lse's dtype"):
