@@ -747,8 +747,8 @@ const KernelEntry* ds_entry(Op op, const at::Tensor& q, int kD) {
   const KernelEntry* arr = registry().e[op][di][hi];
   const int forced = forced_variant(op);
   if (forced >= 0 && arr[forced].fn != nullptr && arr[forced].ds != 0) return &arr[forced];
-  for (const KernelEntry& e : registry().e[op][di][hi]) {
-    if (e.fn != nullptr && e.ds != 0) return &e;
+  for (int v = 0; v < kMaxVariants; ++v) {
+    if (arr[v].fn != nullptr && arr[v].ds != 0) return &arr[v];
   }
   return nullptr;
 }

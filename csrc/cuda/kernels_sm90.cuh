@@ -740,16 +740,11 @@ template <typename T, int kD>
 __device__ __forceinline__ void stage_fwd_rows(uint32_t sO, const float (&acc)[kD / 8][4], const float (&l)[2],
                                                int w4, int lane) {
   const float inv[2] = {row_inv_sum(l[0]), row_inv_sum(l[1])};
-  // This lane addresses row lane % 8 of matrix lane / 8: rows 8 (m % 2) + j, 8-column group m / 2
-  // of each pair of groups.
-  const int m = lane / 8, j = lane % 8;
-  const uint32_t row_at = sO + (w4 * 16 + (m & 1) * 8 + j) * 128;
 #pragma unroll
   for (int c2 = 0; c2 < kD / 16; ++c2) {
-    const int c = 2 * c2 + (m >> 1);
     const float(&a)[4] = acc[2 * c2];
     const float(&b)[4] = acc[2 * c2 + 1];
-    sm90::stmatrix_x4(row_at + (c / 8) * (64 * 128) + (((c % 8) ^ j) << 4), MmaOp<T>::pack(a[0] * inv[0], a[1] * inv[0]),
+    sm90::stmatrix_x4(sm90::sw128_x4_addr<64>(sO, w4 * 16, c2, lane), MmaOp<T>::pack(a[0] * inv[0], a[1] * inv[0]),
                       MmaOp<T>::pack(a[2] * inv[1], a[3] * inv[1]), MmaOp<T>::pack(b[0] * inv[0], b[1] * inv[0]),
                       MmaOp<T>::pack(b[2] * inv[1], b[3] * inv[1]));
   }
@@ -828,15 +823,8 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
       if (any) wait_primary<Cfg::kResBufs>(sy, nres);
       if constexpr (Cfg::kQRegs) {
         if (any) {
-          // ldmatrix.x4: lane l addresses row l % 8 of matrix l / 8 (rows 8 (m % 2) + j, 8-column
-          // group 2 kk + m / 2), the order of an m16k16 A fragment.
-          const int m = lane / 8, j = lane % 8;
-          const int row = wrow + (m & 1) * 8 + j;
 #pragma unroll
-          for (int kk = 0; kk < kD / 16; ++kk) {
-            const int c = 2 * kk + (m >> 1);
-            ldsm_x4(QA[kk], sQ + (c / 8) * (kBM * 128) + row * 128 + (((c % 8) ^ j) << 4));
-          }
+          for (int kk = 0; kk < kD / 16; ++kk) ldsm_x4(QA[kk], sm90::sw128_x4_addr<kBM>(sQ, wrow, kk, lane));
           release_primary<Cfg::kResBufs>(sy, nres);
         }
       }
@@ -1331,7 +1319,6 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
       }
       sm90::commit();
     };
-    constexpr bool kEarlyDv = Cfg::kEarlyDv;  // otherwise last() issues dV and dK together
     // dV += P^T dO with set c and the dO tile of slot st (after the caller's fence; not committed).
     auto issue_dv = [&](auto c, int st) {
 #pragma unroll
@@ -1355,7 +1342,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
       if (state == 2) mask_tile<kBM / 8, true>(S, R, p.tl, msk, n0, wrow, qt * kBM, g, t4, 0.f);
 #pragma unroll
       for (int kk = 0; kk < kBM / 16; ++kk) to_a_frag<T>(pa[c][kk], S, kk);
-      if constexpr (kEarlyDv) {
+      if constexpr (Cfg::kEarlyDv) {
         sm90::fence_regs(dV);
         sm90::fence();
         issue_dv(c, stage);
@@ -1385,12 +1372,12 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
           }
       }
     };
-    // dV += P^T dO (unless issued early), dK += dS^T Q with the query tile of slot st.
+    // dV += P^T dO (unless issued early: kEarlyDv), dK += dS^T Q with the query tile of slot st.
     auto dv_dk = [&](auto c, int st) {
       sm90::fence_regs(dK);
-      if constexpr (!kEarlyDv) sm90::fence_regs(dV);
+      if constexpr (!Cfg::kEarlyDv) sm90::fence_regs(dV);
       sm90::fence();
-      if constexpr (!kEarlyDv) issue_dv(c, st);
+      if constexpr (!Cfg::kEarlyDv) issue_dv(c, st);
 #pragma unroll
       for (int kk = 0; kk < kBM / 16; ++kk) {
         sm90::Wgmma<kD, T>::template rs<1>(dK, sa[c][kk], sm90::desc_mn<kBM>(stage_q(st), kk), 1);

@@ -21,6 +21,22 @@ constexpr int tile_bytes() {
   return kRows * kD * 2;
 }
 
+// Byte offset, in a SW128 tile of kRows rows, of the 16-byte chunk c of row r.
+template <int kRows>
+__device__ __forceinline__ uint32_t sw128_offset(int r, int c) {
+  return (c / 8) * (kRows * 128) + r * 128 + (((c % 8) ^ (r % 8)) << 4);
+}
+
+// The address lane `lane` gives an x4 ldmatrix / stmatrix of the 16 x 16 block at rows [row0,
+// row0 + 16), chunks 2 c2 and 2 c2 + 1 of a SW128 tile: row row0 + 8 (m % 2) + lane % 8, chunk
+// 2 c2 + m / 2, m = lane / 8 (the order of an m16k16 A fragment). row0: a multiple of 8.
+template <int kRows>
+__device__ __forceinline__ uint32_t sw128_x4_addr(uint32_t tile, int row0, int c2, int lane) {
+  const int m = lane / 8, j = lane % 8;  // j: the row's position in its 8 (row0 % 8 == 0)
+  const int c = 2 * c2 + (m >> 1);
+  return tile + (c / 8) * (kRows * 128) + (row0 + (m & 1) * 8 + j) * 128 + (((c % 8) ^ j) << 4);
+}
+
 // Copy rows [row0, row0 + kRows) x [0, kD) of a [seq][D] matrix into a SW128 tile (cp.async, 16
 // bytes a copy); rows at or past `valid_rows` and columns at or past D are zero-filled. Each thread
 // keeps one 16-byte column chunk and walks rows a pass apart; a pass spans a multiple of 8 rows, so
@@ -34,7 +50,7 @@ __device__ __forceinline__ void load_tile(uint32_t sbase, const T* gbase, int64_
   static_assert(kThreads % kChunks == 0 && kRowsPerPass % 8 == 0, "a pass must cover 8k rows");
   const int ch = tid % kChunks;
   const int r0 = tid / kChunks;
-  const uint32_t dst0 = sbase + (ch / 8) * (kRows * 128) + r0 * 128 + (((ch % 8) ^ (r0 % 8)) << 4);
+  const uint32_t dst0 = sbase + sw128_offset<kRows>(r0, ch);
   const bool col_ok = ch * 8 < D;
   const T* src0 = gbase + static_cast<int64_t>(row0 + r0) * row_stride + ch * 8;
 #pragma unroll
