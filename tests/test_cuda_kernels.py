@@ -377,6 +377,66 @@ def test_ds_scratch_backward(kw, dtype, monkeypatch):
         assert peak_scratch - peak_recompute >= 0.9 * scratch, (peak_scratch, peak_recompute, scratch)
 
 
+# The dS-scratch backward in chunks of repeats (the (b, h) pairs sharing a layout slice), where the
+# whole scratch exceeds DILATED_SPARSE_BWD_SCRATCH_MB but one dK/dV repeat fits: GQA (a chunk holds
+# whole query-head groups), chunks that cross a batch boundary and end uneven, batches as the
+# repeats of per-head layouts. Forced (DILATED_SPARSE_BWD_SCRATCH_CHUNKS=1): bit for bit against the
+# whole scratch and the recompute backward, and the chunk's scratch measured (at least one
+# repeat's, at most the limit). By default (auto) chunks this small do not pay and the recompute
+# backward runs (no scratch); 0 never chunks.
+@pytest.mark.parametrize(
+    "kw, limit_mb",
+    [
+        ({"Sq": 1024, "bq": 128, "bk": 128, "density": 1.0, "causal": True, "H": 6, "Hkv": 2}, 7),
+        ({"Sq": 700, "Sk": 900, "bq": 128, "bk": 128, "density": 0.6, "empty_rows": 0.3, "B": 2, "H": 4}, 2),
+        ({"Sq": 1024, "bq": 256, "bk": 256, "density": 0.8, "use_kpm": True, "lh": 0, "B": 3, "H": 2}, 4),
+    ],
+)
+def test_ds_scratch_chunks(kw, limit_mb, monkeypatch):
+    monkeypatch.setenv("DILATED_SPARSE_BWD_SCRATCH_MB", "1024")
+    r = run_case(D=128, dtype=torch.bfloat16, seed=kw["Sq"] + kw.get("B", 1), **kw)
+    B, H, Hkv = r["q"].shape[0], r["q"].shape[2], r["k"].shape[2]
+    Lb, Lh = r["args"][2], r["args"][3]
+    q_per_k = H // Hkv if Lh == 1 else 1  # query repeats of one dK/dV repeat
+    rep_bytes = r["col"].numel() * q_per_k * kw["bq"] * kw["bk"] * r["q"].element_size()
+    reps = (B if Lb == 1 else 1) * (Hkv if Lh == 1 else 1)
+    limit = limit_mb << 20
+    assert rep_bytes <= limit and reps * rep_bytes > limit + (1 << 20), "the case must need several chunks"
+
+    def bwd(limit_env: str, chunks: str):
+        # peak bytes requested during the call (not the allocator's rounded blocks, which depend on
+        # what its pools hold)
+        monkeypatch.setenv("DILATED_SPARSE_BWD_SCRATCH_MB", limit_env)
+        monkeypatch.setenv("DILATED_SPARSE_BWD_SCRATCH_CHUNKS", chunks)
+        poison()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_stats()["requested_bytes.all.current"]
+        grads = bwd_again(r)
+        torch.cuda.synchronize()
+        return grads, torch.cuda.memory_stats()["requested_bytes.all.peak"] - base
+
+    # every path once first, so that each measured call finds its tile plans cached
+    for limit_env, chunks in (("0", "auto"), (str(limit_mb), "1"), (str(limit_mb), "auto")):
+        bwd(limit_env, chunks)
+    recompute, peak_recompute = bwd("0", "auto")
+    chunked, peak_chunked = bwd(str(limit_mb), "1")
+    auto, peak_auto = bwd(str(limit_mb), "auto")
+    never, peak_never = bwd(str(limit_mb), "0")
+    for name, first, *others in zip(("dq", "dk", "dv"), (r["dq"], r["dk"], r["dv"]), chunked, auto, never, recompute):
+        for how, other in zip(("chunked", "auto", "unchunked", "recompute"), others):
+            assert torch.equal(first, other), f"{name}: whole scratch and {how} backward differ"
+    if torch.cuda.get_device_capability() == (9, 0):
+        # the chunk's scratch (and the plans' few KB beside it)
+        assert 0.9 * rep_bytes <= peak_chunked - peak_recompute <= limit + (1 << 20), (peak_chunked, rep_bytes)
+        for how, peak in (("auto", peak_auto), ("0", peak_never)):
+            assert peak - peak_recompute < 0.5 * rep_bytes, f"CHUNKS={how} allocated a scratch: {peak}"
+    monkeypatch.setenv("DILATED_SPARSE_BWD_SCRATCH_MB", str(limit_mb))
+    monkeypatch.setenv("DILATED_SPARSE_BWD_SCRATCH_CHUNKS", "sometimes")
+    with pytest.raises(RuntimeError, match="DILATED_SPARSE_BWD_SCRATCH_CHUNKS"):
+        bwd_again(r)
+
+
 # The sm_90 kernels' producers copy tiles with TMA where the host could encode tensor maps (forced
 # here: DILATED_SPARSE_TMA=1), else with cp.async (DILATED_SPARSE_TMA=0); with TMA the forward
 # kernels that have a staging tile (D64) also write their output rows with TMA stores, which must

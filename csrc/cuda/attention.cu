@@ -10,6 +10,9 @@
 //   DILATED_SPARSE_SPLIT_CHUNK=<entries>     split forward rows longer than this (tests).
 //   DILATED_SPARSE_TMA=0|1                   sm_90 kernels: cp.async copies instead of TMA / TMA
 //                                            required (see set_tma()).
+//   DILATED_SPARSE_BWD_SCRATCH_MB=<MiB>      largest dS scratch (scratch_limit_bytes()).
+//   DILATED_SPARSE_BWD_SCRATCH_CHUNKS=auto|0|1  when the dS-scratch backward runs in chunks
+//                                            (scratch_chunks_mode()).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
@@ -151,7 +154,35 @@ struct PlanBufs {
   at::Tensor work, split;  // split plan (fwd), see make_split
   at::Tensor csr_entry;    // dK/dV plan of the dS-scratch backward: CSC entry -> CSR entry
   int64_t nwork = 0, nsplit = 0, nslots = 0;
+  at::Tensor len_host;     // `len` copied to the host (len_stats), with its sum and maximum;
+  int64_t len_total = -1;  // -1 until asked for
+  int len_max = -1;
 };
+
+// Copies a plan's entries per primary tile to the host once, with their sum and maximum, into
+// `keep` (plans are cached per layout, so once per layout). False while the stream is being
+// captured into a graph (no device->host copy then).
+bool len_stats(PlanBufs& keep, cudaStream_t stream) {
+  if (keep.len_max >= 0) return true;
+  cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &cap) != cudaSuccess || cap != cudaStreamCaptureStatusNone) return false;
+  keep.len_host = keep.len.to(at::kCPU);
+  const int* len = keep.len_host.data_ptr<int>();
+  keep.len_total = 0;
+  keep.len_max = 0;
+  for (int64_t i = 0; i < keep.len_host.numel(); ++i) {
+    keep.len_total += len[i];
+    keep.len_max = std::max(keep.len_max, len[i]);
+  }
+  return true;
+}
+
+int sm_count() {
+  int dev = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  return std::max(sms, 1);
+}
 
 // Load balance for heavy rows (a global row walks every key block): rows longer than a chunk C are
 // cut into pieces that run as separate CTAs and are merged by lse (merge_kernel). C is the average
@@ -162,29 +193,18 @@ struct PlanBufs {
 void make_split(PlanBufs& keep, TileList& tl, int rep, cudaStream_t stream) {
   static const char* off = std::getenv("DILATED_SPARSE_SPLIT");
   if (off != nullptr && std::string(off) == "0") return;
-  cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(stream, &cap) != cudaSuccess || cap != cudaStreamCaptureStatusNone) return;
-  const at::Tensor len_h = keep.len.to(at::kCPU);
-  const int* len = len_h.data_ptr<int>();
-  const int64_t nst = len_h.numel();
-  int64_t total = 0;
-  int maxlen = 0;
-  for (int64_t i = 0; i < nst; ++i) {
-    total += len[i];
-    maxlen = std::max(maxlen, len[i]);
-  }
+  if (!len_stats(keep, stream)) return;
   int64_t chunk;
   const char* env = std::getenv("DILATED_SPARSE_SPLIT_CHUNK");
   if (env != nullptr && *env != '\0') {
     chunk = std::max<int64_t>(1, std::atoll(env));
   } else {
-    int dev = 0, sms = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&dev));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    const int64_t slots = 2 * static_cast<int64_t>(std::max(sms, 1));
-    chunk = std::max<int64_t>(8, (total * rep + slots - 1) / slots);
+    const int64_t slots = 2 * static_cast<int64_t>(sm_count());
+    chunk = std::max<int64_t>(8, (keep.len_total * rep + slots - 1) / slots);
   }
-  if (maxlen <= chunk) return;
+  if (keep.len_max <= chunk) return;
+  const int* len = keep.len_host.data_ptr<int>();
+  const int64_t nst = keep.len_host.numel();
   std::vector<int> work, split;
   int64_t nslots = 0;
   for (int64_t st = 0; st < nst; ++st) {
@@ -307,11 +327,12 @@ struct PlanCacheEntry {
 };
 
 // make_csr_entry (dK/dV plans of the dS-scratch backward): builds PlanBufs::csr_entry, once per
-// cached plan (a consistent CSC determines its CSR, so the CSC's key covers it).
+// cached plan (a consistent CSC determines its CSR, so the CSC's key covers it). want_len_stats:
+// fills the len_* fields (len_stats), once per cached plan.
 TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb, int prim_tokens,
                     int PT, int pb, int ST, int sb, int rep, int hdec, PlanBufs& keep,
                     cudaStream_t stream, bool allow_split = false,
-                    const std::function<at::Tensor()>& make_csr_entry = nullptr) {
+                    const std::function<at::Tensor()>& make_csr_entry = nullptr, bool want_len_stats = false) {
   static std::mutex* mu = new std::mutex();
   static std::deque<PlanCacheEntry>* cache = new std::deque<PlanCacheEntry>();  // never freed (exit order)
   static const bool enabled = [] {
@@ -322,6 +343,7 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
     TileList tl = build_tiles(ptr, idx, L, npb, prim_tokens, PT, pb, ST, sb, rep, hdec, keep, stream);
     if (allow_split) make_split(keep, tl, rep, stream);
     if (make_csr_entry) keep.csr_entry = make_csr_entry();
+    if (want_len_stats) len_stats(keep, stream);
     return tl;
   }
   const int params[8] = {L, npb, prim_tokens, PT, pb, ST, sb, allow_split ? 1 : 0};
@@ -332,6 +354,7 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
         it->idx.unsafeGetTensorImpl() == idx.unsafeGetTensorImpl() && it->ptr_ver == pv &&
         it->idx_ver == iv && it->stream == stream && std::equal(params, params + 8, it->params)) {
       if (make_csr_entry && !it->bufs.csr_entry.defined()) it->bufs.csr_entry = make_csr_entry();
+      if (want_len_stats) len_stats(it->bufs, stream);
       keep = it->bufs;
       TileList tl = it->tl;
       tl.rep = rep;
@@ -347,6 +370,7 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
   TileList tl = build_tiles(ptr, idx, L, npb, prim_tokens, PT, pb, ST, sb, rep, hdec, keep, stream);
   if (allow_split) make_split(keep, tl, rep, stream);
   if (make_csr_entry) keep.csr_entry = make_csr_entry();
+  if (want_len_stats) len_stats(keep, stream);
   PlanCacheEntry e;
   e.ptr = ptr;
   e.idx = idx;
@@ -739,6 +763,33 @@ int64_t scratch_limit_bytes() {
   return std::max<int64_t>(0, mib) << 20;
 }
 
+// How the dS-scratch backward may run its repeats in chunks when the whole scratch exceeds
+// scratch_limit_bytes(): DILATED_SPARSE_BWD_SCRATCH_CHUNKS=auto (default: where chunks_pay says
+// so), 1 (whenever one dK/dV repeat fits), 0 (never: the whole scratch or the recompute backward).
+int scratch_chunks_mode() {
+  const char* e = std::getenv("DILATED_SPARSE_BWD_SCRATCH_CHUNKS");
+  if (e == nullptr || *e == '\0' || std::string(e) == "auto") return -1;
+  TORCH_CHECK(std::string(e) == "0" || std::string(e) == "1",
+              "dilated_sparse: DILATED_SPARSE_BWD_SCRATCH_CHUNKS must be auto, 0 or 1, got '", e, "'");
+  return std::atoi(e);
+}
+
+// Whether the scratch backward in chunks (dK/dV then dQ per chunk of nk dK/dV repeats) beats the
+// recompute backward, from the two plans' entries per tile. Each launch ends in a tail (its last
+// items), so a chunk must hold, per SM, at least kMinChunkSteps dK/dV steps and the longest item of
+// either kernel (a global row or column would otherwise run alone at the end of every chunk).
+// Measured (twentieth session, H200, S16k / S64k D128 H16, benchmarks/RESULTS.md): chunks of
+// ~200-400 steps an SM were 2-7% faster than the recompute backward at S64k and ~100 steps about
+// even at S16k; 46 steps lost 9%, and a global column longer than a chunk's steps an SM made
+// S64k global_local 3x slower.
+constexpr int kMinChunkSteps = 128;
+bool chunks_pay(const PlanBufs& dq_plan, const PlanBufs& dkv_plan, int nk, int q_per_k) {
+  const double sms = sm_count();
+  const double dkv_steps = static_cast<double>(dkv_plan.len_total) * nk / sms;
+  const double dq_steps = static_cast<double>(dq_plan.len_total) * nk * q_per_k / sms;
+  return dkv_steps >= std::max<double>(kMinChunkSteps, dkv_plan.len_max) && dq_steps >= dq_plan.len_max;
+}
+
 // The kernel of the dS-scratch backward registered for `op` (a dK/dV that writes dS, a dQ that reads
 // it): the forced variant if that is one, else the first; or null.
 const KernelEntry* ds_entry(Op op, const at::Tensor& q, int kD) {
@@ -1003,20 +1054,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   // The dS-scratch backward (sm_90 "ds" kernels: D128, blocks that are multiples of 128): dK/dV
   // writes each active block's dS (bq x bk in q's dtype, per (b, h) pair sharing the block), then
   // dQ = dS K reads it back instead of recomputing the scores and dP (5 products instead of 7).
-  // Its scratch grows with nnz, so it runs only while that stays within scratch_limit_bytes() and
-  // the allocation succeeds; otherwise the recompute backward runs. Both give the same dq, dk, dv
+  // Its scratch grows with nnz times the repeats (the (b, h) pairs sharing a layout slice). Where
+  // they do not all fit scratch_limit_bytes(), it runs them in chunks of dK/dV repeats, as equal as
+  // the count allows (dK/dV then dQ per chunk, one scratch of a chunk's size), where chunks of
+  // that size pay (chunks_pay). Otherwise (a single dK/dV repeat does not fit, chunks would not
+  // pay, or the allocation fails) the recompute backward runs. Every way gives the same dq, dk, dv
   // (the same products, summed in the same order).
   const int rep_q = static_cast<int>(B * H / L);  // the (b, h) pairs sharing a layout slice
+  // dK/dV items: (b, kv head) pairs with a shared layout, else batches (per-head layouts: each
+  // query head's slice is walked on its own, its group's dK/dV summed by the kernel's G loop).
+  const int rep_k = p.Lh == 1 ? static_cast<int>((p.Lb == 1 ? B : 1) * Hkv) : static_cast<int>(p.Lb == 1 ? B : 1);
+  const int q_per_k = rep_q / rep_k;  // query repeats a dK/dV repeat covers (G with a shared layout)
+  const int hdec = p.Lh == 1 ? p.Hkv : p.H;
+  auto stream = c10::cuda::getCurrentCUDAStream();
   const KernelEntry *ds_dq = ds_entry(kOpDq, q, kD), *ds_dkv = ds_entry(kOpDkv, q, kD);
   at::Tensor ds;
+  int chunk_k = 0;  // dK/dV repeats a chunk of the scratch backward
   if (ds_dq != nullptr && ds_dkv != nullptr && p.bq % ds_dq->pm == 0 && p.bk % ds_dq->sn == 0 &&
       p.bk % ds_dkv->pm == 0 && p.bq % ds_dkv->sn == 0 && col.numel() > 0) {
-    const int64_t elems = col.numel() * rep_q * p.bq * p.bk;
-    if (elems * static_cast<int64_t>(q.element_size()) <= scratch_limit_bytes()) {
-      try {
-        ds = at::empty({elems}, q.options());
-      } catch (const c10::OutOfMemoryError&) {
-        ds = at::Tensor();  // the recompute backward needs no scratch
+    const int64_t rep_elems = col.numel() * q_per_k * p.bq * p.bk;  // one dK/dV repeat's dS
+    const int64_t fit = std::min<int64_t>(rep_k, scratch_limit_bytes() / (rep_elems * q.element_size()));
+    const int mode = fit < rep_k ? scratch_chunks_mode() : 1;  // all fit: one chunk
+    if (fit > 0 && mode != 0) {
+      const int64_t chunks = (rep_k + fit - 1) / fit;
+      chunk_k = static_cast<int>((rep_k + chunks - 1) / chunks);
+      if (mode < 0) {  // auto: the plans the scratch kernels will walk (cached), their lengths
+        PlanBufs dq_plan, dkv_plan;
+        plan_tiles(crow_c, col_c, L, p.nqb, p.Sq, ds_dq->pm, p.bq, ds_dq->sn, p.bk, rep_q, p.H, dq_plan, stream,
+                   false, nullptr, /*want_len_stats=*/true);
+        plan_tiles(ccol_c, rowi_c, L, p.nkb, p.Sk, ds_dkv->pm, p.bk, ds_dkv->sn, p.bq, rep_k, hdec, dkv_plan,
+                   stream, false, nullptr, /*want_len_stats=*/true);
+        if (dq_plan.len_max < 0 || dkv_plan.len_max < 0 || !chunks_pay(dq_plan, dkv_plan, chunk_k, q_per_k)) {
+          chunk_k = 0;  // graph capture (no lengths on the host) or chunks that would not pay
+        }
+      }
+      if (chunk_k > 0) {
+        try {
+          ds = at::empty({chunk_k * rep_elems}, q.options());
+        } catch (const c10::OutOfMemoryError&) {
+          ds = at::Tensor();  // the recompute backward needs no scratch
+        }
       }
     }
   }
@@ -1038,21 +1115,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
-  auto stream = c10::cuda::getCurrentCUDAStream();
   if (q.scalar_type() == at::kHalf) {
     launch_delta<__half>(p, stream);
   } else {
     launch_delta<__nv_bfloat16>(p, stream);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const at::Tensor counters = work_counters((kdq.arch == 90) + (kdkv.arch == 90), q);
+  const int chunks = ds_mode ? (rep_k + chunk_k - 1) / chunk_k : 1;
+  const at::Tensor counters = work_counters(((kdq.arch == 90) + (kdkv.arch == 90)) * chunks, q);
   int* next_counter = counters.defined() ? counters.data_ptr<int>() : nullptr;
   PlanBufs keep_q, keep_k;
   Params pq = p, pk = p;
   pq.tl = plan_tiles(crow_c, col_c, L, p.nqb, p.Sq, kdq.pm, p.bq, kdq.sn, p.bk, rep_q, p.H, keep_q, stream);
   if (kdq.arch == 90) pq.work_counter = next_counter++;
-  const int rep_k = p.Lh == 1 ? static_cast<int>((p.Lb == 1 ? B : 1) * Hkv) : static_cast<int>(p.Lb == 1 ? B : 1);
-  const int hdec = p.Lh == 1 ? p.Hkv : p.H;
   // The dS-scratch backward's CSC -> CSR entry map, kept with the dK/dV plan (csc_to_csr_kernel).
   std::function<at::Tensor()> make_csr_entry;
   if (ds_mode) {
@@ -1082,11 +1157,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   // The scratch backward runs dK/dV, then dQ on `stream`: dQ reads what dK/dV wrote.
   const bool side_stream = !one_stream && !ds_mode;
   cudaStream_t dkv_stream = stream;
-  if (ds_mode) {
-    pk.ds = pq.ds = ds.data_ptr();
-    pk.ds_csr_entry = keep_k.csr_entry.data_ptr<int>();
-    pk.ds_rep = pq.ds_rep = rep_q;
-  }
   if (side_stream) {
     dkv_stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, q.get_device()).stream();
     stream_wait(dkv_stream, stream);
@@ -1095,6 +1165,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   // (The dQ-from-dS kernel reads only the K map; its dS panels are plain bulk copies.)
   if (kdq.arch == 90) set_tma(pq, q, k, v, dout, kdq.pm, kdq.sn);
   if (kdkv.arch == 90) set_tma(pk, q, k, v, dout, kdkv.sn, kdkv.pm);
+  if (ds_mode) {
+    pk.ds = pq.ds = ds.data_ptr();
+    pk.ds_csr_entry = keep_k.csr_entry.data_ptr<int>();
+    for (int rk0 = 0; rk0 < rep_k; rk0 += chunk_k) {
+      const int nk = std::min(chunk_k, rep_k - rk0);
+      Params ck = pk, cq = pq;
+      ck.tl.rep = nk;
+      ck.tl.rep_base = rk0;
+      cq.tl.rep = ck.ds_rep = cq.ds_rep = nk * q_per_k;
+      cq.tl.rep_base = ck.ds_rep_base = cq.ds_rep_base = rk0 * q_per_k;
+      if (rk0 > 0) {  // each launch takes its items from a fresh counter
+        ck.work_counter = next_counter++;
+        cq.work_counter = next_counter++;
+      }
+      kdkv.fn(ck, static_cast<int64_t>(L) * ck.tl.ntiles * nk, stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      kdq.fn(cq, static_cast<int64_t>(L) * cq.tl.ntiles * cq.tl.rep, stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    return {dq, dk, dv};
+  }
   kdkv.fn(pk, static_cast<int64_t>(L) * pk.tl.ntiles * rep_k, dkv_stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   kdq.fn(pq, static_cast<int64_t>(L) * pq.tl.ntiles * rep_q, stream);

@@ -29,6 +29,7 @@ __device__ __forceinline__ void decode_st(const Params& p, int64_t st, int r, in
   const TileList& tl = p.tl;
   s = static_cast<int>(st / tl.ntiles);
   t = static_cast<int>(st % tl.ntiles);
+  r += tl.rep_base;
   if (p.Lb == 1 && p.Lh == 1) {
     b = r / tl.hdec;
     h = r % tl.hdec;
@@ -320,9 +321,10 @@ __device__ __forceinline__ int next_pair(const Entries& E, const Rules& R, uint6
 }
 
 // Element offset of the dS scratch block of CSR entry e for batch b, query head h: the (b, h) pairs
-// sharing a layout slice (p.ds_rep of them) take consecutive blocks of bq x bk.
+// sharing a layout slice that this scratch holds (p.ds_rep of them, from p.ds_rep_base) take
+// consecutive blocks of bq x bk.
 __device__ __forceinline__ int64_t ds_offset(const Params& p, int e, int b, int h) {
-  const int r = (p.Lb == 1 ? b : 0) * (p.Lh == 1 ? p.H : 1) + (p.Lh == 1 ? h : 0);
+  const int r = (p.Lb == 1 ? b : 0) * (p.Lh == 1 ? p.H : 1) + (p.Lh == 1 ? h : 0) - p.ds_rep_base;
   return (static_cast<int64_t>(e) * p.ds_rep + r) * p.bq * p.bk;
 }
 // Inside a block: panel (key sub-tile ks of 128 keys, query sub-tile qs of 64 queries), 128 keys x

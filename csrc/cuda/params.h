@@ -37,6 +37,9 @@ struct TileList {
   const int4* work = nullptr;   // split plan (fwd): {slice-tile, entry begin, entry end, slot or -1},
                                 // longest first; replaces `order` when set
   int rep = 1;                  // work items per slice-tile (the (b, h) pairs sharing a slice)
+  int rep_base = 0;             // first repeat of this launch (the dS-scratch backward runs the
+                                // repeats in chunks, attention.cu: bwd_cuda); items decode to
+                                // repeats rep_base .. rep_base + rep - 1
   int hdec = 0;                 // heads decoded from a work item (H, or Hkv for dK/dV with Lh == 1)
 };
 
@@ -79,7 +82,9 @@ struct Params {
   // [bk keys][bq queries] at slot (CSR entry x repeats + repeat), and dQ = dS K reads it back.
   void* ds = nullptr;
   const int* ds_csr_entry = nullptr;  // CSC entry -> CSR entry (cached with the dK/dV plan)
-  int ds_rep = 1;                // repeats: the (b, h) pairs sharing a layout slice
+  int ds_rep = 1;                // query repeats the scratch holds (a chunk of the (b, h) pairs
+                                 // sharing a layout slice)
+  int ds_rep_base = 0;           // the first of them
   // sm_90a ping-pong kernels: TMA descriptors of q, k, v (and dout for the backward) over
   // (D, S, H, B), boxes of 64 columns x the kernel's tile rows with the 128-byte swizzle of its
   // shared tiles (attention.cu: set_tma). tma = 1: one producer thread issues each tile as TMA
