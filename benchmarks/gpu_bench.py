@@ -315,7 +315,8 @@ def main() -> int:
     # Memory: grows with nnz, not S^2.
     mem = []
     # S16k: the sm_90 D128 backward keeps dS in a scratch of nnz x H x 128 x 128 x 2 bytes while it
-    # fits DILATED_SPARSE_BWD_SCRATCH_MB (1024 MiB by default); S32k and S64k exceed it and recompute.
+    # fits DILATED_SPARSE_BWD_SCRATCH_MB (1024 MiB by default); S32k and S64k exceed it and run the
+    # heads in chunks, each within the limit.
     mem_points = [(16384, 0.10)] if args.quick else [(16384, 0.025), (16384, 0.10), (32768, 0.10), (65536, 0.10),
                                                       (65536, 0.025)]
     for S, density in mem_points:
