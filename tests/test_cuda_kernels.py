@@ -380,10 +380,11 @@ def test_ds_scratch_backward(kw, dtype, monkeypatch):
 # The dS-scratch backward in chunks of repeats (the (b, h) pairs sharing a layout slice), where the
 # whole scratch exceeds DILATED_SPARSE_BWD_SCRATCH_MB but one dK/dV repeat fits: GQA (a chunk holds
 # whole query-head groups), chunks that cross a batch boundary and end uneven, batches as the
-# repeats of per-head layouts. Forced (DILATED_SPARSE_BWD_SCRATCH_CHUNKS=1): bit for bit against the
-# whole scratch and the recompute backward, and the chunk's scratch measured (at least one
-# repeat's, at most the limit). By default (auto) chunks this small do not pay and the recompute
-# backward runs (no scratch); 0 never chunks.
+# repeats of per-head layouts; one chunk buffer (cases 1 and 3: two chunks do not fit) and two,
+# the chunks alternating between two streams (case 2). Forced (DILATED_SPARSE_BWD_SCRATCH_CHUNKS=1):
+# bit for bit against the whole scratch and the recompute backward, and the scratch measured (at
+# least one repeat's, at most the limit). By default (auto) chunks this small do not pay and the
+# recompute backward runs (no scratch); 0 never chunks.
 @pytest.mark.parametrize(
     "kw, limit_mb",
     [

@@ -763,9 +763,10 @@ int64_t scratch_limit_bytes() {
   return std::max<int64_t>(0, mib) << 20;
 }
 
-// How the dS-scratch backward may run its repeats in chunks when the whole scratch exceeds
-// scratch_limit_bytes(): DILATED_SPARSE_BWD_SCRATCH_CHUNKS=auto (default: where chunks_pay says
-// so), 1 (whenever one dK/dV repeat fits), 0 (never: the whole scratch or the recompute backward).
+// Whether the dS-scratch backward runs its repeats in chunks (bwd_cuda):
+// DILATED_SPARSE_BWD_SCRATCH_CHUNKS=auto (default: where chunks_pay says so), 1 (whenever a chunk
+// fits: two buffers on two streams where two fit, else one), 0 (never: the whole scratch or the
+// recompute backward).
 int scratch_chunks_mode() {
   const char* e = std::getenv("DILATED_SPARSE_BWD_SCRATCH_CHUNKS");
   if (e == nullptr || *e == '\0' || std::string(e) == "auto") return -1;
@@ -774,14 +775,14 @@ int scratch_chunks_mode() {
   return std::atoi(e);
 }
 
-// Whether the scratch backward in chunks (dK/dV then dQ per chunk of nk dK/dV repeats) beats the
-// recompute backward, from the two plans' entries per tile. Each launch ends in a tail (its last
-// items), so a chunk must hold, per SM, at least kMinChunkSteps dK/dV steps and the longest item of
-// either kernel (a global row or column would otherwise run alone at the end of every chunk).
-// Measured (twentieth session, H200, S16k / S64k D128 H16, benchmarks/RESULTS.md): chunks of
-// ~200-400 steps an SM were 2-7% faster than the recompute backward at S64k and ~100 steps about
-// even at S16k; 46 steps lost 9%, and a global column longer than a chunk's steps an SM made
-// S64k global_local 3x slower.
+// Whether the scratch backward in chunks (dK/dV then dQ per chunk of nk dK/dV repeats) pays, from
+// the two plans' entries per tile. Each launch ends in a tail (its last items), so a chunk must
+// hold, per SM, at least kMinChunkSteps dK/dV steps and the longest item of either kernel (a
+// global row or column would otherwise run alone at the end of every chunk). Measured (twentieth
+// session, H200, S16k / S64k D128 H16, one buffer, benchmarks/RESULTS.md): chunks of ~200-400
+// steps an SM were 2-7% faster than the recompute backward at S64k and ~100 steps about even at
+// S16k; 46 steps lost 9%, and a global column longer than a chunk's steps an SM made S64k
+// global_local 3x slower.
 constexpr int kMinChunkSteps = 128;
 bool chunks_pay(const PlanBufs& dq_plan, const PlanBufs& dkv_plan, int nk, int q_per_k) {
   const double sms = sm_count();
@@ -1054,12 +1055,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   // The dS-scratch backward (sm_90 "ds" kernels: D128, blocks that are multiples of 128): dK/dV
   // writes each active block's dS (bq x bk in q's dtype, per (b, h) pair sharing the block), then
   // dQ = dS K reads it back instead of recomputing the scores and dP (5 products instead of 7).
-  // Its scratch grows with nnz times the repeats (the (b, h) pairs sharing a layout slice). Where
-  // they do not all fit scratch_limit_bytes(), it runs them in chunks of dK/dV repeats, as equal as
-  // the count allows (dK/dV then dQ per chunk, one scratch of a chunk's size), where chunks of
-  // that size pay (chunks_pay). Otherwise (a single dK/dV repeat does not fit, chunks would not
-  // pay, or the allocation fails) the recompute backward runs. Every way gives the same dq, dk, dv
-  // (the same products, summed in the same order).
+  // Its scratch grows with nnz times the repeats (the (b, h) pairs sharing a layout slice), within
+  // scratch_limit_bytes(). The repeats may run in chunks of dK/dV repeats, as equal as the count
+  // allows, each chunk dK/dV then dQ. By default (scratch_chunks_mode), in this order of preference:
+  //  - two buffers of a chunk each, the chunks alternating between two streams (a chunk's kernels
+  //    fill the other's tails), where two chunks fit and chunks of that size pay (chunks_pay);
+  //    this also splits a scratch that would fit whole (1-5% faster, twentieth session);
+  //  - the whole scratch, where it fits;
+  //  - one buffer, the chunks one after the other, where one chunk fits and chunks pay;
+  //  - else (or where the allocation fails) the recompute backward.
+  // Every way gives the same dq, dk, dv (the same products, summed in the same order).
   const int rep_q = static_cast<int>(B * H / L);  // the (b, h) pairs sharing a layout slice
   // dK/dV items: (b, kv head) pairs with a shared layout, else batches (per-head layouts: each
   // query head's slice is walked on its own, its group's dK/dV summed by the kernel's G loop).
@@ -1067,33 +1072,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   const int q_per_k = rep_q / rep_k;  // query repeats a dK/dV repeat covers (G with a shared layout)
   const int hdec = p.Lh == 1 ? p.Hkv : p.H;
   auto stream = c10::cuda::getCurrentCUDAStream();
+  // dQ and dK/dV are independent once Delta is written: dK/dV runs on a side stream, so its CTAs
+  // take the SMs that dQ's last items leave idle (and the other way round) instead of each kernel
+  // ending in its own tail. Every output still has one writer (deterministic). The side stream
+  // joins back before anything else on `stream` runs, so the tensors used there (all allocated on
+  // `stream`) are not reused early. DILATED_SPARSE_BWD_STREAMS=1 runs both on `stream`.
+  static const bool one_stream = [] {
+    const char* e = std::getenv("DILATED_SPARSE_BWD_STREAMS");
+    return e != nullptr && std::string(e) == "1";
+  }();
   const KernelEntry *ds_dq = ds_entry(kOpDq, q, kD), *ds_dkv = ds_entry(kOpDkv, q, kD);
   at::Tensor ds;
-  int chunk_k = 0;  // dK/dV repeats a chunk of the scratch backward
+  int chunk_k = 0;   // dK/dV repeats a chunk of the scratch backward
+  int ds_bufs = 1;   // 2: chunks alternate between two streams and two scratch buffers
   if (ds_dq != nullptr && ds_dkv != nullptr && p.bq % ds_dq->pm == 0 && p.bk % ds_dq->sn == 0 &&
       p.bk % ds_dkv->pm == 0 && p.bq % ds_dkv->sn == 0 && col.numel() > 0) {
     const int64_t rep_elems = col.numel() * q_per_k * p.bq * p.bk;  // one dK/dV repeat's dS
-    const int64_t fit = std::min<int64_t>(rep_k, scratch_limit_bytes() / (rep_elems * q.element_size()));
-    const int mode = fit < rep_k ? scratch_chunks_mode() : 1;  // all fit: one chunk
-    if (fit > 0 && mode != 0) {
-      const int64_t chunks = (rep_k + fit - 1) / fit;
-      chunk_k = static_cast<int>((rep_k + chunks - 1) / chunks);
-      if (mode < 0) {  // auto: the plans the scratch kernels will walk (cached), their lengths
-        PlanBufs dq_plan, dkv_plan;
-        plan_tiles(crow_c, col_c, L, p.nqb, p.Sq, ds_dq->pm, p.bq, ds_dq->sn, p.bk, rep_q, p.H, dq_plan, stream,
-                   false, nullptr, /*want_len_stats=*/true);
-        plan_tiles(ccol_c, rowi_c, L, p.nkb, p.Sk, ds_dkv->pm, p.bk, ds_dkv->sn, p.bq, rep_k, hdec, dkv_plan,
-                   stream, false, nullptr, /*want_len_stats=*/true);
-        if (dq_plan.len_max < 0 || dkv_plan.len_max < 0 || !chunks_pay(dq_plan, dkv_plan, chunk_k, q_per_k)) {
-          chunk_k = 0;  // graph capture (no lengths on the host) or chunks that would not pay
-        }
+    const int64_t rep_bytes = rep_elems * q.element_size(), limit = scratch_limit_bytes();
+    // Chunks as equal as the count allows, of at most `fit` repeats.
+    auto balanced = [&](int64_t fit) {
+      const int64_t n = (rep_k + fit - 1) / fit;
+      return static_cast<int>((rep_k + n - 1) / n);
+    };
+    const int64_t fit1 = std::min<int64_t>(rep_k, limit / rep_bytes);
+    const int64_t fit2 = std::min<int64_t>((rep_k + 1) / 2, limit / (2 * rep_bytes));
+    const bool two_ok = !one_stream && rep_k >= 2 && fit2 > 0;  // two chunks' buffers fit
+    const int mode = scratch_chunks_mode();
+    if (mode == 0) {
+      chunk_k = fit1 == rep_k ? rep_k : 0;
+    } else if (mode == 1) {
+      if (two_ok) {
+        chunk_k = balanced(fit2);
+        ds_bufs = 2;
+      } else {
+        chunk_k = fit1 > 0 ? balanced(fit1) : 0;
       }
-      if (chunk_k > 0) {
-        try {
-          ds = at::empty({chunk_k * rep_elems}, q.options());
-        } catch (const c10::OutOfMemoryError&) {
-          ds = at::Tensor();  // the recompute backward needs no scratch
-        }
+    } else if (fit1 > 0) {  // auto: the plans the scratch kernels will walk (cached), their lengths
+      PlanBufs dq_plan, dkv_plan;
+      plan_tiles(crow_c, col_c, L, p.nqb, p.Sq, ds_dq->pm, p.bq, ds_dq->sn, p.bk, rep_q, p.H, dq_plan, stream,
+                 false, nullptr, /*want_len_stats=*/true);
+      plan_tiles(ccol_c, rowi_c, L, p.nkb, p.Sk, ds_dkv->pm, p.bk, ds_dkv->sn, p.bq, rep_k, hdec, dkv_plan,
+                 stream, false, nullptr, /*want_len_stats=*/true);
+      const bool stats = dq_plan.len_max >= 0 && dkv_plan.len_max >= 0;  // not while capturing a graph
+      if (stats && two_ok && chunks_pay(dq_plan, dkv_plan, balanced(fit2), q_per_k)) {
+        chunk_k = balanced(fit2);
+        ds_bufs = 2;
+      } else if (fit1 == rep_k) {
+        chunk_k = rep_k;
+      } else if (stats && chunks_pay(dq_plan, dkv_plan, balanced(fit1), q_per_k)) {
+        chunk_k = balanced(fit1);
+      }
+    }
+    if (chunk_k > 0) {
+      try {
+        ds = at::empty({ds_bufs * chunk_k * rep_elems}, q.options());
+      } catch (const c10::OutOfMemoryError&) {
+        ds = at::Tensor();  // the recompute backward needs no scratch
       }
     }
   }
@@ -1145,17 +1179,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   pk.tl = plan_tiles(ccol_c, rowi_c, L, p.nkb, p.Sk, kdkv.pm, p.bk, kdkv.sn, p.bq, rep_k, hdec, keep_k, stream,
                      /*allow_split=*/false, make_csr_entry);
   if (kdkv.arch == 90) pk.work_counter = next_counter++;
-  // dQ and dK/dV are independent once Delta is written: dK/dV runs on a side stream, so its CTAs
-  // take the SMs that dQ's last items leave idle (and the other way round) instead of each kernel
-  // ending in its own tail. Every output still has one writer (deterministic). The side stream
-  // joins back before anything else on `stream` runs, so the tensors used there (all allocated on
-  // `stream`) are not reused early. DILATED_SPARSE_BWD_STREAMS=1 runs both on `stream`.
-  static const bool one_stream = [] {
-    const char* e = std::getenv("DILATED_SPARSE_BWD_STREAMS");
-    return e != nullptr && std::string(e) == "1";
-  }();
-  // The scratch backward runs dK/dV, then dQ on `stream`: dQ reads what dK/dV wrote.
-  const bool side_stream = !one_stream && !ds_mode;
+  // The scratch backward runs dK/dV, then dQ on one stream (dQ reads what dK/dV wrote); with two
+  // buffers, odd chunks on the side stream: a chunk's kernels fill the other chunk's tails, and
+  // chunk c reuses the buffer of chunk c - 2, which ran before it on the same stream.
+  const bool side_stream = ds_mode ? ds_bufs == 2 : !one_stream;
   cudaStream_t dkv_stream = stream;
   if (side_stream) {
     dkv_stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, q.get_device()).stream();
@@ -1166,11 +1193,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   if (kdq.arch == 90) set_tma(pq, q, k, v, dout, kdq.pm, kdq.sn);
   if (kdkv.arch == 90) set_tma(pk, q, k, v, dout, kdkv.sn, kdkv.pm);
   if (ds_mode) {
-    pk.ds = pq.ds = ds.data_ptr();
     pk.ds_csr_entry = keep_k.csr_entry.data_ptr<int>();
-    for (int rk0 = 0; rk0 < rep_k; rk0 += chunk_k) {
+    for (int rk0 = 0, c = 0; rk0 < rep_k; rk0 += chunk_k, ++c) {
       const int nk = std::min(chunk_k, rep_k - rk0);
       Params ck = pk, cq = pq;
+      ck.ds = cq.ds = static_cast<char*>(ds.data_ptr()) + (c % ds_bufs) * (ds.nbytes() / ds_bufs);
+      cudaStream_t cs = c % 2 == 1 && ds_bufs == 2 ? dkv_stream : stream;
       ck.tl.rep = nk;
       ck.tl.rep_base = rk0;
       cq.tl.rep = ck.ds_rep = cq.ds_rep = nk * q_per_k;
@@ -1179,11 +1207,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
         ck.work_counter = next_counter++;
         cq.work_counter = next_counter++;
       }
-      kdkv.fn(ck, static_cast<int64_t>(L) * ck.tl.ntiles * nk, stream);
+      kdkv.fn(ck, static_cast<int64_t>(L) * ck.tl.ntiles * nk, cs);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      kdq.fn(cq, static_cast<int64_t>(L) * cq.tl.ntiles * cq.tl.rep, stream);
+      kdq.fn(cq, static_cast<int64_t>(L) * cq.tl.ntiles * cq.tl.rep, cs);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
+    if (side_stream) stream_wait(stream, dkv_stream);
     return {dq, dk, dv};
   }
   kdkv.fn(pk, static_cast<int64_t>(L) * pk.tl.ntiles * rep_k, dkv_stream);
