@@ -678,4 +678,9 @@ if __name__ == "__main__":
         run_case(B=1, H=2, Sq=100, Sk=90, D=128, bq=64, bk=16, lh=0, wl=20)
         # the dS-scratch backward on sm_90 (D128, block 128)
         run_case(B=1, H=4, Hkv=2, Sq=300, Sk=280, D=128, bq=128, bk=128, causal=True, use_kpm=True, density=0.7)
+        # ... in chunks: two buffers on two streams, then (one repeat's 1 MiB fills the limit) one buffer
+        os.environ["DILATED_SPARSE_BWD_SCRATCH_CHUNKS"] = "1"
+        run_case(B=1, H=4, Hkv=2, Sq=300, Sk=280, D=128, bq=128, bk=128, causal=True, use_kpm=True, density=0.7)
+        os.environ["DILATED_SPARSE_BWD_SCRATCH_MB"] = "1"
+        run_case(B=1, H=4, Hkv=2, Sq=512, D=128, bq=128, bk=128, causal=True, density=1.0)
         print("small cases ok")
