@@ -779,8 +779,8 @@ int scratch_chunks_mode() {
 // the two plans' entries per tile. Each launch ends in a tail (its last items), so a chunk must
 // hold, per SM, at least kMinChunkSteps dK/dV steps and the longest item of either kernel (a
 // global row or column would otherwise run alone at the end of every chunk). Measured (twentieth
-// session, H200, S16k / S64k D128 H16, one buffer, benchmarks/RESULTS.md): chunks of ~200-400
-// steps an SM were 2-7% faster than the recompute backward at S64k and ~100 steps about even at
+// session, H200, S16k / S64k D128 H16, one buffer, benchmarks/RESULTS.md): chunks of ~350-400
+// steps an SM were 1-7% faster than the recompute backward at S64k and ~100 steps about even at
 // S16k; 23 steps lost 9%, and a global column longer than a chunk's steps an SM made S64k
 // global_local 3x slower.
 constexpr int kMinChunkSteps = 128;
