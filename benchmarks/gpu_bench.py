@@ -167,6 +167,13 @@ def bench(fn: Callable[[], torch.Tensor], tensors: list[torch.Tensor], grad: boo
     return ms_f, ms_fb, cond
 
 
+def timing_fields(flops: float, ms_f: float, ms_fb: float, cond: dict[str, Any]) -> dict[str, Any]:
+    """A row's timing fields: the two medians, their TFLOP/s (fwd+bwd counted as 3.5x the forward's
+    flops) and the GPU's conditions while they ran."""
+    return {"fwd_ms": ms_f, "fwdbwd_ms": ms_fb, "tf_fwd": flops / ms_f / 1e9, "tf_fwdbwd": 3.5 * flops / ms_fb / 1e9,
+            **cond}
+
+
 def _clock_cell(cond: dict[str, Any] | None) -> str:
     """'1650 (1620)': the median and minimum SM clock of a timing, '-' when none was sampled."""
     return f"{cond['sm_mhz']:.0f} ({cond['sm_mhz_min']:.0f})" if cond else "-"
@@ -248,8 +255,8 @@ def main() -> int:
                             return F.scaled_dot_product_attention(qt, kt, vt)
                     fm, fbm, cond = bench(f, [qt, kt, vt], True, monitor)
                     fl = 4 * B * H * S * S * D
-                    emit({"cfg": cfg, "pattern": "dense", "impl": name, "block": 0, "density": 1.0, "fwd_ms": fm,
-                              "fwdbwd_ms": fbm, "tf_fwd": fl / fm / 1e9, "tf_fwdbwd": 3.5 * fl / fbm / 1e9, **cond})
+                    emit({"cfg": cfg, "pattern": "dense", "impl": name, "block": 0, "density": 1.0,
+                          **timing_fields(fl, fm, fbm, cond)})
                 except Exception as e:  # noqa: BLE001
                     emit({"cfg": cfg, "pattern": "dense", "impl": name, "error": str(e)[:120]})
             del qt, kt, vt
@@ -268,8 +275,8 @@ def main() -> int:
 
                 try:
                     fm, fbm, cond = bench(ours, [q, k, v], True, monitor)
-                    emit({"cfg": cfg, "pattern": pname, "impl": "ours", "block": bs, "density": density, "fwd_ms": fm,
-                              "fwdbwd_ms": fbm, "tf_fwd": fl / fm / 1e9, "tf_fwdbwd": 3.5 * fl / fbm / 1e9, **cond})
+                    emit({"cfg": cfg, "pattern": pname, "impl": "ours", "block": bs, "density": density,
+                          **timing_fields(fl, fm, fbm, cond)})
                 except Exception as e:  # noqa: BLE001
                     emit({"cfg": cfg, "pattern": pname, "impl": "ours", "block": bs, "error": str(e)[:200]})
                 if args.compare_variant is not None:
@@ -278,8 +285,7 @@ def main() -> int:
                     try:
                         fm, fbm, cond = bench(ours, [q, k, v], True, monitor)
                         emit({"cfg": cfg, "pattern": pname, "impl": f"ours-v{args.compare_variant}", "block": bs,
-                              "density": density, "fwd_ms": fm, "fwdbwd_ms": fbm, "tf_fwd": fl / fm / 1e9,
-                              "tf_fwdbwd": 3.5 * fl / fbm / 1e9, **cond})
+                              "density": density, **timing_fields(fl, fm, fbm, cond)})
                     finally:
                         for key in forced:
                             os.environ.pop(key, None)
@@ -301,9 +307,8 @@ def main() -> int:
                         a, b_ = fx().float(), ours().float()
                         diff = ((a - b_).norm() / b_.norm()).item()
                     fm, fbm, cond = bench(fx, [qf, kf, vf], True, monitor)
-                    emit({"cfg": cfg, "pattern": pname, "impl": "flex", "block": bs, "density": density, "fwd_ms": fm,
-                              "fwdbwd_ms": fbm, "tf_fwd": fl / fm / 1e9, "tf_fwdbwd": 3.5 * fl / fbm / 1e9,
-                              "rel_diff_vs_ours": diff, **cond})
+                    emit({"cfg": cfg, "pattern": pname, "impl": "flex", "block": bs, "density": density,
+                          **timing_fields(fl, fm, fbm, cond), "rel_diff_vs_ours": diff})
                     del qf, kf, vf
                 except Exception as e:  # noqa: BLE001
                     emit({"cfg": cfg, "pattern": pname, "impl": "flex", "block": bs, "error": str(e)[:200]})

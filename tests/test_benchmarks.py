@@ -24,3 +24,9 @@ def test_monitor_window_summarises_only_its_samples():
     assert m.window(3.0, 4.0) == {}
     assert gpu_bench._clock_cell(w) == "1650 (1440)"
     assert gpu_bench._clock_cell({}) == "-"
+
+
+def test_timing_fields_count_fwd_bwd_as_three_and_a_half_forwards():
+    row = gpu_bench.timing_fields(4e12, 10.0, 20.0, {"gpu_fwd": {"sm_mhz": 1980.0}})
+    assert row == {"fwd_ms": 10.0, "fwdbwd_ms": 20.0, "tf_fwd": 400.0, "tf_fwdbwd": 700.0,
+                   "gpu_fwd": {"sm_mhz": 1980.0}}

@@ -118,6 +118,29 @@ def bwd_again(r: dict) -> tuple:
                                         r["crow"], r["col"], *r["args"])
 
 
+def bwd_peak(r: dict) -> tuple[tuple, int]:
+    """bwd_again with outputs poisoned, and the peak bytes it requested above what was live before
+    (requested, not the allocator's rounded blocks, which depend on what its pools hold)."""
+    poison()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_stats()["requested_bytes.all.current"]
+    grads = bwd_again(r)
+    torch.cuda.synchronize()
+    return grads, torch.cuda.memory_stats()["requested_bytes.all.peak"] - base
+
+
+def ds_repeats(r: dict) -> tuple[int, int, int]:
+    """A run_case result's dS scratch as the CUDA backward counts it: bytes of one (b, h) repeat's
+    dS, the query repeats ((b, h) pairs sharing a layout slice) and the dK/dV repeats ((b, kv head)
+    pairs; batches with a per-head layout)."""
+    B, H, Hkv = r["q"].shape[0], r["q"].shape[2], r["k"].shape[2]
+    bq, bk, Lb, Lh = r["args"][:4]
+    batches = B if Lb == 1 else 1
+    rep_bytes = r["col"].numel() * bq * bk * r["q"].element_size()
+    return rep_bytes, batches * (H if Lh == 1 else 1), batches * (Hkv if Lh == 1 else 1)
+
+
 def run_case(*, B=1, H=2, Hkv=None, Sq=200, Sk=None, D=64, bq=32, bk=64, dtype=torch.bfloat16,
              density=0.5, lb=1, lh=1, causal=False, wl=-1, wr=-1, use_klen=False, use_kpm=False,
              empty_rows=0.0, bwd=True, seed=0, mask=None, strided=False, check_weights=False,
@@ -354,26 +377,15 @@ def test_ds_scratch_backward(kw, dtype, monkeypatch):
     monkeypatch.setenv("DILATED_SPARSE_BWD_SCRATCH_MB", "1024")
     r = run_case(D=128, dtype=dtype, seed=kw["Sq"] + kw["bq"], **kw)
 
-    def bwd():
-        poison()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        grads = bwd_again(r)
-        torch.cuda.synchronize()
-        return grads, torch.cuda.max_memory_allocated() - base
-
-    again, peak_scratch = bwd()
+    again, peak_scratch = bwd_peak(r)
     monkeypatch.setenv("DILATED_SPARSE_BWD_SCRATCH_MB", "0")
-    recompute, peak_recompute = bwd()
+    recompute, peak_recompute = bwd_peak(r)
     for name, first, second, other in zip(("dq", "dk", "dv"), (r["dq"], r["dk"], r["dv"]), again, recompute):
         assert torch.equal(first, second), f"{name} differs run to run"
         assert torch.equal(first, other), f"{name}: scratch and recompute backward differ"
     if torch.cuda.get_device_capability() == (9, 0):
-        B, H = r["q"].shape[0], r["q"].shape[2]
-        Lb, Lh = r["args"][2], r["args"][3]
-        rep = (B if Lb == 1 else 1) * (H if Lh == 1 else 1)
-        scratch = r["col"].numel() * rep * kw["bq"] * kw["bk"] * r["q"].element_size()
+        rep_bytes, q_reps, _ = ds_repeats(r)
+        scratch = rep_bytes * q_reps
         assert peak_scratch - peak_recompute >= 0.9 * scratch, (peak_scratch, peak_recompute, scratch)
 
 
@@ -396,26 +408,15 @@ def test_ds_scratch_backward(kw, dtype, monkeypatch):
 def test_ds_scratch_chunks(kw, limit_mb, monkeypatch):
     monkeypatch.setenv("DILATED_SPARSE_BWD_SCRATCH_MB", "1024")
     r = run_case(D=128, dtype=torch.bfloat16, seed=kw["Sq"] + kw.get("B", 1), **kw)
-    B, H, Hkv = r["q"].shape[0], r["q"].shape[2], r["k"].shape[2]
-    Lb, Lh = r["args"][2], r["args"][3]
-    q_per_k = H // Hkv if Lh == 1 else 1  # query repeats of one dK/dV repeat
-    rep_bytes = r["col"].numel() * q_per_k * kw["bq"] * kw["bk"] * r["q"].element_size()
-    reps = (B if Lb == 1 else 1) * (Hkv if Lh == 1 else 1)
+    q_rep_bytes, q_reps, reps = ds_repeats(r)
+    rep_bytes = q_rep_bytes * (q_reps // reps)  # one dK/dV repeat's dS
     limit = limit_mb << 20
     assert rep_bytes <= limit and reps * rep_bytes > limit + (1 << 20), "the case must need several chunks"
 
     def bwd(limit_env: str, chunks: str):
-        # peak bytes requested during the call (not the allocator's rounded blocks, which depend on
-        # what its pools hold)
         monkeypatch.setenv("DILATED_SPARSE_BWD_SCRATCH_MB", limit_env)
         monkeypatch.setenv("DILATED_SPARSE_BWD_SCRATCH_CHUNKS", chunks)
-        poison()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_stats()["requested_bytes.all.current"]
-        grads = bwd_again(r)
-        torch.cuda.synchronize()
-        return grads, torch.cuda.memory_stats()["requested_bytes.all.peak"] - base
+        return bwd_peak(r)
 
     # every path once first, so that each measured call finds its tile plans cached
     for limit_env, chunks in (("0", "auto"), (str(limit_mb), "1"), (str(limit_mb), "auto")):

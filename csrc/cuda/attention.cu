@@ -177,13 +177,6 @@ bool len_stats(PlanBufs& keep, cudaStream_t stream) {
   return true;
 }
 
-int sm_count() {
-  int dev = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  return std::max(sms, 1);
-}
-
 // Load balance for heavy rows (a global row walks every key block): rows longer than a chunk C are
 // cut into pieces that run as separate CTAs and are merged by lse (merge_kernel). C is the average
 // work per CTA slot (2 CTAs per SM), so a heavy row never outlasts the rest of the grid by much;
@@ -1107,6 +1100,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
       } else {
         chunk_k = fit1 > 0 ? balanced(fit1) : 0;
       }
+    } else if (fit1 == rep_k && !two_ok) {
+      chunk_k = rep_k;  // auto, nothing to weigh: the whole scratch (no host copy of the lengths)
     } else if (fit1 > 0) {  // auto: the plans the scratch kernels will walk (cached), their lengths
       PlanBufs dq_plan, dkv_plan;
       plan_tiles(crow_c, col_c, L, p.nqb, p.Sq, ds_dq->pm, p.bq, ds_dq->sn, p.bk, rep_q, p.H, dq_plan, stream,

@@ -1014,6 +1014,17 @@ __global__ void __launch_bounds__(256) merge_kernel(const __grid_constant__ Para
   }
 }
 
+// Streaming multiprocessors of the current device, looked up once per device (the persistent
+// kernels' grid, and the host's work-per-SM estimates in attention.cu).
+inline int sm_count() {
+  static int sms[64] = {};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  int& n = sms[dev & 63];
+  if (n == 0) cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+  return n > 0 ? n : 1;
+}
+
 // Launch of one kernel instantiation; its dynamic shared-memory limit is raised once per device.
 template <auto kKernel, int kThreads, int kSmem, int kGridY = 1>
 void launch_kernel(const Params& p, int64_t items, cudaStream_t stream) {

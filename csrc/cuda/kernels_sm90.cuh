@@ -1553,13 +1553,9 @@ void launch_sm90(const Params& p, int64_t items, cudaStream_t stream) {
     launch_kernel<kKernel, kThreads, kSmem>(p, items, stream);
   } else {
     if (p.work_counter == nullptr) throw std::runtime_error("dilated_sparse: persistent kernel launched without a work counter");
-    static int sms[64] = {};
-    int dev = 0;
-    cudaGetDevice(&dev);
-    if (sms[dev & 63] == 0) cudaDeviceGetAttribute(&sms[dev & 63], cudaDevAttrMultiProcessorCount, dev);
     Params q = p;
     q.items = items;
-    launch_kernel<kKernel, kThreads, kSmem>(q, std::min<int64_t>(items, sms[dev & 63]), stream);
+    launch_kernel<kKernel, kThreads, kSmem>(q, std::min<int64_t>(items, sm_count()), stream);
   }
 }
 
