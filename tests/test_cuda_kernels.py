@@ -445,7 +445,9 @@ def test_ds_scratch_chunks(kw, limit_mb, monkeypatch):
 # clip at the sequence end and at D. Packed-projection views, GQA, per-batch layouts, lengths that
 # end inside a tile (TMA zero-fills past the tensor), D below the kernel's (zero columns), both
 # backwards. Same tiles, same products: the results must agree bit for bit (and, through
-# run_case, with the reference).
+# run_case, with the reference). With TMA the dQ-from-dS kernel's producer also splits (a warp
+# decodes the next item while three copy: run_items); DILATED_SPARSE_SPLIT_PRODUCER=0 keeps one
+# producer loop, which must give the same gradients bit for bit.
 @pytest.mark.parametrize(
     "kw",
     [
@@ -471,6 +473,17 @@ def test_tma_matches_cp_async(kw, monkeypatch):
     torch.cuda.synchronize()
     for name, got in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads)):
         assert torch.equal(r[name], got), f"{name}: TMA and cp.async copies differ"
+    monkeypatch.setenv("DILATED_SPARSE_TMA", "1")
+    monkeypatch.setenv("DILATED_SPARSE_SPLIT_PRODUCER", "0")
+    poison()
+    grads = bwd_again(r)
+    torch.cuda.synchronize()
+    for name, got in zip(("dq", "dk", "dv"), grads):
+        assert torch.equal(r[name], got), f"{name}: split and single producer loops differ"
+    if kw["D"] in (64, 128) and torch.cuda.get_device_capability() == (9, 0):  # read where set_tma runs
+        monkeypatch.setenv("DILATED_SPARSE_SPLIT_PRODUCER", "yes")
+        with pytest.raises(RuntimeError, match="DILATED_SPARSE_SPLIT_PRODUCER"):
+            bwd_again(r)
 
 
 # Block 64 with the default 128-row tiles (two layout rows a tile, merged key tiles with membership

@@ -10,6 +10,8 @@
 //   DILATED_SPARSE_SPLIT_CHUNK=<entries>     split forward rows longer than this (tests).
 //   DILATED_SPARSE_TMA=0|1                   sm_90 kernels: cp.async copies instead of TMA / TMA
 //                                            required (see set_tma()).
+//   DILATED_SPARSE_SPLIT_PRODUCER=0|1        sm_90 dQ-from-dS kernel with TMA: one producer loop /
+//                                            a decoding warp beside the copying ones (run_items()).
 //   DILATED_SPARSE_BWD_SCRATCH_MB=<MiB>      largest dS scratch (scratch_limit_bytes()).
 //   DILATED_SPARSE_BWD_SCRATCH_CHUNKS=auto|0|1  when the dS-scratch backward runs in chunks
 //                                            (scratch_chunks_mode()).
@@ -927,6 +929,11 @@ void set_tma(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tens
   TORCH_CHECK(ok || mode != "1", "dilated_sparse CUDA: DILATED_SPARSE_TMA=1 but the driver did not encode a TMA "
               "descriptor for q, k, v, dout or out (shape ", q.sizes(), ", strides ", q.strides(), ")");
   p.tma = ok ? 1 : 0;
+  const char* sp = std::getenv("DILATED_SPARSE_SPLIT_PRODUCER");
+  const std::string split = sp != nullptr ? sp : "1";
+  TORCH_CHECK(split == "0" || split == "1", "dilated_sparse CUDA: DILATED_SPARSE_SPLIT_PRODUCER must be 0 or 1, got '",
+              split, "'");
+  p.split_producer = p.tma && split == "1";
 }
 
 // `waiter` runs its later work after what `signaller` has queued so far (an event; capture-safe).

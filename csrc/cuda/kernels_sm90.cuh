@@ -19,8 +19,9 @@
 //    first, as planned); the producer decodes each item, posts it to the consumers through shared
 //    memory (ItemInfo) and loads the next item's first tiles while they finish the current one, so
 //    short rows do not pay a cold start each. The producer also walks the tile lists for the
-//    consumers: a TileRecord per ring slot, published by the slot's full barrier (forward, dQ and
-//    dK/dV; not the dQ-from-dS kernel below).
+//    consumers: a TileRecord per ring slot, published by the slot's full barrier. In the
+//    dQ-from-dS kernel (with TMA) one producer warp decodes the next item while the other three
+//    copy (run_items).
 //
 // The dS-scratch backward (attention.cu: bwd_cuda): a dK/dV variant (kSchedWriteDs) also writes
 // each tile pair's dS^T, in 8 x 8 sub-matrices (kernels.cuh: ds_panel), to a scratch buffer; then
@@ -53,6 +54,8 @@ constexpr int kMaxSmem = 232448;  // dynamic shared memory a CTA may use on sm_9
 // what the producer warpgroup returns is all the consumers can take (240 needs the producer at 24;
 // the producer spills some addresses to L1 then, the consumers do not).
 constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+// Split producer (run_items): warp 1 of the producer warpgroup decodes, warps 0, 2 and 3 copy.
+constexpr int kCopyThreads = 96;
 static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 384 * 168, "register split exceeds the launch's");
 
 // Schedules (see the top of this file).
@@ -254,10 +257,13 @@ struct PingSync {
 
 // `at`: shared address of the barrier bytes (8-byte aligned), `gen`: generic pointer to them.
 // Initialises the barriers when kInit (ping-pong), then syncs the CTA. full_extra: arrivals on a
-// ring slot's full barrier besides the producer's 128 (the slot's TileRecord).
+// ring slot's full barrier besides the copying threads' (the slot's TileRecord). split: the
+// producer warpgroup is split (run_items): kCopyThreads, not 128, copy and arrive on the slot and
+// primary-tile barriers, and they take each item from the mailbox beside the consumers.
 template <bool kInit>
 __device__ __forceinline__ PingSync make_ping_sync(uint32_t at, unsigned char* gen, int stages, int consumers,
-                                                  int vstages = 0, int full_extra = 0) {
+                                                  int vstages = 0, int full_extra = 0, bool split = false) {
+  const int copiers = split ? kCopyThreads : 128;
   PingSync s;
   s.full = at;
   s.empty = at + 8 * stages;
@@ -271,18 +277,18 @@ __device__ __forceinline__ PingSync make_ping_sync(uint32_t at, unsigned char* g
   if constexpr (kInit) {
     if (threadIdx.x == 0) {
       for (int i = 0; i < stages; ++i) {
-        sm90::mbar_init(s.full + 8 * i, 128 + full_extra);
+        sm90::mbar_init(s.full + 8 * i, copiers + full_extra);
         sm90::mbar_init(s.empty + 8 * i, consumers);
       }
       for (int i = 0; i < vstages; ++i) {
-        sm90::mbar_init(s.vfull + 8 * i, 128);
+        sm90::mbar_init(s.vfull + 8 * i, copiers);
         sm90::mbar_init(s.vempty + 8 * i, consumers);
       }
       for (int i = 0; i < 2; ++i) {
-        sm90::mbar_init(s.res_full + 8 * i, 128);
+        sm90::mbar_init(s.res_full + 8 * i, copiers);
         sm90::mbar_init(s.res_empty + 8 * i, consumers);
         sm90::mbar_init(s.item_full + 8 * i, 1);
-        sm90::mbar_init(s.item_empty + 8 * i, consumers);
+        sm90::mbar_init(s.item_empty + 8 * i, consumers + (split ? kCopyThreads : 0));
       }
     }
     __syncthreads();
@@ -593,11 +599,58 @@ __device__ __forceinline__ void release_primary(const PingSync& sy, int nres) {
 // blockIdx.x.
 // kRebalance: the producer hands registers to the consumers (setmaxnreg); a kernel whose consumers
 // need few keeps the launch's split.
-template <bool kPing, int kWG, bool kRebalance = true, class ProducerItem, class ConsumerItem>
+// kSplit (compiled) and p.split_producer (at run time; the kernel's PingSync made with it): the
+// producer warpgroup splits so that decoding an item (the counter, the plan's order, the CSR row:
+// a chain of dependent global loads, ~4500 cycles under load) no longer sits between one item's
+// last copies and the next item's first. Warp 1 fetches and decodes each item while warps 0, 2 and
+// 3 copy the previous one's tiles, and posts it to the mailbox, from which the copying warps take
+// it as the consumers do. It decodes one item ahead of them (named barrier 3: the copying warps'
+// warp 0 arrives once it took an item), and takes each item from the counter only then, so a CTA
+// holds no more items ahead than one producer loop does. Measured (RESULTS.md, twenty-first
+// session): the dQ-from-dS consumers had waited ~3000 cycles for each item's first tile, and the
+// kernel is 3-8% faster at S16k, 3% slower at S64k (13 tiles an item, one head a launch). Compiled
+// into that kernel only, which keeps the launch's registers (kRebalance false): in the kernels that
+// hand the consumers 240 registers ptxas spilled the 24-register producer (480-900 bytes of spill
+// stores against 30-110), and dK/dV ran 1.5-1.9x slower, the recompute dQ at D128 (block 64's
+// backward) ~10% slower; the forward gained nothing.
+template <bool kPing, int kWG, bool kRebalance = true, bool kSplit = false, class ProducerItem, class ConsumerItem>
 __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, int wg, int ltid,
                                           ProducerItem producer_item, ConsumerItem consumer_item) {
   int ring = 0, nres = 0;
   if constexpr (kPing) {
+    if (kSplit && wg == kWG && p.split_producer) {
+      if constexpr (kRebalance) sm90::regs_decrease<kProducerRegs>();
+      if (ltid / 32 == 1) {
+        for (int n = 0;; ++n) {
+          const int b = n & 1;
+          if (n >= 1) sm90::named_sync(3, 64);  // the copying warps took item n - 1
+          int item = -1;
+          if (ltid == 32) {
+            if (n >= 2) sm90::mbar_wait(sy.item_empty + 8 * b, ((n >> 1) - 1) & 1);
+            const int64_t next = n == 0 ? static_cast<int64_t>(blockIdx.x) : gridDim.x + static_cast<int64_t>(atomicAdd(p.work_counter, 1));
+            if (next < p.items) item = static_cast<int>(next);
+          }
+          item = __shfl_sync(0xffffffffu, item, 0);
+          ItemInfo d{};
+          d.item = item;
+          if (item >= 0) d = describe_item(p, item);
+          if (ltid == 32) {
+            sy.slot[b].item = item;
+            post_item(sy, n, 0, d);
+          }
+          if (item < 0) break;
+        }
+        return;
+      }
+      for (int n = 0;; ++n) {
+        const ItemInfo d = take_item(sy, n);
+        if (d.item < 0) break;
+        if (ltid < 32) sm90::named_arrive(3, 64);
+        if (producer_item(d, ring, nres)) ++nres;
+      }
+      cp_async_wait<0>();
+      return;
+    }
     if (wg == kWG) {
       if constexpr (kRebalance) sm90::regs_decrease<kProducerRegs>();
       int pending = 0;
@@ -1442,8 +1495,9 @@ struct DqDsSm90Cfg : Sm90Threads<2, kSchedPingPong> {
   static constexpr int kKBytes = kBN * kD * 2;
   static constexpr int kDsBytes = kBN * kBM * 2;
   static constexpr int kZeroBytes = kBN * 128;  // one warpgroup's dS panel of zeros
-  static constexpr int kStages = Base::stages(kZeroBytes, kKBytes + kDsBytes);
-  static constexpr int kSmem = Base::smem(kZeroBytes, kKBytes + kDsBytes, kStages);
+  static constexpr int kRecSide = static_cast<int>(sizeof(TileRecord));  // each slot's record
+  static constexpr int kStages = Base::stages(kZeroBytes, kKBytes + kDsBytes, kRecSide);
+  static constexpr int kSmem = Base::smem(kZeroBytes, kKBytes + kDsBytes, kStages, kRecSide);
   static_assert(kSmem <= kMaxSmem, "dQ-from-dS tiles do not fit in shared memory");
 };
 
@@ -1459,7 +1513,12 @@ __global__ void __launch_bounds__(DqDsSm90Cfg<kD>::kThreads, 1) dq_ds_sm90_kerne
   const uint32_t sbar = sZero + Cfg::kZeroBytes;
   for (int i = threadIdx.x; i < Cfg::kZeroBytes / 16; i += Cfg::kThreads) sm90::st_shared_zero16(sZero + 16 * i);
   sm90::fence_async_smem();  // the zeros are read by wgmma (async proxy); make_ping_sync syncs the CTA
-  const PingSync sy = make_ping_sync<true>(sbar, smem_raw + (sbar - smem_u32(smem_raw)), kStages, kNT);
+  // [kStages] TileRecord after the barriers: state = which warpgroups' dS panels dK/dV wrote (bit
+  // wg), or kEmptyItem for the one record of an item without tiles (nothing loaded).
+  volatile TileRecord* rec = reinterpret_cast<volatile TileRecord*>(smem_raw + (sbar + Cfg::kBarBytes - smem_u32(smem_raw)));
+  const PingSync sy = make_ping_sync<true>(sbar, smem_raw + (sbar - smem_u32(smem_raw)), kStages, kNT, 0, 1,
+                                           p.split_producer != 0);
+  constexpr int kEmptyItem = -1;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const int wg = sm90::warpgroup_index(), wrow = warp * 16, ltid = tid - kNT;
 
@@ -1471,40 +1530,62 @@ __global__ void __launch_bounds__(DqDsSm90Cfg<kD>::kThreads, 1) dq_ds_sm90_kerne
     const int e = static_cast<int>(W.E.base + C.it / p.tl.kf);
     return static_cast<const T*>(p.ds) + ds_offset(p, e, W.b, W.h) + ds_panel(p, C.it % p.tl.kf, (W.m0 % p.bq) / 64);
   };
+  // Only the producer walks the tile list (one tile ahead: next() after each step, while it waits
+  // for a free slot); the consumers follow its records, so no dependent global load of the tile
+  // list sits on their path at an item's start.
   auto producer_item = [&](const ItemInfo& d, int& ring, int nres) {
     C.start(p, d);
-    if (!C.has()) return false;
+    bool empty_record = !C.has();  // the consumers still take one record, and write zero rows
+    if (C.has()) C.next(p);
     produce<kStages, 0>(
-        sy, ring, nres, [&]() { return C.has(); },
+        sy, ring, nres, [&]() { return C.has() || empty_record; },
         [&](int st) {
+          if (empty_record) {
+            if (ltid == 0) publish_record(rec[st], sy.full + 8 * st, 0, kEmptyItem, 0, true);
+            return;
+          }
           C.template produce_k<kD, Cfg::kKBytes>(p, sK0, st, sy.full + 8 * st, ltid);
           if (ltid == 0) {  // the dS panels are stored as they are read: one bulk copy, counted in bytes
             sm90::mbar_expect_tx(sy.full + 8 * st, Cfg::kDsBytes);
             sm90::bulk_load(sDs0 + st * Cfg::kDsBytes, ds_tile(), Cfg::kDsBytes, sy.full + 8 * st);
+            // dK/dV skipped a 64-query half without an allowed element and left its dS unwritten.
+            int written = 0;
+#pragma unroll
+            for (int half = 0; half < 2; ++half)
+              written |= (pair_state(W.R, W.m0 + 64 * half, 64, C.kt * kBN, kBN, 0, 0) != 0) << half;
+            publish_record(rec[st], sy.full + 8 * st, C.kt, written, 0, !C.has_next());
           }
         },
         [](uint32_t) {},
         [&]() {
-          C.next(p);
+          if (empty_record) {
+            empty_record = false;
+            return;
+          }
           C.advance();
+          if (C.has()) C.next(p);
         });
     return true;
   };
   auto consumer_item = [&](const ItemInfo& d, int& ring, int) {
-    C.start(p, d);
-    const bool any = C.has();
+    const QueryTile Wc = make_query_tile(p, kBM, d);
     float acc[kD / 8][4];
 #pragma unroll
     for (int i = 0; i < kD / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-    while (C.has()) {
-      const int st = ring % kStages;
-      sm90::mbar_wait(sy.full + 8 * st, (ring / kStages) & 1);
-      // dK/dV skipped a pair without an allowed element and left its dS unwritten: the products
-      // read the zero panel instead. (Skipping them in a branch made ptxas serialize every wgmma
-      // of the kernel, C7520: 16% of its warps' samples waited on each product in turn. Keeping
-      // one tile's products in flight across the loop does the same.)
-      const bool written = pair_state(W.R, W.m0 + 64 * wg, 64, C.kt * kBN, kBN, 0, 0) != 0;
-      const uint32_t sDs = written ? sDs0 + st * Cfg::kDsBytes + wg * (kBN * 128) : sZero;
+    int st = ring % kStages;
+    sm90::mbar_wait(sy.full + 8 * st, (ring / kStages) & 1);
+    int state = rec[st].state, last = rec[st].last;
+    const bool any = state != kEmptyItem;
+    if (!any) {
+      sm90::mbar_arrive(sy.empty + 8 * st);
+      ++ring;
+    }
+    while (any) {
+      // A half dK/dV left unwritten: the products read the zero panel instead. (Skipping them in
+      // a branch made ptxas serialize every wgmma of the kernel, C7520: 16% of its warps' samples
+      // waited on each product in turn. Keeping one tile's products in flight across the loop does
+      // the same.)
+      const uint32_t sDs = (state >> wg) & 1 ? sDs0 + st * Cfg::kDsBytes + wg * (kBN * 128) : sZero;
       // dS (this warp's 16 queries x 128 keys) as A fragments: ldmatrix.x4.trans, lane l addressing
       // key row l % 8 of sub-matrix (keys 16 kk + 8 (m / 2), queries of the warp + 8 (m % 2)),
       // m = l / 8: the order of an m16k16 A fragment.
@@ -1525,17 +1606,20 @@ __global__ void __launch_bounds__(DqDsSm90Cfg<kD>::kThreads, 1) dq_ds_sm90_kerne
         sm90::Wgmma<kD, T>::template rs<1>(acc, dsa[kk], sm90::desc_mn<kBN>(sK0 + st * Cfg::kKBytes, kk), 1);
       }
       sm90::commit();
-      C.next(p);  // its entry load overlaps the products
       sm90::wait<0>();
       sm90::mbar_arrive(sy.empty + 8 * st);  // released as soon as read
       ++ring;
-      C.advance();
+      if (last) break;
+      st = ring % kStages;
+      sm90::mbar_wait(sy.full + 8 * st, (ring / kStages) & 1);
+      state = rec[st].state;
+      last = rec[st].last;
     }
     sm90::fence_regs(acc);
-    store_rows<T, kD>(p.dq, acc, W.b, p.Sq, p.H, W.h, p.D, W.m0 + wrow, 0, p.scale, g, t4);
+    store_rows<T, kD>(p.dq, acc, Wc.b, p.Sq, p.H, Wc.h, p.D, Wc.m0 + wrow, 0, p.scale, g, t4);
     return any;
   };
-  run_items<true, 2, false>(p, sy, wg, ltid, producer_item, consumer_item);
+  run_items<true, 2, false, true>(p, sy, wg, ltid, producer_item, consumer_item);
 #else
   __trap();
 #endif

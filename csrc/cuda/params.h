@@ -93,6 +93,10 @@ struct Params {
   // `out`, boxes of 64 columns x 64 rows, one warpgroup's rows).
   CUtensorMap tma_q, tma_k, tma_v, tma_do, tma_o;
   int tma = 0;
+  // With TMA, the producers of the kernels that compile it in (the dQ-from-dS kernel) split: one warp
+  // decodes the next work item while the other three copy (kernels_sm90.cuh: run_items).
+  // DILATED_SPARSE_SPLIT_PRODUCER=0 keeps one producer loop.
+  int split_producer = 0;
 };
 
 // Tile shapes. Every kernel is a template over its tile; the instantiation files register a few
