@@ -608,7 +608,7 @@ __device__ __forceinline__ void release_primary(const PingSync& sy, int nres) {
 // warp 0 arrives once it took an item), and takes each item from the counter only then, so a CTA
 // holds no more items ahead than one producer loop does. Measured (RESULTS.md, twenty-first
 // session): the dQ-from-dS consumers had waited ~3000 cycles for each item's first tile, and the
-// kernel is 3-8% faster at S16k, 3% slower at S64k (13 tiles an item, one head a launch). Compiled
+// kernel is 3-8% faster at S16k, 2-3% slower at S64k (13 tiles an item, one head a launch). Compiled
 // into that kernel only, which keeps the launch's registers (kRebalance false): in the kernels that
 // hand the consumers 240 registers ptxas spilled the 24-register producer (480-900 bytes of spill
 // stores against 30-110), and dK/dV ran 1.5-1.9x slower, the recompute dQ at D128 (block 64's
