@@ -306,20 +306,30 @@ __device__ __forceinline__ int res_round(int nres) {
   return kResBufs == 2 ? nres >> 1 : nres;
 }
 
-// Producer side of the mailbox: the CTA's n-th work item (blockIdx.x, then the global counter's;
-// -1 once `items` are taken), returned to every producer thread (named barrier 3 over the producer
-// warpgroup). Thread 0 takes the counter's next value one item ahead (`pending`), so the atomic's
-// round trip overlaps the current item's loads instead of delaying the next item's first tile.
-__device__ __forceinline__ int fetch_item(const PingSync& s, const Params& p, int n, int ltid, int& pending) {
+// Producer side of the mailbox, by the one thread that fetches: waits until slot n & 1 is free
+// (its item n - 2 taken), takes the CTA's n-th work item (blockIdx.x, then the global counter's; -1
+// once `items` are taken) and writes its index to the slot. kAhead: the counter's next value is
+// taken one item early (`pending`), so the atomic's round trip overlaps the current item's loads
+// instead of delaying the next item's first tile; else it is taken now (the split producer's
+// decoding warp, which is off that path).
+template <bool kAhead>
+__device__ __forceinline__ int claim_item(const PingSync& s, const Params& p, int n, int& pending) {
   const int b = n & 1;
-  if (ltid == 0) {
-    if (n >= 2) sm90::mbar_wait(s.item_empty + 8 * b, ((n >> 1) - 1) & 1);
-    const int64_t item = n == 0 ? static_cast<int64_t>(blockIdx.x) : gridDim.x + static_cast<int64_t>(pending);
-    if (item < p.items) pending = atomicAdd(p.work_counter, 1);  // first read at the next fetch
-    s.slot[b].item = item < p.items ? static_cast<int>(item) : -1;
-  }
+  if (n >= 2) sm90::mbar_wait(s.item_empty + 8 * b, ((n >> 1) - 1) & 1);
+  const int64_t item = n == 0 ? static_cast<int64_t>(blockIdx.x)
+                              : gridDim.x + static_cast<int64_t>(kAhead ? pending : atomicAdd(p.work_counter, 1));
+  if (kAhead && item < p.items) pending = atomicAdd(p.work_counter, 1);  // first read at the next claim
+  const int index = item < p.items ? static_cast<int>(item) : -1;
+  s.slot[b].item = index;
+  return index;
+}
+
+// The CTA's n-th work item (claim_item by thread 0), returned to every producer thread (named
+// barrier 3 over the producer warpgroup).
+__device__ __forceinline__ int fetch_item(const PingSync& s, const Params& p, int n, int ltid, int& pending) {
+  if (ltid == 0) claim_item<true>(s, p, n, pending);
   sm90::named_sync(3, 128);
-  return s.slot[b].item;
+  return s.slot[n & 1].item;
 }
 
 // The fields of an ItemInfo after `item`, between a register copy and the mailbox slot (volatile).
@@ -621,23 +631,16 @@ __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, i
     if (kSplit && wg == kWG && p.split_producer) {
       if constexpr (kRebalance) sm90::regs_decrease<kProducerRegs>();
       if (ltid / 32 == 1) {
+        int unused = 0;
         for (int n = 0;; ++n) {
-          const int b = n & 1;
           if (n >= 1) sm90::named_sync(3, 64);  // the copying warps took item n - 1
           int item = -1;
-          if (ltid == 32) {
-            if (n >= 2) sm90::mbar_wait(sy.item_empty + 8 * b, ((n >> 1) - 1) & 1);
-            const int64_t next = n == 0 ? static_cast<int64_t>(blockIdx.x) : gridDim.x + static_cast<int64_t>(atomicAdd(p.work_counter, 1));
-            if (next < p.items) item = static_cast<int>(next);
-          }
+          if (ltid == 32) item = claim_item<false>(sy, p, n, unused);
           item = __shfl_sync(0xffffffffu, item, 0);
           ItemInfo d{};
           d.item = item;
           if (item >= 0) d = describe_item(p, item);
-          if (ltid == 32) {
-            sy.slot[b].item = item;
-            post_item(sy, n, 0, d);
-          }
+          if (ltid == 32) post_item(sy, n, 0, d);
           if (item < 0) break;
         }
         return;
