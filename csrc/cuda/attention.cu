@@ -391,12 +391,18 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
 // one; four or more were slower (fewer CTAs in flight). A row's (b, i, h) is decoded once, with
 // 32-bit divisions when the row count fits (Idx = uint32_t): the 64-bit ones, twice a row, made the
 // kernel issue-bound (55 us at S16k H16 D128, against 34 us for Flex's Delta).
+// It also zeroes the backward's work counters (`counters`, n_counters of them; the persistent
+// kernels after it take their items from them), which saves a fill kernel launch before them.
 template <typename T, int kTPR, int kRows, typename Idx>
 __global__ void __launch_bounds__(256) delta_kernel(const T* __restrict__ o, const T* __restrict__ dout, float* delta,
                                                     const float* __restrict__ lse, const float* __restrict__ dlse,
                                                     float* lse_log2,
                                                     int64_t o_sb, int64_t o_ss, int64_t o_sh, int64_t d_sb,
-                                                    int64_t d_ss, int64_t d_sh, int B, int Sq, int H, int D) {
+                                                    int64_t d_ss, int64_t d_sh, int B, int Sq, int H, int D,
+                                                    int* counters, int n_counters) {
+  if (blockIdx.x == 0) {
+    for (int i = threadIdx.x; i < n_counters; i += blockDim.x) counters[i] = 0;
+  }
   constexpr int kLanes = 256 / kTPR;  // rows a CTA reads at once
   const Idx rows = static_cast<Idx>(B) * static_cast<Idx>(Sq) * static_cast<Idx>(H);
   const Idx row0 = static_cast<Idx>(blockIdx.x) * (kLanes * kRows) + threadIdx.x / kTPR;
@@ -471,8 +477,9 @@ __global__ void csc_to_csr_kernel(const int* ccol, const int* rowi, const int* c
   csr_entry[e] = a;
 }
 
+// counters: n_counters work counters to zero (delta_kernel).
 template <typename T>
-void launch_delta(const Params& p, cudaStream_t stream) {
+void launch_delta(const Params& p, int* counters, int n_counters, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(p.B) * p.Sq * p.H;
   constexpr int kRows = 2;
   // A power of two of 16-byte lanes covering D (max head dim 256: one load a lane); 32-bit row
@@ -484,7 +491,7 @@ void launch_delta(const Params& p, cudaStream_t stream) {
     auto launch = [&](auto idx) {
       delta_kernel<T, kTPR, kRows, decltype(idx)><<<grid, 256, 0, stream>>>(
           static_cast<const T*>(p.o), static_cast<const T*>(p.dout), p.delta, p.lse, p.dlse, p.lse_log2,
-          p.o_sb, p.o_ss, p.o_sh, p.do_sb, p.do_ss, p.do_sh, p.B, p.Sq, p.H, p.D);
+          p.o_sb, p.o_ss, p.o_sh, p.do_sb, p.do_ss, p.do_sh, p.B, p.Sq, p.H, p.D, counters, n_counters);
     };
     if (rows + kCtaRows < (int64_t{1} << 32)) {
       launch(uint32_t{});
@@ -945,7 +952,8 @@ void stream_wait(cudaStream_t waiter, cudaStream_t signaller) {
   C10_CUDA_CHECK(cudaEventDestroy(ev));  // released once the wait no longer needs it
 }
 
-// Zeroed work counters of the persistent (sm_90a) kernels, one per launch; undefined for none.
+// Zeroed work counters of the persistent (sm_90a) kernels, one per launch; undefined for none (the
+// forward's: the backward's are zeroed by its Delta kernel).
 at::Tensor work_counters(int n, const at::Tensor& like) {
   return n > 0 ? at::zeros({n}, like.options().dtype(at::kInt)) : at::Tensor();
 }
@@ -1151,15 +1159,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
+  // The persistent kernels' work counters, zeroed by the Delta kernel (it runs before them on
+  // `stream`; the side stream waits for it below).
+  const int chunks = ds_mode ? (rep_k + chunk_k - 1) / chunk_k : 1;
+  const int n_counters = ((kdq.arch == 90) + (kdkv.arch == 90)) * chunks;
+  const at::Tensor counters = n_counters > 0 ? at::empty({n_counters}, q.options().dtype(at::kInt)) : at::Tensor();
+  int* next_counter = counters.defined() ? counters.data_ptr<int>() : nullptr;
   if (q.scalar_type() == at::kHalf) {
-    launch_delta<__half>(p, stream);
+    launch_delta<__half>(p, next_counter, n_counters, stream);
   } else {
-    launch_delta<__nv_bfloat16>(p, stream);
+    launch_delta<__nv_bfloat16>(p, next_counter, n_counters, stream);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int chunks = ds_mode ? (rep_k + chunk_k - 1) / chunk_k : 1;
-  const at::Tensor counters = work_counters(((kdq.arch == 90) + (kdkv.arch == 90)) * chunks, q);
-  int* next_counter = counters.defined() ? counters.data_ptr<int>() : nullptr;
   PlanBufs keep_q, keep_k;
   Params pq = p, pk = p;
   pq.tl = plan_tiles(crow_c, col_c, L, p.nqb, p.Sq, kdq.pm, p.bq, kdq.sn, p.bk, rep_q, p.H, keep_q, stream);
