@@ -447,7 +447,8 @@ def test_ds_scratch_chunks(kw, limit_mb, monkeypatch):
 # backwards. Same tiles, same products: the results must agree bit for bit (and, through
 # run_case, with the reference). With TMA the dQ-from-dS kernel's producer also splits (a warp
 # decodes the next item while three copy: run_items); DILATED_SPARSE_SPLIT_PRODUCER=0 keeps one
-# producer loop, which must give the same gradients bit for bit.
+# producer loop, which must give the same gradients bit for bit. So must the producers' single loop
+# with DILATED_SPARSE_DECODE_AHEAD=0 (each item decoded after the previous one's copies).
 @pytest.mark.parametrize(
     "kw",
     [
@@ -480,10 +481,21 @@ def test_tma_matches_cp_async(kw, monkeypatch):
     torch.cuda.synchronize()
     for name, got in zip(("dq", "dk", "dv"), grads):
         assert torch.equal(r[name], got), f"{name}: split and single producer loops differ"
+    monkeypatch.setenv("DILATED_SPARSE_SPLIT_PRODUCER", "1")
+    monkeypatch.setenv("DILATED_SPARSE_DECODE_AHEAD", "0")
+    poison()
+    out, lse = ops.block_sparse_attn_fwd(r["q"], r["k"], r["v"], r["crow"], r["col"], *r["args"])
+    poison()
+    grads = bwd_again(r)
+    torch.cuda.synchronize()
+    for name, got in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads)):
+        assert torch.equal(r[name], got), f"{name}: decoding ahead and after an item's copies differ"
     if kw["D"] in (64, 128) and torch.cuda.get_device_capability() == (9, 0):  # read where set_tma runs
-        monkeypatch.setenv("DILATED_SPARSE_SPLIT_PRODUCER", "yes")
-        with pytest.raises(RuntimeError, match="DILATED_SPARSE_SPLIT_PRODUCER"):
-            bwd_again(r)
+        for var in ("DILATED_SPARSE_SPLIT_PRODUCER", "DILATED_SPARSE_DECODE_AHEAD"):
+            monkeypatch.setenv(var, "yes")
+            with pytest.raises(RuntimeError, match=var):
+                bwd_again(r)
+            monkeypatch.setenv(var, "1")
 
 
 # Block 64 with the default 128-row tiles (two layout rows a tile, merged key tiles with membership

@@ -941,6 +941,11 @@ void set_tma(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tens
   TORCH_CHECK(split == "0" || split == "1", "dilated_sparse CUDA: DILATED_SPARSE_SPLIT_PRODUCER must be 0 or 1, got '",
               split, "'");
   p.split_producer = p.tma && split == "1";
+  const char* da = std::getenv("DILATED_SPARSE_DECODE_AHEAD");
+  const std::string ahead = da != nullptr ? da : "1";
+  TORCH_CHECK(ahead == "0" || ahead == "1", "dilated_sparse CUDA: DILATED_SPARSE_DECODE_AHEAD must be 0 or 1, got '",
+              ahead, "'");
+  p.decode_ahead = ahead == "1" ? 1 : 0;
 }
 
 // `waiter` runs its later work after what `signaller` has queued so far (an event; capture-safe).

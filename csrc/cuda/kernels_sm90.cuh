@@ -311,23 +311,29 @@ __device__ __forceinline__ int res_round(int nres) {
 // once `items` are taken) and writes its index to the slot. kAhead: the counter's next value is
 // taken one item early (`pending`), so the atomic's round trip overlaps the current item's loads
 // instead of delaying the next item's first tile; else it is taken now (the split producer's
-// decoding warp, which is off that path).
-template <bool kAhead>
+// decoding warp, which is off that path). kReserve false (with kAhead): the caller takes that next
+// value itself, later (reserve_item).
+template <bool kAhead, bool kReserve = true>
 __device__ __forceinline__ int claim_item(const PingSync& s, const Params& p, int n, int& pending) {
   const int b = n & 1;
   if (n >= 2) sm90::mbar_wait(s.item_empty + 8 * b, ((n >> 1) - 1) & 1);
   const int64_t item = n == 0 ? static_cast<int64_t>(blockIdx.x)
                               : gridDim.x + static_cast<int64_t>(kAhead ? pending : atomicAdd(p.work_counter, 1));
-  if (kAhead && item < p.items) pending = atomicAdd(p.work_counter, 1);  // first read at the next claim
+  if (kAhead && kReserve && item < p.items) pending = atomicAdd(p.work_counter, 1);  // first read at the next claim
   const int index = item < p.items ? static_cast<int>(item) : -1;
   s.slot[b].item = index;
   return index;
 }
+// The counter's next value, for the claim after item n's (whose index is in its slot).
+__device__ __forceinline__ void reserve_item(const PingSync& s, const Params& p, int n, int& pending) {
+  if (s.slot[n & 1].item >= 0) pending = atomicAdd(p.work_counter, 1);
+}
 
 // The CTA's n-th work item (claim_item by thread 0), returned to every producer thread (named
 // barrier 3 over the producer warpgroup).
+template <bool kReserve = true>
 __device__ __forceinline__ int fetch_item(const PingSync& s, const Params& p, int n, int ltid, int& pending) {
-  if (ltid == 0) claim_item<true>(s, p, n, pending);
+  if (ltid == 0) claim_item<true, kReserve>(s, p, n, pending);
   sm90::named_sync(3, 128);
   return s.slot[n & 1].item;
 }
@@ -350,6 +356,15 @@ __device__ __forceinline__ void post_item(const PingSync& s, int n, int ltid, co
   if (ltid != 0) return;
   copy_item_fields(s.slot[n & 1], d);
   sm90::mbar_arrive(s.item_full + 8 * (n & 1));  // release: the slot writes are visible to the waiters
+}
+
+// The n-th item as posted, read back from its slot (by the producer threads, after a barrier with
+// the thread that posted it).
+__device__ __forceinline__ ItemInfo read_item(const PingSync& s, int n) {
+  ItemInfo d;
+  d.item = s.slot[n & 1].item;
+  copy_item_fields(d, s.slot[n & 1]);
+  return d;
 }
 
 // Consumer side: the n-th item posted (item -1: none left).
@@ -562,10 +577,11 @@ __device__ __forceinline__ void run_tiles(const int& stage, int& ring, int wg, i
 // the consumers released it, counted on that buffer's barrier bar): with one buffer after the
 // first ring tile, so that tile loads while the consumers finish the previous item; with two,
 // first; with none (kResBufs 0: the dQ-from-dS kernel reads both operands from the ring), never.
-template <int kStages, int kResBufs, int kVStages = 0, class Has, class Load, class LoadRes, class Step,
+// ahead(): called once, after the first tile's copies (and the primary tiles' with one buffer).
+template <int kStages, int kResBufs, int kVStages = 0, class Has, class Load, class LoadRes, class Step, class Ahead,
           class LoadV = int>
 __device__ __forceinline__ void produce(const PingSync& sy, int& ring, int nres, Has has, Load load, LoadRes load_res,
-                                        Step step, LoadV load_v = 0) {
+                                        Step step, Ahead ahead, LoadV load_v = 0) {
   const uint32_t full = sy.res_full + 8 * res_buf<kResBufs>(nres), empty = sy.res_empty + 8 * res_buf<kResBufs>(nres);
   const int round = res_round<kResBufs>(nres);
   auto primary = [&]() {
@@ -587,6 +603,7 @@ __device__ __forceinline__ void produce(const PingSync& sy, int& ring, int nres,
       sm90::cp_async_arrive(sy.vfull + 8 * vs);
     }
     if (kResBufs == 1 && first) primary();
+    if (first) ahead();  // run_items: the next item, decoded while this one's copies go on
     first = false;
     ++ring;
     step();
@@ -604,9 +621,18 @@ __device__ __forceinline__ void release_primary(const PingSync& sy, int nres) {
 }
 
 // The work-item loops of a kernel. Ping-pong: the producer warpgroup fetches items, decodes and
-// posts them, and loads them (producer_item(d, ring, nres) returns whether the item had tiles), the
-// consumers take them (consumer_item(d, ring, nres), same result); otherwise the CTA runs item
-// blockIdx.x.
+// posts them, and loads them (producer_item(d, ring, nres, ahead) returns whether the item had tiles;
+// it hands `ahead` to produce()), the consumers take them (consumer_item(d, ring, nres), same
+// result); otherwise the CTA runs item blockIdx.x.
+// kDecodeAhead (compiled) and p.decode_ahead (at run time): the single producer loop decodes and
+// posts item n + 1 right after item n's first tile (ahead()) instead of after its last one, so
+// that the decode (the plan's order, the CSR row: dependent global loads, ~2700 cycles, and the
+// claim's ~1400) no longer sits between item n's last copies and item n + 1's first. Item n + 1's
+// index was reserved at item n's claim (claim_item's `pending`), and the counter's next value is
+// still taken after item n's copies, where item n + 1's claim took it before, so a CTA holds no
+// more items ahead than before. Measured (RESULTS.md, twenty-second session): the forward 0-4.5%
+// faster; compiled into the forward only, since in dK/dV its registers raised the producer's
+// spills (112 -> 246 bytes of stores) and the backward lost 2-4% at S16k.
 // kRebalance: the producer hands registers to the consumers (setmaxnreg); a kernel whose consumers
 // need few keeps the launch's split.
 // kSplit (compiled) and p.split_producer (at run time; the kernel's PingSync made with it): the
@@ -623,7 +649,8 @@ __device__ __forceinline__ void release_primary(const PingSync& sy, int nres) {
 // hand the consumers 240 registers ptxas spilled the 24-register producer (480-900 bytes of spill
 // stores against 30-110), and dK/dV ran 1.5-1.9x slower, the recompute dQ at D128 (block 64's
 // backward) ~10% slower; the forward gained nothing.
-template <bool kPing, int kWG, bool kRebalance = true, bool kSplit = false, class ProducerItem, class ConsumerItem>
+template <bool kPing, int kWG, bool kRebalance = true, bool kSplit = false, bool kDecodeAhead = false,
+          class ProducerItem, class ConsumerItem>
 __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, int wg, int ltid,
                                           ProducerItem producer_item, ConsumerItem consumer_item) {
   int ring = 0, nres = 0;
@@ -649,7 +676,7 @@ __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, i
         const ItemInfo d = take_item(sy, n);
         if (d.item < 0) break;
         if (ltid < 32) sm90::named_arrive(3, 64);
-        if (producer_item(d, ring, nres)) ++nres;
+        if (producer_item(d, ring, nres, NoHook{})) ++nres;
       }
       cp_async_wait<0>();
       return;
@@ -657,14 +684,38 @@ __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, i
     if (wg == kWG) {
       if constexpr (kRebalance) sm90::regs_decrease<kProducerRegs>();
       int pending = 0;
-      for (int n = 0;; ++n) {
-        const int item = fetch_item(sy, p, n, ltid, pending);
+      if (kDecodeAhead && p.decode_ahead) {
         ItemInfo d{};
-        d.item = item;
-        if (item >= 0) d = describe_item(p, item);
-        post_item(sy, n, ltid, d);
-        if (item < 0) break;
-        if (producer_item(d, ring, nres)) ++nres;
+        d.item = fetch_item<false>(sy, p, 0, ltid, pending);
+        if (d.item >= 0) d = describe_item(p, d.item);
+        post_item(sy, 0, ltid, d);
+        if (ltid == 0) reserve_item(sy, p, 0, pending);
+        for (int n = 0; d.item >= 0; ++n) {
+          bool posted = false;
+          auto ahead = [&]() {  // item n + 1 (its index reserved already), decoded and posted
+            if (posted) return;
+            posted = true;
+            ItemInfo dn{};
+            dn.item = fetch_item<false>(sy, p, n + 1, ltid, pending);
+            if (dn.item >= 0) dn = describe_item(p, dn.item);
+            post_item(sy, n + 1, ltid, dn);
+          };
+          if (producer_item(d, ring, nres, ahead)) ++nres;
+          ahead();  // an item without tiles
+          if (ltid == 0) reserve_item(sy, p, n + 1, pending);  // where the old claim of item n + 1 took it
+          sm90::named_sync(3, 128);  // thread 0's post of item n + 1, to every producer thread
+          d = read_item(sy, n + 1);
+        }
+      } else {
+        for (int n = 0;; ++n) {
+          const int item = fetch_item(sy, p, n, ltid, pending);
+          ItemInfo d{};
+          d.item = item;
+          if (item >= 0) d = describe_item(p, item);
+          post_item(sy, n, ltid, d);
+          if (item < 0) break;
+          if (producer_item(d, ring, nres, NoHook{})) ++nres;
+        }
       }
       cp_async_wait<0>();
       return;
@@ -846,7 +897,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
   auto load_kv = [&](int st, int tile) { C.template load_kv<kD, kLoaders, Cfg::kKVBytes>(p, sK0, sV0, st, tile, ltid); };
 
   auto use_buffer = [&](int nres) { sQ = sRes0 + res_buf<Cfg::kResBufs>(nres) * Cfg::kResBytes; };
-  auto producer_item = [&](const ItemInfo& d, int& ring, int nres) {
+  auto producer_item = [&](const ItemInfo& d, int& ring, int nres, auto ahead) {
     use_buffer(nres);
     C.start(p, d);
     if (!has()) return false;
@@ -866,7 +917,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
           advance();
           if (has()) next();
         },
-        [&](int vs) { C.template produce_v<kD, Cfg::kKVBytes>(p, sV0, vs, sy.vfull + 8 * vs, ltid); });
+        ahead, [&](int vs) { C.template produce_v<kD, Cfg::kKVBytes>(p, sV0, vs, sy.vfull + 8 * vs, ltid); });
     return true;
   };
 
@@ -1035,7 +1086,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
     }
     return any;
   };
-  run_items<Cfg::kPing, kWG>(p, sy, wg, ltid, producer_item, consumer_item);
+  run_items<Cfg::kPing, kWG, true, false, true>(p, sy, wg, ltid, producer_item, consumer_item);
   if (Cfg::kOBytes > 0 && wg < kWG && o_issuer) sm90::bulk_wait();  // before the CTA's memory goes
 #else
   __trap();
@@ -1091,7 +1142,7 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     sQ = sRes0 + res_buf<Cfg::kResBufs>(nres) * Cfg::kResBytes;
     sdO = sQ + Cfg::kQBytes;
   };
-  auto producer_item = [&](const ItemInfo& d, int& ring, int nres) {
+  auto producer_item = [&](const ItemInfo& d, int& ring, int nres, auto ahead) {
     use_buffer(nres);
     start(d);
     if (!has()) return false;
@@ -1110,7 +1161,8 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
         [&]() {
           advance();
           if (has()) next();
-        });
+        },
+        ahead);
     return true;
   };
 
@@ -1312,7 +1364,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
     sK = sRes0 + res_buf<Cfg::kResBufs>(nres) * Cfg::kResBytes;
     sV = sK + Cfg::kKVBytes;
   };
-  auto producer_item = [&](const ItemInfo& d, int& ring, int nres) {
+  auto producer_item = [&](const ItemInfo& d, int& ring, int nres, auto ahead) {
     use_buffer(nres);
     if (!start(d) || !has()) return false;
     next();  // one tile ahead, for the records (as the forward's producer)
@@ -1328,7 +1380,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
     }, [&]() {
       advance();
       if (has()) next();
-    });
+    }, ahead);
     return true;
   };
 
@@ -1536,7 +1588,7 @@ __global__ void __launch_bounds__(DqDsSm90Cfg<kD>::kThreads, 1) dq_ds_sm90_kerne
   // Only the producer walks the tile list (one tile ahead: next() after each step, while it waits
   // for a free slot); the consumers follow its records, so no dependent global load of the tile
   // list sits on their path at an item's start.
-  auto producer_item = [&](const ItemInfo& d, int& ring, int nres) {
+  auto producer_item = [&](const ItemInfo& d, int& ring, int nres, auto ahead) {
     C.start(p, d);
     bool empty_record = !C.has();  // the consumers still take one record, and write zero rows
     if (C.has()) C.next(p);
@@ -1567,7 +1619,8 @@ __global__ void __launch_bounds__(DqDsSm90Cfg<kD>::kThreads, 1) dq_ds_sm90_kerne
           }
           C.advance();
           if (C.has()) C.next(p);
-        });
+        },
+        ahead);
     return true;
   };
   auto consumer_item = [&](const ItemInfo& d, int& ring, int) {

@@ -97,6 +97,9 @@ struct Params {
   // decodes the next work item while the other three copy (kernels_sm90.cuh: run_items).
   // DILATED_SPARSE_SPLIT_PRODUCER=0 keeps one producer loop.
   int split_producer = 0;
+  // The ping-pong producers' single loop decodes and posts item n + 1 right after item n's first
+  // tile (kernels_sm90.cuh: run_items); 0: after item n's last. DILATED_SPARSE_DECODE_AHEAD=0.
+  int decode_ahead = 1;
 };
 
 // Tile shapes. Every kernel is a template over its tile; the instantiation files register a few
