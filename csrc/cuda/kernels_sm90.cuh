@@ -630,9 +630,10 @@ __device__ __forceinline__ void release_primary(const PingSync& sy, int nres) {
 // claim's ~1400) no longer sits between item n's last copies and item n + 1's first. Item n + 1's
 // index was reserved at item n's claim (claim_item's `pending`), and the counter's next value is
 // still taken after item n's copies, where item n + 1's claim took it before, so a CTA holds no
-// more items ahead than before. Measured (RESULTS.md, twenty-second session): the forward 0-4.5%
-// faster; compiled into the forward only, since in dK/dV its registers raised the producer's
-// spills (112 -> 246 bytes of stores) and the backward lost 2-4% at S16k.
+// more items ahead than before. Measured (RESULTS.md, twenty-second session): the forward's
+// consumers wait ~1200 cycles less for each item's Q, and the forward is 1-4.5% faster. Compiled
+// into the forward only: in dK/dV it raised the producer's spills (112 -> 246 bytes of stores) and
+// the backward's A/B showed no gain (1.000-1.039, within that A/B's spread).
 // kRebalance: the producer hands registers to the consumers (setmaxnreg); a kernel whose consumers
 // need few keeps the launch's split.
 // kSplit (compiled) and p.split_producer (at run time; the kernel's PingSync made with it): the
