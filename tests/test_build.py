@@ -106,6 +106,18 @@ def test_instantiation_files_match_their_generator(tmp_path):
     assert generated == {p.name: p.read_text() for p in committed.glob("*.cu")}
 
 
+def test_item_trace_patch_applies():
+    """csrc/cuda/tools/item_trace.patch (the per-item clock64 stamps that item_trace.py reads) still
+    applies to the kernels as they are: a change to run_items or the items' lambdas must re-make it."""
+    patch = ROOT / "csrc" / "cuda" / "tools" / "item_trace.patch"
+    git = shutil.which("git")
+    if git is None or not (ROOT / ".git").exists():
+        pytest.skip("needs git and a git checkout")
+    r = subprocess.run([git, "apply", "--check", str(patch)], check=False, cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
 def test_build_cuda_zero_forces_cpu_only(monkeypatch):
     monkeypatch.setenv("DILATED_SPARSE_BUILD_CUDA", "0")
     assert _sources.want_cuda(ROOT) is False

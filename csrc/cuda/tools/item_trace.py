@@ -1,0 +1,129 @@
+"""Per-work-item clock64 trace of the sm_90 forward and dK/dV kernels: where an item's cycles go.
+
+The stamps are not in the kernels on main; `item_trace.patch` beside this file adds them (each
+consumer warpgroup's first thread and producer thread 0 write clock64 at fixed points of every work
+item into a buffer whose address comes from DILATED_SPARSE_TRACE_PTR, for the kernel named by
+DILATED_SPARSE_TRACE_KERNEL=fwd|dkv). In a scratch copy of the tree, on the GPU machine:
+
+    git apply csrc/cuda/tools/item_trace.patch
+    DILATED_SPARSE_CUDA_INSTANTIATIONS=hdim128_bf16 python3 setup.py build_ext --inplace
+    python3 csrc/cuda/tools/item_trace.py --kernels fwd,dkv --patterns causal_local:0.05,local:0.025
+
+For each pattern and kernel it runs three untraced forward+backward calls, then one traced call
+(after a 256 MiB L2 flush, as gpu_bench.py times them), and prints the median (mean) cycles of each
+phase over every CTA's items but its first and last: per consumer warpgroup (c0, c1) taking the
+posted item, its start (the first-tile lookup), the wait for its primary tiles, for the first tile
+and for the first turn, the body, the epilogue; for the producer (p) the claim, the decode, the
+start and lookahead, the wait for the first slot, the copies, and the turnaround from one item's
+last copy to the next item's first. With the forward's decode ahead (the default), item n's claim,
+decode and post happen during item n - 1, so its "claim" reads negative and "start and lookahead"
+spans the rest of item n - 1's copies. RESULTS.md (twenty-second session) has the numbers it gave.
+--save writes the raw stamps (torch.save of a dict of [CTAs, items, roles, slots] tensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "benchmarks"))
+from gpu_bench import _Attn, csr, pattern
+
+MAX_CTAS, ITEMS, ROLES, SLOTS = 200, 64, 3, 8  # as the patch's stamp(): kTraceItems, kTraceSlots
+
+
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else float("nan")
+
+
+def phases(t: list) -> tuple[dict[str, list[float]], list[int]]:
+    """Per-phase cycle counts from the stamps t[cta][item][role][slot] (0: not written)."""
+    rows: dict[str, list[float]] = {}
+
+    def add(key: str, val: float) -> None:
+        rows.setdefault(key, []).append(val)
+
+    items_per_cta = []
+    for T in (t[c] for c in range(MAX_CTAS) if t[c][0][0][0] != 0):
+        n_items = sum(1 for n in range(ITEMS) if T[n][0][0] != 0 and T[n][0][6] != 0)
+        items_per_cta.append(n_items)
+        for n in range(1, n_items - 1):
+            for r in (0, 1):
+                cur, prv, nxt = T[n][r], T[n - 1][r], T[n + 1][r]
+                if cur[7] == 0:
+                    continue
+                add(f"c{r} take (after the previous epilogue)", cur[0] - prv[6])
+                add(f"c{r} start", cur[1] - cur[0])
+                add(f"c{r} primary tiles wait", cur[2] - cur[1])
+                add(f"c{r} first tile wait", cur[3] - cur[2])
+                add(f"c{r} first turn wait", cur[4] - cur[3])
+                add(f"c{r} body", cur[5] - cur[4])
+                add(f"c{r} epilogue", cur[6] - cur[5])
+                add(f"c{r} item (take to take)", nxt[0] - cur[0])
+                add(f"c{r} tiles", cur[7])
+            P, Pp = T[n][2], T[n - 1][2]
+            add("p claim (from the previous last copy)", P[0] - Pp[5])
+            add("p decode", P[1] - P[0])
+            add("p post", P[2] - P[1])
+            add("p start and lookahead", P[3] - P[2])
+            add("p first slot wait", P[4] - P[3])
+            add("p copies", P[5] - P[4])
+            add("p turnaround (last copy to the next first)", P[4] - Pp[5])
+            add("c0 first tile landed - p first copy", T[n][0][3] - P[4])
+    return rows, items_per_cta
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="1x16x16384x128", help="BxHxSxD")
+    ap.add_argument("--patterns", default="causal_local:0.05,local:0.025,local:0.10")
+    ap.add_argument("--kernels", default="fwd,dkv")
+    ap.add_argument("--save", default="", help="write the raw stamps here (torch.save)")
+    args = ap.parse_args()
+    import dilated_sparse  # noqa: F401  (registers the ops)
+
+    B, H, S, D = (int(x) for x in args.shape.split("x"))
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    gout = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16)
+    buf = torch.zeros(MAX_CTAS * ITEMS * ROLES * SLOTS, dtype=torch.int64, device="cuda")
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    saved = {}
+    for spec in args.patterns.split(","):
+        kind, dens = spec.split(":")
+        lay = csr(pattern(S // 128, kind, float(dens)), "cuda")
+
+        def call(lay=lay) -> None:
+            q.grad = k.grad = v.grad = None
+            _Attn.apply(q, k, v, lay, 128, 128, 1 / math.sqrt(D)).backward(gout)
+
+        for kern in args.kernels.split(","):
+            for _ in range(3):
+                call()
+            torch.cuda.synchronize()
+            buf.zero_()
+            flush.zero_()
+            os.environ["DILATED_SPARSE_TRACE_PTR"] = str(buf.data_ptr())
+            os.environ["DILATED_SPARSE_TRACE_KERNEL"] = kern
+            call()
+            torch.cuda.synchronize()
+            del os.environ["DILATED_SPARSE_TRACE_PTR"]
+            stamps = buf.view(MAX_CTAS, ITEMS, ROLES, SLOTS).cpu()
+            saved[f"{kind}_{dens}_{kern}"] = stamps
+            rows, items = phases(stamps.tolist())
+            print(f"\n== {args.shape} {kind} {dens} {kern}: {len(items)} CTAs, items a CTA {median(items)}; "
+                  "cycles, median (mean)")
+            for key, vals in rows.items():
+                print(f"  {key:44s} {median(vals):8.0f} ({sum(vals) / len(vals):8.0f})")
+    if args.save:
+        torch.save(saved, args.save)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
