@@ -466,14 +466,18 @@ def test_tma_matches_cp_async(kw, monkeypatch):
     monkeypatch.setenv("DILATED_SPARSE_TMA", "1")  # an error where a map does not encode (sm_90)
     r = run_case(dtype=torch.bfloat16, seed=kw["Sq"] + kw["D"], **kw)
     ops = _ops()
+
+    def same_again(what: str) -> None:  # forward and backward once more, into poisoned memory
+        poison()
+        out, lse = ops.block_sparse_attn_fwd(r["q"], r["k"], r["v"], r["crow"], r["col"], *r["args"])
+        poison()
+        grads = bwd_again(r)
+        torch.cuda.synchronize()
+        for name, got in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads)):
+            assert torch.equal(r[name], got), f"{name}: {what} differ"
+
     monkeypatch.setenv("DILATED_SPARSE_TMA", "0")
-    poison()
-    out, lse = ops.block_sparse_attn_fwd(r["q"], r["k"], r["v"], r["crow"], r["col"], *r["args"])
-    poison()
-    grads = bwd_again(r)
-    torch.cuda.synchronize()
-    for name, got in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads)):
-        assert torch.equal(r[name], got), f"{name}: TMA and cp.async copies differ"
+    same_again("TMA and cp.async copies")
     monkeypatch.setenv("DILATED_SPARSE_TMA", "1")
     monkeypatch.setenv("DILATED_SPARSE_SPLIT_PRODUCER", "0")
     poison()
@@ -483,13 +487,7 @@ def test_tma_matches_cp_async(kw, monkeypatch):
         assert torch.equal(r[name], got), f"{name}: split and single producer loops differ"
     monkeypatch.setenv("DILATED_SPARSE_SPLIT_PRODUCER", "1")
     monkeypatch.setenv("DILATED_SPARSE_DECODE_AHEAD", "0")
-    poison()
-    out, lse = ops.block_sparse_attn_fwd(r["q"], r["k"], r["v"], r["crow"], r["col"], *r["args"])
-    poison()
-    grads = bwd_again(r)
-    torch.cuda.synchronize()
-    for name, got in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads)):
-        assert torch.equal(r[name], got), f"{name}: decoding ahead and after an item's copies differ"
+    same_again("decoding ahead and after an item's copies")
     if kw["D"] in (64, 128) and torch.cuda.get_device_capability() == (9, 0):  # read where set_tma runs
         for var in ("DILATED_SPARSE_SPLIT_PRODUCER", "DILATED_SPARSE_DECODE_AHEAD"):
             monkeypatch.setenv(var, "yes")
