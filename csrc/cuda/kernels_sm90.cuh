@@ -358,8 +358,8 @@ __device__ __forceinline__ void post_item(const PingSync& s, int n, int ltid, co
   sm90::mbar_arrive(s.item_full + 8 * (n & 1));  // release: the slot writes are visible to the waiters
 }
 
-// The n-th item as posted, read back from its slot (by the producer threads, after a barrier with
-// the thread that posted it).
+// The n-th item as posted in its slot: the consumers' take_item, and the producer threads reading
+// back the item decoded ahead (after a barrier with the thread that posted it).
 __device__ __forceinline__ ItemInfo read_item(const PingSync& s, int n) {
   ItemInfo d;
   d.item = s.slot[n & 1].item;
@@ -371,9 +371,7 @@ __device__ __forceinline__ ItemInfo read_item(const PingSync& s, int n) {
 __device__ __forceinline__ ItemInfo take_item(const PingSync& s, int n) {
   const int b = n & 1;
   sm90::mbar_wait(s.item_full + 8 * b, (n >> 1) & 1);
-  ItemInfo d;
-  d.item = s.slot[b].item;
-  copy_item_fields(d, s.slot[b]);
+  const ItemInfo d = read_item(s, n);
   sm90::mbar_arrive(s.item_empty + 8 * b);
   return d;
 }
