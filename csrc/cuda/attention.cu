@@ -12,6 +12,8 @@
 //                                            required (see set_tma()).
 //   DILATED_SPARSE_SPLIT_PRODUCER=0|1        sm_90 dQ-from-dS kernel with TMA: one producer loop /
 //                                            a decoding warp beside the copying ones (run_items()).
+//   DILATED_SPARSE_DECODE_AHEAD=0|1          sm_90 forward: the next work item decoded after the
+//                                            current one's last tile / after its first (run_items()).
 //   DILATED_SPARSE_BWD_SCRATCH_MB=<MiB>      largest dS scratch (scratch_limit_bytes()).
 //   DILATED_SPARSE_BWD_SCRATCH_CHUNKS=auto|0|1  when the dS-scratch backward runs in chunks
 //                                            (scratch_chunks_mode()).
@@ -894,6 +896,16 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
+// A 0 / 1 switch from the environment, `fallback` where it is unset; any other value is an error
+// naming the variable.
+bool env_switch(const char* name, bool fallback) {
+  const char* e = std::getenv(name);
+  if (e == nullptr) return fallback;
+  const std::string value = e;
+  TORCH_CHECK(value == "0" || value == "1", "dilated_sparse CUDA: ", name, " must be 0 or 1, got '", value, "'");
+  return value == "1";
+}
+
 // A TMA descriptor of t ([B, S, H, D] as prep() leaves it: 16-byte aligned, strides multiples of 8
 // elements) over (D, S, H, B), boxes of 64 columns x `rows` rows, 128-byte swizzle (the SW128
 // tiles of kernels_sm90.cuh); elements outside t read as zeros. False if the driver refuses it.
@@ -936,16 +948,9 @@ void set_tma(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tens
   TORCH_CHECK(ok || mode != "1", "dilated_sparse CUDA: DILATED_SPARSE_TMA=1 but the driver did not encode a TMA "
               "descriptor for q, k, v, dout or out (shape ", q.sizes(), ", strides ", q.strides(), ")");
   p.tma = ok ? 1 : 0;
-  const char* sp = std::getenv("DILATED_SPARSE_SPLIT_PRODUCER");
-  const std::string split = sp != nullptr ? sp : "1";
-  TORCH_CHECK(split == "0" || split == "1", "dilated_sparse CUDA: DILATED_SPARSE_SPLIT_PRODUCER must be 0 or 1, got '",
-              split, "'");
-  p.split_producer = p.tma && split == "1";
-  const char* da = std::getenv("DILATED_SPARSE_DECODE_AHEAD");
-  const std::string ahead = da != nullptr ? da : "1";
-  TORCH_CHECK(ahead == "0" || ahead == "1", "dilated_sparse CUDA: DILATED_SPARSE_DECODE_AHEAD must be 0 or 1, got '",
-              ahead, "'");
-  p.decode_ahead = ahead == "1" ? 1 : 0;
+  const bool split = env_switch("DILATED_SPARSE_SPLIT_PRODUCER", true);
+  p.split_producer = p.tma && split;
+  p.decode_ahead = env_switch("DILATED_SPARSE_DECODE_AHEAD", true) ? 1 : 0;
 }
 
 // `waiter` runs its later work after what `signaller` has queued so far (an event; capture-safe).
