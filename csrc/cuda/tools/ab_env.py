@@ -1,0 +1,126 @@
+"""A/B of an environment switch of the CUDA kernels, call by call, in one process.
+
+The kernels read their ``DILATED_SPARSE_*`` switches at every call, so the modes can alternate from
+one call to the next: each round times one call of every mode (CUDA events; the order reversed every
+other round; L2 flushed before each call, as ``triton.testing.do_bench`` does), and the result is the
+median over rounds of each mode's time divided by mode 0's time in the same round. The H200's clock
+drifts with power and temperature by more than the changes this measures (RESULTS.md, twenty-third
+session: the same forward 4-6% apart between two ``do_bench`` medians of one process), and two calls
+a few hundred microseconds apart share that drift, where two medians taken seconds apart do not.
+
+    python csrc/cuda/tools/ab_env.py --var DILATED_SPARSE_POST_LOOKUP --modes 0,1 \\
+        --points 1x16x16384x128:causal_local:0.05,1x32x16384x64:local:0.025 --rounds 300
+
+Points are ``BxHxSxD:pattern:density`` (patterns of ``benchmarks/gpu_bench.py``, block 128, bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+
+from gpu_bench import _Attn, csr, pattern
+
+import dilated_sparse  # noqa: F401  (registers the ops that _Attn calls)
+
+
+def time_modes(call, var: str, modes: list[str], rounds: int, flush: torch.Tensor) -> list[list[float]]:
+    """Microseconds of `call` under each value of `var` (by position in `modes`, which may repeat
+    a value: a null A/B), one call of each mode a round."""
+    for m in modes:  # warm-up: plans, autotuned variants, clocks
+        os.environ[var] = m
+        for _ in range(5):
+            call()
+    torch.cuda.synchronize()
+    order = list(range(len(modes)))
+    events: list[list[tuple[torch.cuda.Event, torch.cuda.Event]]] = [[] for _ in modes]
+    for r in range(rounds):
+        for i in order if r % 2 == 0 else order[::-1]:
+            os.environ[var] = modes[i]
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            events[i].append((start, end))
+    torch.cuda.synchronize()
+    return [[s.elapsed_time(e) * 1e3 for s, e in ev] for ev in events]
+
+
+def summarise(times: list[list[float]]) -> list[str]:
+    """Cells: mode 0's median time, then each other mode's median paired ratio and the share of
+    rounds in which it was the faster one."""
+    base = times[0]
+    cells = [f"{statistics.median(base):.1f}"]
+    for t in times[1:]:
+        ratios = [a / b for a, b in zip(t, base)]
+        faster = sum(r < 1.0 for r in ratios) / len(ratios)
+        cells.append(f"{statistics.median(ratios):.3f} ({faster:.0%})")
+    return cells
+
+
+def measure_point(point: str, var: str, modes: list[str], rounds: int, fwd_only: bool,
+                  flush: torch.Tensor) -> list[str]:
+    """The table cells of one ``BxHxSxD:pattern:density`` point."""
+    shape, kind, density = point.split(":")
+    B, H, S, D = (int(x) for x in shape.split("x"))
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    gout = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16)
+    layout = csr(pattern(S // 128, kind, float(density)), "cuda")
+
+    def fwd():
+        return _Attn.apply(q, k, v, layout, 128, 128, 1 / math.sqrt(D))
+
+    def fwd_bwd():
+        q.grad = k.grad = v.grad = None
+        fwd().backward(gout)
+
+    cells = summarise(time_modes(fwd, var, modes, rounds, flush))
+    if not fwd_only:
+        cells += summarise(time_modes(fwd_bwd, var, modes, rounds, flush))
+    return cells
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--var", required=True, help="the environment variable")
+    ap.add_argument("--modes", default="0,1", help="its values, the first one the baseline")
+    ap.add_argument("--points", required=True, help="comma-separated BxHxSxD:pattern:density")
+    ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--fwd-only", action="store_true", help="time the forward alone")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA device", file=sys.stderr)
+        return 2
+    modes = args.modes.split(",")
+    flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
+    header = ["point", f"fwd {modes[0]} (us)"] + [f"fwd {m} / {modes[0]} (faster)" for m in modes[1:]]
+    if not args.fwd_only:
+        header += [f"f+b {modes[0]} (us)"] + [f"f+b {m} / {modes[0]} (faster)" for m in modes[1:]]
+    rows = []
+    for point in args.points.split(","):
+        cells = measure_point(point, args.var, modes, args.rounds, args.fwd_only, flush)
+        rows.append([point] + cells)
+        print(" | ".join(rows[-1]), flush=True)
+    print(f"\n{args.var}: median over {args.rounds} rounds of each mode's time / mode {modes[0]}'s in the "
+          "same round (share of rounds where the mode was faster)")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
