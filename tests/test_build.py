@@ -233,3 +233,15 @@ def test_ab_env_pairs_rounds():
     base, other = [100.0, 200.0, 100.0], [95.0, 210.0, 95.0]
     assert ab_env.summarise([base, other]) == ["100.0", "0.950 (67%)"]
     assert ab_env.summarise([base, list(base)]) == ["100.0", "1.000 (0%)"]
+
+
+def test_ab_builds_alternates_and_summarises():
+    """csrc/cuda/tools/ab_builds.py puts each build first in half of its pairs of processes and
+    reports each build's median over its processes and their ratio."""
+    spec = importlib.util.spec_from_file_location("_ab_builds", ROOT / "csrc" / "cuda" / "tools" / "ab_builds.py")
+    ab_builds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab_builds)
+    assert ab_builds.order(3) == ["base", "new", "new", "base", "base", "new"]
+    runs = {"base": [{"p": [100.0]}, {"p": [104.0]}, {"p": [102.0]}],
+            "new": [{"p": [99.0]}, {"p": [97.0]}, {"p": [98.0]}]}
+    assert ab_builds.summarise(runs, ["p"], fwd_only=True) == ["| p | fwd | 102.0 (100.0-104.0) | 98.0 (97.0-99.0) | 0.961 |"]
