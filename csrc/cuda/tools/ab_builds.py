@@ -19,8 +19,8 @@ instantiation set, the same in both, builds faster) and its ``benchmarks/gpu_ben
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -31,30 +31,20 @@ from pathlib import Path
 def child(src: Path, points: list[str], fwd_only: bool) -> dict[str, list[float]]:
     """In a process whose sys.path starts at `src`: microseconds of each point (fwd[, fwd+bwd])."""
     sys.path[:0] = [str(src / "benchmarks"), str(src)]
-    import torch
-    from gpu_bench import _Attn, csr, pattern
+    import gpu_bench  # noqa: F401  (src's, before ab_env's import of it finds it loaded)
     from triton.testing import do_bench
 
-    import dilated_sparse  # registers the ops that _Attn calls
+    import dilated_sparse
 
     assert Path(dilated_sparse.__file__).resolve().is_relative_to(src.resolve()), dilated_sparse.__file__
+    spec = importlib.util.spec_from_file_location("_ab_env", Path(__file__).with_name("ab_env.py"))
+    ab_env = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab_env)  # its calls run src's package: both modules are loaded already
     out = {}
     for point in points:
-        shape, kind, density = point.split(":")
-        B, H, S, D = (int(x) for x in shape.split("x"))
-        torch.manual_seed(0)
-        q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-        gout = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16)
-        layout = csr(pattern(S // 128, kind, float(density)), "cuda")
-
-        def fwd(q=q, k=k, v=v, layout=layout, D=D):
-            return _Attn.apply(q, k, v, layout, 128, 128, 1 / math.sqrt(D))
-
-        times = [do_bench(fwd, warmup=25, rep=100, return_mode="median") * 1e3]
-        if not fwd_only:
-            times.append(do_bench(lambda fwd=fwd, gout=gout: fwd().backward(gout), warmup=25, rep=100,
-                                  return_mode="median", grad_to_none=[q, k, v]) * 1e3)
-        out[point] = times
+        fwd, fwd_bwd = ab_env.point_calls(point)
+        out[point] = [do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+                      for fn in ([fwd] if fwd_only else [fwd, fwd_bwd])]
     return out
 
 

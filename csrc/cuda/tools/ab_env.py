@@ -21,6 +21,7 @@ import math
 import os
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -69,9 +70,9 @@ def summarise(times: list[list[float]]) -> list[str]:
     return cells
 
 
-def measure_point(point: str, var: str, modes: list[str], rounds: int, fwd_only: bool,
-                  flush: torch.Tensor) -> list[str]:
-    """The table cells of one ``BxHxSxD:pattern:density`` point."""
+def point_calls(point: str) -> tuple[Callable[[], object], Callable[[], None]]:
+    """The forward and forward+backward calls of a ``BxHxSxD:pattern:density`` point (block 128,
+    bf16, seeded inputs); the second clears q, k, v's gradients first."""
     shape, kind, density = point.split(":")
     B, H, S, D = (int(x) for x in shape.split("x"))
     torch.manual_seed(0)
@@ -86,6 +87,13 @@ def measure_point(point: str, var: str, modes: list[str], rounds: int, fwd_only:
         q.grad = k.grad = v.grad = None
         fwd().backward(gout)
 
+    return fwd, fwd_bwd
+
+
+def measure_point(point: str, var: str, modes: list[str], rounds: int, fwd_only: bool,
+                  flush: torch.Tensor) -> list[str]:
+    """The table cells of one point."""
+    fwd, fwd_bwd = point_calls(point)
     cells = summarise(time_modes(fwd, var, modes, rounds, flush))
     if not fwd_only:
         cells += summarise(time_modes(fwd_bwd, var, modes, rounds, flush))
