@@ -3,7 +3,8 @@
 A change that is not behind a run-time switch cannot be timed call by call (``ab_env.py``); and two
 processes of the same build differ by up to ~3% at some points (RESULTS.md, twenty-third session),
 so one process of each is not enough. This runs ``--processes`` processes of each build, in the
-order base, new, new, base, base, new, ... (each build first as often as second), each timing every
+order base, new, new, base, base, new, ... (each build first in half of the pairs; base in one
+more with an odd count), each timing every
 point's forward (and, unless ``--fwd-only``, forward+backward) with ``triton.testing.do_bench``
 medians as ``benchmarks/gpu_bench.py`` does, and prints, per point, each build's median over its
 processes, the range, and new / base.

@@ -7,6 +7,9 @@ median over rounds of each mode's time divided by mode 0's time in the same roun
 drifts with power and temperature by more than the changes this measures (RESULTS.md, twenty-third
 session: the same forward 4-6% apart between two ``do_bench`` medians of one process), and two calls
 a few hundred microseconds apart share that drift, where two medians taken seconds apart do not.
+Meant for switches that keep the kernel: with modes that pick different kernels (the
+``*_VARIANT`` switches) the ratios split by the calls' order within a round (RESULTS.md, same
+session). A change without a switch is timed against the other build by ``ab_builds.py``.
 
     python csrc/cuda/tools/ab_env.py --var DILATED_SPARSE_POST_LOOKUP --modes 0,1 \\
         --points 1x16x16384x128:causal_local:0.05,1x32x16384x64:local:0.025 --rounds 300
@@ -35,9 +38,11 @@ from gpu_bench import _Attn, csr, pattern
 import dilated_sparse  # noqa: F401  (registers the ops that _Attn calls)
 
 
-def time_modes(call, var: str, modes: list[str], rounds: int, flush: torch.Tensor) -> list[list[float]]:
+def time_modes(call: Callable[[], object], var: str, modes: list[str], rounds: int,
+               flush: torch.Tensor) -> list[list[float]]:
     """Microseconds of `call` under each value of `var` (by position in `modes`, which may repeat
-    a value: a null A/B), one call of each mode a round."""
+    a value: a null A/B), one call of each mode a round; `var` is restored afterwards."""
+    before = os.environ.get(var)
     for m in modes:  # warm-up: plans, autotuned variants, clocks
         os.environ[var] = m
         for _ in range(5):
@@ -55,6 +60,10 @@ def time_modes(call, var: str, modes: list[str], rounds: int, flush: torch.Tenso
             end.record()
             events[i].append((start, end))
     torch.cuda.synchronize()
+    if before is None:
+        os.environ.pop(var, None)
+    else:
+        os.environ[var] = before
     return [[s.elapsed_time(e) * 1e3 for s, e in ev] for ev in events]
 
 
