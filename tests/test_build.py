@@ -223,12 +223,18 @@ def test_wheel_build_installs_and_runs(tmp_path):
     assert result["err"] < 1e-9
 
 
+def _tool(name: str):
+    """The module csrc/cuda/tools/<name>.py."""
+    spec = importlib.util.spec_from_file_location(f"_{name}", ROOT / "csrc" / "cuda" / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_ab_env_pairs_rounds():
     """csrc/cuda/tools/ab_env.py reports each mode against the baseline's call of the same round:
     the median of the per-round ratios (not the ratio of medians) and the share of rounds it won."""
-    spec = importlib.util.spec_from_file_location("_ab_env", ROOT / "csrc" / "cuda" / "tools" / "ab_env.py")
-    ab_env = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ab_env)
+    ab_env = _tool("ab_env")
     # Round 2 is slow for both modes (a clock dip): paired, mode 1 is 5% faster in two rounds of three.
     base, other = [100.0, 200.0, 100.0], [95.0, 210.0, 95.0]
     assert ab_env.summarise([base, other]) == ["100.0", "0.950 (67%)"]
@@ -238,9 +244,7 @@ def test_ab_env_pairs_rounds():
 def test_ab_builds_alternates_and_summarises():
     """csrc/cuda/tools/ab_builds.py puts each build first in half of its pairs of processes and
     reports each build's median over its processes and their ratio."""
-    spec = importlib.util.spec_from_file_location("_ab_builds", ROOT / "csrc" / "cuda" / "tools" / "ab_builds.py")
-    ab_builds = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ab_builds)
+    ab_builds = _tool("ab_builds")
     assert ab_builds.order(3) == ["base", "new", "new", "base", "base", "new"]
     runs = {"base": [{"p": [100.0]}, {"p": [104.0]}, {"p": [102.0]}],
             "new": [{"p": [99.0]}, {"p": [97.0]}, {"p": [98.0]}]}

@@ -32,18 +32,18 @@ from pathlib import Path
 def child(src: Path, points: list[str], fwd_only: bool) -> dict[str, list[float]]:
     """In a process whose sys.path starts at `src`: microseconds of each point (fwd[, fwd+bwd])."""
     sys.path[:0] = [str(src / "benchmarks"), str(src)]
-    import gpu_bench  # noqa: F401  (src's, before ab_env's import of it finds it loaded)
+    import gpu_bench  # noqa: F401  (src's, before bench_point's import of it finds it loaded)
     from triton.testing import do_bench
 
     import dilated_sparse
 
     assert Path(dilated_sparse.__file__).resolve().is_relative_to(src.resolve()), dilated_sparse.__file__
-    spec = importlib.util.spec_from_file_location("_ab_env", Path(__file__).with_name("ab_env.py"))
-    ab_env = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ab_env)  # its calls run src's package: both modules are loaded already
+    spec = importlib.util.spec_from_file_location("_bench_point", Path(__file__).with_name("bench_point.py"))
+    bench_point = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_point)  # its calls run src's package: both modules are loaded already
     out = {}
     for point in points:
-        fwd, fwd_bwd = ab_env.point_calls(point)
+        fwd, fwd_bwd = bench_point.point_calls(point)
         out[point] = [do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
                       for fn in ([fwd] if fwd_only else [fwd, fwd_bwd])]
     return out

@@ -14,13 +14,12 @@ session). A change without a switch is timed against the other build by ``ab_bui
     python csrc/cuda/tools/ab_env.py --var DILATED_SPARSE_POST_LOOKUP --modes 0,1 \\
         --points 1x16x16384x128:causal_local:0.05,1x32x16384x64:local:0.025 --rounds 300
 
-Points are ``BxHxSxD:pattern:density`` (patterns of ``benchmarks/gpu_bench.py``, block 128, bf16).
+Points are ``BxHxSxD:pattern:density`` (``bench_point.py``; block 128, bf16).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -29,13 +28,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT))
-
-from gpu_bench import _Attn, csr, pattern
-
-import dilated_sparse  # noqa: F401  (registers the ops that _Attn calls)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_point import point_calls
 
 
 def time_modes(call: Callable[[], object], var: str, modes: list[str], rounds: int,
@@ -77,26 +71,6 @@ def summarise(times: list[list[float]]) -> list[str]:
         faster = sum(r < 1.0 for r in ratios) / len(ratios)
         cells.append(f"{statistics.median(ratios):.3f} ({faster:.0%})")
     return cells
-
-
-def point_calls(point: str) -> tuple[Callable[[], object], Callable[[], None]]:
-    """The forward and forward+backward calls of a ``BxHxSxD:pattern:density`` point (block 128,
-    bf16, seeded inputs); the second clears q, k, v's gradients first."""
-    shape, kind, density = point.split(":")
-    B, H, S, D = (int(x) for x in shape.split("x"))
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    gout = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16)
-    layout = csr(pattern(S // 128, kind, float(density)), "cuda")
-
-    def fwd():
-        return _Attn.apply(q, k, v, layout, 128, 128, 1 / math.sqrt(D))
-
-    def fwd_bwd():
-        q.grad = k.grad = v.grad = None
-        fwd().backward(gout)
-
-    return fwd, fwd_bwd
 
 
 def measure_point(point: str, var: str, modes: list[str], rounds: int, fwd_only: bool,

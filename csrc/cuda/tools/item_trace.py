@@ -24,14 +24,12 @@ spans the rest of item n - 1's copies. RESULTS.md (twenty-second session) has th
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "benchmarks"))
-from gpu_bench import _Attn, csr, pattern
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 MAX_CTAS, ITEMS, ROLES, SLOTS = 200, 64, 3, 8  # as the patch's stamp(): kTraceItems, kTraceSlots
 
@@ -85,22 +83,14 @@ def main() -> int:
     ap.add_argument("--kernels", default="fwd,dkv")
     ap.add_argument("--save", default="", help="write the raw stamps here (torch.save)")
     args = ap.parse_args()
-    import dilated_sparse  # noqa: F401  (registers the ops)
+    from bench_point import point_calls
 
-    B, H, S, D = (int(x) for x in args.shape.split("x"))
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    gout = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16)
     buf = torch.zeros(MAX_CTAS * ITEMS * ROLES * SLOTS, dtype=torch.int64, device="cuda")
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
     saved = {}
     for spec in args.patterns.split(","):
         kind, dens = spec.split(":")
-        lay = csr(pattern(S // 128, kind, float(dens)), "cuda")
-
-        def call(lay=lay) -> None:
-            q.grad = k.grad = v.grad = None
-            _Attn.apply(q, k, v, lay, 128, 128, 1 / math.sqrt(D)).backward(gout)
+        _, call = point_calls(f"{args.shape}:{spec}")  # forward + backward
 
         for kern in args.kernels.split(","):
             for _ in range(3):

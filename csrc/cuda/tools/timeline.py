@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -21,8 +20,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "benchmarks"))
-from gpu_bench import _Attn, csr, pattern
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def kernel_rows(trace_path: str) -> list[dict]:
@@ -40,25 +38,15 @@ def main() -> int:
     ap.add_argument("--fwd-only", action="store_true")
     ap.add_argument("--iters", type=int, default=7)
     args = ap.parse_args()
-    import dilated_sparse  # noqa: F401  (registers the ops)
+    from bench_point import point_calls
 
-    B, H, S, D = (int(x) for x in args.shape.split("x"))
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    gout = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16)
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")  # as triton's do_bench
-    scale = 1.0 / math.sqrt(D)
     for spec in args.patterns.split(","):
         kind, dens = spec.split(":")
-        lay = csr(pattern(S // args.block, kind, float(dens)), "cuda")
-
-        def call(lay=lay) -> None:
-            out = _Attn.apply(q, k, v, lay, args.block, args.block, scale)
-            if not args.fwd_only:
-                out.backward(gout)
+        fwd, fwd_bwd = point_calls(f"{args.shape}:{spec}", args.block)
+        call = fwd if args.fwd_only else fwd_bwd  # fwd_bwd clears the gradients first
 
         def reset() -> None:
-            q.grad = k.grad = v.grad = None
             flush.zero_()
 
         for _ in range(5):
