@@ -448,7 +448,9 @@ def test_ds_scratch_chunks(kw, limit_mb, monkeypatch):
 # run_case, with the reference). With TMA the dQ-from-dS kernel's producer also splits (a warp
 # decodes the next item while three copy: run_items); DILATED_SPARSE_SPLIT_PRODUCER=0 keeps one
 # producer loop, which must give the same gradients bit for bit. So must the producers' single loop
-# with DILATED_SPARSE_DECODE_AHEAD=0 (each item decoded after the previous one's copies).
+# with DILATED_SPARSE_DECODE_AHEAD=0 (each item decoded after the previous one's copies), and the
+# D64 forward's consumers looking up an item's first tile pair themselves with
+# DILATED_SPARSE_POST_LOOKUP=0.
 @pytest.mark.parametrize(
     "kw",
     [
@@ -488,8 +490,13 @@ def test_tma_matches_cp_async(kw, monkeypatch):
     monkeypatch.setenv("DILATED_SPARSE_SPLIT_PRODUCER", "1")
     monkeypatch.setenv("DILATED_SPARSE_DECODE_AHEAD", "0")
     same_again("decoding ahead and after an item's copies")
+    monkeypatch.setenv("DILATED_SPARSE_POST_LOOKUP", "0")
+    same_again("the producer's and the consumers' lookups of an item's first tile")
+    monkeypatch.setenv("DILATED_SPARSE_DECODE_AHEAD", "1")
+    same_again("the consumers' lookups, decoding ahead")
+    monkeypatch.setenv("DILATED_SPARSE_POST_LOOKUP", "1")
     if kw["D"] in (64, 128) and torch.cuda.get_device_capability() == (9, 0):  # read where set_tma runs
-        for var in ("DILATED_SPARSE_SPLIT_PRODUCER", "DILATED_SPARSE_DECODE_AHEAD"):
+        for var in ("DILATED_SPARSE_SPLIT_PRODUCER", "DILATED_SPARSE_DECODE_AHEAD", "DILATED_SPARSE_POST_LOOKUP"):
             monkeypatch.setenv(var, "yes")
             with pytest.raises(RuntimeError, match=var):
                 bwd_again(r)

@@ -14,6 +14,9 @@
 //                                            a decoding warp beside the copying ones (run_items()).
 //   DILATED_SPARSE_DECODE_AHEAD=0|1          sm_90 forward: the next work item decoded after the
 //                                            current one's last tile / after its first (run_items()).
+//   DILATED_SPARSE_POST_LOOKUP=0|1           sm_90 D64 forward: an item handed to the consumers
+//                                            once decoded / once the producer has looked up its
+//                                            first tile pair, which they then skip (run_items()).
 //   DILATED_SPARSE_BWD_SCRATCH_MB=<MiB>      largest dS scratch (scratch_limit_bytes()).
 //   DILATED_SPARSE_BWD_SCRATCH_CHUNKS=auto|0|1  when the dS-scratch backward runs in chunks
 //                                            (scratch_chunks_mode()).
@@ -951,6 +954,7 @@ void set_tma(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tens
   const bool split = env_switch("DILATED_SPARSE_SPLIT_PRODUCER", true);
   p.split_producer = p.tma && split;
   p.decode_ahead = env_switch("DILATED_SPARSE_DECODE_AHEAD", true) ? 1 : 0;
+  p.post_lookup = env_switch("DILATED_SPARSE_POST_LOOKUP", true) ? 1 : 0;
 }
 
 // `waiter` runs its later work after what `signaller` has queued so far (an event; capture-safe).

@@ -186,7 +186,12 @@ struct FwdSm90Cfg : Sm90Threads<kWG_, kSchedM & kSchedMask> {
       Base::kPing && Base::smem(kResBytes, kKVBytes, kStages + kVSlots) + kBM * kD * 2 <= kMaxSmem ? kBM * kD * 2 : 0;
   // Ping-pong: the producer's record of each ring slot's tile (TileRecord), after the barriers.
   static constexpr int kRecBytes = Base::kPing ? kStages * static_cast<int>(sizeof(TileRecord)) : 0;
-  static constexpr int kSmem = Base::smem(kResBytes, kKVBytes, kStages + kVSlots) + kOBytes + kRecBytes;
+  // Ping-pong at D64: the producer posts its lookup of each item's first tile pair (run_items,
+  // kOpenAt) in two 32-bit words after the records, kOpenAt bytes after the item_full barriers.
+  static constexpr bool kPostLookup = Base::kPing && kD <= 64;
+  static constexpr int kPostBytes = kPostLookup ? 16 : 0;
+  static constexpr int kOpenAt = kPostLookup ? Base::kBarBytes - 16 * kStages - 32 + kRecBytes : 0;
+  static constexpr int kSmem = Base::smem(kResBytes, kKVBytes, kStages + kVSlots) + kOBytes + kRecBytes + kPostBytes;
   static_assert(kSmem <= kMaxSmem, "forward tile does not fit in shared memory");
 };
 
@@ -357,6 +362,36 @@ __device__ __forceinline__ void post_item(const PingSync& s, int n, int ltid, co
   copy_item_fields(s.slot[n & 1], d);
   sm90::mbar_arrive(s.item_full + 8 * (n & 1));  // release: the slot writes are visible to the waiters
 }
+// A kernel whose producer opens its items (run_items, kOpenAt > 0) writes the n-th item to its slot
+// (write_item) and later opens it with its own lookup's result: `any` (1 / 0: the item has / has no
+// tile pair with an allowed element; -1: not looked up, the consumers look themselves, as for every
+// item when p.post_lookup is 0) goes to word n & 1 of two 32-bit words kOpenAt bytes after
+// the item_full barriers (the kernel's own shared memory), which keeps the mailbox's layout that of
+// every other kernel, and their address a constant offset (the producer runs on 24 registers).
+__device__ __forceinline__ void write_item(const PingSync& s, int n, int ltid, const ItemInfo& d) {
+  if (ltid == 0) copy_item_fields(s.slot[n & 1], d);
+}
+template <int kOpenAt>
+__device__ __forceinline__ void open_item(const PingSync& s, int n, int ltid, int any) {
+  if (ltid != 0) return;
+  sm90::st_shared_u32(s.item_full + kOpenAt + 4 * (n & 1), static_cast<uint32_t>(any));
+  sm90::mbar_arrive(s.item_full + 8 * (n & 1));  // release, as post_item's
+}
+struct NoOpen {
+  __device__ __forceinline__ void operator()(bool) const {}
+};
+// Item n (d) to its slot, and to the consumers now unless producer_item opens it (kOpenAt and `late`:
+// run_items); opened now, a kOpenAt kernel's item says it was not looked up (the word is rewritten
+// for every item: a stale 0 / 1 would make the consumers skip or expect the item's tiles).
+template <int kOpenAt>
+__device__ __forceinline__ void post_or_write(const PingSync& s, int n, int ltid, const ItemInfo& d, bool late) {
+  if constexpr (kOpenAt > 0) {
+    write_item(s, n, ltid, d);
+    if (!late || d.item < 0) open_item<kOpenAt>(s, n, ltid, -1);
+  } else {
+    post_item(s, n, ltid, d);
+  }
+}
 
 // The n-th item as posted in its slot: the consumers' take_item, and the producer threads reading
 // back the item decoded ahead (after a barrier with the thread that posted it).
@@ -367,11 +402,14 @@ __device__ __forceinline__ ItemInfo read_item(const PingSync& s, int n) {
   return d;
 }
 
-// Consumer side: the n-th item posted (item -1: none left).
-__device__ __forceinline__ ItemInfo take_item(const PingSync& s, int n) {
+// Consumer side: the n-th item posted (item -1: none left); with kOpenAt > 0 also its `any`
+// (open_item), else any is left alone.
+template <int kOpenAt = 0>
+__device__ __forceinline__ ItemInfo take_item(const PingSync& s, int n, int* any = nullptr) {
   const int b = n & 1;
   sm90::mbar_wait(s.item_full + 8 * b, (n >> 1) & 1);
   const ItemInfo d = read_item(s, n);
+  if constexpr (kOpenAt > 0) *any = static_cast<int>(sm90::ld_shared_u32(s.item_full + kOpenAt + 4 * b));  // before the release
   sm90::mbar_arrive(s.item_empty + 8 * b);
   return d;
 }
@@ -619,9 +657,10 @@ __device__ __forceinline__ void release_primary(const PingSync& sy, int nres) {
 }
 
 // The work-item loops of a kernel. Ping-pong: the producer warpgroup fetches items, decodes and
-// posts them, and loads them (producer_item(d, ring, nres, ahead) returns whether the item had tiles;
-// it hands `ahead` to produce()), the consumers take them (consumer_item(d, ring, nres), same
-// result); otherwise the CTA runs item blockIdx.x.
+// posts them, and loads them (producer_item(d, ring, nres, ahead, open) returns whether the item had
+// tiles; it hands `ahead` to produce(), and calls open(any) if kOpen), the consumers take them
+// (consumer_item(d, ring, nres, any), same result; any: kOpen's, else -1); otherwise the CTA runs
+// item blockIdx.x.
 // kDecodeAhead (compiled) and p.decode_ahead (at run time): the single producer loop decodes and
 // posts item n + 1 right after item n's first tile (ahead()) instead of after its last one, so
 // that the decode (the plan's order, the CSR row: dependent global loads, ~2700 cycles, and the
@@ -648,10 +687,21 @@ __device__ __forceinline__ void release_primary(const PingSync& sy, int nres) {
 // hand the consumers 240 registers ptxas spilled the 24-register producer (480-900 bytes of spill
 // stores against 30-110), and dK/dV ran 1.5-1.9x slower, the recompute dQ at D128 (block 64's
 // backward) ~10% slower; the forward gained nothing.
+// kOpenAt (compiled; > 0: open_item's offset) and p.post_lookup (at run time): the producer hands
+// each item to the consumers only once its producer_item has looked up the item's first tile pair
+// (open(any), which such a producer_item calls on every path), with the result (open_item), so the
+// consumers skip that lookup, 650-980 cycles of dependent global loads a warpgroup at an item's
+// start (RESULTS.md, twenty-second session); the ring slots' records tell them the rest. Measured
+// (RESULTS.md, twenty-third session): the D64 forward 1.5-6% faster than without. Compiled into the
+// D64 forward only (FwdSm90Cfg::kPostLookup): the D128 forward gained 0.6-1.4% against its own
+// switch, but a first version that changed the mailbox of every kernel left it 2.5% slower at
+// S16k local 2.5% than before, and dK/dV gained nothing (fwd+bwd 0.997-1.002).
 template <bool kPing, int kWG, bool kRebalance = true, bool kSplit = false, bool kDecodeAhead = false,
-          class ProducerItem, class ConsumerItem>
+          int kOpenAt = 0, class ProducerItem, class ConsumerItem>
 __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, int wg, int ltid,
                                           ProducerItem producer_item, ConsumerItem consumer_item) {
+  constexpr bool kOpen = kOpenAt > 0;
+  static_assert(!(kOpen && kSplit), "the split producer's decoding warp posts its items itself");
   int ring = 0, nres = 0;
   if constexpr (kPing) {
     if (kSplit && wg == kWG && p.split_producer) {
@@ -675,7 +725,7 @@ __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, i
         const ItemInfo d = take_item(sy, n);
         if (d.item < 0) break;
         if (ltid < 32) sm90::named_arrive(3, 64);
-        if (producer_item(d, ring, nres, NoHook{})) ++nres;
+        if (producer_item(d, ring, nres, NoHook{}, NoOpen{})) ++nres;
       }
       cp_async_wait<0>();
       return;
@@ -683,11 +733,21 @@ __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, i
     if (wg == kWG) {
       if constexpr (kRebalance) sm90::regs_decrease<kProducerRegs>();
       int pending = 0;
+      const bool late = kOpen && p.post_lookup;  // producer_item opens each item
+      auto opener = [&](int n) {
+        if constexpr (kOpen) {
+          return [&sy, ltid, late, n](bool any) {
+            if (late) open_item<kOpenAt>(sy, n, ltid, any ? 1 : 0);
+          };
+        } else {
+          return NoOpen{};
+        }
+      };
       if (kDecodeAhead && p.decode_ahead) {
         ItemInfo d{};
         d.item = fetch_item<false>(sy, p, 0, ltid, pending);
         if (d.item >= 0) d = describe_item(p, d.item);
-        post_item(sy, 0, ltid, d);
+        post_or_write<kOpenAt>(sy, 0, ltid, d, late);
         if (ltid == 0) reserve_item(sy, p, 0, pending);
         for (int n = 0; d.item >= 0; ++n) {
           bool posted = false;
@@ -697,9 +757,9 @@ __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, i
             ItemInfo dn{};
             dn.item = fetch_item<false>(sy, p, n + 1, ltid, pending);
             if (dn.item >= 0) dn = describe_item(p, dn.item);
-            post_item(sy, n + 1, ltid, dn);
+            post_or_write<kOpenAt>(sy, n + 1, ltid, dn, late);
           };
-          if (producer_item(d, ring, nres, ahead)) ++nres;
+          if (producer_item(d, ring, nres, ahead, opener(n))) ++nres;
           ahead();  // an item without tiles
           if (ltid == 0) reserve_item(sy, p, n + 1, pending);  // where the old claim of item n + 1 took it
           sm90::named_sync(3, 128);  // thread 0's post of item n + 1, to every producer thread
@@ -711,9 +771,9 @@ __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, i
           ItemInfo d{};
           d.item = item;
           if (item >= 0) d = describe_item(p, item);
-          post_item(sy, n, ltid, d);
+          post_or_write<kOpenAt>(sy, n, ltid, d, late);
           if (item < 0) break;
-          if (producer_item(d, ring, nres, NoHook{})) ++nres;
+          if (producer_item(d, ring, nres, NoHook{}, opener(n))) ++nres;
         }
       }
       cp_async_wait<0>();
@@ -726,13 +786,20 @@ __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, i
     // last item is taken here, before the CTA exits.
     if (wg == 1) sm90::named_arrive(1, 128 * kWG);
     for (int n = 0;; ++n) {
-      const ItemInfo d = take_item(sy, n);
-      if (d.item < 0) break;
-      if (consumer_item(d, ring, nres)) ++nres;
+      if constexpr (kOpen) {
+        int any;
+        const ItemInfo d = take_item<kOpenAt>(sy, n, &any);
+        if (d.item < 0) break;
+        if (consumer_item(d, ring, nres, any)) ++nres;
+      } else {
+        const ItemInfo d = take_item(sy, n);
+        if (d.item < 0) break;
+        if (consumer_item(d, ring, nres, -1)) ++nres;
+      }
     }
     if (wg == 0) sm90::named_sync(1, 128 * kWG);
   } else {
-    consumer_item(describe_item(p, static_cast<int>(blockIdx.x)), ring, nres);
+    consumer_item(describe_item(p, static_cast<int>(blockIdx.x)), ring, nres, -1);
   }
 }
 
@@ -756,7 +823,8 @@ __device__ __forceinline__ void produce_tile(const Params& p, const CUtensorMap&
 // first entry.
 // Ping-pong consumers do not walk: consume<true> follows the producer's records (publish()), land()
 // reads the current tile's once its slot is full; `more`: the item has a current tile (the first
-// one from start()), `last`: it is the item's last. consume<false> walks the tile lists itself.
+// one from start(), or from the producer's lookup: start_posted(), run_items' kOpen), `last`:
+// it is the item's last. consume<false> walks the tile lists itself.
 template <typename T, int kBM, int kBN, int kStages, bool kPieces>
 struct QueryItem {
   QueryTile W;
@@ -773,6 +841,12 @@ struct QueryItem {
     it = next_pair(W.E, W.R, p.tl.full, kPieces ? W.e0 : 0, W.m0, kBM, kBN, kt, msk, state);
     nx = W.E.n;
     more = has();
+  }
+  // A ping-pong consumer's start with the producer's lookup (run_items, kOpen; any -1: none posted).
+  __device__ __forceinline__ void start_posted(const Params& p, const ItemInfo& d, int any) {
+    if (any < 0) return start(p, d);
+    W = make_query_tile(p, kBM, d);
+    more = any != 0;
   }
   __device__ __forceinline__ bool has() const { return it < W.E.n; }
   __device__ __forceinline__ void next(const Params& p) {
@@ -875,6 +949,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
                                                  Cfg::Base::kVStages, Cfg::kPing ? 1 : 0);
   // [kStages] TileRecord (ping-pong)
   volatile TileRecord* rec = reinterpret_cast<volatile TileRecord*>(smem_raw + (sbar + Cfg::kBarBytes - smem_u32(smem_raw)));
+  // Then, with Cfg::kPostLookup, [2] 32-bit words: the producer's lookups (run_items, kOpenAt).
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const int wg = sm90::warpgroup_index();
@@ -896,9 +971,10 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
   auto load_kv = [&](int st, int tile) { C.template load_kv<kD, kLoaders, Cfg::kKVBytes>(p, sK0, sV0, st, tile, ltid); };
 
   auto use_buffer = [&](int nres) { sQ = sRes0 + res_buf<Cfg::kResBufs>(nres) * Cfg::kResBytes; };
-  auto producer_item = [&](const ItemInfo& d, int& ring, int nres, auto ahead) {
+  auto producer_item = [&](const ItemInfo& d, int& ring, int nres, auto ahead, auto open) {
     use_buffer(nres);
     C.start(p, d);
+    open(has());
     if (!has()) return false;
     // The producer looks one tile ahead (next() after each step, while it waits for a free slot),
     // so a slot's record, `last` included, goes out with its copies.
@@ -920,10 +996,16 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
     return true;
   };
 
-  auto consumer_item = [&](const ItemInfo& d, int& ring, int nres) {
+  auto consumer_item = [&](const ItemInfo& d, int& ring, int nres, int posted_any) {
     use_buffer(nres);
-    C.start(p, d);
-    const bool any = has();
+    bool any;
+    if constexpr (Cfg::kPostLookup) {
+      C.start_posted(p, d, posted_any);
+      any = C.more;
+    } else {
+      C.start(p, d);
+      any = has();
+    }
     uint32_t QA[Cfg::kQRegs ? kD / 16 : 1][4];  // kQRegs: this warpgroup's Q rows, A fragments
     if constexpr (Cfg::kPing) {
       if (any) wait_primary<Cfg::kResBufs>(sy, nres);
@@ -1085,7 +1167,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
     }
     return any;
   };
-  run_items<Cfg::kPing, kWG, true, false, true>(p, sy, wg, ltid, producer_item, consumer_item);
+  run_items<Cfg::kPing, kWG, true, false, true, Cfg::kOpenAt>(p, sy, wg, ltid, producer_item, consumer_item);
   if (Cfg::kOBytes > 0 && wg < kWG && o_issuer) sm90::bulk_wait();  // before the CTA's memory goes
 #else
   __trap();
@@ -1141,7 +1223,7 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     sQ = sRes0 + res_buf<Cfg::kResBufs>(nres) * Cfg::kResBytes;
     sdO = sQ + Cfg::kQBytes;
   };
-  auto producer_item = [&](const ItemInfo& d, int& ring, int nres, auto ahead) {
+  auto producer_item = [&](const ItemInfo& d, int& ring, int nres, auto ahead, auto open) {
     use_buffer(nres);
     start(d);
     if (!has()) return false;
@@ -1165,7 +1247,7 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     return true;
   };
 
-  auto consumer_item = [&](const ItemInfo& d, int& ring, int nres) {
+  auto consumer_item = [&](const ItemInfo& d, int& ring, int nres, int) {
     use_buffer(nres);
     start(d);
     const bool any = has();
@@ -1363,7 +1445,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
     sK = sRes0 + res_buf<Cfg::kResBufs>(nres) * Cfg::kResBytes;
     sV = sK + Cfg::kKVBytes;
   };
-  auto producer_item = [&](const ItemInfo& d, int& ring, int nres, auto ahead) {
+  auto producer_item = [&](const ItemInfo& d, int& ring, int nres, auto ahead, auto open) {
     use_buffer(nres);
     if (!start(d) || !has()) return false;
     next();  // one tile ahead, for the records (as the forward's producer)
@@ -1383,7 +1465,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
     return true;
   };
 
-  auto consumer_item = [&](const ItemInfo& d, int& ring, int nres) {
+  auto consumer_item = [&](const ItemInfo& d, int& ring, int nres, int) {
     use_buffer(nres);
     if (!start(d)) return false;
     const bool any = has();
@@ -1587,7 +1669,7 @@ __global__ void __launch_bounds__(DqDsSm90Cfg<kD>::kThreads, 1) dq_ds_sm90_kerne
   // Only the producer walks the tile list (one tile ahead: next() after each step, while it waits
   // for a free slot); the consumers follow its records, so no dependent global load of the tile
   // list sits on their path at an item's start.
-  auto producer_item = [&](const ItemInfo& d, int& ring, int nres, auto ahead) {
+  auto producer_item = [&](const ItemInfo& d, int& ring, int nres, auto ahead, auto open) {
     C.start(p, d);
     bool empty_record = !C.has();  // the consumers still take one record, and write zero rows
     if (C.has()) C.next(p);
@@ -1622,7 +1704,7 @@ __global__ void __launch_bounds__(DqDsSm90Cfg<kD>::kThreads, 1) dq_ds_sm90_kerne
         ahead);
     return true;
   };
-  auto consumer_item = [&](const ItemInfo& d, int& ring, int) {
+  auto consumer_item = [&](const ItemInfo& d, int& ring, int, int) {
     const QueryTile Wc = make_query_tile(p, kBM, d);
     float acc[kD / 8][4];
 #pragma unroll

@@ -100,6 +100,10 @@ struct Params {
   // The ping-pong producers' single loop decodes and posts item n + 1 right after item n's first
   // tile (kernels_sm90.cuh: run_items); 0: after item n's last. DILATED_SPARSE_DECODE_AHEAD=0.
   int decode_ahead = 1;
+  // The ping-pong D64 forward's producer hands each item to the consumers once it has looked up its
+  // first tile pair, with the result, so the consumers skip that lookup (kernels_sm90.cuh:
+  // run_items, kOpen); 0: as soon as it is decoded. DILATED_SPARSE_POST_LOOKUP=0.
+  int post_lookup = 1;
 };
 
 // Tile shapes. Every kernel is a template over its tile; the instantiation files register a few

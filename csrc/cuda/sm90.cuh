@@ -113,6 +113,17 @@ __device__ __forceinline__ void st_shared_zero16(uint32_t at) {
   asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(at), "r"(0) : "memory");
 }
 
+// A 32-bit word at shared address `at`, written / read in program order with the other shared
+// accesses (a flag handed over through an mbarrier, whose arrive / wait order it).
+__device__ __forceinline__ void st_shared_u32(uint32_t at, uint32_t v) {
+  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(at), "r"(v) : "memory");
+}
+__device__ __forceinline__ uint32_t ld_shared_u32(uint32_t at) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(at) : "memory");
+  return v;
+}
+
 // Keeps the compiler from moving accumulator reads/writes across wgmma issue and wait.
 template <int N>
 __device__ __forceinline__ void fence_regs(float (&d)[N][4]) {
