@@ -87,6 +87,35 @@ class _Attn(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+# Which machine a run had: two lent H200s can time our D128 kernels up to ~9% apart at the same SM
+# clock while Flex reads the same on both (RESULTS.md, twenty-third and twenty-fourth sessions), so
+# each run records the GPU's identity and fixed settings beside its rows.
+IDENTITY_FIELDS = ("uuid", "pci.bus_id", "driver_version", "vbios_version", "clocks.max.sm", "clocks.max.mem",
+                   "power.limit", "ecc.mode.current", "temperature.gpu")
+
+
+def parse_identity(line: str) -> dict[str, str]:
+    """One ``nvidia-smi --query-gpu=<IDENTITY_FIELDS>`` CSV line as a dict (empty if it is not one)."""
+    parts = [x.strip() for x in line.strip().split(",")]
+    return dict(zip(IDENTITY_FIELDS, parts)) if len(parts) == len(IDENTITY_FIELDS) else {}
+
+
+def gpu_identity() -> dict[str, str]:
+    """The current GPU's identity and fixed settings from ``nvidia-smi`` (empty without it)."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None or not torch.cuda.is_available():
+        return {}
+    cmd = [exe, f"--query-gpu={','.join(IDENTITY_FIELDS)}", "--format=csv,noheader,nounits"]
+    uuid = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "uuid", None)
+    if uuid is not None:
+        cmd += ["-i", f"GPU-{uuid}"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return parse_identity(out.splitlines()[0]) if out.strip() else {}
+
+
 class GpuMonitor:
     """SM clock (MHz), power draw (W) and active throttle reasons of the current GPU, sampled by
     ``nvidia-smi`` in the background every ``period_ms``; ``window(t0, t1)`` summarises the samples
@@ -372,12 +401,15 @@ def main() -> int:
             r["x_dense_fwdbwd"] = d["fwdbwd_ms"] / r["fwdbwd_ms"]
     peers = _peer_status()
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M"),
-                "command": " ".join(sys.argv), "rows": rows, "memory": mem, "other_peers": peers}
+                "command": " ".join(sys.argv), "gpu": gpu_identity(), "rows": rows, "memory": mem, "other_peers": peers}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_bench.json"), "w") as fh:
         json.dump(info, fh, indent=1)
     nan = float("nan")
-    lines = [f"{info['device']}, torch {info['torch']}", "",
+    gpu = info["gpu"]
+    ident = (f", {gpu['uuid']}, max SM / memory clock {gpu['clocks.max.sm']} / {gpu['clocks.max.mem']} MHz, "
+             f"power limit {gpu['power.limit']} W, driver {gpu['driver_version']}") if gpu else ""
+    lines = [f"{info['device']}, torch {info['torch']}{ident}", "",
              ("| config | pattern | impl | block | fwd ms | fwd TF/s | fwd+bwd ms | fwd+bwd TF/s | x flex fwd | "
              "x flex f+b | x dense fwd | x dense f+b | SM MHz fwd / f+b (median, min) |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

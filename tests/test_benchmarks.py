@@ -30,3 +30,13 @@ def test_timing_fields_count_fwd_bwd_as_three_and_a_half_forwards():
     row = gpu_bench.timing_fields(4e12, 10.0, 20.0, {"gpu_fwd": {"sm_mhz": 1980.0}})
     assert row == {"fwd_ms": 10.0, "fwdbwd_ms": 20.0, "tf_fwd": 400.0, "tf_fwdbwd": 700.0,
                    "gpu_fwd": {"sm_mhz": 1980.0}}
+
+
+def test_identity_parses_one_gpu_line_and_skips_others():
+    line = "GPU-b3b6c68a-2663, 00000000:19:00.0, 580.65.06, 96.00.A5.00.01, 1980, 3201, 700.00, Enabled, 36\n"
+    ident = gpu_bench.parse_identity(line)
+    assert ident["uuid"] == "GPU-b3b6c68a-2663" and ident["clocks.max.mem"] == "3201"
+    assert ident["power.limit"] == "700.00" and ident["temperature.gpu"] == "36"
+    assert list(ident) == list(gpu_bench.IDENTITY_FIELDS)
+    assert gpu_bench.parse_identity("No devices were found") == {}
+    assert gpu_bench.parse_identity("") == {}

@@ -692,10 +692,11 @@ __device__ __forceinline__ void release_primary(const PingSync& sy, int nres) {
 // (open(any), which such a producer_item calls on every path), with the result (open_item), so the
 // consumers skip that lookup, 650-980 cycles of dependent global loads a warpgroup at an item's
 // start (RESULTS.md, twenty-second session); the ring slots' records tell them the rest. Measured
-// (RESULTS.md, twenty-third session): the D64 forward 1.5-6% faster than without. Compiled into the
-// D64 forward only (FwdSm90Cfg::kPostLookup): the D128 forward gained 0.6-1.4% against its own
-// switch, but a first version that changed the mailbox of every kernel left it 2.5% slower at
-// S16k local 2.5% than before, and dK/dV gained nothing (fwd+bwd 0.997-1.002).
+// against the build without it (RESULTS.md, twenty-fourth session): the D64 forward 1.5-2.3%
+// faster. Compiled into the D64 forward only (FwdSm90Cfg::kPostLookup): in the D128 forward this
+// form measured 0.998-1.005 of the time without it (a first form, which changed every kernel's
+// mailbox, left it 2.5% slower at S16k local 2.5%: twenty-third session), and dK/dV gained
+// nothing (fwd+bwd 0.997-1.002).
 template <bool kPing, int kWG, bool kRebalance = true, bool kSplit = false, bool kDecodeAhead = false,
           int kOpenAt = 0, class ProducerItem, class ConsumerItem>
 __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, int wg, int ltid,
