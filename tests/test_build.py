@@ -249,3 +249,14 @@ def test_ab_builds_alternates_and_summarises():
     runs = {"base": [{"p": [100.0]}, {"p": [104.0]}, {"p": [102.0]}],
             "new": [{"p": [99.0]}, {"p": [97.0]}, {"p": [98.0]}]}
     assert ab_builds.summarise(runs, ["p"], fwd_only=True) == ["| p | fwd | 102.0 (100.0-104.0) | 98.0 (97.0-99.0) | 0.961 |"]
+
+
+def test_energy_rows_are_power_times_time():
+    """csrc/cuda/tools/energy.py reports a loop's energy a call as its median power times its time
+    a call, and says so when the monitor had no samples."""
+    energy = _tool("energy")
+    window = {"sm_mhz": 1695.0, "sm_mhz_min": 1635.0, "power_w": 692.0, "throttle": ["0x4"], "samples": 120}
+    assert energy.row("p", "ours", "fwd+bwd", 964.0, window) == "| p | ours | fwd+bwd | 964 | 1695 (1635) | 692 | 667 |"
+    assert energy.row("p", "flex", "fwd", 368.0, {}) == "| p | flex | fwd | 368 | - | - | - |"
+    bench_point = _tool("bench_point")
+    assert bench_point.parse_point("1x16x16384x128:causal_local:0.05") == (1, 16, 16384, 128, "causal_local", 0.05)

@@ -1,6 +1,7 @@
 """One benchmark point of the CUDA tools (``ab_env.py``, ``ab_builds.py``, ``timeline.py``,
-``item_trace.py``): seeded bf16 inputs and our forward / forward+backward calls through
-``benchmarks/gpu_bench.py``'s autograd Function, as the matrix times them.
+``item_trace.py``, ``energy.py``): seeded bf16 inputs and our forward / forward+backward calls
+through ``benchmarks/gpu_bench.py``'s autograd Function, as the matrix times them; and FlexAttention's
+on the same block mask.
 
 A point is ``BxHxSxD:pattern:density`` (the patterns of ``gpu_bench.pattern``). ``gpu_bench`` and
 ``dilated_sparse`` are imported from this tree unless the caller imported them first (``ab_builds.py``
@@ -25,19 +26,49 @@ from gpu_bench import _Attn, csr, pattern
 import dilated_sparse  # noqa: F401  (registers the ops that _Attn calls)
 
 
+def parse_point(point: str) -> tuple[int, int, int, int, str, float]:
+    """``BxHxSxD:pattern:density`` as (B, H, S, D, pattern, density)."""
+    shape, kind, density = point.split(":")
+    B, H, S, D = (int(x) for x in shape.split("x"))
+    return B, H, S, D, kind, float(density)
+
+
 def point_calls(point: str, block: int = 128) -> tuple[Callable[[], torch.Tensor], Callable[[], None]]:
     """The forward and forward+backward calls of `point` with square blocks of `block` (inputs
     seeded, so every call of this for a shape gets the same values); the second clears q, k, v's
     gradients first."""
-    shape, kind, density = point.split(":")
-    B, H, S, D = (int(x) for x in shape.split("x"))
+    B, H, S, D, kind, density = parse_point(point)
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     gout = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16)
-    layout = csr(pattern(S // block, kind, float(density)), "cuda")
+    layout = csr(pattern(S // block, kind, density), "cuda")
 
     def fwd() -> torch.Tensor:
         return _Attn.apply(q, k, v, layout, block, block, 1 / math.sqrt(D))
+
+    def fwd_bwd() -> None:
+        q.grad = k.grad = v.grad = None
+        fwd().backward(gout)
+
+    return fwd, fwd_bwd
+
+
+def flex_point_calls(point: str, block: int = 128) -> tuple[Callable[[], torch.Tensor], Callable[[], None]]:
+    """FlexAttention's forward and forward+backward calls of `point` (``torch.compile``d, the same
+    block mask as ``point_calls``' layout, [B, H, S, D] inputs), as ``gpu_bench.py`` times them."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    B, H, S, D, kind, density = parse_point(point)
+    mask = pattern(S // block, kind, density).to("cuda")
+    block_mask = create_block_mask(lambda b, h, qi, ki: mask[qi // block, ki // block], None, None, S, S,
+                                   device="cuda", BLOCK_SIZE=block)
+    flex = torch.compile(flex_attention, dynamic=False)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    gout = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16)
+
+    def fwd() -> torch.Tensor:
+        return flex(q, k, v, block_mask=block_mask, scale=1 / math.sqrt(D))
 
     def fwd_bwd() -> None:
         q.grad = k.grad = v.grad = None
