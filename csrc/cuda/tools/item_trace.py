@@ -19,6 +19,10 @@ last copy to the next item's first. With the forward's decode ahead (the default
 decode and post happen during item n - 1, so its "claim" reads negative and "start and lookahead"
 spans the rest of item n - 1's copies. RESULTS.md (twenty-second session) has the numbers it gave.
 --save writes the raw stamps (torch.save of a dict of [CTAs, items, roles, slots] tensors).
+Checked at D128 (the default shape). At D64 (``--shape 1x32x16384x64``, twenty-fourth session) the
+forward's first-tile and first-turn phases and "first tile landed" came out as large negative and
+positive numbers that cancel. Those stamps land out of order there (the D64 forward's own tile
+loop); the other phases read sensibly. Not yet looked into.
 """
 
 from __future__ import annotations
