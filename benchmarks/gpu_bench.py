@@ -94,6 +94,12 @@ IDENTITY_FIELDS = ("uuid", "pci.bus_id", "driver_version", "vbios_version", "clo
                    "power.limit", "ecc.mode.current", "temperature.gpu")
 
 
+def _smi_this_gpu() -> list[str]:
+    """``nvidia-smi`` arguments that select the current CUDA device (none where torch has no uuid)."""
+    uuid = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "uuid", None)
+    return ["-i", f"GPU-{uuid}"] if uuid is not None else []
+
+
 def parse_identity(line: str) -> dict[str, str]:
     """One ``nvidia-smi --query-gpu=<IDENTITY_FIELDS>`` CSV line as a dict (empty if it is not one)."""
     parts = [x.strip() for x in line.strip().split(",")]
@@ -105,10 +111,7 @@ def gpu_identity() -> dict[str, str]:
     exe = shutil.which("nvidia-smi")
     if exe is None or not torch.cuda.is_available():
         return {}
-    cmd = [exe, f"--query-gpu={','.join(IDENTITY_FIELDS)}", "--format=csv,noheader,nounits"]
-    uuid = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "uuid", None)
-    if uuid is not None:
-        cmd += ["-i", f"GPU-{uuid}"]
+    cmd = [exe, f"--query-gpu={','.join(IDENTITY_FIELDS)}", "--format=csv,noheader,nounits", *_smi_this_gpu()]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False).stdout
     except (OSError, subprocess.TimeoutExpired):
@@ -130,10 +133,8 @@ class GpuMonitor:
         exe = shutil.which("nvidia-smi")
         if not sample or exe is None or not torch.cuda.is_available():
             return
-        cmd = [exe, f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits", "-lms", str(period_ms)]
-        uuid = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "uuid", None)
-        if uuid is not None:
-            cmd += ["-i", f"GPU-{uuid}"]
+        cmd = [exe, f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits", "-lms", str(period_ms),
+               *_smi_this_gpu()]
         self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         threading.Thread(target=self._read, daemon=True).start()
 
