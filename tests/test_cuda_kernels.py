@@ -478,23 +478,18 @@ def test_tma_matches_cp_async(kw, monkeypatch):
         for name, got in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads)):
             assert torch.equal(r[name], got), f"{name}: {what} differ"
 
-    monkeypatch.setenv("DILATED_SPARSE_TMA", "0")
-    same_again("TMA and cp.async copies")
-    monkeypatch.setenv("DILATED_SPARSE_TMA", "1")
-    monkeypatch.setenv("DILATED_SPARSE_SPLIT_PRODUCER", "0")
-    poison()
-    grads = bwd_again(r)
-    torch.cuda.synchronize()
-    for name, got in zip(("dq", "dk", "dv"), grads):
-        assert torch.equal(r[name], got), f"{name}: split and single producer loops differ"
-    monkeypatch.setenv("DILATED_SPARSE_SPLIT_PRODUCER", "1")
-    monkeypatch.setenv("DILATED_SPARSE_DECODE_AHEAD", "0")
-    same_again("decoding ahead and after an item's copies")
-    monkeypatch.setenv("DILATED_SPARSE_POST_LOOKUP", "0")
-    same_again("the producer's and the consumers' lookups of an item's first tile")
-    monkeypatch.setenv("DILATED_SPARSE_DECODE_AHEAD", "1")
-    same_again("the consumers' lookups, decoding ahead")
-    monkeypatch.setenv("DILATED_SPARSE_POST_LOOKUP", "1")
+    for switches, what in [
+        ({"DILATED_SPARSE_TMA": "0"}, "TMA and cp.async copies"),
+        ({"DILATED_SPARSE_SPLIT_PRODUCER": "0"}, "split and single producer loops"),
+        ({"DILATED_SPARSE_DECODE_AHEAD": "0"}, "decoding ahead and after an item's copies"),
+        ({"DILATED_SPARSE_DECODE_AHEAD": "0", "DILATED_SPARSE_POST_LOOKUP": "0"},
+         "the producer's and the consumers' lookups of an item's first tile"),
+        ({"DILATED_SPARSE_POST_LOOKUP": "0"}, "the consumers' lookups, decoding ahead"),
+    ]:
+        with monkeypatch.context() as m:  # each against the defaults (TMA required, as above)
+            for var, value in switches.items():
+                m.setenv(var, value)
+            same_again(what)
     if kw["D"] in (64, 128) and torch.cuda.get_device_capability() == (9, 0):  # read where set_tma runs
         for var in ("DILATED_SPARSE_SPLIT_PRODUCER", "DILATED_SPARSE_DECODE_AHEAD", "DILATED_SPARSE_POST_LOOKUP"):
             monkeypatch.setenv(var, "yes")

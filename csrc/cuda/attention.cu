@@ -951,8 +951,7 @@ void set_tma(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tens
   TORCH_CHECK(ok || mode != "1", "dilated_sparse CUDA: DILATED_SPARSE_TMA=1 but the driver did not encode a TMA "
               "descriptor for q, k, v, dout or out (shape ", q.sizes(), ", strides ", q.strides(), ")");
   p.tma = ok ? 1 : 0;
-  const bool split = env_switch("DILATED_SPARSE_SPLIT_PRODUCER", true);
-  p.split_producer = p.tma && split;
+  p.split_producer = env_switch("DILATED_SPARSE_SPLIT_PRODUCER", true) && p.tma;  // checked even without TMA
   p.decode_ahead = env_switch("DILATED_SPARSE_DECODE_AHEAD", true) ? 1 : 0;
   p.post_lookup = env_switch("DILATED_SPARSE_POST_LOOKUP", true) ? 1 : 0;
 }

@@ -787,16 +787,10 @@ __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, i
     // last item is taken here, before the CTA exits.
     if (wg == 1) sm90::named_arrive(1, 128 * kWG);
     for (int n = 0;; ++n) {
-      if constexpr (kOpen) {
-        int any;
-        const ItemInfo d = take_item<kOpenAt>(sy, n, &any);
-        if (d.item < 0) break;
-        if (consumer_item(d, ring, nres, any)) ++nres;
-      } else {
-        const ItemInfo d = take_item(sy, n);
-        if (d.item < 0) break;
-        if (consumer_item(d, ring, nres, -1)) ++nres;
-      }
+      int any = -1;  // kOpen: the producer's lookup (take_item)
+      const ItemInfo d = take_item<kOpenAt>(sy, n, &any);
+      if (d.item < 0) break;
+      if (consumer_item(d, ring, nres, any)) ++nres;
     }
     if (wg == 0) sm90::named_sync(1, 128 * kWG);
   } else {
@@ -1000,6 +994,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
   auto consumer_item = [&](const ItemInfo& d, int& ring, int nres, int posted_any) {
     use_buffer(nres);
     bool any;
+    // start_posted(-1) is start(), but calling it in every forward changed the D128 kernel's SASS.
     if constexpr (Cfg::kPostLookup) {
       C.start_posted(p, d, posted_any);
       any = C.more;

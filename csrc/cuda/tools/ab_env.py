@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_point import point_calls
+from bench_point import l2_flush_buffer, point_calls
 
 
 def time_modes(call: Callable[[], object], var: str, modes: list[str], rounds: int,
@@ -95,7 +95,7 @@ def main() -> int:
         print("needs a CUDA device", file=sys.stderr)
         return 2
     modes = args.modes.split(",")
-    flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
+    flush = l2_flush_buffer()
     header = ["point", f"fwd {modes[0]} (us)"] + [f"fwd {m} / {modes[0]} (faster)" for m in modes[1:]]
     if not args.fwd_only:
         header += [f"f+b {modes[0]} (us)"] + [f"f+b {m} / {modes[0]} (faster)" for m in modes[1:]]

@@ -87,10 +87,10 @@ def main() -> int:
     ap.add_argument("--kernels", default="fwd,dkv")
     ap.add_argument("--save", default="", help="write the raw stamps here (torch.save)")
     args = ap.parse_args()
-    from bench_point import point_calls
+    from bench_point import l2_flush_buffer, point_calls
 
     buf = torch.zeros(MAX_CTAS * ITEMS * ROLES * SLOTS, dtype=torch.int64, device="cuda")
-    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    flush = l2_flush_buffer()
     saved = {}
     for spec in args.patterns.split(","):
         kind, dens = spec.split(":")

@@ -38,24 +38,21 @@ def main() -> int:
     ap.add_argument("--fwd-only", action="store_true")
     ap.add_argument("--iters", type=int, default=7)
     args = ap.parse_args()
-    from bench_point import point_calls
+    from bench_point import l2_flush_buffer, point_calls
 
-    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")  # as triton's do_bench
+    flush = l2_flush_buffer()
     for spec in args.patterns.split(","):
         kind, dens = spec.split(":")
         fwd, fwd_bwd = point_calls(f"{args.shape}:{spec}", args.block)
         call = fwd if args.fwd_only else fwd_bwd  # fwd_bwd clears the gradients first
 
-        def reset() -> None:
-            flush.zero_()
-
         for _ in range(5):
-            reset()
+            flush.zero_()
             call()
         torch.cuda.synchronize()
         ev_ms, host_ms = [], []
         for _ in range(20):
-            reset()
+            flush.zero_()
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
             t0 = time.perf_counter()
@@ -66,7 +63,7 @@ def main() -> int:
             ev_ms.append(s.elapsed_time(e))
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(args.iters):
-                reset()
+                flush.zero_()
                 call()
             torch.cuda.synchronize()
         path = os.path.join(tempfile.mkdtemp(), "trace.json")
