@@ -392,17 +392,20 @@ def test_ds_scratch_backward(kw, dtype, monkeypatch):
 # The dS-scratch backward in chunks of repeats (the (b, h) pairs sharing a layout slice), where the
 # whole scratch exceeds DILATED_SPARSE_BWD_SCRATCH_MB but one dK/dV repeat fits: GQA (a chunk holds
 # whole query-head groups), chunks that cross a batch boundary and end uneven, batches as the
-# repeats of per-head layouts; one chunk buffer (cases 1 and 3: two chunks do not fit) and two,
-# the chunks alternating between two streams (case 2). Forced (DILATED_SPARSE_BWD_SCRATCH_CHUNKS=1):
-# bit for bit against the whole scratch and the recompute backward, and the scratch measured (at
-# least one repeat's, at most the limit). By default (auto) chunks this small do not pay and the
-# recompute backward runs (no scratch); 0 never chunks.
+# repeats of per-head layouts, heads as the repeats of per-batch layouts; one chunk buffer (cases 1
+# and 3: two chunks do not fit) and two, the chunks alternating between two streams (cases 2 and 4).
+# Forced (DILATED_SPARSE_BWD_SCRATCH_CHUNKS=1): bit for bit against the whole scratch and the
+# recompute backward, and the scratch measured (at least one repeat's, at most the limit). Each
+# measured call follows the same call with another dout, so that workspace rows (Delta) a call left
+# unwritten would hold that call's values, not the right ones. By default (auto) chunks this small
+# do not pay and the recompute backward runs (no scratch); 0 never chunks.
 @pytest.mark.parametrize(
     "kw, limit_mb",
     [
         ({"Sq": 1024, "bq": 128, "bk": 128, "density": 1.0, "causal": True, "H": 6, "Hkv": 2}, 7),
         ({"Sq": 700, "Sk": 900, "bq": 128, "bk": 128, "density": 0.6, "empty_rows": 0.3, "B": 2, "H": 4}, 2),
         ({"Sq": 1024, "bq": 256, "bk": 256, "density": 0.8, "use_kpm": True, "lh": 0, "B": 3, "H": 2}, 4),
+        ({"Sq": 800, "bq": 128, "bk": 128, "density": 0.7, "lb": 0, "B": 2, "H": 8, "Hkv": 4}, 9),
     ],
 )
 def test_ds_scratch_chunks(kw, limit_mb, monkeypatch):
@@ -412,10 +415,12 @@ def test_ds_scratch_chunks(kw, limit_mb, monkeypatch):
     rep_bytes = q_rep_bytes * (q_reps // reps)  # one dK/dV repeat's dS
     limit = limit_mb << 20
     assert rep_bytes <= limit and reps * rep_bytes > limit + (1 << 20), "the case must need several chunks"
+    other_dout = dict(r, do=-2 * r["do"])
 
     def bwd(limit_env: str, chunks: str):
         monkeypatch.setenv("DILATED_SPARSE_BWD_SCRATCH_MB", limit_env)
         monkeypatch.setenv("DILATED_SPARSE_BWD_SCRATCH_CHUNKS", chunks)
+        bwd_again(other_dout)
         return bwd_peak(r)
 
     # every path once first, so that each measured call finds its tile plans cached
