@@ -396,9 +396,10 @@ def test_ds_scratch_backward(kw, dtype, monkeypatch):
 # and 3: two chunks do not fit) and two, the chunks alternating between two streams (cases 2 and 4).
 # Forced (DILATED_SPARSE_BWD_SCRATCH_CHUNKS=1): bit for bit against the whole scratch and the
 # recompute backward, and the scratch measured (at least one repeat's, at most the limit). Each
-# measured call follows the same call with another dout, so that workspace rows (Delta) a call left
-# unwritten would hold that call's values, not the right ones. By default (auto) chunks this small
-# do not pay and the recompute backward runs (no scratch); 0 never chunks.
+# measured call follows the same call with another dout: the caching allocator hands it the same
+# workspace blocks back, so rows (Delta) that a chunk left unwritten would hold the other dout's
+# values, not the right ones. By default (auto) chunks this small do not pay and the recompute
+# backward runs (no scratch); 0 never chunks.
 @pytest.mark.parametrize(
     "kw, limit_mb",
     [
