@@ -66,6 +66,19 @@ def csr(mask: torch.Tensor, dev: str) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(dev, torch.int32).contiguous() for t in (crow, col, ccol, row))
 
 
+def flex_block_mask(layout: torch.Tensor, seq: int, block: int, device: str) -> Any:
+    """FlexAttention's BlockMask of the block layout [nb, nb] (bool) over `seq` tokens, blocks of
+    `block`: the same blocks our kernels see."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    lay = layout.to(device)
+
+    def mask_mod(b, h, qi, ki):
+        return lay[qi // block, ki // block]
+
+    return create_block_mask(mask_mod, None, None, seq, seq, device=device, BLOCK_SIZE=block)
+
+
 class _Attn(torch.autograd.Function):
     """Thin autograd wrapper over the ops (what ds.block_sparse_attention runs, minus validation)."""
 
@@ -257,7 +270,7 @@ def main() -> int:
     dev = "cuda"
     flex = None
     if not args.no_flex:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from torch.nn.attention.flex_attention import flex_attention
 
         flex = torch.compile(flex_attention, dynamic=False)
     rows: list[dict[str, Any]] = []
@@ -321,13 +334,8 @@ def main() -> int:
                             os.environ.pop(key, None)
                 if flex is None or bs != 128:
                     continue
-                lay_dev = lay_mask.to(dev)
-
-                def mask_mod(b, h, qi, ki, lay_dev=lay_dev, bs=bs):
-                    return lay_dev[qi // bs, ki // bs]
-
                 try:
-                    bm = create_block_mask(mask_mod, None, None, S, S, device=dev, BLOCK_SIZE=bs)
+                    bm = flex_block_mask(lay_mask, S, bs, dev)
                     qf, kf, vf = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
 
                     def fx(bm=bm, qf=qf, kf=kf, vf=vf, scale=scale):

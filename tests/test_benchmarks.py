@@ -1,7 +1,11 @@
-"""The GPU benchmark's clock monitor (benchmarks/gpu_bench.py): parsing and per-timing summaries."""
+"""The GPU benchmark's helpers (benchmarks/gpu_bench.py): the clock monitor's parsing, per-timing
+summaries, the GPU identity and Flex's block mask of a layout."""
 
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -40,3 +44,10 @@ def test_identity_parses_one_gpu_line_and_skips_others():
     assert list(ident) == list(gpu_bench.IDENTITY_FIELDS)
     assert gpu_bench.parse_identity("No devices were found") == {}
     assert gpu_bench.parse_identity("") == {}
+
+
+def test_flex_block_mask_holds_the_layouts_blocks():
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    layout = gpu_bench.pattern(8, "dilated", 0.4)
+    block_mask = gpu_bench.flex_block_mask(layout, 8 * 128, 128, "cpu")
+    assert torch.equal(block_mask.to_dense()[0, 0].bool(), layout)

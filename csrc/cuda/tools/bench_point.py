@@ -62,12 +62,11 @@ def point_calls(point: str, block: int = 128) -> tuple[Callable[[], torch.Tensor
 def flex_point_calls(point: str, block: int = 128) -> tuple[Callable[[], torch.Tensor], Callable[[], None]]:
     """FlexAttention's forward and forward+backward calls of `point` (``torch.compile``d, the same
     block mask as ``point_calls``' layout, [B, H, S, D] inputs), as ``gpu_bench.py`` times them."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from gpu_bench import flex_block_mask  # here: ab_builds.py loads this file over older trees' gpu_bench
+    from torch.nn.attention.flex_attention import flex_attention
 
     B, H, S, D, kind, density = parse_point(point)
-    mask = pattern(S // block, kind, density).to("cuda")
-    block_mask = create_block_mask(lambda b, h, qi, ki: mask[qi // block, ki // block], None, None, S, S,
-                                   device="cuda", BLOCK_SIZE=block)
+    block_mask = flex_block_mask(pattern(S // block, kind, density), S, block, "cuda")
     flex = torch.compile(flex_attention, dynamic=False)
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
