@@ -107,10 +107,15 @@ IDENTITY_FIELDS = ("uuid", "pci.bus_id", "driver_version", "vbios_version", "clo
                    "power.limit", "ecc.mode.current", "temperature.gpu")
 
 
-def _smi_this_gpu() -> list[str]:
-    """``nvidia-smi`` arguments that select the current CUDA device (none where torch has no uuid)."""
+def _smi_query(fields: str, *extra: str) -> list[str] | None:
+    """The ``nvidia-smi`` command that queries `fields` (CSV, no header or units) of the current CUDA
+    device (selected by uuid where torch has one), or None without ``nvidia-smi`` or CUDA."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None or not torch.cuda.is_available():
+        return None
     uuid = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "uuid", None)
-    return ["-i", f"GPU-{uuid}"] if uuid is not None else []
+    select = ["-i", f"GPU-{uuid}"] if uuid is not None else []
+    return [exe, f"--query-gpu={fields}", "--format=csv,noheader,nounits", *extra, *select]
 
 
 def parse_identity(line: str) -> dict[str, str]:
@@ -121,10 +126,9 @@ def parse_identity(line: str) -> dict[str, str]:
 
 def gpu_identity() -> dict[str, str]:
     """The current GPU's identity and fixed settings from ``nvidia-smi`` (empty without it)."""
-    exe = shutil.which("nvidia-smi")
-    if exe is None or not torch.cuda.is_available():
+    cmd = _smi_query(",".join(IDENTITY_FIELDS))
+    if cmd is None:
         return {}
-    cmd = [exe, f"--query-gpu={','.join(IDENTITY_FIELDS)}", "--format=csv,noheader,nounits", *_smi_this_gpu()]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False).stdout
     except (OSError, subprocess.TimeoutExpired):
@@ -143,11 +147,9 @@ class GpuMonitor:
     def __init__(self, period_ms: int = 50, sample: bool = True) -> None:
         self.samples: list[tuple[float, float, float, str]] = []
         self._proc: subprocess.Popen[str] | None = None
-        exe = shutil.which("nvidia-smi")
-        if not sample or exe is None or not torch.cuda.is_available():
+        cmd = _smi_query(self.QUERY, "-lms", str(period_ms)) if sample else None
+        if cmd is None:
             return
-        cmd = [exe, f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits", "-lms", str(period_ms),
-               *_smi_this_gpu()]
         self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         threading.Thread(target=self._read, daemon=True).start()
 

@@ -102,6 +102,11 @@ constexpr float kLazyHeadroom = 8.f;
 // equal at 1-3 key blocks a row, so the next Q was not what short items waited for.
 constexpr int kFwdQRegs = 128;
 
+// Byte offset of the mailbox's item_full barriers in the PingSync of a ring of `stages` (after full[]
+// and empty[] of each stage and res_full[2], res_empty[2], as make_ping_sync lays them out): a kernel
+// that keeps words at a fixed distance from them (FwdSm90Cfg::kOpenAt) counts from it.
+constexpr int mailbox_at(int stages) { return 16 * stages + 32; }
+
 // Threads, primary-tile buffers and mbarrier bytes of a schedule: kWG consumer warpgroups, plus
 // the producer warpgroup and the PingSync barriers with ping-pong.
 template <int kWG_, int kSched>
@@ -190,7 +195,7 @@ struct FwdSm90Cfg : Sm90Threads<kWG_, kSchedM & kSchedMask> {
   // kOpenAt) in two 32-bit words after the records, kOpenAt bytes after the item_full barriers.
   static constexpr bool kPostLookup = Base::kPing && kD <= 64;
   static constexpr int kPostBytes = kPostLookup ? 16 : 0;
-  static constexpr int kOpenAt = kPostLookup ? Base::kBarBytes - 16 * kStages - 32 + kRecBytes : 0;
+  static constexpr int kOpenAt = kPostLookup ? Base::kBarBytes + kRecBytes - mailbox_at(kStages) : 0;
   static constexpr int kSmem = Base::smem(kResBytes, kKVBytes, kStages + kVSlots) + kOBytes + kRecBytes + kPostBytes;
   static_assert(kSmem <= kMaxSmem, "forward tile does not fit in shared memory");
 };
@@ -274,7 +279,7 @@ __device__ __forceinline__ PingSync make_ping_sync(uint32_t at, unsigned char* g
   s.empty = at + 8 * stages;
   s.res_full = at + 16 * stages;
   s.res_empty = s.res_full + 16;
-  s.item_full = s.res_empty + 16;
+  s.item_full = s.res_empty + 16;  // at + mailbox_at(stages)
   s.item_empty = s.item_full + 16;
   s.slot = reinterpret_cast<volatile ItemInfo*>(gen + (s.item_empty + 16 - at));  // 8-byte aligned
   s.vfull = s.item_empty + 16 + 2 * static_cast<uint32_t>(sizeof(ItemInfo));
