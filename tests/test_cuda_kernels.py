@@ -608,6 +608,70 @@ def test_cuda_graph_capture(bs, D):
         assert (rel(a, b) < 1e-2) if split_forced else torch.equal(a, b), name
 
 
+def test_forward_work_counter_resets_itself():
+    """The persistent forward takes its items from a per-stream counter that its last CTA zeroes (no fill
+    kernel before it). Launches of different grids back to back on one stream, on two streams at once,
+    and a captured graph replayed on a side stream beside eager calls all reproduce the eager outputs
+    bit for bit, with outputs poisoned before each; the eager ones match the reference."""
+    ops = _ops()
+    g = torch.Generator(device="cpu").manual_seed(3)
+    args = (128, 128, 1, 1, 0.125, False, -1, -1, None, None)
+    cases = []  # (q, k, v, crow, col): 160 items (more than an H100 / H200 has SMs), 3, 320
+    for H, nb, D in ((8, 20, 128), (1, 3, 64), (16, 20, 64)):
+        idx = torch.arange(nb)
+        mask = ((idx.view(-1, 1) - idx.view(1, -1)).abs() <= 1).view(1, 1, nb, nb).to(DEV)
+        q, k, v = (torch.randn(1, nb * 128 - 5, H, D, generator=g).to(DEV, torch.bfloat16) for _ in range(3))
+        cases.append((q, k, v, *csr_from_mask(mask)[:2]))
+        if len(cases) < 3:
+            allowed = token_mask(mask, 1, H, q.shape[1], q.shape[1], 128, 128, False, -1, -1, None, None)
+            ro, rl, _ = reference(q, k, v, allowed, 0.125)
+            out, lse = ops.block_sparse_attn_fwd(*cases[-1], *args)
+            assert rel(out, ro) < 2e-2 and (lse.double() - rl).abs().max().item() < 2e-2
+            del ro, rl, allowed
+
+    def fwd(i):
+        return ops.block_sparse_attn_fwd(*cases[i], *args)
+
+    poison()
+    eager = [fwd(i) for i in range(3)]
+    torch.cuda.synchronize()
+
+    def same(got, i):
+        assert torch.equal(got[0], eager[i][0]) and torch.equal(got[1], eager[i][1]), f"case {i}"
+
+    for order in ((0, 1, 0, 2, 1, 2), (2, 2, 1, 1, 0, 0)):  # one stream, grids of every size in turn
+        for i in order:
+            poison()
+            same(fwd(i), i)
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    poison()
+    torch.cuda.synchronize()
+    got = {}
+    for rnd in range(3):  # two streams at once, each its own counter
+        with torch.cuda.stream(s1):
+            got[(rnd, 1)] = (fwd(0), fwd(1))
+        with torch.cuda.stream(s2):
+            got[(rnd, 2)] = (fwd(2), fwd(0))
+    torch.cuda.synchronize()
+    for rnd in range(3):
+        for stream, cases_run in ((1, (0, 1)), (2, (2, 0))):
+            for res, i in zip(got[(rnd, stream)], cases_run):
+                same(res, i)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fwd(2)
+    for t in captured:
+        t.fill_(float("nan"))
+    torch.cuda.synchronize()
+    s1.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s1):
+        graph.replay()  # beside the eager calls below, which use the default stream's counter
+    beside = [fwd(2), fwd(0)]
+    torch.cuda.synchronize()
+    for res, i in ((captured, 2), (beside[0], 2), (beside[1], 0)):
+        same(res, i)
+
+
 def test_plan_cache_sees_inplace_edits():
     """Tile plans are cached per index tensor; an in-place edit of col must not reuse a stale plan."""
     nb, bs = 6, 64

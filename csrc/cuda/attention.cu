@@ -33,6 +33,7 @@
 #include <deque>
 #include <functional>
 #include <limits>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -965,10 +966,26 @@ void stream_wait(cudaStream_t waiter, cudaStream_t signaller) {
   C10_CUDA_CHECK(cudaEventDestroy(ev));  // released once the wait no longer needs it
 }
 
-// Zeroed work counters of the persistent (sm_90a) kernels, one per launch; undefined for none (the
-// forward's: the backward's are zeroed by its Delta kernel).
-at::Tensor work_counters(int n, const at::Tensor& like) {
-  return n > 0 ? at::zeros({n}, like.options().dtype(at::kInt)) : at::Tensor();
+// The forward's work counter and its count of CTAs done (Params::work_done): one pair per (device,
+// stream), zeroed once, that each forward's last CTA zeroes again (release_work_counter), so a
+// forward launches no fill kernel before it (RESULTS.md, twenty-seventh session: the fill and its
+// launch gap were ~2-5 us a call). Launches on one stream run in order, so they never share a
+// pair at the same time. While `stream` is captured into a graph, a fresh zeroed pair (a fill
+// node, memory of the graph's pool): a graph may be replayed on any stream, beside eager calls.
+// The pairs are never freed (4 bytes each, a few streams a process; no teardown-order question).
+int* forward_work_counter(const at::Tensor& like, cudaStream_t stream, at::Tensor& keep) {
+  cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &cap));
+  if (cap != cudaStreamCaptureStatusNone) {
+    keep = at::zeros({2}, like.options().dtype(at::kInt));
+    return keep.data_ptr<int>();
+  }
+  static std::mutex mu;
+  static auto* pairs = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();
+  std::lock_guard<std::mutex> lock(mu);
+  at::Tensor& pair = (*pairs)[{static_cast<int>(like.get_device()), stream}];
+  if (!pair.defined()) pair = at::zeros({2}, like.options().dtype(at::kInt));  // on `stream`: before the first use
+  return pair.data_ptr<int>();
 }
 
 at::Tensor opt_contig(const std::optional<at::Tensor>& t) {
@@ -1015,8 +1032,11 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
     p.lpart = lpart.data_ptr<float>();
   }
   const int64_t units = p.tl.work != nullptr ? keep.nwork : static_cast<int64_t>(L) * p.tl.ntiles;
-  const at::Tensor counter = work_counters(kf.arch == 90 ? 1 : 0, q);
-  p.work_counter = counter.defined() ? counter.data_ptr<int>() : nullptr;
+  at::Tensor counter_keep;
+  if (kf.arch == 90) {
+    p.work_counter = forward_work_counter(q, stream, counter_keep);
+    p.work_done = p.work_counter + 1;
+  }
   if (kf.arch == 90) set_tma(p, q, k, v, at::Tensor(), kf.pm, kf.sn, kf.tma_out ? out : at::Tensor());
   kf.fn(p, units * rep, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -348,6 +348,19 @@ __device__ __forceinline__ int fetch_item(const PingSync& s, const Params& p, in
   return s.slot[n & 1].item;
 }
 
+// A persistent kernel's producer thread 0, after its last claim, with a self-resetting counter
+// (p.work_done): the CTA counts itself done, and the last CTA to do so zeroes the counter and the
+// count for the next launch on the stream, which then needs no fill kernel before it. Every CTA's
+// claims come before its count (fence), so none can follow the reset.
+__device__ __forceinline__ void release_work_counter(const Params& p) {
+  if (p.work_done == nullptr) return;
+  __threadfence();
+  if (atomicAdd(p.work_done, 1) == static_cast<int>(gridDim.x) - 1) {
+    *p.work_counter = 0;
+    *p.work_done = 0;
+  }
+}
+
 // The fields of an ItemInfo after `item`, between a register copy and the mailbox slot (volatile).
 template <class Dst, class Src>
 __device__ __forceinline__ void copy_item_fields(Dst& d, const Src& v) {
@@ -676,6 +689,7 @@ __device__ __forceinline__ void release_primary(const PingSync& sy, int nres) {
 // consumers wait ~1200 cycles less for each item's Q, and the forward is 1-4.5% faster. Compiled
 // into the forward only: in dK/dV it raised the producer's spills (112 -> 246 bytes of stores) and
 // the backward's A/B showed no gain (1.000-1.039, within that A/B's spread).
+// kSelfReset (the forward): the producer's thread 0 ends with release_work_counter.
 // kRebalance: the producer hands registers to the consumers (setmaxnreg); a kernel whose consumers
 // need few keeps the launch's split.
 // kSplit (compiled) and p.split_producer (at run time; the kernel's PingSync made with it): the
@@ -703,7 +717,7 @@ __device__ __forceinline__ void release_primary(const PingSync& sy, int nres) {
 // mailbox, left it 2.5% slower at S16k local 2.5%: twenty-third session), and dK/dV gained
 // nothing (fwd+bwd 0.997-1.002).
 template <bool kPing, int kWG, bool kRebalance = true, bool kSplit = false, bool kDecodeAhead = false,
-          int kOpenAt = 0, class ProducerItem, class ConsumerItem>
+          int kOpenAt = 0, bool kSelfReset = false, class ProducerItem, class ConsumerItem>
 __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, int wg, int ltid,
                                           ProducerItem producer_item, ConsumerItem consumer_item) {
   constexpr bool kOpen = kOpenAt > 0;
@@ -782,6 +796,7 @@ __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, i
           if (producer_item(d, ring, nres, NoHook{}, opener(n))) ++nres;
         }
       }
+      if (kSelfReset && ltid == 0) release_work_counter(p);
       cp_async_wait<0>();
       return;
     }
@@ -1168,7 +1183,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
     }
     return any;
   };
-  run_items<Cfg::kPing, kWG, true, false, true, Cfg::kOpenAt>(p, sy, wg, ltid, producer_item, consumer_item);
+  run_items<Cfg::kPing, kWG, true, false, true, Cfg::kOpenAt, true>(p, sy, wg, ltid, producer_item, consumer_item);
   if (Cfg::kOBytes > 0 && wg < kWG && o_issuer) sm90::bulk_wait();  // before the CTA's memory goes
 #else
   __trap();
@@ -1768,7 +1783,8 @@ __global__ void __launch_bounds__(DqDsSm90Cfg<kD>::kThreads, 1) dq_ds_sm90_kerne
 // ---------------------------------------------------------------------------------------------
 
 // Ping-pong kernels are persistent: one CTA per SM (they fill it), taking items from
-// p.work_counter, which the host zeroes before the launch; the other schedules run a CTA per item.
+// p.work_counter, which is zero at the launch (the forward's resets itself, the backward's are
+// zeroed by its Delta kernel); the other schedules run a CTA per item.
 template <auto kKernel, int kThreads, int kSmem, bool kPersistent>
 void launch_sm90(const Params& p, int64_t items, cudaStream_t stream) {
   if constexpr (!kPersistent) {
