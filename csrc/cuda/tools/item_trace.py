@@ -18,6 +18,10 @@ start and lookahead, the wait for the first slot, the copies, and the turnaround
 last copy to the next item's first. With the forward's decode ahead (the default), item n's claim,
 decode and post happen during item n - 1, so its "claim" reads negative and "start and lookahead"
 spans the rest of item n - 1's copies. RESULTS.md (twenty-second session) has the numbers it gave.
+Then the launch as a whole (whole_kernel: the patch's stamp_kernel writes the globaltimer and clock64
+at each CTA's entry and exit): where each CTA's time goes, the first item (cold: every CTA loads its
+first Q and tiles from DRAM at once) against the middle ones, and the wait for the last CTA
+(RESULTS.md, twenty-seventh session).
 --save writes the raw stamps (torch.save of a dict of [CTAs, items, roles, slots] tensors).
 Checked at D128 (the default shape). At D64 (``--shape 1x32x16384x64``, twenty-fourth session) the
 forward's first-tile and first-turn phases and "first tile landed" came out as large negative and
@@ -36,6 +40,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 MAX_CTAS, ITEMS, ROLES, SLOTS = 200, 64, 3, 8  # as the patch's stamp(): kTraceItems, kTraceSlots
+KERNEL = ITEMS - 1  # the item slot of stamp_kernel's stamps (globaltimer and clock64 at entry and exit)
+CONSUMER_PHASES = ("take", "start", "primary wait", "first tile wait", "first turn", "body", "epilogue")
 
 
 def median(xs: list[float]) -> float:
@@ -52,7 +58,7 @@ def phases(t: list) -> tuple[dict[str, list[float]], list[int]]:
 
     items_per_cta = []
     for T in (t[c] for c in range(MAX_CTAS) if t[c][0][0][0] != 0):
-        n_items = sum(1 for n in range(ITEMS) if T[n][0][0] != 0 and T[n][0][6] != 0)
+        n_items = sum(1 for n in range(KERNEL) if T[n][0][0] != 0 and T[n][0][6] != 0)
         items_per_cta.append(n_items)
         for n in range(1, n_items - 1):
             for r in (0, 1):
@@ -78,6 +84,51 @@ def phases(t: list) -> tuple[dict[str, list[float]], list[int]]:
             add("p turnaround (last copy to the next first)", P[4] - Pp[5])
             add("c0 first tile landed - p first copy", T[n][0][3] - P[4])
     return rows, items_per_cta
+
+
+def whole_kernel(t: list) -> dict[str, float]:
+    """Where a traced launch's time goes, per CTA (means over CTAs, us unless named): its start after the
+    first CTA's, entry to its first item, its first item, the middle items, its last item, the end of
+    its item loop, and the wait for the last CTA; the launch's span (first entry to last exit, by the
+    globaltimer) and SM clock (clock64 cycles per globaltimer ns); and, in cycles, consumer warpgroup
+    0's phases of the first item (`first ...`) against their medians over the middle items (`mid ...`).
+    The first item's Q and tiles come from DRAM for every CTA at once; the middle items' from L2."""
+    ctas = [c for c in range(MAX_CTAS) if t[c][KERNEL][0][0] != 0]
+    if not ctas:
+        return {}
+    t0 = min(t[c][KERNEL][0][0] for c in ctas)
+    t_end = max(t[c][KERNEL][r][2] for c in ctas for r in range(ROLES))
+    out: dict[str, list[float]] = {}
+
+    def add(key: str, val: float) -> None:
+        out.setdefault(key, []).append(val)
+
+    for c in ctas:
+        X = t[c]
+        entry_ns, entry_clk, end_ns, end_clk = X[KERNEL][0][0], X[KERNEL][0][1], X[KERNEL][0][2], X[KERNEL][0][3]
+        ghz = (end_clk - entry_clk) / max(1, end_ns - entry_ns)
+        items = [n for n in range(KERNEL) if X[n][0][0] != 0 and X[n][0][6] != 0]
+        if len(items) < 3 or end_ns == 0:
+            continue
+        n_last = items[-1]
+        takes = [X[n][0][0] for n in items]
+        add("clock GHz", ghz)
+        add("start after the first CTA", (entry_ns - t0) / 1e3)
+        add("entry to the first item", (takes[0] - entry_clk) / ghz / 1e3)
+        add("first item", (takes[1] - takes[0]) / ghz / 1e3)
+        add("middle items", (takes[-1] - takes[1]) / ghz / 1e3)
+        add("last item", (X[n_last][0][6] - takes[-1]) / ghz / 1e3)
+        add("to the loop's end", (end_clk - X[n_last][0][6]) / ghz / 1e3)
+        add("wait for the last CTA", (t_end - end_ns) / 1e3)
+        for n in items[:-1]:
+            cur = X[n][0]
+            prev_end = entry_clk if n == 0 else X[n - 1][0][6]
+            vals = [cur[0] - prev_end] + [cur[i + 1] - cur[i] for i in range(6)]
+            for name, val in zip(CONSUMER_PHASES, vals):
+                add(f"{'first' if n == 0 else 'mid'} {name}", val)
+    res = {k: (median(v) if k.startswith("mid ") else sum(v) / len(v)) for k, v in out.items()}
+    res["span"] = (t_end - t0) / 1e3
+    return res
 
 
 def main() -> int:
@@ -114,6 +165,15 @@ def main() -> int:
                   "cycles, median (mean)")
             for key, vals in rows.items():
                 print(f"  {key:44s} {median(vals):8.0f} ({sum(vals) / len(vals):8.0f})")
+            whole = whole_kernel(stamps.tolist())
+            if whole:
+                print(f"  launch span {whole['span']:.1f} us at {whole['clock GHz']:.3f} GHz; per CTA, us (mean):")
+                for key in ("start after the first CTA", "entry to the first item", "first item", "middle items",
+                            "last item", "to the loop's end", "wait for the last CTA"):
+                    print(f"    {key:42s} {whole[key]:8.2f}")
+                print("  consumer warpgroup 0, cycles: the first item (mean) / the middle items (median)")
+                for name in CONSUMER_PHASES:
+                    print(f"    {name:42s} {whole['first ' + name]:8.0f} / {whole['mid ' + name]:8.0f}")
     if args.save:
         torch.save(saved, args.save)
     return 0
