@@ -722,6 +722,7 @@ __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, i
                                           ProducerItem producer_item, ConsumerItem consumer_item) {
   constexpr bool kOpen = kOpenAt > 0;
   static_assert(!(kOpen && kSplit), "the split producer's decoding warp posts its items itself");
+  static_assert(!(kSelfReset && kSplit), "the split producer's claims are not followed by a reset");
   int ring = 0, nres = 0;
   if constexpr (kPing) {
     if (kSplit && wg == kWG && p.split_producer) {
