@@ -167,13 +167,19 @@ struct PlanBufs {
   int len_max = -1;
 };
 
+// Whether `stream` is being captured into a CUDA graph (true also if the query fails: the callers then
+// take the path that is safe under capture).
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+  return cudaStreamIsCapturing(stream, &cap) != cudaSuccess || cap != cudaStreamCaptureStatusNone;
+}
+
 // Copies a plan's entries per primary tile to the host once, with their sum and maximum, into
 // `keep` (plans are cached per layout, so once per layout). False while the stream is being
 // captured into a graph (no device->host copy then).
 bool len_stats(PlanBufs& keep, cudaStream_t stream) {
   if (keep.len_max >= 0) return true;
-  cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(stream, &cap) != cudaSuccess || cap != cudaStreamCaptureStatusNone) return false;
+  if (capturing(stream)) return false;
   keep.len_host = keep.len.to(at::kCPU);
   const int* len = keep.len_host.data_ptr<int>();
   keep.len_total = 0;
@@ -966,7 +972,7 @@ void stream_wait(cudaStream_t waiter, cudaStream_t signaller) {
   C10_CUDA_CHECK(cudaEventDestroy(ev));  // released once the wait no longer needs it
 }
 
-// The forward's work counter and its count of CTAs done (Params::work_done): one pair per (device,
+// The forward's work counter and its count of CTAs done (Params::work_counter): one pair per (device,
 // stream), zeroed once, that each forward's last CTA zeroes again (release_work_counter), so a
 // forward launches no fill kernel before it (RESULTS.md, twenty-seventh session: the fill and its
 // launch gap were ~2-5 us a call). Launches on one stream run in order, so they never share a
@@ -974,9 +980,7 @@ void stream_wait(cudaStream_t waiter, cudaStream_t signaller) {
 // node, memory of the graph's pool): a graph may be replayed on any stream, beside eager calls.
 // The pairs are never freed (4 bytes each, a few streams a process; no teardown-order question).
 int* forward_work_counter(const at::Tensor& like, cudaStream_t stream, at::Tensor& keep) {
-  cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &cap));
-  if (cap != cudaStreamCaptureStatusNone) {
+  if (capturing(stream)) {
     keep = at::zeros({2}, like.options().dtype(at::kInt));
     return keep.data_ptr<int>();
   }
@@ -1035,9 +1039,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
   at::Tensor counter_keep;
   if (kf.arch == 90) {
     p.work_counter = forward_work_counter(q, stream, counter_keep);
-    p.work_done = p.work_counter + 1;
+    set_tma(p, q, k, v, at::Tensor(), kf.pm, kf.sn, kf.tma_out ? out : at::Tensor());
   }
-  if (kf.arch == 90) set_tma(p, q, k, v, at::Tensor(), kf.pm, kf.sn, kf.tma_out ? out : at::Tensor());
   kf.fn(p, units * rep, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.tl.work != nullptr && keep.nsplit > 0) {

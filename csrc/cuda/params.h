@@ -75,10 +75,10 @@ struct Params {
   const bool* kpm = nullptr;         // [B, Sk] contiguous, true = padding
   TileList tl;
   // Persistent kernels (sm_90a ping-pong): a CTA's first work item is blockIdx.x, later ones come
-  // from this counter (zero at the launch) until `items` are taken. With work_done (the forward's
-  // per-stream pair, attention.cu: forward_work_counter) the kernel's last CTA zeroes both again.
+  // from this counter (zero at the launch) until `items` are taken. The forward's is the first word
+  // of a pair whose second counts the CTAs done (attention.cu: forward_work_counter); its last CTA
+  // zeroes both again (kernels_sm90.cuh: release_work_counter).
   int* work_counter = nullptr;
-  int* work_done = nullptr;
   int64_t items = 0;
   // Backward through a dS scratch (attention.cu: ds_mode): dK/dV writes each block's dS^T as
   // [bk keys][bq queries] at slot (CSR entry x repeats + repeat), and dQ = dS K reads it back.

@@ -41,7 +41,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 MAX_CTAS, ITEMS, ROLES, SLOTS = 200, 64, 3, 8  # as the patch's stamp(): kTraceItems, kTraceSlots
 KERNEL = ITEMS - 1  # the item slot of stamp_kernel's stamps (globaltimer and clock64 at entry and exit)
-CONSUMER_PHASES = ("take", "start", "primary wait", "first tile wait", "first turn", "body", "epilogue")
+CONSUMER_PHASES = ("take (after the previous epilogue)", "start", "primary tiles wait", "first tile wait",
+                   "first turn wait", "body", "epilogue")
+
+
+def consumer_phases(cur: list, prev_end: int) -> list[int]:
+    """A consumer warpgroup's stamps of one item (slots 0-6) as the cycles of CONSUMER_PHASES, the take
+    counted from `prev_end` (the previous item's epilogue end, or the CTA's entry for its first)."""
+    return [cur[0] - prev_end] + [cur[i + 1] - cur[i] for i in range(6)]
 
 
 def median(xs: list[float]) -> float:
@@ -65,13 +72,8 @@ def phases(t: list) -> tuple[dict[str, list[float]], list[int]]:
                 cur, prv, nxt = T[n][r], T[n - 1][r], T[n + 1][r]
                 if cur[7] == 0:
                     continue
-                add(f"c{r} take (after the previous epilogue)", cur[0] - prv[6])
-                add(f"c{r} start", cur[1] - cur[0])
-                add(f"c{r} primary tiles wait", cur[2] - cur[1])
-                add(f"c{r} first tile wait", cur[3] - cur[2])
-                add(f"c{r} first turn wait", cur[4] - cur[3])
-                add(f"c{r} body", cur[5] - cur[4])
-                add(f"c{r} epilogue", cur[6] - cur[5])
+                for name, val in zip(CONSUMER_PHASES, consumer_phases(cur, prv[6])):
+                    add(f"c{r} {name}", val)
                 add(f"c{r} item (take to take)", nxt[0] - cur[0])
                 add(f"c{r} tiles", cur[7])
             P, Pp = T[n][2], T[n - 1][2]
@@ -121,10 +123,8 @@ def whole_kernel(t: list) -> dict[str, float]:
         add("to the loop's end", (end_clk - X[n_last][0][6]) / ghz / 1e3)
         add("wait for the last CTA", (t_end - end_ns) / 1e3)
         for n in items[:-1]:
-            cur = X[n][0]
             prev_end = entry_clk if n == 0 else X[n - 1][0][6]
-            vals = [cur[0] - prev_end] + [cur[i + 1] - cur[i] for i in range(6)]
-            for name, val in zip(CONSUMER_PHASES, vals):
+            for name, val in zip(CONSUMER_PHASES, consumer_phases(X[n][0], prev_end)):
                 add(f"{'first' if n == 0 else 'mid'} {name}", val)
     res = {k: (median(v) if k.startswith("mid ") else sum(v) / len(v)) for k, v in out.items()}
     res["span"] = (t_end - t0) / 1e3
