@@ -457,9 +457,7 @@ def test_ds_scratch_chunks(kw, limit_mb, monkeypatch):
 # with DILATED_SPARSE_DECODE_AHEAD=0 (each item decoded after the previous one's copies), and the
 # D64 forward's consumers looking up an item's first tile pair themselves with
 # DILATED_SPARSE_POST_LOOKUP=0, and every kernel without the plan's L2 prefetch at entry
-# (DILATED_SPARSE_PLAN_PREFETCH=0: a hint, which must not change a bit) or with a CTA's first tiles
-# issued at once instead of paced (DILATED_SPARSE_PACED_START=0: the same tiles, in another order
-# of arrival).
+# (DILATED_SPARSE_PLAN_PREFETCH=0: a hint, which must not change a bit).
 @pytest.mark.parametrize(
     "kw",
     [
@@ -495,7 +493,6 @@ def test_tma_matches_cp_async(kw, monkeypatch):
          "the producer's and the consumers' lookups of an item's first tile"),
         ({"DILATED_SPARSE_POST_LOOKUP": "0"}, "the consumers' lookups, decoding ahead"),
         ({"DILATED_SPARSE_PLAN_PREFETCH": "0"}, "with and without the plan prefetched into L2"),
-        ({"DILATED_SPARSE_PACED_START": "0"}, "a CTA's first tiles issued paced and at once"),
     ]:
         with monkeypatch.context() as m:  # each against the defaults (TMA required, as above)
             for var, value in switches.items():
@@ -503,7 +500,7 @@ def test_tma_matches_cp_async(kw, monkeypatch):
             same_again(what)
     if kw["D"] in (64, 128) and torch.cuda.get_device_capability() == (9, 0):  # read where set_tma runs
         for var in ("DILATED_SPARSE_SPLIT_PRODUCER", "DILATED_SPARSE_DECODE_AHEAD", "DILATED_SPARSE_POST_LOOKUP",
-                    "DILATED_SPARSE_PLAN_PREFETCH", "DILATED_SPARSE_PACED_START"):
+                    "DILATED_SPARSE_PLAN_PREFETCH"):
             monkeypatch.setenv(var, "yes")
             with pytest.raises(RuntimeError, match=var):
                 bwd_again(r)

@@ -17,8 +17,6 @@
 //   DILATED_SPARSE_POST_LOOKUP=0|1           sm_90 D64 forward: an item handed to the consumers
 //                                            once decoded / once the producer has looked up its
 //                                            first tile pair, which they then skip (run_items()).
-//   DILATED_SPARSE_PACED_START=0|1           sm_90 persistent kernels: a CTA's first ring tiles issued
-//                                            at once / each once the one before it landed (produce()).
 //   DILATED_SPARSE_PLAN_PREFETCH=0|1         sm_90 persistent kernels: no prefetch / their producers
 //                                            prefetch the plan into L2 at entry (set_plan_prefetch()).
 //   DILATED_SPARSE_BWD_SCRATCH_MB=<MiB>      largest dS scratch (scratch_limit_bytes()).
@@ -965,7 +963,6 @@ void set_tma(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tens
   p.split_producer = env_switch("DILATED_SPARSE_SPLIT_PRODUCER", true) && p.tma;  // checked even without TMA
   p.decode_ahead = env_switch("DILATED_SPARSE_DECODE_AHEAD", true) ? 1 : 0;
   p.post_lookup = env_switch("DILATED_SPARSE_POST_LOOKUP", true) ? 1 : 0;
-  p.paced_start = env_switch("DILATED_SPARSE_PACED_START", true) ? 1 : 0;
 }
 
 // Params::prefetch_at / prefetch_lines for a persistent kernel walking tile list tl (planned from

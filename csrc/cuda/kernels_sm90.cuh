@@ -651,15 +651,10 @@ __device__ __forceinline__ void run_tiles(const int& stage, int& ring, int wg, i
 // first ring tile, so that tile loads while the consumers finish the previous item; with two,
 // first; with none (kResBufs 0: the dQ-from-dS kernel reads both operands from the ring), never.
 // ahead(): called once, after the first tile's copies (and the primary tiles' with one buffer).
-// paced (Params::paced_start): the CTA's first kStages ring tiles go out one at a time, each once
-// the one before it landed. Every CTA starts at once and its first tiles come from DRAM (after an L2
-// turnover), so issued together they share the bandwidth and the first one lands with the last
-// (twenty-seventh session's trace: ~10,400 cycles for Q and three key tiles at S16k D128); paced,
-// the first lands in about the time of its own bytes and the next ones while it is consumed.
 template <int kStages, int kResBufs, int kVStages = 0, class Has, class Load, class LoadRes, class Step, class Ahead,
           class LoadV = int>
-__device__ __forceinline__ void produce(const PingSync& sy, int& ring, int nres, bool paced, Has has, Load load,
-                                        LoadRes load_res, Step step, Ahead ahead, LoadV load_v = 0) {
+__device__ __forceinline__ void produce(const PingSync& sy, int& ring, int nres, Has has, Load load, LoadRes load_res,
+                                        Step step, Ahead ahead, LoadV load_v = 0) {
   const uint32_t full = sy.res_full + 8 * res_buf<kResBufs>(nres), empty = sy.res_empty + 8 * res_buf<kResBufs>(nres);
   const int round = res_round<kResBufs>(nres);
   auto primary = [&]() {
@@ -671,11 +666,7 @@ __device__ __forceinline__ void produce(const PingSync& sy, int& ring, int nres,
   bool first = true;
   while (has()) {
     const int st = ring % kStages;
-    if (ring >= kStages) {
-      sm90::mbar_wait(sy.empty + 8 * st, (ring / kStages - 1) & 1);
-    } else if (paced && ring > 0) {
-      sm90::mbar_wait(sy.full + 8 * (st - 1), 0);  // the first round: the previous tile landed
-    }
+    if (ring >= kStages) sm90::mbar_wait(sy.empty + 8 * st, (ring / kStages - 1) & 1);
     load(st);
     sm90::cp_async_arrive(sy.full + 8 * st);
     if constexpr (kVStages > 0) {  // separate V ring: load_v(v) copies the tile's V into V slot v
@@ -1027,7 +1018,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
     next();
     // Ring slot st takes the tile's K and V, or only K with a separate V ring (slot vs).
     produce<kStages, Cfg::kResBufs, Cfg::Base::kVStages>(
-        sy, ring, nres, p.paced_start, has,
+        sy, ring, nres, has,
         [&](int st) {
           C.template produce_k<kD, Cfg::kKVBytes>(p, sK0, st, sy.full + 8 * st, ltid);
           if constexpr (Cfg::Base::kVStages == 0) C.template produce_v<kD, Cfg::kKVBytes>(p, sV0, st, sy.full + 8 * st, ltid);
@@ -1276,7 +1267,7 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     if (!has()) return false;
     next();  // one tile ahead, for the records (as the forward's producer)
     produce<kStages, Cfg::kResBufs>(
-        sy, ring, nres, p.paced_start, has,
+        sy, ring, nres, has,
         [&](int st) {
           C.template produce_k<kD, Cfg::kKVBytes>(p, sK0, st, sy.full + 8 * st, ltid);
           C.template produce_v<kD, Cfg::kKVBytes>(p, sV0, st, sy.full + 8 * st, ltid);
@@ -1496,7 +1487,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
     use_buffer(nres);
     if (!start(d) || !has()) return false;
     next();  // one tile ahead, for the records (as the forward's producer)
-    produce<kStages, Cfg::kResBufs>(sy, ring, nres, p.paced_start, has, [&](int st) {
+    produce<kStages, Cfg::kResBufs>(sy, ring, nres, has, [&](int st) {
       load_q(st, gg, qt);
       if constexpr (Cfg::kWriteDs) {  // the pair's CSR entry, next to its lse and Delta rows
         if (ltid == 0) cp_async4(stage_side(st) + 8 * kBM, p.ds_csr_entry + E.base + it / p.tl.kf, true);
@@ -1721,7 +1712,7 @@ __global__ void __launch_bounds__(DqDsSm90Cfg<kD>::kThreads, 1) dq_ds_sm90_kerne
     bool empty_record = !C.has();  // the consumers still take one record, and write zero rows
     if (C.has()) C.next(p);
     produce<kStages, 0>(
-        sy, ring, nres, p.paced_start, [&]() { return C.has() || empty_record; },
+        sy, ring, nres, [&]() { return C.has() || empty_record; },
         [&](int st) {
           if (empty_record) {
             if (ltid == 0) publish_record(rec[st], sy.full + 8 * st, 0, kEmptyItem, 0, true);

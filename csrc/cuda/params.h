@@ -111,9 +111,6 @@ struct Params {
   // (kernels_sm90.cuh: prefetch_plan), so that the first items' decode, a chain of dependent loads,
   // does not wait for DRAM at each step after the L2 has turned over. Unused ranges have 0 lines.
   // DILATED_SPARSE_PLAN_PREFETCH=0: none (attention.cu: set_plan_prefetch).
-  // The persistent kernels' producers issue a CTA's first ring tiles one at a time, each once the one
-  // before it landed (kernels_sm90.cuh: produce); 0: all at once. DILATED_SPARSE_PACED_START=0.
-  int paced_start = 1;
   static constexpr int kPrefetchRanges = 8;
   const char* prefetch_at[kPrefetchRanges] = {};
   int prefetch_lines[kPrefetchRanges] = {};

@@ -36,7 +36,10 @@ def time_modes(call: Callable[[], object], var: str, modes: list[str], rounds: i
                flush: torch.Tensor | None) -> list[list[float]]:
     """Microseconds of `call` under each value of `var` (by position in `modes`, which may repeat
     a value: a null A/B), one call of each mode a round; `var` is restored afterwards. `flush`:
-    the buffer zeroed before each call (None: the L2 keeps what the previous call left)."""
+    the buffer zeroed before each call; None: the L2 keeps what the previous call left, and a
+    sleep kernel of about the flush's length stands in for it, so that the host still enqueues the
+    call ahead of the GPU (else a short call times the host's launch path: ~56 us for a ~31 us
+    forward, twenty-eighth session)."""
     before = os.environ.get(var)
     for m in modes:  # warm-up: plans, autotuned variants, clocks
         os.environ[var] = m
@@ -50,6 +53,8 @@ def time_modes(call: Callable[[], object], var: str, modes: list[str], rounds: i
             os.environ[var] = modes[i]
             if flush is not None:
                 flush.zero_()
+            else:
+                torch.cuda._sleep(200_000)  # ~100 us of one thread's clock, no memory traffic
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             call()
