@@ -456,7 +456,8 @@ def test_ds_scratch_chunks(kw, limit_mb, monkeypatch):
 # producer loop, which must give the same gradients bit for bit. So must the producers' single loop
 # with DILATED_SPARSE_DECODE_AHEAD=0 (each item decoded after the previous one's copies), and the
 # D64 forward's consumers looking up an item's first tile pair themselves with
-# DILATED_SPARSE_POST_LOOKUP=0.
+# DILATED_SPARSE_POST_LOOKUP=0, and every kernel without the plan's L2 prefetch at entry
+# (DILATED_SPARSE_PLAN_PREFETCH=0: a hint, which must not change a bit).
 @pytest.mark.parametrize(
     "kw",
     [
@@ -491,13 +492,15 @@ def test_tma_matches_cp_async(kw, monkeypatch):
         ({"DILATED_SPARSE_DECODE_AHEAD": "0", "DILATED_SPARSE_POST_LOOKUP": "0"},
          "the producer's and the consumers' lookups of an item's first tile"),
         ({"DILATED_SPARSE_POST_LOOKUP": "0"}, "the consumers' lookups, decoding ahead"),
+        ({"DILATED_SPARSE_PLAN_PREFETCH": "0"}, "with and without the plan prefetched into L2"),
     ]:
         with monkeypatch.context() as m:  # each against the defaults (TMA required, as above)
             for var, value in switches.items():
                 m.setenv(var, value)
             same_again(what)
     if kw["D"] in (64, 128) and torch.cuda.get_device_capability() == (9, 0):  # read where set_tma runs
-        for var in ("DILATED_SPARSE_SPLIT_PRODUCER", "DILATED_SPARSE_DECODE_AHEAD", "DILATED_SPARSE_POST_LOOKUP"):
+        for var in ("DILATED_SPARSE_SPLIT_PRODUCER", "DILATED_SPARSE_DECODE_AHEAD", "DILATED_SPARSE_POST_LOOKUP",
+                    "DILATED_SPARSE_PLAN_PREFETCH"):
             monkeypatch.setenv(var, "yes")
             with pytest.raises(RuntimeError, match=var):
                 bwd_again(r)

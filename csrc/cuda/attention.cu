@@ -17,6 +17,8 @@
 //   DILATED_SPARSE_POST_LOOKUP=0|1           sm_90 D64 forward: an item handed to the consumers
 //                                            once decoded / once the producer has looked up its
 //                                            first tile pair, which they then skip (run_items()).
+//   DILATED_SPARSE_PLAN_PREFETCH=0|1         sm_90 persistent kernels: no prefetch / their producers
+//                                            prefetch the plan into L2 at entry (set_plan_prefetch()).
 //   DILATED_SPARSE_BWD_SCRATCH_MB=<MiB>      largest dS scratch (scratch_limit_bytes()).
 //   DILATED_SPARSE_BWD_SCRATCH_CHUNKS=auto|0|1  when the dS-scratch backward runs in chunks
 //                                            (scratch_chunks_mode()).
@@ -963,6 +965,44 @@ void set_tma(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tens
   p.post_lookup = env_switch("DILATED_SPARSE_POST_LOOKUP", true) ? 1 : 0;
 }
 
+// Params::prefetch_at / prefetch_lines for a persistent kernel walking tile list tl (planned from
+// ptr / idx into keep): the arrays its items' decode reads, in the order it reads them, and
+// key_lengths. Each range is capped at 4 MiB (a plan that large is not read in one chain). Nothing
+// with DILATED_SPARSE_PLAN_PREFETCH=0.
+void set_plan_prefetch(Params& p, const TileList& tl, const at::Tensor& ptr, const at::Tensor& idx,
+                       const PlanBufs& keep) {
+  std::fill_n(p.prefetch_lines, Params::kPrefetchRanges, 0);
+  if (!env_switch("DILATED_SPARSE_PLAN_PREFETCH", true)) return;
+  int n = 0;
+  auto add = [&](const void* at, int64_t bytes) {
+    if (at == nullptr || bytes <= 0 || n == Params::kPrefetchRanges) return;
+    const uintptr_t first = reinterpret_cast<uintptr_t>(at) & ~uintptr_t{127};
+    const int64_t end = static_cast<int64_t>(reinterpret_cast<uintptr_t>(at) - first) + bytes;
+    p.prefetch_at[n] = reinterpret_cast<const char*>(first);
+    p.prefetch_lines[n] = static_cast<int>(std::min<int64_t>((end + 127) / 128, (int64_t{4} << 20) / 128));
+    ++n;
+  };
+  auto add_tensor = [&](const void* at, const at::Tensor& t) {
+    if (t.defined()) add(at, t.numel() * t.element_size());
+  };
+  if (tl.work != nullptr) {
+    add_tensor(tl.work, keep.work);
+  } else {
+    add_tensor(tl.runs, keep.runs);
+    add_tensor(tl.order, keep.order);
+  }
+  if (tl.direct) {
+    add_tensor(tl.ptr, ptr);
+    add_tensor(tl.idx, idx);
+  } else {
+    add_tensor(tl.start, keep.start);
+    add_tensor(tl.len, keep.len);
+    add_tensor(tl.tile, keep.tile);
+    add_tensor(tl.mask, keep.mask);
+  }
+  add(p.key_lengths, int64_t{p.B} * static_cast<int64_t>(sizeof(int)));
+}
+
 // `waiter` runs its later work after what `signaller` has queued so far (an event; capture-safe).
 void stream_wait(cudaStream_t waiter, cudaStream_t signaller) {
   cudaEvent_t ev;
@@ -1040,6 +1080,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
   if (kf.arch == 90) {
     p.work_counter = forward_work_counter(q, stream, counter_keep);
     set_tma(p, q, k, v, at::Tensor(), kf.pm, kf.sn, kf.tma_out ? out : at::Tensor());
+    set_plan_prefetch(p, p.tl, crow_c, col_c, keep);
   }
   kf.fn(p, units * rep, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1210,7 +1251,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   PlanBufs keep_q, keep_k;
   Params pq = p, pk = p;
   pq.tl = plan_tiles(crow_c, col_c, L, p.nqb, p.Sq, kdq.pm, p.bq, kdq.sn, p.bk, rep_q, p.H, keep_q, stream);
-  if (kdq.arch == 90) pq.work_counter = next_counter++;
+  if (kdq.arch == 90) {
+    pq.work_counter = next_counter++;
+    set_plan_prefetch(pq, pq.tl, crow_c, col_c, keep_q);
+  }
   // The dS-scratch backward's CSC -> CSR entry map, kept with the dK/dV plan (csc_to_csr_kernel).
   std::function<at::Tensor()> make_csr_entry;
   if (ds_mode) {
@@ -1227,7 +1271,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   }
   pk.tl = plan_tiles(ccol_c, rowi_c, L, p.nkb, p.Sk, kdkv.pm, p.bk, kdkv.sn, p.bq, rep_k, hdec, keep_k, stream,
                      /*allow_split=*/false, make_csr_entry);
-  if (kdkv.arch == 90) pk.work_counter = next_counter++;
+  if (kdkv.arch == 90) {
+    pk.work_counter = next_counter++;
+    set_plan_prefetch(pk, pk.tl, ccol_c, rowi_c, keep_k);
+  }
   // The scratch backward runs dK/dV, then dQ on one stream (dQ reads what dK/dV wrote); with two
   // buffers, odd chunks on the side stream: a chunk's kernels fill the other chunk's tails, and
   // chunk c reuses the buffer of chunk c - 2, which ran before it on the same stream.

@@ -360,6 +360,26 @@ __device__ __forceinline__ void release_work_counter(const Params& p) {
   }
 }
 
+// A persistent kernel's producer warpgroup at entry: this CTA's share of the plan's 128-byte lines
+// (Params::prefetch_at; line l goes to CTA l % gridDim.x, so a small array spreads over many SMs)
+// into L2, and thread 0 the q / k / v TMA descriptors. The first items' decode is a chain of
+// dependent loads (the order, the row pointers, the first entries) that every CTA starts at once;
+// after an L2 turnover each step would wait for DRAM.
+__device__ __forceinline__ void prefetch_plan(const Params& p, int ltid) {
+  const int first = ltid * static_cast<int>(gridDim.x) + static_cast<int>(blockIdx.x);
+  const int step = 128 * static_cast<int>(gridDim.x);  // lines per range: at most 32768 (the host's cap)
+#pragma unroll 1
+  for (int r = 0; r < Params::kPrefetchRanges; ++r) {
+#pragma unroll 1
+    for (int l = first; l < p.prefetch_lines[r]; l += step) sm90::prefetch_l2(p.prefetch_at[r] + 128 * l);
+  }
+  if (p.tma && ltid == 0) {
+    sm90::prefetch_tensormap(&p.tma_q);
+    sm90::prefetch_tensormap(&p.tma_k);
+    sm90::prefetch_tensormap(&p.tma_v);
+  }
+}
+
 // The fields of an ItemInfo after `item`, between a register copy and the mailbox slot (volatile).
 template <class Dst, class Src>
 __device__ __forceinline__ void copy_item_fields(Dst& d, const Src& v) {
@@ -725,6 +745,7 @@ __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, i
   static_assert(!(kSelfReset && kSplit), "the split producer's claims are not followed by a reset");
   int ring = 0, nres = 0;
   if constexpr (kPing) {
+    if (wg == kWG) prefetch_plan(p, ltid);  // before the producer's registers go to the consumers
     if (kSplit && wg == kWG && p.split_producer) {
       if constexpr (kRebalance) sm90::regs_decrease<kProducerRegs>();
       if (ltid / 32 == 1) {

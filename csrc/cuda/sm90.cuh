@@ -199,6 +199,12 @@ __device__ __forceinline__ void tma_store_tile(uint32_t src, const void* map, in
   }
   asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
 }
+// Hints: the line at `at` into L2; a TMA descriptor (a __grid_constant__ parameter's generic address)
+// into the descriptor cache, so that the first copy through it does not fetch it.
+__device__ __forceinline__ void prefetch_l2(const void* at) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(at)); }
+__device__ __forceinline__ void prefetch_tensormap(const void* map) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(map) : "memory");
+}
 // The issuing thread's bulk groups have finished reading shared memory / have completed.
 __device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
 __device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }

@@ -2,7 +2,7 @@
 
 The kernels read their ``DILATED_SPARSE_*`` switches at every call, so the modes can alternate from
 one call to the next: each round times one call of every mode (CUDA events; the order reversed every
-other round; L2 flushed before each call, as ``triton.testing.do_bench`` does), and the result is the
+other round; L2 flushed before each call, as ``triton.testing.do_bench`` does, unless ``--warm-l2``), and the result is the
 median over rounds of each mode's time divided by mode 0's time in the same round. The H200's clock
 drifts with power and temperature by more than the changes this measures (RESULTS.md, twenty-third
 session: the same forward 4-6% apart between two ``do_bench`` medians of one process), and two calls
@@ -33,9 +33,13 @@ from bench_point import l2_flush_buffer, point_calls
 
 
 def time_modes(call: Callable[[], object], var: str, modes: list[str], rounds: int,
-               flush: torch.Tensor) -> list[list[float]]:
+               flush: torch.Tensor | None) -> list[list[float]]:
     """Microseconds of `call` under each value of `var` (by position in `modes`, which may repeat
-    a value: a null A/B), one call of each mode a round; `var` is restored afterwards."""
+    a value: a null A/B), one call of each mode a round; `var` is restored afterwards. `flush`:
+    the buffer zeroed before each call; None: the L2 keeps what the previous call left, and a
+    sleep kernel of about the flush's length stands in for it, so that the host still enqueues the
+    call ahead of the GPU (else a short call times the host's launch path: ~56 us for a ~31 us
+    forward, twenty-eighth session)."""
     before = os.environ.get(var)
     for m in modes:  # warm-up: plans, autotuned variants, clocks
         os.environ[var] = m
@@ -47,7 +51,10 @@ def time_modes(call: Callable[[], object], var: str, modes: list[str], rounds: i
     for r in range(rounds):
         for i in order if r % 2 == 0 else order[::-1]:
             os.environ[var] = modes[i]
-            flush.zero_()
+            if flush is not None:
+                flush.zero_()
+            else:
+                torch.cuda._sleep(200_000)  # ~100 us of one thread's clock, no memory traffic
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             call()
@@ -74,7 +81,7 @@ def summarise(times: list[list[float]]) -> list[str]:
 
 
 def measure_point(point: str, var: str, modes: list[str], rounds: int, fwd_only: bool,
-                  flush: torch.Tensor) -> list[str]:
+                  flush: torch.Tensor | None) -> list[str]:
     """The table cells of one point."""
     fwd, fwd_bwd = point_calls(point)
     cells = summarise(time_modes(fwd, var, modes, rounds, flush))
@@ -90,12 +97,14 @@ def main() -> int:
     ap.add_argument("--points", required=True, help="comma-separated BxHxSxD:pattern:density")
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--fwd-only", action="store_true", help="time the forward alone")
+    ap.add_argument("--warm-l2", action="store_true",
+                    help="no L2 flush before a call (what the previous call left stays, as in a model)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
         return 2
     modes = args.modes.split(",")
-    flush = l2_flush_buffer()
+    flush = None if args.warm_l2 else l2_flush_buffer()
     header = ["point", f"fwd {modes[0]} (us)"] + [f"fwd {m} / {modes[0]} (faster)" for m in modes[1:]]
     if not args.fwd_only:
         header += [f"f+b {modes[0]} (us)"] + [f"f+b {m} / {modes[0]} (faster)" for m in modes[1:]]
@@ -105,7 +114,7 @@ def main() -> int:
         rows.append([point] + cells)
         print(" | ".join(rows[-1]), flush=True)
     print(f"\n{args.var}: median over {args.rounds} rounds of each mode's time / mode {modes[0]}'s in the "
-          "same round (share of rounds where the mode was faster)")
+          "same round (share of rounds where the mode was faster)" + (", L2 not flushed" if args.warm_l2 else ""))
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
