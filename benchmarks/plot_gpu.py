@@ -16,11 +16,12 @@ HERE = Path(__file__).resolve().parent
 
 
 def load_rows(path: Path) -> dict[tuple[str, str, str], dict]:
-    """Rows keyed by (shape, pattern, impl), block-128 sparse rows only, later runs winning."""
+    """Rows keyed by (shape, pattern, impl), block-128 sparse rows only, later runs winning; a row
+    marked ``outlier`` (a reading not reproduced, with the reason) leaves the earlier one."""
     rows: dict[tuple[str, str, str], dict] = {}
     for run in json.loads(path.read_text())["runs"]:
         for row in run["rows"]:
-            if row["impl"] in ("ours", "flex") and row.get("block") == 128:
+            if row["impl"] in ("ours", "flex") and row.get("block") == 128 and not row.get("outlier"):
                 rows[(row["cfg"], row["pattern"], row["impl"])] = row
     return rows
 
