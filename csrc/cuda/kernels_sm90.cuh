@@ -198,6 +198,10 @@ struct FwdSm90Cfg : Sm90Threads<kWG_, kSchedM & kSchedMask> {
   static constexpr int kOpenAt = kPostLookup ? Base::kBarBytes + kRecBytes - mailbox_at(kStages) : 0;
   static constexpr int kSmem = Base::smem(kResBytes, kKVBytes, kStages + kVSlots) + kOBytes + kRecBytes + kPostBytes;
   static_assert(kSmem <= kMaxSmem, "forward tile does not fit in shared memory");
+  // Ping-pong at D64: with TMA the producer's item loop runs on warp 0 alone (run_items' kLean).
+  // H200, twenty-eighth session: the D64 forward 0.990-0.992 of the time at local 2.5% and 10%;
+  // the D128 forward 1.002-1.014 (slower at short rows), so not there.
+  static constexpr bool kLeanProducer = Base::kPing && kD <= 64;
 };
 
 template <int kD, int kWG_, int kBN_, int kSched = kSchedLockstep>
@@ -713,6 +717,12 @@ __device__ __forceinline__ void release_primary(const PingSync& sy, int nres) {
 // the backward's A/B showed no gain (1.000-1.039, within that A/B's spread).
 // kSelfReset (the forward, whose counter is a pair): the producer's thread 0 ends with
 // release_work_counter.
+// kLean (compiled; the D64 forward, FwdSm90Cfg::kLeanProducer) with TMA and p.lean_producer: warps
+// 1-3 of the producer warpgroup exit once they have handed over their registers, and the item loop
+// runs on warp 0 alone (its thread 0 issues every copy anyway); the kernel's PingSync counts 32
+// copiers and barrier 3 32 threads. They had run the whole loop beside warp 0 (decodes, lookups,
+// barrier arrivals), in issue slots the consumers' softmax shares. They leave through an inline
+// `exit`: a C++ return or a branch around the loop there made ptxas spill ~1.4 KB in the forwards.
 // kRebalance: the producer hands registers to the consumers (setmaxnreg); a kernel whose consumers
 // need few keeps the launch's split.
 // kSplit (compiled) and p.split_producer (at run time; the kernel's PingSync made with it): the
@@ -777,9 +787,8 @@ __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, i
     }
     if (wg == kWG) {
       if constexpr (kRebalance) sm90::regs_decrease<kProducerRegs>();
-      // kLean with TMA (p.lean_producer; the kernel's PingSync made with lean): thread 0 issues every
-      // copy, so warps 1-3 leave and the loop's barriers count warp 0 alone.
-      // (Read from the parameters at each use: a register held across the loop spilled the D64 producer.)
+      // The threads that run the loop: 32 when lean (kLean above). Read from the parameters at each
+      // use: a register held across the loop spilled the D64 producer.
       auto nprod = [&p]() { return kLean && p.tma && p.lean_producer ? 32 : 128; };
       int pending = 0;
       const bool late = kOpen && p.post_lookup;  // producer_item opens each item
@@ -792,9 +801,7 @@ __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, i
           return NoOpen{};
         }
       };
-      // Warps 1-3 of a lean producer leave. (A C++ return or a branch around the loop here made ptxas
-      // spill ~1.4 KB in the forwards.)
-      if (nprod() == 32 && ltid >= 32) asm volatile("exit;");
+      if (nprod() == 32 && ltid >= 32) asm volatile("exit;");  // warps 1-3 of a lean producer
       if (kDecodeAhead && p.decode_ahead) {
         ItemInfo d{};
         d.item = fetch_item<false>(sy, p, 0, ltid, pending, nprod());
@@ -994,7 +1001,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
   const uint32_t sbar = sO0 + Cfg::kOBytes;
   const PingSync sy = make_ping_sync<Cfg::kPing>(sbar, smem_raw + (sbar - smem_u32(smem_raw)), kStages, kNT,
                                                  Cfg::Base::kVStages, Cfg::kPing ? 1 : 0, false,
-                                                 p.tma != 0 && p.lean_producer != 0);  // run_items' kLean
+                                                 Cfg::kLeanProducer && p.tma != 0 && p.lean_producer != 0);
   // [kStages] TileRecord (ping-pong)
   volatile TileRecord* rec = reinterpret_cast<volatile TileRecord*>(smem_raw + (sbar + Cfg::kBarBytes - smem_u32(smem_raw)));
   // Then, with Cfg::kPostLookup, [2] 32-bit words: the producer's lookups (run_items, kOpenAt).
@@ -1216,8 +1223,8 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
     }
     return any;
   };
-  run_items<Cfg::kPing, kWG, true, false, true, Cfg::kOpenAt, true, true>(p, sy, wg, ltid, producer_item,
-                                                                         consumer_item);
+  run_items<Cfg::kPing, kWG, true, false, true, Cfg::kOpenAt, true, Cfg::kLeanProducer>(p, sy, wg, ltid,
+                                                                                        producer_item, consumer_item);
   if (Cfg::kOBytes > 0 && wg < kWG && o_issuer) sm90::bulk_wait();  // before the CTA's memory goes
 #else
   __trap();
