@@ -493,6 +493,7 @@ def test_tma_matches_cp_async(kw, monkeypatch):
          "the producer's and the consumers' lookups of an item's first tile"),
         ({"DILATED_SPARSE_POST_LOOKUP": "0"}, "the consumers' lookups, decoding ahead"),
         ({"DILATED_SPARSE_PLAN_PREFETCH": "0"}, "with and without the plan prefetched into L2"),
+        ({"DILATED_SPARSE_LEAN_PRODUCER": "0"}, "the forward's producer on one warp and on four"),
     ]:
         with monkeypatch.context() as m:  # each against the defaults (TMA required, as above)
             for var, value in switches.items():
@@ -500,7 +501,7 @@ def test_tma_matches_cp_async(kw, monkeypatch):
             same_again(what)
     if kw["D"] in (64, 128) and torch.cuda.get_device_capability() == (9, 0):  # read where set_tma runs
         for var in ("DILATED_SPARSE_SPLIT_PRODUCER", "DILATED_SPARSE_DECODE_AHEAD", "DILATED_SPARSE_POST_LOOKUP",
-                    "DILATED_SPARSE_PLAN_PREFETCH"):
+                    "DILATED_SPARSE_PLAN_PREFETCH", "DILATED_SPARSE_LEAN_PRODUCER"):
             monkeypatch.setenv(var, "yes")
             with pytest.raises(RuntimeError, match=var):
                 bwd_again(r)

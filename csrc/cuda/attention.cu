@@ -17,6 +17,8 @@
 //   DILATED_SPARSE_POST_LOOKUP=0|1           sm_90 D64 forward: an item handed to the consumers
 //                                            once decoded / once the producer has looked up its
 //                                            first tile pair, which they then skip (run_items()).
+//   DILATED_SPARSE_LEAN_PRODUCER=0|1         sm_90 D64 forward with TMA: the producer's item loop on four
+//                                            warps / on warp 0 alone (run_items()).
 //   DILATED_SPARSE_PLAN_PREFETCH=0|1         sm_90 persistent kernels: no prefetch / their producers
 //                                            prefetch the plan into L2 at entry (set_plan_prefetch()).
 //   DILATED_SPARSE_BWD_SCRATCH_MB=<MiB>      largest dS scratch (scratch_limit_bytes()).
@@ -963,6 +965,7 @@ void set_tma(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tens
   p.split_producer = env_switch("DILATED_SPARSE_SPLIT_PRODUCER", true) && p.tma;  // checked even without TMA
   p.decode_ahead = env_switch("DILATED_SPARSE_DECODE_AHEAD", true) ? 1 : 0;
   p.post_lookup = env_switch("DILATED_SPARSE_POST_LOOKUP", true) ? 1 : 0;
+  p.lean_producer = env_switch("DILATED_SPARSE_LEAN_PRODUCER", true) ? 1 : 0;
 }
 
 // Params::prefetch_at / prefetch_lines for a persistent kernel walking tile list tl (planned from

@@ -198,6 +198,10 @@ struct FwdSm90Cfg : Sm90Threads<kWG_, kSchedM & kSchedMask> {
   static constexpr int kOpenAt = kPostLookup ? Base::kBarBytes + kRecBytes - mailbox_at(kStages) : 0;
   static constexpr int kSmem = Base::smem(kResBytes, kKVBytes, kStages + kVSlots) + kOBytes + kRecBytes + kPostBytes;
   static_assert(kSmem <= kMaxSmem, "forward tile does not fit in shared memory");
+  // Ping-pong at D64: with TMA the producer's item loop runs on warp 0 alone (run_items' kLean).
+  // H200, twenty-eighth session: the D64 forward 0.990-0.992 of the time at local 2.5% and 10%;
+  // the D128 forward 1.002-1.014 (slower at short rows), so not there.
+  static constexpr bool kLeanProducer = Base::kPing && kD <= 64;
 };
 
 template <int kD, int kWG_, int kBN_, int kSched = kSchedLockstep>
@@ -269,11 +273,13 @@ struct PingSync {
 // Initialises the barriers when kInit (ping-pong), then syncs the CTA. full_extra: arrivals on a
 // ring slot's full barrier besides the copying threads' (the slot's TileRecord). split: the
 // producer warpgroup is split (run_items): kCopyThreads, not 128, copy and arrive on the slot and
-// primary-tile barriers, and they take each item from the mailbox beside the consumers.
+// primary-tile barriers, and they take each item from the mailbox beside the consumers. lean: only
+// the producer's warp 0 runs the item loop (run_items' kLean with TMA), so 32 threads arrive.
 template <bool kInit>
 __device__ __forceinline__ PingSync make_ping_sync(uint32_t at, unsigned char* gen, int stages, int consumers,
-                                                  int vstages = 0, int full_extra = 0, bool split = false) {
-  const int copiers = split ? kCopyThreads : 128;
+                                                  int vstages = 0, int full_extra = 0, bool split = false,
+                                                  bool lean = false) {
+  const int copiers = split ? kCopyThreads : lean ? 32 : 128;
   PingSync s;
   s.full = at;
   s.empty = at + 8 * stages;
@@ -340,11 +346,12 @@ __device__ __forceinline__ void reserve_item(const PingSync& s, const Params& p,
 }
 
 // The CTA's n-th work item (claim_item by thread 0), returned to every producer thread (named
-// barrier 3 over the producer warpgroup).
+// barrier 3 over the nprod threads that run the producer's loop).
 template <bool kReserve = true>
-__device__ __forceinline__ int fetch_item(const PingSync& s, const Params& p, int n, int ltid, int& pending) {
+__device__ __forceinline__ int fetch_item(const PingSync& s, const Params& p, int n, int ltid, int& pending,
+                                          int nprod = 128) {
   if (ltid == 0) claim_item<true, kReserve>(s, p, n, pending);
-  sm90::named_sync(3, 128);
+  sm90::named_sync(3, nprod);
   return s.slot[n & 1].item;
 }
 
@@ -710,6 +717,12 @@ __device__ __forceinline__ void release_primary(const PingSync& sy, int nres) {
 // the backward's A/B showed no gain (1.000-1.039, within that A/B's spread).
 // kSelfReset (the forward, whose counter is a pair): the producer's thread 0 ends with
 // release_work_counter.
+// kLean (compiled; the D64 forward, FwdSm90Cfg::kLeanProducer) with TMA and p.lean_producer: warps
+// 1-3 of the producer warpgroup exit once they have handed over their registers, and the item loop
+// runs on warp 0 alone (its thread 0 issues every copy anyway); the kernel's PingSync counts 32
+// copiers and barrier 3 32 threads. They had run the whole loop beside warp 0 (decodes, lookups,
+// barrier arrivals), in issue slots the consumers' softmax shares. They leave through an inline
+// `exit`: a C++ return or a branch around the loop there made ptxas spill ~1.4 KB in the forwards.
 // kRebalance: the producer hands registers to the consumers (setmaxnreg); a kernel whose consumers
 // need few keeps the launch's split.
 // kSplit (compiled) and p.split_producer (at run time; the kernel's PingSync made with it): the
@@ -737,7 +750,7 @@ __device__ __forceinline__ void release_primary(const PingSync& sy, int nres) {
 // mailbox, left it 2.5% slower at S16k local 2.5%: twenty-third session), and dK/dV gained
 // nothing (fwd+bwd 0.997-1.002).
 template <bool kPing, int kWG, bool kRebalance = true, bool kSplit = false, bool kDecodeAhead = false,
-          int kOpenAt = 0, bool kSelfReset = false, class ProducerItem, class ConsumerItem>
+          int kOpenAt = 0, bool kSelfReset = false, bool kLean = false, class ProducerItem, class ConsumerItem>
 __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, int wg, int ltid,
                                           ProducerItem producer_item, ConsumerItem consumer_item) {
   constexpr bool kOpen = kOpenAt > 0;
@@ -774,6 +787,9 @@ __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, i
     }
     if (wg == kWG) {
       if constexpr (kRebalance) sm90::regs_decrease<kProducerRegs>();
+      // The threads that run the loop: 32 when lean (kLean above). Read from the parameters at each
+      // use: a register held across the loop spilled the D64 producer.
+      auto nprod = [&p]() { return kLean && p.tma && p.lean_producer ? 32 : 128; };
       int pending = 0;
       const bool late = kOpen && p.post_lookup;  // producer_item opens each item
       auto opener = [&](int n) {
@@ -785,9 +801,10 @@ __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, i
           return NoOpen{};
         }
       };
+      if (nprod() == 32 && ltid >= 32) asm volatile("exit;");  // warps 1-3 of a lean producer
       if (kDecodeAhead && p.decode_ahead) {
         ItemInfo d{};
-        d.item = fetch_item<false>(sy, p, 0, ltid, pending);
+        d.item = fetch_item<false>(sy, p, 0, ltid, pending, nprod());
         if (d.item >= 0) d = describe_item(p, d.item);
         post_or_write<kOpenAt>(sy, 0, ltid, d, late);
         if (ltid == 0) reserve_item(sy, p, 0, pending);
@@ -797,19 +814,19 @@ __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, i
             if (posted) return;
             posted = true;
             ItemInfo dn{};
-            dn.item = fetch_item<false>(sy, p, n + 1, ltid, pending);
+            dn.item = fetch_item<false>(sy, p, n + 1, ltid, pending, nprod());
             if (dn.item >= 0) dn = describe_item(p, dn.item);
             post_or_write<kOpenAt>(sy, n + 1, ltid, dn, late);
           };
           if (producer_item(d, ring, nres, ahead, opener(n))) ++nres;
           ahead();  // an item without tiles
           if (ltid == 0) reserve_item(sy, p, n + 1, pending);  // where the old claim of item n + 1 took it
-          sm90::named_sync(3, 128);  // thread 0's post of item n + 1, to every producer thread
+          sm90::named_sync(3, nprod());  // thread 0's post of item n + 1, to every producer thread
           d = read_item(sy, n + 1);
         }
       } else {
         for (int n = 0;; ++n) {
-          const int item = fetch_item(sy, p, n, ltid, pending);
+          const int item = fetch_item(sy, p, n, ltid, pending, nprod());
           ItemInfo d{};
           d.item = item;
           if (item >= 0) d = describe_item(p, item);
@@ -983,7 +1000,8 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
   const uint32_t sO0 = sV0 + Cfg::kVSlots * Cfg::kKVBytes;  // [kBM][kD] output staging (kOBytes)
   const uint32_t sbar = sO0 + Cfg::kOBytes;
   const PingSync sy = make_ping_sync<Cfg::kPing>(sbar, smem_raw + (sbar - smem_u32(smem_raw)), kStages, kNT,
-                                                 Cfg::Base::kVStages, Cfg::kPing ? 1 : 0);
+                                                 Cfg::Base::kVStages, Cfg::kPing ? 1 : 0, false,
+                                                 Cfg::kLeanProducer && p.tma != 0 && p.lean_producer != 0);
   // [kStages] TileRecord (ping-pong)
   volatile TileRecord* rec = reinterpret_cast<volatile TileRecord*>(smem_raw + (sbar + Cfg::kBarBytes - smem_u32(smem_raw)));
   // Then, with Cfg::kPostLookup, [2] 32-bit words: the producer's lookups (run_items, kOpenAt).
@@ -1205,7 +1223,8 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
     }
     return any;
   };
-  run_items<Cfg::kPing, kWG, true, false, true, Cfg::kOpenAt, true>(p, sy, wg, ltid, producer_item, consumer_item);
+  run_items<Cfg::kPing, kWG, true, false, true, Cfg::kOpenAt, true, Cfg::kLeanProducer>(p, sy, wg, ltid,
+                                                                                        producer_item, consumer_item);
   if (Cfg::kOBytes > 0 && wg < kWG && o_issuer) sm90::bulk_wait();  // before the CTA's memory goes
 #else
   __trap();

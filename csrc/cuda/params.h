@@ -111,6 +111,9 @@ struct Params {
   // (kernels_sm90.cuh: prefetch_plan), so that the first items' decode, a chain of dependent loads,
   // does not wait for DRAM at each step after the L2 has turned over. Unused ranges have 0 lines.
   // DILATED_SPARSE_PLAN_PREFETCH=0: none (attention.cu: set_plan_prefetch).
+  // With TMA, the D64 forward's producer runs its item loop on warp 0 alone (thread 0 issues every
+  // copy; kernels_sm90.cuh: run_items' kLean). DILATED_SPARSE_LEAN_PRODUCER=0: the whole warpgroup.
+  int lean_producer = 1;
   static constexpr int kPrefetchRanges = 8;
   const char* prefetch_at[kPrefetchRanges] = {};
   int prefetch_lines[kPrefetchRanges] = {};
