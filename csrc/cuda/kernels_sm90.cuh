@@ -756,6 +756,7 @@ __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, i
   constexpr bool kOpen = kOpenAt > 0;
   static_assert(!(kOpen && kSplit), "the split producer's decoding warp posts its items itself");
   static_assert(!(kSelfReset && kSplit), "the split producer's claims are not followed by a reset");
+  static_assert(!(kLean && kSplit), "a lean producer is one warp, a split one four");
   int ring = 0, nres = 0;
   if constexpr (kPing) {
     if (wg == kWG) prefetch_plan(p, ltid);  // before the producer's registers go to the consumers
