@@ -985,23 +985,21 @@ void set_plan_prefetch(Params& p, const TileList& tl, const at::Tensor& ptr, con
     p.prefetch_lines[n] = static_cast<int>(std::min<int64_t>((end + 127) / 128, (int64_t{4} << 20) / 128));
     ++n;
   };
-  auto add_tensor = [&](const void* at, const at::Tensor& t) {
-    if (t.defined()) add(at, t.numel() * t.element_size());
+  // The tensors tl's pointers were taken from (build_tiles, make_split).
+  auto add_tensor = [&](const at::Tensor& t) {
+    if (t.defined() && t.numel() > 0) add(t.data_ptr(), t.numel() * t.element_size());
   };
   if (tl.work != nullptr) {
-    add_tensor(tl.work, keep.work);
+    add_tensor(keep.work);
   } else {
-    add_tensor(tl.runs, keep.runs);
-    add_tensor(tl.order, keep.order);
+    add_tensor(keep.runs);
+    add_tensor(keep.order);
   }
   if (tl.direct) {
-    add_tensor(tl.ptr, ptr);
-    add_tensor(tl.idx, idx);
+    add_tensor(ptr);
+    add_tensor(idx);
   } else {
-    add_tensor(tl.start, keep.start);
-    add_tensor(tl.len, keep.len);
-    add_tensor(tl.tile, keep.tile);
-    add_tensor(tl.mask, keep.mask);
+    for (const at::Tensor* t : {&keep.start, &keep.len, &keep.tile, &keep.mask}) add_tensor(*t);
   }
   add(p.key_lengths, int64_t{p.B} * static_cast<int64_t>(sizeof(int)));
 }

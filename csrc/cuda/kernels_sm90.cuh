@@ -345,6 +345,13 @@ __device__ __forceinline__ void reserve_item(const PingSync& s, const Params& p,
   if (s.slot[n & 1].item >= 0) pending = atomicAdd(p.work_counter, 1);
 }
 
+// Whether a kernel compiled with run_items' kLean runs its producer lean at this call (TMA copies and
+// p.lean_producer): one condition for the kernel's PingSync (32 copiers) and run_items' loop.
+template <bool kLean>
+__device__ __forceinline__ bool producer_lean(const Params& p) {
+  return kLean && p.tma != 0 && p.lean_producer != 0;
+}
+
 // The CTA's n-th work item (claim_item by thread 0), returned to every producer thread (named
 // barrier 3 over the nprod threads that run the producer's loop).
 template <bool kReserve = true>
@@ -790,7 +797,7 @@ __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, i
       if constexpr (kRebalance) sm90::regs_decrease<kProducerRegs>();
       // The threads that run the loop: 32 when lean (kLean above). Read from the parameters at each
       // use: a register held across the loop spilled the D64 producer.
-      auto nprod = [&p]() { return kLean && p.tma && p.lean_producer ? 32 : 128; };
+      auto nprod = [&p]() { return producer_lean<kLean>(p) ? 32 : 128; };
       int pending = 0;
       const bool late = kOpen && p.post_lookup;  // producer_item opens each item
       auto opener = [&](int n) {
@@ -1002,7 +1009,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
   const uint32_t sbar = sO0 + Cfg::kOBytes;
   const PingSync sy = make_ping_sync<Cfg::kPing>(sbar, smem_raw + (sbar - smem_u32(smem_raw)), kStages, kNT,
                                                  Cfg::Base::kVStages, Cfg::kPing ? 1 : 0, false,
-                                                 Cfg::kLeanProducer && p.tma != 0 && p.lean_producer != 0);
+                                                 producer_lean<Cfg::kLeanProducer>(p));
   // [kStages] TileRecord (ping-pong)
   volatile TileRecord* rec = reinterpret_cast<volatile TileRecord*>(smem_raw + (sbar + Cfg::kBarBytes - smem_u32(smem_raw)));
   // Then, with Cfg::kPostLookup, [2] 32-bit words: the producer's lookups (run_items, kOpenAt).

@@ -106,14 +106,14 @@ struct Params {
   // first tile pair, with the result, so the consumers skip that lookup (kernels_sm90.cuh:
   // run_items, kOpen); 0: as soon as it is decoded. DILATED_SPARSE_POST_LOOKUP=0.
   int post_lookup = 1;
+  // With TMA, the D64 forward's producer runs its item loop on warp 0 alone (thread 0 issues every
+  // copy; kernels_sm90.cuh: run_items' kLean). DILATED_SPARSE_LEAN_PRODUCER=0: the whole warpgroup.
+  int lean_producer = 1;
   // Byte ranges of the plan (tile lists, work order, key_lengths) that the persistent kernels'
   // producers prefetch into L2 at entry, each CTA its share of the 128-byte lines
   // (kernels_sm90.cuh: prefetch_plan), so that the first items' decode, a chain of dependent loads,
   // does not wait for DRAM at each step after the L2 has turned over. Unused ranges have 0 lines.
   // DILATED_SPARSE_PLAN_PREFETCH=0: none (attention.cu: set_plan_prefetch).
-  // With TMA, the D64 forward's producer runs its item loop on warp 0 alone (thread 0 issues every
-  // copy; kernels_sm90.cuh: run_items' kLean). DILATED_SPARSE_LEAN_PRODUCER=0: the whole warpgroup.
-  int lean_producer = 1;
   static constexpr int kPrefetchRanges = 8;
   const char* prefetch_at[kPrefetchRanges] = {};
   int prefetch_lines[kPrefetchRanges] = {};
