@@ -676,6 +676,53 @@ def test_forward_work_counter_resets_itself():
         same(res, i)
 
 
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("split", [False, True])
+def test_item_chunks(D, split, monkeypatch):
+    """DILATED_SPARSE_ITEM_CHUNK=2|4|8: each of the sm_90 forward's claims but the last two waves' takes that
+    many consecutive work items (neighbouring rows of one head; with split rows, one piece's heads). Every
+    item must still run exactly once: the outputs, poisoned before each call, equal the default's bit for
+    bit, calls with each setting back to back on one stream (the counter resets itself), and the default's
+    match the reference (two heads of sixteen). 640 items, so that most claims are chunks."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the persistent sm_90a forward only")
+    if split:
+        monkeypatch.setenv("DILATED_SPARSE_SPLIT_CHUNK", "2")
+    ops = _ops()
+    g = torch.Generator(device="cpu").manual_seed(D + split)
+    nb, H = 40, 16
+    idx = torch.arange(nb)
+    mask = ((idx.view(-1, 1) - idx.view(1, -1)).abs() <= 1).view(1, 1, nb, nb)
+    if split:
+        mask[0, 0, 0, :] = True  # a global row, cut into pieces
+        mask[0, 0, 5, 20:] = True
+    mask = mask.to(DEV)
+    crow, col = csr_from_mask(mask)[:2]
+    S = nb * 128 - 5
+    q, k, v = (torch.randn(1, S, H, D, generator=g).to(DEV, torch.bfloat16) for _ in range(3))
+    args = (128, 128, 1, 1, 0.125, False, -1, -1, None, None)
+
+    def fwd(chunk: str):
+        monkeypatch.setenv("DILATED_SPARSE_ITEM_CHUNK", chunk)
+        poison()
+        out, lse = ops.block_sparse_attn_fwd(q, k, v, crow, col, *args)
+        torch.cuda.synchronize()
+        return out, lse
+
+    out, lse = fwd("1")
+    heads = [0, H - 1]
+    allowed = token_mask(mask, 1, 2, S, S, 128, 128, False, -1, -1, None, None)
+    ro, rl, _ = reference(q[:, :, heads], k[:, :, heads], v[:, :, heads], allowed, 0.125)
+    assert rel(out[:, :, heads], ro) < 2e-2 and (lse[:, heads].double() - rl).abs().max().item() < 2e-2
+    del ro, rl, allowed
+    for chunk in ("2", "4", "8", "1", "8", "2"):
+        got_out, got_lse = fwd(chunk)
+        assert torch.equal(got_out, out) and torch.equal(got_lse, lse), f"DILATED_SPARSE_ITEM_CHUNK={chunk}"
+    monkeypatch.setenv("DILATED_SPARSE_ITEM_CHUNK", "3")
+    with pytest.raises(RuntimeError, match="DILATED_SPARSE_ITEM_CHUNK"):
+        ops.block_sparse_attn_fwd(q, k, v, crow, col, *args)
+
+
 def test_plan_cache_sees_inplace_edits():
     """Tile plans are cached per index tensor; an in-place edit of col must not reuse a stale plan."""
     nb, bs = 6, 64

@@ -19,6 +19,8 @@
 //                                            first tile pair, which they then skip (run_items()).
 //   DILATED_SPARSE_LEAN_PRODUCER=0|1         sm_90 D64 forward with TMA: the producer's item loop on four
 //                                            warps / on warp 0 alone (run_items()).
+//   DILATED_SPARSE_ITEM_CHUNK=1|2|4|8        sm_90 forward: work items a claim takes (all but the last
+//                                            two waves' worth; item_chunk_shift()).
 //   DILATED_SPARSE_PLAN_PREFETCH=0|1         sm_90 persistent kernels: no prefetch / their producers
 //                                            prefetch the plan into L2 at entry (set_plan_prefetch()).
 //   DILATED_SPARSE_BWD_SCRATCH_MB=<MiB>      largest dS scratch (scratch_limit_bytes()).
@@ -968,6 +970,18 @@ void set_tma(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tens
   p.lean_producer = env_switch("DILATED_SPARSE_LEAN_PRODUCER", true) ? 1 : 0;
 }
 
+// log2 of the work items a forward claim takes (Params::chunk_shift): DILATED_SPARSE_ITEM_CHUNK, one
+// of 1, 2, 4, 8; default 1.
+int item_chunk_shift() {
+  const char* e = std::getenv("DILATED_SPARSE_ITEM_CHUNK");
+  const std::string value = e != nullptr ? e : "1";
+  for (int shift = 0; shift < 4; ++shift) {
+    if (value == std::to_string(1 << shift)) return shift;
+  }
+  TORCH_CHECK(false, "dilated_sparse CUDA: DILATED_SPARSE_ITEM_CHUNK must be 1, 2, 4 or 8, got '", value, "'");
+  return 0;
+}
+
 // Params::prefetch_at / prefetch_lines for a persistent kernel walking tile list tl (planned from
 // ptr / idx into keep): the arrays its items' decode reads, in the order it reads them, and
 // key_lengths. Each range is capped at 4 MiB (a plan that large is not read in one chain). Nothing
@@ -1082,6 +1096,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
     p.work_counter = forward_work_counter(q, stream, counter_keep);
     set_tma(p, q, k, v, at::Tensor(), kf.pm, kf.sn, kf.tma_out ? out : at::Tensor());
     set_plan_prefetch(p, p.tl, crow_c, col_c, keep);
+    p.chunk_shift = item_chunk_shift();
   }
   kf.fn(p, units * rep, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -117,6 +117,13 @@ struct Params {
   static constexpr int kPrefetchRanges = 8;
   const char* prefetch_at[kPrefetchRanges] = {};
   int prefetch_lines[kPrefetchRanges] = {};
+  // The forward's claims (kernels_sm90.cuh: claim_item, run_items' kChunks): each of the first
+  // chunk_claims claims takes 1 << chunk_shift consecutive work items, so a CTA runs neighbouring rows
+  // of one head back to back (their plan entries share cache lines: the decode and lookups of all but
+  // the first hit L1, and the counter is taken once); the rest take one item each. The host sets
+  // chunk_shift (DILATED_SPARSE_ITEM_CHUNK), the launch chunk_claims (launch_sm90).
+  int chunk_shift = 0;
+  int chunk_claims = 0;
 };
 
 // Tile shapes. Every kernel is a template over its tile; the instantiation files register a few
