@@ -679,8 +679,8 @@ def test_forward_work_counter_resets_itself():
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("split", [False, True])
 def test_item_chunks(D, split, monkeypatch):
-    """DILATED_SPARSE_ITEM_CHUNK=2|4|8: each of the sm_90 forward's claims but the last two waves' takes that
-    many consecutive work items (neighbouring rows of one head; with split rows, one piece's heads). Every
+    """DILATED_SPARSE_ITEM_CHUNK=2|4|8 (and the default, two at short rows): each of the sm_90 forward's claims
+    but the last two waves' takes that many consecutive work items (neighbouring rows of one head; with split rows, one piece's heads). Every
     item must still run exactly once: the outputs, poisoned before each call, equal the default's bit for
     bit, calls with each setting back to back on one stream (the counter resets itself), and the default's
     match the reference (two heads of sixteen). 640 items, so that most claims are chunks."""
@@ -702,8 +702,11 @@ def test_item_chunks(D, split, monkeypatch):
     q, k, v = (torch.randn(1, S, H, D, generator=g).to(DEV, torch.bfloat16) for _ in range(3))
     args = (128, 128, 1, 1, 0.125, False, -1, -1, None, None)
 
-    def fwd(chunk: str):
-        monkeypatch.setenv("DILATED_SPARSE_ITEM_CHUNK", chunk)
+    def fwd(chunk: str | None):
+        if chunk is None:  # the default: two at these rows of three tiles
+            monkeypatch.delenv("DILATED_SPARSE_ITEM_CHUNK", raising=False)
+        else:
+            monkeypatch.setenv("DILATED_SPARSE_ITEM_CHUNK", chunk)
         poison()
         out, lse = ops.block_sparse_attn_fwd(q, k, v, crow, col, *args)
         torch.cuda.synchronize()
@@ -715,7 +718,7 @@ def test_item_chunks(D, split, monkeypatch):
     ro, rl, _ = reference(q[:, :, heads], k[:, :, heads], v[:, :, heads], allowed, 0.125)
     assert rel(out[:, :, heads], ro) < 2e-2 and (lse[:, heads].double() - rl).abs().max().item() < 2e-2
     del ro, rl, allowed
-    for chunk in ("2", "4", "8", "1", "8", "2"):
+    for chunk in ("2", "4", "8", "1", None, "8", "2"):
         got_out, got_lse = fwd(chunk)
         assert torch.equal(got_out, out) and torch.equal(got_lse, lse), f"DILATED_SPARSE_ITEM_CHUNK={chunk}"
     monkeypatch.setenv("DILATED_SPARSE_ITEM_CHUNK", "3")

@@ -20,7 +20,8 @@
 //   DILATED_SPARSE_LEAN_PRODUCER=0|1         sm_90 D64 forward with TMA: the producer's item loop on four
 //                                            warps / on warp 0 alone (run_items()).
 //   DILATED_SPARSE_ITEM_CHUNK=1|2|4|8        sm_90 forward: work items a claim takes (all but the last
-//                                            two waves' worth; item_chunk_shift()).
+//                                            two waves' worth); default 2 at short rows, else 1
+//                                            (item_chunk_shift()).
 //   DILATED_SPARSE_PLAN_PREFETCH=0|1         sm_90 persistent kernels: no prefetch / their producers
 //                                            prefetch the plan into L2 at entry (set_plan_prefetch()).
 //   DILATED_SPARSE_BWD_SCRATCH_MB=<MiB>      largest dS scratch (scratch_limit_bytes()).
@@ -970,11 +971,18 @@ void set_tma(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tens
   p.lean_producer = env_switch("DILATED_SPARSE_LEAN_PRODUCER", true) ? 1 : 0;
 }
 
-// log2 of the work items a forward claim takes (Params::chunk_shift): DILATED_SPARSE_ITEM_CHUNK, one
-// of 1, 2, 4, 8; default 1.
-int item_chunk_shift() {
+// log2 of the work items a forward claim takes (Params::chunk_shift). Two where the layout's rows
+// average at most kChunkMaxTiles key tiles (tiles_per_row), else one: a CTA then runs neighbouring
+// rows back to back, whose plan entries it has just read. H200, twenty-ninth session (ab_env, forward):
+// chunks of two 0.955 of the time at S16k D128 local 2.5% (three tiles a row), 0.966 at D64; at 13
+// tiles a row 1.003-1.004 and at causal_local (seven) 1.008, and larger chunks slower at every point
+// (four: 0.965-1.050, eight: 0.963-1.179), so long rows keep one item a claim.
+// DILATED_SPARSE_ITEM_CHUNK=1|2|4|8 forces it.
+constexpr double kChunkMaxTiles = 4.0;
+int item_chunk_shift(double tiles_per_row) {
   const char* e = std::getenv("DILATED_SPARSE_ITEM_CHUNK");
-  const std::string value = e != nullptr ? e : "1";
+  if (e == nullptr) return tiles_per_row <= kChunkMaxTiles ? 1 : 0;
+  const std::string value = e;
   for (int shift = 0; shift < 4; ++shift) {
     if (value == std::to_string(1 << shift)) return shift;
   }
@@ -1077,7 +1085,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
   p.out = out.data_ptr();
   p.lse_out = lse.data_ptr<float>();
   const int L = p.Lb * p.Lh;
-  const KernelEntry& kf = pick(kOpFwd, q, kD, p.bq, p.bk, tokens_per_row(col, int64_t{L} * p.nqb, p.bk, 1));
+  const double key_tokens = tokens_per_row(col, int64_t{L} * p.nqb, p.bk, 1);
+  const KernelEntry& kf = pick(kOpFwd, q, kD, p.bq, p.bk, key_tokens);
   const int rep = static_cast<int>(B * H / L);
   auto stream = c10::cuda::getCurrentCUDAStream();
   PlanBufs keep;
@@ -1096,7 +1105,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
     p.work_counter = forward_work_counter(q, stream, counter_keep);
     set_tma(p, q, k, v, at::Tensor(), kf.pm, kf.sn, kf.tma_out ? out : at::Tensor());
     set_plan_prefetch(p, p.tl, crow_c, col_c, keep);
-    p.chunk_shift = item_chunk_shift();
+    p.chunk_shift = item_chunk_shift(key_tokens / kf.sn);
   }
   kf.fn(p, units * rep, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
