@@ -325,13 +325,23 @@ __device__ __forceinline__ int res_round(int nres) {
 // Claims in chunks (the forward: run_items' kChunks; Params::chunk_shift, chunk_claims): claim k < chunk_claims
 // takes the 1 << chunk_shift consecutive items from k << chunk_shift, a later claim one item. With
 // chunk_shift 0 (or chunk_claims 0) a claim is its item.
-__device__ __forceinline__ int64_t claim_first(const Params& p, int64_t k) {
-  return k < p.chunk_claims ? k << p.chunk_shift : k + ((p.chunk_claims << p.chunk_shift) - p.chunk_claims);
+__device__ __forceinline__ int claim_first(const Params& p, int k) {
+  return k < p.chunk_claims ? k << p.chunk_shift : k + p.chunk_extra;
 }
-// Whether item i is the last of its claim's items (items < 2^31, so is the chunked range).
+// Whether item i is the last of its claim's items.
 __device__ __forceinline__ bool claim_last(const Params& p, int i) {
-  const int next = i + 1;
-  return next >= (p.chunk_claims << p.chunk_shift) || (next & ((1 << p.chunk_shift) - 1)) == 0;
+  return i >= p.chunk_last || ((i + 1) & p.chunk_mask) == 0;
+}
+
+// What the claim after item `item`'s takes (kAhead): the counter's next value, or with kChunks, where item is
+// not the last of its claim's items, the next item, as ~(item + 1) (negative; claim_item).
+template <bool kChunks>
+__device__ __forceinline__ void reserve(const Params& p, int item, int& pending) {
+  if (kChunks && !claim_last(p, item)) {
+    pending = ~(item + 1);
+  } else {
+    pending = atomicAdd(p.work_counter, 1);
+  }
 }
 
 // Producer side of the mailbox, by the one thread that fetches: waits until slot n & 1 is free
@@ -346,16 +356,14 @@ __device__ __forceinline__ int claim_item(const PingSync& s, const Params& p, in
   const int b = n & 1;
   if (n >= 2) sm90::mbar_wait(s.item_empty + 8 * b, ((n >> 1) - 1) & 1);
   int64_t item;
-  const int prev = kChunks && n > 0 ? s.slot[b ^ 1].item : -1;  // item n - 1 (its slot's index is rewritten at claim n + 1)
-  if (kChunks && prev >= 0 && !claim_last(p, prev)) {
-    item = prev + 1;  // the rest of item n - 1's claim: no counter, and the plan's lines are in L1
+  if (kChunks && kAhead && n > 0 && pending < 0) {
+    item = ~pending;  // the rest of item n - 1's claim (reserve()): no counter, and its plan lines are in L1
   } else {
     const int64_t k = n == 0 ? static_cast<int64_t>(blockIdx.x)
                              : gridDim.x + static_cast<int64_t>(kAhead ? pending : atomicAdd(p.work_counter, 1));
-    item = kChunks ? claim_first(p, k) : k;
+    item = kChunks ? claim_first(p, static_cast<int>(k)) : k;  // k < items + grid < 2^31
   }
-  // first read at the next claim
-  if (kAhead && kReserve && item < p.items && (!kChunks || claim_last(p, item))) pending = atomicAdd(p.work_counter, 1);
+  if (kAhead && kReserve && item < p.items) reserve<kChunks>(p, static_cast<int>(item), pending);
   const int index = item < p.items ? static_cast<int>(item) : -1;
   s.slot[b].item = index;
   return index;
@@ -364,7 +372,7 @@ __device__ __forceinline__ int claim_item(const PingSync& s, const Params& p, in
 template <bool kChunks = false>
 __device__ __forceinline__ void reserve_item(const PingSync& s, const Params& p, int n, int& pending) {
   const int item = s.slot[n & 1].item;
-  if (item >= 0 && (!kChunks || claim_last(p, item))) pending = atomicAdd(p.work_counter, 1);
+  if (item >= 0) reserve<kChunks>(p, item, pending);
 }
 
 // Whether a kernel compiled with run_items' kLean runs its producer lean at this call (TMA copies and
@@ -1872,6 +1880,9 @@ void launch_sm90(const Params& p, int64_t items, cudaStream_t stream) {
     // tail stays as balanced as without chunks.
     const int64_t grid = std::min<int64_t>(items, sm_count());
     q.chunk_claims = q.chunk_shift > 0 ? static_cast<int>(std::max<int64_t>(0, (items - 2 * grid) >> q.chunk_shift)) : 0;
+    q.chunk_extra = (q.chunk_claims << q.chunk_shift) - q.chunk_claims;
+    q.chunk_last = (q.chunk_claims << q.chunk_shift) - 1;
+    q.chunk_mask = (1 << q.chunk_shift) - 1;
     launch_kernel<kKernel, kThreads, kSmem>(q, std::min<int64_t>(items, sm_count()), stream);
   }
 }

@@ -124,6 +124,9 @@ struct Params {
   // chunk_shift (DILATED_SPARSE_ITEM_CHUNK), the launch chunk_claims (launch_sm90).
   int chunk_shift = 0;
   int chunk_claims = 0;
+  int chunk_extra = 0;  // derived by launch_sm90, so a claim costs the producer few instructions:
+  int chunk_last = -1;  // (chunk_claims << chunk_shift) - chunk_claims, the last chunked item (or -1),
+  int chunk_mask = 0;   // (1 << chunk_shift) - 1
 };
 
 // Tile shapes. Every kernel is a template over its tile; the instantiation files register a few
