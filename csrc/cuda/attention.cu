@@ -971,14 +971,15 @@ void set_tma(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tens
   p.lean_producer = env_switch("DILATED_SPARSE_LEAN_PRODUCER", true) ? 1 : 0;
 }
 
-// log2 of the work items a forward claim takes (Params::chunk_shift). Two where the layout's rows
-// average at most kChunkMaxTiles key tiles (tiles_per_row), else one: a CTA then runs neighbouring
-// rows back to back, whose plan entries it has just read. H200, twenty-ninth session (ab_env, forward):
-// chunks of two 0.955 of the time at S16k D128 local 2.5% (three tiles a row), 0.966 at D64; at 13
-// tiles a row 1.003-1.004 and at causal_local (seven) 1.008, and larger chunks slower at every point
-// (four: 0.965-1.050, eight: 0.963-1.179), so long rows keep one item a claim.
-// DILATED_SPARSE_ITEM_CHUNK=1|2|4|8 forces it.
-constexpr double kChunkMaxTiles = 4.0;
+// log2 of the work items a forward claim takes (Params::chunk_shift): two where the layout's rows
+// average at most kChunkMaxTiles key tiles (tiles_per_row), else one. A CTA then runs neighbouring
+// rows back to back, whose plan entries its producer has just read. H200, twenty-ninth session, forward,
+// chunks of two against main's build (ab_builds.py, do_bench medians over 4 processes): S16k D128
+// local 2.5% (three tiles a row) 0.988, one tile a row 0.978, D64 local 2.5% 0.978, and causal_local
+// 5% (seven) 1.005; call by call (ab_env.py, against chunks of one) 0.950-0.958 at one to three
+// tiles, 1.006-1.019 at four to seven, 1.003 at thirteen; chunks of four or eight slower at long rows
+// (up to 1.18). DILATED_SPARSE_ITEM_CHUNK=1|2|4|8 forces it.
+constexpr double kChunkMaxTiles = 3.0;
 int item_chunk_shift(double tiles_per_row) {
   const char* e = std::getenv("DILATED_SPARSE_ITEM_CHUNK");
   if (e == nullptr) return tiles_per_row <= kChunkMaxTiles ? 1 : 0;
