@@ -1432,7 +1432,7 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     store_rows<T, kD>(p.dq, acc, W.b, p.Sq, p.H, W.h, p.D, W.m0 + wrow, 0, p.scale, g, t4);
     return any;
   };
-  run_items<Cfg::kPing, kWG>(p, sy, wg, ltid, producer_item, consumer_item);
+  run_items<Cfg::kPing, kWG, true, false, false, 0, false, false, true>(p, sy, wg, ltid, producer_item, consumer_item);
 #else
   __trap();
 #endif
@@ -1710,7 +1710,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
     store_rows<T, kD>(p.dv, dV, b, p.Sk, p.Hkv, hk, p.D, n0 + wrow, 0, 1.f, g, t4);
     return any;
   };
-  run_items<Cfg::kPing, kWG>(p, sy, wg, ltid, producer_item, consumer_item);
+  run_items<Cfg::kPing, kWG, true, false, false, 0, false, false, true>(p, sy, wg, ltid, producer_item, consumer_item);
 #else
   __trap();
 #endif
