@@ -972,14 +972,14 @@ void set_tma(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tens
 }
 
 // log2 of the work items a persistent kernel's claim takes (Params::chunk_shift): two where the
-// layout's rows (columns for dK/dV) average at most kChunkMaxTokens secondary tokens (three 128-key
-// tiles), else one. A CTA then runs neighbouring
-// rows back to back, whose plan entries its producer has just read. H200, twenty-ninth session, forward,
-// chunks of two against main's build (ab_builds.py, do_bench medians over 4 processes): S16k D128
-// local 2.5% (three tiles a row) 0.988, one tile a row 0.978, D64 local 2.5% 0.978, and causal_local
-// 5% (seven) 1.005; call by call (ab_env.py, against chunks of one) 0.950-0.958 at one to three
-// tiles, 1.006-1.019 at four to seven, 1.003 at thirteen; chunks of four or eight slower at long rows
-// (up to 1.18). DILATED_SPARSE_ITEM_CHUNK=1|2|4|8 forces it.
+// layout's rows (columns for dK/dV) average at most kChunkMaxTokens secondary tokens (three 128-token
+// blocks), else one. A CTA then runs neighbouring rows back to back, whose plan entries its producer
+// has just read. H200, twenty-ninth session (RESULTS.md), against main's build (ab_builds.py, do_bench
+// medians over 4 processes): S16k D128 local 2.5% (three blocks a row) 0.975-0.989 forward, one block
+// a row 0.978-0.990, D64 local 2.5% 0.978-0.988 forward and 0.990 fwd+bwd; call by call (ab_env.py,
+// against chunks of one) 0.950-0.983 at one to three blocks, but 1.006-1.019 at four to seven and
+// chunks of four or eight slower still at long rows (up to 1.18).
+// DILATED_SPARSE_ITEM_CHUNK=1|2|4|8 forces it.
 constexpr double kChunkMaxTokens = 3.0 * 128;
 int item_chunk_shift(double tokens_per_row) {
   const char* e = std::getenv("DILATED_SPARSE_ITEM_CHUNK");

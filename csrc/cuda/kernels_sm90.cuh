@@ -322,9 +322,9 @@ __device__ __forceinline__ int res_round(int nres) {
   return kResBufs == 2 ? nres >> 1 : nres;
 }
 
-// Claims in chunks (the forward: run_items' kChunks; Params::chunk_shift, chunk_claims): claim k < chunk_claims
-// takes the 1 << chunk_shift consecutive items from k << chunk_shift, a later claim one item. With
-// chunk_shift 0 (or chunk_claims 0) a claim is its item.
+// Claims in chunks (run_items' kChunks; Params::chunk_shift, chunk_claims and the bounds launch_sm90
+// derives from them): claim k < chunk_claims takes the 1 << chunk_shift consecutive items from
+// k << chunk_shift, a later claim one item. With chunk_claims 0 a claim is its item.
 __device__ __forceinline__ int claim_first(const Params& p, int k) {
   return k < p.chunk_claims ? k << p.chunk_shift : k + p.chunk_extra;
 }
@@ -333,8 +333,8 @@ __device__ __forceinline__ bool claim_last(const Params& p, int i) {
   return i >= p.chunk_last || ((i + 1) & p.chunk_mask) == 0;
 }
 
-// What the claim after item `item`'s takes (kAhead): the counter's next value, or with kChunks, where item is
-// not the last of its claim's items, the next item, as ~(item + 1) (negative; claim_item).
+// What the claim after item `item`'s takes (kAhead): the counter's next value, or with kChunks, where
+// item is not the last of its claim's items, the next item, as ~(item + 1) (negative; claim_item).
 template <bool kChunks>
 __device__ __forceinline__ void reserve(const Params& p, int item, int& pending) {
   if (kChunks && !claim_last(p, item)) {
@@ -760,9 +760,12 @@ __device__ __forceinline__ void release_primary(const PingSync& sy, int nres) {
 // copiers and barrier 3 32 threads. They had run the whole loop beside warp 0 (decodes, lookups,
 // barrier arrivals), in issue slots the consumers' softmax shares. They leave through an inline
 // `exit`: a C++ return or a branch around the loop there made ptxas spill ~1.4 KB in the forwards.
-// kChunks (compiled; the forward) with Params::chunk_shift > 0: a claim may take several consecutive
-// items (claim_item), which the producer then runs without a counter read, and whose decodes and
-// lookups read plan lines it has just read (neighbouring rows of one head, or one row's heads).
+// kChunks (compiled into the forward, dK/dV and the recompute dQ kernel) with Params::chunk_shift > 0:
+// a claim may take several consecutive items (claim_item), which the producer then runs without a
+// counter read, and whose decodes and lookups read plan lines it has just read (neighbouring rows of
+// one head, or one split row's heads). H200, twenty-ninth session: chunks of two take 1-2.5% off a
+// forward of one to three blocks a row, ~1% off the D64 backward there (attention.cu:
+// item_chunk_shift).
 // kRebalance: the producer hands registers to the consumers (setmaxnreg); a kernel whose consumers
 // need few keeps the launch's split.
 // kSplit (compiled) and p.split_producer (at run time; the kernel's PingSync made with it): the
@@ -1876,8 +1879,9 @@ void launch_sm90(const Params& p, int64_t items, cudaStream_t stream) {
     if (p.work_counter == nullptr) throw std::runtime_error("dilated_sparse: persistent kernel launched without a work counter");
     Params q = p;
     q.items = items;
-    // Claims in chunks (the forward): the last two waves' worth of items one a claim, so the launch's
-    // tail stays as balanced as without chunks.
+    // Claims in chunks (Params::chunk_shift): the last two waves' worth of items one a claim, so the
+    // launch's tail stays as balanced as without chunks; the bounds precomputed, so that a claim costs
+    // the 24-register producer few instructions.
     const int64_t grid = std::min<int64_t>(items, sm_count());
     q.chunk_claims = q.chunk_shift > 0 ? static_cast<int>(std::max<int64_t>(0, (items - 2 * grid) >> q.chunk_shift)) : 0;
     q.chunk_extra = (q.chunk_claims << q.chunk_shift) - q.chunk_claims;

@@ -117,15 +117,15 @@ struct Params {
   static constexpr int kPrefetchRanges = 8;
   const char* prefetch_at[kPrefetchRanges] = {};
   int prefetch_lines[kPrefetchRanges] = {};
-  // The forward's claims (kernels_sm90.cuh: claim_item, run_items' kChunks): each of the first
-  // chunk_claims claims takes 1 << chunk_shift consecutive work items, so a CTA runs neighbouring rows
-  // of one head back to back (their plan entries share cache lines: the decode and lookups of all but
-  // the first hit L1, and the counter is taken once); the rest take one item each. The host sets
-  // chunk_shift (DILATED_SPARSE_ITEM_CHUNK), the launch chunk_claims (launch_sm90).
+  // Claims of the persistent forward, dK/dV and recompute dQ kernels (kernels_sm90.cuh: claim_item,
+  // run_items' kChunks): each of the first chunk_claims claims takes 1 << chunk_shift consecutive work
+  // items, so a CTA runs neighbouring rows of one head back to back, whose plan entries share cache
+  // lines and which need one counter read; the rest take one item each. The host sets chunk_shift
+  // (attention.cu: item_chunk_shift), launch_sm90 the rest.
   int chunk_shift = 0;
   int chunk_claims = 0;
-  int chunk_extra = 0;  // derived by launch_sm90, so a claim costs the producer few instructions:
-  int chunk_last = -1;  // (chunk_claims << chunk_shift) - chunk_claims, the last chunked item (or -1),
+  int chunk_extra = 0;  // (chunk_claims << chunk_shift) - chunk_claims: claim k >= chunk_claims's item - k
+  int chunk_last = -1;  // (chunk_claims << chunk_shift) - 1: the last chunked item; from it on each ends its claim
   int chunk_mask = 0;   // (1 << chunk_shift) - 1
 };
 
