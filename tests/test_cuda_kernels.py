@@ -676,6 +676,64 @@ def test_forward_work_counter_resets_itself():
         same(res, i)
 
 
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("split", [False, True])
+def test_item_chunks(D, split, monkeypatch):
+    """DILATED_SPARSE_ITEM_CHUNK=2|4|8 (and the default, two at rows of at most three key blocks): each claim
+    but the last two waves' of the sm_90 forward, dK/dV and recompute dQ kernels takes that many consecutive
+    work items (neighbouring rows or columns of one head; with split rows, one piece's heads). Every item
+    must still run exactly once: out, lse, dq, dk, dv, poisoned before each call, equal the unchunked
+    results bit for bit, with the settings back to back on one stream (the forward's counter resets
+    itself), and the unchunked ones match the reference (two heads of sixteen). 640 items a kernel, so
+    that most claims are chunks."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the persistent sm_90a kernels only")
+    if split:
+        monkeypatch.setenv("DILATED_SPARSE_SPLIT_CHUNK", "2")
+    ops = _ops()
+    g = torch.Generator(device="cpu").manual_seed(D + split)
+    nb, H = 40, 16
+    idx = torch.arange(nb)
+    mask = ((idx.view(-1, 1) - idx.view(1, -1)).abs() <= 1).view(1, 1, nb, nb)
+    if split:
+        mask[0, 0, 0, :] = True  # a global row, cut into pieces
+        mask[0, 0, 5, 20:] = True
+    mask = mask.to(DEV)
+    crow, col, ccol, rowi = csr_from_mask(mask)
+    S = nb * 128 - 5
+    q, k, v, do = (torch.randn(1, S, H, D, generator=g).to(DEV, torch.bfloat16) for _ in range(4))
+    args = (128, 128, 1, 1, 0.125, False, -1, -1, None, None)
+
+    def run(chunk: str | None) -> tuple[torch.Tensor, ...]:
+        if chunk is None:  # the default: two at the band's rows of three blocks
+            monkeypatch.delenv("DILATED_SPARSE_ITEM_CHUNK", raising=False)
+        else:
+            monkeypatch.setenv("DILATED_SPARSE_ITEM_CHUNK", chunk)
+        poison()
+        out, lse = ops.block_sparse_attn_fwd(q, k, v, crow, col, *args)
+        poison()
+        grads = ops.block_sparse_attn_bwd(do, q, k, v, out, lse, ccol, rowi, crow, col, *args)
+        torch.cuda.synchronize()
+        return out, lse, *grads
+
+    first = run("1")
+    heads = [0, H - 1]
+    allowed = token_mask(mask, 1, 2, S, S, 128, 128, False, -1, -1, None, None)
+    qd, kd, vd = (t[:, :, heads].double().requires_grad_() for t in (q, k, v))
+    ro, rl, _ = reference(qd, kd, vd, allowed, 0.125)
+    ro.backward(do[:, :, heads].double())
+    assert rel(first[0][:, :, heads], ro) < 2e-2 and (first[1][:, heads].double() - rl).abs().max().item() < 2e-2
+    for name, got, ref in zip(("dq", "dk", "dv"), first[2:], (qd.grad, kd.grad, vd.grad)):
+        assert rel(got[:, :, heads], ref) < 4e-2, name
+    del ro, rl, allowed, qd, kd, vd
+    for chunk in ("2", "4", "8", "1", None, "8", "2"):
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), run(chunk), first):
+            assert torch.equal(a, b), f"{name}, DILATED_SPARSE_ITEM_CHUNK={chunk}"
+    monkeypatch.setenv("DILATED_SPARSE_ITEM_CHUNK", "3")
+    with pytest.raises(RuntimeError, match="DILATED_SPARSE_ITEM_CHUNK"):
+        ops.block_sparse_attn_fwd(q, k, v, crow, col, *args)
+
+
 def test_plan_cache_sees_inplace_edits():
     """Tile plans are cached per index tensor; an in-place edit of col must not reuse a stale plan."""
     nb, bs = 6, 64

@@ -19,6 +19,9 @@
 //                                            first tile pair, which they then skip (run_items()).
 //   DILATED_SPARSE_LEAN_PRODUCER=0|1         sm_90 D64 forward with TMA: the producer's item loop on four
 //                                            warps / on warp 0 alone (run_items()).
+//   DILATED_SPARSE_ITEM_CHUNK=1|2|4|8        sm_90 forward, dK/dV and recompute dQ: work items a claim
+//                                            takes (all but the last two waves' worth); default 2 at
+//                                            short rows, else 1 (item_chunk_shift()).
 //   DILATED_SPARSE_PLAN_PREFETCH=0|1         sm_90 persistent kernels: no prefetch / their producers
 //                                            prefetch the plan into L2 at entry (set_plan_prefetch()).
 //   DILATED_SPARSE_BWD_SCRATCH_MB=<MiB>      largest dS scratch (scratch_limit_bytes()).
@@ -968,6 +971,27 @@ void set_tma(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tens
   p.lean_producer = env_switch("DILATED_SPARSE_LEAN_PRODUCER", true) ? 1 : 0;
 }
 
+// log2 of the work items a persistent kernel's claim takes (Params::chunk_shift): two where the
+// layout's rows (columns for dK/dV) average at most kChunkMaxTokens secondary tokens (three 128-token
+// blocks), else one. A CTA then runs neighbouring rows back to back, whose plan entries its producer
+// has just read. H200, twenty-ninth session (RESULTS.md), against main's build (ab_builds.py, do_bench
+// medians over 4 processes): S16k D128 local 2.5% (three blocks a row) 0.975-0.989 forward, one block
+// a row 0.978-0.990, D64 local 2.5% 0.978-0.988 forward and 0.990 fwd+bwd; call by call (ab_env.py,
+// against chunks of one) 0.950-0.983 at one to three blocks, but 1.006-1.019 at four to seven and
+// chunks of four or eight slower still at long rows (up to 1.18).
+// DILATED_SPARSE_ITEM_CHUNK=1|2|4|8 forces it.
+constexpr double kChunkMaxTokens = 3.0 * 128;
+int item_chunk_shift(double tokens_per_row) {
+  const char* e = std::getenv("DILATED_SPARSE_ITEM_CHUNK");
+  if (e == nullptr) return tokens_per_row <= kChunkMaxTokens ? 1 : 0;
+  const std::string value = e;
+  for (int shift = 0; shift < 4; ++shift) {
+    if (value == std::to_string(1 << shift)) return shift;
+  }
+  TORCH_CHECK(false, "dilated_sparse CUDA: DILATED_SPARSE_ITEM_CHUNK must be 1, 2, 4 or 8, got '", value, "'");
+  return 0;
+}
+
 // Params::prefetch_at / prefetch_lines for a persistent kernel walking tile list tl (planned from
 // ptr / idx into keep): the arrays its items' decode reads, in the order it reads them, and
 // key_lengths. Each range is capped at 4 MiB (a plan that large is not read in one chain). Nothing
@@ -1063,7 +1087,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
   p.out = out.data_ptr();
   p.lse_out = lse.data_ptr<float>();
   const int L = p.Lb * p.Lh;
-  const KernelEntry& kf = pick(kOpFwd, q, kD, p.bq, p.bk, tokens_per_row(col, int64_t{L} * p.nqb, p.bk, 1));
+  const double key_tokens = tokens_per_row(col, int64_t{L} * p.nqb, p.bk, 1);
+  const KernelEntry& kf = pick(kOpFwd, q, kD, p.bq, p.bk, key_tokens);
   const int rep = static_cast<int>(B * H / L);
   auto stream = c10::cuda::getCurrentCUDAStream();
   PlanBufs keep;
@@ -1082,6 +1107,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
     p.work_counter = forward_work_counter(q, stream, counter_keep);
     set_tma(p, q, k, v, at::Tensor(), kf.pm, kf.sn, kf.tma_out ? out : at::Tensor());
     set_plan_prefetch(p, p.tl, crow_c, col_c, keep);
+    p.chunk_shift = item_chunk_shift(key_tokens);
   }
   kf.fn(p, units * rep, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1220,10 +1246,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     }
   }
   const bool ds_mode = ds.defined();
-  const KernelEntry& kdq =
-      ds_mode ? *ds_dq : pick(kOpDq, q, kD, p.bq, p.bk, tokens_per_row(col, int64_t{L} * p.nqb, p.bk, 1));
-  const KernelEntry& kdkv =
-      ds_mode ? *ds_dkv : pick(kOpDkv, q, kD, p.bk, p.bq, tokens_per_row(rowi, int64_t{L} * p.nkb, p.bq, p.G));
+  const double key_tokens = tokens_per_row(col, int64_t{L} * p.nqb, p.bk, 1);
+  const double query_tokens = tokens_per_row(rowi, int64_t{L} * p.nkb, p.bq, p.G);
+  const KernelEntry& kdq = ds_mode ? *ds_dq : pick(kOpDq, q, kD, p.bq, p.bk, key_tokens);
+  const KernelEntry& kdkv = ds_mode ? *ds_dkv : pick(kOpDkv, q, kD, p.bk, p.bq, query_tokens);
   p.o = out.data_ptr();
   p.dout = dout.data_ptr();
   p.o_sb = out.stride(0); p.o_ss = out.stride(1); p.o_sh = out.stride(2);
@@ -1255,6 +1281,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   if (kdq.arch == 90) {
     pq.work_counter = next_counter++;
     set_plan_prefetch(pq, pq.tl, crow_c, col_c, keep_q);
+    pq.chunk_shift = ds_mode ? 0 : item_chunk_shift(key_tokens);  // the dQ-from-dS kernel claims singly
   }
   // The dS-scratch backward's CSC -> CSR entry map, kept with the dK/dV plan (csc_to_csr_kernel).
   std::function<at::Tensor()> make_csr_entry;
@@ -1275,6 +1302,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   if (kdkv.arch == 90) {
     pk.work_counter = next_counter++;
     set_plan_prefetch(pk, pk.tl, ccol_c, rowi_c, keep_k);
+    pk.chunk_shift = item_chunk_shift(query_tokens);
   }
   // The scratch backward runs dK/dV, then dQ on one stream (dQ reads what dK/dV wrote); with two
   // buffers, odd chunks on the side stream: a chunk's kernels fill the other chunk's tails, and

@@ -322,6 +322,28 @@ __device__ __forceinline__ int res_round(int nres) {
   return kResBufs == 2 ? nres >> 1 : nres;
 }
 
+// Claims in chunks (run_items' kChunks; Params::chunk_shift, chunk_claims and the bounds launch_sm90
+// derives from them): claim k < chunk_claims takes the 1 << chunk_shift consecutive items from
+// k << chunk_shift, a later claim one item. With chunk_claims 0 a claim is its item.
+__device__ __forceinline__ int claim_first(const Params& p, int k) {
+  return k < p.chunk_claims ? k << p.chunk_shift : k + p.chunk_extra;
+}
+// Whether item i is the last of its claim's items.
+__device__ __forceinline__ bool claim_last(const Params& p, int i) {
+  return i >= p.chunk_last || ((i + 1) & p.chunk_mask) == 0;
+}
+
+// What the claim after item `item`'s takes (kAhead): the counter's next value, or with kChunks, where
+// item is not the last of its claim's items, the next item, as ~(item + 1) (negative; claim_item).
+template <bool kChunks>
+__device__ __forceinline__ void reserve(const Params& p, int item, int& pending) {
+  if (kChunks && !claim_last(p, item)) {
+    pending = ~(item + 1);
+  } else {
+    pending = atomicAdd(p.work_counter, 1);
+  }
+}
+
 // Producer side of the mailbox, by the one thread that fetches: waits until slot n & 1 is free
 // (its item n - 2 taken), takes the CTA's n-th work item (blockIdx.x, then the global counter's; -1
 // once `items` are taken) and writes its index to the slot. kAhead: the counter's next value is
@@ -329,20 +351,28 @@ __device__ __forceinline__ int res_round(int nres) {
 // instead of delaying the next item's first tile; else it is taken now (the split producer's
 // decoding warp, which is off that path). kReserve false (with kAhead): the caller takes that next
 // value itself, later (reserve_item).
-template <bool kAhead, bool kReserve = true>
+template <bool kAhead, bool kReserve = true, bool kChunks = false>
 __device__ __forceinline__ int claim_item(const PingSync& s, const Params& p, int n, int& pending) {
   const int b = n & 1;
   if (n >= 2) sm90::mbar_wait(s.item_empty + 8 * b, ((n >> 1) - 1) & 1);
-  const int64_t item = n == 0 ? static_cast<int64_t>(blockIdx.x)
-                              : gridDim.x + static_cast<int64_t>(kAhead ? pending : atomicAdd(p.work_counter, 1));
-  if (kAhead && kReserve && item < p.items) pending = atomicAdd(p.work_counter, 1);  // first read at the next claim
+  int64_t item;
+  if (kChunks && kAhead && n > 0 && pending < 0) {
+    item = ~pending;  // the rest of item n - 1's claim (reserve()): no counter, and its plan lines are in L1
+  } else {
+    const int64_t k = n == 0 ? static_cast<int64_t>(blockIdx.x)
+                             : gridDim.x + static_cast<int64_t>(kAhead ? pending : atomicAdd(p.work_counter, 1));
+    item = kChunks ? claim_first(p, static_cast<int>(k)) : k;  // k < items + grid < 2^31
+  }
+  if (kAhead && kReserve && item < p.items) reserve<kChunks>(p, static_cast<int>(item), pending);
   const int index = item < p.items ? static_cast<int>(item) : -1;
   s.slot[b].item = index;
   return index;
 }
 // The counter's next value, for the claim after item n's (whose index is in its slot).
+template <bool kChunks = false>
 __device__ __forceinline__ void reserve_item(const PingSync& s, const Params& p, int n, int& pending) {
-  if (s.slot[n & 1].item >= 0) pending = atomicAdd(p.work_counter, 1);
+  const int item = s.slot[n & 1].item;
+  if (item >= 0) reserve<kChunks>(p, item, pending);
 }
 
 // Whether a kernel compiled with run_items' kLean runs its producer lean at this call (TMA copies and
@@ -354,10 +384,10 @@ __device__ __forceinline__ bool producer_lean(const Params& p) {
 
 // The CTA's n-th work item (claim_item by thread 0), returned to every producer thread (named
 // barrier 3 over the nprod threads that run the producer's loop).
-template <bool kReserve = true>
+template <bool kReserve = true, bool kChunks = false>
 __device__ __forceinline__ int fetch_item(const PingSync& s, const Params& p, int n, int ltid, int& pending,
                                           int nprod = 128) {
-  if (ltid == 0) claim_item<true, kReserve>(s, p, n, pending);
+  if (ltid == 0) claim_item<true, kReserve, kChunks>(s, p, n, pending);
   sm90::named_sync(3, nprod);
   return s.slot[n & 1].item;
 }
@@ -730,6 +760,12 @@ __device__ __forceinline__ void release_primary(const PingSync& sy, int nres) {
 // copiers and barrier 3 32 threads. They had run the whole loop beside warp 0 (decodes, lookups,
 // barrier arrivals), in issue slots the consumers' softmax shares. They leave through an inline
 // `exit`: a C++ return or a branch around the loop there made ptxas spill ~1.4 KB in the forwards.
+// kChunks (compiled into the forward, dK/dV and the recompute dQ kernel) with Params::chunk_shift > 0:
+// a claim may take several consecutive items (claim_item), which the producer then runs without a
+// counter read, and whose decodes and lookups read plan lines it has just read (neighbouring rows of
+// one head, or one split row's heads). H200, twenty-ninth session: chunks of two take 1-2.5% off a
+// forward of one to three blocks a row, ~1% off the D64 backward there (attention.cu:
+// item_chunk_shift).
 // kRebalance: the producer hands registers to the consumers (setmaxnreg); a kernel whose consumers
 // need few keeps the launch's split.
 // kSplit (compiled) and p.split_producer (at run time; the kernel's PingSync made with it): the
@@ -757,7 +793,8 @@ __device__ __forceinline__ void release_primary(const PingSync& sy, int nres) {
 // mailbox, left it 2.5% slower at S16k local 2.5%: twenty-third session), and dK/dV gained
 // nothing (fwd+bwd 0.997-1.002).
 template <bool kPing, int kWG, bool kRebalance = true, bool kSplit = false, bool kDecodeAhead = false,
-          int kOpenAt = 0, bool kSelfReset = false, bool kLean = false, class ProducerItem, class ConsumerItem>
+          int kOpenAt = 0, bool kSelfReset = false, bool kLean = false, bool kChunks = false, class ProducerItem,
+          class ConsumerItem>
 __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, int wg, int ltid,
                                           ProducerItem producer_item, ConsumerItem consumer_item) {
   constexpr bool kOpen = kOpenAt > 0;
@@ -812,29 +849,29 @@ __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, i
       if (nprod() == 32 && ltid >= 32) asm volatile("exit;");  // warps 1-3 of a lean producer
       if (kDecodeAhead && p.decode_ahead) {
         ItemInfo d{};
-        d.item = fetch_item<false>(sy, p, 0, ltid, pending, nprod());
+        d.item = fetch_item<false, kChunks>(sy, p, 0, ltid, pending, nprod());
         if (d.item >= 0) d = describe_item(p, d.item);
         post_or_write<kOpenAt>(sy, 0, ltid, d, late);
-        if (ltid == 0) reserve_item(sy, p, 0, pending);
+        if (ltid == 0) reserve_item<kChunks>(sy, p, 0, pending);
         for (int n = 0; d.item >= 0; ++n) {
           bool posted = false;
           auto ahead = [&]() {  // item n + 1 (its index reserved already), decoded and posted
             if (posted) return;
             posted = true;
             ItemInfo dn{};
-            dn.item = fetch_item<false>(sy, p, n + 1, ltid, pending, nprod());
+            dn.item = fetch_item<false, kChunks>(sy, p, n + 1, ltid, pending, nprod());
             if (dn.item >= 0) dn = describe_item(p, dn.item);
             post_or_write<kOpenAt>(sy, n + 1, ltid, dn, late);
           };
           if (producer_item(d, ring, nres, ahead, opener(n))) ++nres;
           ahead();  // an item without tiles
-          if (ltid == 0) reserve_item(sy, p, n + 1, pending);  // where the old claim of item n + 1 took it
+          if (ltid == 0) reserve_item<kChunks>(sy, p, n + 1, pending);  // where the old claim of item n + 1 took it
           sm90::named_sync(3, nprod());  // thread 0's post of item n + 1, to every producer thread
           d = read_item(sy, n + 1);
         }
       } else {
         for (int n = 0;; ++n) {
-          const int item = fetch_item(sy, p, n, ltid, pending, nprod());
+          const int item = fetch_item<true, kChunks>(sy, p, n, ltid, pending, nprod());
           ItemInfo d{};
           d.item = item;
           if (item >= 0) d = describe_item(p, item);
@@ -1231,8 +1268,8 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
     }
     return any;
   };
-  run_items<Cfg::kPing, kWG, true, false, true, Cfg::kOpenAt, true, Cfg::kLeanProducer>(p, sy, wg, ltid,
-                                                                                        producer_item, consumer_item);
+  run_items<Cfg::kPing, kWG, true, false, true, Cfg::kOpenAt, true, Cfg::kLeanProducer, true>(p, sy, wg, ltid,
+                                                                                              producer_item, consumer_item);
   if (Cfg::kOBytes > 0 && wg < kWG && o_issuer) sm90::bulk_wait();  // before the CTA's memory goes
 #else
   __trap();
@@ -1398,7 +1435,7 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
     store_rows<T, kD>(p.dq, acc, W.b, p.Sq, p.H, W.h, p.D, W.m0 + wrow, 0, p.scale, g, t4);
     return any;
   };
-  run_items<Cfg::kPing, kWG>(p, sy, wg, ltid, producer_item, consumer_item);
+  run_items<Cfg::kPing, kWG, true, false, false, 0, false, false, true>(p, sy, wg, ltid, producer_item, consumer_item);
 #else
   __trap();
 #endif
@@ -1676,7 +1713,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
     store_rows<T, kD>(p.dv, dV, b, p.Sk, p.Hkv, hk, p.D, n0 + wrow, 0, 1.f, g, t4);
     return any;
   };
-  run_items<Cfg::kPing, kWG>(p, sy, wg, ltid, producer_item, consumer_item);
+  run_items<Cfg::kPing, kWG, true, false, false, 0, false, false, true>(p, sy, wg, ltid, producer_item, consumer_item);
 #else
   __trap();
 #endif
@@ -1842,6 +1879,14 @@ void launch_sm90(const Params& p, int64_t items, cudaStream_t stream) {
     if (p.work_counter == nullptr) throw std::runtime_error("dilated_sparse: persistent kernel launched without a work counter");
     Params q = p;
     q.items = items;
+    // Claims in chunks (Params::chunk_shift): the last two waves' worth of items one a claim, so the
+    // launch's tail stays as balanced as without chunks; the bounds precomputed, so that a claim costs
+    // the 24-register producer few instructions.
+    const int64_t grid = std::min<int64_t>(items, sm_count());
+    q.chunk_claims = q.chunk_shift > 0 ? static_cast<int>(std::max<int64_t>(0, (items - 2 * grid) >> q.chunk_shift)) : 0;
+    q.chunk_extra = (q.chunk_claims << q.chunk_shift) - q.chunk_claims;
+    q.chunk_last = (q.chunk_claims << q.chunk_shift) - 1;
+    q.chunk_mask = (1 << q.chunk_shift) - 1;
     launch_kernel<kKernel, kThreads, kSmem>(q, std::min<int64_t>(items, sm_count()), stream);
   }
 }

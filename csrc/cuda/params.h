@@ -117,6 +117,16 @@ struct Params {
   static constexpr int kPrefetchRanges = 8;
   const char* prefetch_at[kPrefetchRanges] = {};
   int prefetch_lines[kPrefetchRanges] = {};
+  // Claims of the persistent forward, dK/dV and recompute dQ kernels (kernels_sm90.cuh: claim_item,
+  // run_items' kChunks): each of the first chunk_claims claims takes 1 << chunk_shift consecutive work
+  // items, so a CTA runs neighbouring rows of one head back to back, whose plan entries share cache
+  // lines and which need one counter read; the rest take one item each. The host sets chunk_shift
+  // (attention.cu: item_chunk_shift), launch_sm90 the rest.
+  int chunk_shift = 0;
+  int chunk_claims = 0;
+  int chunk_extra = 0;  // (chunk_claims << chunk_shift) - chunk_claims: claim k >= chunk_claims's item - k
+  int chunk_last = -1;  // (chunk_claims << chunk_shift) - 1: the last chunked item; from it on each ends its claim
+  int chunk_mask = 0;   // (1 << chunk_shift) - 1
 };
 
 // Tile shapes. Every kernel is a template over its tile; the instantiation files register a few
