@@ -56,8 +56,11 @@ def median(xs: list[float]) -> float:
     return xs[len(xs) // 2] if xs else float("nan")
 
 
-def phases(t: list) -> tuple[dict[str, list[float]], list[int]]:
-    """Per-phase cycle counts from the stamps t[cta][item][role][slot] (0: not written)."""
+def phases(t: list, parity: int | None = None) -> tuple[dict[str, list[float]], list[int]]:
+    """Per-phase cycle counts from the stamps t[cta][item][role][slot] (0: not written); with `parity`,
+    only each CTA's items n with n % 2 == parity (with claims of two items, DILATED_SPARSE_ITEM_CHUNK=2,
+    a claim's first items are the even ones and the rest of its claims the odd ones, but for the
+    launch's last items, claimed one at a time)."""
     rows: dict[str, list[float]] = {}
 
     def add(key: str, val: float) -> None:
@@ -68,6 +71,8 @@ def phases(t: list) -> tuple[dict[str, list[float]], list[int]]:
         n_items = sum(1 for n in range(KERNEL) if T[n][0][0] != 0 and T[n][0][6] != 0)
         items_per_cta.append(n_items)
         for n in range(1, n_items - 1):
+            if parity is not None and n % 2 != parity:
+                continue
             for r in (0, 1):
                 cur, prv, nxt = T[n][r], T[n - 1][r], T[n + 1][r]
                 if cur[7] == 0:
@@ -137,6 +142,8 @@ def main() -> int:
     ap.add_argument("--patterns", default="causal_local:0.05,local:0.025,local:0.10")
     ap.add_argument("--kernels", default="fwd,dkv")
     ap.add_argument("--save", default="", help="write the raw stamps here (torch.save)")
+    ap.add_argument("--by-parity", action="store_true",
+                    help="also the phases of each CTA's even and odd items apart (claims of two items)")
     args = ap.parse_args()
     from bench_point import l2_flush_buffer, point_calls
 
@@ -165,6 +172,11 @@ def main() -> int:
                   "cycles, median (mean)")
             for key, vals in rows.items():
                 print(f"  {key:44s} {median(vals):8.0f} ({sum(vals) / len(vals):8.0f})")
+            if args.by_parity:
+                even, odd = phases(stamps.tolist(), 0)[0], phases(stamps.tolist(), 1)[0]
+                print("  even items / odd items, median")
+                for key in rows:
+                    print(f"    {key:42s} {median(even.get(key, [])):8.0f} / {median(odd.get(key, [])):8.0f}")
             whole = whole_kernel(stamps.tolist())
             if whole:
                 print(f"  launch span {whole['span']:.1f} us at {whole['clock GHz']:.3f} GHz; per CTA, us (mean):")
