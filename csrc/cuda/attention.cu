@@ -973,8 +973,9 @@ void set_tma(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tens
 
 // log2 of the work items a persistent kernel's claim takes (Params::chunk_shift): two where the
 // layout's rows (columns for dK/dV) average at most kChunkMaxTokens secondary tokens (three 128-token
-// blocks), else one. A CTA then runs neighbouring rows back to back, whose plan entries its producer
-// has just read. H200, twenty-ninth session (RESULTS.md), against main's build (ab_builds.py, do_bench
+// blocks), else one. A CTA then runs neighbouring rows back to back, and the second row's key tiles
+// are mostly ones it has just loaded (the trace in RESULTS.md: that row's tiles take ~12% fewer
+// cycles). H200, twenty-ninth session (RESULTS.md), against main's build (ab_builds.py, do_bench
 // medians over 4 processes): S16k D128 local 2.5% (three blocks a row) 0.975-0.989 forward, one block
 // a row 0.978-0.990, D64 local 2.5% 0.978-0.988 forward and 0.990 fwd+bwd; call by call (ab_env.py,
 // against chunks of one) 0.950-0.983 at one to three blocks, but 1.006-1.019 at four to seven and

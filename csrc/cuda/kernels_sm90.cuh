@@ -357,7 +357,7 @@ __device__ __forceinline__ int claim_item(const PingSync& s, const Params& p, in
   if (n >= 2) sm90::mbar_wait(s.item_empty + 8 * b, ((n >> 1) - 1) & 1);
   int64_t item;
   if (kChunks && kAhead && n > 0 && pending < 0) {
-    item = ~pending;  // the rest of item n - 1's claim (reserve()): no counter, and its plan lines are in L1
+    item = ~pending;  // the rest of item n - 1's claim (reserve()): no counter read
   } else {
     const int64_t k = n == 0 ? static_cast<int64_t>(blockIdx.x)
                              : gridDim.x + static_cast<int64_t>(kAhead ? pending : atomicAdd(p.work_counter, 1));
@@ -761,11 +761,11 @@ __device__ __forceinline__ void release_primary(const PingSync& sy, int nres) {
 // barrier arrivals), in issue slots the consumers' softmax shares. They leave through an inline
 // `exit`: a C++ return or a branch around the loop there made ptxas spill ~1.4 KB in the forwards.
 // kChunks (compiled into the forward, dK/dV and the recompute dQ kernel) with Params::chunk_shift > 0:
-// a claim may take several consecutive items (claim_item), which the producer then runs without a
-// counter read, and whose decodes and lookups read plan lines it has just read (neighbouring rows of
-// one head, or one split row's heads). H200, twenty-ninth session: chunks of two take 1-2.5% off a
-// forward of one to three blocks a row, ~1% off the D64 backward there (attention.cu:
-// item_chunk_shift).
+// a claim may take several consecutive items (claim_item: neighbouring rows of one head, or one split
+// row's heads), which the producer then runs without a counter read. H200, twenty-ninth session:
+// chunks of two take 1-2.5% off a forward of one to three blocks a row and ~1% off the D64 backward
+// there (attention.cu: item_chunk_shift). The trace puts the gain in the second item's tiles, most of
+// which the CTA has just loaded, not in its decode (RESULTS.md).
 // kRebalance: the producer hands registers to the consumers (setmaxnreg); a kernel whose consumers
 // need few keeps the launch's split.
 // kSplit (compiled) and p.split_producer (at run time; the kernel's PingSync made with it): the

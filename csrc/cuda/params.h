@@ -119,8 +119,8 @@ struct Params {
   int prefetch_lines[kPrefetchRanges] = {};
   // Claims of the persistent forward, dK/dV and recompute dQ kernels (kernels_sm90.cuh: claim_item,
   // run_items' kChunks): each of the first chunk_claims claims takes 1 << chunk_shift consecutive work
-  // items, so a CTA runs neighbouring rows of one head back to back, whose plan entries share cache
-  // lines and which need one counter read; the rest take one item each. The host sets chunk_shift
+  // items, so a CTA runs neighbouring rows of one head back to back (sharing key tiles, with one
+  // counter read); the rest take one item each. The host sets chunk_shift
   // (attention.cu: item_chunk_shift), launch_sm90 the rest.
   int chunk_shift = 0;
   int chunk_claims = 0;
