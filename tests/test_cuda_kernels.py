@@ -50,6 +50,12 @@ DEV = "cuda"
 
 
 # ----------------------------------------------------------------------------- helpers
+def band_mask(nb: int, radius: int) -> torch.Tensor:
+    """Bool block mask [1, 1, nb, nb] (CPU): row i holds blocks i - radius .. i + radius."""
+    idx = torch.arange(nb)
+    return ((idx.view(-1, 1) - idx.view(1, -1)).abs() <= radius).view(1, 1, nb, nb)
+
+
 def csr_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(crow, col, ccol, row) int32 of a bool block mask [Lb, Lh, nqb, nkb]."""
     lb, lh, nqb, nkb = mask.shape
@@ -534,9 +540,7 @@ def test_weights():
 def test_determinism():
     B, H, S = 1, 4, 1024
     nb = S // 64
-    mask = torch.zeros(1, 1, nb, nb, dtype=torch.bool)
-    idx = torch.arange(nb)
-    mask[0, 0] = (idx.view(-1, 1) - idx.view(1, -1)).abs() <= 2
+    mask = band_mask(nb, 2)
     mask[0, 0, 0, :] = True
     mask[0, 0, :, 0] = True
     r = run_case(B=B, H=H, Hkv=2, Sq=S, bq=64, bk=64, mask=mask, D=128)
@@ -585,8 +589,7 @@ def test_cuda_graph_capture(bs, D):
     replay. (Rows are never split while capturing, so with splitting forced by
     DILATED_SPARSE_SPLIT_CHUNK the eager forward merges pieces: compared by tolerance.)"""
     nb, H = 8, 2
-    idx = torch.arange(nb)
-    mask = ((idx.view(-1, 1) - idx.view(1, -1)).abs() <= 1).view(1, 1, nb, nb)
+    mask = band_mask(nb, 1)
     mask[0, 0, 0, :] = True
     crow, col, ccol, row = csr_from_mask(mask.to(DEV))
     g = torch.Generator(device="cpu").manual_seed(5)
@@ -622,8 +625,7 @@ def test_forward_work_counter_resets_itself():
     args = (128, 128, 1, 1, 0.125, False, -1, -1, None, None)
     cases = []  # (q, k, v, crow, col): 160 items (more than an H100 / H200 has SMs), 3, 320
     for H, nb, D in ((8, 20, 128), (1, 3, 64), (16, 20, 64)):
-        idx = torch.arange(nb)
-        mask = ((idx.view(-1, 1) - idx.view(1, -1)).abs() <= 1).view(1, 1, nb, nb).to(DEV)
+        mask = band_mask(nb, 1).to(DEV)
         q, k, v = (torch.randn(1, nb * 128 - 5, H, D, generator=g).to(DEV, torch.bfloat16) for _ in range(3))
         cases.append((q, k, v, *csr_from_mask(mask)[:2]))
         if len(cases) < 3:
@@ -693,8 +695,7 @@ def test_item_chunks(D, split, monkeypatch):
     ops = _ops()
     g = torch.Generator(device="cpu").manual_seed(D + split)
     nb, H = 40, 16
-    idx = torch.arange(nb)
-    mask = ((idx.view(-1, 1) - idx.view(1, -1)).abs() <= 1).view(1, 1, nb, nb)
+    mask = band_mask(nb, 1)
     if split:
         mask[0, 0, 0, :] = True  # a global row, cut into pieces
         mask[0, 0, 5, 20:] = True

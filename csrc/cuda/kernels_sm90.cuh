@@ -1887,7 +1887,7 @@ void launch_sm90(const Params& p, int64_t items, cudaStream_t stream) {
     q.chunk_extra = (q.chunk_claims << q.chunk_shift) - q.chunk_claims;
     q.chunk_last = (q.chunk_claims << q.chunk_shift) - 1;
     q.chunk_mask = (1 << q.chunk_shift) - 1;
-    launch_kernel<kKernel, kThreads, kSmem>(q, std::min<int64_t>(items, sm_count()), stream);
+    launch_kernel<kKernel, kThreads, kSmem>(q, grid, stream);
   }
 }
 
