@@ -167,17 +167,18 @@ def main() -> int:
             del os.environ["DILATED_SPARSE_TRACE_PTR"]
             stamps = buf.view(MAX_CTAS, ITEMS, ROLES, SLOTS).cpu()
             saved[f"{kind}_{dens}_{kern}"] = stamps
-            rows, items = phases(stamps.tolist())
+            table = stamps.tolist()  # [cta][item][role][slot], read by every summary below
+            rows, items = phases(table)
             print(f"\n== {args.shape} {kind} {dens} {kern}: {len(items)} CTAs, items a CTA {median(items)}; "
                   "cycles, median (mean)")
             for key, vals in rows.items():
                 print(f"  {key:44s} {median(vals):8.0f} ({sum(vals) / len(vals):8.0f})")
             if args.by_parity:
-                even, odd = phases(stamps.tolist(), 0)[0], phases(stamps.tolist(), 1)[0]
+                even, odd = phases(table, 0)[0], phases(table, 1)[0]
                 print("  even items / odd items, median")
                 for key in rows:
                     print(f"    {key:42s} {median(even.get(key, [])):8.0f} / {median(odd.get(key, [])):8.0f}")
-            whole = whole_kernel(stamps.tolist())
+            whole = whole_kernel(table)
             if whole:
                 print(f"  launch span {whole['span']:.1f} us at {whole['clock GHz']:.3f} GHz; per CTA, us (mean):")
                 for key in ("start after the first CTA", "entry to the first item", "first item", "middle items",
