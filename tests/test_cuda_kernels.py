@@ -807,6 +807,85 @@ def test_fuzz():
             raise AssertionError(f"fuzz case {case}: {kw}: {e}") from e
 
 
+# Pattern specs for test_fuzz_patterns: (name, options) of the package's generators, drawn per case.
+def _pattern_spec(rng: random.Random, H: int) -> tuple[str, dict]:
+    per_head = {"num_heads": H, "different_layout_per_head": rng.random() < 0.5}
+    return rng.choice([
+        ("local_window", {"window_size": rng.randint(16, 1200)}),
+        ("local_window", {"window": (rng.randint(0, 600), rng.randint(0, 600))}),
+        ("global_local", {"global_tokens": rng.choice([16, 64, 128, 256]), "window_size": rng.randint(16, 600)}),
+        ("dilated_sparse", {"segment_lengths": [256, 512, 1024], "dilation_rates": [1, 2, rng.choice([2, 4])]}),
+        ("random", {"density": rng.uniform(0.01, 0.4), "seed": rng.randint(0, 999), **per_head}),
+        ("bigbird", {"num_global_blocks": rng.randint(0, 2), "num_sliding_window_blocks": rng.choice([1, 3, 5]),
+                     "num_random_blocks": rng.randint(0, 3), "seed": rng.randint(0, 999), **per_head}),
+        ("longformer", {"window_size": rng.randint(16, 600), "global_tokens": rng.choice([0, 32, 128])}),
+        ("fixed", {"num_local_blocks": 2 * rng.randint(1, 3), "num_global_blocks": rng.randint(1, 2)}),
+        ("hierarchical", {}),
+        ("butterfly", {}),
+        ("block_neighbour", {"radius": rng.randint(0, 3)}),
+    ])
+
+
+# Run-time switches of the CUDA backend that must not change a result (README: "Runtime switches").
+_FUZZ_SWITCHES = {
+    "DILATED_SPARSE_ITEM_CHUNK": ("1", "2", "4", "8"),
+    "DILATED_SPARSE_SPLIT_CHUNK": ("1", "2", "3", "5", "8"),
+    "DILATED_SPARSE_BWD_SCRATCH_MB": ("0", "1", "8", "64"),
+    "DILATED_SPARSE_BWD_SCRATCH_CHUNKS": ("0", "1"),
+    "DILATED_SPARSE_TMA": ("0",),
+    "DILATED_SPARSE_DECODE_AHEAD": ("0",),
+    "DILATED_SPARSE_POST_LOOKUP": ("0",),
+    "DILATED_SPARSE_LEAN_PRODUCER": ("0",),
+    "DILATED_SPARSE_SPLIT_PRODUCER": ("0",),
+    "DILATED_SPARSE_PLAN_PREFETCH": ("0",),
+}
+
+
+def test_fuzz_patterns(monkeypatch):
+    """Layouts of the package's pattern generators, at sizes where the persistent sm_90 kernels take
+    several work items a CTA (B * H * ceil(Sq / 128) forward items: ~20 to ~700, more than the ~132
+    CTAs in half the cases), so that chunked claims, the next item's decode, row splits and the
+    chunked dS scratch all run. Each case draws token rules, per-head / per-batch layouts, GQA and
+    run-time switches, none of which may change the result beyond the dtype's tolerance.
+    DILATED_SPARSE_FUZZ_PATTERNS sets the number of cases (default 100)."""
+    patterns = pytest.importorskip("dilated_sparse.patterns")
+    rng = random.Random(4321)
+    n = int(os.environ.get("DILATED_SPARSE_FUZZ_PATTERNS", "100"))
+    for case in range(n):
+        B, H = rng.choice([1, 2]), rng.choice([4, 8, 16])
+        Sq = rng.randint(500, 3000)
+        Sk = Sq if rng.random() < 0.7 else rng.randint(500, 3000)
+        while B * H * Sq * Sk > 2.5e8:  # the fp64 reference is dense (~2 GB a [B, H, Sq, Sk] tensor)
+            H //= 2
+        name, options = _pattern_spec(rng, H)
+        bq, bk = rng.choice([32, 64, 128, 128, 256]), rng.choice([32, 64, 128, 128, 256])
+        layout = patterns.make_layout(name, seq_len_q=Sq, seq_len_k=Sk, block_size=(bq, bk),
+                                      causal=rng.random() < 0.3, **options)
+        mask = layout.to_dense_mask().cpu()  # [1, 1 or H, nqb, nkb]
+        if B == 2 and rng.random() < 0.3:  # per-batch: the second batch drops ~30% of the blocks
+            keep = torch.rand(mask.shape[1:], generator=torch.Generator().manual_seed(case)) >= 0.3
+            mask = torch.stack([mask[0], mask[0] & keep])
+        switches = {var: rng.choice(values) for var, values in _FUZZ_SWITCHES.items() if rng.random() < 0.3}
+        for var in _FUZZ_SWITCHES:
+            monkeypatch.delenv(var, raising=False)
+        for var, value in switches.items():
+            monkeypatch.setenv(var, value)
+        kw = {
+            "B": B, "H": H, "Hkv": rng.choice([h for h in (1, 2, 4, H) if H % h == 0]), "Sq": Sq, "Sk": Sk,
+            "D": rng.choice([64, 128, 64, 128, 96]), "bq": bq, "bk": bk,
+            "dtype": rng.choice([torch.float16, torch.bfloat16]), "mask": mask,
+            "lb": 1 if mask.shape[0] == 1 else 0, "lh": 1 if mask.shape[1] == 1 else 0,
+            "causal": rng.random() < 0.3, "wl": rng.choice([-1, -1, rng.randint(0, 1500)]),
+            "wr": rng.choice([-1, -1, rng.randint(0, 1500)]), "use_klen": rng.random() < 0.2,
+            "use_kpm": rng.random() < 0.2, "bwd": case % 4 != 3, "seed": case,
+        }
+        try:
+            run_case(**kw)
+        except AssertionError as e:
+            kw.pop("mask")
+            raise AssertionError(f"pattern fuzz case {case}: {name} {options} {kw} {switches}: {e}") from e
+
+
 @pytest.mark.skipif(os.environ.get("DILATED_SPARSE_TEST_LARGE") != "1", reason="set DILATED_SPARSE_TEST_LARGE=1")
 def test_64bit_offsets():
     """q/k/v/out of 2**31 elements: a diagonal layout, rows near the end checked by hand."""
