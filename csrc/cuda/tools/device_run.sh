@@ -29,13 +29,13 @@ fi
 if [ -n "${VARIANTS:-}" ]; then  # the tests again with every kernel forced to tile variant v
   for vv in $VARIANTS; do
     DILATED_SPARSE_FWD_VARIANT=$vv DILATED_SPARSE_DQ_VARIANT=$vv DILATED_SPARSE_DKV_VARIANT=$vv \
-      DILATED_SPARSE_FUZZ=${VFUZZ:-100} timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py > "$OUT/tests_v.log" 2>&1
+      DILATED_SPARSE_FUZZ=${VFUZZ:-100} DILATED_SPARSE_FUZZ_PATTERNS=${VFUZZ_PATTERNS:-30} timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py > "$OUT/tests_v.log" 2>&1
     echo "variant $vv tests rc=$? ($(( $(date +%s) - t0 )) s)"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests_v.log" | tail -8
     cat "$OUT/tests_v.log" >> "$OUT/tests_variants.log"; rm -f "$OUT/tests_v.log"
   done
 fi
 if [ "${SPLITRUN:-0}" = "1" ]; then  # the tests again with every row longer than 2 entries split
-  DILATED_SPARSE_SPLIT_CHUNK=2 DILATED_SPARSE_FUZZ=${VFUZZ:-100} timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py > "$OUT/tests_split.log" 2>&1
+  DILATED_SPARSE_SPLIT_CHUNK=2 DILATED_SPARSE_FUZZ=${VFUZZ:-100} DILATED_SPARSE_FUZZ_PATTERNS=${VFUZZ_PATTERNS:-30} timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py > "$OUT/tests_split.log" 2>&1
   echo "split-forced tests rc=$? ($(( $(date +%s) - t0 )) s)"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests_split.log" | tail -8
 fi
 if [ "${LARGE:-0}" = "1" ]; then
