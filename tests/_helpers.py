@@ -7,6 +7,8 @@ markers live in ``conftest.py``.
 from __future__ import annotations
 
 import math
+import random
+from typing import Any
 
 import torch
 
@@ -69,3 +71,32 @@ def assert_same_grads(out, ref, inputs, rtol: float = 1e-9, atol: float = 1e-10)
     """``out`` and ``ref`` have the same gradients w.r.t. ``inputs`` for one random upstream gradient."""
     for a, r in zip(grads_of(out, inputs), grads_of(ref, inputs)):
         torch.testing.assert_close(a, r, rtol=rtol, atol=atol)
+
+
+def random_pattern_spec(rng: random.Random, heads: int, scale: float = 1.0) -> tuple[str, dict[str, Any]]:
+    """``(name, options)`` of one of the package's pattern generators (``dilated_sparse.patterns``, the
+    one source of layouts) drawn from ``rng``, for ``make_layout``: the fuzz tests' layouts. Token
+    counts are for sequences of ~500-3000 tokens times ``scale``; generators that make per-head
+    layouts make ``heads`` of them (or one shared)."""
+
+    def tokens(n: int) -> int:  # n scaled, at least 1 unless n is 0
+        return max(1, round(n * scale)) if n > 0 else 0
+
+    per_head = {"num_heads": heads, "different_layout_per_head": rng.random() < 0.5}
+    return rng.choice([
+        ("local_window", {"window_size": rng.randint(tokens(16), tokens(1200))}),
+        ("local_window", {"window": (rng.randint(0, tokens(600)), rng.randint(0, tokens(600)))}),
+        ("global_local", {"global_tokens": tokens(rng.choice([16, 64, 128, 256])),
+                          "window_size": rng.randint(tokens(16), tokens(600))}),
+        ("dilated_sparse", {"segment_lengths": [tokens(256), tokens(512), tokens(1024)],
+                            "dilation_rates": [1, 2, rng.choice([2, 4])]}),
+        ("random", {"density": rng.uniform(0.01, 0.4), "seed": rng.randint(0, 999), **per_head}),
+        ("bigbird", {"num_global_blocks": rng.randint(0, 2), "num_sliding_window_blocks": rng.choice([1, 3, 5]),
+                     "num_random_blocks": rng.randint(0, 3), "seed": rng.randint(0, 999), **per_head}),
+        ("longformer", {"window_size": rng.randint(tokens(16), tokens(600)),
+                        "global_tokens": tokens(rng.choice([0, 32, 128]))}),
+        ("fixed", {"num_local_blocks": 2 * rng.randint(1, 3), "num_global_blocks": rng.randint(1, 2)}),
+        ("hierarchical", {}),
+        ("butterfly", {}),
+        ("block_neighbour", {"radius": rng.randint(0, 3)}),
+    ])
