@@ -169,7 +169,8 @@ def test_per_head_layout_with_gqa_and_all_rules():
 def test_pattern_fuzz_matches_reference():
     """Layouts of the package's pattern generators (per-head where they make them, per-batch by
     dropping blocks from the second batch) with random shapes, GQA, block sizes, head dims, dtypes
-    and token rules, against the float64 reference: out, lse and the three gradients.
+    and token rules, against the float64 reference: out, lse and the three gradients, and in every
+    third case the weights dict's block values.
     DILATED_SPARSE_CPU_FUZZ sets the number of cases (default 100)."""
     rng = random.Random(2024)
     n, refused = int(os.environ.get("DILATED_SPARSE_CPU_FUZZ", "100")), 0
@@ -203,6 +204,13 @@ def test_pattern_fuzz_matches_reference():
         tol = {torch.float64: 1e-9, torch.float32: 5e-5, torch.bfloat16: 3e-2, torch.float16: 1e-2}[dtype]
         try:
             check_against_reference(q, k, v, layout, tol, **kw)
+            if case % 3 == 0:  # the weights op: block values against the reference's
+                _, weights = ds.block_sparse_attention(q, k, v, layout, return_attention_weights=True, **kw)
+                _, ref_w = ds.reference_attention(*(t.detach().double() for t in (q, k, v)), layout,
+                                                  return_attention_weights=True, **kw)
+                assert weights["block_values"].shape == ref_w["block_values"].shape, "weights shape"
+                if ref_w["block_values"].numel() > 0:
+                    assert rel_err(weights["block_values"], ref_w["block_values"]) <= tol, "weights"
         except AssertionError as e:
             rules = {key: (f"tensor {list(val.shape)}" if isinstance(val, torch.Tensor) else val) for key, val in kw.items()}
             raise AssertionError(f"case {case}: {name} {options} B{B} H{H}/{Hkv} {Sq}x{Sk} blocks {bq}x{bk} "
