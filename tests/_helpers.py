@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -100,3 +101,28 @@ def random_pattern_spec(rng: random.Random, heads: int, scale: float = 1.0) -> t
         ("butterfly", {}),
         ("block_neighbour", {"radius": rng.randint(0, 3)}),
     ])
+
+
+def random_pattern_mask(rng: random.Random, *, batch: int, heads: int, seq_q: int, seq_k: int,
+                        blocks: Sequence[int], scale: float = 1.0,
+                        seed: int = 0) -> tuple[str, dict[str, Any], tuple[int, int], torch.Tensor] | None:
+    """A fuzz case's layout, drawn from ``rng``: a ``random_pattern_spec``, block sizes from
+    ``blocks``, causal in ~30% of the cases, made by ``make_layout``; with ``batch`` 2, in ~30% of
+    the cases a per-batch layout whose second batch drops ~30% of the blocks (``seed``). Returns
+    ``(name, options, (block_q, block_k), mask)``, the mask bool ``[Lb, Lh, nqb, nkb]`` on the CPU, or
+    None where the generator refuses the request (it raises a ValueError saying why, e.g. a density
+    that a causal grid cannot reach)."""
+    from dilated_sparse.patterns import make_layout
+
+    name, options = random_pattern_spec(rng, heads, scale)
+    block = (rng.choice(blocks), rng.choice(blocks))
+    try:
+        layout = make_layout(name, seq_len_q=seq_q, seq_len_k=seq_k, block_size=block,
+                             causal=rng.random() < 0.3, **options)
+    except ValueError:
+        return None
+    mask = layout.to_dense_mask().cpu()
+    if batch == 2 and rng.random() < 0.3:
+        keep = torch.rand(mask.shape[1:], generator=torch.Generator().manual_seed(seed)) >= 0.3
+        mask = torch.stack([mask[0], mask[0] & keep])
+    return name, options, block, mask

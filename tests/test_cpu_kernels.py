@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import random_pattern_spec
+from _helpers import random_pattern_mask
 
 import dilated_sparse as ds
 from dilated_sparse.ops import attention_forward
-from dilated_sparse.patterns import make_layout
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -179,19 +178,13 @@ def test_pattern_fuzz_matches_reference():
         Hkv = rng.choice([h for h in (1, 2, 4) if H % h == 0])
         Sq = rng.randint(20, 300)
         Sk = Sq if rng.random() < 0.6 else rng.randint(20, 300)
-        bq, bk = rng.choice([16, 32, 64, 128]), rng.choice([16, 32, 64, 128])
-        name, options = random_pattern_spec(rng, H, scale=0.1)
-        try:
-            layout = make_layout(name, seq_len_q=Sq, seq_len_k=Sk, block_size=(bq, bk),
-                                 causal=rng.random() < 0.3, **options)
-        except ValueError:  # a request the generator refuses, saying why (a density a causal grid cannot reach)
+        drawn = random_pattern_mask(rng, batch=B, heads=H, seq_q=Sq, seq_k=Sk, blocks=(16, 32, 64, 128), scale=0.1,
+                                    seed=case)
+        if drawn is None:
             refused += 1
             continue
-        if B == 2 and rng.random() < 0.3:  # per-batch: the second batch drops ~30% of the blocks
-            mask = layout.to_dense_mask()
-            keep = torch.rand(mask.shape[1:], generator=torch.Generator().manual_seed(case)) >= 0.3
-            layout = ds.BlockSparseLayout.from_dense_mask(torch.stack([mask[0], mask[0] & keep]),
-                                                          block_size=(bq, bk), seq_len_q=Sq, seq_len_k=Sk)
+        name, options, (bq, bk), mask = drawn
+        layout = ds.BlockSparseLayout.from_dense_mask(mask, block_size=(bq, bk), seq_len_q=Sq, seq_len_k=Sk)
         dtype = rng.choice([torch.float32, torch.float32, torch.float64, torch.bfloat16, torch.float16])
         q, k, v = qkv(B, Sq, Sk, H, Hkv, rng.choice([8, 16, 24, 40, 64]), dtype, seed=case)
         kw = {"causal": rng.random() < 0.3}
