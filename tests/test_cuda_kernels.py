@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import sys
 
 import pytest
@@ -255,6 +256,56 @@ def test_head_dims(dtype, D):
     run_case(D=D, dtype=dtype, Sq=333, Sk=301, bq=64, bk=32, causal=D % 64 == 0, seed=D)
 
 
+def kernels_run(fn) -> set[tuple[str, int]]:
+    """(kernel, specialised head dim) of each dilated_sparse kernel that fn() launches, from
+    torch.profiler's kernel names (``dilated_sparse::cuda::fwd_sm90_kernel<__nv_bfloat16, 128, ...>``:
+    ``("fwd_sm90", 128)``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    found = set()
+    for event in prof.events():
+        m = re.search(r"dilated_sparse::cuda::(\w+?)_kernel<[^,<>]+, (\d+)", event.name)
+        if m:
+            found.add((m.group(1), int(m.group(2))))
+    return found
+
+
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability() != (9, 0), reason="the sm_90 dispatch")
+@pytest.mark.parametrize("pad", ["1", "0"])
+@pytest.mark.parametrize("D", [24, 32, 72, 96, 200, 256])
+def test_sm90_head_dim_dispatch(monkeypatch, D, pad):
+    """On sm_90 a head dim whose specialised size has no wgmma kernels runs the next wgmma size's,
+    its surplus columns zero (D <= 32 -> 64, 64 < D <= 96 -> 128: attention.cu kernel_head_dim),
+    unless DILATED_SPARSE_SM90_PAD=0; D > 128 takes the D256 wgmma forward and the mma.sync D256
+    backward (no wgmma D256 backward). Either way the results match the reference: odd lengths,
+    GQA, causal, key padding, several items a CTA."""
+    if forced_variant():
+        pytest.skip("a forced tile variant picks the kernels itself")
+    from dilated_sparse.ops import _compiled_cuda_head_dims
+
+    if set(_compiled_cuda_head_dims()) != {32, 64, 96, 128, 256}:
+        pytest.skip("needs the full CUDA build")
+    monkeypatch.setenv("DILATED_SPARSE_SM90_PAD", pad)
+    exact = next(d for d in (32, 64, 96, 128, 256) if d >= D)
+    wgmma = 64 if D <= 64 else 128 if D <= 128 else 256
+    fwd = ("fwd_sm90", wgmma) if pad == "1" or exact == wgmma else ("fwd", exact)
+    if wgmma == 256:
+        bwd = {("dq", 256), ("dkv", 256)}
+    elif pad == "1" or exact == wgmma:
+        bwd = {("dq_ds_sm90", wgmma), ("dkv_sm90", wgmma)} if wgmma == 128 else {("dq_sm90", 64), ("dkv_sm90", 64)}
+    else:
+        bwd = {("dq", exact), ("dkv", exact)}
+    kw = {"B": 2, "H": 8, "Hkv": 2, "Sq": 1500, "Sk": 1400, "D": D, "bq": 128, "bk": 128, "density": 0.4,
+          "causal": True, "use_kpm": True, "seed": D}
+    ran = kernels_run(lambda: run_case(**kw))
+    assert {fwd} | bwd <= ran, f"expected {fwd} and {bwd}, ran {sorted(ran)}"
+    attention = {(name, d) for name, d in ran if name in ("fwd", "fwd_sm90", "dq", "dkv", "dq_sm90", "dkv_sm90", "dq_ds_sm90")}
+    assert attention == {fwd} | bwd, f"other kernels ran too: {sorted(attention)}"
+
+
 @pytest.mark.parametrize("bq", [16, 32, 64, 128, 256])
 @pytest.mark.parametrize("bk", [16, 32, 64, 128, 256])
 def test_block_sizes(bq, bk):
@@ -342,12 +393,14 @@ def test_growing_scores(D, dtype):
 
 
 # The backward's gradient through lse (dlse: Delta - dlse), both sm_90 backwards (the dS scratch and
-# the recompute one) and the mma.sync kernels, GQA and causal; a row of every query block keeps its
-# diagonal block so that no row is empty (the reference's lse has no gradient there).
+# the recompute one) and the mma.sync kernels (D96, kept there on sm_90 by DILATED_SPARSE_SM90_PAD=0),
+# GQA and causal; a row of every query block keeps its diagonal block so that no row is empty (the
+# reference's lse has no gradient there).
 @pytest.mark.parametrize("D,dtype", [(64, torch.float16), (128, torch.bfloat16), (96, torch.bfloat16)])
 @pytest.mark.parametrize("scratch_mb", ["0", "1024"])
 def test_lse_gradient(D, dtype, scratch_mb, monkeypatch):
     monkeypatch.setenv("DILATED_SPARSE_BWD_SCRATCH_MB", scratch_mb)
+    monkeypatch.setenv("DILATED_SPARSE_SM90_PAD", "0" if D == 96 else "1")
     g = torch.Generator().manual_seed(D)
     B, H, Hkv, S, bs = 2, 4, 2, 520, 128
     nb = math.ceil(S / bs)
@@ -842,6 +895,7 @@ _FUZZ_SWITCHES = {
     "DILATED_SPARSE_LEAN_PRODUCER": ("0",),
     "DILATED_SPARSE_SPLIT_PRODUCER": ("0",),
     "DILATED_SPARSE_PLAN_PREFETCH": ("0",),
+    "DILATED_SPARSE_SM90_PAD": ("0",),
 }
 
 
@@ -878,7 +932,7 @@ def test_fuzz_patterns(monkeypatch):
                 monkeypatch.setenv(var, value)
         kw = {
             "B": B, "H": H, "Hkv": rng.choice([h for h in (1, 2, 4, H) if H % h == 0]), "Sq": Sq, "Sk": Sk,
-            "D": rng.choice([64, 128, 64, 128, 96]), "bq": bq, "bk": bk,
+            "D": rng.choice([64, 128, 64, 128, 96, 32, 256]), "bq": bq, "bk": bk,
             "dtype": rng.choice([torch.float16, torch.bfloat16]), "mask": mask,
             "lb": 1 if mask.shape[0] == 1 else 0, "lh": 1 if mask.shape[1] == 1 else 0,
             "causal": rng.random() < 0.3, "wl": rng.choice([-1, -1, rng.randint(0, 1500)]),

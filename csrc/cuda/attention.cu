@@ -8,6 +8,9 @@
 //   DILATED_SPARSE_PLAN_CACHE=0              rebuild the tile lists on every call.
 //   DILATED_SPARSE_SPLIT=0                   never split heavy forward rows (see make_split()).
 //   DILATED_SPARSE_SPLIT_CHUNK=<entries>     split forward rows longer than this (tests).
+//   DILATED_SPARSE_SM90_PAD=0|1              sm_90: a head dim without wgmma kernels runs the exact
+//                                            size's mma.sync kernels / the next wgmma head dim's
+//                                            (default; kernel_head_dim()).
 //   DILATED_SPARSE_TMA=0|1                   sm_90 kernels: cp.async copies instead of TMA / TMA
 //                                            required (see set_tma()).
 //   DILATED_SPARSE_SPLIT_PRODUCER=0|1        sm_90 dQ-from-dS kernel with TMA: one producer loop /
@@ -670,6 +673,16 @@ bool device_is_sm90() {
   return c == 1;
 }
 
+// A 0 / 1 switch from the environment, `fallback` where it is unset; any other value is an error
+// naming the variable.
+bool env_switch(const char* name, bool fallback) {
+  const char* e = std::getenv(name);
+  if (e == nullptr) return fallback;
+  const std::string value = e;
+  TORCH_CHECK(value == "0" || value == "1", "dilated_sparse CUDA: ", name, " must be 0 or 1, got '", value, "'");
+  return value == "1";
+}
+
 // DILATED_SPARSE_{FWD,DQ,DKV}_VARIANT of `op`, or -1.
 int forced_variant(Op op) {
   static const char* const kEnv[kNumOps] = {"DILATED_SPARSE_FWD_VARIANT", "DILATED_SPARSE_DQ_VARIANT",
@@ -774,6 +787,38 @@ const KernelEntry& pick(Op op, const at::Tensor& q, int kD, int prim_block, int 
     if (arr[best].pm > prim_block || arr[v].pm > arr[best].pm) best = v;
   }
   return arr[best];
+}
+
+// Whether (op, dtype di, head dim kD) has an sm_90a (wgmma) kernel that pick() may take.
+bool has_sm90_kernel(Op op, int di, int kD) {
+  const int hi = head_dim_index(kD);
+  if (di < 0 || hi < 0) return false;
+  const KernelEntry* arr = registry().e[op][di][hi];
+  for (int v = 0; v < kMaxVariants; ++v) {
+    if (arr[v].fn != nullptr && arr[v].arch == 90 && arr[v].ds == 0) return true;
+  }
+  return false;
+}
+
+// The specialised head dim whose kernels run `op` for head dim D: padded_head_dim(D), except on an
+// sm_90 device where that head dim has no wgmma kernel and a larger one has (D <= 32 -> 64,
+// 64 < D <= 96 -> 128): the wgmma kernel, its surplus columns zero-filled (the copies zero every
+// column at or past D and the stores skip them, as for D = 40 or 120), beats the mma.sync kernel
+// of the exact size. H200, thirty-second session (benchmarks/RESULTS.md): at S16k, D96 forward
+// 0.86 -> 0.40 ms and D32 0.86 -> 0.49 ms at local 10%, and the fwd+bwd ... (see RESULTS).
+// DILATED_SPARSE_SM90_PAD=0 keeps padded_head_dim(D) (comparisons, tests); a forced variant
+// (DILATED_SPARSE_{FWD,DQ,DKV}_VARIANT) that the exact head dim has also keeps it.
+int kernel_head_dim(Op op, const at::Tensor& q, int64_t D) {
+  const int kD = padded_head_dim(D);
+  if (kD == 0 || !device_is_sm90() || !env_switch("DILATED_SPARSE_SM90_PAD", true)) return kD;
+  const int di = dtype_index(q);
+  if (has_sm90_kernel(op, di, kD)) return kD;
+  const int forced = forced_variant(op);
+  if (forced >= 0 && di >= 0 && registry().e[op][di][head_dim_index(kD)][forced].fn != nullptr) return kD;
+  for (const int wider : {64, 128, 256}) {
+    if (wider > kD && has_sm90_kernel(op, di, wider)) return wider;
+  }
+  return kD;
 }
 
 // Bytes the dS-scratch backward may allocate: DILATED_SPARSE_BWD_SCRATCH_MB (MiB; 0 turns it off),
@@ -911,16 +956,6 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
     return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
   }();
   return fn;
-}
-
-// A 0 / 1 switch from the environment, `fallback` where it is unset; any other value is an error
-// naming the variable.
-bool env_switch(const char* name, bool fallback) {
-  const char* e = std::getenv(name);
-  if (e == nullptr) return fallback;
-  const std::string value = e;
-  TORCH_CHECK(value == "0" || value == "1", "dilated_sparse CUDA: ", name, " must be 0 or 1, got '", value, "'");
-  return value == "1";
 }
 
 // A TMA descriptor of t ([B, S, H, D] as prep() leaves it: 16-byte aligned, strides multiples of 8
@@ -1080,7 +1115,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
   auto out = at::empty({B, Sq, H, D}, q.options());
   auto lse = at::empty({B, H, Sq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
-  const int kD = padded_head_dim(D);
+  const int kD = kernel_head_dim(kOpFwd, q, D);
   const at::Tensor klen = opt_contig(key_lengths), kpm = opt_contig(key_padding_mask);
   const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
   Params p = base_params(q, k, v, block_q, block_k, layout_batch, layout_heads, scale, causal,
@@ -1158,7 +1193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     dv.zero_();
     return {dq, dk, dv};
   }
-  const int kD = padded_head_dim(D);
+  const int kD_dq = kernel_head_dim(kOpDq, q, D), kD_dkv = kernel_head_dim(kOpDkv, q, D);
   const at::Tensor klen = opt_contig(key_lengths), kpm = opt_contig(key_padding_mask);
   const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
   const at::Tensor ccol_c = ccol.contiguous(), rowi_c = rowi.contiguous();
@@ -1194,7 +1229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     const char* e = std::getenv("DILATED_SPARSE_BWD_STREAMS");
     return e != nullptr && std::string(e) == "1";
   }();
-  const KernelEntry *ds_dq = ds_entry(kOpDq, q, kD), *ds_dkv = ds_entry(kOpDkv, q, kD);
+  const KernelEntry *ds_dq = ds_entry(kOpDq, q, kD_dq), *ds_dkv = ds_entry(kOpDkv, q, kD_dkv);
   at::Tensor ds;
   int chunk_k = 0;   // dK/dV repeats a chunk of the scratch backward
   int ds_bufs = 1;   // 2: chunks alternate between two streams and two scratch buffers
@@ -1249,8 +1284,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   const bool ds_mode = ds.defined();
   const double key_tokens = tokens_per_row(col, int64_t{L} * p.nqb, p.bk, 1);
   const double query_tokens = tokens_per_row(rowi, int64_t{L} * p.nkb, p.bq, p.G);
-  const KernelEntry& kdq = ds_mode ? *ds_dq : pick(kOpDq, q, kD, p.bq, p.bk, key_tokens);
-  const KernelEntry& kdkv = ds_mode ? *ds_dkv : pick(kOpDkv, q, kD, p.bk, p.bq, query_tokens);
+  const KernelEntry& kdq = ds_mode ? *ds_dq : pick(kOpDq, q, kD_dq, p.bq, p.bk, key_tokens);
+  const KernelEntry& kdkv = ds_mode ? *ds_dkv : pick(kOpDkv, q, kD_dkv, p.bk, p.bq, query_tokens);
   p.o = out.data_ptr();
   p.dout = dout.data_ptr();
   p.o_sb = out.stride(0); p.o_ss = out.stride(1); p.o_sh = out.stride(2);

@@ -39,15 +39,16 @@ __device__ __forceinline__ uint32_t sw128_x4_addr(uint32_t tile, int row0, int c
 
 // Copy rows [row0, row0 + kRows) x [0, kD) of a [seq][D] matrix into a SW128 tile (cp.async, 16
 // bytes a copy); rows at or past `valid_rows` and columns at or past D are zero-filled. Each thread
-// keeps one 16-byte column chunk and walks rows a pass apart; a pass spans a multiple of 8 rows, so
-// the thread's swizzled offset is the same in every pass (few live registers).
+// keeps one 16-byte column chunk and walks rows a pass apart; where a pass spans a multiple of 8
+// rows the thread's swizzled offset is the same in every pass (few live registers), else (D256 with
+// 128 threads: 4 rows a pass) each pass's offset is computed.
 template <typename T, int kRows, int kD, int kThreads>
 __device__ __forceinline__ void load_tile(uint32_t sbase, const T* gbase, int64_t row_stride, int row0,
                                           int valid_rows, int D, int tid) {
   static_assert(kD % 64 == 0, "SW128 tiles need a multiple of 64 columns");
   constexpr int kChunks = kD / 8;
   constexpr int kRowsPerPass = kThreads / kChunks;
-  static_assert(kThreads % kChunks == 0 && kRowsPerPass % 8 == 0, "a pass must cover 8k rows");
+  static_assert(kThreads % kChunks == 0 && kRowsPerPass > 0, "a pass must cover whole rows");
   const int ch = tid % kChunks;
   const int r0 = tid / kChunks;
   const uint32_t dst0 = sbase + sw128_offset<kRows>(r0, ch);
@@ -59,7 +60,8 @@ __device__ __forceinline__ void load_tile(uint32_t sbase, const T* gbase, int64_
     if (kRows % kRowsPerPass == 0 || r < kRows) {
       const bool pred = col_ok && row0 + r < valid_rows;
       const T* src = pred ? src0 + static_cast<int64_t>(pass * kRowsPerPass) * row_stride : gbase;
-      cp_async16(dst0 + pass * kRowsPerPass * 128, src, pred);
+      const uint32_t dst = kRowsPerPass % 8 == 0 ? dst0 + pass * kRowsPerPass * 128 : sbase + sw128_offset<kRows>(r, ch);
+      cp_async16(dst, src, pred);
     }
   }
 }
