@@ -58,6 +58,7 @@ DQ_SM90 = {
          ("2", "128", "kSchedPingPong2"), ("2", "64", "kSchedPingPongOverlap")],
     128: [("2", "64", "kSchedPingPong"), ("2", "128", "kSchedPingPong", "wide"), ("2", "64", "kSchedOverlap"),
           ("2", "64", "kSchedPingPong2", "short"), ("2", "64", "kSchedPingPongOverlap")],
+    256: [("2", "32", "kSchedPingPong")],
 }
 # D128 fwd default: ping-pong with the lazy rescale (kernels_sm90.cuh: kFwdLazyRescale; D64's
 # overlapped default gained nothing from it). Both fwd defaults keep Q in registers (kFwdQRegs; H200,
