@@ -804,8 +804,10 @@ bool has_sm90_kernel(Op op, int di, int kD) {
 // sm_90 device where that head dim has no wgmma kernel and a larger one has (D <= 32 -> 64,
 // 64 < D <= 96 -> 128): the wgmma kernel, its surplus columns zero-filled (the copies zero every
 // column at or past D and the stores skip them, as for D = 40 or 120), beats the mma.sync kernel
-// of the exact size. H200, thirty-second session (benchmarks/RESULTS.md): at S16k, D96 forward
-// 0.86 -> 0.40 ms and D32 0.86 -> 0.49 ms at local 10%, and the fwd+bwd ... (see RESULTS).
+// of the exact size. H200, thirty-second session (benchmarks/RESULTS.md, S16k, local 10% /
+// causal_local / local 2.5%, bf16): D96 (H16) forward 0.86 -> 0.39 ms at local 10%, 1.07-1.17x ->
+// 2.35-2.42x Flex, fwd+bwd 0.71-0.80x -> 1.55-1.88x; D32 (H32) forward 0.86 -> 0.53 ms, 0.56-0.57x
+// -> 0.91-0.93x (1.65x at 2.5%), fwd+bwd 0.54-0.72x -> 0.90-0.93x (1.42x at 2.5%).
 // DILATED_SPARSE_SM90_PAD=0 keeps padded_head_dim(D) (comparisons, tests); a forced variant
 // (DILATED_SPARSE_{FWD,DQ,DKV}_VARIANT) that the exact head dim has also keeps it.
 int kernel_head_dim(Op op, const at::Tensor& q, int64_t D) {
