@@ -279,8 +279,8 @@ def kernels_run(fn) -> set[tuple[str, int]]:
 def test_sm90_head_dim_dispatch(monkeypatch, D, pad):
     """On sm_90 a head dim whose specialised size has no wgmma kernels runs the next wgmma size's,
     its surplus columns zero (D <= 32 -> 64, 64 < D <= 96 -> 128: attention.cu kernel_head_dim),
-    unless DILATED_SPARSE_SM90_PAD=0; D > 128 takes the D256 wgmma forward and dQ and the mma.sync
-    D256 dK/dV (no wgmma D256 dK/dV). Either way the results match the reference: odd lengths,
+    unless DILATED_SPARSE_SM90_PAD=0; D > 128 takes the D256 wgmma kernels (dK/dV in two column
+    halves a key tile). Either way the results match the reference: odd lengths,
     GQA, causal, key padding, several items a CTA."""
     if forced_variant():
         pytest.skip("a forced tile variant picks the kernels itself")
@@ -293,7 +293,7 @@ def test_sm90_head_dim_dispatch(monkeypatch, D, pad):
     wgmma = 64 if D <= 64 else 128 if D <= 128 else 256
     fwd = ("fwd_sm90", wgmma) if pad == "1" or exact == wgmma else ("fwd", exact)
     if wgmma == 256:
-        bwd = {("dq_sm90", 256), ("dkv", 256)}
+        bwd = {("dq_sm90", 256), ("dkv_sm90", 256)}
     elif pad == "1" or exact == wgmma:
         bwd = {("dq_ds_sm90", wgmma), ("dkv_sm90", wgmma)} if wgmma == 128 else {("dq_sm90", 64), ("dkv_sm90", 64)}
     else:
@@ -975,8 +975,8 @@ if __name__ == "__main__":
     if "--small" in sys.argv:  # tiny case for compute-sanitizer
         run_case(B=2, H=4, Hkv=2, Sq=150, Sk=140, D=64, bq=32, bk=64, causal=True, use_kpm=True, check_weights=True)
         run_case(B=1, H=2, Sq=100, Sk=90, D=128, bq=64, bk=16, lh=0, wl=20)
-        # head dims without wgmma kernels of their own: on sm_90 D200 takes the D256 wgmma forward,
-        # D96 and D24 the D128 and D64 wgmma kernels with zero-filled columns (kernel_head_dim)
+        # head dims without wgmma kernels of their own: on sm_90 D200 takes the D256 wgmma kernels
+        # (dK/dV in column halves), D96 and D24 the D128 and D64 ones with zero-filled columns
         run_case(B=1, H=2, Hkv=1, Sq=200, Sk=190, D=200, bq=128, bk=64, causal=True, use_kpm=True)
         run_case(B=1, H=2, Sq=200, Sk=190, D=96, bq=128, bk=128, causal=True)
         run_case(B=1, H=2, Sq=130, Sk=150, D=24, bq=64, bk=32, wl=40)

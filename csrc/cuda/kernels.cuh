@@ -274,9 +274,13 @@ struct ItemInfo {
   int64_t base;
 };
 
-__device__ __forceinline__ ItemInfo describe_item(const Params& p, int item) {
+// kParts > 1 (the sm_90 dK/dV with column parts, kDkvSplitCols): item kParts i + j is part j of
+// work item i, and e0 holds j.
+template <int kParts = 1>
+__device__ __forceinline__ ItemInfo describe_item(const Params& p, int claimed) {
   ItemInfo d;
-  d.item = item;
+  d.item = claimed;
+  const int item = kParts > 1 ? claimed / kParts : claimed;
   decode_item(p, item, d.s, d.t, d.b, d.h);
   const Entries E = make_entries(p.tl, d.s, d.t);
   d.base = E.base;
@@ -289,6 +293,7 @@ __device__ __forceinline__ ItemInfo describe_item(const Params& p, int item) {
     d.n = piece.z;
     d.slot = piece.w;
   }
+  if constexpr (kParts > 1) d.e0 = claimed % kParts;
   return d;
 }
 

@@ -84,6 +84,12 @@ constexpr int kSchedMask = kSchedWriteDs - 1;  // a schedule without its modifie
 // products in the same order (the same results, bit for bit). The ping-pong defaults take it
 // (measured in gen_instantiations.py).
 constexpr int kDkvEarlyDv = 64;
+// dK/dV modifier (head dims whose dK and dV rows do not fit the registers next to each other: D256):
+// each work item computes dK and dV for half of the head dim's columns, so a key tile is two items
+// (launch_dkv_sm90 counts them, run_items' kParts decodes them: the part rides in ItemInfo::e0,
+// which dK/dV does not use otherwise); each part recomputes the tile pairs' scores over all columns.
+// The mma.sync D256 dK/dV splits its columns the same way (kDO).
+constexpr int kDkvSplitCols = 128;
 // Forward modifier: a row keeps its running max until a tile's exceeds it by more than
 // kLazyHeadroom (log2 units), so the probabilities stay <= 2^8 (exact in fp32, within fp16 and bf16
 // range; the final normalisation and lse use the same max) and most tiles skip the output
@@ -228,6 +234,8 @@ struct DkvSm90Cfg : Sm90Threads<kWG_, kSchedM & kSchedMask> {
   static constexpr int kSched = kSchedM & kSchedMask;
   static constexpr bool kWriteDs = (kSchedM & kSchedWriteDs) != 0;
   static constexpr bool kEarlyDv = (kSchedM & kDkvEarlyDv) != 0;
+  static constexpr int kParts = (kSchedM & kDkvSplitCols) != 0 ? 2 : 1;  // items a key tile
+  static constexpr int kDO = kD / kParts;  // dK / dV columns an item computes
   using Base = Sm90Threads<kWG_, kSched>;
   static constexpr int kBN = 64 * kWG_;
   static constexpr int kBM = kBM_;
@@ -242,6 +250,7 @@ struct DkvSm90Cfg : Sm90Threads<kWG_, kSchedM & kSchedMask> {
   static_assert(!kEarlyDv || (Base::kPing && kSched != kSchedPingPongOverlap),
                 "dV is issued early by the two-turn ping-pong schedules only");
   static_assert(kStageBytes % 1024 == 0 && kResBytes % 1024 == 0, "swizzled tiles need 1024-byte alignment");
+  static_assert(kDO % 64 == 0 && !(kParts > 1 && kWriteDs), "column parts: whole 64-column panels, no dS scratch");
   static constexpr int kStages = Base::stages(kResBytes, kStageBytes, kSideBytes);
   static constexpr int kSmem = Base::smem(kResBytes, kStageBytes, kStages, kSideBytes);
   static_assert(kSmem <= kMaxSmem, "dK/dV tile does not fit in shared memory");
@@ -793,8 +802,8 @@ __device__ __forceinline__ void release_primary(const PingSync& sy, int nres) {
 // mailbox, left it 2.5% slower at S16k local 2.5%: twenty-third session), and dK/dV gained
 // nothing (fwd+bwd 0.997-1.002).
 template <bool kPing, int kWG, bool kRebalance = true, bool kSplit = false, bool kDecodeAhead = false,
-          int kOpenAt = 0, bool kSelfReset = false, bool kLean = false, bool kChunks = false, class ProducerItem,
-          class ConsumerItem>
+          int kOpenAt = 0, bool kSelfReset = false, bool kLean = false, bool kChunks = false, int kParts = 1,
+          class ProducerItem, class ConsumerItem>
 __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, int wg, int ltid,
                                           ProducerItem producer_item, ConsumerItem consumer_item) {
   constexpr bool kOpen = kOpenAt > 0;
@@ -815,7 +824,7 @@ __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, i
           item = __shfl_sync(0xffffffffu, item, 0);
           ItemInfo d{};
           d.item = item;
-          if (item >= 0) d = describe_item(p, item);
+          if (item >= 0) d = describe_item<kParts>(p, item);
           if (ltid == 32) post_item(sy, n, 0, d);
           if (item < 0) break;
         }
@@ -850,7 +859,7 @@ __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, i
       if (kDecodeAhead && p.decode_ahead) {
         ItemInfo d{};
         d.item = fetch_item<false, kChunks>(sy, p, 0, ltid, pending, nprod());
-        if (d.item >= 0) d = describe_item(p, d.item);
+        if (d.item >= 0) d = describe_item<kParts>(p, d.item);
         post_or_write<kOpenAt>(sy, 0, ltid, d, late);
         if (ltid == 0) reserve_item<kChunks>(sy, p, 0, pending);
         for (int n = 0; d.item >= 0; ++n) {
@@ -860,7 +869,7 @@ __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, i
             posted = true;
             ItemInfo dn{};
             dn.item = fetch_item<false, kChunks>(sy, p, n + 1, ltid, pending, nprod());
-            if (dn.item >= 0) dn = describe_item(p, dn.item);
+            if (dn.item >= 0) dn = describe_item<kParts>(p, dn.item);
             post_or_write<kOpenAt>(sy, n + 1, ltid, dn, late);
           };
           if (producer_item(d, ring, nres, ahead, opener(n))) ++nres;
@@ -874,7 +883,7 @@ __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, i
           const int item = fetch_item<true, kChunks>(sy, p, n, ltid, pending, nprod());
           ItemInfo d{};
           d.item = item;
-          if (item >= 0) d = describe_item(p, item);
+          if (item >= 0) d = describe_item<kParts>(p, item);
           post_or_write<kOpenAt>(sy, n, ltid, d, late);
           if (item < 0) break;
           if (producer_item(d, ring, nres, NoHook{}, opener(n))) ++nres;
@@ -898,7 +907,7 @@ __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, i
     }
     if (wg == 0) sm90::named_sync(1, 128 * kWG);
   } else {
-    consumer_item(describe_item(p, static_cast<int>(blockIdx.x)), ring, nres, -1);
+    consumer_item(describe_item<kParts>(p, static_cast<int>(blockIdx.x)), ring, nres, -1);
   }
 }
 
@@ -1478,6 +1487,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
   // The current work item (key tile t of kv head hk) and its cursor over (GQA group member gg,
   // entry it): current and next (_n).
   int t = 0, b = 0, hk = 0, n0 = 0, t_sub = 0;  // t_sub: t's key sub-tile in its block (the dS panel)
+  int part = 0;  // kDkvSplitCols: the item's half of the columns (its dK / dV columns part * kDO ..)
   const T *kg = nullptr, *vg = nullptr;
   Rules R;
   int gg = 0, it = 0, qt = 0, state = 0, stage = 0, gg_n = 0, it_n = 0, qt_n = 0, state_n = 0;
@@ -1489,6 +1499,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
     t = d.t;
     b = d.b;
     n0 = t * kBN;
+    if constexpr (Cfg::kParts > 1) part = d.e0;
     if constexpr (Cfg::kWriteDs) t_sub = t % p.tl.fsplit;
     kg = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
     vg = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
@@ -1578,9 +1589,12 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
       if (any) load_q(0, gg, qt);
       cp_async_commit();
     }
-    float dK[kD / 8][4], dV[kD / 8][4], S[kBM / 8][4], dP[kBM / 8][4];
+    constexpr int kDO = Cfg::kDO;
+    // The part's first column in a SW128 tile of kBM rows: whole 64-column panels of kBM rows.
+    const uint32_t col_off = static_cast<uint32_t>(part * (kDO / 64) * kBM * 128);
+    float dK[kDO / 8][4], dV[kDO / 8][4], S[kBM / 8][4], dP[kBM / 8][4];
 #pragma unroll
-    for (int i = 0; i < kD / 8; ++i) {
+    for (int i = 0; i < kDO / 8; ++i) {
       dK[i][0] = dK[i][1] = dK[i][2] = dK[i][3] = 0.f;
       dV[i][0] = dV[i][1] = dV[i][2] = dV[i][3] = 0.f;
     }
@@ -1614,7 +1628,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
     auto issue_dv = [&](auto c, int st) {
 #pragma unroll
       for (int kk = 0; kk < kBM / 16; ++kk) {
-        sm90::Wgmma<kD, T>::template rs<1>(dV, pa[c][kk], sm90::desc_mn<kBM>(stage_do(st), kk), 1);
+        sm90::Wgmma<kDO, T>::template rs<1>(dV, pa[c][kk], sm90::desc_mn<kBM>(stage_do(st) + col_off, kk), 1);
       }
     };
     // P^T and dS^T = P^T (dP^T - Delta) as A fragments in set c.
@@ -1671,7 +1685,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
       if constexpr (!Cfg::kEarlyDv) issue_dv(c, st);
 #pragma unroll
       for (int kk = 0; kk < kBM / 16; ++kk) {
-        sm90::Wgmma<kD, T>::template rs<1>(dK, sa[c][kk], sm90::desc_mn<kBM>(stage_q(st), kk), 1);
+        sm90::Wgmma<kDO, T>::template rs<1>(dK, sa[c][kk], sm90::desc_mn<kBM>(stage_q(st) + col_off, kk), 1);
       }
       sm90::commit();
     };
@@ -1709,11 +1723,12 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
     sm90::fence_regs(dK);
     sm90::fence_regs(dV);
     if constexpr (!Cfg::kPing) cp_async_wait<0>();
-    store_rows<T, kD>(p.dk, dK, b, p.Sk, p.Hkv, hk, p.D, n0 + wrow, 0, p.scale, g, t4);
-    store_rows<T, kD>(p.dv, dV, b, p.Sk, p.Hkv, hk, p.D, n0 + wrow, 0, 1.f, g, t4);
+    store_rows<T, kDO>(p.dk, dK, b, p.Sk, p.Hkv, hk, p.D, n0 + wrow, part * kDO, p.scale, g, t4);
+    store_rows<T, kDO>(p.dv, dV, b, p.Sk, p.Hkv, hk, p.D, n0 + wrow, part * kDO, 1.f, g, t4);
     return any;
   };
-  run_items<Cfg::kPing, kWG, true, false, false, 0, false, false, true>(p, sy, wg, ltid, producer_item, consumer_item);
+  run_items<Cfg::kPing, kWG, true, false, false, 0, false, false, true, Cfg::kParts>(p, sy, wg, ltid, producer_item,
+                                                                                   consumer_item);
 #else
   __trap();
 #endif
@@ -1912,7 +1927,9 @@ void launch_dq_ds_sm90(const Params& p, int64_t items, cudaStream_t stream) {
 template <typename T, int kD, int kWG, int kBM, int kSched>
 void launch_dkv_sm90(const Params& p, int64_t items, cudaStream_t stream) {
   using Cfg = DkvSm90Cfg<kD, kWG, kBM, kSched>;
-  launch_sm90<&dkv_sm90_kernel<T, kD, kWG, kBM, kSched>, Cfg::kThreads, Cfg::kSmem, Cfg::kPing>(p, items, stream);
+  // kDkvSplitCols: each key tile's items, one a column part
+  launch_sm90<&dkv_sm90_kernel<T, kD, kWG, kBM, kSched>, Cfg::kThreads, Cfg::kSmem, Cfg::kPing>(p, items * Cfg::kParts,
+                                                                                             stream);
 }
 
 // Registration (instantiations/*_sm90_*.cu). Host code registers the kernels only when the build

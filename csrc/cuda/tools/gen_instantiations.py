@@ -104,6 +104,7 @@ DKV_SM90 = {
          ("1", "64", "kSchedOverlap", "small"), ("2", "128", "kSchedPingPong2"), ("2", "128", "kSchedPingPong")],
     128: [("2", "64", "kSchedPingPong2 | kDkvEarlyDv"), ("2", "64", "kSchedLockstep"), ("2", "64", "kSchedOverlap"),
           ("2", "64", "kSchedPingPong"), ("2", "64", "kSchedPingPong2 | kSchedWriteDs | kDkvEarlyDv", "ds")],
+    256: [("2", "32", "kSchedPingPong | kDkvEarlyDv | kDkvSplitCols")],
 }
 SM90_FIRST_VARIANT = 4
 SM90_FLAGS = {"small": 1, "short": 2, "wide": 4, "ds": 8}  # KernelEntry flags (params.h)
