@@ -280,8 +280,8 @@ def test_sm90_head_dim_dispatch(monkeypatch, D, pad):
     """On sm_90 a head dim whose specialised size has no wgmma kernels runs the next wgmma size's,
     its surplus columns zero (D <= 32 -> 64, 64 < D <= 96 -> 128: attention.cu kernel_head_dim),
     unless DILATED_SPARSE_SM90_PAD=0; D > 128 takes the D256 wgmma kernels (dK/dV in two column
-    halves a key tile). Either way the results match the reference: odd lengths,
-    GQA, causal, key padding, several items a CTA."""
+    halves a key tile). Either way the results match the reference: odd lengths, GQA, causal, key
+    padding, several items a CTA."""
     if forced_variant():
         pytest.skip("a forced tile variant picks the kernels itself")
     from dilated_sparse.ops import _compiled_cuda_head_dims

@@ -60,12 +60,12 @@ DQ_SM90 = {
           ("2", "64", "kSchedPingPong2", "short"), ("2", "64", "kSchedPingPongOverlap")],
     256: [("2", "32", "kSchedPingPong")],
 }
-# D256 (thirty-second session, H200, S16k H16 bf16, against Flex in the same process): the forward
-# with 64 keys a step in two ring stages (128 Q rows and three 64-key stages do not fit) 1.96-2.48x
-# Flex at local 10% / causal_local / local 2.5% (the mma.sync forward 0.91-0.99x); the dQ with 32
-# keys a step in three stages took the fwd+bwd from 0.78-0.82x to 1.00-1.01x Flex. dK/dV stays on
-# mma.sync at D256 (its 64 keys x 256 columns of dK and dV would take 256 registers a thread); its
-# variant 0 (128 output columns a CTA) beats variant 1 (64) by 1.6x there.
+# D256 (thirty-second session, H200, S16k H16 bf16, against Flex in the same process; RESULTS.md):
+# the forward with 64 keys a step in two ring stages (128 Q rows and three 64-key stages do not fit)
+# 1.96-2.48x Flex at local 10% / causal_local / local 2.5% (the mma.sync forward 0.91-0.99x); the dQ
+# with 32 keys a step in three stages took the fwd+bwd from 0.78-0.82x to 1.00-1.01x Flex, and the
+# dK/dV in column halves (kDkvSplitCols: 64 keys x 256 columns of dK and dV would take 256
+# registers a thread) to 1.91-2.12x.
 # D128 fwd default: ping-pong with the lazy rescale (kernels_sm90.cuh: kFwdLazyRescale; D64's
 # overlapped default gained nothing from it). Both fwd defaults keep Q in registers (kFwdQRegs; H200,
 # seventeenth session, forced variants in one process, 3-5 interleaved rounds, out and lse equal bit
