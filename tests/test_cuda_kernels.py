@@ -277,11 +277,12 @@ def kernels_run(fn) -> set[tuple[str, int]]:
 @pytest.mark.parametrize("pad", ["1", "0"])
 @pytest.mark.parametrize("D", [24, 32, 72, 96, 200, 256])
 def test_sm90_head_dim_dispatch(monkeypatch, D, pad):
-    """On sm_90 a head dim whose specialised size has no wgmma kernels runs the next wgmma size's,
-    its surplus columns zero (D <= 32 -> 64, 64 < D <= 96 -> 128: attention.cu kernel_head_dim),
-    unless DILATED_SPARSE_SM90_PAD=0; D > 128 takes the D256 wgmma kernels (dK/dV in two column
-    halves a key tile). Either way the results match the reference: odd lengths, GQA, causal, key
-    padding, several items a CTA."""
+    """On sm_90 a head dim whose specialised size has no wgmma kernels (96) runs the next wgmma
+    size's (128), its surplus columns zero (attention.cu kernel_head_dim), unless
+    DILATED_SPARSE_SM90_PAD=0; D <= 32 takes its own wgmma kernels (the D64 tiles with the scores
+    over 32 columns: kHalfScoreK), D > 128 the D256 ones (dK/dV in two column halves a key tile).
+    Either way the results match the reference: odd lengths, GQA, causal, key padding, several
+    items a CTA."""
     if forced_variant():
         pytest.skip("a forced tile variant picks the kernels itself")
     from dilated_sparse.ops import _compiled_cuda_head_dims
@@ -290,11 +291,12 @@ def test_sm90_head_dim_dispatch(monkeypatch, D, pad):
         pytest.skip("needs the full CUDA build")
     monkeypatch.setenv("DILATED_SPARSE_SM90_PAD", pad)
     exact = next(d for d in (32, 64, 96, 128, 256) if d >= D)
-    wgmma = 64 if D <= 64 else 128 if D <= 128 else 256
-    fwd = ("fwd_sm90", wgmma) if pad == "1" or exact == wgmma else ("fwd", exact)
+    wgmma = 64 if D <= 64 else 128 if D <= 128 else 256  # the wgmma kernels' tile width
+    native = exact != 96  # wgmma kernels of its own (D32: the D64 tiles, scores over 32 columns)
+    fwd = ("fwd_sm90", wgmma) if pad == "1" or native else ("fwd", exact)
     if wgmma == 256:
         bwd = {("dq_sm90", 256), ("dkv_sm90", 256)}
-    elif pad == "1" or exact == wgmma:
+    elif pad == "1" or native:
         bwd = {("dq_ds_sm90", wgmma), ("dkv_sm90", wgmma)} if wgmma == 128 else {("dq_sm90", 64), ("dkv_sm90", 64)}
     else:
         bwd = {("dq", exact), ("dkv", exact)}
@@ -975,8 +977,9 @@ if __name__ == "__main__":
     if "--small" in sys.argv:  # tiny case for compute-sanitizer
         run_case(B=2, H=4, Hkv=2, Sq=150, Sk=140, D=64, bq=32, bk=64, causal=True, use_kpm=True, check_weights=True)
         run_case(B=1, H=2, Sq=100, Sk=90, D=128, bq=64, bk=16, lh=0, wl=20)
-        # head dims without wgmma kernels of their own: on sm_90 D200 takes the D256 wgmma kernels
-        # (dK/dV in column halves), D96 and D24 the D128 and D64 ones with zero-filled columns
+        # head dims below their kernels' tile width: on sm_90 D200 takes the D256 wgmma kernels
+        # (dK/dV in column halves), D96 the D128 ones, D24 the D32 ones (the D64 tiles, scores over
+        # 32 columns), their surplus columns zero-filled
         run_case(B=1, H=2, Hkv=1, Sq=200, Sk=190, D=200, bq=128, bk=64, causal=True, use_kpm=True)
         run_case(B=1, H=2, Sq=200, Sk=190, D=96, bq=128, bk=128, causal=True)
         run_case(B=1, H=2, Sq=130, Sk=150, D=24, bq=64, bk=32, wl=40)

@@ -801,13 +801,14 @@ bool has_sm90_kernel(Op op, int di, int kD) {
 }
 
 // The specialised head dim whose kernels run `op` for head dim D: padded_head_dim(D), except on an
-// sm_90 device where that head dim has no wgmma kernel and a larger one has (D <= 32 -> 64,
-// 64 < D <= 96 -> 128): the wgmma kernel, its surplus columns zero-filled (the copies zero every
-// column at or past D and the stores skip them, as for D = 40 or 120), beats the mma.sync kernel
-// of the exact size. H200, thirty-second session (benchmarks/RESULTS.md, S16k, local 10% /
+// sm_90 device where that head dim has no wgmma kernel and a larger one has (64 < D <= 96 -> 128;
+// D <= 32 -> 64 in a build without the D32 wgmma kernels): the wgmma kernel, its surplus columns
+// zero-filled (the copies zero every column at or past D and the stores skip them, as for D = 40
+// or 120), beats the mma.sync kernel of the exact size. H200, thirty-second session (benchmarks/RESULTS.md, S16k, local 10% /
 // causal_local / local 2.5%, bf16): D96 (H16) forward 0.86 -> 0.39 ms at local 10%, 1.07-1.17x ->
-// 2.35-2.42x Flex, fwd+bwd 0.71-0.80x -> 1.55-1.88x; D32 (H32) forward 0.86 -> 0.53 ms, 0.56-0.57x
-// -> 0.91-0.93x (1.65x at 2.5%), fwd+bwd 0.54-0.72x -> 0.90-0.93x (1.42x at 2.5%).
+// 2.35-2.42x Flex, fwd+bwd 0.71-0.80x -> 1.55-1.88x; D32 (H32) in the D64 kernels forward
+// 0.86 -> 0.53 ms, 0.56-0.57x -> 0.91-0.93x (1.65x at 2.5%), fwd+bwd 0.54-0.72x -> 0.90-0.93x
+// (1.42x at 2.5%), before the D32 wgmma kernels (kernels_sm90.cuh: kHalfScoreK).
 // DILATED_SPARSE_SM90_PAD=0 keeps padded_head_dim(D) (comparisons, tests); a forced variant
 // (DILATED_SPARSE_{FWD,DQ,DKV}_VARIANT) that the exact head dim has also keeps it.
 int kernel_head_dim(Op op, const at::Tensor& q, int64_t D) {

@@ -84,6 +84,12 @@ constexpr int kSchedMask = kSchedWriteDs - 1;  // a schedule without its modifie
 // products in the same order (the same results, bit for bit). The ping-pong defaults take it
 // (measured in gen_instantiations.py).
 constexpr int kDkvEarlyDv = 64;
+// Modifier of all three kernels (or-ed into the schedule): the score products (S and dP) contract
+// over the first kD / 2 columns only, for a head dim of at most kD / 2 run in kD-column tiles, whose
+// other columns are zeros (the copies zero-fill them). Registered under the half head dim (D32 in
+// the D64 tiles: SW128 tiles hold 64-column panels); the products that make outputs (P V, dS K,
+// P^T dO, dS^T Q) still run over kD columns, of which the stores write D.
+constexpr int kHalfScoreK = 256;
 // dK/dV modifier (head dims whose dK and dV rows do not fit the registers next to each other: D256):
 // each work item computes dK and dV for half of the head dim's columns, so a key tile is two items
 // (launch_dkv_sm90 counts them, run_items' kParts decodes them: the part rides in ItemInfo::e0,
@@ -181,6 +187,7 @@ struct FwdSm90Cfg : Sm90Threads<kWG_, kSchedM & kSchedMask> {
   static constexpr int kSched = kSchedM & kSchedMask;
   static constexpr bool kLazy = (kSchedM & kFwdLazyRescale) != 0;
   static constexpr bool kQRegs = (kSchedM & kFwdQRegs) != 0;
+  static constexpr int kScoreK = (kSchedM & kHalfScoreK) != 0 ? kD / 2 : kD;  // the scores' contraction
   static_assert(!kQRegs || kSched == kSchedPingPong || kSched == kSchedPingPongOverlap,
                 "Q in registers: the one-buffer ping-pong schedules only");
   static constexpr int kBM = 64 * kWG_;
@@ -210,9 +217,11 @@ struct FwdSm90Cfg : Sm90Threads<kWG_, kSchedM & kSchedMask> {
   static constexpr bool kLeanProducer = Base::kPing && kD <= 64;
 };
 
-template <int kD, int kWG_, int kBN_, int kSched = kSchedLockstep>
-struct DqSm90Cfg : Sm90Threads<kWG_, kSched> {
-  using Base = Sm90Threads<kWG_, kSched>;
+template <int kD, int kWG_, int kBN_, int kSchedM = kSchedLockstep>
+struct DqSm90Cfg : Sm90Threads<kWG_, kSchedM & kSchedMask> {
+  using Base = Sm90Threads<kWG_, kSchedM & kSchedMask>;
+  static constexpr int kSched = kSchedM & kSchedMask;
+  static constexpr int kScoreK = (kSchedM & kHalfScoreK) != 0 ? kD / 2 : kD;  // the scores' contraction
   static constexpr int kBM = 64 * kWG_;
   static constexpr int kBN = kBN_;
   static constexpr int kQBytes = kBM * kD * 2;
@@ -236,6 +245,7 @@ struct DkvSm90Cfg : Sm90Threads<kWG_, kSchedM & kSchedMask> {
   static constexpr bool kEarlyDv = (kSchedM & kDkvEarlyDv) != 0;
   static constexpr int kParts = (kSchedM & kDkvSplitCols) != 0 ? 2 : 1;  // items a key tile
   static constexpr int kDO = kD / kParts;  // dK / dV columns an item computes
+  static constexpr int kScoreK = (kSchedM & kHalfScoreK) != 0 ? kD / 2 : kD;  // the scores' contraction
   using Base = Sm90Threads<kWG_, kSched>;
   static constexpr int kBN = 64 * kWG_;
   static constexpr int kBM = kBM_;
@@ -1116,13 +1126,13 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
       C.start(p, d);
       any = has();
     }
-    uint32_t QA[Cfg::kQRegs ? kD / 16 : 1][4];  // kQRegs: this warpgroup's Q rows, A fragments
+    uint32_t QA[Cfg::kQRegs ? Cfg::kScoreK / 16 : 1][4];  // kQRegs: this warpgroup's Q rows, A fragments
     if constexpr (Cfg::kPing) {
       if (any) wait_primary<Cfg::kResBufs>(sy, nres);
       if constexpr (Cfg::kQRegs) {
         if (any) {
 #pragma unroll
-          for (int kk = 0; kk < kD / 16; ++kk) ldsm_x4(QA[kk], sm90::sw128_x4_addr<kBM>(sQ, wrow, kk, lane));
+          for (int kk = 0; kk < Cfg::kScoreK / 16; ++kk) ldsm_x4(QA[kk], sm90::sw128_x4_addr<kBM>(sQ, wrow, kk, lane));
           release_primary<Cfg::kResBufs>(sy, nres);
         }
       }
@@ -1146,7 +1156,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
       sm90::fence_regs(S);
       sm90::fence();
 #pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk) {
+      for (int kk = 0; kk < Cfg::kScoreK / 16; ++kk) {
         if constexpr (Cfg::kQRegs) {
           sm90::Wgmma<kBN, T>::template rs<0>(S, QA[kk], sm90::desc_k<kBN>(sK, 0, kk), kk > 0 ? 1 : 0);
         } else {
@@ -1289,11 +1299,12 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
 // Backward: dQ over the CSR rows
 // ---------------------------------------------------------------------------------------------
 
-template <typename T, int kD, int kWG, int kBN, int kSched>
-__global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
+template <typename T, int kD, int kWG, int kBN, int kSchedM>
+__global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1)
     dq_sm90_kernel(const __grid_constant__ Params p) {
 #if DS_SM90_BODY
-  using Cfg = DqSm90Cfg<kD, kWG, kBN, kSched>;
+  using Cfg = DqSm90Cfg<kD, kWG, kBN, kSchedM>;
+  constexpr int kSched = Cfg::kSched;
   constexpr int kBM = Cfg::kBM, kNT = Cfg::kConsumers, kStages = Cfg::kStages;
   constexpr int kLoaders = Cfg::kPing ? 128 : kNT;
   // At D128, 128-key scores leave no room for the previous tile's dS next to them.
@@ -1396,12 +1407,12 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSched>::kThreads, 1)
       sm90::fence_regs(dP);
       sm90::fence();
 #pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk) {
+      for (int kk = 0; kk < Cfg::kScoreK / 16; ++kk) {
         sm90::Wgmma<kBN, T>::template ss<0>(S, sm90::desc_k<kBM>(sQ, wg * 64, kk),
                                             sm90::desc_k<kBN>(sK, 0, kk), kk > 0 ? 1 : 0);
       }
 #pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk) {
+      for (int kk = 0; kk < Cfg::kScoreK / 16; ++kk) {
         sm90::Wgmma<kBN, T>::template ss<0>(dP, sm90::desc_k<kBM>(sdO, wg * 64, kk),
                                             sm90::desc_k<kBN>(sV, 0, kk), kk > 0 ? 1 : 0);
       }
@@ -1613,12 +1624,12 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
       sm90::fence_regs(dP);
       sm90::fence();
 #pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk) {
+      for (int kk = 0; kk < Cfg::kScoreK / 16; ++kk) {
         sm90::Wgmma<kBM, T>::template ss<0>(S, sm90::desc_k<kBN>(sK, wg * 64, kk),
                                             sm90::desc_k<kBM>(sQ, 0, kk), kk > 0 ? 1 : 0);
       }
 #pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk) {
+      for (int kk = 0; kk < Cfg::kScoreK / 16; ++kk) {
         sm90::Wgmma<kBM, T>::template ss<0>(dP, sm90::desc_k<kBN>(sV, wg * 64, kk),
                                             sm90::desc_k<kBM>(sdO, 0, kk), kk > 0 ? 1 : 0);
       }
@@ -1938,21 +1949,23 @@ void launch_dkv_sm90(const Params& p, int64_t items, cudaStream_t stream) {
 #if defined(DILATED_SPARSE_SM90A)
 #define DS_SM90_REGISTRAR(OP, DT, D, V, FN, PM, SN, AUTO) \
   static const Registrar kReg##OP##V(OP, DT, D, V, FN, PM, SN, AUTO, 90);
+// The head dim a variant serves: kD, or kD / 2 with kHalfScoreK.
+#define DS_SM90_HEAD_DIM(D, SCHED) (((SCHED) & kHalfScoreK) != 0 ? (D) / 2 : (D))
 #else
 #define DS_SM90_REGISTRAR(OP, DT, D, V, FN, PM, SN, AUTO)
 #endif
 #define DS_REGISTER_FWD_SM90(T, DT, D, V, WG, BN, SCHED, AUTO)                                   \
   template void launch_fwd_sm90<T, D, WG, BN, SCHED>(const Params&, int64_t, cudaStream_t);     \
-  DS_SM90_REGISTRAR(kOpFwd, DT, D, V, (&launch_fwd_sm90<T, D, WG, BN, SCHED>), 64 * WG, BN,     \
+  DS_SM90_REGISTRAR(kOpFwd, DT, DS_SM90_HEAD_DIM(D, SCHED), V, (&launch_fwd_sm90<T, D, WG, BN, SCHED>), 64 * WG, BN, \
                     (AUTO) | (FwdSm90Cfg<D, WG, BN, SCHED>::kOBytes > 0 ? kFlagTmaOut : 0))
 #define DS_REGISTER_DQ_SM90(T, DT, D, V, WG, BN, SCHED, AUTO)                                  \
   template void launch_dq_sm90<T, D, WG, BN, SCHED>(const Params&, int64_t, cudaStream_t);     \
-  DS_SM90_REGISTRAR(kOpDq, DT, D, V, (&launch_dq_sm90<T, D, WG, BN, SCHED>), 64 * WG, BN, AUTO)
+  DS_SM90_REGISTRAR(kOpDq, DT, DS_SM90_HEAD_DIM(D, SCHED), V, (&launch_dq_sm90<T, D, WG, BN, SCHED>), 64 * WG, BN, AUTO)
 #define DS_REGISTER_DQ_DS_SM90(T, DT, D, V)                                       \
   template void launch_dq_ds_sm90<T, D>(const Params&, int64_t, cudaStream_t);    \
   DS_SM90_REGISTRAR(kOpDq, DT, D, V, (&launch_dq_ds_sm90<T, D>), 128, 128, kFlagDs)
 #define DS_REGISTER_DKV_SM90(T, DT, D, V, WG, BM, SCHED, AUTO)                                 \
   template void launch_dkv_sm90<T, D, WG, BM, SCHED>(const Params&, int64_t, cudaStream_t);    \
-  DS_SM90_REGISTRAR(kOpDkv, DT, D, V, (&launch_dkv_sm90<T, D, WG, BM, SCHED>), 64 * WG, BM, AUTO)
+  DS_SM90_REGISTRAR(kOpDkv, DT, DS_SM90_HEAD_DIM(D, SCHED), V, (&launch_dkv_sm90<T, D, WG, BM, SCHED>), 64 * WG, BM, AUTO)
 
 }  // namespace dilated_sparse::cuda

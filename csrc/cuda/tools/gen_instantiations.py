@@ -46,6 +46,7 @@ DKV = {
 # variant, "short" one the host prefers when the rows are short, "wide" one it prefers (rows not short)
 # when the secondary block is a multiple of the variant's step (attention.cu: pick()).
 FWD_SM90 = {
+    32: [("2", "128", "kSchedPingPongOverlap | kFwdQRegs | kHalfScoreK")],
     64: [("2", "128", "kSchedPingPongOverlap | kFwdQRegs"), ("1", "64", "kSchedOverlap", "small"),
          ("2", "128", "kSchedLockstep"), ("2", "128", "kSchedPingPong2"), ("2", "128", "kSchedPingPong")],
     128: [("2", "128", "kSchedPingPong | kFwdLazyRescale | kFwdQRegs"), ("2", "128", "kSchedLockstep"),
@@ -54,6 +55,7 @@ FWD_SM90 = {
     256: [("2", "64", "kSchedPingPong | kFwdLazyRescale")],
 }
 DQ_SM90 = {
+    32: [("2", "128", "kSchedPingPong | kHalfScoreK")],
     64: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedOverlap", "small"),
          ("2", "128", "kSchedPingPong2"), ("2", "64", "kSchedPingPongOverlap")],
     128: [("2", "64", "kSchedPingPong"), ("2", "128", "kSchedPingPong", "wide"), ("2", "64", "kSchedOverlap"),
@@ -100,6 +102,7 @@ DQ_SM90 = {
 # variants, against variant 8) 1-2.5% faster at 10% density and causal_local, equal within noise at
 # 2.5%, although the fragments held across it spill a little at 128 queries a step.
 DKV_SM90 = {
+    32: [("2", "128", "kSchedPingPong | kDkvEarlyDv | kHalfScoreK")],
     64: [("2", "128", "kSchedPingPong | kDkvEarlyDv"), ("2", "128", "kSchedLockstep"),
          ("1", "64", "kSchedOverlap", "small"), ("2", "128", "kSchedPingPong2"), ("2", "128", "kSchedPingPong")],
     128: [("2", "64", "kSchedPingPong2 | kDkvEarlyDv"), ("2", "64", "kSchedLockstep"), ("2", "64", "kSchedOverlap"),
@@ -154,7 +157,8 @@ def main() -> None:
                 for v, var in enumerate(variants):
                     args = [str(x) for x in var[:3]]
                     auto = SM90_FLAGS[var[3]] if len(var) > 3 else 0
-                    lines.append(f"{MACRO[op]}_SM90({ctype}, {di}, {d}, {SM90_FIRST_VARIANT + v}, "
+                    kd = 2 * d if "kHalfScoreK" in var[2] else d  # the kernel's tile width (kernels_sm90.cuh)
+                    lines.append(f"{MACRO[op]}_SM90({ctype}, {di}, {kd}, {SM90_FIRST_VARIANT + v}, "
                                  f"{', '.join(args)}, {auto})")
                 if op == "dq" and d in DQ_DS_SM90:
                     lines.append(f"DS_REGISTER_DQ_DS_SM90({ctype}, {di}, {d}, {SM90_FIRST_VARIANT + len(variants)})")
