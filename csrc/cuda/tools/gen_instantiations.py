@@ -62,6 +62,9 @@ DQ_SM90 = {
           ("2", "64", "kSchedPingPong2", "short"), ("2", "64", "kSchedPingPongOverlap")],
     256: [("2", "32", "kSchedPingPong")],
 }
+# D32 (kHalfScoreK; the generator writes these with the kernel's tile width, 64): the D64 defaults'
+# schedules, the score products over the first 32 columns. H200, thirty-second session: 3-8% faster
+# than D32 in the D64 kernels (which already beat the mma.sync D32 kernels 1.6-1.8x); 0.92-1.00x Flex.
 # D256 (thirty-second session, H200, S16k H16 bf16, against Flex in the same process; RESULTS.md):
 # the forward with 64 keys a step in two ring stages (128 Q rows and three 64-key stages do not fit)
 # 1.96-2.48x Flex at local 10% / causal_local / local 2.5% (the mma.sync forward 0.91-0.99x); the dQ
