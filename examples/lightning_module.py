@@ -97,10 +97,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--accelerator", default="auto")
-    p.add_argument("--precision", default="32-true")
+    p.add_argument("--precision", default=None,
+                   help="default: bf16-mixed where the run will use CUDA (the CUDA kernels take float16 / "
+                        "bfloat16), else 32-true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.precision is None:
+        cuda = args.accelerator in ("cuda", "gpu") or (args.accelerator == "auto" and torch.cuda.is_available())
+        args.precision = "bf16-mixed" if cuda else "32-true"
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict | None:

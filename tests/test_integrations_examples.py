@@ -24,7 +24,7 @@ def test_train_long_sequence_loss_falls(capsys):
     example = load("train_long_sequence")
     # 400 tokens: not a multiple of the 32-token block, so the last block is partial
     result = example.main(["--seq-len", "400", "--batch", "2", "--steps", "15", "--dim", "64", "--block-size", "32",
-                           "--pattern-options", '{"window_size": 96}', "--no-progress"])
+                           "--pattern-options", '{"window_size": 96}', "--no-progress", "--device", "cpu"])
     losses = result["losses"]
     assert len(losses) == 15 and 0 < result["density"] < 0.5
     assert losses[-1] < 0.85 * losses[0], losses
@@ -44,7 +44,7 @@ def test_hf_finetune_loss_falls():
     pytest.importorskip("transformers")
     example = load("hf_finetune")
     result = example.main(["--seq-len", "96", "--batch", "4", "--steps", "12", "--block-size", "16",
-                           "--pattern-options", '{"window_size": 64}', "--no-progress"])
+                           "--pattern-options", '{"window_size": 64}', "--no-progress", "--device", "cpu"])
     losses = result["losses"]
     assert losses[-1] < 0.85 * losses[0], losses
 
@@ -53,7 +53,7 @@ def test_lightning_example_runs_or_skips(capsys):
     load("train_long_sequence")
     example = load("lightning_module")
     result = example.main(["--seq-len", "200", "--batch", "2", "--max-steps", "6", "--dim", "32", "--block-size", "32",
-                           "--pattern-options", '{"window_size": 64}', "--no-progress"])
+                           "--pattern-options", '{"window_size": 64}', "--no-progress", "--accelerator", "cpu"])
     if example.import_lightning() is None:
         assert result is None and "skipping" in capsys.readouterr().out
     else:
