@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_long_sequence import synthetic_batch, train_steps
+from train_long_sequence import default_dtype, synthetic_batch, train_steps
 
 from dilated_sparse.integrations.transformers import apply_dilated_sparse
 
@@ -69,8 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if args.dtype is None:
-        args.dtype = "bfloat16" if torch.device(args.device).type == "cuda" else "float32"
+    args.dtype = args.dtype or default_dtype(args.device)
     return args
 
 

@@ -132,6 +132,11 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, step_loss: C
     return losses, time.perf_counter() - start
 
 
+def default_dtype(device: str) -> str:
+    """``--dtype``'s default: bfloat16 on CUDA (the CUDA kernels take float16 / bfloat16), else float32."""
+    return "bfloat16" if torch.device(device).type == "cuda" else "float32"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seq-len", type=int, default=4096)
@@ -155,8 +160,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", help="write the loss curve here")
     args = p.parse_args(argv)
-    if args.dtype is None:
-        args.dtype = "bfloat16" if torch.device(args.device).type == "cuda" else "float32"
+    args.dtype = args.dtype or default_dtype(args.device)
     return args
 
 

@@ -285,12 +285,12 @@ def test_sm90_head_dim_dispatch(monkeypatch, D, pad):
     items a CTA."""
     if forced_variant():
         pytest.skip("a forced tile variant picks the kernels itself")
-    from dilated_sparse.ops import _compiled_cuda_head_dims
+    from dilated_sparse.ops import _CUDA_HEAD_DIMS, _compiled_cuda_head_dims
 
-    if set(_compiled_cuda_head_dims()) != {32, 64, 96, 128, 256}:
+    if set(_compiled_cuda_head_dims()) != set(_CUDA_HEAD_DIMS):
         pytest.skip("needs the full CUDA build")
     monkeypatch.setenv("DILATED_SPARSE_SM90_PAD", pad)
-    exact = next(d for d in (32, 64, 96, 128, 256) if d >= D)
+    exact = next(d for d in _CUDA_HEAD_DIMS if d >= D)
     wgmma = 64 if D <= 64 else 128 if D <= 128 else 256  # the wgmma kernels' tile width
     native = exact != 96  # wgmma kernels of its own (D32: the D64 tiles, scores over 32 columns)
     fwd = ("fwd_sm90", wgmma) if pad == "1" or native else ("fwd", exact)

@@ -622,12 +622,11 @@ __global__ void __launch_bounds__(256) weights_kernel(Params p, const int* __res
 // Host helpers
 // ---------------------------------------------------------------------------------------------
 
+// The smallest specialised head dim (kHeadDims) >= D, or 0.
 int padded_head_dim(int64_t D) {
-  if (D <= 32) return 32;
-  if (D <= 64) return 64;
-  if (D <= 96) return 96;
-  if (D <= 128) return 128;
-  if (D <= 256) return 256;
+  for (const int kD : kHeadDims) {
+    if (D <= kD) return kD;
+  }
   return 0;
 }
 
@@ -804,11 +803,8 @@ bool has_sm90_kernel(Op op, int di, int kD) {
 // sm_90 device where that head dim has no wgmma kernel and a larger one has (64 < D <= 96 -> 128;
 // D <= 32 -> 64 in a build without the D32 wgmma kernels): the wgmma kernel, its surplus columns
 // zero-filled (the copies zero every column at or past D and the stores skip them, as for D = 40
-// or 120), beats the mma.sync kernel of the exact size. H200, thirty-second session (benchmarks/RESULTS.md, S16k, local 10% /
-// causal_local / local 2.5%, bf16): D96 (H16) forward 0.86 -> 0.39 ms at local 10%, 1.07-1.17x ->
-// 2.35-2.42x Flex, fwd+bwd 0.71-0.80x -> 1.55-1.88x; D32 (H32) in the D64 kernels forward
-// 0.86 -> 0.53 ms, 0.56-0.57x -> 0.91-0.93x (1.65x at 2.5%), fwd+bwd 0.54-0.72x -> 0.90-0.93x
-// (1.42x at 2.5%), before the D32 wgmma kernels (kernels_sm90.cuh: kHalfScoreK).
+// or 120), beats the mma.sync kernel of the exact size (H200, thirty-second session: D96 at S16k
+// 2.35-2.42x Flex forward and 1.55-1.88x fwd+bwd, against 1.07-1.17x and 0.71-0.80x; RESULTS.md).
 // DILATED_SPARSE_SM90_PAD=0 keeps padded_head_dim(D) (comparisons, tests); a forced variant
 // (DILATED_SPARSE_{FWD,DQ,DKV}_VARIANT) that the exact head dim has also keeps it.
 int kernel_head_dim(Op op, const at::Tensor& q, int64_t D) {
@@ -818,7 +814,7 @@ int kernel_head_dim(Op op, const at::Tensor& q, int64_t D) {
   if (has_sm90_kernel(op, di, kD)) return kD;
   const int forced = forced_variant(op);
   if (forced >= 0 && di >= 0 && registry().e[op][di][head_dim_index(kD)][forced].fn != nullptr) return kD;
-  for (const int wider : {64, 128, 256}) {
+  for (const int wider : kHeadDims) {
     if (wider > kD && has_sm90_kernel(op, di, wider)) return wider;
   }
   return kD;
@@ -1440,11 +1436,10 @@ namespace dilated_sparse {
 // Head dims with a compiled forward kernel (either dtype); overrides the weak default of ops.cpp.
 std::vector<int64_t> cuda_head_dims() {
   std::vector<int64_t> dims;
-  const int all[cuda::kNumHeadDims] = {32, 64, 96, 128, 256};
   for (int i = 0; i < cuda::kNumHeadDims; ++i) {
     if (cuda::registry().e[cuda::kOpFwd][0][i][0].fn != nullptr ||
         cuda::registry().e[cuda::kOpFwd][1][i][0].fn != nullptr) {
-      dims.push_back(all[i]);
+      dims.push_back(cuda::kHeadDims[i]);
     }
   }
   return dims;

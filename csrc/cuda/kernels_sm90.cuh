@@ -90,6 +90,9 @@ constexpr int kDkvEarlyDv = 64;
 // the D64 tiles: SW128 tiles hold 64-column panels); the products that make outputs (P V, dS K,
 // P^T dO, dS^T Q) still run over kD columns, of which the stores write D.
 constexpr int kHalfScoreK = 256;
+// The columns a kernel of tile width kD and schedule `sched` (modifiers included) contracts its score
+// products over: the head dim it serves, and registers under.
+constexpr int score_cols(int kD, int sched) { return (sched & kHalfScoreK) != 0 ? kD / 2 : kD; }
 // dK/dV modifier (head dims whose dK and dV rows do not fit the registers next to each other: D256):
 // each work item computes dK and dV for half of the head dim's columns, so a key tile is two items
 // (launch_dkv_sm90 counts them, run_items' kParts decodes them: the part rides in ItemInfo::e0,
@@ -187,7 +190,7 @@ struct FwdSm90Cfg : Sm90Threads<kWG_, kSchedM & kSchedMask> {
   static constexpr int kSched = kSchedM & kSchedMask;
   static constexpr bool kLazy = (kSchedM & kFwdLazyRescale) != 0;
   static constexpr bool kQRegs = (kSchedM & kFwdQRegs) != 0;
-  static constexpr int kScoreK = (kSchedM & kHalfScoreK) != 0 ? kD / 2 : kD;  // the scores' contraction
+  static constexpr int kScoreK = score_cols(kD, kSchedM);
   static_assert(!kQRegs || kSched == kSchedPingPong || kSched == kSchedPingPongOverlap,
                 "Q in registers: the one-buffer ping-pong schedules only");
   static constexpr int kBM = 64 * kWG_;
@@ -221,7 +224,7 @@ template <int kD, int kWG_, int kBN_, int kSchedM = kSchedLockstep>
 struct DqSm90Cfg : Sm90Threads<kWG_, kSchedM & kSchedMask> {
   using Base = Sm90Threads<kWG_, kSchedM & kSchedMask>;
   static constexpr int kSched = kSchedM & kSchedMask;
-  static constexpr int kScoreK = (kSchedM & kHalfScoreK) != 0 ? kD / 2 : kD;  // the scores' contraction
+  static constexpr int kScoreK = score_cols(kD, kSchedM);
   static constexpr int kBM = 64 * kWG_;
   static constexpr int kBN = kBN_;
   static constexpr int kQBytes = kBM * kD * 2;
@@ -245,7 +248,7 @@ struct DkvSm90Cfg : Sm90Threads<kWG_, kSchedM & kSchedMask> {
   static constexpr bool kEarlyDv = (kSchedM & kDkvEarlyDv) != 0;
   static constexpr int kParts = (kSchedM & kDkvSplitCols) != 0 ? 2 : 1;  // items a key tile
   static constexpr int kDO = kD / kParts;  // dK / dV columns an item computes
-  static constexpr int kScoreK = (kSchedM & kHalfScoreK) != 0 ? kD / 2 : kD;  // the scores' contraction
+  static constexpr int kScoreK = score_cols(kD, kSchedM);
   using Base = Sm90Threads<kWG_, kSched>;
   static constexpr int kBN = 64 * kWG_;
   static constexpr int kBM = kBM_;
@@ -1949,23 +1952,21 @@ void launch_dkv_sm90(const Params& p, int64_t items, cudaStream_t stream) {
 #if defined(DILATED_SPARSE_SM90A)
 #define DS_SM90_REGISTRAR(OP, DT, D, V, FN, PM, SN, AUTO) \
   static const Registrar kReg##OP##V(OP, DT, D, V, FN, PM, SN, AUTO, 90);
-// The head dim a variant serves: kD, or kD / 2 with kHalfScoreK.
-#define DS_SM90_HEAD_DIM(D, SCHED) (((SCHED) & kHalfScoreK) != 0 ? (D) / 2 : (D))
 #else
 #define DS_SM90_REGISTRAR(OP, DT, D, V, FN, PM, SN, AUTO)
 #endif
 #define DS_REGISTER_FWD_SM90(T, DT, D, V, WG, BN, SCHED, AUTO)                                   \
   template void launch_fwd_sm90<T, D, WG, BN, SCHED>(const Params&, int64_t, cudaStream_t);     \
-  DS_SM90_REGISTRAR(kOpFwd, DT, DS_SM90_HEAD_DIM(D, SCHED), V, (&launch_fwd_sm90<T, D, WG, BN, SCHED>), 64 * WG, BN, \
+  DS_SM90_REGISTRAR(kOpFwd, DT, score_cols(D, SCHED), V, (&launch_fwd_sm90<T, D, WG, BN, SCHED>), 64 * WG, BN, \
                     (AUTO) | (FwdSm90Cfg<D, WG, BN, SCHED>::kOBytes > 0 ? kFlagTmaOut : 0))
 #define DS_REGISTER_DQ_SM90(T, DT, D, V, WG, BN, SCHED, AUTO)                                  \
   template void launch_dq_sm90<T, D, WG, BN, SCHED>(const Params&, int64_t, cudaStream_t);     \
-  DS_SM90_REGISTRAR(kOpDq, DT, DS_SM90_HEAD_DIM(D, SCHED), V, (&launch_dq_sm90<T, D, WG, BN, SCHED>), 64 * WG, BN, AUTO)
+  DS_SM90_REGISTRAR(kOpDq, DT, score_cols(D, SCHED), V, (&launch_dq_sm90<T, D, WG, BN, SCHED>), 64 * WG, BN, AUTO)
 #define DS_REGISTER_DQ_DS_SM90(T, DT, D, V)                                       \
   template void launch_dq_ds_sm90<T, D>(const Params&, int64_t, cudaStream_t);    \
   DS_SM90_REGISTRAR(kOpDq, DT, D, V, (&launch_dq_ds_sm90<T, D>), 128, 128, kFlagDs)
 #define DS_REGISTER_DKV_SM90(T, DT, D, V, WG, BM, SCHED, AUTO)                                 \
   template void launch_dkv_sm90<T, D, WG, BM, SCHED>(const Params&, int64_t, cudaStream_t);    \
-  DS_SM90_REGISTRAR(kOpDkv, DT, DS_SM90_HEAD_DIM(D, SCHED), V, (&launch_dkv_sm90<T, D, WG, BM, SCHED>), 64 * WG, BM, AUTO)
+  DS_SM90_REGISTRAR(kOpDkv, DT, score_cols(D, SCHED), V, (&launch_dkv_sm90<T, D, WG, BM, SCHED>), 64 * WG, BM, AUTO)
 
 }  // namespace dilated_sparse::cuda

@@ -166,18 +166,15 @@ struct DkvCfg {
 using LaunchFn = void (*)(const Params&, int64_t /*num_items*/, cudaStream_t);
 
 enum Op { kOpFwd = 0, kOpDq = 1, kOpDkv = 2, kNumOps = 3 };
-constexpr int kNumHeadDims = 5;  // 32, 64, 96, 128, 256
+constexpr int kNumHeadDims = 5;
+constexpr int kHeadDims[kNumHeadDims] = {32, 64, 96, 128, 256};  // the specialised head dims, ascending
 constexpr int kMaxVariants = 10;  // 0-3: mma.sync (sm_80+), 4-9: wgmma (sm_90a)
 
 inline int head_dim_index(int kD) {
-  switch (kD) {
-    case 32: return 0;
-    case 64: return 1;
-    case 96: return 2;
-    case 128: return 3;
-    case 256: return 4;
-    default: return -1;
+  for (int i = 0; i < kNumHeadDims; ++i) {
+    if (kHeadDims[i] == kD) return i;
   }
+  return -1;
 }
 
 // One compiled kernel: its launcher and tile (pm: primary rows per CTA, sn: secondary rows per step).
