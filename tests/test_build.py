@@ -167,6 +167,39 @@ def test_loaded_extension_reports_its_build():
     assert ds.extension_available()
 
 
+def test_loaded_extension_formats_numbers_in_its_errors():
+    # An error message with numbers in it is formatted by libstdc++ code inlined into the extension.
+    # A toolchain that gives the extension private copies of libstdc++'s locale facets (seen on a
+    # GPU machine whose g++ wrapper pointed at another GCC's files) turns every such message into
+    # a segfault. Run in a child, so that a crash fails this test with the reason.
+    script = textwrap.dedent(
+        """
+        import torch, dilated_sparse as ds
+        q = torch.zeros(1, 32, 2, 8)
+        layout = ds.BlockSparseLayout.from_block_pairs([(0, 0), (1, 1)], block_size=16, seq_len_q=32)
+        args = (q, q, q, layout.crow_indices, layout.col_indices, 16, 16, 1, 1, 0.3, False, -1, -1,
+                None, torch.zeros(1, 31, dtype=torch.bool))
+        try:
+            torch.ops.dilated_sparse.block_sparse_attn_fwd(*args)
+        except RuntimeError as error:
+            print(str(error).splitlines()[0])
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True,
+                            timeout=300)
+    if result.returncode != 0:
+        nm = shutil.which("nm")
+        private = 0
+        if nm:
+            so = importlib.util.find_spec("dilated_sparse._C").origin
+            listing = subprocess.run([nm, "-D", "--defined-only", so], check=False, capture_output=True, text=True)
+            private = listing.stdout.count("num_put")
+        pytest.fail(f"a bad-input error crashed the process (rc {result.returncode}; the extension defines "
+                    f"{private} std::num_put symbols of its own): rebuild with the distribution's g++ "
+                    f"(CXX=/usr/bin/g++, see BUILDING.md)\n{result.stderr[-2000:]}")
+    assert "key_padding_mask must be [B=1, Sk=32], got [1, 31]" in result.stdout, result.stdout
+
+
 # -------------------------------------------------------------------------------- JIT path
 @pytest.mark.slow
 def test_jit_build_loads_and_runs(tmp_path):

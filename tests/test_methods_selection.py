@@ -233,6 +233,21 @@ def test_sparsek_mask_exact_and_gradcheck():
     assert torch.autograd.gradcheck(lambda x: sparsek_mask(x, 3), (u.clone().requires_grad_(),))
 
 
+def test_sparsek_mask_entries_at_one_have_no_gradient():
+    # A row whose valid entries all sit at 1 (k >= their count) is constant in u. Bisection can
+    # leave u - tau exactly at the clip bound; the gradient must not depend on which side torch's
+    # clamp takes there (on torch 2.11 it leaked 1 into such entries, on 2.14 not).
+    u = (torch.randn(256, 3, dtype=F64, generator=torch.Generator().manual_seed(0)) * 3).requires_grad_()
+    valid = torch.ones(256, 3, dtype=torch.bool)
+    valid[:128, 1:] = False
+    weights = torch.tensor([-1.0, 0.5, 2.0], dtype=F64)
+    for kk, rows in ((1, slice(0, 128)), (3, slice(128, 256))):
+        m = sparsek_mask(u[rows], kk, valid[rows])
+        torch.testing.assert_close(m, valid[rows].to(F64), rtol=0, atol=1e-12)
+        (grad,) = torch.autograd.grad((m * weights).sum(), [u])
+        assert torch.count_nonzero(grad) == 0, f"k={kk}: {torch.count_nonzero(grad)} entries leak a gradient"
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_sparsek_attention_matches_definition(causal):
     b, s, h, hkv, kk = 2, 19, 2, 1, 4

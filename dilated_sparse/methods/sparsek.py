@@ -58,7 +58,13 @@ def sparsek_mask(u: torch.Tensor, k: int, mask: torch.Tensor | None = None, n_it
         ((work * free).sum(-1, keepdim=True) + n_full - budget) / torch.where(n_free > 0, n_free, torch.ones_like(n_free)),
         tau0,
     )
-    m = torch.clamp(work - tau, 0, 1) * valid
+    # The gradient flows through the free entries only (their tau-shifted values, clipped
+    # straight-through against rounding); entries at 1 or 0 are constants. Clipping them with
+    # torch.clamp instead would leak a gradient whenever bisection leaves an entry exactly at a
+    # bound, where clamp's subgradient choice is torch's (it changed between 2.11 and 2.14).
+    shifted = work - tau
+    shifted = shifted + (shifted.clamp(0, 1) - shifted).detach()
+    m = torch.where(free, shifted, full.to(work.dtype)) * valid
     return m.to(u.dtype)
 
 
