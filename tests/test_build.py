@@ -188,10 +188,9 @@ def test_loaded_extension_formats_numbers_in_its_errors():
     result = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True,
                             timeout=300)
     if result.returncode != 0:
-        nm = shutil.which("nm")
+        nm, so = shutil.which("nm"), extension_info()["path"]  # the loaded module, wheel or JIT
         private = 0
-        if nm:
-            so = importlib.util.find_spec("dilated_sparse._C").origin
+        if nm and so:
             listing = subprocess.run([nm, "-D", "--defined-only", so], check=False, capture_output=True, text=True)
             private = listing.stdout.count("num_put")
         pytest.fail(f"a bad-input error crashed the process (rc {result.returncode}; the extension defines "
