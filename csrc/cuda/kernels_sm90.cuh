@@ -88,11 +88,19 @@ constexpr int kDkvEarlyDv = 64;
 // over the first kD / 2 columns only, for a head dim of at most kD / 2 run in kD-column tiles, whose
 // other columns are zeros (the copies zero-fill them). Registered under the half head dim (D32 in
 // the D64 tiles: SW128 tiles hold 64-column panels); the products that make outputs (P V, dS K,
-// P^T dO, dS^T Q) still run over kD columns, of which the stores write D.
+// P^T dO, dS^T Q) run over kD columns, of which the stores write D, unless kHalfOut halves them too.
 constexpr int kHalfScoreK = 256;
 // The columns a kernel of tile width kD and schedule `sched` (modifiers included) contracts its score
 // products over: the head dim it serves, and registers under.
 constexpr int score_cols(int kD, int sched) { return (sched & kHalfScoreK) != 0 ? kD / 2 : kD; }
+// Modifier of all three kernels, with kHalfScoreK: the products that make outputs (P V, dS K, P^T dO,
+// dS^T Q) run over the first kD / 2 columns as well, wgmma of N = kD / 2 reading the left half of
+// the tiles' 64-column panels, with half the accumulators (the forward pads its rows with zeros to
+// the staging tile's kD columns; no store writes a column at or past D). The same results bit for
+// bit (the other half was zeros). H200, thirty-fourth session, D32 S16k H32: forward 0.955-0.961,
+// backward 0.935-0.963 of the time (RESULTS.md).
+constexpr int kHalfOut = 2048;
+constexpr int out_cols(int kD, int sched) { return (sched & kHalfOut) != 0 ? kD / 2 : kD; }
 // dK/dV modifier (head dims whose dK and dV rows do not fit the registers next to each other: D256):
 // each work item computes dK and dV for half of the head dim's columns, so a key tile is two items
 // (launch_dkv_sm90 counts them, run_items' kParts decodes them: the part rides in ItemInfo::e0,
@@ -191,6 +199,8 @@ struct FwdSm90Cfg : Sm90Threads<kWG_, kSchedM & kSchedMask> {
   static constexpr bool kLazy = (kSchedM & kFwdLazyRescale) != 0;
   static constexpr bool kQRegs = (kSchedM & kFwdQRegs) != 0;
   static constexpr int kScoreK = score_cols(kD, kSchedM);
+  static constexpr int kOutCols = out_cols(kD, kSchedM);  // output columns computed
+  static_assert(kOutCols == kD || kScoreK < kD, "half output columns: with the half-width scores only");
   static_assert(!kQRegs || kSched == kSchedPingPong || kSched == kSchedPingPongOverlap,
                 "Q in registers: the one-buffer ping-pong schedules only");
   static constexpr int kBM = 64 * kWG_;
@@ -225,6 +235,8 @@ struct DqSm90Cfg : Sm90Threads<kWG_, kSchedM & kSchedMask> {
   using Base = Sm90Threads<kWG_, kSchedM & kSchedMask>;
   static constexpr int kSched = kSchedM & kSchedMask;
   static constexpr int kScoreK = score_cols(kD, kSchedM);
+  static constexpr int kOutCols = out_cols(kD, kSchedM);  // dQ columns computed
+  static_assert(kOutCols == kD || kScoreK < kD, "half output columns: with the half-width scores only");
   static constexpr int kBM = 64 * kWG_;
   static constexpr int kBN = kBN_;
   static constexpr int kQBytes = kBM * kD * 2;
@@ -247,7 +259,7 @@ struct DkvSm90Cfg : Sm90Threads<kWG_, kSchedM & kSchedMask> {
   static constexpr bool kWriteDs = (kSchedM & kSchedWriteDs) != 0;
   static constexpr bool kEarlyDv = (kSchedM & kDkvEarlyDv) != 0;
   static constexpr int kParts = (kSchedM & kDkvSplitCols) != 0 ? 2 : 1;  // items a key tile
-  static constexpr int kDO = kD / kParts;  // dK / dV columns an item computes
+  static constexpr int kDO = out_cols(kD, kSchedM) / kParts;  // dK / dV columns an item computes
   static constexpr int kScoreK = score_cols(kD, kSchedM);
   using Base = Sm90Threads<kWG_, kSched>;
   static constexpr int kBN = 64 * kWG_;
@@ -263,7 +275,9 @@ struct DkvSm90Cfg : Sm90Threads<kWG_, kSchedM & kSchedMask> {
   static_assert(!kEarlyDv || (Base::kPing && kSched != kSchedPingPongOverlap),
                 "dV is issued early by the two-turn ping-pong schedules only");
   static_assert(kStageBytes % 1024 == 0 && kResBytes % 1024 == 0, "swizzled tiles need 1024-byte alignment");
-  static_assert(kDO % 64 == 0 && !(kParts > 1 && kWriteDs), "column parts: whole 64-column panels, no dS scratch");
+  static_assert((kParts == 1 || kDO % 64 == 0) && !(kParts > 1 && kWriteDs),
+                "column parts: whole 64-column panels, no dS scratch");
+  static_assert(kDO * kParts == kD || score_cols(kD, kSchedM) < kD, "half output columns: with the half-width scores only");
   static constexpr int kStages = Base::stages(kResBytes, kStageBytes, kSideBytes);
   static constexpr int kSmem = Base::smem(kResBytes, kStageBytes, kStages, kSideBytes);
   static_assert(kSmem <= kMaxSmem, "dK/dV tile does not fit in shared memory");
@@ -1144,9 +1158,10 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
       if (any) load_kv(0, C.kt);
       cp_async_commit();
     }
-    float acc[kD / 8][4], S[kBN / 8][4];
+    constexpr int kOut = Cfg::kOutCols;
+    float acc[kOut / 8][4], S[kBN / 8][4];
 #pragma unroll
-    for (int i = 0; i < kD / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    for (int i = 0; i < kOut / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 #pragma unroll
     for (int i = 0; i < kBN / 8; ++i) S[i][0] = S[i][1] = S[i][2] = S[i][3] = 0.f;
     float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.f, 0.f}, corr[2] = {1.f, 1.f};
@@ -1246,7 +1261,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
       sm90::fence();
 #pragma unroll
       for (int kk = 0; kk < kBN / 16; ++kk) {
-        sm90::Wgmma<kD, T>::template rs<1>(acc, P[c][kk], sm90::desc_mn<kBN>(sV, kk), 1);
+        sm90::Wgmma<kOut, T>::template rs<1>(acc, P[c][kk], sm90::desc_mn<kBN>(sV, kk), 1);
       }
       sm90::commit();
     };
@@ -1255,7 +1270,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
         if (!__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) return;  // no row of the warp moved
       }
 #pragma unroll
-      for (int i = 0; i < kD / 8; ++i) {
+      for (int i = 0; i < kOut / 8; ++i) {
         acc[i][0] *= corr[0];
         acc[i][1] *= corr[0];
         acc[i][2] *= corr[1];
@@ -1270,12 +1285,28 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
     sm90::wait<0>();
     sm90::fence_regs(acc);
     if constexpr (!Cfg::kPing) cp_async_wait<0>();
+    // The output rows over the tile's kD columns: acc itself, or with kHalfOut acc padded with zeros
+    // (columns no store writes).
+    float padded[kOut < kD ? kD / 8 : 1][4];
+    if constexpr (kOut < kD) {
+#pragma unroll
+      for (int i = 0; i < kD / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) padded[i][e] = i < kOut / 8 ? acc[i < kOut / 8 ? i : 0][e] : 0.f;
+    }
+    const float(&out_rows)[kD / 8][4] = *[&]() {
+      if constexpr (kOut < kD) {
+        return &padded;
+      } else {
+        return &acc;
+      }
+    }();
     if (Cfg::kOBytes > 0 && p.tma != 0 && W.slot < 0) {
       const uint32_t sO = sO0 + wg * (64 * kD * 2);
       const float l[2] = {quad_sum(lrow[0]), quad_sum(lrow[1])};
       if (o_issuer) sm90::bulk_wait_read();  // the previous item's store has read the tile
       sm90::named_sync(kBarO + wg, 128);
-      stage_fwd_rows<T, kD>(sO, acc, l, warp % 4, lane);
+      stage_fwd_rows<T, kD>(sO, out_rows, l, warp % 4, lane);
       sm90::fence_async_smem();  // the writes, before the async proxy reads them
       sm90::named_sync(kBarO + wg, 128);
       if (o_issuer) sm90::tma_store_tile<64, kD>(sO, &p.tma_o, W.m0 + wg * 64, W.h, W.b);
@@ -1286,7 +1317,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
         if (t4 == 0 && i < p.Sq) lse_at(p, W.b, W.h, i) = row_lse(mrow[r], l[r]);
       }
     } else {
-      store_fwd_rows<T, kD>(p, W, kBM, acc, mrow, lrow, wrow, g, t4);
+      store_fwd_rows<T, kD>(p, W, kBM, out_rows, mrow, lrow, wrow, g, t4);
     }
     return any;
   };
@@ -1392,9 +1423,10 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1)
       if (any) load_kv(0, C.kt);
       cp_async_commit();
     }
-    float acc[kD / 8][4], S[kBN / 8][4], dP[kBN / 8][4];
+    constexpr int kOut = Cfg::kOutCols;
+    float acc[kOut / 8][4], S[kBN / 8][4], dP[kBN / 8][4];
 #pragma unroll
-    for (int i = 0; i < kD / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    for (int i = 0; i < kOut / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 #pragma unroll
     for (int i = 0; i < kBN / 8; ++i) {
       S[i][0] = S[i][1] = S[i][2] = S[i][3] = 0.f;
@@ -1444,7 +1476,7 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1)
       sm90::fence();
 #pragma unroll
       for (int kk = 0; kk < kBN / 16; ++kk) {
-        sm90::Wgmma<kD, T>::template rs<1>(acc, sa[c][kk], sm90::desc_mn<kBN>(sK, kk), 1);
+        sm90::Wgmma<kOut, T>::template rs<1>(acc, sa[c][kk], sm90::desc_mn<kBN>(sK, kk), 1);
       }
       sm90::commit();
     };
@@ -1455,7 +1487,7 @@ __global__ void __launch_bounds__(DqSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1)
     sm90::wait<0>();
     sm90::fence_regs(acc);
     if constexpr (!Cfg::kPing) cp_async_wait<0>();
-    store_rows<T, kD>(p.dq, acc, W.b, p.Sq, p.H, W.h, p.D, W.m0 + wrow, 0, p.scale, g, t4);
+    store_rows<T, kOut>(p.dq, acc, W.b, p.Sq, p.H, W.h, p.D, W.m0 + wrow, 0, p.scale, g, t4);
     return any;
   };
   run_items<Cfg::kPing, kWG, true, false, false, 0, false, false, true>(p, sy, wg, ltid, producer_item, consumer_item);

@@ -46,7 +46,7 @@ DKV = {
 # variant, "short" one the host prefers when the rows are short, "wide" one it prefers (rows not short)
 # when the secondary block is a multiple of the variant's step (attention.cu: pick()).
 FWD_SM90 = {
-    32: [("2", "128", "kSchedPingPongOverlap | kFwdQRegs | kHalfScoreK")],
+    32: [("2", "128", "kSchedPingPongOverlap | kFwdQRegs | kHalfScoreK | kHalfOut")],
     64: [("2", "128", "kSchedPingPongOverlap | kFwdQRegs"), ("1", "64", "kSchedOverlap", "small"),
          ("2", "128", "kSchedLockstep"), ("2", "128", "kSchedPingPong2"), ("2", "128", "kSchedPingPong")],
     128: [("2", "128", "kSchedPingPong | kFwdLazyRescale | kFwdQRegs"), ("2", "128", "kSchedLockstep"),
@@ -55,7 +55,7 @@ FWD_SM90 = {
     256: [("2", "64", "kSchedPingPong | kFwdLazyRescale")],
 }
 DQ_SM90 = {
-    32: [("2", "128", "kSchedPingPong | kHalfScoreK")],
+    32: [("2", "128", "kSchedPingPong | kHalfScoreK | kHalfOut")],
     64: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedOverlap", "small"),
          ("2", "128", "kSchedPingPong2"), ("2", "64", "kSchedPingPongOverlap")],
     128: [("2", "64", "kSchedPingPong"), ("2", "128", "kSchedPingPong", "wide"), ("2", "64", "kSchedOverlap"),
@@ -65,6 +65,9 @@ DQ_SM90 = {
 # D32 (kHalfScoreK; the generator writes these with the kernel's tile width, 64): the D64 defaults'
 # schedules, the score products over the first 32 columns. H200, thirty-second session: 3-8% faster
 # than D32 in the D64 kernels (which already beat the mma.sync D32 kernels 1.6-1.8x); 0.92-1.00x Flex.
+# kHalfOut (thirty-fourth session): the products that make outputs over the 32 columns too, the same
+# results bit for bit; forward 0.955-0.961 and backward 0.935-0.963 of the time at S16k H32 local
+# 10% / causal_local / local 2.5% (forced variants, interleaved rounds), fwd+bwd 1.00-1.06x Flex.
 # D256 (thirty-second session, H200, S16k H16 bf16, against Flex in the same process; RESULTS.md):
 # the forward with 64 keys a step in two ring stages (128 Q rows and three 64-key stages do not fit)
 # 1.96-2.48x Flex at local 10% / causal_local / local 2.5% (the mma.sync forward 0.91-0.99x); the dQ
@@ -105,7 +108,7 @@ DQ_SM90 = {
 # variants, against variant 8) 1-2.5% faster at 10% density and causal_local, equal within noise at
 # 2.5%, although the fragments held across it spill a little at 128 queries a step.
 DKV_SM90 = {
-    32: [("2", "128", "kSchedPingPong | kDkvEarlyDv | kHalfScoreK")],
+    32: [("2", "128", "kSchedPingPong | kDkvEarlyDv | kHalfScoreK | kHalfOut")],
     64: [("2", "128", "kSchedPingPong | kDkvEarlyDv"), ("2", "128", "kSchedLockstep"),
          ("1", "64", "kSchedOverlap", "small"), ("2", "128", "kSchedPingPong2"), ("2", "128", "kSchedPingPong")],
     128: [("2", "64", "kSchedPingPong2 | kDkvEarlyDv"), ("2", "64", "kSchedLockstep"), ("2", "64", "kSchedOverlap"),
