@@ -978,8 +978,8 @@ if __name__ == "__main__":
         run_case(B=2, H=4, Hkv=2, Sq=150, Sk=140, D=64, bq=32, bk=64, causal=True, use_kpm=True, check_weights=True)
         run_case(B=1, H=2, Sq=100, Sk=90, D=128, bq=64, bk=16, lh=0, wl=20)
         # head dims below their kernels' tile width: on sm_90 D200 takes the D256 wgmma kernels
-        # (dK/dV in column halves), D96 the D128 ones, D24 the D32 ones (the D64 tiles, scores over
-        # 32 columns), their surplus columns zero-filled
+        # (dK/dV in column halves), D96 the D128 ones, D24 the D32 ones (the D64 tiles, scores and
+        # outputs over 32 columns), their surplus columns zero-filled
         run_case(B=1, H=2, Hkv=1, Sq=200, Sk=190, D=200, bq=128, bk=64, causal=True, use_kpm=True)
         run_case(B=1, H=2, Sq=200, Sk=190, D=96, bq=128, bk=128, causal=True)
         run_case(B=1, H=2, Sq=130, Sk=150, D=24, bq=64, bk=32, wl=40)
