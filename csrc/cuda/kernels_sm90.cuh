@@ -93,14 +93,15 @@ constexpr int kHalfScoreK = 256;
 // The columns a kernel of tile width kD and schedule `sched` (modifiers included) contracts its score
 // products over: the head dim it serves, and registers under.
 constexpr int score_cols(int kD, int sched) { return (sched & kHalfScoreK) != 0 ? kD / 2 : kD; }
-// Modifier of all three kernels, with kHalfScoreK: the products that make outputs (P V, dS K, P^T dO,
-// dS^T Q) run over the first kD / 2 columns as well, wgmma of N = kD / 2 reading the left half of
-// the tiles' 64-column panels, with half the accumulators (the forward pads its rows with zeros to
-// the staging tile's kD columns; no store writes a column at or past D). The same results bit for
-// bit (the other half was zeros). H200, thirty-fourth session, D32 S16k H32: forward 0.955-0.961,
-// backward 0.935-0.963 of the time (RESULTS.md).
+// Modifier of all three kernels: the products that make outputs (P V, dS K, P^T dO, dS^T Q) run over
+// the columns the score products serve (score_cols; with kHalfScoreK the first kD / 2, without it
+// this is a no-op), wgmma of N = kD / 2 reading the left half of the tiles' 64-column panels, with
+// half the accumulators (the forward pads its rows with zeros to the staging tile's kD columns; no
+// store writes a column at or past D). The same results bit for bit (the other half was zeros).
+// H200, thirty-fourth session, D32 S16k H32: forward 0.955-0.961, backward 0.935-0.963 of the time
+// (RESULTS.md).
 constexpr int kHalfOut = 2048;
-constexpr int out_cols(int kD, int sched) { return (sched & kHalfOut) != 0 ? kD / 2 : kD; }
+constexpr int out_cols(int kD, int sched) { return (sched & kHalfOut) != 0 ? score_cols(kD, sched) : kD; }
 // dK/dV modifier (head dims whose dK and dV rows do not fit the registers next to each other: D256):
 // each work item computes dK and dV for half of the head dim's columns, so a key tile is two items
 // (launch_dkv_sm90 counts them, run_items' kParts decodes them: the part rides in ItemInfo::e0,
@@ -200,7 +201,6 @@ struct FwdSm90Cfg : Sm90Threads<kWG_, kSchedM & kSchedMask> {
   static constexpr bool kQRegs = (kSchedM & kFwdQRegs) != 0;
   static constexpr int kScoreK = score_cols(kD, kSchedM);
   static constexpr int kOutCols = out_cols(kD, kSchedM);  // output columns computed
-  static_assert(kOutCols == kD || kScoreK < kD, "half output columns: with the half-width scores only");
   static_assert(!kQRegs || kSched == kSchedPingPong || kSched == kSchedPingPongOverlap,
                 "Q in registers: the one-buffer ping-pong schedules only");
   static constexpr int kBM = 64 * kWG_;
@@ -236,7 +236,6 @@ struct DqSm90Cfg : Sm90Threads<kWG_, kSchedM & kSchedMask> {
   static constexpr int kSched = kSchedM & kSchedMask;
   static constexpr int kScoreK = score_cols(kD, kSchedM);
   static constexpr int kOutCols = out_cols(kD, kSchedM);  // dQ columns computed
-  static_assert(kOutCols == kD || kScoreK < kD, "half output columns: with the half-width scores only");
   static constexpr int kBM = 64 * kWG_;
   static constexpr int kBN = kBN_;
   static constexpr int kQBytes = kBM * kD * 2;
@@ -277,7 +276,6 @@ struct DkvSm90Cfg : Sm90Threads<kWG_, kSchedM & kSchedMask> {
   static_assert(kStageBytes % 1024 == 0 && kResBytes % 1024 == 0, "swizzled tiles need 1024-byte alignment");
   static_assert((kParts == 1 || kDO % 64 == 0) && !(kParts > 1 && kWriteDs),
                 "column parts: whole 64-column panels, no dS scratch");
-  static_assert(kDO * kParts == kD || score_cols(kD, kSchedM) < kD, "half output columns: with the half-width scores only");
   static constexpr int kStages = Base::stages(kResBytes, kStageBytes, kSideBytes);
   static constexpr int kSmem = Base::smem(kResBytes, kStageBytes, kStages, kSideBytes);
   static_assert(kSmem <= kMaxSmem, "dK/dV tile does not fit in shared memory");
