@@ -92,7 +92,11 @@ constexpr int kDkvEarlyDv = 64;
 constexpr int kHalfScoreK = 256;
 // The columns a kernel of tile width kD and schedule `sched` (modifiers included) contracts its score
 // products over: the head dim it serves, and registers under.
-constexpr int score_cols(int kD, int sched) { return (sched & kHalfScoreK) != 0 ? kD / 2 : kD; }
+// Experiment (branch d96-narrow): the same for three quarters of the columns (D96 in the D128 tiles).
+constexpr int kThreeQuarterScoreK = 4096;
+constexpr int score_cols(int kD, int sched) {
+  return (sched & kHalfScoreK) != 0 ? kD / 2 : (sched & kThreeQuarterScoreK) != 0 ? 3 * kD / 4 : kD;
+}
 // Modifier of all three kernels: the products that make outputs (P V, dS K, P^T dO, dS^T Q) run over
 // the columns the score products serve (score_cols; with kHalfScoreK the first kD / 2, without it
 // this is a no-op), wgmma of N = kD / 2 reading the left half of the tiles' 64-column panels, with
@@ -1995,6 +1999,8 @@ void launch_dkv_sm90(const Params& p, int64_t items, cudaStream_t stream) {
 #define DS_REGISTER_DQ_DS_SM90(T, DT, D, V)                                       \
   template void launch_dq_ds_sm90<T, D>(const Params&, int64_t, cudaStream_t);    \
   DS_SM90_REGISTRAR(kOpDq, DT, D, V, (&launch_dq_ds_sm90<T, D>), 128, 128, kFlagDs)
+#define DS_REGISTER_DQ_DS_SM90_AS(T, DT, D, SERVED, V) \
+  DS_SM90_REGISTRAR(kOpDq, DT, SERVED, V, (&launch_dq_ds_sm90<T, D>), 128, 128, kFlagDs)
 #define DS_REGISTER_DKV_SM90(T, DT, D, V, WG, BM, SCHED, AUTO)                                 \
   template void launch_dkv_sm90<T, D, WG, BM, SCHED>(const Params&, int64_t, cudaStream_t);    \
   DS_SM90_REGISTRAR(kOpDkv, DT, score_cols(D, SCHED), V, (&launch_dkv_sm90<T, D, WG, BM, SCHED>), 64 * WG, BM, AUTO)

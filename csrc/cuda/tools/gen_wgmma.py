@@ -8,7 +8,7 @@ repository root:
 
 from pathlib import Path
 
-SHAPES = (32, 64, 128, 256)
+SHAPES = (32, 64, 96, 128, 256)
 DTYPES = (("__nv_bfloat16", "bf16"), ("__half", "f16"))
 
 
