@@ -256,10 +256,10 @@ def test_head_dims(dtype, D):
     run_case(D=D, dtype=dtype, Sq=333, Sk=301, bq=64, bk=32, causal=D % 64 == 0, seed=D)
 
 
-def kernels_run(fn) -> set[tuple[str, int]]:
-    """(kernel, specialised head dim) of each dilated_sparse kernel that fn() launches, from
-    torch.profiler's kernel names (``dilated_sparse::cuda::fwd_sm90_kernel<__nv_bfloat16, 128, ...>``:
-    ``("fwd_sm90", 128)``)."""
+def kernels_run(fn) -> set[tuple[str, int, int]]:
+    """(kernel, tile width, schedule) of each dilated_sparse kernel that fn() launches, from
+    torch.profiler's kernel names (``dilated_sparse::cuda::fwd_sm90_kernel<__nv_bfloat16, 128, 2, 128,
+    6338>``: ``("fwd_sm90", 128, 6338)``; -1 for a kernel without a schedule argument)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -267,22 +267,30 @@ def kernels_run(fn) -> set[tuple[str, int]]:
         torch.cuda.synchronize()
     found = set()
     for event in prof.events():
-        m = re.search(r"dilated_sparse::cuda::(\w+?)_kernel<[^,<>]+, (\d+)", event.name)
+        m = re.search(r"dilated_sparse::cuda::(\w+?)_kernel<[^,<>]+, (\d+)((?:, \d+)*)>", event.name)
         if m:
-            found.add((m.group(1), int(m.group(2))))
+            rest = m.group(3).split(", ")[1:]
+            sched = int(rest[-1]) if len(rest) == 3 and m.group(1).endswith("_sm90") else -1
+            found.add((m.group(1), int(m.group(2)), sched))
     return found
+
+
+# kernels_sm90.cuh's modifiers of the narrowed head dims: the score products over the served columns
+# (kHalfScoreK: D32 in the D64 tiles, kThreeQuarterScoreK: D96 in the D128 tiles) and the output
+# products too (kNarrowOut).
+NARROW_BITS = {32: 256 | 2048, 96: 4096 | 2048}
 
 
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability() != (9, 0), reason="the sm_90 dispatch")
 @pytest.mark.parametrize("pad", ["1", "0"])
 @pytest.mark.parametrize("D", [24, 32, 72, 96, 200, 256])
 def test_sm90_head_dim_dispatch(monkeypatch, D, pad):
-    """On sm_90 a head dim whose specialised size has no wgmma kernels (96) runs the next wgmma
-    size's (128), its surplus columns zero (attention.cu kernel_head_dim), unless
-    DILATED_SPARSE_SM90_PAD=0; D <= 32 takes its own wgmma kernels (the D64 tiles with the scores
-    over 32 columns: kHalfScoreK), D > 128 the D256 ones (dK/dV in two column halves a key tile).
-    Either way the results match the reference: odd lengths, GQA, causal, key padding, several
-    items a CTA."""
+    """On sm_90 every specialised head dim has wgmma kernels in the full build, so the padding
+    switch (DILATED_SPARSE_SM90_PAD, for reduced builds) changes nothing: D <= 32 runs the D64
+    tiles and 64 < D <= 96 the D128 tiles, their products narrowed to the first 32 or 96 columns
+    (kHalfScoreK / kThreeQuarterScoreK with kNarrowOut), and D > 128 the D256 kernels (dK/dV in two
+    column halves a key tile). The results match the reference: odd lengths, GQA, causal, key
+    padding, several items a CTA."""
     if forced_variant():
         pytest.skip("a forced tile variant picks the kernels itself")
     from dilated_sparse.ops import _CUDA_HEAD_DIMS, _compiled_cuda_head_dims
@@ -292,20 +300,22 @@ def test_sm90_head_dim_dispatch(monkeypatch, D, pad):
     monkeypatch.setenv("DILATED_SPARSE_SM90_PAD", pad)
     exact = next(d for d in _CUDA_HEAD_DIMS if d >= D)
     wgmma = 64 if D <= 64 else 128 if D <= 128 else 256  # the wgmma kernels' tile width
-    native = exact != 96  # wgmma kernels of its own (D32: the D64 tiles, scores over 32 columns)
-    fwd = ("fwd_sm90", wgmma) if pad == "1" or native else ("fwd", exact)
+    fwd = ("fwd_sm90", wgmma)
     if wgmma == 256:
         bwd = {("dq_sm90", 256), ("dkv_sm90", 256)}
-    elif pad == "1" or native:
-        bwd = {("dq_ds_sm90", wgmma), ("dkv_sm90", wgmma)} if wgmma == 128 else {("dq_sm90", 64), ("dkv_sm90", 64)}
     else:
-        bwd = {("dq", exact), ("dkv", exact)}
+        bwd = {("dq_ds_sm90", wgmma), ("dkv_sm90", wgmma)} if wgmma == 128 else {("dq_sm90", 64), ("dkv_sm90", 64)}
     kw = {"B": 2, "H": 8, "Hkv": 2, "Sq": 1500, "Sk": 1400, "D": D, "bq": 128, "bk": 128, "density": 0.4,
           "causal": True, "use_kpm": True, "seed": D}
     ran = kernels_run(lambda: run_case(**kw))
-    assert {fwd} | bwd <= ran, f"expected {fwd} and {bwd}, ran {sorted(ran)}"
-    attention = {(name, d) for name, d in ran if name in ("fwd", "fwd_sm90", "dq", "dkv", "dq_sm90", "dkv_sm90", "dq_ds_sm90")}
+    names = {(name, d) for name, d, _ in ran}
+    assert {fwd} | bwd <= names, f"expected {fwd} and {bwd}, ran {sorted(ran)}"
+    attention = {(name, d) for name, d in names if name in ("fwd", "fwd_sm90", "dq", "dkv", "dq_sm90", "dkv_sm90", "dq_ds_sm90")}
     assert attention == {fwd} | bwd, f"other kernels ran too: {sorted(attention)}"
+    bits = NARROW_BITS.get(exact, 0)
+    for name, _, sched in ran:
+        if sched >= 0:  # the narrowed head dims' modifiers, and only theirs
+            assert sched & (256 | 4096 | 2048) == bits, f"{name} schedule {sched} for D{D}"
 
 
 @pytest.mark.parametrize("bq", [16, 32, 64, 128, 256])
@@ -395,14 +405,18 @@ def test_growing_scores(D, dtype):
 
 
 # The backward's gradient through lse (dlse: Delta - dlse), both sm_90 backwards (the dS scratch and
-# the recompute one) and the mma.sync kernels (D96, kept there on sm_90 by DILATED_SPARSE_SM90_PAD=0),
-# GQA and causal; a row of every query block keeps its diagonal block so that no row is empty (the
+# the recompute one), D96's narrowed kernels, and the mma.sync kernels (forced variant 0 of each op;
+# without the scratch, which a forced variant does not turn off, the backward is theirs too), GQA and
+# causal; a row of every query block keeps its diagonal block so that no row is empty (the
 # reference's lse has no gradient there).
-@pytest.mark.parametrize("D,dtype", [(64, torch.float16), (128, torch.bfloat16), (96, torch.bfloat16)])
+@pytest.mark.parametrize("D,dtype,variant", [(64, torch.float16, None), (128, torch.bfloat16, None),
+                                             (96, torch.bfloat16, None), (96, torch.bfloat16, "0")])
 @pytest.mark.parametrize("scratch_mb", ["0", "1024"])
-def test_lse_gradient(D, dtype, scratch_mb, monkeypatch):
+def test_lse_gradient(D, dtype, variant, scratch_mb, monkeypatch):
     monkeypatch.setenv("DILATED_SPARSE_BWD_SCRATCH_MB", scratch_mb)
-    monkeypatch.setenv("DILATED_SPARSE_SM90_PAD", "0" if D == 96 else "1")
+    if variant is not None:
+        for op in ("FWD", "DQ", "DKV"):
+            monkeypatch.setenv(f"DILATED_SPARSE_{op}_VARIANT", variant)
     g = torch.Generator().manual_seed(D)
     B, H, Hkv, S, bs = 2, 4, 2, 520, 128
     nb = math.ceil(S / bs)

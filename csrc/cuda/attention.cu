@@ -800,11 +800,12 @@ bool has_sm90_kernel(Op op, int di, int kD) {
 }
 
 // The specialised head dim whose kernels run `op` for head dim D: padded_head_dim(D), except on an
-// sm_90 device where that head dim has no wgmma kernel and a larger one has (64 < D <= 96 -> 128;
-// D <= 32 -> 64 in a build without the D32 wgmma kernels): the wgmma kernel, its surplus columns
-// zero-filled (the copies zero every column at or past D and the stores skip them, as for D = 40
-// or 120), beats the mma.sync kernel of the exact size (H200, thirty-second session: D96 at S16k
-// 2.35-2.42x Flex forward and 1.55-1.88x fwd+bwd, against 1.07-1.17x and 0.71-0.80x; RESULTS.md).
+// sm_90 device where that head dim has no wgmma kernel and a larger one has (in a build without the
+// D32 or D96 wgmma kernels: D <= 32 -> 64, 64 < D <= 96 -> 128): the wgmma kernel, its surplus
+// columns zero-filled (the copies zero every column at or past D and the stores skip them, as for
+// D = 40 or 120), beats the mma.sync kernel of the exact size (H200, thirty-second session: D96 at
+// S16k 2.35-2.42x Flex forward and 1.55-1.88x fwd+bwd, against 1.07-1.17x and 0.71-0.80x;
+// RESULTS.md). A full build has wgmma kernels for every specialised head dim.
 // DILATED_SPARSE_SM90_PAD=0 keeps padded_head_dim(D) (comparisons, tests); a forced variant
 // (DILATED_SPARSE_{FWD,DQ,DKV}_VARIANT) that the exact head dim has also keeps it.
 int kernel_head_dim(Op op, const at::Tensor& q, int64_t D) {

@@ -88,24 +88,25 @@ constexpr int kDkvEarlyDv = 64;
 // over the first kD / 2 columns only, for a head dim of at most kD / 2 run in kD-column tiles, whose
 // other columns are zeros (the copies zero-fill them). Registered under the half head dim (D32 in
 // the D64 tiles: SW128 tiles hold 64-column panels); the products that make outputs (P V, dS K,
-// P^T dO, dS^T Q) run over kD columns, of which the stores write D, unless kHalfOut halves them too.
+// P^T dO, dS^T Q) run over kD columns, of which the stores write D, unless kNarrowOut narrows them too.
 constexpr int kHalfScoreK = 256;
 // The columns a kernel of tile width kD and schedule `sched` (modifiers included) contracts its score
 // products over: the head dim it serves, and registers under.
-// Experiment (branch d96-narrow): the same for three quarters of the columns (D96 in the D128 tiles).
+// The same modifier for three quarters of the columns: registered under D96, in the D128 tiles (six
+// k-steps of the score products instead of eight).
 constexpr int kThreeQuarterScoreK = 4096;
 constexpr int score_cols(int kD, int sched) {
   return (sched & kHalfScoreK) != 0 ? kD / 2 : (sched & kThreeQuarterScoreK) != 0 ? 3 * kD / 4 : kD;
 }
-// Modifier of all three kernels: the products that make outputs (P V, dS K, P^T dO, dS^T Q) run over
-// the columns the score products serve (score_cols; with kHalfScoreK the first kD / 2, without it
-// this is a no-op), wgmma of N = kD / 2 reading the left half of the tiles' 64-column panels, with
-// half the accumulators (the forward pads its rows with zeros to the staging tile's kD columns; no
-// store writes a column at or past D). The same results bit for bit (the other half was zeros).
-// H200, thirty-fourth session, D32 S16k H32: forward 0.955-0.961, backward 0.935-0.963 of the time
-// (RESULTS.md).
-constexpr int kHalfOut = 2048;
-constexpr int out_cols(int kD, int sched) { return (sched & kHalfOut) != 0 ? score_cols(kD, sched) : kD; }
+// Modifier of all three kernels, with kHalfScoreK or kThreeQuarterScoreK: the products that make
+// outputs (P V, dS K, P^T dO, dS^T Q) run over the served columns (score_cols) as well, wgmma of
+// N = 32 or 96 reading the first columns of the tiles' 64-column panels, with fewer accumulators
+// (the forward pads its rows with zeros to the staging tile's kD columns; no store writes a column
+// at or past D). The same results bit for bit (the other columns were zeros). H200, thirty-fourth
+// session, S16k: D32 forward 0.955-0.961 and backward 0.935-0.963 of the time; D96 (bf16) forward
+// 0.939-0.973, fwd+bwd 0.929-0.965 (RESULTS.md).
+constexpr int kNarrowOut = 2048;
+constexpr int out_cols(int kD, int sched) { return (sched & kNarrowOut) != 0 ? score_cols(kD, sched) : kD; }
 // dK/dV modifier (head dims whose dK and dV rows do not fit the registers next to each other: D256):
 // each work item computes dK and dV for half of the head dim's columns, so a key tile is two items
 // (launch_dkv_sm90 counts them, run_items' kParts decodes them: the part rides in ItemInfo::e0,
@@ -1287,7 +1288,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
     sm90::wait<0>();
     sm90::fence_regs(acc);
     if constexpr (!Cfg::kPing) cp_async_wait<0>();
-    // The output rows over the tile's kD columns: acc itself, or with kHalfOut acc padded with zeros
+    // The output rows over the tile's kD columns: acc itself, or with kNarrowOut acc padded with zeros
     // (columns no store writes).
     float padded[kOut < kD ? kD / 8 : 1][4];
     if constexpr (kOut < kD) {

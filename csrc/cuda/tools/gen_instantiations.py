@@ -46,28 +46,36 @@ DKV = {
 # variant, "short" one the host prefers when the rows are short, "wide" one it prefers (rows not short)
 # when the secondary block is a multiple of the variant's step (attention.cu: pick()).
 FWD_SM90 = {
-    32: [("2", "128", "kSchedPingPongOverlap | kFwdQRegs | kHalfScoreK | kHalfOut")],
+    32: [("2", "128", "kSchedPingPongOverlap | kFwdQRegs | kHalfScoreK | kNarrowOut")],
     64: [("2", "128", "kSchedPingPongOverlap | kFwdQRegs"), ("1", "64", "kSchedOverlap", "small"),
          ("2", "128", "kSchedLockstep"), ("2", "128", "kSchedPingPong2"), ("2", "128", "kSchedPingPong")],
     128: [("2", "128", "kSchedPingPong | kFwdLazyRescale | kFwdQRegs"), ("2", "128", "kSchedLockstep"),
           ("1", "64", "kSchedLockstep", "small"), ("2", "128", "kSchedPingPong2", "short"), ("2", "128", "kSchedPingPongOverlap"),
           ("2", "128", "kSchedPingPongSplit")],
     256: [("2", "64", "kSchedPingPong | kFwdLazyRescale")],
+    96: [("2", "128", "kSchedPingPong | kFwdLazyRescale | kFwdQRegs | kThreeQuarterScoreK | kNarrowOut"),
+         ("1", "64", "kSchedLockstep | kThreeQuarterScoreK | kNarrowOut", "small"), ("2", "128", "kSchedPingPong2 | kThreeQuarterScoreK | kNarrowOut", "short")],
 }
 DQ_SM90 = {
-    32: [("2", "128", "kSchedPingPong | kHalfScoreK | kHalfOut")],
+    32: [("2", "128", "kSchedPingPong | kHalfScoreK | kNarrowOut")],
     64: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedOverlap", "small"),
          ("2", "128", "kSchedPingPong2"), ("2", "64", "kSchedPingPongOverlap")],
     128: [("2", "64", "kSchedPingPong"), ("2", "128", "kSchedPingPong", "wide"), ("2", "64", "kSchedOverlap"),
           ("2", "64", "kSchedPingPong2", "short"), ("2", "64", "kSchedPingPongOverlap")],
     256: [("2", "32", "kSchedPingPong")],
+    96: [("2", "64", "kSchedPingPong | kThreeQuarterScoreK | kNarrowOut"), ("2", "128", "kSchedPingPong | kThreeQuarterScoreK | kNarrowOut", "wide"),
+         ("2", "64", "kSchedPingPong2 | kThreeQuarterScoreK | kNarrowOut", "short")],
 }
 # D32 (kHalfScoreK; the generator writes these with the kernel's tile width, 64): the D64 defaults'
 # schedules, the score products over the first 32 columns. H200, thirty-second session: 3-8% faster
 # than D32 in the D64 kernels (which already beat the mma.sync D32 kernels 1.6-1.8x); 0.92-1.00x Flex.
-# kHalfOut (thirty-fourth session): the products that make outputs over the 32 columns too, the same
+# kNarrowOut (thirty-fourth session): the products that make outputs over the 32 columns too, the same
 # results bit for bit; forward 0.955-0.961 and backward 0.935-0.963 of the time at S16k H32 local
 # 10% / causal_local / local 2.5% (forced variants, interleaved rounds), fwd+bwd 1.00-1.06x Flex.
+# D96 (kThreeQuarterScoreK | kNarrowOut; written with the tile width, 128): the D128 defaults' schedules
+# (and its small, short, wide and dS-scratch variants), every product over 96 columns; before, D96 ran
+# the D128 kernels with zero-filled columns. Thirty-fourth session, H200, S16k H16 bf16: the same
+# results bit for bit, forward 0.939-0.973 and fwd+bwd 0.929-0.965 of the time.
 # D256 (thirty-second session, H200, S16k H16 bf16, against Flex in the same process; RESULTS.md):
 # the forward with 64 keys a step in two ring stages (128 Q rows and three 64-key stages do not fit)
 # 1.96-2.48x Flex at local 10% / causal_local / local 2.5% (the mma.sync forward 0.91-0.99x); the dQ
@@ -108,18 +116,21 @@ DQ_SM90 = {
 # variants, against variant 8) 1-2.5% faster at 10% density and causal_local, equal within noise at
 # 2.5%, although the fragments held across it spill a little at 128 queries a step.
 DKV_SM90 = {
-    32: [("2", "128", "kSchedPingPong | kDkvEarlyDv | kHalfScoreK | kHalfOut")],
+    32: [("2", "128", "kSchedPingPong | kDkvEarlyDv | kHalfScoreK | kNarrowOut")],
     64: [("2", "128", "kSchedPingPong | kDkvEarlyDv"), ("2", "128", "kSchedLockstep"),
          ("1", "64", "kSchedOverlap", "small"), ("2", "128", "kSchedPingPong2"), ("2", "128", "kSchedPingPong")],
     128: [("2", "64", "kSchedPingPong2 | kDkvEarlyDv"), ("2", "64", "kSchedLockstep"), ("2", "64", "kSchedOverlap"),
           ("2", "64", "kSchedPingPong"), ("2", "64", "kSchedPingPong2 | kSchedWriteDs | kDkvEarlyDv", "ds")],
     256: [("2", "32", "kSchedPingPong | kDkvEarlyDv | kDkvSplitCols")],
+    96: [("2", "64", "kSchedPingPong2 | kDkvEarlyDv | kThreeQuarterScoreK | kNarrowOut"),
+         ("2", "64", "kSchedPingPong2 | kSchedWriteDs | kDkvEarlyDv | kThreeQuarterScoreK | kNarrowOut", "ds")],
 }
 SM90_FIRST_VARIANT = 4
 SM90_FLAGS = {"small": 1, "short": 2, "wide": 4, "ds": 8}  # KernelEntry flags (params.h)
 # The dS-scratch backward (attention.cu: ds_mode): dQ = dS K after the dK/dV variant marked "ds"
 # above wrote dS; registered as the dQ variant after the table's (never picked, taken by ds_mode).
-DQ_DS_SM90 = (128,)
+# Head dim served -> the kernel's tile width (D96: the D128 kernel, K's columns past 96 zero).
+DQ_DS_SM90 = {128: 128, 96: 128}
 DTYPES = [("fp16", "__half", 0), ("bf16", "__nv_bfloat16", 1)]
 MACRO = {"fwd": "DS_REGISTER_FWD", "dq": "DS_REGISTER_DQ", "dkv": "DS_REGISTER_DKV"}
 HEADER = (
@@ -163,11 +174,16 @@ def main() -> None:
                 for v, var in enumerate(variants):
                     args = [str(x) for x in var[:3]]
                     auto = SM90_FLAGS[var[3]] if len(var) > 3 else 0
-                    kd = 2 * d if "kHalfScoreK" in var[2] else d  # the kernel's tile width (kernels_sm90.cuh)
+                    # the kernel's tile width (kernels_sm90.cuh: score_cols)
+                    kd = 2 * d if "kHalfScoreK" in var[2] else 4 * d // 3 if "kThreeQuarterScoreK" in var[2] else d
                     lines.append(f"{MACRO[op]}_SM90({ctype}, {di}, {kd}, {SM90_FIRST_VARIANT + v}, "
                                  f"{', '.join(args)}, {auto})")
                 if op == "dq" and d in DQ_DS_SM90:
-                    lines.append(f"DS_REGISTER_DQ_DS_SM90({ctype}, {di}, {d}, {SM90_FIRST_VARIANT + len(variants)})")
+                    v = SM90_FIRST_VARIANT + len(variants)
+                    if DQ_DS_SM90[d] == d:
+                        lines.append(f"DS_REGISTER_DQ_DS_SM90({ctype}, {di}, {d}, {v})")
+                    else:
+                        lines.append(f"DS_REGISTER_DQ_DS_SM90_AS({ctype}, {di}, {DQ_DS_SM90[d]}, {d}, {v})")
                 lines.append("}  // namespace dilated_sparse::cuda")
                 (out / f"{op}_sm90_hdim{d}_{name}.cu").write_text("\n".join(lines) + "\n")
 
