@@ -98,11 +98,11 @@ constexpr int kThreeQuarterScoreK = 4096;
 constexpr int score_cols(int kD, int sched) {
   return (sched & kHalfScoreK) != 0 ? kD / 2 : (sched & kThreeQuarterScoreK) != 0 ? 3 * kD / 4 : kD;
 }
-// Modifier of all three kernels, with kHalfScoreK or kThreeQuarterScoreK: the products that make
-// outputs (P V, dS K, P^T dO, dS^T Q) run over the served columns (score_cols) as well, wgmma of
-// N = 32 or 96 reading the first columns of the tiles' 64-column panels, with fewer accumulators
-// (the forward pads its rows with zeros to the staging tile's kD columns; no store writes a column
-// at or past D). The same results bit for bit (the other columns were zeros). H200, thirty-fourth
+// Modifier of all three kernels: the products that make outputs (P V, dS K, P^T dO, dS^T Q) run over
+// the columns the score products serve (score_cols; without kHalfScoreK or kThreeQuarterScoreK a
+// no-op), wgmma of N = 32 or 96 reading the first columns of the tiles' 64-column panels, with fewer
+// accumulators; the stores write those columns only (the forward's staging tile keeps stale ones
+// past them, which its TMA store clips at D). The same results bit for bit (the other columns were zeros). H200, thirty-fourth
 // session, S16k: D32 forward 0.955-0.961 and backward 0.935-0.963 of the time; D96 (bf16) forward
 // 0.939-0.973, fwd+bwd 0.929-0.965 (RESULTS.md).
 constexpr int kNarrowOut = 2048;
@@ -1288,28 +1288,13 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
     sm90::wait<0>();
     sm90::fence_regs(acc);
     if constexpr (!Cfg::kPing) cp_async_wait<0>();
-    // The output rows over the tile's kD columns: acc itself, or with kNarrowOut acc padded with zeros
-    // (columns no store writes).
-    float padded[kOut < kD ? kD / 8 : 1][4];
-    if constexpr (kOut < kD) {
-#pragma unroll
-      for (int i = 0; i < kD / 8; ++i)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) padded[i][e] = i < kOut / 8 ? acc[i < kOut / 8 ? i : 0][e] : 0.f;
-    }
-    const float(&out_rows)[kD / 8][4] = *[&]() {
-      if constexpr (kOut < kD) {
-        return &padded;
-      } else {
-        return &acc;
-      }
-    }();
     if (Cfg::kOBytes > 0 && p.tma != 0 && W.slot < 0) {
       const uint32_t sO = sO0 + wg * (64 * kD * 2);
       const float l[2] = {quad_sum(lrow[0]), quad_sum(lrow[1])};
       if (o_issuer) sm90::bulk_wait_read();  // the previous item's store has read the tile
       sm90::named_sync(kBarO + wg, 128);
-      stage_fwd_rows<T, kD>(sO, out_rows, l, warp % 4, lane);
+      // kNarrowOut: the first kOut columns of the staging tile; the TMA store clips the rest (past D).
+      stage_fwd_rows<T, kOut>(sO, acc, l, warp % 4, lane);
       sm90::fence_async_smem();  // the writes, before the async proxy reads them
       sm90::named_sync(kBarO + wg, 128);
       if (o_issuer) sm90::tma_store_tile<64, kD>(sO, &p.tma_o, W.m0 + wg * 64, W.h, W.b);
@@ -1320,7 +1305,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
         if (t4 == 0 && i < p.Sq) lse_at(p, W.b, W.h, i) = row_lse(mrow[r], l[r]);
       }
     } else {
-      store_fwd_rows<T, kD>(p, W, kBM, out_rows, mrow, lrow, wrow, g, t4);
+      store_fwd_rows<T, kOut>(p, W, kBM, acc, mrow, lrow, wrow, g, t4);
     }
     return any;
   };
