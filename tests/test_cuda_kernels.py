@@ -357,8 +357,9 @@ def test_rules(kw):
 
 # Every tile variant of each kernel, forced through DILATED_SPARSE_{FWD,DQ,DKV}_VARIANT: 0-3 are the
 # mma.sync kernels, 4-9 the sm_90a (wgmma) ones. A variant that is not compiled for this head dim, or
-# an sm_90a one on another GPU, is ignored by the host (the default runs instead); a dS-scratch dK/dV
-# variant is taken by that backward (the first case here at D128).
+# an sm_90a one on another GPU, is ignored by the host (the default runs instead); a forced dS-scratch
+# variant picks that backward (9 here: dQ from dS, its dK/dV the first scratch one), any other forced
+# DQ or DKV variant the recompute backward (test_forced_variant_picks_the_backward).
 @pytest.mark.parametrize("variant", range(10))
 @pytest.mark.parametrize("D,dtype", [(64, torch.float16), (128, torch.bfloat16)])
 @pytest.mark.parametrize(
@@ -373,6 +374,40 @@ def test_forced_variants(variant, D, dtype, kw, monkeypatch):
     for op in ("FWD", "DQ", "DKV"):
         monkeypatch.setenv(f"DILATED_SPARSE_{op}_VARIANT", str(variant))
     run_case(D=D, dtype=dtype, seed=variant * 13 + D, **kw)
+
+
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability() != (9, 0), reason="the sm_90 backwards")
+@pytest.mark.parametrize(
+    "forced,scratch",
+    [({}, True), ({"DKV": "8"}, True), ({"DQ": "9"}, True), ({"DKV": "4"}, False), ({"DQ": "5"}, False),
+     ({"DQ": "0", "DKV": "0"}, False), ({"DKV": "8", "DQ": "4"}, False)],
+)
+def test_forced_variant_picks_the_backward(forced, scratch, monkeypatch):
+    """At D128 block 128 the default backward is the dS-scratch one. A forced DQ or DKV variant that
+    is a scratch kernel keeps it; any other compiled variant asks for the recompute backward, so the
+    scratch is off (no dq_ds kernel runs), and the gradients still match the reference."""
+    if forced_variant():
+        pytest.skip("the caller forces variants itself")
+    for op, variant in forced.items():
+        monkeypatch.setenv(f"DILATED_SPARSE_{op}_VARIANT", variant)
+    kw = {"B": 1, "H": 4, "Hkv": 2, "Sq": 700, "Sk": 650, "D": 128, "dtype": torch.bfloat16, "bq": 128, "bk": 128,
+          "density": 0.5, "causal": True, "seed": 5}
+    ran = {name for name, _, _ in kernels_run(lambda: run_case(**kw))}
+    assert ("dq_ds_sm90" in ran) == scratch, f"{forced}: ran {sorted(ran)}"
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [("DILATED_SPARSE_FWD_VARIANT", "x"), ("DILATED_SPARSE_DQ_VARIANT", "10"), ("DILATED_SPARSE_DKV_VARIANT", "-1"),
+     ("DILATED_SPARSE_FWD_VARIANT", "4 "), ("DILATED_SPARSE_BWD_SCRATCH_MB", "1e3"),
+     ("DILATED_SPARSE_BWD_SCRATCH_MB", "-5")],
+)
+def test_bad_tuning_switch_is_an_error(name, value, monkeypatch):
+    """A tuning switch's value that is not one it takes raises, naming the variable, instead of timing
+    or testing the default under the forced variant's name."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(RuntimeError, match=name):
+        run_case(B=1, H=2, Sq=300, Sk=300, D=64, dtype=torch.float16, bq=128, bk=128, density=0.6, seed=1)
 
 
 # Scales that are not positive (legal, if odd) or large: the forward's softmax takes the row max of
@@ -405,8 +440,8 @@ def test_growing_scores(D, dtype):
 
 
 # The backward's gradient through lse (dlse: Delta - dlse), both sm_90 backwards (the dS scratch and
-# the recompute one), D96's narrowed kernels, and the mma.sync kernels (forced variant 0 of each op;
-# without the scratch, which a forced variant does not turn off, the backward is theirs too), GQA and
+# the recompute one), D96's narrowed kernels, and the mma.sync kernels (forced variant 0 of each op,
+# which turns the scratch off: the backward is theirs too), GQA and
 # causal; a row of every query block keeps its diagonal block so that no row is empty (the
 # reference's lse has no gradient there).
 @pytest.mark.parametrize("D,dtype,variant", [(64, torch.float16, None), (128, torch.bfloat16, None),

@@ -3,8 +3,9 @@
 // and the TORCH_LIBRARY_IMPL(dilated_sparse, CUDA) registration.
 //
 // Environment (all optional; for tuning and tests):
-//   DILATED_SPARSE_{FWD,DQ,DKV}_VARIANT=<n>  force tile variant n of a kernel (see pick(); a
-//                                            dS-scratch variant applies to that backward, ds_entry()).
+//   DILATED_SPARSE_{FWD,DQ,DKV}_VARIANT=<n>  force tile variant n (0-9) of a kernel where compiled (see
+//                                            pick(); a dS-scratch variant picks that backward, any
+//                                            other the recompute one, ds_entry()).
 //   DILATED_SPARSE_PLAN_CACHE=0              rebuild the tile lists on every call.
 //   DILATED_SPARSE_SPLIT=0                   never split heavy forward rows (see make_split()).
 //   DILATED_SPARSE_SPLIT_CHUNK=<entries>     split forward rows longer than this (tests).
@@ -682,14 +683,19 @@ bool env_switch(const char* name, bool fallback) {
   return value == "1";
 }
 
-// DILATED_SPARSE_{FWD,DQ,DKV}_VARIANT of `op`, or -1.
+// DILATED_SPARSE_{FWD,DQ,DKV}_VARIANT of `op`, or -1 where unset or empty. Anything but an integer in
+// 0..kMaxVariants-1 is an error naming the variable (a typo must not silently time the default).
 int forced_variant(Op op) {
   static const char* const kEnv[kNumOps] = {"DILATED_SPARSE_FWD_VARIANT", "DILATED_SPARSE_DQ_VARIANT",
                                             "DILATED_SPARSE_DKV_VARIANT"};
   const char* env = std::getenv(kEnv[op]);
   if (env == nullptr || *env == '\0') return -1;
-  const int v = std::atoi(env);
-  return v >= 0 && v < kMaxVariants ? v : -1;
+  const std::string value = env;
+  const bool digits = value.size() <= 2 && std::all_of(value.begin(), value.end(), [](char c) { return c >= '0' && c <= '9'; });
+  const int v = digits ? std::stoi(value) : -1;
+  TORCH_CHECK(v >= 0 && v < kMaxVariants, "dilated_sparse CUDA: ", kEnv[op], " must be an integer in 0..",
+              kMaxVariants - 1, ", got '", value, "'");
+  return v;
 }
 
 // The kernel variant of one call. Usable variants: compiled, and for arch-90 (wgmma) variants a
@@ -825,8 +831,12 @@ int kernel_head_dim(Op op, const at::Tensor& q, int64_t D) {
 // default 1024 MiB (every block-128 S16k point of the benchmark matrix at D128 fits; S64k does not).
 int64_t scratch_limit_bytes() {
   const char* e = std::getenv("DILATED_SPARSE_BWD_SCRATCH_MB");
-  const int64_t mib = e != nullptr && *e != '\0' ? std::atoll(e) : 1024;
-  return std::max<int64_t>(0, mib) << 20;
+  if (e == nullptr || *e == '\0') return int64_t{1024} << 20;
+  const std::string value = e;
+  const bool digits = value.size() <= 9 && std::all_of(value.begin(), value.end(), [](char c) { return c >= '0' && c <= '9'; });
+  TORCH_CHECK(digits, "dilated_sparse CUDA: DILATED_SPARSE_BWD_SCRATCH_MB must be a non-negative integer (MiB), got '",
+              value, "'");
+  return static_cast<int64_t>(std::stoll(value)) << 20;
 }
 
 // Whether the dS-scratch backward runs its repeats in chunks (bwd_cuda):
@@ -858,13 +868,15 @@ bool chunks_pay(const PlanBufs& dq_plan, const PlanBufs& dkv_plan, int nk, int q
 }
 
 // The kernel of the dS-scratch backward registered for `op` (a dK/dV that writes dS, a dQ that reads
-// it): the forced variant if that is one, else the first; or null.
+// it): the forced variant if that is one, else the first; or null. A forced variant that pick() would
+// run (compiled, usable here) and that is not a scratch one asks for the recompute backward, so it
+// turns the scratch off (null); a forced variant not compiled for this head dim is ignored, as in pick().
 const KernelEntry* ds_entry(Op op, const at::Tensor& q, int kD) {
   const int di = dtype_index(q), hi = head_dim_index(kD);
   if (di < 0 || hi < 0 || !device_is_sm90()) return nullptr;
   const KernelEntry* arr = registry().e[op][di][hi];
   const int forced = forced_variant(op);
-  if (forced >= 0 && arr[forced].fn != nullptr && arr[forced].ds != 0) return &arr[forced];
+  if (forced >= 0 && arr[forced].fn != nullptr) return arr[forced].ds != 0 ? &arr[forced] : nullptr;
   for (int v = 0; v < kMaxVariants; ++v) {
     if (arr[v].fn != nullptr && arr[v].ds != 0) return &arr[v];
   }
@@ -1230,13 +1242,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     return e != nullptr && std::string(e) == "1";
   }();
   const KernelEntry *ds_dq = ds_entry(kOpDq, q, kD_dq), *ds_dkv = ds_entry(kOpDkv, q, kD_dkv);
+  const int64_t limit = scratch_limit_bytes();  // read on every call, so that a bad value always raises
   at::Tensor ds;
   int chunk_k = 0;   // dK/dV repeats a chunk of the scratch backward
   int ds_bufs = 1;   // 2: chunks alternate between two streams and two scratch buffers
   if (ds_dq != nullptr && ds_dkv != nullptr && p.bq % ds_dq->pm == 0 && p.bk % ds_dq->sn == 0 &&
       p.bk % ds_dkv->pm == 0 && p.bq % ds_dkv->sn == 0 && col.numel() > 0) {
     const int64_t rep_elems = col.numel() * q_per_k * p.bq * p.bk;  // one dK/dV repeat's dS
-    const int64_t rep_bytes = rep_elems * q.element_size(), limit = scratch_limit_bytes();
+    const int64_t rep_bytes = rep_elems * q.element_size();
     // Chunks as equal as the count allows, of at most `fit` repeats.
     auto balanced = [&](int64_t fit) {
       const int64_t n = (rep_k + fit - 1) / fit;
