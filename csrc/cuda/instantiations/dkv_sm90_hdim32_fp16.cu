@@ -4,5 +4,7 @@
 #include "../kernels_sm90.cuh"
 
 namespace dilated_sparse::cuda {
-DS_REGISTER_DKV_SM90(__half, 0, 64, 4, 2, 128, kSchedPingPong | kDkvEarlyDv | kHalfScoreK | kNarrowOut, 0)
+DS_REGISTER_DKV_SM90(__half, 0, 64, 4, 2, 128, kSchedPingPong2 | kHalfScoreK | kNarrowOut, 0)
+DS_REGISTER_DKV_SM90(__half, 0, 64, 5, 2, 128, kSchedPingPong | kDkvEarlyDv | kHalfScoreK | kNarrowOut, 0)
+DS_REGISTER_DKV_SM90(__half, 0, 64, 6, 2, 128, kSchedPingPong2 | kDkvEarlyDv | kHalfScoreK | kNarrowOut, 0)
 }  // namespace dilated_sparse::cuda

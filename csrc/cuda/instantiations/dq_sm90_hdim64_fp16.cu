@@ -7,6 +7,6 @@ namespace dilated_sparse::cuda {
 DS_REGISTER_DQ_SM90(__half, 0, 64, 4, 2, 128, kSchedPingPong, 0)
 DS_REGISTER_DQ_SM90(__half, 0, 64, 5, 2, 128, kSchedLockstep, 0)
 DS_REGISTER_DQ_SM90(__half, 0, 64, 6, 1, 64, kSchedOverlap, 1)
-DS_REGISTER_DQ_SM90(__half, 0, 64, 7, 2, 128, kSchedPingPong2, 0)
+DS_REGISTER_DQ_SM90(__half, 0, 64, 7, 2, 128, kSchedPingPong2, 2)
 DS_REGISTER_DQ_SM90(__half, 0, 64, 8, 2, 64, kSchedPingPongOverlap, 0)
 }  // namespace dilated_sparse::cuda

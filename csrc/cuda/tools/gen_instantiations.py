@@ -57,9 +57,9 @@ FWD_SM90 = {
          ("1", "64", "kSchedLockstep | kThreeQuarterScoreK | kNarrowOut", "small"), ("2", "128", "kSchedPingPong2 | kThreeQuarterScoreK | kNarrowOut", "short")],
 }
 DQ_SM90 = {
-    32: [("2", "128", "kSchedPingPong | kHalfScoreK | kNarrowOut")],
+    32: [("2", "128", "kSchedPingPong2 | kHalfScoreK | kNarrowOut"), ("2", "128", "kSchedPingPong | kHalfScoreK | kNarrowOut")],
     64: [("2", "128", "kSchedPingPong"), ("2", "128", "kSchedLockstep"), ("1", "64", "kSchedOverlap", "small"),
-         ("2", "128", "kSchedPingPong2"), ("2", "64", "kSchedPingPongOverlap")],
+         ("2", "128", "kSchedPingPong2", "short"), ("2", "64", "kSchedPingPongOverlap")],
     128: [("2", "64", "kSchedPingPong"), ("2", "128", "kSchedPingPong", "wide"), ("2", "64", "kSchedOverlap"),
           ("2", "64", "kSchedPingPong2", "short"), ("2", "64", "kSchedPingPongOverlap")],
     256: [("2", "32", "kSchedPingPong")],
@@ -116,9 +116,11 @@ DQ_SM90 = {
 # variants, against variant 8) 1-2.5% faster at 10% density and causal_local, equal within noise at
 # 2.5%, although the fragments held across it spill a little at 128 queries a step.
 DKV_SM90 = {
-    32: [("2", "128", "kSchedPingPong | kDkvEarlyDv | kHalfScoreK | kNarrowOut")],
+    32: [("2", "128", "kSchedPingPong2 | kHalfScoreK | kNarrowOut"),
+         ("2", "128", "kSchedPingPong | kDkvEarlyDv | kHalfScoreK | kNarrowOut"),
+         ("2", "128", "kSchedPingPong2 | kDkvEarlyDv | kHalfScoreK | kNarrowOut")],
     64: [("2", "128", "kSchedPingPong | kDkvEarlyDv"), ("2", "128", "kSchedLockstep"),
-         ("1", "64", "kSchedOverlap", "small"), ("2", "128", "kSchedPingPong2"), ("2", "128", "kSchedPingPong")],
+         ("1", "64", "kSchedOverlap", "small"), ("2", "128", "kSchedPingPong2", "short"), ("2", "128", "kSchedPingPong")],
     128: [("2", "64", "kSchedPingPong2 | kDkvEarlyDv"), ("2", "64", "kSchedLockstep"), ("2", "64", "kSchedOverlap"),
           ("2", "64", "kSchedPingPong"), ("2", "64", "kSchedPingPong2 | kSchedWriteDs | kDkvEarlyDv", "ds")],
     256: [("2", "32", "kSchedPingPong | kDkvEarlyDv | kDkvSplitCols")],
