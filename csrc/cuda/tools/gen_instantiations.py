@@ -72,6 +72,16 @@ DQ_SM90 = {
 # kNarrowOut (thirty-fourth session): the products that make outputs over the 32 columns too, the same
 # results bit for bit; forward 0.955-0.961 and backward 0.935-0.963 of the time at S16k H32 local
 # 10% / causal_local / local 2.5% (forced variants, interleaved rounds), fwd+bwd 1.00-1.06x Flex.
+# D32 dQ and dK/dV default to kSchedPingPong2 (thirty-fifth session, H200, S16k H32 bf16, the same
+# gradients bit for bit; the old defaults are variant 5): the backward 1.2-2.7% faster at local 10%,
+# 4.5-4.8% at causal_local and 5.9-6.0% at local 2.5% (two calls, five interleaved rounds each). The
+# other forward schedules were within +-1.3% of the default (64 keys a step 37% slower), as was dK/dV
+# ping-pong-2 with the early dV; dQ with 64 keys a step 10-16% slower.
+# D64 dQ and dK/dV: kSchedPingPong2 is "short" (rows of at most kShortRowTokens): the backward 1.5-3.2%
+# faster at S16k local 2.5% (H32 / H16) and 5.4% at 1.25%, the same gradients bit for bit; at longer
+# rows it was within +-1% (local 10%, dilated, S64k local 2.5%), so the default stays there. The same
+# code read 2.3% apart at causal_local in that call: these gains are near the noise, the direction
+# held in both calls.
 # D96 (kThreeQuarterScoreK | kNarrowOut; written with the tile width, 128): the D128 defaults' schedules
 # (and its small, short, wide and dS-scratch variants), every product over 96 columns; before, D96 ran
 # the D128 kernels with zero-filled columns. Thirty-fourth session, H200, S16k H16 bf16: the same
