@@ -683,19 +683,24 @@ bool env_switch(const char* name, bool fallback) {
   return value == "1";
 }
 
-// DILATED_SPARSE_{FWD,DQ,DKV}_VARIANT of `op`, or -1 where unset or empty. Anything but an integer in
-// 0..kMaxVariants-1 is an error naming the variable (a typo must not silently time the default).
+// A non-negative integer of at most `max` from the environment, `fallback` where it is unset or empty;
+// anything else (signs, spaces, exponents, larger values) is an error naming the variable, so that a
+// typo does not silently run (or time) the default.
+int64_t env_count(const char* name, int64_t fallback, int64_t max) {
+  const char* e = std::getenv(name);
+  if (e == nullptr || *e == '\0') return fallback;
+  const std::string value = e;
+  const bool digits = value.size() <= 12 && std::all_of(value.begin(), value.end(), [](char c) { return c >= '0' && c <= '9'; });
+  TORCH_CHECK(digits && std::stoll(value) <= max, "dilated_sparse CUDA: ", name, " must be an integer in 0..", max,
+              ", got '", value, "'");
+  return std::stoll(value);
+}
+
+// DILATED_SPARSE_{FWD,DQ,DKV}_VARIANT of `op`, or -1 where unset or empty (env_count).
 int forced_variant(Op op) {
   static const char* const kEnv[kNumOps] = {"DILATED_SPARSE_FWD_VARIANT", "DILATED_SPARSE_DQ_VARIANT",
                                             "DILATED_SPARSE_DKV_VARIANT"};
-  const char* env = std::getenv(kEnv[op]);
-  if (env == nullptr || *env == '\0') return -1;
-  const std::string value = env;
-  const bool digits = value.size() <= 2 && std::all_of(value.begin(), value.end(), [](char c) { return c >= '0' && c <= '9'; });
-  const int v = digits ? std::stoi(value) : -1;
-  TORCH_CHECK(v >= 0 && v < kMaxVariants, "dilated_sparse CUDA: ", kEnv[op], " must be an integer in 0..",
-              kMaxVariants - 1, ", got '", value, "'");
-  return v;
+  return static_cast<int>(env_count(kEnv[op], -1, kMaxVariants - 1));
 }
 
 // The kernel variant of one call. Usable variants: compiled, and for arch-90 (wgmma) variants a
@@ -830,13 +835,7 @@ int kernel_head_dim(Op op, const at::Tensor& q, int64_t D) {
 // Bytes the dS-scratch backward may allocate: DILATED_SPARSE_BWD_SCRATCH_MB (MiB; 0 turns it off),
 // default 1024 MiB (every block-128 S16k point of the benchmark matrix at D128 fits; S64k does not).
 int64_t scratch_limit_bytes() {
-  const char* e = std::getenv("DILATED_SPARSE_BWD_SCRATCH_MB");
-  if (e == nullptr || *e == '\0') return int64_t{1024} << 20;
-  const std::string value = e;
-  const bool digits = value.size() <= 9 && std::all_of(value.begin(), value.end(), [](char c) { return c >= '0' && c <= '9'; });
-  TORCH_CHECK(digits, "dilated_sparse CUDA: DILATED_SPARSE_BWD_SCRATCH_MB must be a non-negative integer (MiB), got '",
-              value, "'");
-  return static_cast<int64_t>(std::stoll(value)) << 20;
+  return env_count("DILATED_SPARSE_BWD_SCRATCH_MB", 1024, int64_t{1} << 30) << 20;
 }
 
 // Whether the dS-scratch backward runs its repeats in chunks (bwd_cuda):

@@ -90,11 +90,11 @@ constexpr int kDkvEarlyDv = 64;
 // the D64 tiles: SW128 tiles hold 64-column panels); the products that make outputs (P V, dS K,
 // P^T dO, dS^T Q) run over kD columns, of which the stores write D, unless kNarrowOut narrows them too.
 constexpr int kHalfScoreK = 256;
-// The columns a kernel of tile width kD and schedule `sched` (modifiers included) contracts its score
-// products over: the head dim it serves, and registers under.
 // The same modifier for three quarters of the columns: registered under D96, in the D128 tiles (six
 // k-steps of the score products instead of eight).
 constexpr int kThreeQuarterScoreK = 4096;
+// The columns a kernel of tile width kD and schedule `sched` (modifiers included) contracts its score
+// products over: the head dim it serves, and registers under.
 constexpr int score_cols(int kD, int sched) {
   return (sched & kHalfScoreK) != 0 ? kD / 2 : (sched & kThreeQuarterScoreK) != 0 ? 3 * kD / 4 : kD;
 }
@@ -102,9 +102,9 @@ constexpr int score_cols(int kD, int sched) {
 // the columns the score products serve (score_cols; without kHalfScoreK or kThreeQuarterScoreK a
 // no-op), wgmma of N = 32 or 96 reading the first columns of the tiles' 64-column panels, with fewer
 // accumulators; the stores write those columns only (the forward's staging tile keeps stale ones
-// past them, which its TMA store clips at D). The same results bit for bit (the other columns were zeros). H200, thirty-fourth
-// session, S16k: D32 forward 0.955-0.961 and backward 0.935-0.963 of the time; D96 (bf16) forward
-// 0.939-0.973, fwd+bwd 0.929-0.965 (RESULTS.md).
+// past them, which its TMA store clips at D). The same results bit for bit (the other columns were
+// zeros). H200, thirty-fourth session, S16k: D32 forward 0.955-0.961 and backward 0.935-0.963 of the
+// time; D96 (bf16) forward 0.939-0.973, fwd+bwd 0.929-0.965 (RESULTS.md).
 constexpr int kNarrowOut = 2048;
 constexpr int out_cols(int kD, int sched) { return (sched & kNarrowOut) != 0 ? score_cols(kD, sched) : kD; }
 // dK/dV modifier (head dims whose dK and dV rows do not fit the registers next to each other: D256):
@@ -1982,11 +1982,13 @@ void launch_dkv_sm90(const Params& p, int64_t items, cudaStream_t stream) {
 #define DS_REGISTER_DQ_SM90(T, DT, D, V, WG, BN, SCHED, AUTO)                                  \
   template void launch_dq_sm90<T, D, WG, BN, SCHED>(const Params&, int64_t, cudaStream_t);     \
   DS_SM90_REGISTRAR(kOpDq, DT, score_cols(D, SCHED), V, (&launch_dq_sm90<T, D, WG, BN, SCHED>), 64 * WG, BN, AUTO)
-#define DS_REGISTER_DQ_DS_SM90(T, DT, D, V)                                       \
-  template void launch_dq_ds_sm90<T, D>(const Params&, int64_t, cudaStream_t);    \
-  DS_SM90_REGISTRAR(kOpDq, DT, D, V, (&launch_dq_ds_sm90<T, D>), 128, 128, kFlagDs)
+// The dQ-from-dS kernel of tile width D registered for head dim SERVED (D96: the D128 kernel). Only the
+// D-served registration instantiates it explicitly, so that one translation unit does.
 #define DS_REGISTER_DQ_DS_SM90_AS(T, DT, D, SERVED, V) \
   DS_SM90_REGISTRAR(kOpDq, DT, SERVED, V, (&launch_dq_ds_sm90<T, D>), 128, 128, kFlagDs)
+#define DS_REGISTER_DQ_DS_SM90(T, DT, D, V)                                    \
+  template void launch_dq_ds_sm90<T, D>(const Params&, int64_t, cudaStream_t); \
+  DS_REGISTER_DQ_DS_SM90_AS(T, DT, D, D, V)
 #define DS_REGISTER_DKV_SM90(T, DT, D, V, WG, BM, SCHED, AUTO)                                 \
   template void launch_dkv_sm90<T, D, WG, BM, SCHED>(const Params&, int64_t, cudaStream_t);    \
   DS_SM90_REGISTRAR(kOpDkv, DT, score_cols(D, SCHED), V, (&launch_dkv_sm90<T, D, WG, BM, SCHED>), 64 * WG, BM, AUTO)
