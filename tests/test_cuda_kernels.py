@@ -401,11 +401,15 @@ def test_forced_variant_picks_the_backward(forced, scratch, monkeypatch):
     "name,value",
     [("DILATED_SPARSE_FWD_VARIANT", "x"), ("DILATED_SPARSE_DQ_VARIANT", "10"), ("DILATED_SPARSE_DKV_VARIANT", "-1"),
      ("DILATED_SPARSE_FWD_VARIANT", "4 "), ("DILATED_SPARSE_BWD_SCRATCH_MB", "1e3"),
-     ("DILATED_SPARSE_BWD_SCRATCH_MB", "-5")],
+     ("DILATED_SPARSE_BWD_SCRATCH_MB", "-5"), ("DILATED_SPARSE_SPLIT_CHUNK", "0"),
+     ("DILATED_SPARSE_SPLIT_CHUNK", "2k"), ("DILATED_SPARSE_SPLIT", "no"), ("DILATED_SPARSE_PLAN_CACHE", "off"),
+     ("DILATED_SPARSE_BWD_STREAMS", "3"), ("DILATED_SPARSE_BWD_STREAMS", "0"), ("DILATED_SPARSE_TMA", "yes")],
 )
 def test_bad_tuning_switch_is_an_error(name, value, monkeypatch):
     """A tuning switch's value that is not one it takes raises, naming the variable, instead of timing
     or testing the default under the forced variant's name."""
+    if name == "DILATED_SPARSE_TMA" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("only the sm_90 kernels copy with TMA")
     monkeypatch.setenv(name, value)
     with pytest.raises(RuntimeError, match=name):
         run_case(B=1, H=2, Sq=300, Sk=300, D=64, dtype=torch.float16, bq=128, bk=128, density=0.6, seed=1)
@@ -702,6 +706,39 @@ def test_split_rows(kw, monkeypatch):
     assert torch.equal(r1["out"], r2["out"]) and torch.equal(r1["lse"], r2["lse"])
 
 
+def test_split_switches_read_every_call(monkeypatch):
+    """The forward's split switches are read on every call and key the plan cache: the same layout
+    tensors, planned unsplit first (a global row of 8 blocks is within the automatic chunk), are split
+    once DILATED_SPARSE_SPLIT_CHUNK asks for it (the merge kernel runs) and not with
+    DILATED_SPARSE_SPLIT=0, with the same results each time (within fp32 merging's rounding)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    nb, bs, D = 8, 128, 128
+    mask = band_mask(nb, 1)
+    mask[0, 0, 0, :] = True
+    crow, col, _, _ = csr_from_mask(mask.to(DEV))
+    g = torch.Generator(device="cpu").manual_seed(8)
+    q, k, v = (torch.randn(1, nb * bs - 5, 2, D, generator=g).to(DEV, torch.bfloat16) for _ in range(3))
+    ops = _ops()
+
+    def forward() -> tuple[torch.Tensor, bool]:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            out, _ = ops.block_sparse_attn_fwd(q, k, v, crow, col, bs, bs, 1, 1, D ** -0.5, False, -1, -1, None, None)
+            torch.cuda.synchronize()
+        return out, any("merge_kernel" in e.name for e in prof.events())
+
+    monkeypatch.delenv("DILATED_SPARSE_SPLIT_CHUNK", raising=False)
+    monkeypatch.delenv("DILATED_SPARSE_SPLIT", raising=False)
+    out0, merged0 = forward()
+    monkeypatch.setenv("DILATED_SPARSE_SPLIT_CHUNK", "2")
+    out1, merged1 = forward()
+    monkeypatch.setenv("DILATED_SPARSE_SPLIT", "0")
+    out2, merged2 = forward()
+    assert (merged0, merged1, merged2) == (False, True, False)
+    assert torch.equal(out0, out2)
+    torch.testing.assert_close(out1, out0, atol=1e-2, rtol=1e-2)
+
+
 @pytest.mark.parametrize("bs,D", [(64, 64), (128, 128)])
 def test_cuda_graph_capture(bs, D):
     """fwd + bwd captured into a CUDA graph (the backward forks dK/dV onto a side stream and joins it
@@ -948,6 +985,9 @@ _FUZZ_SWITCHES = {
     "DILATED_SPARSE_SPLIT_PRODUCER": ("0",),
     "DILATED_SPARSE_PLAN_PREFETCH": ("0",),
     "DILATED_SPARSE_SM90_PAD": ("0",),
+    "DILATED_SPARSE_SPLIT": ("0",),
+    "DILATED_SPARSE_PLAN_CACHE": ("0",),
+    "DILATED_SPARSE_BWD_STREAMS": ("1", "2"),
 }
 
 

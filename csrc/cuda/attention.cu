@@ -6,14 +6,19 @@
 //   DILATED_SPARSE_{FWD,DQ,DKV}_VARIANT=<n>  force tile variant n (0-9) of a kernel where compiled (see
 //                                            pick(); a dS-scratch variant picks that backward, any
 //                                            other the recompute one, ds_entry()).
-//   DILATED_SPARSE_PLAN_CACHE=0              rebuild the tile lists on every call.
-//   DILATED_SPARSE_SPLIT=0                   never split heavy forward rows (see make_split()).
-//   DILATED_SPARSE_SPLIT_CHUNK=<entries>     split forward rows longer than this (tests).
+// Every switch is read on every call that uses it, and a value it does not take is an error naming it.
+//   DILATED_SPARSE_PLAN_CACHE=0|1            rebuild the tile lists on every call / cache them (default).
+//   DILATED_SPARSE_SPLIT=0|1                 never split heavy forward rows / split them (default;
+//                                            split_setting(), make_split()).
+//   DILATED_SPARSE_SPLIT_CHUNK=<entries>     split forward rows longer than this (1..2^31-1; tests).
+//   DILATED_SPARSE_BWD_STREAMS=1|2           dQ and dK/dV on the current stream / beside each other
+//                                            on two (default; bwd_cuda).
 //   DILATED_SPARSE_SM90_PAD=0|1              sm_90: a head dim without wgmma kernels runs the exact
 //                                            size's mma.sync kernels / the next wgmma head dim's
 //                                            (default; kernel_head_dim()).
 //   DILATED_SPARSE_TMA=0|1                   sm_90 kernels: cp.async copies instead of TMA / TMA
-//                                            required (see set_tma()).
+//                                            required (unset: TMA where the driver encodes the
+//                                            descriptors; see set_tma()).
 //   DILATED_SPARSE_SPLIT_PRODUCER=0|1        sm_90 dQ-from-dS kernel with TMA: one producer loop /
 //                                            a decoding warp beside the copying ones (run_items()).
 //   DILATED_SPARSE_DECODE_AHEAD=0|1          sm_90 forward: the next work item decoded after the
@@ -168,6 +173,29 @@ __global__ void plan_kernel(const int* __restrict__ ptr, const int* __restrict__
   len[st] = n;
 }
 
+// A 0 / 1 switch from the environment, `fallback` where it is unset; any other value is an error
+// naming the variable.
+bool env_switch(const char* name, bool fallback) {
+  const char* e = std::getenv(name);
+  if (e == nullptr) return fallback;
+  const std::string value = e;
+  TORCH_CHECK(value == "0" || value == "1", "dilated_sparse CUDA: ", name, " must be 0 or 1, got '", value, "'");
+  return value == "1";
+}
+
+// An integer in min..max from the environment, `fallback` where it is unset or empty; anything else
+// (signs, spaces, exponents, values out of range) is an error naming the variable, so that a typo
+// does not silently run (or time) the default.
+int64_t env_count(const char* name, int64_t fallback, int64_t max, int64_t min = 0) {
+  const char* e = std::getenv(name);
+  if (e == nullptr || *e == '\0') return fallback;
+  const std::string value = e;
+  const bool digits = value.size() <= 12 && std::all_of(value.begin(), value.end(), [](char c) { return c >= '0' && c <= '9'; });
+  TORCH_CHECK(digits && std::stoll(value) >= min && std::stoll(value) <= max, "dilated_sparse CUDA: ", name,
+              " must be an integer in ", min, "..", max, ", got '", value, "'");
+  return std::stoll(value);
+}
+
 struct PlanBufs {
   at::Tensor len, start, tile, mask, order, runs;
   at::Tensor work, split;  // split plan (fwd), see make_split
@@ -204,19 +232,22 @@ bool len_stats(PlanBufs& keep, cudaStream_t stream) {
 
 // Load balance for heavy rows (a global row walks every key block): rows longer than a chunk C are
 // cut into pieces that run as separate CTAs and are merged by lse (merge_kernel). C is the average
-// work per CTA slot (2 CTAs per SM), so a heavy row never outlasts the rest of the grid by much;
-// DILATED_SPARSE_SPLIT_CHUNK=<entries> forces C (tests), DILATED_SPARSE_SPLIT=0 disables splitting.
+// work per CTA slot (2 CTAs per SM), so a heavy row never outlasts the rest of the grid by much.
+// `setting` (split_setting()): kSplitNever, kSplitAuto (that C) or a forced C in entries (tests).
 // Needs the row lengths on the host: one device->host copy when the plan is built (plans are cached
 // per layout, so once per layout), never while the stream is being captured into a graph.
-void make_split(PlanBufs& keep, TileList& tl, int rep, cudaStream_t stream) {
-  static const char* off = std::getenv("DILATED_SPARSE_SPLIT");
-  if (off != nullptr && std::string(off) == "0") return;
-  if (!len_stats(keep, stream)) return;
-  int64_t chunk;
-  const char* env = std::getenv("DILATED_SPARSE_SPLIT_CHUNK");
-  if (env != nullptr && *env != '\0') {
-    chunk = std::max<int64_t>(1, std::atoll(env));
-  } else {
+constexpr int kSplitNever = -1, kSplitAuto = 0;
+// The forward's split setting, read on every call (so that a bad value always raises, and a cached
+// plan is reused only under the setting it was made with: it is part of the cache key):
+// DILATED_SPARSE_SPLIT=0 never splits; DILATED_SPARSE_SPLIT_CHUNK=<entries> (1..2^31-1) forces C.
+int split_setting() {
+  const int64_t chunk = env_count("DILATED_SPARSE_SPLIT_CHUNK", kSplitAuto, INT32_MAX, 1);
+  return env_switch("DILATED_SPARSE_SPLIT", true) ? static_cast<int>(chunk) : kSplitNever;
+}
+void make_split(PlanBufs& keep, TileList& tl, int rep, cudaStream_t stream, int setting) {
+  if (setting == kSplitNever || !len_stats(keep, stream)) return;
+  int64_t chunk = setting;
+  if (setting == kSplitAuto) {
     const int64_t slots = 2 * static_cast<int64_t>(sm_count());
     chunk = std::max<int64_t>(8, (keep.len_total * rep + slots - 1) / slots);
   }
@@ -349,22 +380,19 @@ struct PlanCacheEntry {
 // fills the len_* fields (len_stats), once per cached plan.
 TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb, int prim_tokens,
                     int PT, int pb, int ST, int sb, int rep, int hdec, PlanBufs& keep,
-                    cudaStream_t stream, bool allow_split = false,
+                    cudaStream_t stream, int split = kSplitNever,
                     const std::function<at::Tensor()>& make_csr_entry = nullptr, bool want_len_stats = false) {
   static std::mutex* mu = new std::mutex();
   static std::deque<PlanCacheEntry>* cache = new std::deque<PlanCacheEntry>();  // never freed (exit order)
-  static const bool enabled = [] {
-    const char* e = std::getenv("DILATED_SPARSE_PLAN_CACHE");
-    return e == nullptr || std::string(e) != "0";
-  }();
+  const bool enabled = env_switch("DILATED_SPARSE_PLAN_CACHE", true);  // every call: a bad value raises
   if (!enabled || ptr.is_inference() || idx.is_inference()) {
     TileList tl = build_tiles(ptr, idx, L, npb, prim_tokens, PT, pb, ST, sb, rep, hdec, keep, stream);
-    if (allow_split) make_split(keep, tl, rep, stream);
+    make_split(keep, tl, rep, stream, split);
     if (make_csr_entry) keep.csr_entry = make_csr_entry();
     if (want_len_stats) len_stats(keep, stream);
     return tl;
   }
-  const int params[8] = {L, npb, prim_tokens, PT, pb, ST, sb, allow_split ? 1 : 0};
+  const int params[8] = {L, npb, prim_tokens, PT, pb, ST, sb, split};
   const int64_t pv = ptr._version(), iv = idx._version();
   std::lock_guard<std::mutex> lock(*mu);
   for (auto it = cache->begin(); it != cache->end(); ++it) {
@@ -386,7 +414,7 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
     }
   }
   TileList tl = build_tiles(ptr, idx, L, npb, prim_tokens, PT, pb, ST, sb, rep, hdec, keep, stream);
-  if (allow_split) make_split(keep, tl, rep, stream);
+  make_split(keep, tl, rep, stream, split);
   if (make_csr_entry) keep.csr_entry = make_csr_entry();
   if (want_len_stats) len_stats(keep, stream);
   PlanCacheEntry e;
@@ -671,29 +699,6 @@ bool device_is_sm90() {
     c = (major == 9 && minor == 0) ? 1 : 2;
   }
   return c == 1;
-}
-
-// A 0 / 1 switch from the environment, `fallback` where it is unset; any other value is an error
-// naming the variable.
-bool env_switch(const char* name, bool fallback) {
-  const char* e = std::getenv(name);
-  if (e == nullptr) return fallback;
-  const std::string value = e;
-  TORCH_CHECK(value == "0" || value == "1", "dilated_sparse CUDA: ", name, " must be 0 or 1, got '", value, "'");
-  return value == "1";
-}
-
-// A non-negative integer of at most `max` from the environment, `fallback` where it is unset or empty;
-// anything else (signs, spaces, exponents, larger values) is an error naming the variable, so that a
-// typo does not silently run (or time) the default.
-int64_t env_count(const char* name, int64_t fallback, int64_t max) {
-  const char* e = std::getenv(name);
-  if (e == nullptr || *e == '\0') return fallback;
-  const std::string value = e;
-  const bool digits = value.size() <= 12 && std::all_of(value.begin(), value.end(), [](char c) { return c >= '0' && c <= '9'; });
-  TORCH_CHECK(digits && std::stoll(value) <= max, "dilated_sparse CUDA: ", name, " must be an integer in 0..", max,
-              ", got '", value, "'");
-  return std::stoll(value);
 }
 
 // DILATED_SPARSE_{FWD,DQ,DKV}_VARIANT of `op`, or -1 where unset or empty (env_count).
@@ -1004,6 +1009,8 @@ void set_tma(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tens
   p.tma = 0;
   const char* e = std::getenv("DILATED_SPARSE_TMA");
   const std::string mode = e != nullptr ? e : "";
+  TORCH_CHECK(mode.empty() || mode == "0" || mode == "1", "dilated_sparse CUDA: DILATED_SPARSE_TMA must be 0 or 1 "
+              "(unset: TMA where the driver encodes the descriptors), got '", mode, "'");
   if (mode == "0") return;
   const bool ok = encode_tma(&p.tma_q, q, q_rows) && encode_tma(&p.tma_k, k, kv_rows) &&
                   encode_tma(&p.tma_v, v, kv_rows) && (!dout.defined() || encode_tma(&p.tma_do, dout, q_rows)) &&
@@ -1140,7 +1147,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
   auto stream = c10::cuda::getCurrentCUDAStream();
   PlanBufs keep;
   p.tl = plan_tiles(crow_c, col_c, L, p.nqb, p.Sq, kf.pm, p.bq, kf.sn, p.bk, rep, p.H, keep, stream,
-                    /*allow_split=*/true);
+                    split_setting());
   at::Tensor opart, lpart;
   if (p.tl.work != nullptr) {
     opart = at::empty({keep.nslots * rep * kf.pm * D}, q.options().dtype(at::kFloat));
@@ -1236,10 +1243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   // ending in its own tail. Every output still has one writer (deterministic). The side stream
   // joins back before anything else on `stream` runs, so the tensors used there (all allocated on
   // `stream`) are not reused early. DILATED_SPARSE_BWD_STREAMS=1 runs both on `stream`.
-  static const bool one_stream = [] {
-    const char* e = std::getenv("DILATED_SPARSE_BWD_STREAMS");
-    return e != nullptr && std::string(e) == "1";
-  }();
+  const bool one_stream = env_count("DILATED_SPARSE_BWD_STREAMS", 2, 2, 1) == 1;  // every call
   const KernelEntry *ds_dq = ds_entry(kOpDq, q, kD_dq), *ds_dkv = ds_entry(kOpDkv, q, kD_dkv);
   const int64_t limit = scratch_limit_bytes();  // read on every call, so that a bad value always raises
   at::Tensor ds;
@@ -1346,7 +1350,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     };
   }
   pk.tl = plan_tiles(ccol_c, rowi_c, L, p.nkb, p.Sk, kdkv.pm, p.bk, kdkv.sn, p.bq, rep_k, hdec, keep_k, stream,
-                     /*allow_split=*/false, make_csr_entry);
+                     kSplitNever, make_csr_entry);
   if (kdkv.arch == 90) {
     pk.work_counter = next_counter++;
     set_plan_prefetch(pk, pk.tl, ccol_c, rowi_c, keep_k);
