@@ -34,7 +34,15 @@ _MODE: str | None = None
 
 
 def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+    """A yes / no environment switch: unset, ``0``, ``false``, ``no`` or ``off`` is no; ``1``, ``true``,
+    ``yes`` or ``on`` is yes; anything else raises, so that a typo does not quietly pick the other
+    build path."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{name} must be 0 or 1 (or false / true, no / yes, off / on), got {os.environ[name]!r}")
 
 
 def _jit_cache_dir(with_cuda: bool) -> Path:
@@ -104,13 +112,17 @@ def load_extension() -> ModuleType:
 
     Raises:
         ImportError: neither a compiled ``dilated_sparse._C`` nor a JIT build is available.
+        ValueError: ``DILATED_SPARSE_JIT`` or ``DILATED_SPARSE_JIT_VERBOSE`` holds a value that is not
+            a yes / no switch.
     """
     global _MODULE, _MODE
     with _LOCK:
         if _MODULE is not None:
             return _MODULE
+        force_jit = _env_flag("DILATED_SPARSE_JIT")  # a bad value raises here, not as a failed build
+        verbose = _env_flag("DILATED_SPARSE_JIT_VERBOSE")
         wheel_error: BaseException | None = None
-        if not _env_flag("DILATED_SPARSE_JIT"):
+        if not force_jit:
             try:
                 _MODULE = importlib.import_module("dilated_sparse._C")
                 _MODE = "wheel"
@@ -118,7 +130,7 @@ def load_extension() -> ModuleType:
             except ImportError as error:
                 wheel_error = error
         try:
-            _MODULE = jit_build(verbose=_env_flag("DILATED_SPARSE_JIT_VERBOSE"))
+            _MODULE = jit_build(verbose=verbose)
             _MODE = "jit"
             return _MODULE
         except Exception as error:

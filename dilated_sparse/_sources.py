@@ -6,12 +6,14 @@ compile the same files with the same flags. This module imports nothing from the
 nothing outside the standard library, so it can be loaded by file path before torch is set up.
 
 Environment:
-    DILATED_SPARSE_BUILD_CUDA: ``0`` builds the CPU kernels only even when nvcc is present.
+    DILATED_SPARSE_BUILD_CUDA: ``0`` builds the CPU kernels only even when nvcc is present; ``1``
+        (or unset) builds the CUDA kernels too where nvcc is found. Any other value is an error.
     DILATED_SPARSE_CUDA_INSTANTIATIONS: comma-separated patterns selecting the files of
         ``csrc/cuda/instantiations/`` (one per op x head dim x dtype, e.g. ``fwd_hdim64_bf16.cu``).
         Each entry is an ``fnmatch`` pattern on the file stem; an entry without wildcards matches
         stems containing it (``hdim64_bf16`` selects the forward and both backward kernels of that
-        case). Empty or ``all``: every file. Kernels left out raise a clear error when called.
+        case). Empty or ``all``: every file. An entry that matches no file is an error. Kernels
+        left out raise a clear error when called.
     CUTLASS_INCLUDE_DIR: CUTLASS headers; otherwise those of the ``nvidia-cutlass`` package
         (``cutlass_library/source/include``) when installed.
 """
@@ -63,14 +65,15 @@ def cpp_sources(root: Path = ROOT) -> list[str]:
     return _rel(files, root)
 
 
-def _instantiation_filter() -> list[str]:
+def _instantiation_filter() -> list[tuple[str, str]]:
+    """(entry as written, its fnmatch pattern) of each DILATED_SPARSE_CUDA_INSTANTIATIONS entry."""
     raw = os.environ.get("DILATED_SPARSE_CUDA_INSTANTIATIONS", "").strip()
     if raw in ("", "all", "*"):
         return []
     patterns = []
     for entry in (e.strip() for e in raw.split(",")):
         if entry:
-            patterns.append(entry if any(ch in entry for ch in "*?[") else f"*{entry}*")
+            patterns.append((entry, entry if any(ch in entry for ch in "*?[") else f"*{entry}*"))
     return patterns
 
 
@@ -81,13 +84,23 @@ def cuda_sources(root: Path = ROOT) -> list[str]:
         return []
     patterns = _instantiation_filter()
     files = []
+    matched: set[str] = set()
     for path in sorted(cuda_dir.rglob("*")):
         if path.suffix not in (".cu", ".cpp") or not path.is_file():
             continue
-        selectable = patterns and "instantiations" in path.relative_to(cuda_dir).parts
-        if selectable and not any(fnmatch.fnmatch(path.stem, p) for p in patterns):
-            continue
+        if patterns and "instantiations" in path.relative_to(cuda_dir).parts:
+            hits = {entry for entry, pattern in patterns if fnmatch.fnmatch(path.stem, pattern)}
+            if not hits:
+                continue
+            matched |= hits
         files.append(path)
+    # A typo (hdim46) would otherwise build without the kernels it meant, and fail only when called.
+    unmatched = [entry for entry, _ in patterns if entry not in matched]
+    if unmatched:
+        raise ValueError(
+            f"DILATED_SPARSE_CUDA_INSTANTIATIONS: {', '.join(unmatched)} matches no file of "
+            f"{cuda_dir / 'instantiations'} (stems like fwd_hdim64_bf16, dq_sm90_hdim128_fp16)"
+        )
     return _rel(files, root)
 
 
@@ -128,7 +141,10 @@ def nvcc_path() -> str | None:
 
 def want_cuda(root: Path = ROOT) -> bool:
     """Whether to build the CUDA kernels: nvcc found, CUDA sources present, not disabled by env."""
-    if os.environ.get("DILATED_SPARSE_BUILD_CUDA", "1") == "0":
+    flag = os.environ.get("DILATED_SPARSE_BUILD_CUDA", "").strip()
+    if flag not in ("", "0", "1"):
+        raise ValueError(f"DILATED_SPARSE_BUILD_CUDA must be 0 or 1 (unset: 1), got {flag!r}")
+    if flag == "0":
         return False
     return nvcc_path() is not None and bool(cuda_sources(root))
 

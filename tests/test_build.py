@@ -92,6 +92,43 @@ def test_cuda_instantiation_filter(monkeypatch):
     monkeypatch.setenv("DILATED_SPARSE_CUDA_INSTANTIATIONS", "fwd_*_fp16")
     subset = [Path(s).stem for s in _sources.cuda_sources(ROOT) if "instantiations" in s]
     assert subset and all(s.startswith("fwd_") and s.endswith("_fp16") for s in subset)
+    # An entry that selects nothing (a typo) is an error naming it, not a build without its kernels.
+    monkeypatch.setenv("DILATED_SPARSE_CUDA_INSTANTIATIONS", "hdim64_bf16, hdim46,dq_*_fp8")
+    with pytest.raises(ValueError, match=r"DILATED_SPARSE_CUDA_INSTANTIATIONS: hdim46, dq_\*_fp8 matches no file"):
+        _sources.cuda_sources(ROOT)
+
+
+@pytest.mark.parametrize("value,expected", [(None, True), ("", True), ("1", True), ("0", False), ("no", None),
+                                            ("off", None), (" 2", None)])
+def test_build_cuda_switch(value, expected, monkeypatch):
+    """DILATED_SPARSE_BUILD_CUDA takes 0 or 1 (unset: 1); anything else raises, naming the variable,
+    instead of quietly building (or not building) the CUDA kernels."""
+    if value is None:
+        monkeypatch.delenv("DILATED_SPARSE_BUILD_CUDA", raising=False)
+    else:
+        monkeypatch.setenv("DILATED_SPARSE_BUILD_CUDA", value)
+    monkeypatch.setattr(_sources, "nvcc_path", lambda: "/usr/bin/nvcc")  # as if nvcc were found
+    if expected is None:
+        with pytest.raises(ValueError, match="DILATED_SPARSE_BUILD_CUDA must be 0 or 1"):
+            _sources.want_cuda(ROOT)
+    else:
+        assert _sources.want_cuda(ROOT) is (expected and bool(_sources.cuda_sources(ROOT)))
+
+
+@pytest.mark.parametrize("value,expected", [("", False), ("0", False), ("False", False), ("no", False),
+                                            ("1", True), ("true", True), (" YES ", True), ("on", True),
+                                            ("2", None), ("ture", None)])
+def test_jit_switch_values(value, expected, monkeypatch):
+    """The loader's yes / no switches (DILATED_SPARSE_JIT, DILATED_SPARSE_JIT_VERBOSE) take the usual
+    spellings; a typo raises, naming the variable, instead of picking the other build path."""
+    from dilated_sparse._extension import _env_flag
+
+    monkeypatch.setenv("DILATED_SPARSE_JIT_VERBOSE", value)
+    if expected is None:
+        with pytest.raises(ValueError, match="DILATED_SPARSE_JIT_VERBOSE must be 0 or 1"):
+            _env_flag("DILATED_SPARSE_JIT_VERBOSE")
+    else:
+        assert _env_flag("DILATED_SPARSE_JIT_VERBOSE") is expected
 
 
 def test_instantiation_files_match_their_generator(tmp_path):

@@ -110,6 +110,28 @@ def test_every_instruction_set_variant_matches_reference(isa):
     assert fp32 < 2e-5 and fp64 < 1e-9 and bf16 < 3e-2, result
 
 
+def test_unknown_instruction_set_is_an_error():
+    """DILATED_SPARSE_CPU_ISA names a variant or is an error naming the variable (a typo must not run
+    the best variant under the asked one's name)."""
+    script = textwrap.dedent(
+        """
+        import torch, dilated_sparse as ds
+        layout = ds.BlockSparseLayout.from_dense_mask(torch.ones(2, 2, dtype=torch.bool), block_size=16, seq_len_q=32, seq_len_k=32)
+        q = torch.randn(1, 32, 1, 8)
+        try:
+            ds.block_sparse_attention(q, q, q, layout)
+        except Exception as e:
+            print(type(e).__name__, e)
+        """
+    )
+    env = dict(os.environ, DILATED_SPARSE_CPU_ISA="avx-512",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", script], check=False, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "DILATED_SPARSE_CPU_ISA must be default, avx2 or avx512, got 'avx-512'" in proc.stdout, proc.stdout
+
+
 # ------------------------------------------------------------------------ shapes and dtypes
 def test_float16_forward_and_backward():
     q, k, v = qkv(2, 75, 75, 2, 1, 32, torch.float16)

@@ -3,6 +3,7 @@
 #include "kernels_impl.h"
 
 #include <cstdlib>
+#include <stdexcept>
 #include <string>
 
 namespace dilated_sparse::cpu {
@@ -64,9 +65,15 @@ int choose_isa() {
     best = 2;
   }
 #endif
-  if (const char* env = std::getenv("DILATED_SPARSE_CPU_ISA")) {
+  const char* env = std::getenv("DILATED_SPARSE_CPU_ISA");
+  if (env != nullptr && *env != '\0') {
     const std::string want(env);
-    const int asked = want == "avx512" ? 2 : want == "avx2" ? 1 : want == "default" ? 0 : best;
+    if (want != "avx512" && want != "avx2" && want != "default") {
+      // Thrown from isa_level()'s static initialiser, so every call raises until the value is fixed.
+      throw std::invalid_argument("dilated_sparse: DILATED_SPARSE_CPU_ISA must be default, avx2 or avx512, got '" +
+                                  want + "'");
+    }
+    const int asked = want == "avx512" ? 2 : want == "avx2" ? 1 : 0;
     best = std::min(best, asked);  // never pick a variant the CPU cannot run
   }
   return best;
