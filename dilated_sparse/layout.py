@@ -9,6 +9,7 @@ and cached, its CSC transpose for the backward pass. Nothing here ever allocates
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -60,12 +61,24 @@ def _as_index_tensor(name: str, value: _IndexLike, device: torch.device | None =
             raise ValueError(f"{name} must be 1-D, got shape {tuple(value.shape)}")
         t = value
     else:
-        t = torch.as_tensor(list(value), dtype=torch.int64)
+        items = list(value)
+        # Not as_tensor(..., dtype=int64), which truncates 0.7 to block 0 without a word.
+        t = torch.as_tensor(items) if items else torch.empty(0, dtype=torch.int64)
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integers, got {t.dtype} values")
         if t.dim() != 1:
             raise ValueError(f"{name} must be 1-D")
+        t = t.to(torch.int64)
     if device is not None:
         t = t.to(device)
     return t
+
+
+def _sized(value: Any, n: int) -> bool:
+    """Whether ``value`` is a sequence (or 1-D tensor) of ``n`` items."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 1 and value.numel() == n
+    return not isinstance(value, (str, bytes)) and hasattr(value, "__len__") and len(value) == n
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -154,12 +167,13 @@ class BlockSparseLayout:
             )
         if max(crow.numel(), col.numel()) >= 2**31:
             raise ValueError("layouts with 2**31 or more blocks are not supported (int32 indices)")
+        if validate:  # on the given values: the int32 cast below would wrap 2**32 + 1 to 1
+            self._validate(crow, col)
         self.crow_indices = crow.to(torch.int32).contiguous()
         self.col_indices = col.to(torch.int32).contiguous()
         self._csc: tuple[torch.Tensor, torch.Tensor] | None = None
         self._device_cache: dict[torch.device, BlockSparseLayout] = {}
         if validate:
-            self._validate()
             self._max_slice_nnz = int(self.slice_nnz().max().item()) if self.num_slices else 0
         else:
             self._max_slice_nnz = max_slice_nnz
@@ -234,9 +248,11 @@ class BlockSparseLayout:
         return torch.repeat_interleave(rows, self.row_counts(), output_size=self.nnz)
 
     # ------------------------------------------------------------- validation
-    def _validate(self) -> None:
-        crow = self.crow_indices.to(torch.int64)
-        col = self.col_indices.to(torch.int64)
+    def _validate(self, crow_indices: torch.Tensor | None = None, col_indices: torch.Tensor | None = None) -> None:
+        """Check the CSR structure (of the given index tensors, before their int32 cast, or of the
+        layout's own)."""
+        crow = (self.crow_indices if crow_indices is None else crow_indices).to(torch.int64)
+        col = (self.col_indices if col_indices is None else col_indices).to(torch.int64)
         nnz = col.numel()
         if int(crow[0]) != 0:
             raise ValueError(f"crow_indices must start at 0, got {int(crow[0])}")
@@ -401,12 +417,21 @@ class BlockSparseLayout:
             rows, cols = pairs[:, 0], pairs[:, 1]
         elif isinstance(pairs, tuple) and len(pairs) == 2 and not isinstance(pairs[0], int):
             rows, cols = pairs
+            if _sized(rows, 2) and _sized(cols, 2):
+                raise ValueError(
+                    "pairs: a 2-tuple of two length-2 sequences is ambiguous (two (q_block, k_block) "
+                    "pairs, or the rows and columns of two blocks); pass a list of pairs, or use "
+                    "from_coo(rows, cols)"
+                )
         else:
             pair_list = list(pairs)
-            if any(len(p) != 2 for p in pair_list):
+            if not all(_sized(p, 2) for p in pair_list):
                 raise ValueError("pairs must be (q_block, k_block) pairs")
-            rows = [int(p[0]) for p in pair_list]
-            cols = [int(p[1]) for p in pair_list]
+            try:  # operator.index: an int (or integer scalar), never a truncated float
+                rows = [operator.index(p[0]) for p in pair_list]
+                cols = [operator.index(p[1]) for p in pair_list]
+            except TypeError as error:
+                raise TypeError(f"pairs must hold integer block indices ({error})") from None
         return cls.from_coo(rows, cols, block_size=block_size, seq_len_q=seq_len_q, seq_len_k=seq_len_k)
 
     @classmethod

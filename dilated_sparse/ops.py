@@ -350,6 +350,27 @@ def attention_forward(
     return _forward_op(q, k, v, causal, *checked)
 
 
+def _check_causal(causal: Any, name: str = "causal") -> bool:
+    """``causal`` as the op takes it: a bool (a string such as ``"no"`` would otherwise read as True)."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"{name} must be a bool, got {type(causal).__name__} {causal!r}")
+    return causal
+
+
+def _check_lse(name: str, t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """A user-supplied ``lse`` / ``dlse``: a floating tensor ``[B, H, Sq]`` on ``q``'s device, returned
+    contiguous in the forward's lse dtype (an integer one would be silently truncated log-sums)."""
+    expected = (q.shape[0], q.shape[2], q.shape[1])
+    if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+        kind = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise TypeError(f"{name} must be a floating-point tensor [B, H, Sq], got {kind}")
+    if tuple(t.shape) != expected:
+        raise ValueError(f"{name} must have shape [B, H, Sq] = {list(expected)}, got {tuple(t.shape)}")
+    if t.device != q.device:
+        raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    return t.to(_lse_dtype(q.dtype)).contiguous()
+
+
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, layout: BlockSparseLayout,
                 scale: float, wl: int, wr: int, key_lengths: torch.Tensor | None,
                 key_padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -361,7 +382,7 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     inputs = (
         _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v),
         layout.crow_indices, layout.col_indices, layout.block_q, layout.block_k,
-        layout.layout_batch, layout.layout_heads, scale, bool(causal), wl, wr,
+        layout.layout_batch, layout.layout_heads, scale, _check_causal(causal), wl, wr,
         key_lengths, key_padding_mask,
     )
     if torch.compiler.is_compiling():
@@ -399,6 +420,7 @@ def attention_backward(
     Raises:
         ValueError: a shape other than ``q``'s (``dout``, ``out``) or ``[B, H, Sq]`` (``lse``,
             ``dlse``), or a tensor on another device; and whatever the forward's checks raise.
+        TypeError: ``lse`` or ``dlse`` not floating point, ``causal`` not a bool.
     """
     _require_extension()
     layout, scale, wl, wr, key_lengths, key_padding_mask = _check_inputs(
@@ -406,23 +428,18 @@ def attention_backward(
     )
     if dout.shape != q.shape or out.shape != q.shape:
         raise ValueError(f"dout and out must have q's shape {tuple(q.shape)}")
-    expected_lse = (q.shape[0], q.shape[2], q.shape[1])
-    if tuple(lse.shape) != expected_lse:
-        raise ValueError(f"lse must have shape [B, H, Sq] = {list(expected_lse)}, got {tuple(lse.shape)}")
-    if dlse is not None and tuple(dlse.shape) != expected_lse:
-        raise ValueError(f"dlse must have lse's shape [B, H, Sq] = {list(expected_lse)}, got {tuple(dlse.shape)}")
-    for name, t in (("dout", dout), ("out", out), ("lse", lse), ("dlse", dlse)):
-        if t is not None and t.device != q.device:
+    for name, t in (("dout", dout), ("out", out)):
+        if t.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
     # lse and dlse in the forward's lse dtype (float32; float64 for float64 inputs).
-    lse = lse.to(_lse_dtype(q.dtype)).contiguous()
+    lse = _check_lse("lse", lse, q)
     if dlse is not None:
-        dlse = dlse.to(_lse_dtype(q.dtype)).contiguous()
+        dlse = _check_lse("dlse", dlse, q)
     return torch.ops.dilated_sparse.block_sparse_attn_bwd(
         dout.contiguous(), _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v),
         out.contiguous(), lse, layout.ccol_indices, layout.row_indices,
         layout.crow_indices, layout.col_indices, layout.block_q, layout.block_k, layout.layout_batch,
-        layout.layout_heads, scale, bool(causal), wl, wr, key_lengths, key_padding_mask, dlse,
+        layout.layout_heads, scale, _check_causal(causal), wl, wr, key_lengths, key_padding_mask, dlse,
     )
 
 
@@ -448,7 +465,7 @@ def attention_weights(
     """
     _require_extension()
     checked = _check_inputs(q, k, k, layout, scale, window, key_lengths, key_padding_mask)
-    return _weights_op(q, k, lse, causal, *checked)
+    return _weights_op(q, k, _check_lse("lse", lse, q), causal, *checked)
 
 
 def _weights_op(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, causal: bool, layout: BlockSparseLayout,
@@ -459,7 +476,7 @@ def _weights_op(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, causal: boo
         _last_dim_contiguous(q.detach()), _last_dim_contiguous(k.detach()),
         lse.detach().to(_lse_dtype(q.dtype)).contiguous(), layout.crow_indices, layout.col_indices,
         layout.block_q, layout.block_k, layout.layout_batch, layout.layout_heads,
-        layout.max_slice_nnz, scale, bool(causal), wl, wr, key_lengths, key_padding_mask,
+        layout.max_slice_nnz, scale, _check_causal(causal), wl, wr, key_lengths, key_padding_mask,
     )
     bsz, sq, heads, _ = q.shape
     return layout.weights_dict(values, (bsz, heads, sq, k.shape[1]))

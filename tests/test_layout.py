@@ -137,6 +137,37 @@ def test_bad_arguments_rejected():
         ds.BlockSparseLayout.from_block_pairs([(0, 5)], block_size=16, seq_len_q=48)
 
 
+def test_indices_are_checked_before_their_int32_cast():
+    """int64 indices past int32 are out of range, not wrapped (2**32 + 1 would become block 1), and
+    index lists of floats are refused, not truncated (0.7 would become block 0)."""
+    big = 2**32 + 1
+    with pytest.raises(ValueError, match=rf"col_indices\[1\] = {big} is out of range"):
+        ds.BlockSparseLayout(torch.tensor([0, 1, 2]), torch.tensor([0, big]), block_size=16, seq_len_q=32)
+    with pytest.raises(ValueError, match="crow_indices must end at nnz"):
+        ds.BlockSparseLayout(torch.tensor([0, 1, big]), torch.tensor([0, 1]), block_size=16, seq_len_q=32)
+    with pytest.raises(TypeError, match="col_indices must hold integers"):
+        ds.BlockSparseLayout([0, 1], [0.7], block_size=16, seq_len_q=16)
+    with pytest.raises(TypeError, match="crow_indices must hold integers"):
+        ds.BlockSparseLayout([False, True], [0], block_size=16, seq_len_q=16)
+    with pytest.raises(TypeError, match="pairs must hold integer block indices"):
+        ds.BlockSparseLayout.from_block_pairs([(0.9, 1.9)], block_size=16, seq_len_q=32)
+    # Integer scalars of other kinds still count as indices.
+    layout = ds.BlockSparseLayout.from_block_pairs([(torch.tensor(1), 0)], block_size=16, seq_len_q=32)
+    assert layout.crow_indices.tolist() == [0, 0, 1] and layout.col_indices.tolist() == [0]
+    assert ds.BlockSparseLayout([0, 0], [], block_size=16, seq_len_q=16).nnz == 0
+
+
+def test_block_pairs_tuple_of_two_pairs_is_ambiguous():
+    """((0, 0), (1, 1)) reads as two pairs or as rows (0, 0) and columns (1, 1): refused, where a
+    list of pairs and a longer (rows, cols) tuple stay unambiguous."""
+    with pytest.raises(ValueError, match="ambiguous"):
+        ds.BlockSparseLayout.from_block_pairs(((0, 0), (1, 1)), block_size=16, seq_len_q=32)
+    diagonal = ds.BlockSparseLayout.from_block_pairs([(0, 0), (1, 1)], block_size=16, seq_len_q=32)
+    assert diagonal.to_dense_mask()[0, 0].tolist() == [[True, False], [False, True]]
+    rows_cols = ds.BlockSparseLayout.from_block_pairs(([0, 1, 1], [0, 0, 1]), block_size=16, seq_len_q=32)
+    assert rows_cols.to_dense_mask()[0, 0].tolist() == [[True, False], [True, True]]
+
+
 def peak_rss_mib_of(code: str) -> float:
     """Peak resident memory (MiB) a fresh interpreter reaches running ``code`` after importing."""
     import subprocess

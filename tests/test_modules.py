@@ -119,6 +119,13 @@ def test_base_module_option_errors():
         ds.BlockSparseRingDilatedAttention(dropout=1.5)
     with pytest.raises(ValueError, match="4-D"):
         ds.BlockSparseRingDilatedAttention(block_size=16)(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3))
+    # is_causal="no" would otherwise read as True (a causal layout and mask).
+    module = ds.BlockSparseRingDilatedAttention(pattern_type="local_window", block_size=16)
+    q, k, v = qkv(s=50, dtype=torch.float32)
+    with pytest.raises(TypeError, match="is_causal must be a bool, got str"):
+        module(q, k, v, is_causal="no")
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        module.get_layout(50, causal=None)
 
 
 def test_mixed_precision_casts_and_returns_input_dtype():

@@ -130,7 +130,7 @@ def test_bad_dlse_is_rejected():
     layout = random_layout(1, 1, 32, 32, 16, 16, seed=3)
     out, lse = attention_forward(q, k, v, layout)
     dout = torch.randn_like(out)
-    with pytest.raises(ValueError, match="dlse must have lse's shape"):
+    with pytest.raises(ValueError, match=r"dlse must have shape \[B, H, Sq\]"):
         ds.attention_backward(dout, q, k, v, out, lse, layout, dlse=lse[:, :1])
     # Another device (meta here) is named, for every lse-shaped and q-shaped input alike.
     for name in ("dout", "out", "lse", "dlse"):
@@ -144,6 +144,20 @@ def test_bad_dlse_is_rejected():
         torch.ops.dilated_sparse.block_sparse_attn_bwd(*args, lse.double())
     with pytest.raises(RuntimeError, match="dlse must have lse's shape"):
         torch.ops.dilated_sparse.block_sparse_attn_bwd(*args, lse[0])
+    # An integer lse / dlse would be truncated log-sums if cast; a non-bool causal would read as True.
+    for name in ("lse", "dlse"):
+        given = {"lse": lse, "dlse": torch.zeros_like(lse)}
+        given[name] = given[name].long()
+        with pytest.raises(TypeError, match=f"^{name} must be a floating-point tensor"):
+            ds.attention_backward(dout, q, k, v, out, given["lse"], layout, dlse=given["dlse"])
+    with pytest.raises(TypeError, match="lse must be a floating-point tensor"):
+        ds.attention_weights(q, k, lse.long(), layout)
+    with pytest.raises(ValueError, match="lse must have shape"):
+        ds.attention_weights(q, k, lse[:, :1], layout)
+    for call in (lambda: ds.attention_backward(dout, q, k, v, out, lse, layout, causal=1),
+                 lambda: ds.attention_weights(q, k, lse, layout, causal="yes")):
+        with pytest.raises(TypeError, match="causal must be a bool"):
+            call()
     zero = ds.attention_backward(dout, q, k, v, out, lse, layout, dlse=torch.zeros_like(lse))
     assert all(map(torch.equal, zero, ds.attention_backward(dout, q, k, v, out, lse, layout)))
     # An empty row's lse is -inf, a constant: what its gradient holds (NaN here) is ignored, also
@@ -344,6 +358,8 @@ BAD = {
     "window_negative": (lambda q, k, v, L: ((q, k, v, L), {"window": (-1, 3)}), ValueError, "window left"),
     "window_type": (lambda q, k, v, L: ((q, k, v, L), {"window": (1, 2, 3)}), TypeError, "window"),
     "scale": (lambda q, k, v, L: ((q, k, v, L), {"scale": float("nan")}), TypeError, "scale"),
+    "causal_str": (lambda q, k, v, L: ((q, k, v, L), {"causal": "no"}), TypeError, "causal must be a bool"),
+    "causal_tensor": (lambda q, k, v, L: ((q, k, v, L), {"causal": torch.tensor(True)}), TypeError, "causal must be a bool"),
 }
 
 

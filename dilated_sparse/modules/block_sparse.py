@@ -21,7 +21,7 @@ from torch import nn
 
 from ..configs import SparsePatternConfig
 from ..layout import BlockSparseLayout
-from ..ops import _check_tensor, block_sparse_attention
+from ..ops import _check_causal, _check_tensor, block_sparse_attention
 from ._common import (
     LayoutCache,
     check_dropout,
@@ -146,9 +146,10 @@ class BlockSparseAttentionBase(nn.Module):
         """The (cached) layout used for these sizes."""
         seq_len_k = seq_len_q if seq_len_k is None else seq_len_k
         dev = torch.device("cpu") if device is None else torch.device(device)
-        key = (seq_len_q, seq_len_k, str(dev), bool(causal), num_heads, self._layout_key())
+        causal = _check_causal(causal)
+        key = (seq_len_q, seq_len_k, str(dev), causal, num_heads, self._layout_key())
         return self._layout_cache.get(
-            key, lambda: self._build_layout(seq_len_q, seq_len_k, causal=bool(causal), num_heads=num_heads, device=dev)
+            key, lambda: self._build_layout(seq_len_q, seq_len_k, causal=causal, num_heads=num_heads, device=dev)
         )
 
     def clear_layout_cache(self) -> None:
@@ -216,8 +217,9 @@ class BlockSparseAttentionBase(nn.Module):
             ``out`` ``[B, Sq, H, D]``, or ``(out, weights_dict)``.
         """
         _check_qkv(q, k, v)
+        is_causal = _check_causal(is_causal, "is_causal")
         layout = self.get_layout(q.shape[1], k.shape[1], causal=is_causal, num_heads=q.shape[2], device=q.device)
-        return self._attend(q, k, v, layout, causal=bool(is_causal), key_padding_mask=key_padding_mask,
+        return self._attend(q, k, v, layout, causal=is_causal, key_padding_mask=key_padding_mask,
                             return_attention_weights=return_attention_weights)
 
 
