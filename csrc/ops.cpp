@@ -101,6 +101,36 @@ void check_index(const at::Tensor& t, const char* name, const at::Tensor& q) {
               ", got ", t.device());
 }
 
+// The values of a compressed index pair on the CPU (the kernels read K/V rows and write outputs at
+// the ids they hold): offsets from 0 to nnz, non-decreasing; ids in [0, n_ids), strictly increasing
+// within each of the `lines` rows (CSR) or columns (CSC). O(nnz), no copy. On CUDA the op trusts
+// the values (a check would synchronise the host with the device; the Python API validates every
+// layout before it calls the op, dilated_sparse.h says so for C++ callers).
+void check_compressed_values(const at::Tensor& offsets, const at::Tensor& ids, int64_t n_ids,
+                             const char* offsets_name, const char* ids_name) {
+  if (!offsets.device().is_cpu()) return;
+  const at::Tensor off_c = offsets.contiguous(), ids_c = ids.contiguous();
+  const int32_t* off = off_c.data_ptr<int32_t>();
+  const int32_t* id = ids_c.data_ptr<int32_t>();
+  const int64_t lines = off_c.numel() - 1, nnz = ids_c.numel();
+  TORCH_CHECK(off[0] == 0, "dilated_sparse: ", offsets_name, " must start at 0, got ", off[0]);
+  TORCH_CHECK(off[lines] == nnz, "dilated_sparse: ", offsets_name, " must end at nnz = ", nnz, " (",
+              ids_name, "), got ", off[lines]);
+  for (int64_t r = 0; r < lines; ++r) {
+    TORCH_CHECK(off[r] <= off[r + 1], "dilated_sparse: ", offsets_name, " must be non-decreasing (",
+                off[r], " > ", off[r + 1], " at entry ", r, ")");
+  }
+  for (int64_t r = 0; r < lines; ++r) {
+    for (int64_t e = off[r]; e < off[r + 1]; ++e) {
+      TORCH_CHECK(id[e] >= 0 && id[e] < n_ids, "dilated_sparse: ", ids_name, "[", e, "] = ", id[e],
+                  " is out of range [0, ", n_ids, ")");
+      TORCH_CHECK(e == off[r] || id[e - 1] < id[e], "dilated_sparse: ", ids_name,
+                  " must be strictly increasing within each line (", id[e - 1], " then ", id[e],
+                  " at entries ", e - 1, ", ", e, ")");
+    }
+  }
+}
+
 void check_csr(const AttnDims& d, const at::Tensor& crow, const at::Tensor& col,
                const at::Tensor& q) {
   check_index(crow, "crow_indices", q);
@@ -108,6 +138,7 @@ void check_csr(const AttnDims& d, const at::Tensor& crow, const at::Tensor& col,
   TORCH_CHECK(crow.numel() == d.num_slices() * d.num_q_blocks + 1,
               "dilated_sparse: crow_indices must have L*nqb+1 = ",
               d.num_slices() * d.num_q_blocks + 1, " entries, got ", crow.numel());
+  check_compressed_values(crow, col, d.num_k_blocks, "crow_indices", "col_indices");
 }
 
 void check_csc(const AttnDims& d, const at::Tensor& ccol, const at::Tensor& row,
@@ -119,6 +150,32 @@ void check_csc(const AttnDims& d, const at::Tensor& ccol, const at::Tensor& row,
               d.num_slices() * d.num_k_blocks + 1, " entries, got ", ccol.numel());
   TORCH_CHECK(row.numel() == col.numel(), "dilated_sparse: row_indices (", row.numel(),
               ") and col_indices (", col.numel(), ") must have the same nnz");
+  check_compressed_values(ccol, row, d.num_q_blocks, "ccol_indices", "row_indices");
+}
+
+// On the CPU: the CSC pair is the CSR pair's transpose (dK/dV walk the CSC, dQ the CSR; another
+// CSC would give gradients of other blocks without an error). Both pairs' values are checked
+// first (check_csr, check_csc). Walking the CSR rows in order visits each column's entries in
+// increasing row order, as the CSC lists them.
+void check_csc_is_transpose(const AttnDims& d, const at::Tensor& crow, const at::Tensor& col,
+                            const at::Tensor& ccol, const at::Tensor& row) {
+  if (!crow.device().is_cpu()) return;
+  const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
+  const at::Tensor ccol_c = ccol.contiguous(), row_c = row.contiguous();
+  const int32_t *rp = crow_c.data_ptr<int32_t>(), *ci = col_c.data_ptr<int32_t>();
+  const int32_t *cp = ccol_c.data_ptr<int32_t>(), *ri = row_c.data_ptr<int32_t>();
+  std::vector<int64_t> cursor(cp, cp + ccol_c.numel() - 1);
+  for (int64_t s = 0; s < d.num_slices(); ++s) {
+    for (int64_t r = 0; r < d.num_q_blocks; ++r) {
+      const int64_t line = s * d.num_q_blocks + r;
+      for (int64_t e = rp[line]; e < rp[line + 1]; ++e) {
+        const int64_t c = s * d.num_k_blocks + ci[e];
+        const int64_t at = cursor[c]++;
+        TORCH_CHECK(at < cp[c + 1] && ri[at] == r, "dilated_sparse: ccol_indices / row_indices are not the ",
+                    "transpose of crow_indices / col_indices (slice ", s, ", block (", r, ", ", ci[e], "))");
+      }
+    }
+  }
 }
 
 void check_masks(const AttnDims& d, int64_t window_left, int64_t window_right,
@@ -198,6 +255,7 @@ AttnDims check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::T
   if (dlse.has_value()) check_dlse(*dlse, lse);
   check_csr(d, crow_indices, col_indices, q);
   check_csc(d, ccol_indices, row_indices, col_indices, q);
+  check_csc_is_transpose(d, crow_indices, col_indices, ccol_indices, row_indices);
   check_masks(d, window_left, window_right, key_lengths, key_padding_mask, q);
   return d;
 }
@@ -214,6 +272,15 @@ AttnDims check_weights_args(const at::Tensor& q, const at::Tensor& k, const at::
   check_csr(d, crow_indices, col_indices, q);
   TORCH_CHECK(max_slice_nnz >= 0, "dilated_sparse: max_slice_nnz must be >= 0, got ",
               max_slice_nnz);
+  if (crow_indices.device().is_cpu()) {  // the weights are written at [.., entry - slice start, ..]
+    const at::Tensor crow = crow_indices.contiguous();
+    const int32_t* off = crow.data_ptr<int32_t>();
+    for (int64_t s = 0; s < d.num_slices(); ++s) {
+      const int64_t n = off[(s + 1) * d.num_q_blocks] - off[s * d.num_q_blocks];
+      TORCH_CHECK(n <= max_slice_nnz, "dilated_sparse: max_slice_nnz (", max_slice_nnz,
+                  ") is smaller than slice ", s, "'s ", n, " active blocks");
+    }
+  }
   check_masks(d, window_left, window_right, key_lengths, key_padding_mask, q);
   return d;
 }

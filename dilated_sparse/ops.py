@@ -156,6 +156,40 @@ def check_qkv(
     return bsz, sq, k.shape[1], heads, kv_heads, dim
 
 
+def check_key_lengths(key_lengths: Any, batch: int, seq_len_k: int, *, check_values: bool = True) -> None:
+    """Check ``key_lengths``: an integer (not bool) tensor ``[batch]``, each value in ``[0, seq_len_k]``
+    (the value check reads the tensor, so callers skip it while tracing).
+
+    Raises:
+        TypeError: not a tensor, or a floating, complex or bool dtype.
+        ValueError: another shape, or a value outside ``[0, seq_len_k]``.
+    """
+    if (not isinstance(key_lengths, torch.Tensor) or key_lengths.dtype.is_floating_point
+            or key_lengths.dtype.is_complex or key_lengths.dtype == torch.bool):
+        kind = f"dtype {key_lengths.dtype}" if isinstance(key_lengths, torch.Tensor) else type(key_lengths).__name__
+        raise TypeError(f"key_lengths must be an integer tensor of shape [batch], got {kind}")
+    if key_lengths.shape != (batch,):
+        raise ValueError(f"key_lengths must have shape [batch] = [{batch}], got {tuple(key_lengths.shape)}")
+    if check_values and bool(((key_lengths < 0) | (key_lengths > seq_len_k)).any()):
+        raise ValueError(f"key_lengths must lie in [0, seq_len_k={seq_len_k}], got {key_lengths.tolist()}")
+
+
+def check_key_padding_mask(key_padding_mask: Any, batch: int, seq_len_k: int) -> None:
+    """Check ``key_padding_mask``: a bool tensor ``[batch, seq_len_k]`` (True = padding).
+
+    Raises:
+        TypeError: not a bool tensor.
+        ValueError: another shape.
+    """
+    if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+        raise TypeError("key_padding_mask must be a bool tensor [batch, seq_len_k] (True = padding)")
+    if key_padding_mask.shape != (batch, seq_len_k):
+        raise ValueError(
+            f"key_padding_mask must have shape [batch, seq_len_k] = [{batch}, {seq_len_k}], "
+            f"got {tuple(key_padding_mask.shape)}"
+        )
+
+
 def _check_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -188,20 +222,10 @@ def _check_inputs(
     window_left, window_right = _normalize_window(window)
     checking_values = not torch.compiler.is_compiling()
     if key_lengths is not None:
-        if not isinstance(key_lengths, torch.Tensor) or key_lengths.dtype.is_floating_point or key_lengths.dtype == torch.bool:
-            raise TypeError("key_lengths must be an integer tensor of shape [batch]")
-        if key_lengths.shape != (bsz,):
-            raise ValueError(f"key_lengths must have shape [batch] = [{bsz}], got {tuple(key_lengths.shape)}")
-        if checking_values and bool(((key_lengths < 0) | (key_lengths > sk)).any()):
-            raise ValueError(f"key_lengths must lie in [0, seq_len_k={sk}], got {key_lengths.tolist()}")
+        check_key_lengths(key_lengths, bsz, sk, check_values=checking_values)
         key_lengths = key_lengths.to(device=q.device, dtype=torch.int32).contiguous()
     if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-            raise TypeError("key_padding_mask must be a bool tensor [batch, seq_len_k] (True = padding)")
-        if key_padding_mask.shape != (bsz, sk):
-            raise ValueError(
-                f"key_padding_mask must have shape [batch, seq_len_k] = [{bsz}, {sk}], got {tuple(key_padding_mask.shape)}"
-            )
+        check_key_padding_mask(key_padding_mask, bsz, sk)
         key_padding_mask = key_padding_mask.to(q.device).contiguous()
     layout = layout.to(q.device)
     _remember(layout)

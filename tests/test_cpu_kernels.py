@@ -277,3 +277,53 @@ def test_direct_op_calls_are_checked_in_cpp(index, value, match):
         args[2] = value
     with pytest.raises(RuntimeError, match=match):
         torch.ops.dilated_sparse.block_sparse_attn_fwd(*args)
+
+
+def test_direct_op_calls_check_index_values_on_cpu():
+    """The CPU ops check the index values themselves (LibTorch callers skip the Python layout's
+    validation): ids out of range or unsorted, offsets that do not run from 0 to nnz, a CSC that is
+    not the CSR's transpose, a max_slice_nnz below a slice's blocks. Each would read or write
+    outside the tensors, or give another layout's gradients, without an error."""
+    q, k, v = (t.detach() for t in qkv(1, 40, 40, 2, 2, 8, torch.float32))
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 1]], dtype=torch.bool)
+    layout = ds.BlockSparseLayout.from_dense_mask(mask, block_size=16, seq_len_q=40)
+    crow, col = layout.crow_indices, layout.col_indices  # [0, 2, 4, 6], [0, 1, 1, 2, 0, 2]
+    ccol, row = layout.ccol_indices, layout.row_indices
+    rules = (16, 16, 1, 1, 0.3, False, -1, -1, None, None)
+
+    def fwd(crow_, col_):
+        return torch.ops.dilated_sparse.block_sparse_attn_fwd(q, k, v, crow_, col_, *rules)
+
+    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)
+    for crow_, col_, match in (
+        (crow, i32([0, 1, 1, 3, 0, 2]), r"col_indices\[3\] = 3 is out of range \[0, 3\)"),
+        (crow, i32([0, 1, 1, 2, -1, 2]), r"col_indices\[4\] = -1 is out of range"),
+        (crow, i32([1, 0, 1, 2, 0, 2]), "col_indices must be strictly increasing"),
+        (crow, i32([0, 0, 1, 2, 0, 2]), "col_indices must be strictly increasing"),
+        (i32([1, 2, 4, 6]), col, "crow_indices must start at 0"),
+        (i32([0, 2, 4, 5]), col, "crow_indices must end at nnz = 6"),
+        (i32([0, 4, 2, 6]), col, "crow_indices must be non-decreasing"),
+    ):
+        with pytest.raises(RuntimeError, match=match):
+            fwd(crow_, col_)
+    out, lse = fwd(crow, col)
+    dout = torch.randn_like(out)
+
+    def bwd(ccol_, row_):
+        return torch.ops.dilated_sparse.block_sparse_attn_bwd(dout, q, k, v, out, lse, ccol_, row_, crow, col,
+                                                               *rules, None)
+
+    bwd(ccol, row)  # the layout's own transpose
+    assert row.tolist() == [0, 2, 0, 1, 1, 2]
+    for ccol_, row_, match in (
+        (ccol, i32([0, 2, 0, 1, 1, 3]), r"row_indices\[5\] = 3 is out of range"),
+        (ccol, i32([2, 0, 0, 1, 1, 2]), "row_indices must be strictly increasing"),
+        (ccol, i32([0, 2, 0, 2, 1, 2]), "not the transpose"),
+        (i32([0, 3, 4, 6]), i32([0, 1, 2, 1, 1, 2]), "not the transpose"),
+    ):
+        with pytest.raises(RuntimeError, match=match):
+            bwd(ccol_, row_)
+    weights = torch.ops.dilated_sparse.block_sparse_attn_weights
+    weights(q, k, lse, crow, col, 16, 16, 1, 1, 6, 0.3, False, -1, -1, None, None)
+    with pytest.raises(RuntimeError, match=r"max_slice_nnz \(5\) is smaller than slice 0's 6"):
+        weights(q, k, lse, crow, col, 16, 16, 1, 1, 5, 0.3, False, -1, -1, None, None)

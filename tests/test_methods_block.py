@@ -108,3 +108,18 @@ def test_wrapper_rejects_bad_arguments():
     with pytest.raises(ValueError, match="x must be"):
         SparseTransformerBlock(32, 2)(torch.randn(2, 5, 16))
     assert SparseMethodAttention("bernoulli", 2, 8, max_seq_len=32, block_size=16).method == "gated"
+
+
+def test_wrapper_lsh_checks_sizes_as_lsh_attention_does():
+    with pytest.raises(ValueError, match="n_buckets"):
+        SparseMethodAttention("lsh", 2, 16, n_buckets=7)
+    with pytest.raises(ValueError, match="n_buckets"):
+        ds.methods.lsh_attention(*(torch.randn(1, 8, 2, 16),) * 3, n_buckets=7)
+    with pytest.raises(ValueError, match="n_hashes"):
+        SparseMethodAttention("lsh", 2, 16, n_buckets=4, n_hashes=0)
+    attn = SparseMethodAttention("lsh", 2, 16, n_buckets=6, n_hashes=2, chunk_size=8)
+    assert tuple(attn.rotations.shape) == (2, 16, 3)
+    q = torch.randn(1, 24, 2, 16)
+    for training in (True, False):
+        attn.train(training)
+        assert attn(q, q, q).shape == q.shape

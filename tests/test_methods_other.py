@@ -178,7 +178,8 @@ def test_lsh_rounds_combine_by_lse_and_buckets():
     b, s, h, d = 1, 40, 1, 8
     q, k, v = random_qkv(b, s, s, h, h, d, seed=7)
     rot = lsh_rotations(d, 4, 3, generator=torch.Generator().manual_seed(2), dtype=F64)
-    out, (bq, _) = lsh_attention(q, k, v, n_buckets=4, chunk_size=8, rotations=rot, return_buckets=True)
+    out, (bq, _) = lsh_attention(q, k, v, n_buckets=4, n_hashes=3, chunk_size=8, rotations=rot,
+                                 return_buckets=True)
     outs, lses = zip(*[_lsh_round_reference(q, k, v, rot[r], 8, False, False)[:2] for r in range(3)])
     weights = torch.softmax(torch.stack(lses), dim=0).unsqueeze(-1)
     ref = (torch.stack(outs) * weights).sum(0).transpose(1, 2)
@@ -255,3 +256,148 @@ def test_fully_masked_rows_give_zeros_without_nan(name):
     grads = grads_of(out, [q, k, v])
     assert all(torch.isfinite(g).all() for g in grads)
     assert (grads[0][1] == 0).all() and (grads[2][1] == 0).all()
+
+
+# ----------------------------------------------------------------------------- v with its own head dim
+def _qkv_wide_v(seed: int, b: int = 2, s: int = 40, h: int = 2, hkv: int = 1, d: int = 16, dv: int = 24):
+    q, k, _ = random_qkv(b, s, s, h, hkv, d, seed=seed)
+    v = torch.randn(b, s, hkv, dv, generator=torch.Generator().manual_seed(seed + 100), dtype=F64)
+    return q, k, v.requires_grad_()
+
+
+def _sparse_layout(s: int = 40) -> ds.BlockSparseLayout:
+    """Blocks of 16 over 40 tokens: block row 1 is empty (a chunk without keys), rows differ in width."""
+    mask = torch.tensor([[True, False, True], [False, False, False], [True, True, True]])
+    return ds.BlockSparseLayout.from_dense_mask(mask, block_size=16, seq_len_q=s)
+
+
+def _methods_linear_in_v():
+    """Methods whose weights do not depend on v, so each value channel is attended independently."""
+    from dilated_sparse import methods as M
+
+    lay = _sparse_layout()
+    rot = lsh_rotations(16, 4, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
+    k_per_head = torch.tensor([2.5, 4.0], dtype=F64)
+    return {
+        "sparsemax_layout": lambda q, k, v: M.sparsemax_attention(q, k, v, layout=lay, chunk_size=1),
+        "entmax_layout": lambda q, k, v: M.entmax_attention(q, k, v, 1.5, layout=lay, causal=True),
+        "topk_dense": lambda q, k, v: M.topk_attention(q, k, v, 4, causal=True, chunk_size=7),
+        "topk_layout": lambda q, k, v: M.topk_attention(q, k, v, 4, layout=lay),
+        "adaptive_topk_dense": lambda q, k, v: M.adaptive_topk(q, k, v, k_per_head, 6, chunk_size=9),
+        "adaptive_topk_layout": lambda q, k, v: M.adaptive_topk(q, k, v, k_per_head, 6, layout=lay),
+        "lsh": lambda q, k, v: M.lsh_attention(q, k, v, n_buckets=4, n_hashes=2, chunk_size=8, rotations=rot),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_methods_linear_in_v()))
+def test_value_head_dim_of_its_own_matches_per_channel_reference(name):
+    fn = _methods_linear_in_v()[name]
+    q, k, v = _qkv_wide_v(seed=21)
+    out = fn(q, k, v)
+    assert out.shape == (*q.shape[:3], v.shape[-1])
+    # the same method on two value slices with v's head dim equal to q's (the well-trodden path)
+    ref = torch.cat([fn(q, k, v[..., :16]), fn(q, k, v[..., 8:])[..., 8:]], dim=-1)
+    assert ref[..., 16:].abs().sum() > 0  # the channels past q's head dim carry something to compare
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    assert_same_grads(out, ref, [q, k, v])
+
+
+@pytest.mark.parametrize("method", ["sparsemax", "entmax", "rela", "topk"])
+def test_value_head_dim_of_its_own_dense_layout_equals_no_layout(method):
+    from dilated_sparse import methods as M
+
+    fns = {
+        "sparsemax": lambda q, k, v, **kw: M.sparsemax_attention(q, k, v, **kw),
+        "entmax": lambda q, k, v, **kw: M.entmax_attention(q, k, v, 1.5, **kw),
+        "rela": lambda q, k, v, **kw: M.rela_attention(q, k, v, **kw),
+        "topk": lambda q, k, v, **kw: M.topk_attention(q, k, v, 5, **kw),
+    }
+    q, k, v = _qkv_wide_v(seed=22, s=32)
+    dense = ds.patterns.dense(seq_len_q=32, block_size=16)
+    out = fns[method](q, k, v, layout=dense)
+    ref = fns[method](q, k, v)
+    assert out.shape == ref.shape == (*q.shape[:3], 24)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_rela_value_head_dim_of_its_own_with_layout_matches_definition():
+    b, s, h = 2, 40, 2
+    q, k, v = _qkv_wide_v(seed=23, b=b, s=s, h=h)
+    lay = _sparse_layout(s)
+    gain = (torch.rand(h, 24, dtype=F64, generator=torch.Generator().manual_seed(4)) + 0.5).requires_grad_()
+    out = rela_attention(q, k, v, gain=gain, layout=lay, causal=True, chunk_size=1)
+    w = torch.relu(attn_scores(q, k)) * allowed_mask(b, h, s, s, causal=True, layout=lay)
+    x = (w @ expand_heads(v, h)).transpose(1, 2)
+    ref = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * gain
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    assert_same_grads(out, ref, [q, k, v, gain])
+    assert (out[:, 16:32] == 0).all()  # the empty block row
+
+
+# ----------------------------------------------------------------------------- key_lengths checks
+def _key_length_methods():
+    from dilated_sparse import methods as M
+
+    rot = lsh_rotations(8, 2, 1, generator=torch.Generator().manual_seed(7), dtype=F64)  # same hashing each call
+    fns = {
+        "sparsemax": lambda q, k, v, **kw: M.sparsemax_attention(q, k, v, **kw),
+        "sparsemax_layout": lambda q, k, v, **kw: M.sparsemax_attention(q, k, v, layout=_sparse_layout(), **kw),
+        "topk": lambda q, k, v, **kw: M.topk_attention(q, k, v, 4, **kw),
+        "lsh": lambda q, k, v, **kw: M.lsh_attention(q, k, v, n_buckets=2, chunk_size=16, rotations=rot, **kw),
+    }
+    if ds.extension_available():
+        fns.update({
+            "block_topk": lambda q, k, v, **kw: M.block_topk_attention(q, k, v, 2, 16, **kw),
+            "sla": lambda q, k, v, **kw: M.sla_attention(q, k, v, block_size=16, **kw),
+        })
+    return fns
+
+
+@pytest.mark.parametrize("name", sorted(_key_length_methods()))
+def test_methods_check_key_lengths_as_the_op_does(name):
+    fn = _key_length_methods()[name]
+    q, k, v = random_qkv(2, 40, 40, 2, 2, 8, seed=24)
+    for bad, error in (
+        (torch.tensor([40, 100]), ValueError),  # past seq_len_k
+        (torch.tensor([-5, 10]), ValueError),  # negative
+        (torch.tensor([41, 40], dtype=torch.int32), ValueError),
+        (torch.tensor([True, False]), TypeError),  # bool is not a length
+        (torch.tensor([10.0, 20.0]), TypeError),
+        (torch.tensor([10]), ValueError),  # not [batch]
+        ([10, 20], TypeError),  # not a tensor
+    ):
+        with pytest.raises(error, match="key_lengths"):
+            fn(q, k, v, key_lengths=bad)
+    # lengths in [0, seq_len_k], both ends included, mean the same as the matching padding mask
+    lengths = torch.tensor([40, 23])
+    kpm = torch.arange(40).view(1, -1) >= lengths.view(-1, 1)
+    torch.testing.assert_close(fn(q, k, v, key_lengths=lengths), fn(q, k, v, key_padding_mask=kpm),
+                               rtol=1e-12, atol=1e-12)
+    if name in ("sparsemax", "sparsemax_layout", "topk", "lsh"):  # an all-padded batch entry gives zeros
+        out = fn(q, k, v, key_lengths=torch.tensor([40, 0]))
+        assert (out[1] == 0).all() and out[0].abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- LSH rotations vs sizes
+def test_lsh_rotations_must_match_n_buckets_and_n_hashes():
+    q, k, v = random_qkv(1, 32, 32, 2, 2, 16, seed=25, requires_grad=False)
+    rot = lsh_rotations(16, 8, 1, generator=torch.Generator().manual_seed(5), dtype=F64)
+    for kwargs in ({"n_buckets": 32, "n_hashes": 4}, {"n_buckets": 8, "n_hashes": 2}, {"n_buckets": 16}):
+        with pytest.raises(ValueError, match="rotations"):
+            lsh_attention(q, k, v, rotations=rot, return_buckets=True, **kwargs)
+    with pytest.raises(ValueError, match="rotations"):  # head dim
+        lsh_attention(q, k, v, n_buckets=8, rotations=lsh_rotations(8, 8, 1, dtype=F64))
+    with pytest.raises(TypeError, match="rotations"):
+        lsh_attention(q, k, v, n_buckets=8, rotations=torch.ones(1, 16, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="n_buckets"):
+        lsh_attention(q, k, v, n_buckets=7, rotations=rot)
+    with pytest.raises(ValueError, match="n_hashes"):
+        lsh_attention(q, k, v, n_hashes=0)
+    with pytest.raises(ValueError, match="n_hashes"):
+        lsh_rotations(16, 8, 0)
+    # matching sizes: one round of 8 buckets, as the rotations say
+    _, (bq, bk) = lsh_attention(q, k, v, n_buckets=8, n_hashes=1, rotations=rot, return_buckets=True)
+    assert bq.shape == bk.shape == (1, 1, 2, 32) and int(bq.max()) < 8
+    rot3 = lsh_rotations(16, 6, 3, generator=torch.Generator().manual_seed(6), dtype=F64)
+    _, (bq, _) = lsh_attention(q, k, v, n_buckets=6, n_hashes=3, rotations=rot3, return_buckets=True)
+    assert bq.shape == (3, 1, 2, 32) and int(bq.max()) < 6

@@ -474,3 +474,15 @@ def test_bfloat16_inputs_match_float64_at_bf16_tolerance(name):
     assert out.dtype == torch.bfloat16
     ref = fns[name](qb.double(), kb.double(), vb.double())
     torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_adaptive_topk_rejects_k_per_head_outside_its_range():
+    q, k, v = random_qkv(1, 20, 20, 2, 2, 8, seed=12, requires_grad=False)
+    k_max = 6
+    for bad in ([-10.0, 2.0], [0.5, 2.0], [2.0, 100.0], [2.0, k_max + 0.01], [float("nan"), 2.0]):
+        with pytest.raises(ValueError, match="k_per_head"):
+            adaptive_topk(q, k, v, torch.tensor(bad, dtype=F64), k_max)
+    # both ends of [1, k_max] are accepted; k_per_head == k_max keeps every one of the k_max ranks fully
+    adaptive_topk(q, k, v, torch.tensor([1.0, 1.0], dtype=F64), k_max)
+    out = adaptive_topk(q, k, v, torch.tensor([k_max, k_max], dtype=F64), k_max, causal=True)
+    torch.testing.assert_close(out, topk_attention(q, k, v, k_max, causal=True), rtol=1e-12, atol=1e-12)

@@ -26,6 +26,7 @@ import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ..layout import BlockSparseLayout
+from ..ops import check_key_lengths, check_key_padding_mask
 from ..ops import check_qkv as ops_check_qkv
 
 __all__ = [
@@ -131,23 +132,22 @@ def key_valid_mask(
 ) -> torch.Tensor | None:
     """Bool ``[B, Sk]`` of keys that are not padding, or None when nothing is masked.
 
-    ``key_lengths`` (int ``[B]``): keys at or past it are padding. ``key_padding_mask`` (bool
-    ``[B, Sk]``): True marks padding, as in ``nn.MultiheadAttention``.
+    ``key_lengths`` (integer, not bool, ``[B]``, each in ``[0, Sk]``): keys at or past it are
+    padding. ``key_padding_mask`` (bool ``[B, Sk]``): True marks padding, as in
+    ``nn.MultiheadAttention``. Both are checked as :func:`dilated_sparse.block_sparse_attention`
+    checks them (the value range is not checked while ``torch.compile`` traces, as in the op).
+
+    Raises:
+        TypeError: ``key_lengths`` not an integer tensor (bool and floating dtypes are refused),
+            ``key_padding_mask`` not a bool tensor.
+        ValueError: a wrong shape, or ``key_lengths`` outside ``[0, seq_len_k]``.
     """
     valid = None
     if key_lengths is not None:
-        if not isinstance(key_lengths, torch.Tensor) or key_lengths.dtype.is_floating_point:
-            raise TypeError("key_lengths must be an integer tensor [batch]")
-        if key_lengths.shape != (batch,):
-            raise ValueError(f"key_lengths must have shape [{batch}], got {tuple(key_lengths.shape)}")
+        check_key_lengths(key_lengths, batch, seq_len_k, check_values=not torch.compiler.is_compiling())
         valid = torch.arange(seq_len_k, device=device) < key_lengths.to(device).view(-1, 1)
     if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-            raise TypeError("key_padding_mask must be a bool tensor [batch, seq_len_k] (True = padding)")
-        if key_padding_mask.shape != (batch, seq_len_k):
-            raise ValueError(
-                f"key_padding_mask must have shape [{batch}, {seq_len_k}], got {tuple(key_padding_mask.shape)}"
-            )
+        check_key_padding_mask(key_padding_mask, batch, seq_len_k)
         keep = ~key_padding_mask.to(device)
         valid = keep if valid is None else valid & keep
     return valid
@@ -233,7 +233,8 @@ def rowwise_attention(
     """Attention whose row weights come from ``normalize``, computed chunk by chunk.
 
     Args:
-        q: ``[B, Sq, H, D]``; k, v: ``[B, Sk, Hkv, D]`` (GQA allowed).
+        q: ``[B, Sq, H, D]``; k: ``[B, Sk, Hkv, D]`` (GQA allowed); v: ``[B, Sk, Hkv, Dv]``
+            (``Dv`` may differ from ``D``).
         normalize: ``(scores, mask, info) -> weights`` (see the module docstring).
         layout: optional block layout: only keys of active blocks are scored (``layout_batch``
             in ``{1, B}``, ``layout_heads`` in ``{1, H}``).
@@ -247,7 +248,7 @@ def rowwise_attention(
             that post-processes the output before its single rounding to ``q``'s dtype.
 
     Returns:
-        ``[B, Sq, H, D]`` in ``out_dtype``. Scores, ``normalize`` and the weighted sum run in
+        ``[B, Sq, H, Dv]`` in ``out_dtype``. Scores, ``normalize`` and the weighted sum run in
         float32 (float64 for float64 inputs) whatever the input dtype, with autocast off (see
         :func:`full_precision`); the result is rounded once at the end.
     """
@@ -317,7 +318,7 @@ def _layout_rows(
     use_checkpoint: bool,
 ) -> torch.Tensor:
     bsz, heads, sq, dim = qh.shape
-    sk = kh.shape[2]
+    sk, dim_v = kh.shape[2], vh.shape[-1]  # v may have its own head dim
     device = qh.device
     if not isinstance(layout, BlockSparseLayout):
         raise TypeError(f"layout must be a BlockSparseLayout or None, got {type(layout).__name__}")
@@ -349,7 +350,7 @@ def _layout_rows(
         cnt = counts[:, :, g0:g1]  # [lb, lh, G]
         width = int(host_counts[:, :, g0:g1].max()) if cnt.numel() else 0
         if width == 0:
-            outs.append(qh.new_zeros(bsz, heads, (g1 - g0) * bq, dim))
+            outs.append(vh.new_zeros(bsz, heads, (g1 - g0) * bq, dim_v))
             continue
         slot = torch.arange(width, device=device)
         slot_ok = slot < cnt.unsqueeze(-1)  # [lb, lh, G, width]
@@ -369,9 +370,10 @@ def _layout_rows(
         def chunk(qc: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, info: RowInfo = info,
                   keys: torch.Tensor = keys, key_ok: torch.Tensor = key_ok) -> torch.Tensor:
             n_rows, width_tokens = keys.shape[2], keys.shape[3]
-            index = keys.flatten(2).unsqueeze(-1).expand(-1, -1, -1, dim)
-            kg = torch.gather(kf, 2, index).view(bsz, heads, n_rows, width_tokens, dim)
-            vg = torch.gather(vf, 2, index).view(bsz, heads, n_rows, width_tokens, dim)
+            flat_keys = keys.flatten(2).unsqueeze(-1)
+            kg = torch.gather(kf, 2, flat_keys.expand(-1, -1, -1, dim)).view(bsz, heads, n_rows, width_tokens, dim)
+            vg = torch.gather(vf, 2, flat_keys.expand(-1, -1, -1, dim_v)).view(
+                bsz, heads, n_rows, width_tokens, dim_v)
             qg = qc.view(bsz, heads, n_rows, bq, dim)
             scores = torch.matmul(qg, kg.transpose(-1, -2)) * scale  # [B, H, G, bq, W]
             mask = key_ok.unsqueeze(-2) & (info.q_pos < sq)
@@ -379,7 +381,7 @@ def _layout_rows(
                 mask = mask & (info.k_pos <= info.q_pos)
             mask = mask.expand(scores.shape)
             weights = normalize(scores.masked_fill(~mask, float("-inf")), mask, info)
-            return torch.matmul(weights.to(vg.dtype), vg).view(bsz, heads, n_rows * bq, dim)
+            return torch.matmul(weights.to(vg.dtype), vg).view(bsz, heads, n_rows * bq, dim_v)
 
         outs.append(maybe_checkpoint(chunk, use_checkpoint, qh[:, :, g0 * bq : g1 * bq], kh, vh))
     return torch.cat(outs, dim=2)[:, :, :sq]

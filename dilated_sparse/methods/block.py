@@ -23,7 +23,7 @@ from ..patterns import make_layout
 from ._common import compute_dtype, full_precision
 from .block_topk import block_topk_attention
 from .gumbel import GumbelTemperatureSchedule, LearnableBlockMask, gumbel_softmax_attention
-from .lsh import lsh_attention
+from .lsh import _check_lsh_sizes, lsh_attention
 from .normalizers import entmax_attention, sparsemax_attention
 from .rela import ReLA
 from .sla import SLA
@@ -222,8 +222,7 @@ class SparseMethodAttention(nn.Module):
         return lambda q, k, v, causal, kpm: self.sla(q, k, v, causal=causal, scale=self.scale, key_padding_mask=kpm)
 
     def _build_lsh(self, opts: dict[str, Any]) -> Callable[..., torch.Tensor]:
-        n_buckets = _pop(opts, "n_buckets", 8)
-        n_hashes = _pop(opts, "n_hashes", 1)
+        n_buckets, n_hashes = _check_lsh_sizes(_pop(opts, "n_buckets", 8), _pop(opts, "n_hashes", 1))
         chunk = _pop(opts, "chunk_size", 64)
         seed = _pop(opts, "seed", 0)
         generator = torch.Generator().manual_seed(seed)

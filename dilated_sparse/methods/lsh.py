@@ -33,13 +33,37 @@ from ._common import (
 __all__ = ["lsh_attention", "lsh_buckets", "lsh_rotations"]
 
 
+def _check_lsh_sizes(n_buckets: int, n_hashes: int) -> tuple[int, int]:
+    """Check the LSH sizes shared by :func:`lsh_rotations`, :func:`lsh_attention` and the ``lsh`` block.
+
+    Args:
+        n_buckets: buckets per hashing round: an even int >= 2 (angular LSH uses ``n_buckets // 2``
+            rotation columns and their negations).
+        n_hashes: hashing rounds: a positive int.
+
+    Returns:
+        ``(n_buckets, n_hashes)``.
+
+    Raises:
+        ValueError: ``n_buckets`` not an even int >= 2, or ``n_hashes`` not a positive int.
+    """
+    if isinstance(n_buckets, bool) or not isinstance(n_buckets, int) or n_buckets < 2 or n_buckets % 2:
+        raise ValueError(f"n_buckets must be an even number >= 2, got {n_buckets!r}")
+    if isinstance(n_hashes, bool) or not isinstance(n_hashes, int) or n_hashes < 1:
+        raise ValueError(f"n_hashes must be a positive int, got {n_hashes!r}")
+    return n_buckets, n_hashes
+
+
 def lsh_rotations(
     head_dim: int, n_buckets: int, n_hashes: int = 1, *, generator: torch.Generator | None = None,
     device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Random rotations ``[n_hashes, head_dim, n_buckets // 2]`` (standard normal) for hashing."""
-    if n_buckets < 2 or n_buckets % 2:
-        raise ValueError(f"n_buckets must be an even number >= 2, got {n_buckets}")
+    """Random rotations ``[n_hashes, head_dim, n_buckets // 2]`` (standard normal) for hashing.
+
+    Raises:
+        ValueError: ``n_buckets`` not an even int >= 2, or ``n_hashes`` not a positive int.
+    """
+    _check_lsh_sizes(n_buckets, n_hashes)
     r = torch.randn(n_hashes, head_dim, n_buckets // 2, generator=generator, dtype=dtype)
     return r.to(device) if device is not None else r
 
@@ -69,8 +93,9 @@ def _round(
     causal: bool,
     shared_qk: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One hashing round: ``(out [B,H,S,D], lse [B,H,S])`` in original positions."""
+    """One hashing round: ``(out [B,H,S,Dv], lse [B,H,S])`` in original positions."""
     bsz, heads, seq, dim = qh.shape
+    dim_v = vh.shape[-1]  # v may have its own head dim
     device = qh.device
     pos = torch.arange(seq, device=device)
     order_q = torch.argsort(bq * seq + pos, dim=-1)  # sort by (bucket, position)
@@ -89,7 +114,7 @@ def _round(
 
     qs = sort(qh, order_q, 0.0).view(bsz, heads, n_chunks, chunk, dim)
     ks = sort(kh, order_k, 0.0).view(bsz, heads, n_chunks, chunk, dim)
-    vs = sort(vh, order_k, 0.0).view(bsz, heads, n_chunks, chunk, dim)
+    vs = sort(vh, order_k, 0.0).view(bsz, heads, n_chunks, chunk, dim_v)
     bucket_q = sort(bq, order_q, -1).view(bsz, heads, n_chunks, chunk)
     bucket_k = sort(bk, order_k, -2).view(bsz, heads, n_chunks, chunk)
     pos_q = sort(pos.expand(bsz, heads, seq), order_q, -1).view(bsz, heads, n_chunks, chunk)
@@ -114,10 +139,10 @@ def _round(
         is_self = pos_kw.unsqueeze(-2) == pos_q.unsqueeze(-1)
         scores = torch.where(is_self, torch.full_like(scores, -1e5), scores)
     probs, lse = softmax_and_lse(scores.masked_fill(~mask, float("-inf")))  # lse -inf on empty rows
-    out_sorted = torch.matmul(probs, vw).view(bsz, heads, n_chunks * chunk, dim)[:, :, :seq]
+    out_sorted = torch.matmul(probs, vw).view(bsz, heads, n_chunks * chunk, dim_v)[:, :, :seq]
     lse_sorted = lse.view(bsz, heads, n_chunks * chunk)[:, :, :seq]
     inverse = torch.argsort(order_q, dim=-1)
-    out = torch.gather(out_sorted, 2, inverse.unsqueeze(-1).expand(-1, -1, -1, dim))
+    out = torch.gather(out_sorted, 2, inverse.unsqueeze(-1).expand(-1, -1, -1, dim_v))
     return out, torch.gather(lse_sorted, 2, inverse)
 
 
@@ -142,20 +167,28 @@ def lsh_attention(
     """Reformer LSH attention (Kitaev, Kaiser & Levskaya, ICLR 2020).
 
     Args:
-        q: ``[B, S, H, D]``; k, v: ``[B, S, Hkv, D]`` (self-attention: equal lengths).
+        q: ``[B, S, H, D]``; k: ``[B, S, Hkv, D]`` (self-attention: equal lengths); v:
+            ``[B, S, Hkv, Dv]`` (``Dv`` may differ from ``D``).
         n_buckets: buckets per round (even).
         n_hashes: hashing rounds, combined with weights ``softmax_r(lse_r)``.
         chunk_size: tokens per chunk; each chunk attends to itself and the previous chunk.
         causal: key position <= query position (original positions).
         shared_qk: Reformer's shared-QK setting (``k`` is ignored; keys are the unit queries).
-        rotations: ``[n_hashes, D, n_buckets // 2]`` (default: drawn from ``generator``).
+        rotations: ``[n_hashes, D, n_buckets // 2]``, e.g. from :func:`lsh_rotations` (default:
+            drawn from ``generator``); its shape must match ``n_hashes`` and ``n_buckets``.
         scale, key_lengths, key_padding_mask: as :func:`dilated_sparse.block_sparse_attention`.
         checkpoint: recompute each round in the backward pass.
         return_buckets: also return the buckets ``(bucket_q, bucket_k)``, each
             ``[n_hashes, B, H, S]``.
 
     Returns:
-        ``[B, S, H, D]`` (or ``(out, (bucket_q, bucket_k))``); a query with no allowed key gets 0.
+        ``[B, S, H, Dv]`` (or ``(out, (bucket_q, bucket_k))``); a query with no allowed key gets 0.
+
+    Raises:
+        ValueError: ``n_buckets`` not an even int >= 2, ``n_hashes`` not a positive int, ``rotations``
+            not of shape ``[n_hashes, D, n_buckets // 2]`` or not on ``q``'s device, and the
+            q/k/v, ``chunk_size`` and key-padding checks.
+        TypeError: ``rotations`` not a floating-point tensor.
     """
     bsz, sq, sk, heads, _, dim = check_qkv(q, k, v)
     if sq != sk:
@@ -164,10 +197,21 @@ def lsh_attention(
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     cdt = compute_dtype(q.dtype)
     scale = default_scale(scale, dim)
+    _check_lsh_sizes(n_buckets, n_hashes)
     if rotations is None:
         rotations = lsh_rotations(dim, n_buckets, n_hashes, generator=generator, dtype=cdt).to(q.device)
-    elif rotations.dim() != 3 or rotations.shape[1] != dim:
-        raise ValueError(f"rotations must be [n_hashes, {dim}, n_buckets // 2], got {tuple(rotations.shape)}")
+    else:
+        if not isinstance(rotations, torch.Tensor) or not rotations.dtype.is_floating_point:
+            kind = f"dtype {rotations.dtype}" if isinstance(rotations, torch.Tensor) else type(rotations).__name__
+            raise TypeError(f"rotations must be a floating-point tensor, got {kind}")
+        expected = (n_hashes, dim, n_buckets // 2)
+        if tuple(rotations.shape) != expected:
+            raise ValueError(
+                f"rotations must have shape [n_hashes, head_dim, n_buckets // 2] = {list(expected)} "
+                f"(n_hashes={n_hashes}, n_buckets={n_buckets}), got {tuple(rotations.shape)}"
+            )
+        if rotations.device != q.device:
+            raise ValueError(f"rotations must be on q's device {q.device}, got {rotations.device}")
     key_valid = key_valid_mask(bsz, sk, key_lengths, key_padding_mask, q.device)
     with full_precision(q.device):  # hashing and chunk attention in float32 even under autocast
         out, buckets_q, buckets_k = _lsh(q, k, v, rotations, cdt, heads, key_valid, chunk_size, scale, causal,

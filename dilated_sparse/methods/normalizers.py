@@ -238,7 +238,8 @@ def entmax_attention(
     (learnable, as in adaptively sparse transformers). ``alpha == 2`` is sparsemax.
 
     Args:
-        q: ``[B, Sq, H, D]``; k, v: ``[B, Sk, Hkv, D]``.
+        q: ``[B, Sq, H, D]``; k: ``[B, Sk, Hkv, D]``; v: ``[B, Sk, Hkv, Dv]`` (``Dv`` may differ
+            from ``D``).
         layout: optional :class:`~dilated_sparse.BlockSparseLayout` restricting the keys.
         scale, causal, key_lengths, key_padding_mask: as in
             :func:`dilated_sparse.block_sparse_attention`.
@@ -246,7 +247,7 @@ def entmax_attention(
         chunk_size: queries (or block rows with a layout) per chunk.
 
     Returns:
-        ``[B, Sq, H, D]``; rows without an allowed key are 0.
+        ``[B, Sq, H, Dv]``; rows without an allowed key are 0.
     """
 
     def normalize(scores: torch.Tensor, mask: torch.Tensor, info: RowInfo) -> torch.Tensor:

@@ -80,6 +80,7 @@ def _select_then_gather_impl(
     kh = expand_kv(k, heads, cdt)
     vh = expand_kv(v, heads, cdt)
     key_valid = key_valid_mask(bsz, sk, key_lengths, key_padding_mask, q.device)
+    dim_v = vh.shape[-1]  # v may have its own head dim
     kk = min(kk, sk)
     rows = auto_rows(chunk_size, bsz * heads * sk, sq)
     k_pos = torch.arange(sk, device=q.device)
@@ -87,9 +88,9 @@ def _select_then_gather_impl(
     def attend(qc: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, index: torch.Tensor,
                valid: torch.Tensor) -> torch.Tensor:
         n = index.shape[2]
-        flat = index.reshape(bsz, heads, n * kk, 1).expand(-1, -1, -1, dim)
-        ks = torch.gather(kf, 2, flat).view(bsz, heads, n, kk, dim)
-        vs = torch.gather(vf, 2, flat).view(bsz, heads, n, kk, dim)
+        flat = index.reshape(bsz, heads, n * kk, 1)
+        ks = torch.gather(kf, 2, flat.expand(-1, -1, -1, dim)).view(bsz, heads, n, kk, dim)
+        vs = torch.gather(vf, 2, flat.expand(-1, -1, -1, dim_v)).view(bsz, heads, n, kk, dim_v)
         selected = torch.matmul(ks, qc.unsqueeze(-1)).squeeze(-1) * scale  # [B, H, n, kk]
         weights = weights_fn(selected.masked_fill(~valid, float("-inf")), valid)
         return torch.matmul(weights.unsqueeze(-2).to(vs.dtype), vs).squeeze(-2)
@@ -172,14 +173,15 @@ def topk_attention(
     ``layout`` only the keys of the active blocks compete (scored over the gathered block keys).
 
     Args:
-        q: ``[B, Sq, H, D]``; k, v: ``[B, Sk, Hkv, D]``.
+        q: ``[B, Sq, H, D]``; k: ``[B, Sk, Hkv, D]``; v: ``[B, Sk, Hkv, Dv]`` (``Dv`` may differ
+            from ``D``).
         top_k: keys kept per query.
         causal: key position <= query position.
         layout, scale, key_lengths, key_padding_mask, chunk_size: see
             :func:`dilated_sparse.methods.entmax_attention`.
 
     Returns:
-        ``[B, Sq, H, D]``; rows without an allowed key are 0.
+        ``[B, Sq, H, Dv]``; rows without an allowed key are 0.
     """
     top_k = _check_k("top_k", top_k)
     return _topk_rows(q, k, v, top_k, masked_softmax, layout=layout, scale=scale, causal=causal,
@@ -214,12 +216,21 @@ def adaptive_topk_attention(
         ramp: width of the soft ramp in ranks (> 0).
         causal, layout, scale, key_lengths, key_padding_mask, chunk_size: as
             :func:`topk_attention`.
+
+    Raises:
+        TypeError: ``k_per_head`` not a 1-D tensor.
+        ValueError: ``k_per_head`` without one entry per query head, or with an entry outside
+            ``[1, k_max]`` (NaN included); ``k_max`` not a positive int; ``ramp <= 0``.
     """
     k_max = _check_k("k_max", k_max)
     if not isinstance(k_per_head, torch.Tensor) or k_per_head.dim() != 1:
         raise TypeError("k_per_head must be a 1-D float tensor [heads]")
     if k_per_head.numel() != q.shape[2]:
         raise ValueError(f"k_per_head has {k_per_head.numel()} entries; q has {q.shape[2]} heads")
+    if not torch.compiler.is_compiling():  # value checks sync; skipped while tracing, as the op's are
+        kd = k_per_head.detach()
+        if not bool(((kd >= 1) & (kd <= k_max)).all()):  # written so that NaN fails too
+            raise ValueError(f"k_per_head must lie in [1, k_max={k_max}], got {kd.tolist()}")
     if not ramp > 0:
         raise ValueError(f"ramp must be > 0, got {ramp!r}")
 
