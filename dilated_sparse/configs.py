@@ -77,7 +77,11 @@ def _strict(aliases: dict[str, str] | None = None) -> Callable[[type[_C]], type[
                 )
             original(self, *args, **kwargs)
             positional = [f.name for f in dataclasses.fields(cls) if f.init][: len(args)]
-            object.__setattr__(self, "_explicit", set(positional) | set(kwargs))
+            given = set(positional) | set(kwargs)
+            check_given = getattr(self, "_check_given", None)
+            if check_given is not None:
+                check_given(given)
+            object.__setattr__(self, "_explicit", given)
 
         cls.__init__ = __init__  # type: ignore[method-assign]
         return cls
@@ -119,6 +123,29 @@ def _check_int_list(owner: str, name: str, value: Any) -> list[int] | None:
 
 _SUPPORTED_BLOCKS = (16, 32, 64, 128, 256)
 
+# SparsePatternConfig field -> the pattern options make_layout passes it as. pattern_options may
+# set such an option only when the field was not given (or is given the same value).
+_FIELD_OPTIONS: dict[str, tuple[str, ...]] = {
+    "sparsity_ratio": ("density", "sparsity_ratio"),
+    "local_window_size": ("window_size", "window"),
+    "global_tokens": ("global_tokens",),
+    "segment_lengths": ("segment_lengths",),
+    "dilation_rates": ("dilation_rates",),
+}
+# The geometry make_layout always passes itself; never taken from pattern_options.
+_GEOMETRY_OPTIONS = {"seq_len_q": "make_layout's seq_len_q", "seq_len_k": "make_layout's seq_len_k",
+                     "block_size": "SparsePatternConfig.block_size"}
+
+
+def _same_option(a: Any, b: Any) -> bool:
+    """Whether two option values are equal (lists and tuples alike); uncomparable -> False."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+
 
 def _check_block(owner: str, name: str, value: Any) -> None:
     _check_int(owner, name, value)
@@ -126,9 +153,49 @@ def _check_block(owner: str, name: str, value: Any) -> None:
         raise ValueError(f"{owner}.{name} must be one of {_SUPPORTED_BLOCKS}, got {value}")
 
 
+class _ValidatedConfig:
+    """Base of the configs: a field set after construction is validated like one given to the
+    constructor (``__post_init__`` and :meth:`_check_given` run again); on error the old value is
+    kept and the ``TypeError``/``ValueError`` names the field.
+
+    Validation starts once the :func:`_strict` constructor has recorded which fields were given
+    (``_explicit``); a field assigned later counts as given by the user.
+    """
+
+    def __post_init__(self) -> None:  # overridden by every config
+        pass
+
+    def _check_given(self, given: set[str]) -> None:
+        """Checks that depend on which fields the user gave (``given``); none by default."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Fields set after construction are validated (the old value is kept on error)."""
+        explicit = self.__dict__.get("_explicit")
+        if (explicit is None or self.__dict__.get("_validating")
+                or name not in {f.name for f in dataclasses.fields(self)}):  # type: ignore[arg-type]
+            object.__setattr__(self, name, value)
+            return
+        old = self.__dict__.get(name)
+        object.__setattr__(self, name, value)
+        object.__setattr__(self, "_validating", True)
+        try:
+            self.__post_init__()
+            self._check_given(explicit | {name})
+        except (TypeError, ValueError):
+            object.__setattr__(self, name, old)
+            raise
+        finally:
+            object.__setattr__(self, "_validating", False)
+        explicit.add(name)
+
+    def is_explicit(self, name: str) -> bool:
+        """Whether field ``name`` was given by the user (at construction or set later)."""
+        return name in self.__dict__.get("_explicit", set())
+
+
 @_strict(aliases={"window_size": "local_window_size"})
 @dataclass
-class SparsePatternConfig:
+class SparsePatternConfig(_ValidatedConfig):
     """A named block-sparse pattern and its options (the guides' ``SparsePatternConfig``).
 
     Args:
@@ -149,7 +216,14 @@ class SparsePatternConfig:
         enable_caching: cache built layouts per (sequence lengths, device); when False a layout
             is rebuilt on every call.
         pattern_options: extra keyword options passed verbatim to the pattern generator (for
-            example ``{"num_random_blocks": 2}`` for BigBird).
+            example ``{"num_random_blocks": 2}`` for BigBird). It may also set an option a field
+            maps to (``density``/``sparsity_ratio`` <- ``sparsity_ratio``, ``window_size``/
+            ``window`` <- ``local_window_size``, ``global_tokens``, ``segment_lengths``,
+            ``dilation_rates``) when that field was *not given* (it then replaces the field's
+            default); when the field was given (at construction, by ``replace`` or set later,
+            even to its default value) and ``pattern_options`` sets its option to another value,
+            ``ValueError`` names both, so neither value is silently dropped. The geometry
+            (``seq_len_q``, ``seq_len_k``, ``block_size``) cannot be set here.
 
     Only the options the chosen pattern accepts are passed to it; setting an option the
     pattern does not take (to a non-default value) raises ``ValueError`` when the layout is
@@ -193,9 +267,28 @@ class SparsePatternConfig:
             raise TypeError(f"{owner}.enable_caching must be a bool, got {self.enable_caching!r}")
         if not isinstance(self.pattern_options, dict):
             raise TypeError(f"{owner}.pattern_options must be a dict, got {self.pattern_options!r}")
+        for key, owned_by in _GEOMETRY_OPTIONS.items():
+            if key in self.pattern_options:
+                raise ValueError(f"{owner}.pattern_options must not set {key!r}; it is {owned_by}")
         from .patterns import get_pattern
 
         get_pattern(self.pattern_type)  # ValueError listing the registered patterns
+
+    def _check_given(self, given: set[str]) -> None:
+        """``ValueError`` when ``pattern_options`` sets an option to another value than a field the
+        user gave (``given``) or changed from its default maps to (see the class docstring)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, options in _FIELD_OPTIONS.items():
+            value = getattr(self, name)
+            if name not in given and _same_option(value, defaults[name]):
+                continue
+            for option in options:
+                if option in self.pattern_options and not _same_option(value, self.pattern_options[option]):
+                    raise ValueError(
+                        f"SparsePatternConfig.{name}={value!r} was given but pattern_options[{option!r}]="
+                        f"{self.pattern_options[option]!r} sets the same pattern option to another value; "
+                        f"give it in one place"
+                    )
 
     @property
     def window_size(self) -> int:
@@ -216,28 +309,6 @@ class SparsePatternConfig:
             )
         return float(ratio)
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        """Fields set after construction are validated (the old value is kept on error)."""
-        explicit = self.__dict__.get("_explicit")
-        if explicit is None or name not in _PATTERN_FIELDS or self.__dict__.get("_validating"):
-            object.__setattr__(self, name, value)
-            return
-        old = self.__dict__.get(name)
-        object.__setattr__(self, name, value)
-        object.__setattr__(self, "_validating", True)
-        try:
-            self.__post_init__()
-        except (TypeError, ValueError):
-            object.__setattr__(self, name, old)
-            raise
-        finally:
-            object.__setattr__(self, "_validating", False)
-        explicit.add(name)
-
-    def is_explicit(self, name: str) -> bool:
-        """Whether field ``name`` was given by the user (at construction or set later)."""
-        return name in self.__dict__.get("_explicit", set())
-
     def fingerprint(self) -> tuple[Any, ...]:
         """A hashable summary of everything that shapes the layout (used as a cache key)."""
         values = []
@@ -251,16 +322,23 @@ class SparsePatternConfig:
         return (*values, tuple(sorted(self.__dict__.get("_explicit", set()))))
 
     def replace(self, **changes: Any) -> SparsePatternConfig:
-        """A validated copy with some fields changed (they count as given by the user)."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        values["pattern_options"] = dict(self.pattern_options)
+        """A validated copy with some fields changed.
+
+        The copy's given fields are this config's given fields (and any changed in place from
+        their default) plus ``changes``; the other fields keep their defaults, so the copy is
+        checked exactly as if built with those keywords.
+        """
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if self.is_explicit(f.name) or not _same_option(value, default):
+                values[f.name] = dict(value) if isinstance(value, dict) else value
         for alias, target in _ALIASES[SparsePatternConfig].items():
             if alias in changes:
                 changes[target] = changes.pop(alias)
         values.update(changes)
-        copy = SparsePatternConfig(**values)
-        object.__setattr__(copy, "_explicit", set(self.__dict__.get("_explicit", set())) | set(changes))
-        return copy
+        return SparsePatternConfig(**values)
 
     def make_layout(
         self,
@@ -289,7 +367,9 @@ class SparsePatternConfig:
           ``dilation_rates`` passed here (a module's own) are used when the config has none.
         * A field the user set that the pattern does not take raises ``ValueError`` (naming the
           pattern's options); ``pattern_options`` are passed verbatim (unknown ones raise
-          ``TypeError``).
+          ``TypeError``). An option that ``pattern_options`` and a given field (or the
+          ``segment_lengths``/``dilation_rates`` passed here) both set to different values
+          raises ``ValueError`` instead of one silently winning.
 
         Args:
             seq_len_q, seq_len_k: sequence lengths in tokens (no multiple of anything needed).
@@ -320,6 +400,15 @@ class SparsePatternConfig:
                 raise ValueError(
                     f"SparsePatternConfig.{name} was set but pattern {self.pattern_type!r} does not take "
                     f"{option!r}; its options are {sorted(accepted)} (pass others through pattern_options)"
+                )
+        self._check_given(self.__dict__.get("_explicit", set()))  # also for pattern_options changed in place
+        for name, own, passed in (("segment_lengths", self.segment_lengths, segment_lengths),
+                                  ("dilation_rates", self.dilation_rates, dilation_rates)):
+            if (own is None and passed is not None and name in self.pattern_options
+                    and not _same_option(passed, self.pattern_options[name])):
+                raise ValueError(
+                    f"make_layout: {name}={list(passed)} (the module's) conflicts with "
+                    f"SparsePatternConfig.pattern_options[{name!r}]={self.pattern_options[name]!r}; give it in one place"
                 )
         opts: dict[str, Any] = {}
         segs = self.segment_lengths if self.segment_lengths is not None else segment_lengths
@@ -359,13 +448,12 @@ class SparsePatternConfig:
         return make_layout(self.pattern_type, **geometry, **opts, **window_opts, **target_opts)
 
 
-_PATTERN_FIELDS = frozenset(f.name for f in dataclasses.fields(SparsePatternConfig))
 _LEVEL_KEYS = ("stride", "window_size", "block_size")
 
 
 @_strict()
 @dataclass
-class HierarchicalConfig:
+class HierarchicalConfig(_ValidatedConfig):
     """Levels of a hierarchical pattern (the guides' ``HierarchicalConfig``).
 
     Args:
@@ -377,7 +465,8 @@ class HierarchicalConfig:
     The layout is built by the ``hierarchical`` pattern of :mod:`dilated_sparse.patterns`. A
     layout has one block size (the module's, by default the finest level's); a level's
     ``block_size`` is its granularity: its windows' ends are rounded outward to multiples of it,
-    so coarse levels see coarse, aligned spans.
+    so coarse levels see coarse, aligned spans. Assigning ``level_configs`` later validates it
+    the same way.
     """
 
     level_configs: list[dict[str, int]] = field(default_factory=lambda: [
@@ -418,7 +507,7 @@ class HierarchicalConfig:
 
 @_strict()
 @dataclass
-class AdaptiveConfig:
+class AdaptiveConfig(_ValidatedConfig):
     """Options of the learned layout of :class:`~dilated_sparse.modules.BlockSparseAdaptive`.
 
     Args:
@@ -438,6 +527,9 @@ class AdaptiveConfig:
             task loss train it.
         block_size: block edge in tokens (16, 32, 64, 128 or 256).
         gumbel_noise: add Gumbel noise to the scores in training mode (exploration).
+
+    Fields set after construction (e.g. ``base_sparsity`` by a
+    :class:`~dilated_sparse.modules.ProgressiveSparsityScheduler`) are validated the same way.
     """
 
     base_sparsity: float = 0.9
@@ -458,8 +550,9 @@ class AdaptiveConfig:
             raise ValueError(f"{owner}.base_sparsity must lie in [0, 1), got {self.base_sparsity!r}")
         for name in ("temperature", "min_temperature"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{owner}.{name} must be a positive float, got {value!r}")
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+                    or not math.isfinite(value)):
+                raise ValueError(f"{owner}.{name} must be a positive finite float, got {value!r}")
         if self.min_temperature > self.temperature:
             raise ValueError(
                 f"{owner}: min_temperature {self.min_temperature} > temperature {self.temperature}"

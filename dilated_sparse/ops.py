@@ -156,6 +156,19 @@ def check_qkv(
     return bsz, sq, k.shape[1], heads, kv_heads, dim
 
 
+def default_scale(scale: Any, dim: int) -> float:
+    """``scale`` (a finite real number) as a float, or ``1 / sqrt(dim)`` for None.
+
+    Raises:
+        TypeError: anything else (a string, a bool, a tensor, NaN or infinity).
+    """
+    if scale is None:
+        return 1.0 / math.sqrt(dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    return float(scale)
+
+
 def check_key_lengths(key_lengths: Any, batch: int, seq_len_k: int, *, check_values: bool = True) -> None:
     """Check ``key_lengths``: an integer (not bool) tensor ``[batch]``, each value in ``[0, seq_len_k]``
     (the value check reads the tensor, so callers skip it while tracing).
@@ -215,10 +228,7 @@ def _check_inputs(
         raise ValueError(f"layout has layout_batch={layout.layout_batch}; expected 1 or the batch size {bsz}")
     if layout.layout_heads not in (1, heads):
         raise ValueError(f"layout has layout_heads={layout.layout_heads}; expected 1 or the number of query heads {heads}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(dim)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    scale = default_scale(scale, dim)
     window_left, window_right = _normalize_window(window)
     checking_values = not torch.compiler.is_compiling()
     if key_lengths is not None:

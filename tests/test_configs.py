@@ -139,3 +139,106 @@ def test_tiny_target_keeps_a_block_per_row():
     for causal in (False, True):
         lay = SparsePatternConfig(sparsity_ratio=0.01, block_size=16).make_layout(160, causal=causal)
         assert (lay.row_counts() >= 1).all() and lay.nnz == 10
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "option"),
+    [
+        ({"pattern_type": "local_window", "local_window_size": 1024, "pattern_options": {"window_size": 64}},
+         "local_window_size", "window_size"),
+        ({"pattern_type": "global_local", "global_tokens": 256, "pattern_options": {"global_tokens": 0}},
+         "global_tokens", "global_tokens"),
+        ({"sparsity_ratio": 0.5, "pattern_options": {"density": 0.05}}, "sparsity_ratio", "density"),
+        ({"sparsity_ratio": 0.5, "pattern_options": {"sparsity_ratio": 0.05}}, "sparsity_ratio", "sparsity_ratio"),
+        # given at its default value still counts as given
+        ({"pattern_type": "local_window", "local_window_size": 256, "pattern_options": {"window_size": 64}},
+         "local_window_size", "window_size"),
+        ({"segment_lengths": [64, 128], "dilation_rates": [1, 2], "pattern_options": {"dilation_rates": [1, 4]}},
+         "dilation_rates", "dilation_rates"),
+    ],
+)
+def test_pattern_options_conflicting_with_a_given_field_raise(kwargs, field, option):
+    with pytest.raises(ValueError, match=rf"{field}=.*pattern_options\['{option}'\]"):
+        SparsePatternConfig(block_size=64, **kwargs)
+
+
+def test_pattern_options_fill_fields_that_were_not_given():
+    c = SparsePatternConfig(pattern_type="local_window", block_size=64, pattern_options={"window_size": 64})
+    assert c.make_layout(2048).equal(ds.patterns.local_window(seq_len_q=2048, block_size=64, window_size=64))
+    # the same value in both places is no conflict
+    same = SparsePatternConfig(pattern_type="local_window", block_size=64, local_window_size=64,
+                               pattern_options={"window_size": 64})
+    assert same.make_layout(2048).equal(c.make_layout(2048))
+    # replace keeps the unset field unset (no false conflict), and the changed field counts as given
+    assert c.replace(block_size=32).make_layout(512).equal(
+        ds.patterns.local_window(seq_len_q=512, block_size=32, window_size=64))
+    with pytest.raises(ValueError, match="local_window_size=.*pattern_options"):
+        c.replace(local_window_size=128)
+    # setting the field later is a conflict too; the old value is kept
+    with pytest.raises(ValueError, match="local_window_size=.*pattern_options"):
+        c.local_window_size = 128
+    assert c.local_window_size == 256 and not c.is_explicit("local_window_size")
+    given = SparsePatternConfig(pattern_type="local_window", local_window_size=128)
+    with pytest.raises(ValueError, match="local_window_size=.*pattern_options"):
+        given.pattern_options = {"window_size": 64}
+    assert given.pattern_options == {}
+
+
+def test_pattern_options_conflicting_with_the_modules_segments_raise():
+    c = SparsePatternConfig(block_size=16, pattern_options={"segment_lengths": [64, 128]})
+    with pytest.raises(ValueError, match=r"segment_lengths=\[32, 64\].*pattern_options\['segment_lengths'\]"):
+        c.make_layout(256, segment_lengths=[32, 64], dilation_rates=[1, 2])
+    assert c.make_layout(256, segment_lengths=[64, 128], dilation_rates=[1, 2]).nnz > 0
+
+
+@pytest.mark.parametrize("key", ["block_size", "seq_len_q", "seq_len_k"])
+def test_pattern_options_cannot_set_the_geometry(key):
+    with pytest.raises(ValueError, match=rf"pattern_options must not set '{key}'"):
+        SparsePatternConfig(pattern_options={key: 32})
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "error"),
+    [
+        ("base_sparsity", 1.7, ValueError),
+        ("base_sparsity", -0.1, ValueError),
+        ("temperature", -1.0, ValueError),
+        ("temperature", float("inf"), ValueError),
+        ("min_temperature", 5.0, ValueError),  # above temperature
+        ("block_size", 48, ValueError),
+        ("hidden_dim", 0, ValueError),
+        ("num_layers", 1.5, TypeError),
+        ("hard_sparsity", "no", TypeError),
+    ],
+)
+def test_adaptive_config_fields_set_later_are_validated(name, value, error):
+    a = AdaptiveConfig()
+    old = getattr(a, name)
+    with pytest.raises(error, match=name):
+        setattr(a, name, value)
+    assert getattr(a, name) == old
+    a.base_sparsity = 0.5  # valid values still go through
+    assert a.base_sparsity == 0.5 and a.is_explicit("base_sparsity")
+
+
+def test_hierarchical_config_set_later_is_validated():
+    h = HierarchicalConfig()
+    old = h.level_configs
+    with pytest.raises(ValueError, match=r"level_configs\[0\]\['stride'\]"):
+        h.level_configs = [{"stride": 0, "window_size": 64, "block_size": 32}]
+    with pytest.raises(TypeError, match="level_configs"):
+        h.level_configs = {"stride": 1}
+    assert h.level_configs == old
+    h.level_configs = [{"stride": 16, "window_size": 64, "block_size": 32}]
+    assert h.num_levels == 1
+
+
+def test_distributed_config_set_later_is_validated():
+    cfg = ds.DistributedSparseConfig()
+    with pytest.raises(ValueError, match="sharding"):
+        cfg.sharding = "ring"
+    with pytest.raises(ValueError, match="load_balance_interval"):
+        cfg.load_balance_interval = 3  # needs sharding='balanced'
+    assert cfg.sharding == "contiguous" and cfg.load_balance_interval == 0
+    cfg.sharding = "zigzag"
+    assert cfg.sharding == "zigzag"

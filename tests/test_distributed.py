@@ -617,3 +617,61 @@ def test_factory_builds_the_distributed_module() -> None:
     out = module(q, k, v, is_causal=True)
     ref = ds.block_sparse_attention(q, k, v, module.current_layout(100, 2), causal=True)
     assert _max_err(out, ref) <= TOL64
+
+
+def test_module_block_size_must_agree_with_sparse_config() -> None:
+    sparse = dilated_sparse.configs.SparsePatternConfig(pattern_type="local_window", block_size=64)
+    with pytest.raises(ValueError, match=r"block_size=128.*sparse_config\.block_size=64"):
+        BlockSparseRingDistributedDilatedAttention(sparse_config=sparse, block_size=128)
+    module = BlockSparseRingDistributedDilatedAttention(sparse_config=sparse, block_size=64)
+    assert module.block_size == (64, 64)
+    q, k, v, _ = _tensors(1, 512, 2, 2, 16, torch.float64)
+    module(q, k, v)
+    assert module.current_layout(512, 2).block_size == module.block_size
+    sparse.block_size = 32  # the module follows its config
+    module(q, k, v)
+    assert module.block_size == (32, 32) == module.current_layout(512, 2).block_size
+
+
+def test_module_segments_must_be_used_by_the_pattern() -> None:
+    segs = {"segment_lengths": [128, 256], "dilation_rates": [1, 2]}
+    with pytest.raises(ValueError, match="segment_lengths/dilation_rates.*'local_window'"):
+        BlockSparseRingDistributedDilatedAttention(**segs, pattern="local_window", window_size=128)
+    with pytest.raises(ValueError, match="segment_lengths/dilation_rates.*'local_window'"):
+        BlockSparseRingDistributedDilatedAttention(
+            **segs, sparse_config=dilated_sparse.configs.SparsePatternConfig(pattern_type="local_window"))
+    layout = pat.local_window(seq_len_q=512, block_size=64, window_size=128)
+    with pytest.raises(ValueError, match="segment_lengths/dilation_rates.*fixed layout"):
+        BlockSparseRingDistributedDilatedAttention(**segs, pattern=layout)
+    with pytest.raises(ValueError, match="segment_lengths/dilation_rates.*callable"):
+        BlockSparseRingDistributedDilatedAttention(**segs, pattern=pat.local_window, block_size=64)
+    with pytest.raises(ValueError, match="same length"):
+        BlockSparseRingDistributedDilatedAttention(segment_lengths=[128, 256], dilation_rates=[1])
+    # a named pattern that takes them gets them (they were dropped before)
+    q, k, v, _ = _tensors(1, 512, 2, 2, 16, torch.float64)
+    with_segs = BlockSparseRingDistributedDilatedAttention(**segs, pattern="dilated_sparse", block_size=64)
+    out = with_segs(q, k, v)
+    expected = pat.dilated_sparse(seq_len_q=512, block_size=64, **segs)
+    assert with_segs.current_layout(512, 2).equal(expected)
+    assert _max_err(out, ds.block_sparse_attention(q, k, v, expected)) <= TOL64
+    # a sparse_config whose pattern changes later is checked again before the next layout is built
+    sparse = dilated_sparse.configs.SparsePatternConfig(pattern_type="dilated_sparse", block_size=64)
+    module = BlockSparseRingDistributedDilatedAttention(**segs, sparse_config=sparse)
+    module(q, k, v)
+    sparse.pattern_type = "local_window"
+    with pytest.raises(ValueError, match="segment_lengths/dilation_rates.*'local_window'"):
+        module(q, k, v)
+
+
+@pytest.mark.parametrize("scale", ["0.5", True, torch.tensor(0.5), float("nan"), float("inf")])
+def test_scale_is_checked_like_the_op(scale: Any) -> None:
+    layout = pat.local_window(seq_len_q=64, block_size=16, window_size=32)
+    q = torch.randn(1, 64, 2, 8)
+    with pytest.raises(TypeError, match="scale"):
+        ds.block_sparse_attention(q, q, q, layout, scale=scale)
+    with pytest.raises(TypeError, match="scale"):
+        ring_block_sparse_attention(q, q, q, layout, scale=scale)
+    with pytest.raises(TypeError, match="scale"):
+        BlockSparseRingDistributedDilatedAttention(pattern="local_window", window_size=32, block_size=16, scale=scale)
+    module = BlockSparseRingDistributedDilatedAttention(pattern=layout, scale=0.5)
+    assert _max_err(module(q, q, q), ds.block_sparse_attention(q, q, q, layout, scale=0.5)) <= TOL32

@@ -187,3 +187,19 @@ def test_adaptive_with_dropout_still_trains_the_importance_net():
     q, k, v = qkv(dtype=torch.float32)
     module(q, k, v).square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.key_tower.parameters())
+
+
+def test_config_changed_on_the_module_is_validated():
+    module = ds.BlockSparseAdaptive(num_heads=2, head_dim=8, adaptive_config=ds.AdaptiveConfig(block_size=16)).eval()
+    q, k, v = qkv(b=1, s=64)
+    with pytest.raises(ValueError, match="base_sparsity"):
+        module.config.base_sparsity = 1.7
+    with pytest.raises(ValueError, match="block_size"):
+        module.config.block_size = 48
+    assert module.config.base_sparsity == 0.9 and module.block_size == 16
+    module.config.base_sparsity = 0.5  # valid: 2 of the 4 key blocks of each row
+    _, pattern = module(q, k, v, return_pattern=True)
+    assert pattern["keep_per_row"] == 2
+    assert module.get_pattern_stats(64)["keep_per_row"] == 2
+    module.config.base_sparsity = 0.0
+    assert module(q, k, v, return_pattern=True)[1]["keep_per_row"] == 4

@@ -390,3 +390,16 @@ def test_guide_hierarchical_patterns():
     assert "Sparsity" in model.visualize_pattern(seq_len=512)
     stats = attention.get_pattern_stats(seq_len=4096)
     assert stats["active_blocks"] <= stats["total_blocks"] and len(stats["levels"]) == 4
+
+
+def test_progressive_scheduler_sets_valid_adaptive_sparsity_through_the_validated_config():
+    module = BlockSparseAdaptive(adaptive_config=AdaptiveConfig(block_size=16))
+    scheduler = ds.ProgressiveSparsityScheduler(module, initial_sparsity=0.0, final_sparsity=0.99, total_steps=3)
+    seen = [module.config.base_sparsity]
+    for _ in range(4):
+        scheduler.step()
+        seen.append(module.config.base_sparsity)
+    assert seen[0] == 0.0 and seen[-1] == pytest.approx(0.99) and module.config.is_explicit("base_sparsity")
+    with pytest.raises(ValueError, match="base_sparsity"):
+        module.config.base_sparsity = 1.0
+    assert module.config.base_sparsity == pytest.approx(0.99)

@@ -1,15 +1,17 @@
 """``DistributedSparseConfig``: how :class:`BlockSparseRingDistributedDilatedAttention` runs the ring.
 
 Every field changes what the module does; none is a placeholder. Unknown keywords raise a
-``TypeError`` listing the valid ones, and each field is checked when the config is built.
+``TypeError`` listing the valid ones, and each field is checked when the config is built and
+when it is set later (the same mechanism as :mod:`dilated_sparse.configs`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 from typing import Any
+
+from ..configs import _strict, _ValidatedConfig
 
 __all__ = ["INPUT_SHARDINGS", "SHARDINGS", "DistributedSparseConfig"]
 
@@ -34,8 +36,9 @@ def _check_interval(name: str, value: Any) -> None:
         raise ValueError(f"DistributedSparseConfig.{name} must be >= 0 (0 = off), got {value}")
 
 
+@_strict()
 @dataclass
-class DistributedSparseConfig:
+class DistributedSparseConfig(_ValidatedConfig):
     """Options of the distributed (sequence-parallel) block-sparse ring.
 
     Args:
@@ -101,18 +104,3 @@ class DistributedSparseConfig:
     def replace(self, **changes: Any) -> DistributedSparseConfig:
         """A validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)
-
-
-_original_init = DistributedSparseConfig.__init__
-
-
-@functools.wraps(_original_init)
-def _strict_init(self: DistributedSparseConfig, *args: Any, **kwargs: Any) -> None:
-    valid = sorted(f.name for f in dataclasses.fields(DistributedSparseConfig))
-    unknown = sorted(set(kwargs) - set(valid))
-    if unknown:
-        raise TypeError(f"DistributedSparseConfig got unknown option(s) {unknown}; valid options are {valid}")
-    _original_init(self, *args, **kwargs)
-
-
-DistributedSparseConfig.__init__ = _strict_init  # type: ignore[method-assign]

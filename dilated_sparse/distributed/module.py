@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..layout import BlockSparseLayout, normalize_block_size
-from ..ops import _normalize_window
+from ..ops import _normalize_window, default_scale
 from .config import DistributedSparseConfig
 from .deepspeed_integration import deepspeed_sequence_parallel_group
 from .redistribute import RedistributionPlan, redistribute, redistribution_plan
@@ -91,7 +91,10 @@ class BlockSparseRingDistributedDilatedAttention(nn.Module):
 
     Args:
         segment_lengths, dilation_rates: LongNet segments and dilations of the default
-            ``dilated_sparse`` pattern (also the defaults handed to ``sparse_config``).
+            ``dilated_sparse`` pattern (also the defaults handed to ``sparse_config`` and to a
+            named ``pattern`` that takes them). Giving them with a pattern that does not use them
+            (a named pattern or config other than ``dilated_sparse``, a fixed layout, a spec or a
+            callable) raises ``ValueError``, as the single-process modules do.
         sparse_config: a :class:`~dilated_sparse.configs.SparsePatternConfig` naming the pattern
             (built with its ``make_layout``).
         distributed_config: a :class:`~dilated_sparse.distributed.config.DistributedSparseConfig`
@@ -100,9 +103,11 @@ class BlockSparseRingDistributedDilatedAttention(nn.Module):
             :func:`dilated_sparse.patterns.make_layout`, a fixed :class:`BlockSparseLayout`, or a
             callable ``fn(seq_len_q=, seq_len_k=, block_size=, **pattern_options)`` returning one
             (called on rank 0 and broadcast; see ``pattern_update_interval``).
-        block_size: block edge (default: ``sparse_config.block_size``, else 64).
+        block_size: block edge (default: ``sparse_config.block_size``, else 64). With
+            ``sparse_config`` the layout's block is the config's: a different ``block_size``
+            raises ``ValueError`` (and ``module.block_size`` follows the config).
         window: optional token-level sliding window ``(left, right)`` (or an int for both).
-        scale: softmax scale (default ``1/sqrt(head_dim)``).
+        scale: softmax scale, a finite real number (default ``1/sqrt(head_dim)``).
         group: the process group (default: the world; DeepSpeed's sequence-parallel group when
             ``enable_deepspeed_integration`` and DeepSpeed has one).
         **pattern_options: options for a named / callable ``pattern``.
@@ -144,8 +149,17 @@ class BlockSparseRingDistributedDilatedAttention(nn.Module):
                 f"options {sorted(pattern_options)} are only accepted with a named or callable pattern=; "
                 "use sparse_config for the configured patterns"
             )
+        from ..modules._common import check_segments
+
+        config_block = getattr(sparse_config, "block_size", None)
+        if block_size is not None and config_block is not None and (
+                normalize_block_size(block_size) != normalize_block_size(config_block)):
+            raise ValueError(
+                f"block_size={block_size!r} disagrees with sparse_config.block_size={config_block!r} (the layout "
+                "is built with the config's); give it in one place"
+            )
         if block_size is None:
-            block_size = getattr(sparse_config, "block_size", None)
+            block_size = config_block
             if block_size is None:
                 block_size = pattern.block_size[0] if isinstance(pattern, BlockSparseLayout) else 64
         if isinstance(pattern, BlockSparseLayout):
@@ -153,18 +167,18 @@ class BlockSparseRingDistributedDilatedAttention(nn.Module):
                 raise ValueError("pattern: the ring needs a square layout (seq_len_q == seq_len_k)")
             if normalize_block_size(block_size) != pattern.block_size:
                 raise ValueError(f"block_size {block_size} differs from the layout's {pattern.block_size}")
-        self.block_size = normalize_block_size(block_size)
-        self.segment_lengths = list(segment_lengths) if segment_lengths is not None else None
-        self.dilation_rates = list(dilation_rates) if dilation_rates is not None else None
+        self._block_size = normalize_block_size(block_size)
+        self.segment_lengths, self.dilation_rates = check_segments(segment_lengths, dilation_rates)
         self.sparse_config = sparse_config
         self.distributed_config = distributed_config
         self.pattern = pattern
         self.pattern_options = dict(pattern_options)
+        self._check_segments_used()
         left, right = _normalize_window(window)
         self.window: tuple[int | None, int | None] | None = (
             None if (left, right) == (-1, -1) else (left if left >= 0 else None, right if right >= 0 else None)
         )
-        self.scale = scale
+        self.scale = None if scale is None else default_scale(scale, 1)  # the op's check of scale
         self.group = group
         self.communication = CommunicationLog()
         self._layouts: dict[tuple[int, int], tuple[BlockSparseLayout, int, Any]] = {}
@@ -172,6 +186,30 @@ class BlockSparseRingDistributedDilatedAttention(nn.Module):
         self._redistribution: dict[tuple[Any, ...], RedistributionPlan] = {}
         self._calls: dict[int, int] = {}
         self._warned_deepspeed = False
+
+    @property
+    def block_size(self) -> tuple[int, int]:
+        """The layout's block ``(bq, bk)``: ``sparse_config.block_size`` when there is a config."""
+        config_block = getattr(self.sparse_config, "block_size", None)
+        return self._block_size if config_block is None else normalize_block_size(config_block)
+
+    def _check_segments_used(self) -> None:
+        """``ValueError`` when ``segment_lengths``/``dilation_rates`` were given but the pattern ignores them."""
+        from ..modules._common import check_segments_used
+
+        if self.segment_lengths is None and self.dilation_rates is None:
+            return
+        if self.sparse_config is not None:
+            check_segments_used(self.sparse_config.pattern_type, self.segment_lengths, self.dilation_rates)
+        elif isinstance(self.pattern, str):
+            check_segments_used(self.pattern, self.segment_lengths, self.dilation_rates)
+        elif self.pattern is not None:
+            kind = "fixed layout" if isinstance(self.pattern, BlockSparseLayout) else (
+                "callable" if self._pattern_is_dynamic() else "spec")
+            raise ValueError(
+                f"segment_lengths/dilation_rates were given but a {kind} pattern does not use them; put them in "
+                "the pattern itself, or use pattern='dilated_sparse' or a sparse_config"
+            )
 
     # ------------------------------------------------------------------ group and layout
     def process_group(self) -> Any:
@@ -208,8 +246,15 @@ class BlockSparseRingDistributedDilatedAttention(nn.Module):
                     f"the fixed layout covers {self.pattern.seq_len_q} tokens but the sequence has {seq_len}"
                 )
             return self.pattern
+        self._check_segments_used()  # a sparse_config's pattern_type may have changed since construction
         if self.pattern is not None:
-            return make_layout(self.pattern, seq_len_q=seq_len, block_size=self.block_size, **self.pattern_options)
+            options = dict(self.pattern_options)
+            if isinstance(self.pattern, str):  # a named pattern that takes them (checked above)
+                for name, value in (("segment_lengths", self.segment_lengths),
+                                    ("dilation_rates", self.dilation_rates)):
+                    if value is not None:
+                        options[name] = value
+            return make_layout(self.pattern, seq_len_q=seq_len, block_size=self.block_size, **options)
         if self.sparse_config is not None:
             return self.sparse_config.make_layout(
                 seq_len, num_heads=num_heads, segment_lengths=self.segment_lengths,

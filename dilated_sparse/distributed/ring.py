@@ -15,7 +15,6 @@ locally and sending each frame's dK/dV partials home to the rank that owns those
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 import weakref
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..layout import BlockSparseLayout
-from ..ops import _normalize_window, attention_backward, attention_forward
+from ..ops import _normalize_window, attention_backward, attention_forward, check_key_lengths, default_scale
 from .plan import DirectCall, Frame, RingPlan, TileCall, build_plan
 from .sharding import SequenceSharding, make_sharding
 
@@ -546,15 +545,9 @@ def ring_block_sparse_attention(
     bsz, _, heads, dim = q.shape
     if layout.layout_batch not in (1, bsz) or layout.layout_heads not in (1, heads):
         raise ValueError(f"layout shape {layout.layout_shape} does not fit batch {bsz} and heads {heads}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(dim)
+    scale = default_scale(scale, dim)  # the op's check: a finite real number or None
     if key_lengths is not None:
-        if (not isinstance(key_lengths, torch.Tensor) or key_lengths.shape != (bsz,)
-                or key_lengths.dtype.is_floating_point or key_lengths.dtype == torch.bool):
-            raise ValueError(f"key_lengths must be an integer tensor [batch] = [{bsz}] of global lengths")
-        if bool(((key_lengths < 0) | (key_lengths > layout.seq_len_k)).any()):
-            raise ValueError(f"key_lengths must lie in [0, {layout.seq_len_k}] (global lengths), "
-                             f"got {key_lengths.tolist()}")
+        check_key_lengths(key_lengths, bsz, layout.seq_len_k)  # global lengths, as the op's
         key_lengths = key_lengths.to(q.device)
     if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool
                                          or key_padding_mask.shape != (bsz, q.shape[1])):

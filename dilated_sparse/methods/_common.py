@@ -18,7 +18,6 @@ shape), ``info`` a :class:`RowInfo` with the token positions of the rows and key
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -26,7 +25,7 @@ import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ..layout import BlockSparseLayout
-from ..ops import check_key_lengths, check_key_padding_mask
+from ..ops import check_key_lengths, check_key_padding_mask, default_scale
 from ..ops import check_qkv as ops_check_qkv
 
 __all__ = [
@@ -101,15 +100,6 @@ def full_precision(device: torch.device) -> Iterator[None]:
         ctx = contextlib.nullcontext()
     with ctx:
         yield
-
-
-def default_scale(scale: float | None, dim: int) -> float:
-    """``scale`` or ``1 / sqrt(dim)``."""
-    if scale is None:
-        return 1.0 / math.sqrt(dim)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
-    return float(scale)
 
 
 def expand_kv(t: torch.Tensor, heads: int, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -200,6 +200,16 @@ class BlockSparseAdaptive(BlockSparseAttentionBase):
         """Fraction of each row's candidate blocks kept (``1 - base_sparsity``)."""
         return 1.0 - self.config.base_sparsity
 
+    def keep_per_row(self, num_key_blocks: int, max_candidates: int) -> int:
+        """Blocks each query-block row keeps: ``round(keep_fraction * num_key_blocks)``, at least
+        one (as ``AdaptiveConfig`` documents) and at most ``max_candidates`` (the widest row of
+        candidates). ``base_sparsity`` is validated to lie in ``[0, 1)`` whenever it is set, so
+        ``keep_fraction`` is in ``(0, 1]`` here."""
+        fraction = self.keep_fraction
+        if not 0.0 < fraction <= 1.0:  # unreachable through the validated config; never clamp a bad value
+            raise ValueError(f"AdaptiveConfig.base_sparsity must lie in [0, 1), got {self.config.base_sparsity!r}")
+        return max(1, min(max_candidates, round(fraction * num_key_blocks)))
+
     def effective_temperature(self) -> torch.Tensor:
         """``max(temperature * exp(log_temperature_scale), min_temperature)``."""
         return torch.clamp(self.temperature * torch.exp(self.log_temperature_scale), min=self.config.min_temperature)
@@ -238,7 +248,7 @@ class BlockSparseAdaptive(BlockSparseAttentionBase):
         heads = num_heads or self.num_heads or 1
         candidates = self.get_layout(seq_len, seq_len_k, causal=causal)
         nqb, nkb = candidates.num_query_blocks, candidates.num_key_blocks
-        keep = max(1, min(derived(candidates, "max_row", _max_row), round(self.keep_fraction * nkb)))
+        keep = self.keep_per_row(nkb, derived(candidates, "max_row", _max_row))
         rows = torch.clamp(candidates.row_counts(), max=keep).to(torch.float64)
         slices = batch_size * (1 if self.config.share_across_heads else heads)
         nnz = int(rows.sum().item())
@@ -287,7 +297,7 @@ class BlockSparseAdaptive(BlockSparseAttentionBase):
         ``max_cand`` is the largest number of candidates of a row (known from the cached layout).
         """
         n_cand = candidates.sum(dim=-1, keepdim=True)  # [1, 1, nqb, 1]
-        keep = max(1, min(max_cand, round(self.keep_fraction * scores.shape[-1])))
+        keep = self.keep_per_row(scores.shape[-1], max_cand)
         perturbed = scores
         if self.training and self.config.gumbel_noise:
             u = torch.rand_like(scores).clamp_(1e-9, 1 - 1e-9)
