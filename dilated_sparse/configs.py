@@ -134,7 +134,8 @@ _FIELD_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 # The geometry make_layout always passes itself; never taken from pattern_options.
 _GEOMETRY_OPTIONS = {"seq_len_q": "make_layout's seq_len_q", "seq_len_k": "make_layout's seq_len_k",
-                     "block_size": "SparsePatternConfig.block_size"}
+                     "block_size": "SparsePatternConfig.block_size",
+                     "causal": "make_layout's causal (a module's is_causal)", "device": "make_layout's device"}
 
 
 def _same_option(a: Any, b: Any) -> bool:
@@ -223,7 +224,8 @@ class SparsePatternConfig(_ValidatedConfig):
             default); when the field was given (at construction, by ``replace`` or set later,
             even to its default value) and ``pattern_options`` sets its option to another value,
             ``ValueError`` names both, so neither value is silently dropped. The geometry
-            (``seq_len_q``, ``seq_len_k``, ``block_size``) cannot be set here.
+            (``seq_len_q``, ``seq_len_k``, ``block_size``), ``causal`` and ``device`` (the
+            call's) cannot be set here.
 
     Only the options the chosen pattern accepts are passed to it; setting an option the
     pattern does not take (to a non-default value) raises ``ValueError`` when the layout is

@@ -191,7 +191,7 @@ def test_pattern_options_conflicting_with_the_modules_segments_raise():
     assert c.make_layout(256, segment_lengths=[64, 128], dilation_rates=[1, 2]).nnz > 0
 
 
-@pytest.mark.parametrize("key", ["block_size", "seq_len_q", "seq_len_k"])
+@pytest.mark.parametrize("key", ["block_size", "seq_len_q", "seq_len_k", "causal", "device"])
 def test_pattern_options_cannot_set_the_geometry(key):
     with pytest.raises(ValueError, match=rf"pattern_options must not set '{key}'"):
         SparsePatternConfig(pattern_options={key: 32})

@@ -215,6 +215,10 @@ def test_pattern_kinds():
         ds.BlockSparseMultiheadAttention(E, H, pattern=3)
     with pytest.raises(ValueError, match="unknown pattern"):
         ds.BlockSparseMultiheadAttention(E, H, pattern="nope")
+    # Segments a fixed layout or a callable would not use are refused, not dropped.
+    for pattern, kind in ((lay, "fixed layout"), (ds.patterns.block_neighbour, "callable")):
+        with pytest.raises(ValueError, match=f"a {kind} pattern does not use them"):
+            ds.BlockSparseMultiheadAttention(E, H, pattern=pattern, segment_lengths=[32], dilation_rates=[1])
 
 
 def test_dropout_training_mode():

@@ -248,6 +248,10 @@ class BlockSparseMultiheadAttention(nn.MultiheadAttention):
             )
         if self.sparse_config is not None:
             check_segments_used(self.sparse_config.pattern_type, self.segment_lengths, self.dilation_rates)
+        elif self.segment_lengths is not None or self.dilation_rates is not None:
+            kind = "fixed layout" if self.fixed_layout is not None else "callable"
+            raise ValueError(f"segment_lengths/dilation_rates were given but a {kind} pattern does not use them; "
+                             "put them in the pattern itself, or use pattern='dilated_sparse'")
         if (add_bias_kv or add_zero_attn) and not self._is_dense_pattern():
             raise ValueError(
                 "add_bias_kv/add_zero_attn append keys that every query must see; this is supported with "
