@@ -248,11 +248,10 @@ class BlockSparseLayout:
         return torch.repeat_interleave(rows, self.row_counts(), output_size=self.nnz)
 
     # ------------------------------------------------------------- validation
-    def _validate(self, crow_indices: torch.Tensor | None = None, col_indices: torch.Tensor | None = None) -> None:
-        """Check the CSR structure (of the given index tensors, before their int32 cast, or of the
-        layout's own)."""
-        crow = (self.crow_indices if crow_indices is None else crow_indices).to(torch.int64)
-        col = (self.col_indices if col_indices is None else col_indices).to(torch.int64)
+    def _validate(self, crow_indices: torch.Tensor, col_indices: torch.Tensor) -> None:
+        """Check the CSR structure of the given index tensors (before their int32 cast)."""
+        crow = crow_indices.to(torch.int64)
+        col = col_indices.to(torch.int64)
         nnz = col.numel()
         if int(crow[0]) != 0:
             raise ValueError(f"crow_indices must start at 0, got {int(crow[0])}")

@@ -34,6 +34,15 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ----------------------------------------------------------------------------- ReLA
+def _rela_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gain: torch.Tensor,
+                    allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ReLA from its definition: ReLU scores on the allowed entries, then the RMS-normalised output
+    times the gain; returns ``(weights [B, H, Sq, Sk], out [B, Sq, H, Dv])``."""
+    w = torch.relu(attn_scores(q, k)) * allowed
+    x = (w @ expand_heads(v, q.shape[2])).transpose(1, 2)
+    return w, x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * gain
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_rela_matches_definition(causal):
     b, s, h, d = 2, 21, 2, 8
@@ -42,9 +51,7 @@ def test_rela_matches_definition(causal):
     kpm = torch.zeros(b, s, dtype=torch.bool)
     kpm[1] = True  # batch 1: every key padded -> zero rows, no NaN
     out = rela_attention(q, k, v, gain=gain, causal=causal, key_padding_mask=kpm, chunk_size=5)
-    w = torch.relu(attn_scores(q, k)) * allowed_mask(b, h, s, s, causal=causal, key_padding_mask=kpm)
-    x = (w @ expand_heads(v, h)).transpose(1, 2)
-    ref = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * gain
+    w, ref = _rela_reference(q, k, v, gain, allowed_mask(b, h, s, s, causal=causal, key_padding_mask=kpm))
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
     assert_same_grads(out, ref, [q, k, v, gain])
     assert torch.isfinite(out).all() and (out[1] == 0).all()
@@ -326,9 +333,7 @@ def test_rela_value_head_dim_of_its_own_with_layout_matches_definition():
     lay = _sparse_layout(s)
     gain = (torch.rand(h, 24, dtype=F64, generator=torch.Generator().manual_seed(4)) + 0.5).requires_grad_()
     out = rela_attention(q, k, v, gain=gain, layout=lay, causal=True, chunk_size=1)
-    w = torch.relu(attn_scores(q, k)) * allowed_mask(b, h, s, s, causal=True, layout=lay)
-    x = (w @ expand_heads(v, h)).transpose(1, 2)
-    ref = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * gain
+    _, ref = _rela_reference(q, k, v, gain, allowed_mask(b, h, s, s, causal=True, layout=lay))
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
     assert_same_grads(out, ref, [q, k, v, gain])
     assert (out[:, 16:32] == 0).all()  # the empty block row

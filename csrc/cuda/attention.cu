@@ -1008,14 +1008,13 @@ void set_tma(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tens
              int q_rows, int kv_rows, const at::Tensor& out = at::Tensor()) {
   p.tma = 0;
   const char* e = std::getenv("DILATED_SPARSE_TMA");
-  const std::string mode = e != nullptr ? e : "";
-  TORCH_CHECK(mode.empty() || mode == "0" || mode == "1", "dilated_sparse CUDA: DILATED_SPARSE_TMA must be 0 or 1 "
-              "(unset: TMA where the driver encodes the descriptors), got '", mode, "'");
-  if (mode == "0") return;
+  // Set: 0 copies with cp.async, 1 requires TMA; unset: TMA where the driver encodes the descriptors.
+  const bool required = e != nullptr && *e != '\0';
+  if (required && !env_switch("DILATED_SPARSE_TMA", true)) return;
   const bool ok = encode_tma(&p.tma_q, q, q_rows) && encode_tma(&p.tma_k, k, kv_rows) &&
                   encode_tma(&p.tma_v, v, kv_rows) && (!dout.defined() || encode_tma(&p.tma_do, dout, q_rows)) &&
                   (!out.defined() || encode_tma(&p.tma_o, out, 64));
-  TORCH_CHECK(ok || mode != "1", "dilated_sparse CUDA: DILATED_SPARSE_TMA=1 but the driver did not encode a TMA "
+  TORCH_CHECK(ok || !required, "dilated_sparse CUDA: DILATED_SPARSE_TMA=1 but the driver did not encode a TMA "
               "descriptor for q, k, v, dout or out (shape ", q.sizes(), ", strides ", q.strides(), ")");
   p.tma = ok ? 1 : 0;
   p.split_producer = env_switch("DILATED_SPARSE_SPLIT_PRODUCER", true) && p.tma;  // checked even without TMA

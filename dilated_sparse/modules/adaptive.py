@@ -205,10 +205,7 @@ class BlockSparseAdaptive(BlockSparseAttentionBase):
         one (as ``AdaptiveConfig`` documents) and at most ``max_candidates`` (the widest row of
         candidates). ``base_sparsity`` is validated to lie in ``[0, 1)`` whenever it is set, so
         ``keep_fraction`` is in ``(0, 1]`` here."""
-        fraction = self.keep_fraction
-        if not 0.0 < fraction <= 1.0:  # unreachable through the validated config; never clamp a bad value
-            raise ValueError(f"AdaptiveConfig.base_sparsity must lie in [0, 1), got {self.config.base_sparsity!r}")
-        return max(1, min(max_candidates, round(fraction * num_key_blocks)))
+        return max(1, min(max_candidates, round(self.keep_fraction * num_key_blocks)))
 
     def effective_temperature(self) -> torch.Tensor:
         """``max(temperature * exp(log_temperature_scale), min_temperature)``."""
