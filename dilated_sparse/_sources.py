@@ -60,8 +60,9 @@ def _rel(paths: list[Path], root: Path) -> list[str]:
 
 
 def cpp_sources(root: Path = ROOT) -> list[str]:
-    """C++ sources (schema, checks, Python module, CPU kernels), relative to ``root``."""
-    files = [root / "csrc" / "ops.cpp", *sorted((root / "csrc" / "cpu").rglob("*.cpp"))]
+    """C++ sources (schema, C++ API and Python module; the shared argument checks; CPU kernels),
+    relative to ``root``."""
+    files = [root / "csrc" / "ops.cpp", root / "csrc" / "checks.cpp", *sorted((root / "csrc" / "cpu").rglob("*.cpp"))]
     return _rel(files, root)
 
 

@@ -66,11 +66,11 @@ def _child_env(**extra: str) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------- source list
-def test_cpp_sources_are_ops_and_every_cpu_file():
+def test_cpp_sources_are_ops_checks_and_every_cpu_file():
     sources = _sources.cpp_sources(ROOT)
-    assert sources[0] == "csrc/ops.cpp"
+    assert sources[:2] == ["csrc/ops.cpp", "csrc/checks.cpp"]
     cpu = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").rglob("*.cpp"))
-    assert sources[1:] == cpu and cpu
+    assert sources[2:] == cpu and cpu
     assert all((ROOT / s).is_file() for s in sources)
 
 

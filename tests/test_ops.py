@@ -397,3 +397,169 @@ def test_cuda_kernel_guard_names_dtype_and_missing_head_dims(monkeypatch):
         ops._check_cuda_kernel(torch.float16, 200)
     with pytest.raises(ValueError, match="multiple of 8"):
         ops._check_cuda_kernel(torch.float16, 12)
+
+
+# ------------------------------------------------------------------ C++ argument checks
+# Direct torch.ops calls skip the Python layer's validation (as LibTorch callers do): every backend
+# checks its arguments in C++ (csrc/checks.cpp) before any kernel runs, with the same messages.
+def _raw_dtype(device: str) -> torch.dtype:
+    return torch.float32 if device == "cpu" else torch.bfloat16
+
+
+def _raw_args(device: str) -> list:
+    q, k, v = make_qkv(1, 40, 40, 2, 2, 64, _raw_dtype(device), device)
+    layout = random_layout(1, 1, 40, 40, 16, 16, seed=2)
+    crow, col = (t.to(device) for t in (layout.crow_indices, layout.col_indices))
+    return [q, k, v, crow, col, 16, 16, 1, 1, 0.3, False, -1, -1, None, None]
+
+
+RAW_BAD = [  # (argument index, its replacement (device, dtype) -> value, message)
+    (3, lambda dev, dt: torch.zeros(3, dtype=torch.int32, device=dev), "crow_indices must have"),
+    (3, lambda dev, dt: torch.zeros(4, dtype=torch.int64, device=dev), "crow_indices must be int32"),
+    (4, lambda dev, dt: torch.zeros(2, 3, dtype=torch.int32, device=dev), "col_indices must be 1-D"),
+    (0, lambda dev, dt: torch.zeros(1, 40, 2, 64, dtype=torch.int32, device=dev), "q must be float16"),
+    (1, lambda dev, dt: torch.zeros(1, 40, 3, 64, dtype=dt, device=dev), "multiple of kv heads"),
+    (1, lambda dev, dt: torch.zeros(1, 40, 2, 128, dtype=dt, device=dev)[..., ::2], "last dim of q, k, v must be contiguous"),
+    (8, lambda dev, dt: 3, "layout_heads must be 1 or H"),
+    (11, lambda dev, dt: -2, "window_left/window_right"),
+    (13, lambda dev, dt: torch.tensor([1, 2], dtype=torch.int32, device=dev), "key_lengths must be"),
+    (14, lambda dev, dt: torch.zeros(1, 39, dtype=torch.bool, device=dev), "key_padding_mask must be"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", range(len(RAW_BAD)))
+def test_direct_op_calls_are_checked_in_cpp(device, case):
+    index, make, match = RAW_BAD[case]
+    args = _raw_args(device)
+    args[index] = make(device, _raw_dtype(device))
+    if index == 1:
+        args[2] = args[1]
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.dilated_sparse.block_sparse_attn_fwd(*args)
+
+
+def _three_block_layout(device: str):
+    """q, k, v (40 tokens, blocks of 16: 3 blocks) and a layout of two blocks a row, its CSR
+    [0, 2, 4, 6] / [0, 1, 1, 2, 0, 2] and CSC [0, 2, 4, 6] / [0, 2, 0, 1, 1, 2], on `device`."""
+    q, k, v = make_qkv(1, 40, 40, 2, 2, 64, _raw_dtype(device), device)
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 1]], dtype=torch.bool)
+    layout = ds.BlockSparseLayout.from_dense_mask(mask, block_size=16, seq_len_q=40)
+    index = [t.to(device) for t in (layout.crow_indices, layout.col_indices, layout.ccol_indices, layout.row_indices)]
+    return q, k, v, *index
+
+
+BAD_CSR = [  # (crow or None (the layout's), col or None, message)
+    (None, [0, 1, 1, 3, 0, 2], r"col_indices\[3\] = 3 is out of range \[0, 3\)"),
+    (None, [0, 1, 1, 2, -1, 2], r"col_indices\[4\] = -1 is out of range"),
+    (None, [1, 0, 1, 2, 0, 2], "col_indices must be strictly increasing"),
+    (None, [0, 0, 1, 2, 0, 2], "col_indices must be strictly increasing"),
+    ([1, 2, 4, 6], None, "crow_indices must start at 0"),
+    ([0, 2, 4, 5], None, "crow_indices must end at nnz = 6"),
+    ([0, 4, 2, 6], None, "crow_indices must be non-decreasing"),
+]
+BAD_CSC = [  # (ccol or None, row, message)
+    (None, [0, 2, 0, 1, 1, 3], r"row_indices\[5\] = 3 is out of range"),
+    (None, [2, 0, 0, 1, 1, 2], "row_indices must be strictly increasing"),
+    (None, [0, 2, 0, 2, 1, 2], "not the transpose"),
+    ([0, 3, 4, 6], [0, 1, 2, 1, 1, 2], "not the transpose"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_direct_op_calls_check_index_values(device):
+    """Each op checks the index values itself, on the CPU on every call and on CUDA once per index
+    tensor version (a host copy): ids out of range or unsorted, offsets that do not run from 0 to
+    nnz, a CSC that is not the CSR's transpose, a max_slice_nnz below a slice's blocks. Each would
+    read or write outside the tensors, or give another layout's gradients, without an error."""
+    q, k, v, crow, col, ccol, row = _three_block_layout(device)
+    rules = (16, 16, 1, 1, 0.3, False, -1, -1, None, None)
+    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)
+
+    def fwd(crow_, col_):
+        return torch.ops.dilated_sparse.block_sparse_attn_fwd(q, k, v, crow_, col_, *rules)
+
+    for crow_, col_, match in BAD_CSR:
+        with pytest.raises(RuntimeError, match=match):
+            fwd(crow if crow_ is None else i32(crow_), col if col_ is None else i32(col_))
+    out, lse = fwd(crow, col)
+    dout = torch.randn_like(out)
+
+    def bwd(ccol_, row_):
+        return torch.ops.dilated_sparse.block_sparse_attn_bwd(dout, q, k, v, out, lse, ccol_, row_, crow, col,
+                                                               *rules, None)
+
+    bwd(ccol, row)  # the layout's own transpose
+    assert row.tolist() == [0, 2, 0, 1, 1, 2]
+    for ccol_, row_, match in BAD_CSC:
+        with pytest.raises(RuntimeError, match=match):
+            bwd(ccol if ccol_ is None else i32(ccol_), i32(row_))
+    weights = torch.ops.dilated_sparse.block_sparse_attn_weights
+    weights(q, k, lse, crow, col, 16, 16, 1, 1, 6, 0.3, False, -1, -1, None, None)
+    with pytest.raises(RuntimeError, match=r"max_slice_nnz \(5\) is smaller than slice 0's 6"):
+        weights(q, k, lse, crow, col, 16, 16, 1, 1, 5, 0.3, False, -1, -1, None, None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_index_checks_follow_edits_sizes_and_inference_tensors():
+    """The CUDA ops remember index tensors that passed, by version counter and with the sizes they
+    passed at: an in-place edit, or the same tensors under a shorter key sequence (fewer key blocks),
+    is checked again; inference tensors (no version counter) are checked on every call."""
+    q, k, v, crow, col, *_ = _three_block_layout("cuda")
+    rules = (16, 16, 1, 1, 0.3, False, -1, -1, None, None)
+    fwd = torch.ops.dilated_sparse.block_sparse_attn_fwd
+    good, _ = fwd(q, k, v, crow, col, *rules)
+    col[3] = 3  # out of range; bumps col's version
+    with pytest.raises(RuntimeError, match=r"col_indices\[3\] = 3 is out of range"):
+        fwd(q, k, v, crow, col, *rules)
+    col[3] = 2
+    assert torch.equal(fwd(q, k, v, crow, col, *rules)[0], good)
+    with pytest.raises(RuntimeError, match=r"col_indices\[3\] = 2 is out of range \[0, 2\)"):
+        fwd(q, k[:, :32], v[:, :32], crow, col, *rules)  # two key blocks now
+    with torch.inference_mode():
+        crow_i, col_i = crow.clone(), col.clone()
+        assert torch.equal(fwd(q, k, v, crow_i, col_i, *rules)[0], good)
+        col_i[3] = 5
+        with pytest.raises(RuntimeError, match=r"col_indices\[3\] = 5 is out of range"):
+            fwd(q, k, v, crow_i, col_i, *rules)
+
+
+CAPTURE_SCRIPT = """
+import sys, torch
+import dilated_sparse  # noqa: F401
+q, k, v = (torch.randn(1, 40, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+crow = torch.tensor([0, 2, 4, 6], dtype=torch.int32, device="cuda")
+rules = (16, 16, 1, 1, 0.3, False, -1, -1, None, None)
+diagonal = (torch.tensor(t, dtype=torch.int32, device="cuda") for t in ([0, 1, 2, 3], [0, 1, 2]))
+torch.ops.dilated_sparse.block_sparse_attn_fwd(q, k, v, *diagonal, *rules)  # an eager call first, other tensors
+col = torch.tensor([0, 1, 1, BAD, 0, 2], dtype=torch.int32, device="cuda")  # never seen by an eager call
+torch.cuda.synchronize()
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):
+    out, lse = torch.ops.dilated_sparse.block_sparse_attn_fwd(q, k, v, crow, col, *rules)
+print("captured", flush=True)
+graph.replay()
+torch.cuda.synchronize()
+print("replayed", flush=True)
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bad", [2, 3])
+def test_cuda_graph_capture_checks_unseen_index_tensors_on_the_device(bad):
+    """Index tensors first seen while the stream is being captured cannot be copied to the host: the
+    checks are captured as device kernels. A good layout replays; a bad one (col 3 of 3 blocks) fails
+    the replay with a device-side assert naming the tensor, instead of reading outside K and V.
+    (In a child process: a device-side assert loses the CUDA context.)"""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", CAPTURE_SCRIPT.replace("BAD", str(bad))], check=False,
+                          capture_output=True, text=True, timeout=600)
+    text = proc.stdout + proc.stderr
+    assert "captured" in proc.stdout, text
+    if bad == 2:
+        assert proc.returncode == 0 and "replayed" in proc.stdout, text
+    else:
+        assert proc.returncode != 0 and "replayed" not in proc.stdout, text
+        assert "col_indices[3] = 3 is out of range [0, 3)" in text, text

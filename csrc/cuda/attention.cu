@@ -40,10 +40,12 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/macros/Macros.h>  // CUDA_KERNEL_ASSERT_MSG
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstdlib>
 #include <deque>
@@ -211,6 +213,173 @@ struct PlanBufs {
 bool capturing(cudaStream_t stream) {
   cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
   return cudaStreamIsCapturing(stream, &cap) != cudaSuccess || cap != cudaStreamCaptureStatusNone;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Index values
+// ---------------------------------------------------------------------------------------------
+// The kernels read K / V rows and write outputs at the ids the index tensors hold, so the values
+// are checked before any kernel runs, with the CPU ops' checks and messages
+// (detail::check_index_values on a host copy). The copy synchronises the host, so it is made once
+// per index tensor version: checked tensors are remembered with their version counters (an in-place
+// edit bumps the version and is checked again), as the plans are. Inference tensors have no version
+// counter and are checked on every call.
+//
+// While the stream is being captured into a CUDA graph there is no host copy. Tensors checked
+// before (a warm-up call, which graph capture needs anyway) pass; others get the same checks as
+// device kernels, captured with the call and run on every replay before the plan: a bad value
+// prints the tensor and entry and fails the replay with a device-side assert (the CUDA context is
+// lost, as with PyTorch's own device-side index checks), never a read outside K or V.
+
+// Device-side check of a compressed pair, one thread per line (CSR row / CSC column) of the
+// stacked slices.
+__global__ void check_compressed_kernel(const int* __restrict__ off, const int* __restrict__ ids, int64_t lines,
+                                        int64_t nnz, int n_ids, bool csc) {
+  const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (r >= lines) return;
+  const char* off_name = csc ? "ccol_indices" : "crow_indices";
+  const char* ids_name = csc ? "row_indices" : "col_indices";
+  const int a = off[r], b = off[r + 1];
+  if ((r == 0 && a != 0) || (r == lines - 1 && b != nnz) || a < 0 || a > b || b > nnz) {
+    printf("dilated_sparse: %s must run from 0 to nnz = %lld, non-decreasing (entries %lld, %lld: %d, %d)\n",
+           off_name, static_cast<long long>(nnz), static_cast<long long>(r), static_cast<long long>(r + 1), a, b);
+    CUDA_KERNEL_ASSERT_MSG(false, "dilated_sparse: bad index offsets (the line above names them)");
+    return;
+  }
+  for (int e = a; e < b; ++e) {
+    const int id = ids[e];
+    if (id < 0 || id >= n_ids || (e > a && ids[e - 1] >= id)) {
+      printf("dilated_sparse: %s[%d] = %d is out of range [0, %d) or not strictly increasing within its line\n",
+             ids_name, e, id, n_ids);
+      CUDA_KERNEL_ASSERT_MSG(false, "dilated_sparse: bad index ids (the line above names them)");
+      return;
+    }
+  }
+}
+
+// Device-side check that the CSC is the CSR's transpose (after both pairs' own checks, and with
+// equal nnz, checked on the host): every CSC entry (row r, column c of slice s) is found in CSR row
+// r of slice s. The CSC's entries are distinct, so equal counts make the map a bijection.
+__global__ void check_transpose_kernel(const int* __restrict__ crow, const int* __restrict__ col,
+                                       const int* __restrict__ ccol, const int* __restrict__ row, int slices,
+                                       int nqb, int nkb) {
+  const int64_t line = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (line >= static_cast<int64_t>(slices) * nkb) return;
+  const int64_t s = line / nkb;
+  const int c = static_cast<int>(line % nkb);
+  for (int e = ccol[line]; e < ccol[line + 1]; ++e) {
+    const int r = row[e];
+    int lo = crow[s * nqb + r], hi = crow[s * nqb + r + 1];
+    while (lo < hi) {  // first entry >= c
+      const int mid = (lo + hi) / 2;
+      if (col[mid] < c) lo = mid + 1; else hi = mid;
+    }
+    if (lo == crow[s * nqb + r + 1] || col[lo] != c) {
+      printf("dilated_sparse: ccol_indices / row_indices are not the transpose of crow_indices / col_indices "
+             "(slice %lld, block (%d, %d))\n", static_cast<long long>(s), r, c);
+      CUDA_KERNEL_ASSERT_MSG(false, "dilated_sparse: the CSC is not the CSR's transpose (the line above says where)");
+      return;
+    }
+  }
+}
+
+// Device-side check of the weights' max_slice_nnz, one thread per slice.
+__global__ void check_slice_nnz_kernel(const int* __restrict__ crow, int slices, int nqb, int64_t max_slice_nnz) {
+  const int s = blockIdx.x * blockDim.x + threadIdx.x;
+  if (s >= slices) return;
+  const int n = crow[static_cast<int64_t>(s + 1) * nqb] - crow[static_cast<int64_t>(s) * nqb];
+  if (n > max_slice_nnz) {
+    printf("dilated_sparse: max_slice_nnz (%lld) is smaller than slice %d's %d active blocks\n",
+           static_cast<long long>(max_slice_nnz), s, n);
+    CUDA_KERNEL_ASSERT_MSG(false, "dilated_sparse: max_slice_nnz too small (the line above says where)");
+  }
+}
+
+unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned>(std::max<int64_t>(1, (n + threads - 1) / threads)); }
+
+// The checks above as kernels on `stream` (contiguous int32 tensors, shapes already checked).
+void check_index_values_on_device(const dilated_sparse::detail::AttnDims& d, const at::Tensor& crow, const at::Tensor& col,
+                                  const at::Tensor& ccol, const at::Tensor& row, int64_t max_slice_nnz,
+                                  cudaStream_t stream) {
+  const int slices = static_cast<int>(d.num_slices()), nqb = static_cast<int>(d.num_q_blocks);
+  const int nkb = static_cast<int>(d.num_k_blocks);
+  const int* colp = col.numel() > 0 ? col.data_ptr<int>() : nullptr;
+  const int64_t rows = static_cast<int64_t>(slices) * nqb;
+  check_compressed_kernel<<<blocks_for(rows, 128), 128, 0, stream>>>(crow.data_ptr<int>(), colp, rows, col.numel(),
+                                                                     nkb, false);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (ccol.defined()) {
+    const int* rowp = row.numel() > 0 ? row.data_ptr<int>() : nullptr;
+    const int64_t cols = static_cast<int64_t>(slices) * nkb;
+    check_compressed_kernel<<<blocks_for(cols, 128), 128, 0, stream>>>(ccol.data_ptr<int>(), rowp, cols, row.numel(),
+                                                                       nqb, true);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    check_transpose_kernel<<<blocks_for(cols, 128), 128, 0, stream>>>(crow.data_ptr<int>(), colp, ccol.data_ptr<int>(),
+                                                                      rowp, slices, nqb, nkb);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (max_slice_nnz >= 0) {
+    check_slice_nnz_kernel<<<blocks_for(slices, 128), 128, 0, stream>>>(crow.data_ptr<int>(), slices, nqb,
+                                                                        max_slice_nnz);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// Index tensors whose values passed, with the version counters and sizes they passed at.
+struct CheckedIndices {
+  std::array<at::Tensor, 4> t;        // crow, col, ccol, row (the last two: the backward)
+  std::array<int64_t, 4> ver{};
+  std::array<int64_t, 4> dims{};      // slices, nqb, nkb, max_slice_nnz (-1: not the weights)
+
+  bool operator==(const CheckedIndices& o) const {
+    for (int i = 0; i < 4; ++i) {
+      if (t[i].defined() != o.t[i].defined()) return false;
+      if (t[i].defined() && (t[i].unsafeGetTensorImpl() != o.t[i].unsafeGetTensorImpl() || ver[i] != o.ver[i])) {
+        return false;
+      }
+    }
+    return dims == o.dims;
+  }
+};
+
+// Checks the index values (see above). ccol / row: undefined except in the backward;
+// max_slice_nnz: -1 except in the weights.
+void check_index_values_cached(const dilated_sparse::detail::AttnDims& d, const at::Tensor& crow, const at::Tensor& col,
+                               const at::Tensor& ccol, const at::Tensor& row, int64_t max_slice_nnz,
+                               cudaStream_t stream) {
+  static std::mutex* mu = new std::mutex();
+  static std::deque<CheckedIndices>* checked = new std::deque<CheckedIndices>();  // never freed (exit order)
+  CheckedIndices key;
+  key.t = {crow, col, ccol, row};
+  bool versioned = true;
+  for (int i = 0; i < 4; ++i) {
+    if (!key.t[i].defined()) continue;
+    if (key.t[i].is_inference()) versioned = false;
+    else key.ver[i] = key.t[i]._version();
+  }
+  key.dims = {d.num_slices(), d.num_q_blocks, d.num_k_blocks, max_slice_nnz};
+  if (versioned) {
+    std::lock_guard<std::mutex> lock(*mu);
+    for (auto it = checked->begin(); it != checked->end(); ++it) {
+      if (*it == key) return;
+    }
+  }
+  if (capturing(stream)) {
+    check_index_values_on_device(d, crow.contiguous(), col.contiguous(), ccol.defined() ? ccol.contiguous() : ccol,
+                                 row.defined() ? row.contiguous() : row, max_slice_nnz, stream);
+    return;  // not remembered: checked on every replay of this graph, and again by the next eager call
+  }
+  const at::Tensor crow_h = crow.to(at::kCPU), col_h = col.to(at::kCPU);
+  if (ccol.defined()) {
+    const at::Tensor ccol_h = ccol.to(at::kCPU), row_h = row.to(at::kCPU);
+    dilated_sparse::detail::check_index_values(d, crow_h, col_h, &ccol_h, &row_h, max_slice_nnz);
+  } else {
+    dilated_sparse::detail::check_index_values(d, crow_h, col_h, nullptr, nullptr, max_slice_nnz);
+  }
+  if (!versioned) return;
+  std::lock_guard<std::mutex> lock(*mu);
+  checked->push_front(std::move(key));
+  while (checked->size() > 16) checked->pop_back();
 }
 
 // Copies a plan's entries per primary tile to the host once, with their sum and maximum, into
@@ -887,35 +1056,18 @@ const KernelEntry* ds_entry(Op op, const at::Tensor& q, int kD) {
   return nullptr;
 }
 
-void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const at::Tensor& ptr, int64_t block_q, int64_t block_k, int64_t lb, int64_t lh,
-                  const std::optional<at::Tensor>& key_lengths,
-                  const std::optional<at::Tensor>& kpm) {
-  TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda(), "dilated_sparse CUDA: tensors must be on CUDA");
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "dilated_sparse: q, k, v must be 4-D");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "dilated_sparse: q, k, v must share a dtype");
-  TORCH_CHECK(k.sizes() == v.sizes(), "dilated_sparse: k and v shapes differ");
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), "dilated_sparse: q/k batch or head dim differ");
-  TORCH_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0, "dilated_sparse: H must be a multiple of Hkv");
+// What the CUDA kernels add to the shared checks (detail::check_*_args, which run first): CUDA
+// tensors, the dtypes the kernels take (float32 too for the weights), head dims they tile,
+// power-of-two blocks.
+void check_cuda_limits(const at::Tensor& q, int64_t block_q, int64_t block_k, bool weights = false) {
+  TORCH_CHECK(q.is_cuda(), "dilated_sparse CUDA: tensors must be on CUDA");
+  const at::ScalarType t = q.scalar_type();
+  TORCH_CHECK(t == at::kHalf || t == at::kBFloat16 || (weights && t == at::kFloat), "dilated_sparse CUDA: q must be ",
+              weights ? "float16, bfloat16 or float32" : "float16 or bfloat16", ", got ", t);
   TORCH_CHECK(q.size(3) % 8 == 0 && q.size(3) <= 256 && q.size(3) > 0,
               "dilated_sparse CUDA: head dim must be a multiple of 8 up to 256");
-  TORCH_CHECK(ptr.scalar_type() == at::kInt && ptr.device() == q.device(),
-              "dilated_sparse: index tensors must be int32 on q's device");
   auto pow2 = [](int64_t x) { return x >= 16 && x <= 256 && (x & (x - 1)) == 0; };
   TORCH_CHECK(pow2(block_q) && pow2(block_k), "dilated_sparse: block sizes must be 16, 32, 64, 128 or 256");
-  TORCH_CHECK((lb == 1 || lb == q.size(0)) && (lh == 1 || lh == q.size(2)),
-              "dilated_sparse: layout_batch must be 1 or B, layout_heads 1 or H");
-  if (key_lengths.has_value()) {
-    TORCH_CHECK(key_lengths->scalar_type() == at::kInt && key_lengths->device() == q.device() &&
-                    key_lengths->numel() == q.size(0),
-                "dilated_sparse: key_lengths must be int32 [B] on q's device");
-  }
-  if (kpm.has_value()) {
-    TORCH_CHECK(kpm->scalar_type() == at::kBool && kpm->device() == q.device() && kpm->dim() == 2 &&
-                    kpm->size(0) == q.size(0) && kpm->size(1) == k.size(1),
-                "dilated_sparse: key_padding_mask must be bool [B, Sk] on q's device");
-  }
 }
 
 Params base_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t block_q,
@@ -1124,9 +1276,12 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
     int64_t layout_batch, int64_t layout_heads, double scale, bool causal, int64_t window_left,
     int64_t window_right, const std::optional<at::Tensor>& key_lengths,
     const std::optional<at::Tensor>& key_padding_mask) {
-  check_common(q_in, k_in, v_in, crow, block_q, block_k, layout_batch, layout_heads, key_lengths,
-               key_padding_mask);
+  const auto dims = dilated_sparse::detail::check_fwd_args(q_in, k_in, v_in, crow, col, block_q, block_k, layout_batch,
+                                                           layout_heads, window_left, window_right, key_lengths,
+                                                           key_padding_mask);
+  check_cuda_limits(q_in, block_q, block_k);
   c10::cuda::CUDAGuard guard(q_in.device());
+  check_index_values_cached(dims, crow, col, at::Tensor(), at::Tensor(), -1, c10::cuda::getCurrentCUDAStream());
   const at::Tensor q = prep(q_in), k = prep(k_in), v = prep(v_in);
   const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), D = q.size(3);
   auto out = at::empty({B, Sq, H, D}, q.options());
@@ -1185,15 +1340,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     bool causal, int64_t window_left, int64_t window_right,
     const std::optional<at::Tensor>& key_lengths,
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& dlse_in) {
-  check_common(q_in, k_in, v_in, crow, block_q, block_k, layout_batch, layout_heads, key_lengths,
-               key_padding_mask);
-  if (dlse_in.has_value()) dilated_sparse::detail::check_dlse(*dlse_in, lse_in);
-  TORCH_CHECK(dout_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
-              "dilated_sparse: dout and out must have q's shape");
-  TORCH_CHECK(dout_in.scalar_type() == q_in.scalar_type() && out_in.scalar_type() == q_in.scalar_type(),
-              "dilated_sparse: dout and out must have q's dtype");
-  TORCH_CHECK(lse_in.scalar_type() == at::kFloat, "dilated_sparse CUDA: lse must be float32");
+  const auto dims = dilated_sparse::detail::check_bwd_args(
+      dout_in, q_in, k_in, v_in, out_in, lse_in, ccol, rowi, crow, col, block_q, block_k, layout_batch, layout_heads,
+      window_left, window_right, key_lengths, key_padding_mask, dlse_in);
+  check_cuda_limits(q_in, block_q, block_k);
   c10::cuda::CUDAGuard guard(q_in.device());
+  check_index_values_cached(dims, crow, col, ccol, rowi, -1, c10::cuda::getCurrentCUDAStream());
   const at::Tensor q = prep(q_in), k = prep(k_in), v = prep(v_in);
   const at::Tensor dout = prep(dout_in), out = prep(out_in);
   const at::Tensor lse = lse_in.contiguous();
@@ -1405,13 +1557,13 @@ at::Tensor weights_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at
                         int64_t max_slice_nnz, double scale, bool causal, int64_t window_left,
                         int64_t window_right, const std::optional<at::Tensor>& key_lengths,
                         const std::optional<at::Tensor>& key_padding_mask) {
-  check_common(q_in, k_in, k_in, crow, block_q, block_k, layout_batch, layout_heads, key_lengths,
-               key_padding_mask);
-  TORCH_CHECK(q_in.scalar_type() == at::kHalf || q_in.scalar_type() == at::kBFloat16 ||
-                  q_in.scalar_type() == at::kFloat,
-              "dilated_sparse CUDA weights: dtype must be float16, bfloat16 or float32");
-  TORCH_CHECK(lse_in.scalar_type() == at::kFloat, "dilated_sparse CUDA: lse must be float32");
+  const auto dims = dilated_sparse::detail::check_weights_args(
+      q_in, k_in, lse_in, crow, col, block_q, block_k, layout_batch, layout_heads, max_slice_nnz, window_left,
+      window_right, key_lengths, key_padding_mask);
+  check_cuda_limits(q_in, block_q, block_k, /*weights=*/true);
   c10::cuda::CUDAGuard guard(q_in.device());
+  check_index_values_cached(dims, crow, col, at::Tensor(), at::Tensor(), max_slice_nnz,
+                            c10::cuda::getCurrentCUDAStream());
   const at::Tensor q = q_in.stride(-1) == 1 ? q_in : q_in.contiguous();
   const at::Tensor k = k_in.stride(-1) == 1 ? k_in : k_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();

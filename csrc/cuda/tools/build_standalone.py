@@ -14,7 +14,7 @@ root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 sys.path.insert(0, os.path.join(root, "dilated_sparse"))
 import _sources
 
-srcs = [os.path.join(root, "csrc/cuda/tools/schema_only.cc")] + [os.path.join(root, s) for s in _sources.cuda_sources()]
+srcs = [os.path.join(root, "csrc/cuda/tools/schema_only.cc"), os.path.join(root, "csrc/checks.cpp")] + [os.path.join(root, s) for s in _sources.cuda_sources()]
 build = os.path.join(os.environ.get("TMPDIR", "/tmp"), "ds_standalone")
 os.makedirs(build, exist_ok=True)
 macros = [f"-D{k}" if v is None else f"-D{k}={v}" for k, v in _sources.define_macros(True)]

@@ -1,9 +1,11 @@
 // Argument checks shared by every backend of the dilated_sparse ops.
 //
 // The Python layer validates layouts and arguments with ValueError/TypeError before any kernel
-// runs; these checks are the cheap C++ safety net (dtypes, ranks, devices, sizes) that also guards
-// LibTorch callers. Each backend calls the matching function once at its boundary and then trusts
-// the returned dimensions.
+// runs; these checks are the C++ safety net (dtypes, ranks, devices, sizes, index values) that also
+// guards direct torch.ops and LibTorch callers. Each backend calls the matching check_*_args once at
+// its boundary and then trusts the returned dimensions. They check the index values of host
+// tensors themselves; a device backend copies its index tensors to the host and calls
+// check_index_values (the CUDA ops once per index tensor version, csrc/cuda/attention.cu).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -60,8 +62,16 @@ AttnDims check_weights_args(const at::Tensor& q, const at::Tensor& k, const at::
                             int64_t window_right, const std::optional<at::Tensor>& key_lengths,
                             const std::optional<at::Tensor>& key_padding_mask);
 
-// The backward's optional gradient of lse: lse's shape, dtype and device. Inline, so that the CUDA
-// backend (which the device-test build links without ops.cpp) checks it with the same code.
+// The values of a layout's index tensors, on the host (CPU tensors; the shapes already checked by
+// check_*_args): crow_indices from 0 to nnz, non-decreasing, col_indices in [0, nkb) and strictly
+// increasing per row; with ccol_indices / row_indices (the backward) the same per column and the
+// CSC the CSR's transpose; with max_slice_nnz >= 0 (the weights) no slice holding more blocks.
+// Throws naming the tensor and the first bad entry.
+void check_index_values(const AttnDims& d, const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                        const at::Tensor* ccol_indices = nullptr, const at::Tensor* row_indices = nullptr,
+                        int64_t max_slice_nnz = -1);
+
+// The backward's optional gradient of lse: lse's shape, dtype and device (check_bwd_args calls it).
 inline void check_dlse(const at::Tensor& dlse, const at::Tensor& lse) {
   TORCH_CHECK(dlse.sizes() == lse.sizes(), "dilated_sparse: dlse must have lse's shape ", lse.sizes(),
               ", got ", dlse.sizes());
