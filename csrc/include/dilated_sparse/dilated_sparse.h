@@ -11,10 +11,11 @@
 // the backward also takes the transpose (CSC: ccol_indices int32 [L * nkb + 1], row_indices int32
 // [nnz]). scale defaults to 1/sqrt(D). window_left / window_right: -1 means unbounded. key_lengths: int32 [B];
 // key_padding_mask: bool [B, Sk], true = padding. See DESIGN.md for the full semantics.
-// Index values: on the CPU each op checks them (offsets from 0 to nnz, ids in range and strictly
-// increasing per row / column, the CSC the CSR's transpose) and throws naming the tensor. On CUDA
-// it trusts them (a check would synchronise the host every call): build layouts with the Python
-// BlockSparseLayout (validated), or check them on the host yourself before the first call.
+// Index values: each op checks them before any kernel runs (offsets from 0 to nnz, ids in range and
+// strictly increasing per row / column, the CSC the CSR's transpose, the weights' max_slice_nnz) and
+// throws naming the tensor. On CUDA the check copies the index tensors to the host once per tensor
+// version (later calls with the same, unedited tensors reuse it); tensors first seen during CUDA
+// graph capture are checked by captured device kernels, whose device-side assert fails the replay.
 #pragma once
 
 #include <ATen/core/Tensor.h>
