@@ -529,10 +529,12 @@ import sys, torch
 import dilated_sparse  # noqa: F401
 q, k, v = (torch.randn(1, 40, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
 crow = torch.tensor([0, 2, 4, 6], dtype=torch.int32, device="cuda")
+col = torch.tensor([0, 1, 1, 2, 0, 2], dtype=torch.int32, device="cuda")
 rules = (16, 16, 1, 1, 0.3, False, -1, -1, None, None)
 diagonal = (torch.tensor(t, dtype=torch.int32, device="cuda") for t in ([0, 1, 2, 3], [0, 1, 2]))
 torch.ops.dilated_sparse.block_sparse_attn_fwd(q, k, v, *diagonal, *rules)  # an eager call first, other tensors
-col = torch.tensor([0, 1, 1, BAD, 0, 2], dtype=torch.int32, device="cuda")  # never seen by an eager call
+if "SEEN" == "1":
+    torch.ops.dilated_sparse.block_sparse_attn_fwd(q, k, v, crow, col, *rules)  # checked on the host
 torch.cuda.synchronize()
 graph = torch.cuda.CUDAGraph()
 with torch.cuda.graph(graph):
@@ -541,25 +543,31 @@ print("captured", flush=True)
 graph.replay()
 torch.cuda.synchronize()
 print("replayed", flush=True)
+col[3] = BAD  # an edit between replays
+graph.replay()
+torch.cuda.synchronize()
+print("replayed after the edit", flush=True)
 """
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("seen", [0, 1])
 @pytest.mark.parametrize("bad", [2, 3])
-def test_cuda_graph_capture_checks_unseen_index_tensors_on_the_device(bad):
-    """Index tensors first seen while the stream is being captured cannot be copied to the host: the
-    checks are captured as device kernels. A good layout replays; a bad one (col 3 of 3 blocks) fails
-    the replay with a device-side assert naming the tensor, instead of reading outside K and V.
-    (In a child process: a device-side assert loses the CUDA context.)"""
+def test_cuda_graph_replays_check_index_values_on_the_device(bad, seen):
+    """A captured call checks its index values with device kernels on every replay (a replay reads
+    whatever the tensors hold then), whether or not an eager call checked them on the host before.
+    Good values replay; a bad one (col 3 of 3 blocks) written between replays fails the replay with a
+    device-side assert naming the tensor and entry, instead of reading outside K and V. (In a child
+    process: a device-side assert loses the CUDA context.)"""
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", CAPTURE_SCRIPT.replace("BAD", str(bad))], check=False,
-                          capture_output=True, text=True, timeout=600)
+    script = CAPTURE_SCRIPT.replace("BAD", str(bad)).replace("SEEN", str(seen))
+    proc = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=600)
     text = proc.stdout + proc.stderr
-    assert "captured" in proc.stdout, text
+    assert "captured" in proc.stdout and "replayed\n" in proc.stdout, text
     if bad == 2:
-        assert proc.returncode == 0 and "replayed" in proc.stdout, text
+        assert proc.returncode == 0 and "replayed after the edit" in proc.stdout, text
     else:
-        assert proc.returncode != 0 and "replayed" not in proc.stdout, text
+        assert proc.returncode != 0 and "replayed after the edit" not in proc.stdout, text
         assert "col_indices[3] = 3 is out of range [0, 3)" in text, text

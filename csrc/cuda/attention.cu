@@ -225,11 +225,11 @@ bool capturing(cudaStream_t stream) {
 // edit bumps the version and is checked again), as the plans are. Inference tensors have no version
 // counter and are checked on every call.
 //
-// While the stream is being captured into a CUDA graph there is no host copy. Tensors checked
-// before (a warm-up call, which graph capture needs anyway) pass; others get the same checks as
-// device kernels, captured with the call and run on every replay before the plan: a bad value
-// prints the tensor and entry and fails the replay with a device-side assert (the CUDA context is
-// lost, as with PyTorch's own device-side index checks), never a read outside K or V.
+// While the stream is being captured into a CUDA graph there is no host copy, and a replay reads
+// whatever the index tensors hold then: the same checks run as device kernels, captured with the
+// call and run on every replay before anything else of it (one to three small kernels). A bad value prints the tensor and entry and fails the replay with
+// a device-side assert (the CUDA context is lost, as with PyTorch's own device-side index checks),
+// never a read outside K or V.
 
 // Device-side check of a compressed pair, one thread per line (CSR row / CSC column) of the
 // stacked slices.
@@ -358,16 +358,16 @@ void check_index_values_cached(const dilated_sparse::detail::AttnDims& d, const 
     else key.ver[i] = key.t[i]._version();
   }
   key.dims = {d.num_slices(), d.num_q_blocks, d.num_k_blocks, max_slice_nnz};
+  if (capturing(stream)) {  // checked on every replay of the graph
+    check_index_values_on_device(d, crow.contiguous(), col.contiguous(), ccol.defined() ? ccol.contiguous() : ccol,
+                                 row.defined() ? row.contiguous() : row, max_slice_nnz, stream);
+    return;
+  }
   if (versioned) {
     std::lock_guard<std::mutex> lock(*mu);
     for (auto it = checked->begin(); it != checked->end(); ++it) {
       if (*it == key) return;
     }
-  }
-  if (capturing(stream)) {
-    check_index_values_on_device(d, crow.contiguous(), col.contiguous(), ccol.defined() ? ccol.contiguous() : ccol,
-                                 row.defined() ? row.contiguous() : row, max_slice_nnz, stream);
-    return;  // not remembered: checked on every replay of this graph, and again by the next eager call
   }
   const at::Tensor crow_h = crow.to(at::kCPU), col_h = col.to(at::kCPU);
   if (ccol.defined()) {

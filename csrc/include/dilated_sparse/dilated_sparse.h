@@ -14,8 +14,8 @@
 // Index values: each op checks them before any kernel runs (offsets from 0 to nnz, ids in range and
 // strictly increasing per row / column, the CSC the CSR's transpose, the weights' max_slice_nnz) and
 // throws naming the tensor. On CUDA the check copies the index tensors to the host once per tensor
-// version (later calls with the same, unedited tensors reuse it); tensors first seen during CUDA
-// graph capture are checked by captured device kernels, whose device-side assert fails the replay.
+// version (later calls with the same, unedited tensors reuse it); a call captured into a CUDA graph
+// checks them with device kernels on every replay, whose device-side assert fails a bad replay.
 #pragma once
 
 #include <ATen/core/Tensor.h>
