@@ -662,6 +662,27 @@ def test_weights():
     run_case(check_weights=True, Sq=300, Sk=260, bq=128, bk=256, dtype=torch.float16, bwd=False, wl=40)
 
 
+def test_weights_of_more_than_65535_head_pairs():
+    """The weights kernel takes (batch, head) pairs in launches of at most 65535 (the grid's y limit):
+    B * H = 2 x 32800 pairs give, for heads in the first and the second launch, the weights of the
+    same heads computed alone (the layout is per-batch, so both batches' slices differ)."""
+    ops = _ops()
+    B, H, S, D = 2, 32800, 32, 32
+    g = torch.Generator(device="cpu").manual_seed(11)
+    q, k = (torch.randn(B, S, H, D, generator=g).to(DEV, torch.bfloat16) for _ in range(2))
+    lse = (torch.rand(B, H, S, generator=g) * 4 + 2).to(DEV)
+    mask = torch.tensor([[[[1, 0], [1, 1]]], [[[0, 1], [1, 0]]]], dtype=torch.bool)
+    crow, col = csr_from_mask(mask.to(DEV))[:2]
+    rules = (0.2, False, -1, -1, None, None)
+    w = ops.block_sparse_attn_weights(q, k, lse, crow, col, 16, 16, B, 1, 3, *rules)
+    assert torch.isfinite(w).all() and w.abs().sum() > 0
+    # pair b * H + h: (1, 32735) is the first of the second launch, (1, 32734) the last of the first
+    for h0, h1 in ((0, 3), (32730, 32740), (H - 3, H)):
+        part = ops.block_sparse_attn_weights(q[:, :, h0:h1].contiguous(), k[:, :, h0:h1].contiguous(),
+                                             lse[:, h0:h1].contiguous(), crow, col, 16, 16, B, 1, 3, *rules)
+        assert torch.equal(w[:, h0:h1], part), (h0, h1)
+
+
 def test_determinism():
     B, H, S = 1, 4, 1024
     nb = S // 64

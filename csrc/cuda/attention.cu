@@ -737,11 +737,11 @@ void launch_delta(const Params& p, int* counters, int n_counters, cudaStream_t s
 template <typename T>
 __global__ void __launch_bounds__(256) weights_kernel(Params p, const int* __restrict__ crow,
                                                       const int* __restrict__ col, T* w,
-                                                      int64_t msn) {
+                                                      int64_t msn, int bh0) {
   __shared__ float sq[32][33];
   __shared__ float sk[32][33];
   const int tid = threadIdx.x;
-  const int bh = blockIdx.y;
+  const int bh = bh0 + static_cast<int>(blockIdx.y);  // launches of at most 65535 (b, h) pairs each
   const int b = bh / p.H, h = bh % p.H;
   const int hk = h / p.G;
   const int s = (p.Lb == 1 ? 0 : b) * p.Lh + (p.Lh == 1 ? 0 : h);
@@ -1576,13 +1576,16 @@ at::Tensor weights_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at
                          window_left, window_right, klen, kpm);
   p.lse = lse.data_ptr<float>();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  TORCH_CHECK(B * H <= 65535, "dilated_sparse CUDA weights: B * H must be at most 65535");
-  const dim3 grid(static_cast<unsigned>(max_slice_nnz), static_cast<unsigned>(B * H));
   const int* colp = col_c.numel() > 0 ? col_c.data_ptr<int>() : nullptr;
+  constexpr int64_t kMaxGridY = 65535;  // (b, h) pairs a launch (gridDim.y)
   auto launch = [&](auto tag) {
     using T = decltype(tag);
-    weights_kernel<T><<<grid, 256, 0, stream>>>(p, crow_c.data_ptr<int>(), colp,
-                                                reinterpret_cast<T*>(w.data_ptr()), max_slice_nnz);
+    for (int64_t bh0 = 0; bh0 < B * H; bh0 += kMaxGridY) {
+      const dim3 grid(static_cast<unsigned>(max_slice_nnz), static_cast<unsigned>(std::min(kMaxGridY, B * H - bh0)));
+      weights_kernel<T><<<grid, 256, 0, stream>>>(p, crow_c.data_ptr<int>(), colp, reinterpret_cast<T*>(w.data_ptr()),
+                                                  max_slice_nnz, static_cast<int>(bh0));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   };
   if (q.scalar_type() == at::kHalf) {
     launch(__half());
@@ -1591,7 +1594,6 @@ at::Tensor weights_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at
   } else {
     launch(float());
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return w;
 }
 
