@@ -662,6 +662,17 @@ def test_weights():
     run_case(check_weights=True, Sq=300, Sk=260, bq=128, bk=256, dtype=torch.float16, bwd=False, wl=40)
 
 
+def test_sizes_past_int32_are_refused():
+    """The kernels hold B, S and H as int: a dim of 2^31 (a stride-0 view, no memory) is an error
+    naming the sizes, before any kernel runs, not a wrapped size."""
+    ops = _ops()
+    one = torch.zeros(1, 1, 1, 64, device=DEV, dtype=torch.bfloat16)
+    crow, col = (torch.tensor(t, dtype=torch.int32, device=DEV) for t in ([0, 1], [0]))
+    big = one.expand(2**31, 1, 1, 64)
+    with pytest.raises(RuntimeError, match="must each be below 2.31"):
+        ops.block_sparse_attn_fwd(big, big, big, crow, col, 16, 16, 1, 1, 0.125, False, -1, -1, None, None)
+
+
 def test_weights_of_more_than_65535_head_pairs():
     """The weights kernel takes (batch, head) pairs in launches of at most 65535 (the grid's y limit):
     B * H = 2 x 32800 pairs give, for heads in the first and the second launch, the weights of the

@@ -1059,7 +1059,8 @@ const KernelEntry* ds_entry(Op op, const at::Tensor& q, int kD) {
 // What the CUDA kernels add to the shared checks (detail::check_*_args, which run first): CUDA
 // tensors, the dtypes the kernels take (float32 too for the weights), head dims they tile,
 // power-of-two blocks.
-void check_cuda_limits(const at::Tensor& q, int64_t block_q, int64_t block_k, bool weights = false) {
+void check_cuda_limits(const at::Tensor& q, const at::Tensor& k, int64_t block_q, int64_t block_k,
+                       bool weights = false) {
   TORCH_CHECK(q.is_cuda(), "dilated_sparse CUDA: tensors must be on CUDA");
   const at::ScalarType t = q.scalar_type();
   TORCH_CHECK(t == at::kHalf || t == at::kBFloat16 || (weights && t == at::kFloat), "dilated_sparse CUDA: q must be ",
@@ -1068,6 +1069,10 @@ void check_cuda_limits(const at::Tensor& q, int64_t block_q, int64_t block_k, bo
               "dilated_sparse CUDA: head dim must be a multiple of 8 up to 256");
   auto pow2 = [](int64_t x) { return x >= 16 && x <= 256 && (x & (x - 1)) == 0; };
   TORCH_CHECK(pow2(block_q) && pow2(block_k), "dilated_sparse: block sizes must be 16, 32, 64, 128 or 256");
+  for (int d = 0; d < 3; ++d) {  // the kernels' Params hold them as int (offsets are 64-bit)
+    TORCH_CHECK(q.size(d) <= INT32_MAX && k.size(d) <= INT32_MAX, "dilated_sparse CUDA: B, Sq, Sk, H and Hkv must ",
+                "each be below 2^31, got q ", q.sizes(), ", k ", k.sizes());
+  }
 }
 
 Params base_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t block_q,
@@ -1279,7 +1284,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
   const auto dims = dilated_sparse::detail::check_fwd_args(q_in, k_in, v_in, crow, col, block_q, block_k, layout_batch,
                                                            layout_heads, window_left, window_right, key_lengths,
                                                            key_padding_mask);
-  check_cuda_limits(q_in, block_q, block_k);
+  check_cuda_limits(q_in, k_in, block_q, block_k);
   c10::cuda::CUDAGuard guard(q_in.device());
   check_index_values_cached(dims, crow, col, at::Tensor(), at::Tensor(), -1, c10::cuda::getCurrentCUDAStream());
   const at::Tensor q = prep(q_in), k = prep(k_in), v = prep(v_in);
@@ -1343,7 +1348,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   const auto dims = dilated_sparse::detail::check_bwd_args(
       dout_in, q_in, k_in, v_in, out_in, lse_in, ccol, rowi, crow, col, block_q, block_k, layout_batch, layout_heads,
       window_left, window_right, key_lengths, key_padding_mask, dlse_in);
-  check_cuda_limits(q_in, block_q, block_k);
+  check_cuda_limits(q_in, k_in, block_q, block_k);
   c10::cuda::CUDAGuard guard(q_in.device());
   check_index_values_cached(dims, crow, col, ccol, rowi, -1, c10::cuda::getCurrentCUDAStream());
   const at::Tensor q = prep(q_in), k = prep(k_in), v = prep(v_in);
@@ -1560,7 +1565,7 @@ at::Tensor weights_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at
   const auto dims = dilated_sparse::detail::check_weights_args(
       q_in, k_in, lse_in, crow, col, block_q, block_k, layout_batch, layout_heads, max_slice_nnz, window_left,
       window_right, key_lengths, key_padding_mask);
-  check_cuda_limits(q_in, block_q, block_k, /*weights=*/true);
+  check_cuda_limits(q_in, k_in, block_q, block_k, /*weights=*/true);
   c10::cuda::CUDAGuard guard(q_in.device());
   check_index_values_cached(dims, crow, col, at::Tensor(), at::Tensor(), max_slice_nnz,
                             c10::cuda::getCurrentCUDAStream());
