@@ -662,6 +662,31 @@ def test_weights():
     run_case(check_weights=True, Sq=300, Sk=260, bq=128, bk=256, dtype=torch.float16, bwd=False, wl=40)
 
 
+def test_caches_release_a_dropped_layouts_memory():
+    """The plan and checked-index caches hold their index tensors weakly: once a layout's tensors are
+    dropped, the next call frees its plan, and the device memory returns to what it was before the
+    layout (an index tensor of 4 MB and its plan). With strong references the cache kept them."""
+    ops = _ops()
+    rules = (0.125, False, -1, -1, None, None)
+    small = [torch.tensor(t, dtype=torch.int32, device=DEV) for t in ([0, 1], [0])]
+    q1 = torch.randn(1, 16, 1, 64, device=DEV, dtype=torch.bfloat16)
+    ops.block_sparse_attn_fwd(q1, q1, q1, *small, 16, 16, 1, 1, *rules)  # work counter, plan of `small`
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    H, nb = 64, 128  # per-head layouts, every block: nnz = 64 x 128 x 128 (a 4 MB col_indices)
+    mask = torch.ones(1, H, nb, nb, dtype=torch.bool, device=DEV)
+    crow, col = csr_from_mask(mask)[:2]
+    q = torch.randn(1, nb * 16, H, 64, device=DEV, dtype=torch.bfloat16)
+    out, lse = ops.block_sparse_attn_fwd(q, q, q, crow, col, 16, 16, 1, H, *rules)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() > before + 4 * 2**20
+    del crow, col, q, out, lse, mask
+    for _ in range(2):  # the first drops the dead layout's entries; frees wait for the stream's events
+        ops.block_sparse_attn_fwd(q1, q1, q1, *small, 16, 16, 1, 1, *rules)
+        torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() <= before + 64 * 1024, (before, torch.cuda.memory_allocated())
+
+
 def test_sizes_past_int32_are_refused():
     """The kernels hold B, S and H as int: a dim of 2^31 (a stride-0 view, no memory) is an error
     naming the sizes, before any kernel runs, not a wrapped size."""

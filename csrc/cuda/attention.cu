@@ -37,6 +37,7 @@
 //   DILATED_SPARSE_BWD_SCRATCH_CHUNKS=auto|0|1  when the dS-scratch backward runs in chunks
 //                                            (scratch_chunks_mode()).
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDACachingAllocator.h>  // recordStream
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -215,6 +216,59 @@ bool capturing(cudaStream_t stream) {
   return cudaStreamIsCapturing(stream, &cap) != cudaSuccess || cap != cudaStreamCaptureStatusNone;
 }
 
+void stream_wait(cudaStream_t waiter, cudaStream_t signaller);  // below, with the backward's streams
+
+// A cache's reference to a tensor it was given (index tensors: the plans' and the checked values'
+// keys). Weak, so a cache never keeps a caller's memory alive (a caller may own a pool whose live
+// blocks must all be its own, as torch.compile's CUDA graph trees check), yet it pins the
+// TensorImpl's address (a weak reference keeps the object, not its storage), so another tensor
+// never matches it. The version counter catches in-place edits. Not for inference tensors (no
+// version counter): their callers do not cache.
+struct TensorKey {
+  std::optional<c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>> impl;
+  int64_t version = 0;
+
+  TensorKey() = default;
+  explicit TensorKey(const at::Tensor& t) {
+    if (!t.defined()) return;
+    impl.emplace(t.getIntrusivePtr());
+    version = t._version();
+  }
+  bool matches(const at::Tensor& t) const {
+    if (!impl.has_value() || !t.defined()) return !impl.has_value() && !t.defined();
+    return !impl->expired() && impl->_unsafe_get_target() == t.unsafeGetTensorImpl() && t._version() == version;
+  }
+  bool expired() const { return impl.has_value() && impl->expired(); }
+};
+
+// State a call caches for later calls (plans, the forward's work counters) must not come from a pool
+// the caller owns: torch.compile's CUDA graph trees route their stream's allocations to a graph's
+// private pool in their eager warm-up runs too, not only while capturing, and then require every
+// live block of that pool to be one of their outputs. The caching allocator routes by stream, so an
+// eager call builds what it caches on a stream of our own (one a device, never a caller's), after
+// what the caller's stream has queued, and joins back. Each cached tensor is then recorded on the
+// caller's stream, so that once a cache drops it its memory waits for the caller's work on it.
+c10::cuda::CUDAStream own_stream(c10::DeviceIndex device) {
+  static std::mutex mu;
+  static auto* streams = new std::map<int, cudaStream_t>();  // never destroyed (exit order)
+  std::lock_guard<std::mutex> lock(mu);
+  cudaStream_t& s = (*streams)[device];
+  if (s == nullptr) {
+    c10::cuda::CUDAGuard guard(device);
+    C10_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  }
+  return c10::cuda::getStreamFromExternal(s, device);
+}
+struct OwnStreamScope {
+  c10::cuda::CUDAStream caller, own;
+  c10::cuda::CUDAStreamGuard current;  // at:: ops and allocations in the scope use `own`
+  explicit OwnStreamScope(const c10::cuda::CUDAStream& caller_)
+      : caller(caller_), own(own_stream(caller_.device_index())), current(own) {
+    stream_wait(own.stream(), caller.stream());
+  }
+  void join() const { stream_wait(caller.stream(), own.stream()); }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Index values
 // ---------------------------------------------------------------------------------------------
@@ -327,18 +381,17 @@ void check_index_values_on_device(const dilated_sparse::detail::AttnDims& d, con
 
 // Index tensors whose values passed, with the version counters and sizes they passed at.
 struct CheckedIndices {
-  std::array<at::Tensor, 4> t;        // crow, col, ccol, row (the last two: the backward)
-  std::array<int64_t, 4> ver{};
-  std::array<int64_t, 4> dims{};      // slices, nqb, nkb, max_slice_nnz (-1: not the weights)
+  std::array<TensorKey, 4> t;      // crow, col, ccol, row (the last two: the backward)
+  std::array<int64_t, 4> dims{};   // slices, nqb, nkb, max_slice_nnz (-1: not the weights)
 
-  bool operator==(const CheckedIndices& o) const {
+  bool matches(const std::array<const at::Tensor*, 4>& given, const std::array<int64_t, 4>& given_dims) const {
     for (int i = 0; i < 4; ++i) {
-      if (t[i].defined() != o.t[i].defined()) return false;
-      if (t[i].defined() && (t[i].unsafeGetTensorImpl() != o.t[i].unsafeGetTensorImpl() || ver[i] != o.ver[i])) {
-        return false;
-      }
+      if (!t[i].matches(*given[i])) return false;
     }
-    return dims == o.dims;
+    return dims == given_dims;
+  }
+  bool expired() const {
+    return std::any_of(t.begin(), t.end(), [](const TensorKey& k) { return k.expired(); });
   }
 };
 
@@ -349,15 +402,10 @@ void check_index_values_cached(const dilated_sparse::detail::AttnDims& d, const 
                                cudaStream_t stream) {
   static std::mutex* mu = new std::mutex();
   static std::deque<CheckedIndices>* checked = new std::deque<CheckedIndices>();  // never freed (exit order)
-  CheckedIndices key;
-  key.t = {crow, col, ccol, row};
-  bool versioned = true;
-  for (int i = 0; i < 4; ++i) {
-    if (!key.t[i].defined()) continue;
-    if (key.t[i].is_inference()) versioned = false;
-    else key.ver[i] = key.t[i]._version();
-  }
-  key.dims = {d.num_slices(), d.num_q_blocks, d.num_k_blocks, max_slice_nnz};
+  const std::array<const at::Tensor*, 4> given = {&crow, &col, &ccol, &row};
+  const std::array<int64_t, 4> dims = {d.num_slices(), d.num_q_blocks, d.num_k_blocks, max_slice_nnz};
+  const bool versioned =
+      std::none_of(given.begin(), given.end(), [](const at::Tensor* t) { return t->defined() && t->is_inference(); });
   if (capturing(stream)) {  // checked on every replay of the graph
     check_index_values_on_device(d, crow.contiguous(), col.contiguous(), ccol.defined() ? ccol.contiguous() : ccol,
                                  row.defined() ? row.contiguous() : row, max_slice_nnz, stream);
@@ -365,8 +413,10 @@ void check_index_values_cached(const dilated_sparse::detail::AttnDims& d, const 
   }
   if (versioned) {
     std::lock_guard<std::mutex> lock(*mu);
-    for (auto it = checked->begin(); it != checked->end(); ++it) {
-      if (*it == key) return;
+    checked->erase(std::remove_if(checked->begin(), checked->end(), [](const CheckedIndices& c) { return c.expired(); }),
+                   checked->end());
+    for (const CheckedIndices& c : *checked) {
+      if (c.matches(given, dims)) return;
     }
   }
   const at::Tensor crow_h = crow.to(at::kCPU), col_h = col.to(at::kCPU);
@@ -377,8 +427,11 @@ void check_index_values_cached(const dilated_sparse::detail::AttnDims& d, const 
     dilated_sparse::detail::check_index_values(d, crow_h, col_h, nullptr, nullptr, max_slice_nnz);
   }
   if (!versioned) return;
+  CheckedIndices passed;
+  for (int i = 0; i < 4; ++i) passed.t[i] = TensorKey(*given[i]);
+  passed.dims = dims;
   std::lock_guard<std::mutex> lock(*mu);
-  checked->push_front(std::move(key));
+  checked->push_front(std::move(passed));
   while (checked->size() > 16) checked->pop_back();
 }
 
@@ -531,44 +584,69 @@ TileList build_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int np
 }
 
 // Tile lists are pure functions of the index tensors and the tile parameters, and a layout is
-// reused across calls (every training step, forward and backward): cache the last few plans. An
-// entry holds strong references to the index tensors, so their TensorImpls cannot be freed and
-// reused while cached; the version counters catch in-place edits. Set DILATED_SPARSE_PLAN_CACHE=0 to
-// disable. Inference tensors (no version counter) are never cached.
+// reused across calls (every training step, forward and backward): cache the last few plans, keyed
+// by the index tensors (TensorKey: weak, with their version counters, so in-place edits are caught
+// and a dropped layout's entry goes at the next lookup), the parameters and the stream. Set
+// DILATED_SPARSE_PLAN_CACHE=0 to disable. Inference tensors (no version counter) are never cached.
+// Eager calls build a plan they cache on our own stream (OwnStreamScope); a plan built while the
+// stream is captured is the graph's (its pool's memory), as the graph's kernels use it.
 struct PlanCacheEntry {
-  at::Tensor ptr, idx;
-  int64_t ptr_ver = 0, idx_ver = 0;
+  TensorKey ptr, idx;
   int params[8] = {};
   cudaStream_t stream = nullptr;
   PlanBufs bufs;
   TileList tl;
 };
 
-// make_csr_entry (dK/dV plans of the dS-scratch backward): builds PlanBufs::csr_entry, once per
-// cached plan (a consistent CSC determines its CSR, so the CSC's key covers it). want_len_stats:
-// fills the len_* fields (len_stats), once per cached plan.
+// make_csr_entry (dK/dV plans of the dS-scratch backward): builds PlanBufs::csr_entry on the stream
+// it is given, once per cached plan (a consistent CSC determines its CSR, so the CSC's key covers
+// it). want_len_stats: fills the len_* fields (len_stats), once per cached plan.
 TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb, int prim_tokens,
                     int PT, int pb, int ST, int sb, int rep, int hdec, PlanBufs& keep,
                     cudaStream_t stream, int split = kSplitNever,
-                    const std::function<at::Tensor()>& make_csr_entry = nullptr, bool want_len_stats = false) {
+                    const std::function<at::Tensor(cudaStream_t)>& make_csr_entry = nullptr,
+                    bool want_len_stats = false) {
   static std::mutex* mu = new std::mutex();
   static std::deque<PlanCacheEntry>* cache = new std::deque<PlanCacheEntry>();  // never freed (exit order)
   const bool enabled = env_switch("DILATED_SPARSE_PLAN_CACHE", true);  // every call: a bad value raises
-  if (!enabled || ptr.is_inference() || idx.is_inference()) {
-    TileList tl = build_tiles(ptr, idx, L, npb, prim_tokens, PT, pb, ST, sb, rep, hdec, keep, stream);
-    make_split(keep, tl, rep, stream, split);
-    if (make_csr_entry) keep.csr_entry = make_csr_entry();
-    if (want_len_stats) len_stats(keep, stream);
-    return tl;
-  }
+  auto build = [&](PlanBufs& bufs, cudaStream_t s) {
+    TileList built = build_tiles(ptr, idx, L, npb, prim_tokens, PT, pb, ST, sb, rep, hdec, bufs, s);
+    make_split(bufs, built, rep, s, split);
+    if (make_csr_entry) bufs.csr_entry = make_csr_entry(s);
+    if (want_len_stats) len_stats(bufs, s);
+    return built;
+  };
+  if (!enabled || ptr.is_inference() || idx.is_inference()) return build(keep, stream);  // freed with the call
+  // What a cached plan's tensors are made on: our own stream for an eager call (then recorded on the
+  // caller's stream), the captured stream itself while capturing.
+  const bool eager = !capturing(stream);
+  const c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream();
+  TORCH_INTERNAL_ASSERT(caller.stream() == stream, "plan_tiles: plans are built for the current stream");
+  auto cached_build = [&](auto&& fn) {
+    if (!eager) return fn(stream);
+    OwnStreamScope own(caller);
+    auto out = fn(own.own.stream());
+    own.join();
+    return out;
+  };
+  auto record_on_caller = [&](const PlanBufs& b) {
+    if (!eager) return;
+    for (const at::Tensor* t : {&b.len, &b.start, &b.tile, &b.mask, &b.order, &b.runs, &b.work, &b.split, &b.csr_entry}) {
+      if (t->defined() && t->is_cuda()) c10::cuda::CUDACachingAllocator::recordStream(t->storage().data_ptr(), caller);
+    }
+  };
   const int params[8] = {L, npb, prim_tokens, PT, pb, ST, sb, split};
-  const int64_t pv = ptr._version(), iv = idx._version();
   std::lock_guard<std::mutex> lock(*mu);
+  cache->erase(std::remove_if(cache->begin(), cache->end(),
+                              [](const PlanCacheEntry& e) { return e.ptr.expired() || e.idx.expired(); }),
+               cache->end());
   for (auto it = cache->begin(); it != cache->end(); ++it) {
-    if (it->ptr.unsafeGetTensorImpl() == ptr.unsafeGetTensorImpl() &&
-        it->idx.unsafeGetTensorImpl() == idx.unsafeGetTensorImpl() && it->ptr_ver == pv &&
-        it->idx_ver == iv && it->stream == stream && std::equal(params, params + 8, it->params)) {
-      if (make_csr_entry && !it->bufs.csr_entry.defined()) it->bufs.csr_entry = make_csr_entry();
+    if (it->ptr.matches(ptr) && it->idx.matches(idx) && it->stream == stream &&
+        std::equal(params, params + 8, it->params)) {
+      if (make_csr_entry && !it->bufs.csr_entry.defined()) {
+        it->bufs.csr_entry = cached_build([&](cudaStream_t s) { return make_csr_entry(s); });
+        record_on_caller(it->bufs);
+      }
       if (want_len_stats) len_stats(it->bufs, stream);
       keep = it->bufs;
       TileList tl = it->tl;
@@ -582,15 +660,11 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
       return tl;
     }
   }
-  TileList tl = build_tiles(ptr, idx, L, npb, prim_tokens, PT, pb, ST, sb, rep, hdec, keep, stream);
-  make_split(keep, tl, rep, stream, split);
-  if (make_csr_entry) keep.csr_entry = make_csr_entry();
-  if (want_len_stats) len_stats(keep, stream);
+  TileList tl = cached_build([&](cudaStream_t s) { return build(keep, s); });
+  record_on_caller(keep);
   PlanCacheEntry e;
-  e.ptr = ptr;
-  e.idx = idx;
-  e.ptr_ver = pv;
-  e.idx_ver = iv;
+  e.ptr = TensorKey(ptr);
+  e.idx = TensorKey(idx);
   std::copy(params, params + 8, e.params);
   e.stream = stream;
   e.bufs = keep;
@@ -1253,7 +1327,7 @@ void stream_wait(cudaStream_t waiter, cudaStream_t signaller) {
 // launch gap were ~2-5 us a call). Launches on one stream run in order, so they never share a
 // pair at the same time. While `stream` is captured into a graph, a fresh zeroed pair (a fill
 // node, memory of the graph's pool): a graph may be replayed on any stream, beside eager calls.
-// The pairs are never freed (4 bytes each, a few streams a process; no teardown-order question).
+// The pairs are never freed (8 bytes each, a few streams a process; no teardown-order question).
 int* forward_work_counter(const at::Tensor& like, cudaStream_t stream, at::Tensor& keep) {
   if (capturing(stream)) {
     keep = at::zeros({2}, like.options().dtype(at::kInt));
@@ -1263,7 +1337,11 @@ int* forward_work_counter(const at::Tensor& like, cudaStream_t stream, at::Tenso
   static auto* pairs = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();
   std::lock_guard<std::mutex> lock(mu);
   at::Tensor& pair = (*pairs)[{static_cast<int>(like.get_device()), stream}];
-  if (!pair.defined()) pair = at::zeros({2}, like.options().dtype(at::kInt));  // on `stream`: before the first use
+  if (!pair.defined()) {  // made on our own stream (kept: OwnStreamScope), zeroed before the first use
+    OwnStreamScope own(c10::cuda::getCurrentCUDAStream());
+    pair = at::zeros({2}, like.options().dtype(at::kInt));
+    own.join();
+  }
   return pair.data_ptr<int>();
 }
 
@@ -1492,12 +1570,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     pq.chunk_shift = ds_mode ? 0 : item_chunk_shift(key_tokens);  // the dQ-from-dS kernel claims singly
   }
   // The dS-scratch backward's CSC -> CSR entry map, kept with the dK/dV plan (csc_to_csr_kernel).
-  std::function<at::Tensor()> make_csr_entry;
+  std::function<at::Tensor(cudaStream_t)> make_csr_entry;
   if (ds_mode) {
-    make_csr_entry = [&]() {
+    make_csr_entry = [&](cudaStream_t s) {
       auto map = at::empty({std::max<int64_t>(1, rowi.numel())}, q.options().dtype(at::kInt));
       if (rowi.numel() > 0) {
-        csc_to_csr_kernel<<<static_cast<unsigned>((rowi.numel() + 255) / 256), 256, 0, stream>>>(
+        csc_to_csr_kernel<<<static_cast<unsigned>((rowi.numel() + 255) / 256), 256, 0, s>>>(
             ccol_c.data_ptr<int>(), rowi_c.data_ptr<int>(), crow_c.data_ptr<int>(), col_c.data_ptr<int>(),
             L * p.nkb, p.nkb, p.nqb, rowi.numel(), map.data_ptr<int>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
