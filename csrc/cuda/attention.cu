@@ -51,6 +51,7 @@
 #include <cstdlib>
 #include <deque>
 #include <functional>
+#include <future>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -242,12 +243,14 @@ struct TensorKey {
 };
 
 // State a call caches for later calls (plans, the forward's work counters) must not come from a pool
-// the caller owns: torch.compile's CUDA graph trees route their stream's allocations to a graph's
-// private pool in their eager warm-up runs too, not only while capturing, and then require every
-// live block of that pool to be one of their outputs. The caching allocator routes by stream, so an
-// eager call builds what it caches on a stream of our own (one a device, never a caller's), after
-// what the caller's stream has queued, and joins back. Each cached tensor is then recorded on the
-// caller's stream, so that once a cache drops it its memory waits for the caller's work on it.
+// the caller owns: torch.compile's CUDA graph trees route allocations to a graph's private pool in
+// their eager warm-up runs too, not only while capturing, and then require every live block of that
+// pool to be one of their outputs (a cached plan failed that check: "tensors in the cudagraph pool
+// not tracked as outputs"). Torch routes by thread (2.8 and later) or by stream (before), so an eager
+// call builds what it caches on a helper thread whose current stream is one of our own (one a
+// device, never a caller's), after what the caller's stream has queued, and the caller's stream
+// waits for it. Tensors that a cache may later drop are recorded on the caller's stream (see
+// plan_tiles), so that their memory waits for the caller's work on them.
 c10::cuda::CUDAStream own_stream(c10::DeviceIndex device) {
   static std::mutex mu;
   static auto* streams = new std::map<int, cudaStream_t>();  // never destroyed (exit order)
@@ -259,15 +262,19 @@ c10::cuda::CUDAStream own_stream(c10::DeviceIndex device) {
   }
   return c10::cuda::getStreamFromExternal(s, device);
 }
-struct OwnStreamScope {
-  c10::cuda::CUDAStream caller, own;
-  c10::cuda::CUDAStreamGuard current;  // at:: ops and allocations in the scope use `own`
-  explicit OwnStreamScope(const c10::cuda::CUDAStream& caller_)
-      : caller(caller_), own(own_stream(caller_.device_index())), current(own) {
-    stream_wait(own.stream(), caller.stream());
-  }
-  void join() const { stream_wait(caller.stream(), own.stream()); }
-};
+// fn(stream) on the helper thread and stream above; returns its result (rethrows its exception).
+template <class Fn>
+auto build_for_cache(const c10::cuda::CUDAStream& caller, Fn&& fn) {
+  const c10::cuda::CUDAStream own = own_stream(caller.device_index());
+  stream_wait(own.stream(), caller.stream());
+  auto result = std::async(std::launch::async, [&]() {
+                  c10::cuda::CUDAGuard device(caller.device_index());
+                  c10::cuda::CUDAStreamGuard current(own);
+                  return fn(own.stream());
+                }).get();
+  stream_wait(caller.stream(), own.stream());
+  return result;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Index values
@@ -588,8 +595,8 @@ TileList build_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int np
 // by the index tensors (TensorKey: weak, with their version counters, so in-place edits are caught
 // and a dropped layout's entry goes at the next lookup), the parameters and the stream. Set
 // DILATED_SPARSE_PLAN_CACHE=0 to disable. Inference tensors (no version counter) are never cached.
-// Eager calls build a plan they cache on our own stream (OwnStreamScope); a plan built while the
-// stream is captured is the graph's (its pool's memory), as the graph's kernels use it.
+// Eager calls build a plan they cache outside the caller's pools (build_for_cache); a plan built while
+// the stream is captured is the graph's (its pool's memory), as the graph's kernels use it.
 struct PlanCacheEntry {
   TensorKey ptr, idx;
   int params[8] = {};
@@ -622,13 +629,7 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
   const bool eager = !capturing(stream);
   const c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream();
   TORCH_INTERNAL_ASSERT(caller.stream() == stream, "plan_tiles: plans are built for the current stream");
-  auto cached_build = [&](auto&& fn) {
-    if (!eager) return fn(stream);
-    OwnStreamScope own(caller);
-    auto out = fn(own.own.stream());
-    own.join();
-    return out;
-  };
+  auto cached_build = [&](auto&& fn) { return eager ? build_for_cache(caller, fn) : fn(stream); };
   auto record_on_caller = [&](const PlanBufs& b) {
     if (!eager) return;
     for (const at::Tensor* t : {&b.len, &b.start, &b.tile, &b.mask, &b.order, &b.runs, &b.work, &b.split, &b.csr_entry}) {
@@ -1337,10 +1338,9 @@ int* forward_work_counter(const at::Tensor& like, cudaStream_t stream, at::Tenso
   static auto* pairs = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();
   std::lock_guard<std::mutex> lock(mu);
   at::Tensor& pair = (*pairs)[{static_cast<int>(like.get_device()), stream}];
-  if (!pair.defined()) {  // made on our own stream (kept: OwnStreamScope), zeroed before the first use
-    OwnStreamScope own(c10::cuda::getCurrentCUDAStream());
-    pair = at::zeros({2}, like.options().dtype(at::kInt));
-    own.join();
+  if (!pair.defined()) {  // kept, so made outside the caller's pools (build_for_cache); zeroed before the first use
+    pair = build_for_cache(c10::cuda::getCurrentCUDAStream(),
+                           [&](cudaStream_t) { return at::zeros({2}, like.options().dtype(at::kInt)); });
   }
   return pair.data_ptr<int>();
 }
