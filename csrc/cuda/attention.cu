@@ -595,8 +595,8 @@ TileList build_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int np
 // by the index tensors (TensorKey: weak, with their version counters, so in-place edits are caught
 // and a dropped layout's entry goes at the next lookup), the parameters and the stream. Set
 // DILATED_SPARSE_PLAN_CACHE=0 to disable. Inference tensors (no version counter) are never cached.
-// Eager calls build a plan they cache outside the caller's pools (build_for_cache); a plan built while
-// the stream is captured is the graph's (its pool's memory), as the graph's kernels use it.
+// Plans are built for the cache outside the caller's pools (build_for_cache); a call being captured
+// into a CUDA graph neither uses nor fills the cache (below).
 struct PlanCacheEntry {
   TensorKey ptr, idx;
   int params[8] = {};
@@ -623,15 +623,15 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
     if (want_len_stats) len_stats(bufs, s);
     return built;
   };
-  if (!enabled || ptr.is_inference() || idx.is_inference()) return build(keep, stream);  // freed with the call
-  // What a cached plan's tensors are made on: our own stream for an eager call (then recorded on the
-  // caller's stream), the captured stream itself while capturing.
-  const bool eager = !capturing(stream);
+  // Not cached (freed with the call): with the cache off, for inference tensors, and while the stream
+  // is captured. A captured call's plan is the graph's own, rebuilt by every replay from what the index
+  // tensors hold then; a cached plan would have to outlive every graph that uses it, and a graph
+  // pool's memory must not stay referenced outside the graph (torch.compile's CUDA graph trees).
+  if (!enabled || ptr.is_inference() || idx.is_inference() || capturing(stream)) return build(keep, stream);
   const c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream();
   TORCH_INTERNAL_ASSERT(caller.stream() == stream, "plan_tiles: plans are built for the current stream");
-  auto cached_build = [&](auto&& fn) { return eager ? build_for_cache(caller, fn) : fn(stream); };
+  auto cached_build = [&](auto&& fn) { return build_for_cache(caller, fn); };
   auto record_on_caller = [&](const PlanBufs& b) {
-    if (!eager) return;
     for (const at::Tensor* t : {&b.len, &b.start, &b.tile, &b.mask, &b.order, &b.runs, &b.work, &b.split, &b.csr_entry}) {
       if (t->defined() && t->is_cuda()) c10::cuda::CUDACachingAllocator::recordStream(t->storage().data_ptr(), caller);
     }
