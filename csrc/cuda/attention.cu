@@ -246,7 +246,7 @@ struct TensorKey {
 // the caller owns: torch.compile's CUDA graph trees route allocations to a graph's private pool in
 // their eager warm-up runs too, not only while capturing, and then require every live block of that
 // pool to be one of their outputs (a cached plan failed that check: "tensors in the cudagraph pool
-// not tracked as outputs"). Torch routes by thread (2.8 and later) or by stream (before), so an eager
+// not tracked as outputs"). Torch routes by thread (torch 2.11 does) or, in older releases, by stream, so an eager
 // call builds what it caches on a helper thread whose current stream is one of our own (one a
 // device, never a caller's), after what the caller's stream has queued, and the caller's stream
 // waits for it. Tensors that a cache may later drop are recorded on the caller's stream (see
