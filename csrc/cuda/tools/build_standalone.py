@@ -1,4 +1,5 @@
-"""Device-run fallback: build the CUDA kernels + the op schemas as a standalone library.
+"""Device-run fallback: build the CUDA kernels + the op schemas + the shared argument checks
+(csrc/checks.cpp, which the CUDA ops call) as a standalone library.
 
 Prints the path of the built shared library (for DILATED_SPARSE_TEST_LIB). Used by device_run.sh
 only when the package build fails, so kernel tests do not depend on the rest of the tree.
