@@ -519,19 +519,38 @@ void make_split(PlanBufs& keep, TileList& tl, int rep, cudaStream_t stream, int 
   tl.work = reinterpret_cast<const int4*>(keep.work.data_ptr<int>());
 }
 
-// Runs of equal values in a sorted length vector: [n, 2] int32 {first index, length} of the run
-// holding each index. Tensor ops only (no host sync), so plans can be built during graph capture.
-at::Tensor equal_length_runs(const at::Tensor& sorted_len) {
+// Runs of equal values in a length vector sorted in descending order: runs[i] = {first index, length}
+// of the run holding index i. One kernel: the run's ends are two binary searches in the sorted
+// vector. (It replaced ~15 small tensor ops, which a CUDA graph replay paid as nodes, ~2 us each,
+// since a captured call rebuilds its plans; RESULTS.md, thirty-seventh session.)
+__global__ void equal_length_runs_kernel(const int* __restrict__ sorted, int64_t n, int2* __restrict__ runs) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  const int v = sorted[i];
+  int64_t lo = 0, hi = i;  // first index with sorted[] <= v
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (sorted[mid] > v) lo = mid + 1; else hi = mid;
+  }
+  const int64_t first = lo;
+  lo = i + 1;
+  hi = n;  // first index past i with sorted[] < v
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (sorted[mid] >= v) lo = mid + 1; else hi = mid;
+  }
+  runs[i] = make_int2(static_cast<int>(first), static_cast<int>(lo - first));
+}
+
+at::Tensor equal_length_runs(const at::Tensor& sorted_len, cudaStream_t stream) {
   const int64_t n = sorted_len.numel();
-  const at::Tensor pos = at::arange(n, sorted_len.options().dtype(at::kLong));
-  at::Tensor starts = at::ones({n}, sorted_len.options().dtype(at::kBool));
-  if (n > 1) starts.slice(0, 1).copy_(sorted_len.slice(0, 1) != sorted_len.slice(0, 0, n - 1));
-  const at::Tensor first = std::get<0>(at::cummax(at::where(starts, pos, at::zeros_like(pos)), 0));
-  // The next run's first index (n after the last run): suffix minimum of the starts after each index.
-  at::Tensor next = at::full({n}, n, pos.options());
-  if (n > 1) next.slice(0, 0, n - 1).copy_(at::where(starts.slice(0, 1), pos.slice(0, 1), next.slice(0, 1)));
-  next = std::get<0>(at::cummin(next.flip(0), 0)).flip(0);
-  return at::stack({first, next - first}, 1).to(at::kInt).contiguous();
+  at::Tensor runs = at::empty({n, 2}, sorted_len.options().dtype(at::kInt));
+  if (n > 0) {
+    equal_length_runs_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(
+        sorted_len.data_ptr<int>(), n, reinterpret_cast<int2*>(runs.data_ptr<int>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return runs;
 }
 
 TileList build_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb, int prim_tokens,
@@ -575,8 +594,9 @@ TileList build_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int np
         tl.ptr, tl.idx, L, npb, tl.ntiles, PT, pb, ST, sb, tl.direct, keep.len.data_ptr<int>(),
         startp, tilep, maskp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    keep.order = std::get<1>(at::sort(keep.len, /*stable=*/true, /*dim=*/0, /*descending=*/true));
-    keep.runs = equal_length_runs(keep.len.index_select(0, keep.order));
+    auto [sorted_len, order] = at::sort(keep.len, /*stable=*/true, /*dim=*/0, /*descending=*/true);
+    keep.order = order;
+    keep.runs = equal_length_runs(sorted_len.contiguous(), stream);
   } else {
     keep.order = at::empty({0}, iopt.dtype(at::kLong));
     keep.runs = at::empty({0, 2}, iopt);
