@@ -242,6 +242,42 @@ struct TensorKey {
   bool expired() const { return impl.has_value() && impl->expired(); }
 };
 
+// The calls' small caches (plans, checked index values): the most recently used entries first, at
+// most 16. An entry whose TensorKeys expired (its layout was dropped) goes at the next lookup, so the
+// cache holds nothing of it longer than that. Entry: `bool expired() const`. Never destroyed (its
+// users keep it in a leaked static, because of the order of destruction at exit).
+template <class Entry>
+class RecentEntries {
+ public:
+  std::mutex& mutex() { return mu_; }
+  // The first entry for which match(entry) holds, moved to the front; nullptr if none. Hold mutex().
+  template <class Match>
+  Entry* find(Match&& match) {
+    entries_.erase(std::remove_if(entries_.begin(), entries_.end(), [](const Entry& e) { return e.expired(); }),
+                   entries_.end());
+    for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+      if (!match(*it)) continue;
+      if (it != entries_.begin()) {
+        Entry e = std::move(*it);
+        entries_.erase(it);
+        entries_.push_front(std::move(e));
+      }
+      return &entries_.front();
+    }
+    return nullptr;
+  }
+  // Adds `e` at the front, dropping the least recently used past the cap. Hold mutex().
+  void add(Entry e) {
+    entries_.push_front(std::move(e));
+    while (entries_.size() > kCapacity) entries_.pop_back();
+  }
+
+ private:
+  static constexpr size_t kCapacity = 16;
+  std::mutex mu_;
+  std::deque<Entry> entries_;
+};
+
 // State a call caches for later calls (plans, the forward's work counters) must not come from a pool
 // the caller owns: torch.compile's CUDA graph trees route allocations to a graph's private pool in
 // their eager warm-up runs too, not only while capturing, and then require every live block of that
@@ -407,8 +443,7 @@ struct CheckedIndices {
 void check_index_values_cached(const dilated_sparse::detail::AttnDims& d, const at::Tensor& crow, const at::Tensor& col,
                                const at::Tensor& ccol, const at::Tensor& row, int64_t max_slice_nnz,
                                cudaStream_t stream) {
-  static std::mutex* mu = new std::mutex();
-  static std::deque<CheckedIndices>* checked = new std::deque<CheckedIndices>();  // never freed (exit order)
+  static auto* checked = new RecentEntries<CheckedIndices>();  // never freed (exit order)
   const std::array<const at::Tensor*, 4> given = {&crow, &col, &ccol, &row};
   const std::array<int64_t, 4> dims = {d.num_slices(), d.num_q_blocks, d.num_k_blocks, max_slice_nnz};
   const bool versioned =
@@ -419,27 +454,30 @@ void check_index_values_cached(const dilated_sparse::detail::AttnDims& d, const 
     return;
   }
   if (versioned) {
-    std::lock_guard<std::mutex> lock(*mu);
-    checked->erase(std::remove_if(checked->begin(), checked->end(), [](const CheckedIndices& c) { return c.expired(); }),
-                   checked->end());
-    for (const CheckedIndices& c : *checked) {
-      if (c.matches(given, dims)) return;
-    }
+    std::lock_guard<std::mutex> lock(checked->mutex());
+    if (checked->find([&](const CheckedIndices& c) { return c.matches(given, dims); }) != nullptr) return;
   }
-  const at::Tensor crow_h = crow.to(at::kCPU), col_h = col.to(at::kCPU);
-  if (ccol.defined()) {
-    const at::Tensor ccol_h = ccol.to(at::kCPU), row_h = row.to(at::kCPU);
-    dilated_sparse::detail::check_index_values(d, crow_h, col_h, &ccol_h, &row_h, max_slice_nnz);
-  } else {
-    dilated_sparse::detail::check_index_values(d, crow_h, col_h, nullptr, nullptr, max_slice_nnz);
+  // One device->host copy (one host synchronisation) for all of them: concatenated on the device.
+  std::vector<at::Tensor> flat;
+  for (const at::Tensor* t : given) {
+    if (t->defined()) flat.push_back(t->reshape({-1}));
   }
+  const at::Tensor host = at::cat(flat).to(at::kCPU);
+  std::array<at::Tensor, 4> h;
+  int64_t offset = 0;
+  for (int i = 0; i < 4; ++i) {
+    if (!given[i]->defined()) continue;
+    h[i] = host.narrow(0, offset, given[i]->numel()).view(given[i]->sizes());
+    offset += given[i]->numel();
+  }
+  dilated_sparse::detail::check_index_values(d, h[0], h[1], ccol.defined() ? &h[2] : nullptr,
+                                             ccol.defined() ? &h[3] : nullptr, max_slice_nnz);
   if (!versioned) return;
   CheckedIndices passed;
   for (int i = 0; i < 4; ++i) passed.t[i] = TensorKey(*given[i]);
   passed.dims = dims;
-  std::lock_guard<std::mutex> lock(*mu);
-  checked->push_front(std::move(passed));
-  while (checked->size() > 16) checked->pop_back();
+  std::lock_guard<std::mutex> lock(checked->mutex());
+  checked->add(std::move(passed));
 }
 
 // Copies a plan's entries per primary tile to the host once, with their sum and maximum, into
@@ -623,6 +661,7 @@ struct PlanCacheEntry {
   cudaStream_t stream = nullptr;
   PlanBufs bufs;
   TileList tl;
+  bool expired() const { return ptr.expired() || idx.expired(); }
 };
 
 // make_csr_entry (dK/dV plans of the dS-scratch backward): builds PlanBufs::csr_entry on the stream
@@ -633,8 +672,7 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
                     cudaStream_t stream, int split = kSplitNever,
                     const std::function<at::Tensor(cudaStream_t)>& make_csr_entry = nullptr,
                     bool want_len_stats = false) {
-  static std::mutex* mu = new std::mutex();
-  static std::deque<PlanCacheEntry>* cache = new std::deque<PlanCacheEntry>();  // never freed (exit order)
+  static auto* cache = new RecentEntries<PlanCacheEntry>();  // never freed (exit order)
   const bool enabled = env_switch("DILATED_SPARSE_PLAN_CACHE", true);  // every call: a bad value raises
   auto build = [&](PlanBufs& bufs, cudaStream_t s) {
     TileList built = build_tiles(ptr, idx, L, npb, prim_tokens, PT, pb, ST, sb, rep, hdec, bufs, s);
@@ -657,29 +695,21 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
     }
   };
   const int params[8] = {L, npb, prim_tokens, PT, pb, ST, sb, split};
-  std::lock_guard<std::mutex> lock(*mu);
-  cache->erase(std::remove_if(cache->begin(), cache->end(),
-                              [](const PlanCacheEntry& e) { return e.ptr.expired() || e.idx.expired(); }),
-               cache->end());
-  for (auto it = cache->begin(); it != cache->end(); ++it) {
-    if (it->ptr.matches(ptr) && it->idx.matches(idx) && it->stream == stream &&
-        std::equal(params, params + 8, it->params)) {
-      if (make_csr_entry && !it->bufs.csr_entry.defined()) {
-        it->bufs.csr_entry = cached_build([&](cudaStream_t s) { return make_csr_entry(s); });
-        record_on_caller(it->bufs);
-      }
-      if (want_len_stats) len_stats(it->bufs, stream);
-      keep = it->bufs;
-      TileList tl = it->tl;
-      tl.rep = rep;
-      tl.hdec = hdec;
-      if (it != cache->begin()) {
-        PlanCacheEntry e = std::move(*it);
-        cache->erase(it);
-        cache->push_front(std::move(e));
-      }
-      return tl;
+  std::lock_guard<std::mutex> lock(cache->mutex());
+  PlanCacheEntry* hit = cache->find([&](const PlanCacheEntry& e) {
+    return e.ptr.matches(ptr) && e.idx.matches(idx) && e.stream == stream && std::equal(params, params + 8, e.params);
+  });
+  if (hit != nullptr) {
+    if (make_csr_entry && !hit->bufs.csr_entry.defined()) {
+      hit->bufs.csr_entry = cached_build([&](cudaStream_t s) { return make_csr_entry(s); });
+      record_on_caller(hit->bufs);
     }
+    if (want_len_stats) len_stats(hit->bufs, stream);
+    keep = hit->bufs;
+    TileList tl = hit->tl;
+    tl.rep = rep;
+    tl.hdec = hdec;
+    return tl;
   }
   TileList tl = cached_build([&](cudaStream_t s) { return build(keep, s); });
   record_on_caller(keep);
@@ -690,8 +720,7 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
   e.stream = stream;
   e.bufs = keep;
   e.tl = tl;
-  cache->push_front(std::move(e));
-  while (cache->size() > 16) cache->pop_back();
+  cache->add(std::move(e));
   return tl;
 }
 
