@@ -167,16 +167,13 @@ class BlockSparseLayout:
             )
         if max(crow.numel(), col.numel()) >= 2**31:
             raise ValueError("layouts with 2**31 or more blocks are not supported (int32 indices)")
+        self._max_slice_nnz = max_slice_nnz
         if validate:  # on the given values: the int32 cast below would wrap 2**32 + 1 to 1
-            self._validate(crow, col)
+            self._max_slice_nnz = self._validate(crow, col)
         self.crow_indices = crow.to(torch.int32).contiguous()
         self.col_indices = col.to(torch.int32).contiguous()
         self._csc: tuple[torch.Tensor, torch.Tensor] | None = None
         self._device_cache: dict[torch.device, BlockSparseLayout] = {}
-        if validate:
-            self._max_slice_nnz = int(self.slice_nnz().max().item()) if self.num_slices else 0
-        else:
-            self._max_slice_nnz = max_slice_nnz
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -248,44 +245,55 @@ class BlockSparseLayout:
         return torch.repeat_interleave(rows, self.row_counts(), output_size=self.nnz)
 
     # ------------------------------------------------------------- validation
-    def _validate(self, crow_indices: torch.Tensor, col_indices: torch.Tensor) -> None:
-        """Check the CSR structure of the given index tensors (before their int32 cast)."""
+    def _validate(self, crow_indices: torch.Tensor, col_indices: torch.Tensor) -> int:
+        """Check the CSR structure of the given index tensors (before their int32 cast); returns
+        the largest number of active blocks in one slice.
+
+        Every condition is reduced on the tensors' device and read back in one copy, so a layout on
+        a GPU costs one host synchronisation, not one a check; a failure then pays for its message.
+        """
         crow = crow_indices.to(torch.int64)
         col = col_indices.to(torch.int64)
         nnz = col.numel()
-        if int(crow[0]) != 0:
-            raise ValueError(f"crow_indices must start at 0, got {int(crow[0])}")
-        if int(crow[-1]) != nnz:
-            raise ValueError(
-                f"crow_indices must end at nnz = len(col_indices) = {nnz}, got {int(crow[-1])}"
-            )
         counts = crow[1:] - crow[:-1]
-        if bool((counts < 0).any()):
+        slice_starts = crow[:: self.num_query_blocks]
+        flags = [crow[0], crow[-1], (counts < 0).any(), (slice_starts[1:] - slice_starts[:-1]).max()]
+        nkb = self.num_key_blocks
+        if nnz > 0:
+            out_of_range = (col < 0) | (col >= nkb)
+            # Within a row the ids must strictly increase: every consecutive pair that does not
+            # start a new row. Row starts are the offsets of non-empty rows; an empty row's offset
+            # is the next row's start or nnz (slot nnz: a sink), and bad offsets are clamped here
+            # (reported above, before these flags are read).
+            row_start = torch.zeros(nnz + 1, dtype=torch.bool, device=col.device)
+            row_start[crow[:-1].clamp(0, nnz)] = True
+            step_ok = torch.ones(nnz, dtype=torch.bool, device=col.device)
+            step_ok[1:] = col[1:] > col[:-1]
+            bad_step = ~(step_ok | row_start[:nnz])
+            flags += [out_of_range.any(), bad_step.any()]
+        first, last, decreasing, max_slice_nnz, *id_flags = torch.stack(flags).tolist()
+        if first != 0:
+            raise ValueError(f"crow_indices must start at 0, got {first}")
+        if last != nnz:
+            raise ValueError(f"crow_indices must end at nnz = len(col_indices) = {nnz}, got {last}")
+        if decreasing:
             bad = int(torch.nonzero(counts < 0)[0, 0])
             raise ValueError(f"crow_indices must be non-decreasing (decreases after entry {bad})")
         if nnz == 0:
-            return
-        nkb = self.num_key_blocks
-        if bool(((col < 0) | (col >= nkb)).any()):
-            bad = int(torch.nonzero((col < 0) | (col >= nkb))[0, 0])
+            return max_slice_nnz
+        if id_flags[0]:
+            bad = int(torch.nonzero(out_of_range)[0, 0])
             raise ValueError(
                 f"col_indices[{bad}] = {int(col[bad])} is out of range [0, {nkb}) "
                 f"(nkb = ceil(seq_len_k={self.seq_len_k} / block_k={self.block_k}))"
             )
-        # Within a row the ids must strictly increase: check every consecutive pair that does
-        # not start a new row.
-        row_start = torch.zeros(nnz, dtype=torch.bool, device=col.device)
-        starts = crow[:-1][counts > 0]
-        row_start[starts] = True
-        step_ok = torch.ones(nnz, dtype=torch.bool, device=col.device)
-        step_ok[1:] = col[1:] > col[:-1]
-        bad_mask = ~(step_ok | row_start)
-        if bool(bad_mask.any()):
-            bad = int(torch.nonzero(bad_mask)[0, 0])
+        if id_flags[1]:
+            bad = int(torch.nonzero(bad_step)[0, 0])
             raise ValueError(
                 f"col_indices must be strictly increasing (sorted, no duplicates) within each row: "
                 f"col_indices[{bad - 1}] = {int(col[bad - 1])}, col_indices[{bad}] = {int(col[bad])}"
             )
+        return max_slice_nnz
 
     # -------------------------------------------------------------- transpose
     @property

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 
 F64 = torch.float64
+# The devices a test runs on here: the CPU always, CUDA where a GPU is present.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def random_qkv(b: int, sq: int, sk: int, h: int, hkv: int, d: int, *, seed: int = 0, dtype: torch.dtype = F64,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import DEVICES
 
 import dilated_sparse as ds
 from dilated_sparse.layout import csr_transpose
@@ -114,11 +115,48 @@ def test_empty_layout_is_valid():
         ([0, 2, 2, 2], [1, 1], "strictly increasing"),
         ([0, 1, 1, 1], [3], "out of range"),
         ([0, 1, 1, 1], [-1], "out of range"),
+        ([0, 1, 3, 3], [1, 2, 0], r"col_indices\[1\] = 2, col_indices\[2\] = 0"),  # inside row 1
+        ([0, 0, 0, 2], [2, 1], r"col_indices\[0\] = 2, col_indices\[1\] = 1"),  # after empty rows
     ],
 )
-def test_bad_csr_rejected(crow, col, match):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_csr_rejected(crow, col, match, device):
     with pytest.raises(ValueError, match=match):
-        ds.BlockSparseLayout(torch.tensor(crow), torch.tensor(col), block_size=16, seq_len_q=48)
+        ds.BlockSparseLayout(torch.tensor(crow, device=device), torch.tensor(col, device=device),
+                             block_size=16, seq_len_q=48)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_may_restart_their_ids_after_empty_rows(device):
+    """A row's first id may be smaller than the last id of the previous non-empty row, with empty
+    rows between them and at the end (their offsets equal the next row's start, or nnz)."""
+    layout = ds.BlockSparseLayout(torch.tensor([0, 2, 2, 3, 3], device=device), torch.tensor([1, 2, 0], device=device),
+                                  block_size=16, seq_len_q=64)
+    assert layout.nnz == 3 and layout.max_slice_nnz == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_validating_a_cuda_layout_synchronises_once():
+    """The checks are reduced on the GPU and read back in one copy (torch's sync debug mode warns
+    once per synchronising call), with the largest slice's count among them."""
+    import warnings
+
+    mask = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(0)) < 0.4
+    crow = torch.zeros(17, dtype=torch.int64)
+    crow[1:] = mask.reshape(16, 8).sum(1).cumsum(0)
+    col = torch.nonzero(mask.reshape(16, 8))[:, 1]
+    crow, col = crow.cuda(), col.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            layout = ds.BlockSparseLayout(crow, col, block_size=16, seq_len_q=128, layout_heads=2)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    assert layout.max_slice_nnz == int(mask.reshape(2, -1).sum(1).max())
 
 
 def test_bad_arguments_rejected():

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import DEVICES
 
 import dilated_sparse as ds
 from dilated_sparse.ops import attention_forward
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
