@@ -266,7 +266,7 @@ class BlockSparseLayout:
             # is the next row's start or nnz (slot nnz: a sink), and bad offsets are clamped here
             # (reported above, before these flags are read).
             row_start = torch.zeros(nnz + 1, dtype=torch.bool, device=col.device)
-            row_start[crow[:-1].clamp(0, nnz)] = True
+            row_start.index_fill_(0, crow[:-1].clamp(0, nnz), True)  # not `[...] = True`: a host scalar, copied with a sync
             step_ok = torch.ones(nnz, dtype=torch.bool, device=col.device)
             step_ok[1:] = col[1:] > col[:-1]
             bad_step = ~(step_ok | row_start[:nnz])

@@ -155,7 +155,7 @@ def test_validating_a_cuda_layout_synchronises_once():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    assert len(syncs) == 1, [f"{w.filename}:{w.lineno}" for w in syncs]
     assert layout.max_slice_nnz == int(mask.reshape(2, -1).sum(1).max())
 
 
