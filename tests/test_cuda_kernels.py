@@ -796,6 +796,38 @@ def test_split_switches_read_every_call(monkeypatch):
     torch.testing.assert_close(out1, out0, atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability() != (9, 0), reason="the sm_90 kernels' rule")
+def test_heavy_rows_split_automatically_where_they_would_outlast_the_grid(monkeypatch):
+    """The automatic split (sm_90 kernels: one CTA an SM) cuts a row longer than both the average
+    work an SM and 32 entries, and leaves it whole otherwise: one global row of 64 blocks is split at
+    one head and not at 64, where each SM has more than 64 entries of work anyway; the same outputs
+    as with DILATED_SPARSE_SPLIT=0 (within fp32 merging's rounding)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    nb, bs, D = 64, 128, 64
+    mask = band_mask(nb, 1)
+    mask[0, 0, 0, :] = True
+    crow, col, _, _ = csr_from_mask(mask.to(DEV))
+    entries, sms = col.numel(), torch.cuda.get_device_properties(0).multi_processor_count
+    ops = _ops()
+    monkeypatch.delenv("DILATED_SPARSE_SPLIT_CHUNK", raising=False)
+    for heads in (1, 64):
+        chunk = max(32, -(-entries * heads // sms))
+        g = torch.Generator(device="cpu").manual_seed(heads)
+        q, k, v = (torch.randn(1, nb * bs, heads, D, generator=g).to(DEV, torch.bfloat16) for _ in range(3))
+        outs, merged = [], []
+        for split in ("1", "0"):
+            monkeypatch.setenv("DILATED_SPARSE_SPLIT", split)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                out, _ = ops.block_sparse_attn_fwd(q, k, v, crow, col, bs, bs, 1, 1, D ** -0.5, False, -1, -1, None, None)
+                torch.cuda.synchronize()
+            outs.append(out)
+            merged.append(any("merge_kernel" in e.name for e in prof.events()))
+        assert merged == [nb > chunk, False], (heads, chunk)
+        torch.testing.assert_close(outs[0], outs[1], atol=1e-2, rtol=1e-2)
+    assert entries < 32 * sms  # so that one head's chunk is the floor, and the row (64) is longer
+
+
 @pytest.mark.parametrize("bs,D", [(64, 64), (128, 128)])
 def test_cuda_graph_capture(bs, D):
     """fwd + bwd captured into a CUDA graph (the backward forks dK/dV onto a side stream and joins it

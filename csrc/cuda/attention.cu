@@ -499,11 +499,18 @@ bool len_stats(PlanBufs& keep, cudaStream_t stream) {
 
 // Load balance for heavy rows (a global row walks every key block): rows longer than a chunk C are
 // cut into pieces that run as separate CTAs and are merged by lse (merge_kernel). C is the average
-// work per CTA slot (2 CTAs per SM), so a heavy row never outlasts the rest of the grid by much.
-// `setting` (split_setting()): kSplitNever, kSplitAuto (that C) or a forced C in entries (tests).
+// work per CTA slot, so a heavy row never outlasts the rest of the grid by much, but at least a
+// floor: a piece costs more than its tiles (fp32 partials, the merge, an item's boundaries).
+//  - kSplitAuto (the sm_90 kernels: one persistent CTA an SM): slots = SMs, floor 32 entries.
+//    Measured call by call on the H200 (RESULTS.md, thirty-eighth session): at global_local, the
+//    best of several forced C at every shape tried (1-16 heads, S16k and S64k, D64 and D128) was
+//    this C or as fast. The rule before (two slots an SM, floor 8) split rows that did not need it:
+//    S16k H16 D128 23% slower than no split, and up to 2x slower than this rule at one to four heads.
+//  - kSplitAutoTwoCtas (the other kernels, two CTAs an SM; not re-measured): slots = 2 SMs, floor 8.
+// `setting` (split_setting()): kSplitNever, an auto rule or a forced C in entries (tests).
 // Needs the row lengths on the host: one device->host copy when the plan is built (plans are cached
 // per layout, so once per layout), never while the stream is being captured into a graph.
-constexpr int kSplitNever = -1, kSplitAuto = 0;
+constexpr int kSplitNever = -1, kSplitAuto = 0, kSplitAutoTwoCtas = -2;
 // The forward's split setting, read on every call (so that a bad value always raises, and a cached
 // plan is reused only under the setting it was made with: it is part of the cache key):
 // DILATED_SPARSE_SPLIT=0 never splits; DILATED_SPARSE_SPLIT_CHUNK=<entries> (1..2^31-1) forces C.
@@ -514,9 +521,10 @@ int split_setting() {
 void make_split(PlanBufs& keep, TileList& tl, int rep, cudaStream_t stream, int setting) {
   if (setting == kSplitNever || !len_stats(keep, stream)) return;
   int64_t chunk = setting;
-  if (setting == kSplitAuto) {
-    const int64_t slots = 2 * static_cast<int64_t>(sm_count());
-    chunk = std::max<int64_t>(8, (keep.len_total * rep + slots - 1) / slots);
+  if (setting == kSplitAuto || setting == kSplitAutoTwoCtas) {
+    const bool one_cta = setting == kSplitAuto;
+    const int64_t slots = (one_cta ? 1 : 2) * static_cast<int64_t>(sm_count());
+    chunk = std::max<int64_t>(one_cta ? 32 : 8, (keep.len_total * rep + slots - 1) / slots);
   }
   if (keep.len_max <= chunk) return;
   const int* len = keep.len_host.data_ptr<int>();
@@ -1432,8 +1440,9 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
   const int rep = static_cast<int>(B * H / L);
   auto stream = c10::cuda::getCurrentCUDAStream();
   PlanBufs keep;
-  p.tl = plan_tiles(crow_c, col_c, L, p.nqb, p.Sq, kf.pm, p.bq, kf.sn, p.bk, rep, p.H, keep, stream,
-                    split_setting());
+  int split = split_setting();
+  if (split == kSplitAuto && kf.arch != 90) split = kSplitAutoTwoCtas;
+  p.tl = plan_tiles(crow_c, col_c, L, p.nqb, p.Sq, kf.pm, p.bq, kf.sn, p.bk, rep, p.H, keep, stream, split);
   at::Tensor opart, lpart;
   if (p.tl.work != nullptr) {
     opart = at::empty({keep.nslots * rep * kf.pm * D}, q.options().dtype(at::kFloat));
