@@ -800,8 +800,9 @@ def test_split_switches_read_every_call(monkeypatch):
 def test_heavy_rows_split_automatically_where_they_would_outlast_the_grid(monkeypatch):
     """The automatic split (sm_90 kernels: one CTA an SM) cuts a row longer than both the average
     work an SM and 32 entries, and leaves it whole otherwise: one global row of 64 blocks is split at
-    one head and not at 64, where each SM has more than 64 entries of work anyway; the same outputs
-    as with DILATED_SPARSE_SPLIT=0 (within fp32 merging's rounding)."""
+    one head and not at 64, where each SM has more than 64 entries of work anyway (the same layout
+    tensors: the automatic split's plans are cached per head count); the same outputs as with
+    DILATED_SPARSE_SPLIT=0 (within fp32 merging's rounding)."""
     from torch.profiler import ProfilerActivity, profile
 
     nb, bs, D = 64, 128, 64

@@ -665,7 +665,7 @@ TileList build_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int np
 // into a CUDA graph neither uses nor fills the cache (below).
 struct PlanCacheEntry {
   TensorKey ptr, idx;
-  int params[8] = {};
+  int params[9] = {};
   cudaStream_t stream = nullptr;
   PlanBufs bufs;
   TileList tl;
@@ -702,10 +702,13 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
       if (t->defined() && t->is_cuda()) c10::cuda::CUDACachingAllocator::recordStream(t->storage().data_ptr(), caller);
     }
   };
-  const int params[8] = {L, npb, prim_tokens, PT, pb, ST, sb, split};
+  // The automatic split's chunk grows with the repeats (make_split), so its plans are kept per repeat
+  // count; every other plan serves any (TileList::rep is set below).
+  const bool auto_split = split == kSplitAuto || split == kSplitAutoTwoCtas;
+  const int params[9] = {L, npb, prim_tokens, PT, pb, ST, sb, split, auto_split ? rep : 0};
   std::lock_guard<std::mutex> lock(cache->mutex());
   PlanCacheEntry* hit = cache->find([&](const PlanCacheEntry& e) {
-    return e.ptr.matches(ptr) && e.idx.matches(idx) && e.stream == stream && std::equal(params, params + 8, e.params);
+    return e.ptr.matches(ptr) && e.idx.matches(idx) && e.stream == stream && std::equal(params, params + 9, e.params);
   });
   if (hit != nullptr) {
     if (make_csr_entry && !hit->bufs.csr_entry.defined()) {
@@ -724,7 +727,7 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
   PlanCacheEntry e;
   e.ptr = TensorKey(ptr);
   e.idx = TensorKey(idx);
-  std::copy(params, params + 8, e.params);
+  std::copy(params, params + 9, e.params);
   e.stream = stream;
   e.bufs = keep;
   e.tl = tl;
