@@ -505,7 +505,7 @@ bool len_stats(PlanBufs& keep, cudaStream_t stream) {
 //    Measured call by call on the H200 (RESULTS.md, thirty-eighth session): at global_local, the
 //    best of several forced C at every shape tried (1-16 heads, S16k and S64k, D64 and D128) was
 //    this C or as fast. The rule before (two slots an SM, floor 8) split rows that did not need it:
-//    S16k H16 D128 23% slower than no split, and up to 2x slower than this rule at one to four heads.
+//    S16k H16 D128 23% slower than no split, and up to 2.2x slower than this rule at one to four heads.
 //  - kSplitAutoTwoCtas (the other kernels, two CTAs an SM; not re-measured): slots = 2 SMs, floor 8.
 // `setting` (split_setting()): kSplitNever, an auto rule or a forced C in entries (tests).
 // Needs the row lengths on the host: one device->host copy when the plan is built (plans are cached
