@@ -8,7 +8,8 @@ of the mean-pooled query block and the mean-pooled key block, keeps ``blocks_per
 last, as MoBA does; key blocks made only of padding are ranked last too), and runs exact attention over the kept blocks with
 :func:`dilated_sparse.block_sparse_attention`. The CSR layout is built on the device with no host
 synchronisation: every row has exactly ``blocks_per_row`` entries, so ``crow_indices`` is an
-arange and ``col_indices`` the sorted top-k indices.
+arange and ``col_indices`` the sorted top-k indices. (On CUDA the attention op then checks the new
+layout's index values on the host before its kernels run: one synchronisation a call.)
 """
 
 from __future__ import annotations
