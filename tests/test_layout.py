@@ -141,11 +141,9 @@ def test_validating_a_cuda_layout_synchronises_once():
     once per synchronising call), with the largest slice's count among them."""
     import warnings
 
-    mask = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(0)) < 0.4
-    crow = torch.zeros(17, dtype=torch.int64)
-    crow[1:] = mask.reshape(16, 8).sum(1).cumsum(0)
-    col = torch.nonzero(mask.reshape(16, 8))[:, 1]
-    crow, col = crow.cuda(), col.cuda()
+    mask = random_mask(2, 8, 8)
+    host = ds.BlockSparseLayout.from_dense_mask(mask, block_size=16, seq_len_q=128, validate=False)
+    crow, col = host.crow_indices.cuda(), host.col_indices.cuda()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
