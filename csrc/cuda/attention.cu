@@ -1465,11 +1465,14 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.tl.work != nullptr && keep.nsplit > 0) {
     const auto* split = reinterpret_cast<const int4*>(keep.split.data_ptr<int>());
-    const unsigned grid = static_cast<unsigned>(keep.nsplit * rep);
+    const int64_t merge_ctas = keep.nsplit * rep * ((kf.pm + kMergeRows - 1) / kMergeRows);
+    TORCH_CHECK(merge_ctas <= INT32_MAX, "dilated_sparse CUDA: ", merge_ctas,
+                " blocks to merge split rows exceed a launch; set DILATED_SPARSE_SPLIT=0");
+    const unsigned grid = static_cast<unsigned>(merge_ctas);
     if (q.scalar_type() == at::kHalf) {
-      merge_kernel<__half><<<grid, 256, 0, stream>>>(p, split, kf.pm);
+      merge_kernel<__half><<<grid, kMergeThreads, 0, stream>>>(p, split, kf.pm);
     } else {
-      merge_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(p, split, kf.pm);
+      merge_kernel<__nv_bfloat16><<<grid, kMergeThreads, 0, stream>>>(p, split, kf.pm);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

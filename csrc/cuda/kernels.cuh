@@ -981,39 +981,75 @@ __global__ void __launch_bounds__(DkvCfg<kD, kBN, kBM, kDO>::kWarps * 32, 1)
 
 // ---------------------------------------------------------------------------------------------
 // Merge of split forward rows: out = sum_p exp(lse_p - lse) O_p, lse = logsumexp_p lse_p, pieces in
-// a fixed order (deterministic). One CTA per (split tile, repeat); a warp per row.
+// a fixed order (deterministic). A CTA per (split tile, repeat, kMergeRows rows), a warp per row,
+// four columns a lane (float4 reads of the fp32 partials). A piece's reads do not wait for the
+// previous piece's, so a row's pieces overlap their latencies. (The form before, one CTA per tile and
+// a lane per column, read them one short dependent chain after another, and the heaviest row's merge
+// ran alone after the forward: at one head, ~20 us a piece; RESULTS.md, thirty-eighth session.)
 // ---------------------------------------------------------------------------------------------
 
+constexpr int kMergeRows = 16;    // rows a CTA
+constexpr int kMergeThreads = 128;  // a warp a row at a time
+
+__device__ __forceinline__ float warp_max_all(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+// Lane 0's butterfly sum on every lane (lanes' own sums may differ in the last bit).
+__device__ __forceinline__ float warp_sum_all(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return __shfl_sync(0xffffffffu, x, 0);
+}
+
 template <typename T>
-__global__ void __launch_bounds__(256) merge_kernel(const __grid_constant__ Params p, const int4* split,
-                                                    int bm) {
+__global__ void __launch_bounds__(kMergeThreads) merge_kernel(const __grid_constant__ Params p, const int4* split,
+                                                              int bm) {
   const int rep = p.tl.rep;
-  const int4 sp = split[blockIdx.x / rep];
-  const int r = static_cast<int>(blockIdx.x % rep);
+  const int groups = (bm + kMergeRows - 1) / kMergeRows;
+  const int64_t tile_rep = blockIdx.x / groups;
+  const int4 sp = split[tile_rep / rep];
+  const int r = static_cast<int>(tile_rep % rep);
   int s, t, b, h;
   decode_st(p, sp.x, r, s, t, b, h);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int il = warp; il < bm; il += blockDim.x / 32) {
+  const int il0 = static_cast<int>(blockIdx.x % groups) * kMergeRows;
+  const int il_end = min(il0 + kMergeRows, bm);
+  for (int il = il0 + warp; il < il_end; il += kMergeThreads / 32) {
     const int i = t * bm + il;
     if (i >= p.Sq) break;
+    // Partial q of this row: its slot's rows (the layout store_fwd_rows writes).
+    auto at = [&](int q) { return (static_cast<int64_t>(sp.y + q) * rep + r) * bm + il; };
     float mx = -INFINITY;
-    for (int q = 0; q < sp.z; ++q) mx = fmaxf(mx, p.lpart[(static_cast<int64_t>(sp.y + q) * rep + r) * bm + il]);
+    for (int q = lane; q < sp.z; q += 32) mx = fmaxf(mx, p.lpart[at(q)]);
+    mx = warp_max_all(mx);
     float sum = 0.f;
     if (mx != -INFINITY) {
-      for (int q = 0; q < sp.z; ++q) sum += expf(p.lpart[(static_cast<int64_t>(sp.y + q) * rep + r) * bm + il] - mx);
+      for (int q = lane; q < sp.z; q += 32) sum += expf(p.lpart[at(q)] - mx);
     }
+    sum = warp_sum_all(sum);
     const float lse = mx == -INFINITY ? -INFINITY : mx + logf(sum);
     T* orow = static_cast<T*>(p.out) + ((static_cast<int64_t>(b) * p.Sq + i) * p.H + h) * p.D;
-    for (int d = lane; d < p.D; d += 32) {
-      float o = 0.f;
+    for (int d = lane * 4; d < p.D; d += 128) {  // D is a multiple of 8: four columns stay inside it
+      float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
       if (mx != -INFINITY) {
+#pragma unroll 4
         for (int q = 0; q < sp.z; ++q) {
-          const int64_t ws = (static_cast<int64_t>(sp.y + q) * rep + r) * bm + il;
+          const int64_t ws = at(q);
           const float lp = p.lpart[ws];
-          if (lp != -INFINITY) o += expf(lp - lse) * p.opart[ws * p.D + d];
+          const float w = lp != -INFINITY ? expf(lp - lse) : 0.f;
+          const float4 v = *reinterpret_cast<const float4*>(p.opart + ws * p.D + d);
+          o.x += w * v.x;
+          o.y += w * v.y;
+          o.z += w * v.z;
+          o.w += w * v.w;
         }
       }
-      orow[d] = from_float<T>(o);
+      orow[d] = from_float<T>(o.x);
+      orow[d + 1] = from_float<T>(o.y);
+      orow[d + 2] = from_float<T>(o.z);
+      orow[d + 3] = from_float<T>(o.w);
     }
     if (lane == 0) p.lse_out[(static_cast<int64_t>(b) * p.H + h) * p.Sq + i] = lse;
   }
