@@ -120,13 +120,6 @@ def forced_variant() -> bool:
     return any(os.environ.get(f"DILATED_SPARSE_{op}_VARIANT") for op in ("FWD", "DQ", "DKV"))
 
 
-def rows_may_split() -> bool:
-    """Whether the eager forward may split rows that a CUDA graph capture keeps whole (make_split never
-    runs while capturing): with DILATED_SPARSE_SPLIT_CHUNK, or with a forced tile variant, whose plan
-    may count more tiles a row than the default's. The two are then compared by tolerance."""
-    return bool(os.environ.get("DILATED_SPARSE_SPLIT_CHUNK")) or forced_variant()
-
-
 def poison():
     """Fill freed allocator memory with NaN so that unwritten outputs show."""
     x = torch.empty(64 * 1024 * 1024, device=DEV, dtype=torch.float32)
@@ -748,9 +741,13 @@ def test_determinism():
         {"B": 2, "H": 3, "Sq": 500, "bq": 128, "bk": 16, "lh": 0, "empty_rows": 0.3, "wl": 90, "dtype": torch.float16},
     ],
 )
-def test_split_rows(kw, monkeypatch):
-    """Heavy rows cut into pieces merged by lse (forced with a tiny chunk): same results as unsplit."""
+@pytest.mark.parametrize("on_device", ["0", "1"])
+def test_split_rows(kw, on_device, monkeypatch):
+    """Heavy rows cut into pieces merged by lse (forced with a tiny chunk): the reference's results,
+    run to run bit for bit; a split planned on the device (as a captured call's) gives the host
+    plan's results bit for bit (the same pieces, merged in the same order)."""
     monkeypatch.setenv("DILATED_SPARSE_SPLIT_CHUNK", "2")
+    monkeypatch.setenv("DILATED_SPARSE_SPLIT_ON_DEVICE", on_device)
     Sq, Sk = kw["Sq"], kw.get("Sk", kw["Sq"])
     nqb, nkb = math.ceil(Sq / kw["bq"]), math.ceil(Sk / kw["bk"])
     lh = kw["H"] if kw.get("lh", 1) != 1 else 1
@@ -761,12 +758,17 @@ def test_split_rows(kw, monkeypatch):
     r1 = run_case(mask=mask, **kw)
     r2 = run_case(mask=mask, **kw)
     assert torch.equal(r1["out"], r2["out"]) and torch.equal(r1["lse"], r2["lse"])
+    if on_device == "1":
+        monkeypatch.setenv("DILATED_SPARSE_SPLIT_ON_DEVICE", "0")
+        r3 = run_case(mask=mask, **{**kw, "bwd": False})
+        assert torch.equal(r1["out"], r3["out"]) and torch.equal(r1["lse"], r3["lse"])
 
 
 def test_split_switches_read_every_call(monkeypatch):
     """The forward's split switches are read on every call and key the plan cache: the same layout
     tensors, planned unsplit first (a global row of 8 blocks is within the automatic chunk), are split
-    once DILATED_SPARSE_SPLIT_CHUNK asks for it (the merge kernel runs) and not with
+    once DILATED_SPARSE_SPLIT_CHUNK asks for it (the merge kernel runs), planned on the device with
+    DILATED_SPARSE_SPLIT_ON_DEVICE=1 (the same output bit for bit), and not with
     DILATED_SPARSE_SPLIT=0, with the same results each time (within fp32 merging's rounding)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -784,15 +786,17 @@ def test_split_switches_read_every_call(monkeypatch):
             torch.cuda.synchronize()
         return out, any("merge_kernel" in e.name for e in prof.events())
 
-    monkeypatch.delenv("DILATED_SPARSE_SPLIT_CHUNK", raising=False)
-    monkeypatch.delenv("DILATED_SPARSE_SPLIT", raising=False)
+    for var in ("DILATED_SPARSE_SPLIT_CHUNK", "DILATED_SPARSE_SPLIT", "DILATED_SPARSE_SPLIT_ON_DEVICE"):
+        monkeypatch.delenv(var, raising=False)
     out0, merged0 = forward()
     monkeypatch.setenv("DILATED_SPARSE_SPLIT_CHUNK", "2")
     out1, merged1 = forward()
+    monkeypatch.setenv("DILATED_SPARSE_SPLIT_ON_DEVICE", "1")
+    out3, merged3 = forward()
     monkeypatch.setenv("DILATED_SPARSE_SPLIT", "0")
     out2, merged2 = forward()
-    assert (merged0, merged1, merged2) == (False, True, False)
-    assert torch.equal(out0, out2)
+    assert (merged0, merged1, merged3, merged2) == (False, True, True, False)
+    assert torch.equal(out0, out2) and torch.equal(out1, out3)
     torch.testing.assert_close(out1, out0, atol=1e-2, rtol=1e-2)
 
 
@@ -829,13 +833,60 @@ def test_heavy_rows_split_automatically_where_they_would_outlast_the_grid(monkey
     assert entries < 32 * sms  # so that one head's chunk is the floor, and the row (64) is longer
 
 
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability() != (9, 0), reason="the sm_90 kernels' rule")
+def test_captured_forward_splits_heavy_rows(monkeypatch, tmp_path):
+    """A forward captured into a CUDA graph cannot read the row lengths on the host, so it plans its
+    split on the device: one global row of 64 blocks at one head (longer than the automatic chunk,
+    test_heavy_rows_split_automatically_where_they_would_outlast_the_grid) is split in the graph (it
+    holds the plan and merge kernels), the replay equals the eager call bit for bit, and after the
+    layout is edited in place (the global row moved to another row, the same entry count) the next
+    replay plans the new rows' pieces and equals an eager call on the edited layout."""
+    for var in ("DILATED_SPARSE_SPLIT_CHUNK", "DILATED_SPARSE_SPLIT", "DILATED_SPARSE_SPLIT_ON_DEVICE"):
+        monkeypatch.delenv(var, raising=False)
+    nb, bs, D = 64, 128, 64
+    masks = []
+    for heavy, extra in ((0, (10, 40)), (5, None)):
+        mask = band_mask(nb, 1)
+        mask[0, 0, heavy, :] = True
+        if extra is not None:
+            mask[0, 0, extra[0], extra[1]] = True  # so that both layouts hold as many entries
+        masks.append(mask)
+    layouts = [csr_from_mask(m.to(DEV))[:2] for m in masks]
+    assert layouts[0][1].numel() == layouts[1][1].numel()
+    crow, col = (t.clone() for t in layouts[0])
+    g = torch.Generator(device="cpu").manual_seed(11)
+    q, k, v = (torch.randn(1, nb * bs - 3, 1, D, generator=g).to(DEV, torch.bfloat16) for _ in range(3))
+    ops = _ops()
+
+    def fwd(c, i):
+        return ops.block_sparse_attn_fwd(q, k, v, c, i, bs, bs, 1, 1, D ** -0.5, False, -1, -1, None, None)
+
+    eager = [fwd(*layouts[0]), fwd(*layouts[1])]
+    graph = torch.cuda.CUDAGraph()
+    graph.enable_debug_mode()
+    with torch.cuda.graph(graph):
+        captured = fwd(crow, col)
+    dot = tmp_path / "forward.dot"
+    graph.debug_dump(str(dot))
+    text = dot.read_text()
+    assert "split_plan_kernel" in text and "merge_kernel" in text
+    for which in (0, 1):
+        crow.copy_(layouts[which][0])
+        col.copy_(layouts[which][1])
+        for t in captured:
+            t.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured[0], eager[which][0]) and torch.equal(captured[1], eager[which][1]), which
+
+
 @pytest.mark.parametrize("bs,D", [(64, 64), (128, 128)])
 def test_cuda_graph_capture(bs, D):
     """fwd + bwd captured into a CUDA graph (the backward forks dK/dV onto a side stream and joins it
     back, or at D128 block 128 on sm_90 allocates and fills the dS scratch; plans are built during
     the capture) replay bitwise to the eager results, with the graph's outputs poisoned before the
-    replay. (Rows are never split while capturing, so where the eager forward may merge pieces,
-    rows_may_split, the two are compared by tolerance.)"""
+    replay. (Where the eager forward splits rows, the captured one splits them alike, planned on the
+    device.)"""
     nb, H = 8, 2
     mask = band_mask(nb, 1)
     mask[0, 0, 0, :] = True
@@ -857,17 +908,16 @@ def test_cuda_graph_capture(bs, D):
         t.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
-    may_split = rows_may_split()
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), captured, eager):
         assert torch.isfinite(a).all(), name
-        assert (rel(a, b) < 1e-2) if may_split else torch.equal(a, b), name
+        assert torch.equal(a, b), name
 
 
 def test_forward_work_counter_resets_itself():
     """The persistent forward takes its items from a per-stream counter that its last CTA zeroes (no fill
     kernel before it). Launches of different grids back to back on one stream, on two streams at once,
     and a captured graph replayed on a side stream beside eager calls all reproduce the eager outputs
-    bit for bit (the graph's by tolerance where rows_may_split), with outputs poisoned before each; the
+    bit for bit, with outputs poisoned before each; the
     eager ones match the reference."""
     ops = _ops()
     g = torch.Generator(device="cpu").manual_seed(3)
@@ -925,10 +975,7 @@ def test_forward_work_counter_resets_itself():
     torch.cuda.synchronize()
     for res, i in ((beside[0], 2), (beside[1], 0)):
         same(res, i)
-    if rows_may_split():  # the captured forward kept the rows whole
-        assert rel(captured[0], eager[2][0]) < 1e-2 and (captured[1] - eager[2][1]).abs().max().item() < 1e-2
-    else:
-        same(captured, 2)
+    same(captured, 2)
 
 
 @pytest.mark.parametrize("D", [64, 128])
@@ -1066,6 +1113,7 @@ def test_fuzz():
 _FUZZ_SWITCHES = {
     "DILATED_SPARSE_ITEM_CHUNK": ("1", "2", "4", "8"),
     "DILATED_SPARSE_SPLIT_CHUNK": ("1", "2", "3", "5", "8"),
+    "DILATED_SPARSE_SPLIT_ON_DEVICE": ("1",),
     "DILATED_SPARSE_BWD_SCRATCH_MB": ("0", "1", "8", "64"),
     "DILATED_SPARSE_BWD_SCRATCH_CHUNKS": ("0", "1"),
     "DILATED_SPARSE_TMA": ("0",),

@@ -11,6 +11,8 @@
 //   DILATED_SPARSE_SPLIT=0|1                 never split heavy forward rows / split them (default;
 //                                            split_setting(), make_split()).
 //   DILATED_SPARSE_SPLIT_CHUNK=<entries>     split forward rows longer than this (1..2^31-1; tests).
+//   DILATED_SPARSE_SPLIT_ON_DEVICE=0|1       plan the split on the host (default) / on the device, as
+//                                            a call captured into a CUDA graph does (tests; make_split()).
 //   DILATED_SPARSE_BWD_STREAMS=1|2           dQ and dK/dV on the current stream / beside each other
 //                                            on two (default; bwd_cuda).
 //   DILATED_SPARSE_SM90_PAD=0|1              sm_90: a head dim without wgmma kernels runs the exact
@@ -203,6 +205,7 @@ int64_t env_count(const char* name, int64_t fallback, int64_t max, int64_t min =
 struct PlanBufs {
   at::Tensor len, start, tile, mask, order, runs;
   at::Tensor work, split;  // split plan (fwd), see make_split
+  at::Tensor work_count;   // a split planned on the device: {work entries, split rows} in use
   at::Tensor csr_entry;    // dK/dV plan of the dS-scratch backward: CSC entry -> CSR entry
   int64_t nwork = 0, nsplit = 0, nslots = 0;
   at::Tensor len_host;     // `len` copied to the host (len_stats), with its sum and maximum;
@@ -508,8 +511,12 @@ bool len_stats(PlanBufs& keep, cudaStream_t stream) {
 //    S16k H16 D128 23% slower than no split, and up to 2.2x slower than this rule at one to four heads.
 //  - kSplitAutoTwoCtas (the other kernels, two CTAs an SM; not re-measured): slots = 2 SMs, floor 8.
 // `setting` (split_setting()): kSplitNever, an auto rule or a forced C in entries (tests).
-// Needs the row lengths on the host: one device->host copy when the plan is built (plans are cached
-// per layout, so once per layout), never while the stream is being captured into a graph.
+// The plan is a work list of pieces and whole rows, longest first, with `runs` over it (items run
+// repeat-major inside a run of equal lengths, as the unsplit plan's). Two ways to build it, the same
+// list: on the host from the row lengths (one device->host copy when the plan is built; plans are
+// cached per layout, so once per layout), sized exactly; or on the device (make_split_on_device),
+// sized for a bound, while the stream is being captured into a graph (no host copy then) or with
+// DILATED_SPARSE_SPLIT_ON_DEVICE=1.
 constexpr int kSplitNever = -1, kSplitAuto = 0, kSplitAutoTwoCtas = -2;
 // The forward's split setting, read on every call (so that a bad value always raises, and a cached
 // plan is reused only under the setting it was made with: it is part of the cache key):
@@ -518,14 +525,21 @@ int split_setting() {
   const int64_t chunk = env_count("DILATED_SPARSE_SPLIT_CHUNK", kSplitAuto, INT32_MAX, 1);
   return env_switch("DILATED_SPARSE_SPLIT", true) ? static_cast<int>(chunk) : kSplitNever;
 }
-void make_split(PlanBufs& keep, TileList& tl, int rep, cudaStream_t stream, int setting) {
-  if (setting == kSplitNever || !len_stats(keep, stream)) return;
-  int64_t chunk = setting;
-  if (setting == kSplitAuto || setting == kSplitAutoTwoCtas) {
-    const bool one_cta = setting == kSplitAuto;
-    const int64_t slots = (one_cta ? 1 : 2) * static_cast<int64_t>(sm_count());
-    chunk = std::max<int64_t>(one_cta ? 32 : 8, (keep.len_total * rep + slots - 1) / slots);
-  }
+// The automatic rule's CTA slots and floor (entries) for a setting; {0, setting} for a forced C.
+std::pair<int64_t, int64_t> split_slots_floor(int setting) {
+  if (setting == kSplitAuto) return {sm_count(), 32};
+  if (setting == kSplitAutoTwoCtas) return {2 * int64_t{sm_count()}, 8};
+  return {0, setting};
+}
+int64_t split_chunk(int setting, int64_t len_total, int rep) {
+  const auto [slots, floor_entries] = split_slots_floor(setting);
+  return slots == 0 ? floor_entries : std::max<int64_t>(floor_entries, (len_total * rep + slots - 1) / slots);
+}
+
+at::Tensor equal_length_runs(const at::Tensor& sorted_len, cudaStream_t stream);
+
+void make_split_on_host(PlanBufs& keep, int rep, int setting) {
+  const int64_t chunk = split_chunk(setting, keep.len_total, rep);
   if (keep.len_max <= chunk) return;
   const int* len = keep.len_host.data_ptr<int>();
   const int64_t nst = keep.len_host.numel();
@@ -548,21 +562,173 @@ void make_split(PlanBufs& keep, TileList& tl, int rep, cudaStream_t stream, int 
     nslots += pieces;
   }
   const int64_t nwork = static_cast<int64_t>(work.size() / 4);
+  auto piece_len = [&](int64_t i) { return work[4 * i + 2] - work[4 * i + 1]; };
   std::vector<int64_t> idx(nwork);
   for (int64_t i = 0; i < nwork; ++i) idx[i] = i;
-  std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) {
-    return work[4 * a + 2] - work[4 * a + 1] > work[4 * b + 2] - work[4 * b + 1];
-  });
-  std::vector<int> sorted(work.size());
+  std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) { return piece_len(a) > piece_len(b); });
+  std::vector<int> sorted(work.size()), runs(2 * nwork);
   for (int64_t i = 0; i < nwork; ++i) std::copy_n(&work[4 * idx[i]], 4, &sorted[4 * i]);
+  for (int64_t first = 0; first < nwork;) {  // runs of equal lengths (equal_length_runs' result)
+    int64_t end = first + 1;
+    while (end < nwork && piece_len(idx[end]) == piece_len(idx[first])) ++end;
+    for (int64_t i = first; i < end; ++i) {
+      runs[2 * i] = static_cast<int>(first);
+      runs[2 * i + 1] = static_cast<int>(end - first);
+    }
+    first = end;
+  }
   auto opt = at::TensorOptions().dtype(at::kInt);
-  keep.work = at::from_blob(sorted.data(), {nwork, 4}, opt).to(keep.len.device(), /*non_blocking=*/false);
+  const auto device = keep.len.device();
+  keep.work = at::from_blob(sorted.data(), {nwork, 4}, opt).to(device, /*non_blocking=*/false);
+  keep.runs = at::from_blob(runs.data(), {nwork, 2}, opt).to(device, /*non_blocking=*/false);
   keep.split = at::from_blob(split.data(), {static_cast<int64_t>(split.size() / 4), 4}, opt)
-                   .to(keep.len.device(), /*non_blocking=*/false);
+                   .to(device, /*non_blocking=*/false);
   keep.nwork = nwork;
   keep.nsplit = static_cast<int64_t>(split.size() / 4);
   keep.nslots = nslots;
-  tl.work = reinterpret_cast<const int4*>(keep.work.data_ptr<int>());
+}
+
+// Inclusive sum over the CTA (1024 threads) of three counters; `total` gets the CTA's sums.
+__device__ __forceinline__ int3 block_scan3(int3 v, int3& total) {
+  __shared__ int3 warp_sums[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int o = 1; o < 32; o *= 2) {
+    const int x = __shfl_up_sync(0xffffffffu, v.x, o), y = __shfl_up_sync(0xffffffffu, v.y, o),
+              z = __shfl_up_sync(0xffffffffu, v.z, o);
+    if (lane >= o) {
+      v.x += x;
+      v.y += y;
+      v.z += z;
+    }
+  }
+  if (lane == 31) warp_sums[warp] = v;
+  __syncthreads();
+  int3 before = make_int3(0, 0, 0);
+  total = make_int3(0, 0, 0);
+  for (int w = 0; w < 32; ++w) {
+    const int3 ws = warp_sums[w];
+    if (w < warp) {
+      before.x += ws.x;
+      before.y += ws.y;
+      before.z += ws.z;
+    }
+    total.x += ws.x;
+    total.y += ws.y;
+    total.z += ws.z;
+  }
+  __syncthreads();  // warp_sums is reused by the next call
+  return make_int3(v.x + before.x, v.y + before.y, v.z + before.z);
+}
+
+// make_split_on_host's work list, unsorted, built by one CTA of 1024 threads: the rows' total length
+// (the automatic chunk), then the slice-tiles in chunks of 1024 with a running scan of their work
+// entries, split rows and partial slots. Entries past the count (counts[0]) pad `work` to its bound
+// `work_cap`: sort key -1 (they sort last) and the spare slot `spare_slot`, so a kernel that runs one
+// (a non-persistent launch of the bound) writes nothing another reads. counts[1]: split rows.
+__global__ void __launch_bounds__(1024) split_plan_kernel(const int* __restrict__ len, int64_t nst, int rep,
+                                                          int64_t slots, int64_t floor_entries, int64_t work_cap,
+                                                          int64_t split_cap, int spare_slot, int4* work, int* key,
+                                                          int4* split, int* counts) {
+  __shared__ long long total_shared;
+  if (threadIdx.x == 0) total_shared = 0;
+  __syncthreads();
+  long long mine = 0;
+  for (int64_t st = threadIdx.x; st < nst; st += blockDim.x) mine += len[st];
+  for (int o = 16; o > 0; o /= 2) mine += __shfl_xor_sync(0xffffffffu, mine, o);
+  if (threadIdx.x % 32 == 0) atomicAdd(reinterpret_cast<unsigned long long*>(&total_shared),
+                                       static_cast<unsigned long long>(mine));
+  __syncthreads();
+  const long long len_total = total_shared;
+  const int64_t chunk = slots == 0 ? floor_entries
+                                   : max(static_cast<long long>(floor_entries), (len_total * rep + slots - 1) / slots);
+  int3 base = make_int3(0, 0, 0);  // work entries, split rows, slots of the slice-tiles before this chunk
+  for (int64_t st0 = 0; st0 < nst; st0 += blockDim.x) {
+    const int64_t st = st0 + threadIdx.x;
+    const int n = st < nst ? len[st] : 0;
+    const int pieces = st >= nst ? 0 : (n > chunk ? static_cast<int>((n + chunk - 1) / chunk) : 1);
+    const bool is_split = pieces > 1;
+    int3 total;
+    const int3 incl = block_scan3(make_int3(pieces, is_split ? 1 : 0, is_split ? pieces : 0), total);
+    const int at = base.x + incl.x - pieces;
+    const int row = base.y + incl.y - (is_split ? 1 : 0);
+    const int slot0 = base.z + incl.z - (is_split ? pieces : 0);
+    const int step = pieces > 0 ? (n + pieces - 1) / pieces : 0;
+    for (int q = 0; q < pieces && at + q < work_cap; ++q) {
+      const int e0 = min(n, q * step), e1 = min(n, (q + 1) * step);
+      work[at + q] = make_int4(static_cast<int>(st), e0, e1, is_split ? slot0 + q : -1);
+      key[at + q] = e1 - e0;
+    }
+    if (is_split && row < split_cap) split[row] = make_int4(static_cast<int>(st), slot0, pieces, 0);
+    base.x += total.x;
+    base.y += total.y;
+    base.z += total.z;
+  }
+  for (int64_t i = base.x + threadIdx.x; i < work_cap; i += blockDim.x) {
+    work[i] = make_int4(0, 0, 0, spare_slot);
+    key[i] = -1;
+  }
+  if (threadIdx.x == 0) {
+    counts[0] = base.x;
+    counts[1] = base.y;
+  }
+}
+
+// make_split_on_host's plan built on the device, with no host copy (capturable), sized for bounds
+// that hold whatever the lengths: with T the entries in all rows (at most `entries_bound`) and C the
+// chunk, a split row holds more than C entries and its pieces number at most its length / C + 1, so
+// split rows < T / C and slots < 2 T / C; the automatic rule's C >= T rep / S (S slots) makes those
+// S / rep and 2 S / rep whatever T is. Rows are never split when rep >= S under that rule (C >= T).
+// The work list is padded to its bound (split_plan_kernel) and the kernels stop at its count
+// (TileList::work_count; merge_kernel's split_count).
+void make_split_on_device(PlanBufs& keep, int rep, cudaStream_t stream, int setting,
+                          int64_t entries_bound) {
+  const auto [slots, floor_entries] = split_slots_floor(setting);
+  if (slots > 0 && rep >= slots) return;
+  const int64_t nst = keep.len.numel();
+  const int64_t by_entries = entries_bound / floor_entries + 1;
+  const int64_t split_cap = std::min(nst, slots > 0 ? std::min(by_entries, (slots + rep - 1) / rep) : by_entries);
+  const int64_t slot_cap = std::min(entries_bound, slots > 0 ? std::min(2 * by_entries, (2 * slots + rep - 1) / rep)
+                                                             : 2 * by_entries);
+  const int64_t work_cap = nst + slot_cap;
+  TORCH_CHECK(work_cap < INT32_MAX / 4, "dilated_sparse CUDA: a forward plan of ", work_cap,
+              " work entries is too large to split on the device; set DILATED_SPARSE_SPLIT=0");
+  auto iopt = keep.len.options().dtype(at::kInt);
+  at::Tensor work = at::empty({work_cap, 4}, iopt), key = at::empty({work_cap}, iopt);
+  keep.split = at::empty({std::max<int64_t>(1, split_cap), 4}, iopt);
+  keep.work_count = at::empty({2}, iopt);
+  split_plan_kernel<<<1, 1024, 0, stream>>>(keep.len.data_ptr<int>(), nst, rep, slots, floor_entries, work_cap,
+                                            split_cap, static_cast<int>(slot_cap),
+                                            reinterpret_cast<int4*>(work.data_ptr<int>()), key.data_ptr<int>(),
+                                            reinterpret_cast<int4*>(keep.split.data_ptr<int>()),
+                                            keep.work_count.data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto [sorted_key, order] = at::sort(key, /*stable=*/true, /*dim=*/0, /*descending=*/true);
+  keep.work = work.index_select(0, order);
+  keep.runs = equal_length_runs(sorted_key.contiguous(), stream);
+  keep.nwork = work_cap;
+  keep.nsplit = split_cap;
+  keep.nslots = slot_cap + 1;  // and the padding's spare slot
+}
+
+// DILATED_SPARSE_SPLIT_ON_DEVICE=1: eager calls plan their splits on the device too (tests; a
+// captured call always does). Read on every call; part of the plan cache's key.
+bool split_on_device_setting() { return env_switch("DILATED_SPARSE_SPLIT_ON_DEVICE", false); }
+
+void make_split(PlanBufs& keep, TileList& tl, int rep, cudaStream_t stream, int setting, bool on_device,
+                int64_t entries_bound) {
+  if (setting == kSplitNever) return;
+  if (on_device || capturing(stream)) {
+    make_split_on_device(keep, rep, stream, setting, entries_bound);
+  } else {
+    len_stats(keep, stream);
+    make_split_on_host(keep, rep, setting);
+  }
+  if (keep.work.defined()) {
+    tl.work = reinterpret_cast<const int4*>(keep.work.data_ptr<int>());
+    tl.runs = reinterpret_cast<const int2*>(keep.runs.data_ptr<int>());
+    tl.work_count = keep.work_count.defined() ? keep.work_count.data_ptr<int>() : nullptr;
+  }
 }
 
 // Runs of equal values in a length vector sorted in descending order: runs[i] = {first index, length}
@@ -665,7 +831,7 @@ TileList build_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int np
 // into a CUDA graph neither uses nor fills the cache (below).
 struct PlanCacheEntry {
   TensorKey ptr, idx;
-  int params[9] = {};
+  int params[10] = {};
   cudaStream_t stream = nullptr;
   PlanBufs bufs;
   TileList tl;
@@ -679,12 +845,13 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
                     int PT, int pb, int ST, int sb, int rep, int hdec, PlanBufs& keep,
                     cudaStream_t stream, int split = kSplitNever,
                     const std::function<at::Tensor(cudaStream_t)>& make_csr_entry = nullptr,
-                    bool want_len_stats = false) {
+                    bool want_len_stats = false, bool split_on_device = false) {
   static auto* cache = new RecentEntries<PlanCacheEntry>();  // never freed (exit order)
   const bool enabled = env_switch("DILATED_SPARSE_PLAN_CACHE", true);  // every call: a bad value raises
   auto build = [&](PlanBufs& bufs, cudaStream_t s) {
     TileList built = build_tiles(ptr, idx, L, npb, prim_tokens, PT, pb, ST, sb, rep, hdec, bufs, s);
-    make_split(bufs, built, rep, s, split);
+    make_split(bufs, built, rep, s, split, split_on_device,
+               std::max<int64_t>(1, idx.numel() * built.fsplit * built.kf));  // the entries' bound
     if (make_csr_entry) bufs.csr_entry = make_csr_entry(s);
     if (want_len_stats) len_stats(bufs, s);
     return built;
@@ -698,17 +865,18 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
   TORCH_INTERNAL_ASSERT(caller.stream() == stream, "plan_tiles: plans are built for the current stream");
   auto cached_build = [&](auto&& fn) { return build_for_cache(caller, fn); };
   auto record_on_caller = [&](const PlanBufs& b) {
-    for (const at::Tensor* t : {&b.len, &b.start, &b.tile, &b.mask, &b.order, &b.runs, &b.work, &b.split, &b.csr_entry}) {
+    for (const at::Tensor* t : {&b.len, &b.start, &b.tile, &b.mask, &b.order, &b.runs, &b.work, &b.split, &b.work_count, &b.csr_entry}) {
       if (t->defined() && t->is_cuda()) c10::cuda::CUDACachingAllocator::recordStream(t->storage().data_ptr(), caller);
     }
   };
   // The automatic split's chunk grows with the repeats (make_split), so its plans are kept per repeat
   // count; every other plan serves any (TileList::rep is set below).
   const bool auto_split = split == kSplitAuto || split == kSplitAutoTwoCtas;
-  const int params[9] = {L, npb, prim_tokens, PT, pb, ST, sb, split, auto_split ? rep : 0};
+  const int params[10] = {L, npb, prim_tokens, PT, pb, ST, sb, split, auto_split ? rep : 0,
+                          split != kSplitNever && split_on_device};
   std::lock_guard<std::mutex> lock(cache->mutex());
   PlanCacheEntry* hit = cache->find([&](const PlanCacheEntry& e) {
-    return e.ptr.matches(ptr) && e.idx.matches(idx) && e.stream == stream && std::equal(params, params + 9, e.params);
+    return e.ptr.matches(ptr) && e.idx.matches(idx) && e.stream == stream && std::equal(params, params + 10, e.params);
   });
   if (hit != nullptr) {
     if (make_csr_entry && !hit->bufs.csr_entry.defined()) {
@@ -727,7 +895,7 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
   PlanCacheEntry e;
   e.ptr = TensorKey(ptr);
   e.idx = TensorKey(idx);
-  std::copy(params, params + 9, e.params);
+  std::copy(params, params + 10, e.params);
   e.stream = stream;
   e.bufs = keep;
   e.tl = tl;
@@ -1358,12 +1526,8 @@ void set_plan_prefetch(Params& p, const TileList& tl, const at::Tensor& ptr, con
   auto add_tensor = [&](const at::Tensor& t) {
     if (t.defined() && t.numel() > 0) add(t.data_ptr(), t.numel() * t.element_size());
   };
-  if (tl.work != nullptr) {
-    add_tensor(keep.work);
-  } else {
-    add_tensor(keep.runs);
-    add_tensor(keep.order);
-  }
+  add_tensor(keep.runs);
+  add_tensor(tl.work != nullptr ? keep.work : keep.order);
   if (tl.direct) {
     add_tensor(ptr);
     add_tensor(idx);
@@ -1445,7 +1609,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
   PlanBufs keep;
   int split = split_setting();
   if (split == kSplitAuto && kf.arch != 90) split = kSplitAutoTwoCtas;
-  p.tl = plan_tiles(crow_c, col_c, L, p.nqb, p.Sq, kf.pm, p.bq, kf.sn, p.bk, rep, p.H, keep, stream, split);
+  p.tl = plan_tiles(crow_c, col_c, L, p.nqb, p.Sq, kf.pm, p.bq, kf.sn, p.bk, rep, p.H, keep, stream, split, nullptr,
+                    false, split_on_device_setting());
   at::Tensor opart, lpart;
   if (p.tl.work != nullptr) {
     opart = at::empty({keep.nslots * rep * kf.pm * D}, q.options().dtype(at::kFloat));
@@ -1465,14 +1630,15 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.tl.work != nullptr && keep.nsplit > 0) {
     const auto* split = reinterpret_cast<const int4*>(keep.split.data_ptr<int>());
+    const int* split_count = p.tl.work_count != nullptr ? p.tl.work_count + 1 : nullptr;  // planned on the device
     const int64_t merge_ctas = keep.nsplit * rep * ((kf.pm + kMergeRows - 1) / kMergeRows);
     TORCH_CHECK(merge_ctas <= INT32_MAX, "dilated_sparse CUDA: ", merge_ctas,
                 " blocks to merge split rows exceed a launch; set DILATED_SPARSE_SPLIT=0");
     const unsigned grid = static_cast<unsigned>(merge_ctas);
     if (q.scalar_type() == at::kHalf) {
-      merge_kernel<__half><<<grid, kMergeThreads, 0, stream>>>(p, split, kf.pm);
+      merge_kernel<__half><<<grid, kMergeThreads, 0, stream>>>(p, split, split_count, kf.pm);
     } else {
-      merge_kernel<__nv_bfloat16><<<grid, kMergeThreads, 0, stream>>>(p, split, kf.pm);
+      merge_kernel<__nv_bfloat16><<<grid, kMergeThreads, 0, stream>>>(p, split, split_count, kf.pm);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -1574,9 +1740,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     } else if (fit1 > 0) {  // auto: the plans the scratch kernels will walk (cached), their lengths
       PlanBufs dq_plan, dkv_plan;
       plan_tiles(crow_c, col_c, L, p.nqb, p.Sq, ds_dq->pm, p.bq, ds_dq->sn, p.bk, rep_q, p.H, dq_plan, stream,
-                 false, nullptr, /*want_len_stats=*/true);
+                 kSplitNever, nullptr, /*want_len_stats=*/true);
       plan_tiles(ccol_c, rowi_c, L, p.nkb, p.Sk, ds_dkv->pm, p.bk, ds_dkv->sn, p.bq, rep_k, hdec, dkv_plan,
-                 stream, false, nullptr, /*want_len_stats=*/true);
+                 stream, kSplitNever, nullptr, /*want_len_stats=*/true);
       const bool stats = dq_plan.len_max >= 0 && dkv_plan.len_max >= 0;  // not while capturing a graph
       if (stats && two_ok && chunks_pay(dq_plan, dkv_plan, balanced(fit2), q_per_k)) {
         chunk_k = balanced(fit2);

@@ -402,8 +402,10 @@ __device__ __forceinline__ int claim_item(const PingSync& s, const Params& p, in
                              : gridDim.x + static_cast<int64_t>(kAhead ? pending : atomicAdd(p.work_counter, 1));
     item = kChunks ? claim_first(p, static_cast<int>(k)) : k;  // k < items + grid < 2^31
   }
-  if (kAhead && kReserve && item < p.items) reserve<kChunks>(p, static_cast<int>(item), pending);
-  const int index = item < p.items ? static_cast<int>(item) : -1;
+  // A split planned on the device: the launch's `items` is a bound, its plan's count the end.
+  const int64_t items = p.tl.work_count != nullptr ? static_cast<int64_t>(__ldg(p.tl.work_count)) * p.tl.rep : p.items;
+  if (kAhead && kReserve && item < items) reserve<kChunks>(p, static_cast<int>(item), pending);
+  const int index = item < items ? static_cast<int>(item) : -1;
   s.slot[b].item = index;
   return index;
 }
