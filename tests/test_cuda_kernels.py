@@ -840,12 +840,13 @@ def test_captured_forward_splits_heavy_rows(monkeypatch, tmp_path):
     test_heavy_rows_split_automatically_where_they_would_outlast_the_grid) is split in the graph (it
     holds the plan and merge kernels), the replay equals the eager call bit for bit, and after the
     layout is edited in place (the global row moved to another row, the same entry count) the next
-    replay plans the new rows' pieces and equals an eager call on the edited layout."""
+    replay plans the new rows' pieces and equals an eager call on the edited layout. Where an eager
+    call on the same index tensors found no row to split, the captured call plans no split."""
     for var in ("DILATED_SPARSE_SPLIT_CHUNK", "DILATED_SPARSE_SPLIT", "DILATED_SPARSE_SPLIT_ON_DEVICE"):
         monkeypatch.delenv(var, raising=False)
     nb, bs, D = 64, 128, 64
     masks = []
-    for heavy, extra in ((0, (10, 40)), (5, None)):
+    for heavy, extra in ((0, None), (5, (10, 40))):  # row 0's band holds one block fewer than row 5's
         mask = band_mask(nb, 1)
         mask[0, 0, heavy, :] = True
         if extra is not None:
@@ -878,6 +879,21 @@ def test_captured_forward_splits_heavy_rows(monkeypatch, tmp_path):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(captured[0], eager[which][0]) and torch.equal(captured[1], eager[which][1]), which
+    # Index tensors that an eager call planned and found nothing to split in: the captured call keeps the
+    # unsplit plan (no plan kernel in the graph), with the same results.
+    crow_band, col_band = csr_from_mask(band_mask(nb, 1).to(DEV))[:2]
+    eager_band = fwd(crow_band, col_band)
+    graph = torch.cuda.CUDAGraph()
+    graph.enable_debug_mode()
+    with torch.cuda.graph(graph):
+        captured = fwd(crow_band, col_band)
+    graph.debug_dump(str(dot))
+    assert "split_plan_kernel" not in dot.read_text()
+    for t in captured:
+        t.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured[0], eager_band[0]) and torch.equal(captured[1], eager_band[1])
 
 
 @pytest.mark.parametrize("bs,D", [(64, 64), (128, 128)])

@@ -204,6 +204,7 @@ int64_t env_count(const char* name, int64_t fallback, int64_t max, int64_t min =
 
 struct PlanBufs {
   at::Tensor len, start, tile, mask, order, runs;
+  at::Tensor sorted_len;   // `len` in `order` (the split planned on the device starts from it)
   at::Tensor work, split;  // split plan (fwd), see make_split
   at::Tensor work_count;   // a split planned on the device: {work entries, split rows} in use
   at::Tensor csr_entry;    // dK/dV plan of the dS-scratch backward: CSC entry -> CSR entry
@@ -511,12 +512,11 @@ bool len_stats(PlanBufs& keep, cudaStream_t stream) {
 //    S16k H16 D128 23% slower than no split, and up to 2.2x slower than this rule at one to four heads.
 //  - kSplitAutoTwoCtas (the other kernels, two CTAs an SM; not re-measured): slots = 2 SMs, floor 8.
 // `setting` (split_setting()): kSplitNever, an auto rule or a forced C in entries (tests).
-// The plan is a work list of pieces and whole rows, longest first, with `runs` over it (items run
-// repeat-major inside a run of equal lengths, as the unsplit plan's). Two ways to build it, the same
-// list: on the host from the row lengths (one device->host copy when the plan is built; plans are
-// cached per layout, so once per layout), sized exactly; or on the device (make_split_on_device),
-// sized for a bound, while the stream is being captured into a graph (no host copy then) or with
-// DILATED_SPARSE_SPLIT_ON_DEVICE=1.
+// The plan is a work list of pieces and whole rows, longest first (the repeat innermost). Two ways to
+// build it, with the same pieces: on the host from the row lengths (one device->host copy when the
+// plan is built; plans are cached per layout, so once per layout), sized exactly; or on the device
+// (make_split_on_device), sized for a bound, while the stream is being captured into a graph (no
+// host copy then) or with DILATED_SPARSE_SPLIT_ON_DEVICE=1.
 constexpr int kSplitNever = -1, kSplitAuto = 0, kSplitAutoTwoCtas = -2;
 // The forward's split setting, read on every call (so that a bad value always raises, and a cached
 // plan is reused only under the setting it was made with: it is part of the cache key):
@@ -535,8 +535,6 @@ int64_t split_chunk(int setting, int64_t len_total, int rep) {
   const auto [slots, floor_entries] = split_slots_floor(setting);
   return slots == 0 ? floor_entries : std::max<int64_t>(floor_entries, (len_total * rep + slots - 1) / slots);
 }
-
-at::Tensor equal_length_runs(const at::Tensor& sorted_len, cudaStream_t stream);
 
 void make_split_on_host(PlanBufs& keep, int rep, int setting) {
   const int64_t chunk = split_chunk(setting, keep.len_total, rep);
@@ -562,115 +560,105 @@ void make_split_on_host(PlanBufs& keep, int rep, int setting) {
     nslots += pieces;
   }
   const int64_t nwork = static_cast<int64_t>(work.size() / 4);
-  auto piece_len = [&](int64_t i) { return work[4 * i + 2] - work[4 * i + 1]; };
   std::vector<int64_t> idx(nwork);
   for (int64_t i = 0; i < nwork; ++i) idx[i] = i;
-  std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) { return piece_len(a) > piece_len(b); });
-  std::vector<int> sorted(work.size()), runs(2 * nwork);
+  std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) {
+    return work[4 * a + 2] - work[4 * a + 1] > work[4 * b + 2] - work[4 * b + 1];
+  });
+  std::vector<int> sorted(work.size());
   for (int64_t i = 0; i < nwork; ++i) std::copy_n(&work[4 * idx[i]], 4, &sorted[4 * i]);
-  for (int64_t first = 0; first < nwork;) {  // runs of equal lengths (equal_length_runs' result)
-    int64_t end = first + 1;
-    while (end < nwork && piece_len(idx[end]) == piece_len(idx[first])) ++end;
-    for (int64_t i = first; i < end; ++i) {
-      runs[2 * i] = static_cast<int>(first);
-      runs[2 * i + 1] = static_cast<int>(end - first);
-    }
-    first = end;
-  }
   auto opt = at::TensorOptions().dtype(at::kInt);
-  const auto device = keep.len.device();
-  keep.work = at::from_blob(sorted.data(), {nwork, 4}, opt).to(device, /*non_blocking=*/false);
-  keep.runs = at::from_blob(runs.data(), {nwork, 2}, opt).to(device, /*non_blocking=*/false);
+  keep.work = at::from_blob(sorted.data(), {nwork, 4}, opt).to(keep.len.device(), /*non_blocking=*/false);
   keep.split = at::from_blob(split.data(), {static_cast<int64_t>(split.size() / 4), 4}, opt)
-                   .to(device, /*non_blocking=*/false);
+                   .to(keep.len.device(), /*non_blocking=*/false);
   keep.nwork = nwork;
   keep.nsplit = static_cast<int64_t>(split.size() / 4);
   keep.nslots = nslots;
 }
 
-// Inclusive sum over the CTA (1024 threads) of three counters; `total` gets the CTA's sums.
-__device__ __forceinline__ int3 block_scan3(int3 v, int3& total) {
-  __shared__ int3 warp_sums[32];
+// Exclusive sum over the CTA (1024 threads); `total` gets the CTA's sum.
+__device__ __forceinline__ int block_exclusive_sum(int v, int& total) {
+  __shared__ int warp_sums[32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int incl = v;
 #pragma unroll
   for (int o = 1; o < 32; o *= 2) {
-    const int x = __shfl_up_sync(0xffffffffu, v.x, o), y = __shfl_up_sync(0xffffffffu, v.y, o),
-              z = __shfl_up_sync(0xffffffffu, v.z, o);
-    if (lane >= o) {
-      v.x += x;
-      v.y += y;
-      v.z += z;
-    }
+    const int x = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += x;
   }
-  if (lane == 31) warp_sums[warp] = v;
+  if (lane == 31) warp_sums[warp] = incl;
   __syncthreads();
-  int3 before = make_int3(0, 0, 0);
-  total = make_int3(0, 0, 0);
+  int before = 0;
+  total = 0;
   for (int w = 0; w < 32; ++w) {
-    const int3 ws = warp_sums[w];
-    if (w < warp) {
-      before.x += ws.x;
-      before.y += ws.y;
-      before.z += ws.z;
-    }
-    total.x += ws.x;
-    total.y += ws.y;
-    total.z += ws.z;
+    before += w < warp ? warp_sums[w] : 0;
+    total += warp_sums[w];
   }
   __syncthreads();  // warp_sums is reused by the next call
-  return make_int3(v.x + before.x, v.y + before.y, v.z + before.z);
+  return before + incl - v;
 }
 
-// make_split_on_host's work list, unsorted, built by one CTA of 1024 threads: the rows' total length
-// (the automatic chunk), then the slice-tiles in chunks of 1024 with a running scan of their work
-// entries, split rows and partial slots. Entries past the count (counts[0]) pad `work` to its bound
-// `work_cap`: sort key -1 (they sort last) and the spare slot `spare_slot`, so a kernel that runs one
-// (a non-persistent launch of the bound) writes nothing another reads. counts[1]: split rows.
-__global__ void __launch_bounds__(1024) split_plan_kernel(const int* __restrict__ len, int64_t nst, int rep,
+// The split plan on the device, one CTA of 1024 threads, from the plan's slice-tiles sorted longest
+// first (sorted_len, order: build_tiles). The rows longer than the chunk are a prefix of that order;
+// their pieces come first in the work list (each piece's slot is its position), then the other rows
+// in their order. (make_split_on_host sorts pieces and rows together by length; the pieces, at most
+// a chunk long, and the rows after them, at most a chunk too, are then in almost the same order, and
+// every item computes the same values in either.) Entries past the count (counts[0]) pad `work` to
+// its bound `work_cap` as empty pieces of the spare slot `spare_slot`, which no merge reads: the
+// persistent kernels stop at the count (claim_item), a kernel launched a CTA an item runs them as
+// empty items. counts[1]: the split rows.
+__global__ void __launch_bounds__(1024) split_plan_kernel(const int* __restrict__ sorted_len,
+                                                          const int64_t* __restrict__ order, int64_t nst, int rep,
                                                           int64_t slots, int64_t floor_entries, int64_t work_cap,
-                                                          int64_t split_cap, int spare_slot, int4* work, int* key,
-                                                          int4* split, int* counts) {
+                                                          int64_t split_cap, int spare_slot, int4* work, int4* split,
+                                                          int* counts) {
   __shared__ long long total_shared;
-  if (threadIdx.x == 0) total_shared = 0;
+  __shared__ int nsplit_shared;
+  if (threadIdx.x == 0) {
+    total_shared = 0;
+    nsplit_shared = 0;
+  }
   __syncthreads();
   long long mine = 0;
-  for (int64_t st = threadIdx.x; st < nst; st += blockDim.x) mine += len[st];
+  for (int64_t i = threadIdx.x; i < nst; i += blockDim.x) mine += sorted_len[i];
   for (int o = 16; o > 0; o /= 2) mine += __shfl_xor_sync(0xffffffffu, mine, o);
   if (threadIdx.x % 32 == 0) atomicAdd(reinterpret_cast<unsigned long long*>(&total_shared),
                                        static_cast<unsigned long long>(mine));
   __syncthreads();
   const long long len_total = total_shared;
-  const int64_t chunk = slots == 0 ? floor_entries
-                                   : max(static_cast<long long>(floor_entries), (len_total * rep + slots - 1) / slots);
-  int3 base = make_int3(0, 0, 0);  // work entries, split rows, slots of the slice-tiles before this chunk
-  for (int64_t st0 = 0; st0 < nst; st0 += blockDim.x) {
-    const int64_t st = st0 + threadIdx.x;
-    const int n = st < nst ? len[st] : 0;
-    const int pieces = st >= nst ? 0 : (n > chunk ? static_cast<int>((n + chunk - 1) / chunk) : 1);
-    const bool is_split = pieces > 1;
-    int3 total;
-    const int3 incl = block_scan3(make_int3(pieces, is_split ? 1 : 0, is_split ? pieces : 0), total);
-    const int at = base.x + incl.x - pieces;
-    const int row = base.y + incl.y - (is_split ? 1 : 0);
-    const int slot0 = base.z + incl.z - (is_split ? pieces : 0);
-    const int step = pieces > 0 ? (n + pieces - 1) / pieces : 0;
-    for (int q = 0; q < pieces && at + q < work_cap; ++q) {
-      const int e0 = min(n, q * step), e1 = min(n, (q + 1) * step);
-      work[at + q] = make_int4(static_cast<int>(st), e0, e1, is_split ? slot0 + q : -1);
-      key[at + q] = e1 - e0;
+  const long long chunk = slots == 0 ? floor_entries
+                                     : max(static_cast<long long>(floor_entries), (len_total * rep + slots - 1) / slots);
+  int longer = 0;  // the split rows: a prefix of the sorted order
+  for (int64_t i = threadIdx.x; i < nst; i += blockDim.x) longer += sorted_len[i] > chunk ? 1 : 0;
+  for (int o = 16; o > 0; o /= 2) longer += __shfl_xor_sync(0xffffffffu, longer, o);
+  if (threadIdx.x % 32 == 0) atomicAdd(&nsplit_shared, longer);
+  __syncthreads();
+  const int nsplit = static_cast<int>(min(static_cast<int64_t>(nsplit_shared), split_cap));
+  int pieces_before = 0;  // pieces of the split rows before this chunk of them
+  for (int i0 = 0; i0 < nsplit; i0 += blockDim.x) {
+    const int i = i0 + static_cast<int>(threadIdx.x);
+    const int n = i < nsplit ? sorted_len[i] : 0;
+    const int pieces = i < nsplit ? static_cast<int>((n + chunk - 1) / chunk) : 0;
+    int chunk_total;
+    const int at = pieces_before + block_exclusive_sum(pieces, chunk_total);
+    if (i < nsplit) {
+      const int st = static_cast<int>(order[i]);
+      const int step = (n + pieces - 1) / pieces;
+      for (int q = 0; q < pieces && at + q < work_cap; ++q) {
+        work[at + q] = make_int4(st, min(n, q * step), min(n, (q + 1) * step), at + q);
+      }
+      split[i] = make_int4(st, at, pieces, 0);
     }
-    if (is_split && row < split_cap) split[row] = make_int4(static_cast<int>(st), slot0, pieces, 0);
-    base.x += total.x;
-    base.y += total.y;
-    base.z += total.z;
+    pieces_before += chunk_total;
   }
-  for (int64_t i = base.x + threadIdx.x; i < work_cap; i += blockDim.x) {
-    work[i] = make_int4(0, 0, 0, spare_slot);
-    key[i] = -1;
+  const int64_t whole_at = pieces_before - nsplit;  // row i >= nsplit goes to whole_at + i
+  for (int64_t i = nsplit + threadIdx.x; i < nst; i += blockDim.x) {
+    if (whole_at + i < work_cap) work[whole_at + i] = make_int4(static_cast<int>(order[i]), 0, sorted_len[i], -1);
   }
+  for (int64_t i = whole_at + nst + threadIdx.x; i < work_cap; i += blockDim.x) work[i] = make_int4(0, 0, 0, spare_slot);
   if (threadIdx.x == 0) {
-    counts[0] = base.x;
-    counts[1] = base.y;
+    counts[0] = static_cast<int>(min(whole_at + nst, work_cap));
+    counts[1] = nsplit;
   }
 }
 
@@ -679,13 +667,12 @@ __global__ void __launch_bounds__(1024) split_plan_kernel(const int* __restrict_
 // chunk, a split row holds more than C entries and its pieces number at most its length / C + 1, so
 // split rows < T / C and slots < 2 T / C; the automatic rule's C >= T rep / S (S slots) makes those
 // S / rep and 2 S / rep whatever T is. Rows are never split when rep >= S under that rule (C >= T).
-// The work list is padded to its bound (split_plan_kernel) and the kernels stop at its count
-// (TileList::work_count; merge_kernel's split_count).
-void make_split_on_device(PlanBufs& keep, int rep, cudaStream_t stream, int setting,
-                          int64_t entries_bound) {
+// The work list is padded to its bound (split_plan_kernel); merge_kernel stops at the split rows'
+// count.
+void make_split_on_device(PlanBufs& keep, int rep, cudaStream_t stream, int setting, int64_t entries_bound) {
   const auto [slots, floor_entries] = split_slots_floor(setting);
-  if (slots > 0 && rep >= slots) return;
   const int64_t nst = keep.len.numel();
+  if ((slots > 0 && rep >= slots) || nst == 0) return;
   const int64_t by_entries = entries_bound / floor_entries + 1;
   const int64_t split_cap = std::min(nst, slots > 0 ? std::min(by_entries, (slots + rep - 1) / rep) : by_entries);
   const int64_t slot_cap = std::min(entries_bound, slots > 0 ? std::min(2 * by_entries, (2 * slots + rep - 1) / rep)
@@ -694,18 +681,15 @@ void make_split_on_device(PlanBufs& keep, int rep, cudaStream_t stream, int sett
   TORCH_CHECK(work_cap < INT32_MAX / 4, "dilated_sparse CUDA: a forward plan of ", work_cap,
               " work entries is too large to split on the device; set DILATED_SPARSE_SPLIT=0");
   auto iopt = keep.len.options().dtype(at::kInt);
-  at::Tensor work = at::empty({work_cap, 4}, iopt), key = at::empty({work_cap}, iopt);
+  keep.work = at::empty({work_cap, 4}, iopt);
   keep.split = at::empty({std::max<int64_t>(1, split_cap), 4}, iopt);
   keep.work_count = at::empty({2}, iopt);
-  split_plan_kernel<<<1, 1024, 0, stream>>>(keep.len.data_ptr<int>(), nst, rep, slots, floor_entries, work_cap,
-                                            split_cap, static_cast<int>(slot_cap),
-                                            reinterpret_cast<int4*>(work.data_ptr<int>()), key.data_ptr<int>(),
+  split_plan_kernel<<<1, 1024, 0, stream>>>(keep.sorted_len.data_ptr<int>(), keep.order.data_ptr<int64_t>(), nst, rep,
+                                            slots, floor_entries, work_cap, split_cap, static_cast<int>(slot_cap),
+                                            reinterpret_cast<int4*>(keep.work.data_ptr<int>()),
                                             reinterpret_cast<int4*>(keep.split.data_ptr<int>()),
                                             keep.work_count.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  auto [sorted_key, order] = at::sort(key, /*stable=*/true, /*dim=*/0, /*descending=*/true);
-  keep.work = work.index_select(0, order);
-  keep.runs = equal_length_runs(sorted_key.contiguous(), stream);
   keep.nwork = work_cap;
   keep.nsplit = split_cap;
   keep.nslots = slot_cap + 1;  // and the padding's spare slot
@@ -726,7 +710,6 @@ void make_split(PlanBufs& keep, TileList& tl, int rep, cudaStream_t stream, int 
   }
   if (keep.work.defined()) {
     tl.work = reinterpret_cast<const int4*>(keep.work.data_ptr<int>());
-    tl.runs = reinterpret_cast<const int2*>(keep.runs.data_ptr<int>());
     tl.work_count = keep.work_count.defined() ? keep.work_count.data_ptr<int>() : nullptr;
   }
 }
@@ -808,7 +791,8 @@ TileList build_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int np
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     auto [sorted_len, order] = at::sort(keep.len, /*stable=*/true, /*dim=*/0, /*descending=*/true);
     keep.order = order;
-    keep.runs = equal_length_runs(sorted_len.contiguous(), stream);
+    keep.sorted_len = sorted_len.contiguous();
+    keep.runs = equal_length_runs(keep.sorted_len, stream);
   } else {
     keep.order = at::empty({0}, iopt.dtype(at::kLong));
     keep.runs = at::empty({0, 2}, iopt);
@@ -860,24 +844,38 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
   // is captured. A captured call's plan is the graph's own, rebuilt by every replay from what the index
   // tensors hold then; a cached plan would have to outlive every graph that uses it, and a graph
   // pool's memory must not stay referenced outside the graph (torch.compile's CUDA graph trees).
-  if (!enabled || ptr.is_inference() || idx.is_inference() || capturing(stream)) return build(keep, stream);
+  // The automatic split's chunk grows with the repeats (make_split), so its plans are kept per repeat
+  // count; every other plan serves any (TileList::rep is set below).
+  const bool auto_split = split == kSplitAuto || split == kSplitAutoTwoCtas;
+  int params[10] = {L, npb, prim_tokens, PT, pb, ST, sb, split, auto_split ? rep : 0,
+                    split != kSplitNever && split_on_device};
+  auto same_plan = [&](const PlanCacheEntry& e) {
+    return e.ptr.matches(ptr) && e.idx.matches(idx) && std::equal(params, params + 10, e.params);
+  };
+  const bool uncached = !enabled || ptr.is_inference() || idx.is_inference();
+  if (uncached || capturing(stream)) {
+    // A captured call cannot read the row lengths, so its split is planned on the device (make_split),
+    // which costs a plan kernel a replay and, where nothing is split, a work list in place of the
+    // unsplit order (the repeat innermost: up to 10% slower at short rows, RESULTS.md, thirtieth
+    // session). So where an eager call planned these index tensors (on any stream) and found no row to
+    // split, the captured call does not split either.
+    if (!uncached && split != kSplitNever && !split_on_device) {
+      std::lock_guard<std::mutex> lock(cache->mutex());
+      const PlanCacheEntry* eager = cache->find(same_plan);
+      if (eager != nullptr && eager->bufs.len_max >= 0 && !eager->bufs.work.defined()) split = kSplitNever;
+    }
+    return build(keep, stream);
+  }
   const c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream();
   TORCH_INTERNAL_ASSERT(caller.stream() == stream, "plan_tiles: plans are built for the current stream");
   auto cached_build = [&](auto&& fn) { return build_for_cache(caller, fn); };
   auto record_on_caller = [&](const PlanBufs& b) {
-    for (const at::Tensor* t : {&b.len, &b.start, &b.tile, &b.mask, &b.order, &b.runs, &b.work, &b.split, &b.work_count, &b.csr_entry}) {
+    for (const at::Tensor* t : {&b.len, &b.start, &b.tile, &b.mask, &b.order, &b.runs, &b.sorted_len, &b.work, &b.split, &b.work_count, &b.csr_entry}) {
       if (t->defined() && t->is_cuda()) c10::cuda::CUDACachingAllocator::recordStream(t->storage().data_ptr(), caller);
     }
   };
-  // The automatic split's chunk grows with the repeats (make_split), so its plans are kept per repeat
-  // count; every other plan serves any (TileList::rep is set below).
-  const bool auto_split = split == kSplitAuto || split == kSplitAutoTwoCtas;
-  const int params[10] = {L, npb, prim_tokens, PT, pb, ST, sb, split, auto_split ? rep : 0,
-                          split != kSplitNever && split_on_device};
   std::lock_guard<std::mutex> lock(cache->mutex());
-  PlanCacheEntry* hit = cache->find([&](const PlanCacheEntry& e) {
-    return e.ptr.matches(ptr) && e.idx.matches(idx) && e.stream == stream && std::equal(params, params + 10, e.params);
-  });
+  PlanCacheEntry* hit = cache->find([&](const PlanCacheEntry& e) { return e.stream == stream && same_plan(e); });
   if (hit != nullptr) {
     if (make_csr_entry && !hit->bufs.csr_entry.defined()) {
       hit->bufs.csr_entry = cached_build([&](cudaStream_t s) { return make_csr_entry(s); });
@@ -1526,8 +1524,12 @@ void set_plan_prefetch(Params& p, const TileList& tl, const at::Tensor& ptr, con
   auto add_tensor = [&](const at::Tensor& t) {
     if (t.defined() && t.numel() > 0) add(t.data_ptr(), t.numel() * t.element_size());
   };
-  add_tensor(keep.runs);
-  add_tensor(tl.work != nullptr ? keep.work : keep.order);
+  if (tl.work != nullptr) {
+    add_tensor(keep.work);
+  } else {
+    add_tensor(keep.runs);
+    add_tensor(keep.order);
+  }
   if (tl.direct) {
     add_tensor(ptr);
     add_tensor(idx);

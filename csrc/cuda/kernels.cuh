@@ -23,12 +23,6 @@ __device__ __forceinline__ int layout_slice(const Params& p, int b, int h) {
   return (p.Lb == 1 ? 0 : b) * p.Lh + (p.Lh == 1 ? 0 : h);
 }
 
-// The repeat index of (batch b, head h) among the (b, h) pairs sharing a layout slice: decode_st's
-// inverse (hdec: TileList::hdec), counted from 0, not from TileList::rep_base.
-__device__ __forceinline__ int slice_repeat(const Params& p, int b, int h, int hdec) {
-  return (p.Lb == 1 ? b : 0) * (p.Lh == 1 ? hdec : 1) + (p.Lh == 1 ? h : 0);
-}
-
 // (slice-tile, repeat index) -> (slice, primary tile, batch, head).
 __device__ __forceinline__ void decode_st(const Params& p, int64_t st, int r, int& s, int& t, int& b,
                                           int& h) {
@@ -51,19 +45,19 @@ __device__ __forceinline__ void decode_st(const Params& p, int64_t st, int r, in
   }
 }
 
-// Work item -> (slice, primary tile, batch, head), and its position in the plan's order (`order`,
-// or `work` for a split plan). Items come longest first; among positions of equal length, all of
-// one repeat (batch, head) before the next, so the CTAs running at one time share that head's keys
-// and values in L2 (thirtieth session: each row's heads together was 1.5-10% slower at short rows).
+// Work item -> (slice, primary tile, batch, head). Items come longest tile first; among tiles of
+// equal length, all of one repeat (batch, head) before the next, so the CTAs running at one time
+// share that head's keys and values in L2 (a split plan keeps the repeat innermost).
 __device__ __forceinline__ void decode_item(const Params& p, int64_t item, int& s, int& t, int& b,
-                                            int& h, int64_t* position = nullptr) {
+                                            int& h) {
   const TileList& tl = p.tl;
+  if (tl.work != nullptr) {
+    decode_st(p, tl.work[item / tl.rep].x, static_cast<int>(item % tl.rep), s, t, b, h);
+    return;
+  }
   const int2 run = tl.runs[item / tl.rep];
   const int64_t o = item - static_cast<int64_t>(run.x) * tl.rep;
-  const int64_t at = run.x + o % run.y;
-  if (position != nullptr) *position = at;
-  decode_st(p, tl.work != nullptr ? static_cast<int64_t>(tl.work[at].x) : tl.order[at], static_cast<int>(o / run.y), s,
-            t, b, h);
+  decode_st(p, tl.order[run.x + o % run.y], static_cast<int>(o / run.y), s, t, b, h);
 }
 
 // The secondary tiles walked by one primary tile.
@@ -287,15 +281,14 @@ __device__ __forceinline__ ItemInfo describe_item(const Params& p, int claimed) 
   ItemInfo d;
   d.item = claimed;
   const int item = kParts > 1 ? claimed / kParts : claimed;
-  int64_t position;
-  decode_item(p, item, d.s, d.t, d.b, d.h, &position);
+  decode_item(p, item, d.s, d.t, d.b, d.h);
   const Entries E = make_entries(p.tl, d.s, d.t);
   d.base = E.base;
   d.n = E.n;
   d.e0 = 0;
   d.slot = -1;
   if (p.tl.work != nullptr) {
-    const int4 piece = p.tl.work[position];
+    const int4 piece = p.tl.work[item / p.tl.rep];
     d.e0 = piece.y;
     d.n = piece.z;
     d.slot = piece.w;
@@ -336,7 +329,7 @@ __device__ __forceinline__ int next_pair(const Entries& E, const Rules& R, uint6
 // sharing a layout slice that this scratch holds (p.ds_rep of them, from p.ds_rep_base) take
 // consecutive blocks of bq x bk.
 __device__ __forceinline__ int64_t ds_offset(const Params& p, int e, int b, int h) {
-  const int r = slice_repeat(p, b, h, p.H) - p.ds_rep_base;
+  const int r = (p.Lb == 1 ? b : 0) * (p.Lh == 1 ? p.H : 1) + (p.Lh == 1 ? h : 0) - p.ds_rep_base;
   return (static_cast<int64_t>(e) * p.ds_rep + r) * p.bq * p.bk;
 }
 // Inside a block: panel (key sub-tile ks of 128 keys, query sub-tile qs of 64 queries), 128 keys x
@@ -469,7 +462,7 @@ __device__ __forceinline__ void store_fwd_rows(const Params& p, const QueryTile&
                                                const float (&acc)[kD / 8][4], const float (&mrow)[2],
                                                const float (&lrow)[2], int row_local, int g, int t4) {
   if (w.slot >= 0) {
-    const int64_t ws = static_cast<int64_t>(w.slot) * p.tl.rep + slice_repeat(p, w.b, w.h, p.tl.hdec);
+    const int64_t ws = static_cast<int64_t>(w.slot) * p.tl.rep + static_cast<int>(w.item % p.tl.rep);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float l = quad_sum(lrow[r]);
