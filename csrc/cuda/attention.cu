@@ -504,12 +504,15 @@ bool len_stats(PlanBufs& keep, cudaStream_t stream) {
 // Load balance for heavy rows (a global row walks every key block): rows longer than a chunk C are
 // cut into pieces that run as separate CTAs and are merged by lse (merge_kernel). C is the average
 // work per CTA slot, so a heavy row never outlasts the rest of the grid by much, but at least a
-// floor: a piece costs more than its tiles (fp32 partials, the merge, an item's boundaries).
-//  - kSplitAuto (the sm_90 kernels: one persistent CTA an SM): slots = SMs, floor 32 entries.
-//    Measured call by call on the H200 (RESULTS.md, thirty-eighth session): at global_local, the
-//    best of several forced C at every shape tried (1-16 heads, S16k and S64k, D64 and D128) was
-//    this C or as fast. The rule before (two slots an SM, floor 8) split rows that did not need it:
-//    S16k H16 D128 23% slower than no split, and up to 2.2x slower than this rule at one to four heads.
+// floor, and at least the longest row / a piece count: a piece costs more than its tiles (fp32
+// partials, the merge, an item's boundaries).
+//  - kSplitAuto (the sm_90 kernels: one persistent CTA an SM): slots = SMs, floor 8 entries, at
+//    most 8 pieces a row. Measured call by call on the H200 at global_local (RESULTS.md,
+//    thirty-eighth and thirty-ninth sessions). Where the average sets C (S16k with 4-16 heads,
+//    S64k) it was the best C measured or within 0.6% of it (and C 16 6-12% slower with the merge
+//    of the thirty-ninth session). Where the average is small (one to four heads, S8k-S32k) the
+//    best C measured cut the global row into about 8 pieces (13 at S32k, 7% faster than 8 there),
+//    and the floor of 32 before was 26-54% slower.
 //  - kSplitAutoTwoCtas (the other kernels, two CTAs an SM; not re-measured): slots = 2 SMs, floor 8.
 // `setting` (split_setting()): kSplitNever, an auto rule or a forced C in entries (tests).
 // The plan is a work list of pieces and whole rows, longest first (the repeat innermost). Two ways to
@@ -525,19 +528,31 @@ int split_setting() {
   const int64_t chunk = env_count("DILATED_SPARSE_SPLIT_CHUNK", kSplitAuto, INT32_MAX, 1);
   return env_switch("DILATED_SPARSE_SPLIT", true) ? static_cast<int>(chunk) : kSplitNever;
 }
-// The automatic rule's CTA slots and floor (entries) for a setting; {0, setting} for a forced C.
-std::pair<int64_t, int64_t> split_slots_floor(int setting) {
-  if (setting == kSplitAuto) return {sm_count(), 32};
-  if (setting == kSplitAutoTwoCtas) return {2 * int64_t{sm_count()}, 8};
-  return {0, setting};
+// The chunk rule of a setting: its CTA slots (0: a forced chunk, `floor_entries`), floor and pieces a
+// row at most (0: any).
+struct SplitRule {
+  int64_t slots = 0, floor_entries = 1, max_pieces = 0;
+};
+SplitRule split_rule(int setting) {
+  if (setting == kSplitAuto) return {sm_count(), 8, 8};
+  if (setting == kSplitAutoTwoCtas) return {2 * int64_t{sm_count()}, 8, 0};
+  return {0, setting, 0};
 }
-int64_t split_chunk(int setting, int64_t len_total, int rep) {
-  const auto [slots, floor_entries] = split_slots_floor(setting);
-  return slots == 0 ? floor_entries : std::max<int64_t>(floor_entries, (len_total * rep + slots - 1) / slots);
+// The chunk C for rows of `len_total` entries in all, the longest `len_max`, each served `rep` times
+// (the host's plan and split_plan_kernel's).
+__host__ __device__ inline int64_t split_chunk(const SplitRule& rule, int64_t len_total, int64_t len_max, int rep) {
+  if (rule.slots == 0) return rule.floor_entries;
+  const int64_t average = (len_total * rep + rule.slots - 1) / rule.slots;
+  int64_t chunk = average > rule.floor_entries ? average : rule.floor_entries;
+  if (rule.max_pieces > 0) {
+    const int64_t longest = (len_max + rule.max_pieces - 1) / rule.max_pieces;
+    chunk = longest > chunk ? longest : chunk;
+  }
+  return chunk;
 }
 
 void make_split_on_host(PlanBufs& keep, int rep, int setting) {
-  const int64_t chunk = split_chunk(setting, keep.len_total, rep);
+  const int64_t chunk = split_chunk(split_rule(setting), keep.len_total, keep.len_max, rep);
   if (keep.len_max <= chunk) return;
   const int* len = keep.len_host.data_ptr<int>();
   const int64_t nst = keep.len_host.numel();
@@ -609,7 +624,7 @@ __device__ __forceinline__ int block_exclusive_sum(int v, int& total) {
 // empty items. counts[1]: the split rows.
 __global__ void __launch_bounds__(1024) split_plan_kernel(const int* __restrict__ sorted_len,
                                                           const int64_t* __restrict__ order, int64_t nst, int rep,
-                                                          int64_t slots, int64_t floor_entries, int64_t work_cap,
+                                                          SplitRule rule, int64_t work_cap,
                                                           int64_t split_cap, int spare_slot, int4* work, int4* split,
                                                           int* counts) {
   __shared__ long long total_shared;
@@ -626,8 +641,7 @@ __global__ void __launch_bounds__(1024) split_plan_kernel(const int* __restrict_
                                        static_cast<unsigned long long>(mine));
   __syncthreads();
   const long long len_total = total_shared;
-  const long long chunk = slots == 0 ? floor_entries
-                                     : max(static_cast<long long>(floor_entries), (len_total * rep + slots - 1) / slots);
+  const long long chunk = split_chunk(rule, len_total, nst > 0 ? sorted_len[0] : 0, rep);
   int longer = 0;  // the split rows: a prefix of the sorted order
   for (int64_t i = threadIdx.x; i < nst; i += blockDim.x) longer += sorted_len[i] > chunk ? 1 : 0;
   for (int o = 16; o > 0; o /= 2) longer += __shfl_xor_sync(0xffffffffu, longer, o);
@@ -670,7 +684,8 @@ __global__ void __launch_bounds__(1024) split_plan_kernel(const int* __restrict_
 // The work list is padded to its bound (split_plan_kernel); merge_kernel stops at the split rows'
 // count.
 void make_split_on_device(PlanBufs& keep, int rep, cudaStream_t stream, int setting, int64_t entries_bound) {
-  const auto [slots, floor_entries] = split_slots_floor(setting);
+  const SplitRule rule = split_rule(setting);
+  const int64_t slots = rule.slots, floor_entries = rule.floor_entries;
   const int64_t nst = keep.len.numel();
   if ((slots > 0 && rep >= slots) || nst == 0) return;
   const int64_t by_entries = entries_bound / floor_entries + 1;
@@ -685,7 +700,7 @@ void make_split_on_device(PlanBufs& keep, int rep, cudaStream_t stream, int sett
   keep.split = at::empty({std::max<int64_t>(1, split_cap), 4}, iopt);
   keep.work_count = at::empty({2}, iopt);
   split_plan_kernel<<<1, 1024, 0, stream>>>(keep.sorted_len.data_ptr<int>(), keep.order.data_ptr<int64_t>(), nst, rep,
-                                            slots, floor_entries, work_cap, split_cap, static_cast<int>(slot_cap),
+                                            rule, work_cap, split_cap, static_cast<int>(slot_cap),
                                             reinterpret_cast<int4*>(keep.work.data_ptr<int>()),
                                             reinterpret_cast<int4*>(keep.split.data_ptr<int>()),
                                             keep.work_count.data_ptr<int>());
