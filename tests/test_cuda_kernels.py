@@ -792,10 +792,10 @@ def test_split_switches_read_every_call(monkeypatch):
     monkeypatch.setenv("DILATED_SPARSE_SPLIT_CHUNK", "2")
     out1, merged1 = forward()
     monkeypatch.setenv("DILATED_SPARSE_SPLIT_ON_DEVICE", "1")
-    out3, merged3 = forward()
+    out3, _ = forward()
     monkeypatch.setenv("DILATED_SPARSE_SPLIT", "0")
     out2, merged2 = forward()
-    assert (merged0, merged1, merged3, merged2) == (False, True, True, False)
+    assert (merged0, merged1, merged2) == (False, True, False)  # (a device plan always launches the merge)
     assert torch.equal(out0, out2) and torch.equal(out1, out3)
     torch.testing.assert_close(out1, out0, atol=1e-2, rtol=1e-2)
 
@@ -810,13 +810,16 @@ def test_heavy_rows_split_automatically_where_they_would_outlast_the_grid(monkey
     the same outputs as with DILATED_SPARSE_SPLIT=0 (within fp32 merging's rounding)."""
     from torch.profiler import ProfilerActivity, profile
 
+    if forced_variant():
+        pytest.skip("the chunk is counted in the default kernel's tiles (128 x 128: one a layout block)")
     nb, bs, D = 128, 128, 64
     mask = band_mask(nb, 1)
     mask[0, 0, 0, :] = True
     crow, col, _, _ = csr_from_mask(mask.to(DEV))
     entries, sms = col.numel(), torch.cuda.get_device_properties(0).multi_processor_count
     ops = _ops()
-    monkeypatch.delenv("DILATED_SPARSE_SPLIT_CHUNK", raising=False)
+    for var in ("DILATED_SPARSE_SPLIT_CHUNK", "DILATED_SPARSE_SPLIT_ON_DEVICE"):  # a device plan always merges
+        monkeypatch.delenv(var, raising=False)
     for heads in (1, 64):
         chunk = max(8, -(-entries * heads // sms), -(-nb // 8))
         g = torch.Generator(device="cpu").manual_seed(heads)
@@ -850,7 +853,8 @@ def test_captured_forward_splits_heavy_rows(monkeypatch):
     next replay plans the new rows' pieces and equals an eager call on the edited layout. Where an
     eager call on the same index tensors found no row to split, the captured call plans no split:
     its capture allocates less than one of index tensors no eager call has planned."""
-    for var in ("DILATED_SPARSE_SPLIT_CHUNK", "DILATED_SPARSE_SPLIT", "DILATED_SPARSE_SPLIT_ON_DEVICE"):
+    for var in ("DILATED_SPARSE_SPLIT_CHUNK", "DILATED_SPARSE_SPLIT", "DILATED_SPARSE_SPLIT_ON_DEVICE",
+                "DILATED_SPARSE_PLAN_CACHE"):  # (the eager plans are looked up in the cache)
         monkeypatch.delenv(var, raising=False)
     nb, bs, D = 64, 128, 64
     masks = []

@@ -658,7 +658,7 @@ __global__ void __launch_bounds__(1024) split_plan_kernel(const int* __restrict_
     if (i < nsplit) {
       const int st = static_cast<int>(order[i]);
       const int step = (n + pieces - 1) / pieces;
-      for (int q = 0; q < pieces && at + q < work_cap; ++q) {
+      for (int q = 0; q < pieces && at + q < spare_slot; ++q) {  // slots below the spare one (the bound)
         work[at + q] = make_int4(st, min(n, q * step), min(n, (q + 1) * step), at + q);
       }
       split[i] = make_int4(st, at, pieces, 0);
