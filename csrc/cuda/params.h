@@ -35,7 +35,7 @@ struct TileList {
   int nsub = 1;                 // secondary sub-blocks per secondary tile
   uint64_t full = ~0ull;        // mask of a fully active tile pair
   const int4* work = nullptr;   // split plan (fwd): {slice-tile, entry begin, entry end, slot or -1},
-                                // longest first; replaces `order` when set (`runs` then over it)
+                                // longest first (the repeat innermost); replaces `order` / `runs` when set
   const int* work_count = nullptr;  // split planned on the device: the entries of `work` in use (the
                                     // rest pad it to its bound; attention.cu: make_split_on_device)
   int rep = 1;                  // work items per slice-tile (the (b, h) pairs sharing a slice)
