@@ -35,7 +35,8 @@ if [ -n "${VARIANTS:-}" ]; then  # the tests again with every kernel forced to t
   done
 fi
 if [ "${SPLITRUN:-0}" = "1" ]; then  # the tests again with every row longer than 2 entries split
-  DILATED_SPARSE_SPLIT_CHUNK=2 DILATED_SPARSE_FUZZ=${VFUZZ:-100} DILATED_SPARSE_FUZZ_PATTERNS=${VFUZZ_PATTERNS:-30} timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py > "$OUT/tests_split.log" 2>&1
+  # (SPLIT_ON_DEVICE=1: every split planned on the device, as a captured call plans it)
+  DILATED_SPARSE_SPLIT_CHUNK=2 DILATED_SPARSE_SPLIT_ON_DEVICE=${SPLIT_ON_DEVICE:-0} DILATED_SPARSE_FUZZ=${VFUZZ:-100} DILATED_SPARSE_FUZZ_PATTERNS=${VFUZZ_PATTERNS:-30} timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py > "$OUT/tests_split.log" 2>&1
   echo "split-forced tests rc=$? ($(( $(date +%s) - t0 )) s)"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests_split.log" | tail -8
 fi
 if [ "${LARGE:-0}" = "1" ]; then
@@ -47,7 +48,8 @@ if [ "${TUNE:-0}" = "1" ]; then
   echo "tune rc=$? ($(( $(date +%s) - t0 )) s)"; grep BEST "$OUT/tune.log"
 fi
 if [ "${SANITIZE:-1}" = "1" ]; then
-  DILATED_SPARSE_SPLIT_CHUNK=${SAN_SPLIT_CHUNK:-} timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool memcheck --error-exitcode 9 $PY tests/test_cuda_kernels.py --small > "$OUT/memcheck.log" 2>&1
+  DILATED_SPARSE_SPLIT_CHUNK=${SAN_SPLIT_CHUNK:-} DILATED_SPARSE_SPLIT_ON_DEVICE=${SPLIT_ON_DEVICE:-0} \
+    timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool memcheck --error-exitcode 9 $PY tests/test_cuda_kernels.py --small > "$OUT/memcheck.log" 2>&1
   echo "memcheck rc=$? ($(( $(date +%s) - t0 )) s)"; tail -3 "$OUT/memcheck.log"
   if [ "${RACECHECK:-0}" = "1" ]; then
     timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool racecheck --error-exitcode 9 $PY tests/test_cuda_kernels.py --small > "$OUT/racecheck.log" 2>&1
