@@ -329,3 +329,5 @@ def test_energy_rows_are_power_times_time():
     assert energy.row("p", "flex", "fwd", 368.0, {}) == "| p | flex | fwd | 368 | - | - | - |"
     bench_point = _tool("bench_point")
     assert bench_point.parse_point("1x16x16384x128:causal_local:0.05") == (1, 16, 16384, 128, "causal_local", 0.05)
+    assert bench_point.split_block("1x16x16384x128:local:0.1:64", 128) == ("1x16x16384x128:local:0.1", 64)
+    assert bench_point.split_block("1x16x16384x128:local:0.1", 128) == ("1x16x16384x128:local:0.1", 128)

@@ -14,7 +14,7 @@ processes, the range, and new / base.
 
 Each tree must hold a built package (``python setup.py build_ext --inplace`` there; a reduced
 instantiation set, the same in both, builds faster) and its ``benchmarks/gpu_bench.py``. Points are
-``BxHxSxD:pattern:density`` (block 128, bf16).
+``BxHxSxD:pattern:density[:block]`` (block 128 unless named, bf16).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ session). A change without a switch is timed against the other build by ``ab_bui
     python csrc/cuda/tools/ab_env.py --var DILATED_SPARSE_POST_LOOKUP --modes 0,1 \\
         --points 1x16x16384x128:causal_local:0.05,1x32x16384x64:local:0.025 --rounds 300
 
-Points are ``BxHxSxD:pattern:density`` (``bench_point.py``; block 128, bf16).
+Points are ``BxHxSxD:pattern:density[:block]`` (``bench_point.py``; block 128 unless named, bf16).
 """
 
 from __future__ import annotations

@@ -39,10 +39,20 @@ def parse_point(point: str) -> tuple[int, int, int, int, str, float]:
     return B, H, S, D, kind, float(density)
 
 
+def split_block(point: str, block: int) -> tuple[str, int]:
+    """``BxHxSxD:pattern:density[:block]`` as the point without its block and the block (`block`
+    where the point names none)."""
+    parts = point.split(":")
+    if len(parts) == 4:
+        return ":".join(parts[:3]), int(parts[3])
+    return point, block
+
+
 def point_calls(point: str, block: int = 128) -> tuple[Callable[[], torch.Tensor], Callable[[], None]]:
-    """The forward and forward+backward calls of `point` with square blocks of `block` (inputs
-    seeded, so every call of this for a shape gets the same values); the second clears q, k, v's
-    gradients first."""
+    """The forward and forward+backward calls of `point` (``BxHxSxD:pattern:density[:block]``) with
+    square blocks of its block, else `block` (inputs seeded, so every call of this for a shape gets
+    the same values); the second clears q, k, v's gradients first."""
+    point, block = split_block(point, block)
     B, H, S, D, kind, density = parse_point(point)
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -65,6 +75,7 @@ def flex_point_calls(point: str, block: int = 128) -> tuple[Callable[[], torch.T
     from gpu_bench import flex_block_mask  # here: ab_builds.py loads this file over older trees' gpu_bench
     from torch.nn.attention.flex_attention import flex_attention
 
+    point, block = split_block(point, block)
     B, H, S, D, kind, density = parse_point(point)
     block_mask = flex_block_mask(pattern(S // block, kind, density), S, block, "cuda")
     flex = torch.compile(flex_attention, dynamic=False)

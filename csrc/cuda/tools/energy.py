@@ -9,7 +9,7 @@ the energy a call than in a short timing.
 
     python csrc/cuda/tools/energy.py --points 1x16x16384x128:causal_local:0.05 --flex [--seconds 3]
 
-Points are ``BxHxSxD:pattern:density`` (``bench_point.py``; block 128, bf16). Each point times
+Points are ``BxHxSxD:pattern:density[:block]`` (``bench_point.py``; block 128 unless named, bf16). Each point times
 ours, then Flex (``--flex``), then ours again, forward and forward+backward. The first
 ``--settle`` seconds of each loop are left out of its clock and power (the controller's first
 reaction).
