@@ -120,6 +120,14 @@ def forced_variant() -> bool:
     return any(os.environ.get(f"DILATED_SPARSE_{op}_VARIANT") for op in ("FWD", "DQ", "DKV"))
 
 
+def default_split_switches(monkeypatch) -> None:
+    """The forward's split switches at their defaults, whatever the caller set: the automatic chunk,
+    planned on the host, with the plan cache on (a captured call looks up the eager call's plan)."""
+    for var in ("DILATED_SPARSE_SPLIT_CHUNK", "DILATED_SPARSE_SPLIT", "DILATED_SPARSE_SPLIT_ON_DEVICE",
+                "DILATED_SPARSE_PLAN_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+
+
 def poison():
     """Fill freed allocator memory with NaN so that unwritten outputs show."""
     x = torch.empty(64 * 1024 * 1024, device=DEV, dtype=torch.float32)
@@ -786,8 +794,7 @@ def test_split_switches_read_every_call(monkeypatch):
             torch.cuda.synchronize()
         return out, any("merge_kernel" in e.name for e in prof.events())
 
-    for var in ("DILATED_SPARSE_SPLIT_CHUNK", "DILATED_SPARSE_SPLIT", "DILATED_SPARSE_SPLIT_ON_DEVICE"):
-        monkeypatch.delenv(var, raising=False)
+    default_split_switches(monkeypatch)
     out0, merged0 = forward()
     monkeypatch.setenv("DILATED_SPARSE_SPLIT_CHUNK", "2")
     out1, merged1 = forward()
@@ -818,8 +825,7 @@ def test_heavy_rows_split_automatically_where_they_would_outlast_the_grid(monkey
     crow, col, _, _ = csr_from_mask(mask.to(DEV))
     entries, sms = col.numel(), torch.cuda.get_device_properties(0).multi_processor_count
     ops = _ops()
-    for var in ("DILATED_SPARSE_SPLIT_CHUNK", "DILATED_SPARSE_SPLIT_ON_DEVICE"):  # a device plan always merges
-        monkeypatch.delenv(var, raising=False)
+    default_split_switches(monkeypatch)  # (a device plan always launches the merge)
     for heads in (1, 64):
         chunk = max(8, -(-entries * heads // sms), -(-nb // 8))
         g = torch.Generator(device="cpu").manual_seed(heads)
@@ -853,9 +859,7 @@ def test_captured_forward_splits_heavy_rows(monkeypatch):
     next replay plans the new rows' pieces and equals an eager call on the edited layout. Where an
     eager call on the same index tensors found no row to split, the captured call plans no split:
     its capture allocates less than one of index tensors no eager call has planned."""
-    for var in ("DILATED_SPARSE_SPLIT_CHUNK", "DILATED_SPARSE_SPLIT", "DILATED_SPARSE_SPLIT_ON_DEVICE",
-                "DILATED_SPARSE_PLAN_CACHE"):  # (the eager plans are looked up in the cache)
-        monkeypatch.delenv(var, raising=False)
+    default_split_switches(monkeypatch)
     nb, bs, D = 64, 128, 64
     masks = []
     for heavy, extra in ((0, None), (5, (10, 40))):  # row 0's band holds one block fewer than row 5's
