@@ -156,11 +156,21 @@ def bwd_peak(r: dict) -> tuple[tuple, int]:
 def ds_repeats(r: dict) -> tuple[int, int, int]:
     """A run_case result's dS scratch as the CUDA backward counts it: bytes of one (b, h) repeat's
     dS, the query repeats ((b, h) pairs sharing a layout slice) and the dK/dV repeats ((b, kv head)
-    pairs; batches with a per-head layout)."""
+    pairs; batches with a per-head layout). Blocks that are multiples of the 128 x 128 tiles take a
+    slot each (bq x bk); smaller ones a slot (128 x 128) per tile pair holding one of them."""
     B, H, Hkv = r["q"].shape[0], r["q"].shape[2], r["k"].shape[2]
     bq, bk, Lb, Lh = r["args"][:4]
     batches = B if Lb == 1 else 1
-    rep_bytes = r["col"].numel() * bq * bk * r["q"].element_size()
+    if bq % 128 == 0 and bk % 128 == 0:
+        slots, slot = r["col"].numel(), bq * bk
+    else:
+        crow, col = r["crow"].cpu().long(), r["col"].cpu().long()
+        rows = torch.repeat_interleave(torch.arange(crow.numel() - 1), crow.diff())
+        nqb = math.ceil(r["q"].shape[1] / bq)
+        slice_, row = rows // nqb, rows % nqb
+        pairs = torch.stack([slice_, row * bq // 128, col * bk // 128], 1)
+        slots, slot = torch.unique(pairs, dim=0).shape[0], 128 * 128
+    rep_bytes = slots * slot * r["q"].element_size()
     return rep_bytes, batches * (H if Lh == 1 else 1), batches * (Hkv if Lh == 1 else 1)
 
 
@@ -404,7 +414,8 @@ def test_forced_variant_picks_the_backward(forced, scratch, monkeypatch):
      ("DILATED_SPARSE_FWD_VARIANT", "4 "), ("DILATED_SPARSE_BWD_SCRATCH_MB", "1e3"),
      ("DILATED_SPARSE_BWD_SCRATCH_MB", "-5"), ("DILATED_SPARSE_SPLIT_CHUNK", "0"),
      ("DILATED_SPARSE_SPLIT_CHUNK", "2k"), ("DILATED_SPARSE_SPLIT", "no"), ("DILATED_SPARSE_PLAN_CACHE", "off"),
-     ("DILATED_SPARSE_BWD_STREAMS", "3"), ("DILATED_SPARSE_BWD_STREAMS", "0"), ("DILATED_SPARSE_TMA", "yes")],
+     ("DILATED_SPARSE_BWD_STREAMS", "3"), ("DILATED_SPARSE_BWD_STREAMS", "0"), ("DILATED_SPARSE_TMA", "yes"),
+     ("DILATED_SPARSE_BWD_SCRATCH_TILES", "on"), ("DILATED_SPARSE_SPLIT_ON_DEVICE", "2")],
 )
 def test_bad_tuning_switch_is_an_error(name, value, monkeypatch):
     """A tuning switch's value that is not one it takes raises, naming the variable, instead of timing
@@ -487,8 +498,9 @@ def test_lse_gradient(D, dtype, variant, scratch_mb, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(plain, zero))
 
 
-# The dS-scratch backward (dK/dV writes dS, dQ = dS K reads it; sm_90, D128, blocks that are
-# multiples of 128, scratch within DILATED_SPARSE_BWD_SCRATCH_MB): GQA, causal, padding, empty rows,
+# The dS-scratch backward (dK/dV writes dS, dQ = dS K reads it; sm_90, D128; a slot per block where
+# blocks are multiples of 128, else per 128 x 128 tile pair; scratch within
+# DILATED_SPARSE_BWD_SCRATCH_MB): GQA, causal, padding, empty rows,
 # windows, per-head (also with GQA) and per-batch layouts, blocks spanning several tiles, lengths
 # not a multiple of the block. Against the reference (run_case), run to run, against the recompute
 # backward (bit for bit: the same products in the same order), and its scratch measured.
@@ -501,6 +513,11 @@ def test_lse_gradient(D, dtype, variant, scratch_mb, monkeypatch):
         {"Sq": 520, "Sk": 600, "bq": 256, "bk": 256, "density": 0.7, "use_klen": True, "lb": 0, "B": 2, "H": 2},
         {"Sq": 128, "Sk": 128, "bq": 128, "bk": 128, "density": 1.0, "causal": True, "H": 6, "Hkv": 1},
         {"Sq": 450, "Sk": 500, "bq": 128, "bk": 128, "density": 0.6, "causal": True, "lh": 0, "H": 4, "Hkv": 2},
+        # blocks below the tiles: a slot per 128 x 128 tile pair
+        {"Sq": 700, "Sk": 650, "bq": 64, "bk": 64, "density": 0.3, "causal": True, "H": 4, "Hkv": 2},
+        {"Sq": 500, "Sk": 520, "bq": 64, "bk": 128, "density": 0.4, "use_kpm": True, "B": 2},
+        {"Sq": 520, "Sk": 500, "bq": 128, "bk": 64, "density": 0.4, "wl": 100, "lh": 0, "H": 3},
+        {"Sq": 300, "Sk": 333, "bq": 32, "bk": 16, "density": 0.3, "empty_rows": 0.3, "lb": 0, "B": 2, "H": 2},
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -1156,6 +1173,7 @@ _FUZZ_SWITCHES = {
     "DILATED_SPARSE_SPLIT_ON_DEVICE": ("1",),
     "DILATED_SPARSE_BWD_SCRATCH_MB": ("0", "1", "8", "64"),
     "DILATED_SPARSE_BWD_SCRATCH_CHUNKS": ("0", "1"),
+    "DILATED_SPARSE_BWD_SCRATCH_TILES": ("0",),
     "DILATED_SPARSE_TMA": ("0",),
     "DILATED_SPARSE_DECODE_AHEAD": ("0",),
     "DILATED_SPARSE_POST_LOOKUP": ("0",),

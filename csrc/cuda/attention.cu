@@ -36,6 +36,8 @@
 //   DILATED_SPARSE_PLAN_PREFETCH=0|1         sm_90 persistent kernels: no prefetch / their producers
 //                                            prefetch the plan into L2 at entry (set_plan_prefetch()).
 //   DILATED_SPARSE_BWD_SCRATCH_MB=<MiB>      largest dS scratch (scratch_limit_bytes()).
+//   DILATED_SPARSE_BWD_SCRATCH_TILES=0|1     blocks below the 128 x 128 tiles: recompute / a dS scratch
+//                                            slot per tile pair (default; bwd_cuda).
 //   DILATED_SPARSE_BWD_SCRATCH_CHUNKS=auto|0|1  when the dS-scratch backward runs in chunks
 //                                            (scratch_chunks_mode()).
 #include <ATen/ATen.h>
@@ -985,6 +987,39 @@ __global__ void __launch_bounds__(256) delta_kernel(const T* __restrict__ o, con
   }
 }
 
+// The dS scratch's tile slots (blocks of at most a tile, bwd_cuda): each entry of the dK/dV plan (key
+// tile t, a 64-query step) -> the slot of the dQ plan's 128 x 128 tile pair that holds it: that query
+// tile's first slot (slot_start: the dQ plan's entries before it) plus t's position in its tile list
+// (ascending, plan_kernel), found by bisection. `steps`: dK/dV query steps a dQ tile.
+__global__ void ds_tile_slots_kernel(const TileList dkv, const TileList dq, int L, const int64_t* slot_start, int steps,
+                                     int* slot_of) {
+  const int64_t st = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (st >= static_cast<int64_t>(L) * dkv.ntiles) return;
+  const int s = static_cast<int>(st / dkv.ntiles), t = static_cast<int>(st % dkv.ntiles);
+  const Entries E = make_entries(dkv, s, t);
+  for (int j = 0; j < E.n; ++j) {
+    int step;
+    uint64_t m;
+    E.get(j, step, m);
+    const int qt = step / steps;
+    const Entries Q = make_entries(dq, s, qt);
+    int lo = 0, hi = Q.n - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2;
+      if (Q.tile[Q.base + mid] < t) {
+        lo = mid + 1;
+      } else {
+        hi = mid;
+      }
+    }
+    slot_of[E.base + j] = static_cast<int>(slot_start[static_cast<int64_t>(s) * dq.ntiles + qt] + lo);
+  }
+}
+
+// DILATED_SPARSE_BWD_SCRATCH_TILES=0: blocks below the kernels' tiles never use the dS scratch
+// (recompute). Read on every call.
+bool ds_tile_slots_setting() { return env_switch("DILATED_SPARSE_BWD_SCRATCH_TILES", true); }
+
 // CSC entry -> CSR entry of the same layout block (the dS scratch is addressed by CSR entry): the
 // entry's column by bisection over the column pointers, then its column inside its CSR row.
 __global__ void csc_to_csr_kernel(const int* ccol, const int* rowi, const int* crow, const int* col, int ncols,
@@ -1730,9 +1765,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   at::Tensor ds;
   int chunk_k = 0;   // dK/dV repeats a chunk of the scratch backward
   int ds_bufs = 1;   // 2: chunks alternate between two streams and two scratch buffers
-  if (ds_dq != nullptr && ds_dkv != nullptr && p.bq % ds_dq->pm == 0 && p.bk % ds_dq->sn == 0 &&
-      p.bk % ds_dkv->pm == 0 && p.bq % ds_dkv->sn == 0 && col.numel() > 0) {
-    const int64_t rep_elems = col.numel() * q_per_k * p.bq * p.bk;  // one dK/dV repeat's dS
+  // Slots of the scratch: a layout block each where blocks are multiples of the kernels' tiles, else
+  // (blocks of at most a tile, ds_tile_slots) one per tile pair of the dQ plan, 128 x 128, which
+  // needs that plan's entry count on the host (one copy per layout; not while capturing a graph).
+  const bool ds_kernels = ds_dq != nullptr && ds_dkv != nullptr && col.numel() > 0;
+  const bool block_slots = ds_kernels && p.bq % ds_dq->pm == 0 && p.bk % ds_dq->sn == 0 &&
+                           p.bk % ds_dkv->pm == 0 && p.bq % ds_dkv->sn == 0;
+  const bool tiles_allowed = ds_tile_slots_setting();  // every call, so that a bad value always raises
+  const bool tile_slots = ds_kernels && !block_slots && tiles_allowed && p.bq <= ds_dq->pm &&
+                          p.bk <= ds_dq->sn && ds_dkv->pm == ds_dq->sn && 2 * ds_dkv->sn == ds_dq->pm &&
+                          !capturing(stream);
+  PlanBufs dq_stats;  // tile slots: the dQ-from-dS plan, with its entry count
+  if (tile_slots) {
+    plan_tiles(crow_c, col_c, L, p.nqb, p.Sq, ds_dq->pm, p.bq, ds_dq->sn, p.bk, rep_q, p.H, dq_stats, stream,
+               kSplitNever, nullptr, /*want_len_stats=*/true);
+  }
+  if ((block_slots || (tile_slots && dq_stats.len_total > 0))) {
+    const int64_t slots = block_slots ? col.numel() : dq_stats.len_total;
+    const int64_t slot_elems = block_slots ? int64_t{p.bq} * p.bk : int64_t{ds_dq->pm} * ds_dq->sn;
+    const int64_t rep_elems = slots * q_per_k * slot_elems;  // one dK/dV repeat's dS
     const int64_t rep_bytes = rep_elems * q.element_size();
     // Chunks as equal as the count allows, of at most `fit` repeats.
     auto balanced = [&](int64_t fit) {
@@ -1818,7 +1869,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   }
   // The dS-scratch backward's CSC -> CSR entry map, kept with the dK/dV plan (csc_to_csr_kernel).
   std::function<at::Tensor(cudaStream_t)> make_csr_entry;
-  if (ds_mode) {
+  if (ds_mode && block_slots) {
     make_csr_entry = [&](cudaStream_t s) {
       auto map = at::empty({std::max<int64_t>(1, rowi.numel())}, q.options().dtype(at::kInt));
       if (rowi.numel() > 0) {
@@ -1837,6 +1888,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     set_plan_prefetch(pk, pk.tl, ccol_c, rowi_c, keep_k);
     pk.chunk_shift = item_chunk_shift(query_tokens);
   }
+  // The scratch's slots (Params::ds_csr_entry), made on `stream` before a side stream forks from it.
+  at::Tensor slot_start, slot_of;  // tile slots (ds_tile_slots_kernel)
+  if (ds_mode && tile_slots) {
+    const at::Tensor len64 = keep_q.len.to(at::kLong);
+    slot_start = at::cumsum(len64, 0) - len64;
+    slot_of = at::empty({std::max<int64_t>(1, rowi.numel() * pk.tl.fsplit * pk.tl.kf)}, q.options().dtype(at::kInt));
+    const int64_t nst = int64_t{L} * pk.tl.ntiles;
+    ds_tile_slots_kernel<<<static_cast<unsigned>((nst + 127) / 128), 128, 0, stream>>>(
+        pk.tl, pq.tl, L, slot_start.data_ptr<int64_t>(), ds_dq->pm / ds_dkv->sn, slot_of.data_ptr<int>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    pk.ds_csr_entry = slot_of.data_ptr<int>();
+    pq.ds_slot_start = pk.ds_slot_start = slot_start.data_ptr<int64_t>();
+    pq.ds_slot_elems = pk.ds_slot_elems = int64_t{ds_dq->pm} * ds_dq->sn;
+    pq.ds_slot_q = pk.ds_slot_q = ds_dq->pm;
+    pq.ds_entry_div = pk.ds_entry_div = 1;
+    pq.ds_q_steps = pk.ds_q_steps = ds_dq->pm / ds_dkv->sn;
+  } else if (ds_mode) {
+    pk.ds_csr_entry = keep_k.csr_entry.data_ptr<int>();
+    pq.ds_slot_elems = pk.ds_slot_elems = int64_t{p.bq} * p.bk;
+    pq.ds_slot_q = pk.ds_slot_q = p.bq;
+    pq.ds_entry_div = pk.ds_entry_div = pk.tl.kf;
+    pq.ds_q_steps = pk.ds_q_steps = pk.tl.kf;
+  }
   // The scratch backward runs dK/dV, then dQ on one stream (dQ reads what dK/dV wrote); with two
   // buffers, odd chunks on the side stream: a chunk's kernels fill the other chunk's tails, and
   // chunk c reuses the buffer of chunk c - 2, which ran before it on the same stream.
@@ -1851,7 +1925,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   if (kdq.arch == 90) set_tma(pq, q, k, v, dout, kdq.pm, kdq.sn);
   if (kdkv.arch == 90) set_tma(pk, q, k, v, dout, kdkv.sn, kdkv.pm);
   if (ds_mode) {
-    pk.ds_csr_entry = keep_k.csr_entry.data_ptr<int>();
     for (int rk0 = 0, c = 0; rk0 < rep_k; rk0 += chunk_k, ++c) {
       const int nk = std::min(chunk_k, rep_k - rk0);
       Params ck = pk, cq = pq;

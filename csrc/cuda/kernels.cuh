@@ -155,6 +155,16 @@ __device__ __forceinline__ int pair_state(const Rules& R, int m0, int bm, int n0
   return need ? 2 : 1;
 }
 
+// Whether 64-query half `half` of a 128-query tile pair with membership mask m (plan_kernel's bits:
+// primary sub-row a of tl.prim_sub queries, secondary sub-block c, at a * nsub + c) holds a block of
+// the layout (a direct plan's mask is all ones).
+__device__ __forceinline__ bool half_in_layout(const TileList& tl, uint64_t m, int half) {
+  if (tl.prim_sub >= 128) return m != 0;
+  const int bits = 64 / tl.prim_sub * tl.nsub;  // the half's sub-rows
+  const uint64_t sel = bits >= 64 ? ~0ull : (1ull << bits) - 1;
+  return ((m >> (half * bits)) & sel) != 0;
+}
+
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
@@ -325,19 +335,21 @@ __device__ __forceinline__ int next_pair(const Entries& E, const Rules& R, uint6
   return E.n;
 }
 
-// Element offset of the dS scratch block of CSR entry e for batch b, query head h: the (b, h) pairs
-// sharing a layout slice that this scratch holds (p.ds_rep of them, from p.ds_rep_base) take
-// consecutive blocks of bq x bk.
+// Element offset of the dS scratch slot e (a layout block's CSR entry, or a dQ tile's slot: Params::
+// ds_csr_entry) for batch b, query head h: the (b, h) pairs sharing a layout slice that this scratch
+// holds (p.ds_rep of them, from p.ds_rep_base) take consecutive slots of ds_slot_elems.
 __device__ __forceinline__ int64_t ds_offset(const Params& p, int e, int b, int h) {
   const int r = (p.Lb == 1 ? b : 0) * (p.Lh == 1 ? p.H : 1) + (p.Lh == 1 ? h : 0) - p.ds_rep_base;
-  return (static_cast<int64_t>(e) * p.ds_rep + r) * p.bq * p.bk;
+  return (static_cast<int64_t>(e) * p.ds_rep + r) * p.ds_slot_elems;
 }
 // Inside a block: panel (key sub-tile ks of 128 keys, query sub-tile qs of 64 queries), 128 keys x
 // 64 queries of dS^T as 8 x 8 sub-matrices of 128 bytes (ds_sub): each dK/dV warp's four-byte
 // store of a fragment register fills one of them, and the dQ kernel reads them back with
 // ldmatrix.trans as the A fragments of dS; a key sub-tile's panels are consecutive, so two of them
 // are 32 contiguous KB.
-__device__ __forceinline__ int ds_panel(const Params& p, int ks, int qs) { return (ks * (p.bq / 64) + qs) * (128 * 64); }
+__device__ __forceinline__ int ds_panel(const Params& p, int ks, int qs) {
+  return (ks * (p.ds_slot_q / 64) + qs) * (128 * 64);
+}
 // Element offset, inside a panel, of the 8 x 8 sub-matrix of keys 8 kb.. and queries 8 qb.. (its
 // rows: keys, 16 bytes each).
 __device__ __forceinline__ constexpr int ds_sub(int kb, int qb) { return (kb * 8 + qb) * 64; }

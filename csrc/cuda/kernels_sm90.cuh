@@ -1601,7 +1601,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
     produce<kStages, Cfg::kResBufs>(sy, ring, nres, has, [&](int st) {
       load_q(st, gg, qt);
       if constexpr (Cfg::kWriteDs) {  // the pair's CSR entry, next to its lse and Delta rows
-        if (ltid == 0) cp_async4(stage_side(st) + 8 * kBM, p.ds_csr_entry + E.base + it / p.tl.kf, true);
+        if (ltid == 0) cp_async4(stage_side(st) + 8 * kBM, p.ds_csr_entry + E.base + it / p.ds_entry_div, true);
       }
       if (ltid == 0) publish_record<true>(record(st), sy.full + 8 * st, qt, state, msk, !has_next(), gg);
     }, [&](uint32_t bar) {
@@ -1703,7 +1703,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
         // four-byte stores fills one 128-byte sub-matrix (ds_sub).
         static_assert(kBM == 64, "a dS panel holds 64 queries");
         const int e = *reinterpret_cast<const int*>(drow + kBM);
-        T* dsg = static_cast<T*>(p.ds) + ds_offset(p, e, b, hk * p.G + gg) + ds_panel(p, t_sub, qt % p.tl.kf) +
+        T* dsg = static_cast<T*>(p.ds) + ds_offset(p, e, b, hk * p.G + gg) + ds_panel(p, t_sub, qt % p.ds_q_steps) +
                  g * 8 + t4 * 2;
 #pragma unroll
         for (int kk = 0; kk < kBM / 16; ++kk)
@@ -1815,9 +1815,14 @@ __global__ void __launch_bounds__(DqDsSm90Cfg<kD>::kThreads, 1) dq_ds_sm90_kerne
   const QueryTile& W = C.W;
   // The current pair's dS: two consecutive panels (64 queries each) of its block's slot (ds_panel;
   // direct tile lists: entry it / kf, key sub-tile it % kf), 32 contiguous KB.
+  // Per-tile slots (Params::ds_slot_start): the item's first slot, then one a tile (kf 1, one 128-query
+  // slot: key sub-tile 0, panel 0).
   auto ds_tile = [&]() {
-    const int e = static_cast<int>(W.E.base + C.it / p.tl.kf);
-    return static_cast<const T*>(p.ds) + ds_offset(p, e, W.b, W.h) + ds_panel(p, C.it % p.tl.kf, (W.m0 % p.bq) / 64);
+    const int e = p.ds_slot_start != nullptr
+                      ? static_cast<int>(p.ds_slot_start[static_cast<int64_t>(W.s) * p.tl.ntiles + W.t] + C.it)
+                      : static_cast<int>(W.E.base + C.it / p.tl.kf);
+    return static_cast<const T*>(p.ds) + ds_offset(p, e, W.b, W.h) +
+           ds_panel(p, C.it % p.tl.kf, (W.m0 % p.ds_slot_q) / 64);
   };
   // Only the producer walks the tile list (one tile ahead: next() after each step, while it waits
   // for a free slot); the consumers follow its records, so no dependent global load of the tile
@@ -1838,10 +1843,12 @@ __global__ void __launch_bounds__(DqDsSm90Cfg<kD>::kThreads, 1) dq_ds_sm90_kerne
             sm90::mbar_expect_tx(sy.full + 8 * st, Cfg::kDsBytes);
             sm90::bulk_load(sDs0 + st * Cfg::kDsBytes, ds_tile(), Cfg::kDsBytes, sy.full + 8 * st);
             // dK/dV skipped a 64-query half without an allowed element and left its dS unwritten.
+            // With blocks below the tile, a half none of whose blocks is in the layout too.
             int written = 0;
 #pragma unroll
             for (int half = 0; half < 2; ++half)
-              written |= (pair_state(W.R, W.m0 + 64 * half, 64, C.kt * kBN, kBN, 0, 0) != 0) << half;
+              written |= (pair_state(W.R, W.m0 + 64 * half, 64, C.kt * kBN, kBN, 0, 0) != 0 &&
+                          half_in_layout(p.tl, C.msk, half)) << half;
             publish_record(rec[st], sy.full + 8 * st, C.kt, written, 0, !C.has_next());
           }
         },
