@@ -518,6 +518,7 @@ def test_lse_gradient(D, dtype, variant, scratch_mb, monkeypatch):
         {"Sq": 500, "Sk": 520, "bq": 64, "bk": 128, "density": 0.4, "use_kpm": True, "B": 2},
         {"Sq": 520, "Sk": 500, "bq": 128, "bk": 64, "density": 0.4, "wl": 100, "lh": 0, "H": 3},
         {"Sq": 300, "Sk": 333, "bq": 32, "bk": 16, "density": 0.3, "empty_rows": 0.3, "lb": 0, "B": 2, "H": 2},
+        {"Sq": 600, "Sk": 640, "bq": 64, "bk": 64, "density": 0.35, "lh": 0, "H": 4, "Hkv": 2, "wr": 200},
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -534,7 +535,9 @@ def test_ds_scratch_backward(kw, dtype, monkeypatch):
     if torch.cuda.get_device_capability() == (9, 0):
         rep_bytes, q_reps, _ = ds_repeats(r)
         scratch = rep_bytes * q_reps
-        assert peak_scratch - peak_recompute >= 0.9 * scratch, (peak_scratch, peak_recompute, scratch)
+        # (two chunk buffers may hold up to 4 / 3 of it: odd repeat counts)
+        assert 0.9 * scratch <= peak_scratch - peak_recompute <= 1.5 * scratch + (1 << 20), (
+            peak_scratch, peak_recompute, scratch)
 
 
 # The dS-scratch backward in chunks of repeats (the (b, h) pairs sharing a layout slice), where the

@@ -1772,9 +1772,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   const bool block_slots = ds_kernels && p.bq % ds_dq->pm == 0 && p.bk % ds_dq->sn == 0 &&
                            p.bk % ds_dkv->pm == 0 && p.bq % ds_dkv->sn == 0;
   const bool tiles_allowed = ds_tile_slots_setting();  // every call, so that a bad value always raises
+  // Only where the slot count is worth a host copy: a cached plan (the copy once per layout), and a
+  // scratch that could fit (at least nnz bq bk / 128^2 slots of one repeat within the limit).
   const bool tile_slots = ds_kernels && !block_slots && tiles_allowed && p.bq <= ds_dq->pm &&
                           p.bk <= ds_dq->sn && ds_dkv->pm == ds_dq->sn && 2 * ds_dkv->sn == ds_dq->pm &&
-                          !capturing(stream);
+                          !capturing(stream) && env_switch("DILATED_SPARSE_PLAN_CACHE", true) &&
+                          !crow_c.is_inference() && !col_c.is_inference() &&
+                          (col.numel() * p.bq * p.bk + ds_dq->pm * ds_dq->sn - 1) / (ds_dq->pm * ds_dq->sn) *
+                                  q_per_k * ds_dq->pm * ds_dq->sn * q.element_size() <= limit;
   PlanBufs dq_stats;  // tile slots: the dQ-from-dS plan, with its entry count
   if (tile_slots) {
     plan_tiles(crow_c, col_c, L, p.nqb, p.Sq, ds_dq->pm, p.bq, ds_dq->sn, p.bk, rep_q, p.H, dq_stats, stream,
