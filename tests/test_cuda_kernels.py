@@ -1277,6 +1277,9 @@ if __name__ == "__main__":
         run_case(B=1, H=2, Sq=130, Sk=150, D=24, bq=64, bk=32, wl=40)
         # the dS-scratch backward on sm_90 (D128, block 128)
         run_case(B=1, H=4, Hkv=2, Sq=300, Sk=280, D=128, bq=128, bk=128, causal=True, use_kpm=True, density=0.7)
+        # ... and for blocks below its 128 x 128 tiles (a scratch slot per dQ-plan tile pair)
+        run_case(B=1, H=4, Hkv=2, Sq=300, Sk=280, D=128, bq=64, bk=64, causal=True, use_kpm=True, density=0.7)
+        run_case(B=1, H=2, Sq=260, Sk=250, D=128, bq=32, bk=64, density=0.6)
         # ... in chunks: two buffers on two streams, then (one repeat's 1 MiB fills the limit) one buffer
         os.environ["DILATED_SPARSE_BWD_SCRATCH_CHUNKS"] = "1"
         run_case(B=1, H=4, Hkv=2, Sq=300, Sk=280, D=128, bq=128, bk=128, causal=True, use_kpm=True, density=0.7)
