@@ -498,7 +498,7 @@ def test_lse_gradient(D, dtype, variant, scratch_mb, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(plain, zero))
 
 
-# The dS-scratch backward (dK/dV writes dS, dQ = dS K reads it; sm_90, D128; a slot per block where
+# The dS-scratch backward (dK/dV writes dS, dQ = dS K reads it; sm_90, D128 and D96; a slot per block where
 # blocks are multiples of 128, else per 128 x 128 tile pair; scratch within
 # DILATED_SPARSE_BWD_SCRATCH_MB): GQA, causal, padding, empty rows,
 # windows, per-head (also with GQA) and per-batch layouts, blocks spanning several tiles, lengths
@@ -519,12 +519,15 @@ def test_lse_gradient(D, dtype, variant, scratch_mb, monkeypatch):
         {"Sq": 520, "Sk": 500, "bq": 128, "bk": 64, "density": 0.4, "wl": 100, "lh": 0, "H": 3},
         {"Sq": 300, "Sk": 333, "bq": 32, "bk": 16, "density": 0.3, "empty_rows": 0.3, "lb": 0, "B": 2, "H": 2},
         {"Sq": 600, "Sk": 640, "bq": 64, "bk": 64, "density": 0.35, "lh": 0, "H": 4, "Hkv": 2, "wr": 200},
+        # D96 runs the D128 kernels (its surplus columns zero), with both kinds of slots
+        {"Sq": 400, "Sk": 390, "bq": 128, "bk": 128, "density": 0.6, "causal": True, "D": 96},
+        {"Sq": 410, "Sk": 430, "bq": 64, "bk": 32, "density": 0.4, "H": 4, "Hkv": 2, "D": 96},
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_ds_scratch_backward(kw, dtype, monkeypatch):
     monkeypatch.setenv("DILATED_SPARSE_BWD_SCRATCH_MB", "1024")
-    r = run_case(D=128, dtype=dtype, seed=kw["Sq"] + kw["bq"], **kw)
+    r = run_case(**{"D": 128, **kw}, dtype=dtype, seed=kw["Sq"] + kw["bq"])
 
     again, peak_scratch = bwd_peak(r)
     monkeypatch.setenv("DILATED_SPARSE_BWD_SCRATCH_MB", "0")

@@ -209,7 +209,10 @@ struct PlanBufs {
   at::Tensor sorted_len;   // `len` in `order` (the split planned on the device starts from it)
   at::Tensor work, split;  // split plan (fwd), see make_split
   at::Tensor work_count;   // a split planned on the device: {work entries, split rows} in use
-  at::Tensor csr_entry;    // dK/dV plan of the dS-scratch backward: CSC entry -> CSR entry
+  // dK/dV plan of the dS-scratch backward (DsSlotMap): each of its entries' scratch slot, a CSR entry
+  // (block slots) or a tile pair of the dQ plan (tile slots, with each dQ slice-tile's first slot)
+  at::Tensor csr_entry, ds_slot_start;
+  bool ds_tile_slots = false;  // which of the two csr_entry holds
   int64_t nwork = 0, nsplit = 0, nslots = 0;
   at::Tensor len_host;     // `len` copied to the host (len_stats), with its sum and maximum;
   int64_t len_total = -1;  // -1 until asked for
@@ -630,11 +633,7 @@ __global__ void __launch_bounds__(1024) split_plan_kernel(const int* __restrict_
                                                           int64_t split_cap, int spare_slot, int4* work, int4* split,
                                                           int* counts) {
   __shared__ long long total_shared;
-  __shared__ int nsplit_shared;
-  if (threadIdx.x == 0) {
-    total_shared = 0;
-    nsplit_shared = 0;
-  }
+  if (threadIdx.x == 0) total_shared = 0;
   __syncthreads();
   long long mine = 0;
   for (int64_t i = threadIdx.x; i < nst; i += blockDim.x) mine += sorted_len[i];
@@ -646,10 +645,9 @@ __global__ void __launch_bounds__(1024) split_plan_kernel(const int* __restrict_
   const long long chunk = split_chunk(rule, len_total, nst > 0 ? sorted_len[0] : 0, rep);
   int longer = 0;  // the split rows: a prefix of the sorted order
   for (int64_t i = threadIdx.x; i < nst; i += blockDim.x) longer += sorted_len[i] > chunk ? 1 : 0;
-  for (int o = 16; o > 0; o /= 2) longer += __shfl_xor_sync(0xffffffffu, longer, o);
-  if (threadIdx.x % 32 == 0) atomicAdd(&nsplit_shared, longer);
-  __syncthreads();
-  const int nsplit = static_cast<int>(min(static_cast<int64_t>(nsplit_shared), split_cap));
+  int longer_total;
+  block_exclusive_sum(longer, longer_total);
+  const int nsplit = static_cast<int>(min(static_cast<int64_t>(longer_total), split_cap));
   int pieces_before = 0;  // pieces of the split rows before this chunk of them
   for (int i0 = 0; i0 < nsplit; i0 += blockDim.x) {
     const int i = i0 + static_cast<int>(threadIdx.x);
@@ -839,13 +837,19 @@ struct PlanCacheEntry {
   bool expired() const { return ptr.expired() || idx.expired(); }
 };
 
-// make_csr_entry (dK/dV plans of the dS-scratch backward): builds PlanBufs::csr_entry on the stream
-// it is given, once per cached plan (a consistent CSC determines its CSR, so the CSC's key covers
-// it). want_len_stats: fills the len_* fields (len_stats), once per cached plan.
+// The dS scratch's slot map of a dK/dV plan (bwd_cuda): `build` fills PlanBufs::csr_entry (and
+// ds_slot_start) from the plan's tile list on the stream it is given.
+struct DsSlotMap {
+  bool tiles;  // tile slots (else block slots)
+  std::function<void(PlanBufs&, const TileList&, cudaStream_t)> build;
+};
+
+// slot_map (dK/dV plans of the dS-scratch backward): built once per cached plan and kind (a
+// consistent CSC determines its CSR, and so the CSR's plans, so the CSC's key covers it).
+// want_len_stats: fills the len_* fields (len_stats), once per cached plan.
 TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb, int prim_tokens,
                     int PT, int pb, int ST, int sb, int rep, int hdec, PlanBufs& keep,
-                    cudaStream_t stream, int split = kSplitNever,
-                    const std::function<at::Tensor(cudaStream_t)>& make_csr_entry = nullptr,
+                    cudaStream_t stream, int split = kSplitNever, const DsSlotMap* slot_map = nullptr,
                     bool want_len_stats = false, bool split_on_device = false) {
   static auto* cache = new RecentEntries<PlanCacheEntry>();  // never freed (exit order)
   const bool enabled = env_switch("DILATED_SPARSE_PLAN_CACHE", true);  // every call: a bad value raises
@@ -853,7 +857,7 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
     TileList built = build_tiles(ptr, idx, L, npb, prim_tokens, PT, pb, ST, sb, rep, hdec, bufs, s);
     make_split(bufs, built, rep, s, split, split_on_device,
                std::max<int64_t>(1, idx.numel() * built.fsplit * built.kf));  // the entries' bound
-    if (make_csr_entry) bufs.csr_entry = make_csr_entry(s);
+    if (slot_map != nullptr) slot_map->build(bufs, built, s);
     if (want_len_stats) len_stats(bufs, s);
     return built;
   };
@@ -887,15 +891,18 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
   TORCH_INTERNAL_ASSERT(caller.stream() == stream, "plan_tiles: plans are built for the current stream");
   auto cached_build = [&](auto&& fn) { return build_for_cache(caller, fn); };
   auto record_on_caller = [&](const PlanBufs& b) {
-    for (const at::Tensor* t : {&b.len, &b.start, &b.tile, &b.mask, &b.order, &b.runs, &b.sorted_len, &b.work, &b.split, &b.work_count, &b.csr_entry}) {
+    for (const at::Tensor* t : {&b.len, &b.start, &b.tile, &b.mask, &b.order, &b.runs, &b.sorted_len, &b.work, &b.split, &b.work_count, &b.csr_entry, &b.ds_slot_start}) {
       if (t->defined() && t->is_cuda()) c10::cuda::CUDACachingAllocator::recordStream(t->storage().data_ptr(), caller);
     }
   };
   std::lock_guard<std::mutex> lock(cache->mutex());
   PlanCacheEntry* hit = cache->find([&](const PlanCacheEntry& e) { return e.stream == stream && same_plan(e); });
   if (hit != nullptr) {
-    if (make_csr_entry && !hit->bufs.csr_entry.defined()) {
-      hit->bufs.csr_entry = cached_build([&](cudaStream_t s) { return make_csr_entry(s); });
+    if (slot_map != nullptr && (!hit->bufs.csr_entry.defined() || hit->bufs.ds_tile_slots != slot_map->tiles)) {
+      cached_build([&](cudaStream_t s) {
+        slot_map->build(hit->bufs, hit->tl, s);
+        return true;
+      });
       record_on_caller(hit->bufs);
     }
     if (want_len_stats) len_stats(hit->bufs, stream);
@@ -1872,39 +1879,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     set_plan_prefetch(pq, pq.tl, crow_c, col_c, keep_q);
     pq.chunk_shift = ds_mode ? 0 : item_chunk_shift(key_tokens);  // the dQ-from-dS kernel claims singly
   }
-  // The dS-scratch backward's CSC -> CSR entry map, kept with the dK/dV plan (csc_to_csr_kernel).
-  std::function<at::Tensor(cudaStream_t)> make_csr_entry;
-  if (ds_mode && block_slots) {
-    make_csr_entry = [&](cudaStream_t s) {
-      auto map = at::empty({std::max<int64_t>(1, rowi.numel())}, q.options().dtype(at::kInt));
+  // The dS scratch's slots, kept with the dK/dV plan: block slots, the CSC -> CSR entry map
+  // (csc_to_csr_kernel); tile slots, each dQ slice-tile's first slot (the dQ plan's entries before it)
+  // and each dK/dV entry's tile pair (ds_tile_slots_kernel).
+  DsSlotMap slot_map{tile_slots, [&](PlanBufs& bufs, const TileList& dkv, cudaStream_t s) {
+    bufs.ds_tile_slots = tile_slots;
+    bufs.ds_slot_start = at::Tensor();
+    if (!tile_slots) {
+      bufs.csr_entry = at::empty({std::max<int64_t>(1, rowi.numel())}, q.options().dtype(at::kInt));
       if (rowi.numel() > 0) {
         csc_to_csr_kernel<<<static_cast<unsigned>((rowi.numel() + 255) / 256), 256, 0, s>>>(
             ccol_c.data_ptr<int>(), rowi_c.data_ptr<int>(), crow_c.data_ptr<int>(), col_c.data_ptr<int>(),
-            L * p.nkb, p.nkb, p.nqb, rowi.numel(), map.data_ptr<int>());
+            L * p.nkb, p.nkb, p.nqb, rowi.numel(), bufs.csr_entry.data_ptr<int>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      return map;
-    };
-  }
+      return;
+    }
+    const at::Tensor len64 = keep_q.len.to(at::kLong);
+    bufs.ds_slot_start = at::cumsum(len64, 0) - len64;
+    bufs.csr_entry = at::empty({std::max<int64_t>(1, rowi.numel() * dkv.fsplit * dkv.kf)}, q.options().dtype(at::kInt));
+    const int64_t nst = int64_t{L} * dkv.ntiles;
+    ds_tile_slots_kernel<<<static_cast<unsigned>((nst + 127) / 128), 128, 0, s>>>(
+        dkv, pq.tl, L, bufs.ds_slot_start.data_ptr<int64_t>(), ds_dq->pm / ds_dkv->sn, bufs.csr_entry.data_ptr<int>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }};
   pk.tl = plan_tiles(ccol_c, rowi_c, L, p.nkb, p.Sk, kdkv.pm, p.bk, kdkv.sn, p.bq, rep_k, hdec, keep_k, stream,
-                     kSplitNever, make_csr_entry);
+                     kSplitNever, ds_mode ? &slot_map : nullptr);
   if (kdkv.arch == 90) {
     pk.work_counter = next_counter++;
     set_plan_prefetch(pk, pk.tl, ccol_c, rowi_c, keep_k);
     pk.chunk_shift = item_chunk_shift(query_tokens);
   }
-  // The scratch's slots (Params::ds_csr_entry), made on `stream` before a side stream forks from it.
-  at::Tensor slot_start, slot_of;  // tile slots (ds_tile_slots_kernel)
   if (ds_mode && tile_slots) {
-    const at::Tensor len64 = keep_q.len.to(at::kLong);
-    slot_start = at::cumsum(len64, 0) - len64;
-    slot_of = at::empty({std::max<int64_t>(1, rowi.numel() * pk.tl.fsplit * pk.tl.kf)}, q.options().dtype(at::kInt));
-    const int64_t nst = int64_t{L} * pk.tl.ntiles;
-    ds_tile_slots_kernel<<<static_cast<unsigned>((nst + 127) / 128), 128, 0, stream>>>(
-        pk.tl, pq.tl, L, slot_start.data_ptr<int64_t>(), ds_dq->pm / ds_dkv->sn, slot_of.data_ptr<int>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    pk.ds_csr_entry = slot_of.data_ptr<int>();
-    pq.ds_slot_start = pk.ds_slot_start = slot_start.data_ptr<int64_t>();
+    pk.ds_csr_entry = keep_k.csr_entry.data_ptr<int>();
+    pq.ds_slot_start = pk.ds_slot_start = keep_k.ds_slot_start.data_ptr<int64_t>();
     pq.ds_slot_elems = pk.ds_slot_elems = int64_t{ds_dq->pm} * ds_dq->sn;
     pq.ds_slot_q = pk.ds_slot_q = ds_dq->pm;
     pq.ds_entry_div = pk.ds_entry_div = 1;
