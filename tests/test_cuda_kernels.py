@@ -122,7 +122,7 @@ def forced_variant() -> bool:
 
 def default_split_switches(monkeypatch) -> None:
     """The forward's split switches at their defaults, whatever the caller set: the automatic chunk,
-    planned on the host, with the plan cache on (a captured call looks up the eager call's plan)."""
+    its counts read on the host, with the plan cache on (a captured call looks up the eager call's plan)."""
     for var in ("DILATED_SPARSE_SPLIT_CHUNK", "DILATED_SPARSE_SPLIT", "DILATED_SPARSE_SPLIT_ON_DEVICE",
                 "DILATED_SPARSE_PLAN_CACHE"):
         monkeypatch.delenv(var, raising=False)
@@ -775,8 +775,9 @@ def test_determinism():
 @pytest.mark.parametrize("on_device", ["0", "1"])
 def test_split_rows(kw, on_device, monkeypatch):
     """Heavy rows cut into pieces merged by lse (forced with a tiny chunk): the reference's results,
-    run to run bit for bit; a split planned on the device (as a captured call's) gives the host
-    plan's results bit for bit (the same pieces, merged in the same order)."""
+    run to run bit for bit; with the plan's counts left on the device (as in a captured call: the work
+    list padded to its bound) the eager plan's results bit for bit (the same pieces, merged in the
+    same order)."""
     monkeypatch.setenv("DILATED_SPARSE_SPLIT_CHUNK", "2")
     monkeypatch.setenv("DILATED_SPARSE_SPLIT_ON_DEVICE", on_device)
     Sq, Sk = kw["Sq"], kw.get("Sk", kw["Sq"])
@@ -874,8 +875,8 @@ def test_heavy_rows_split_automatically_where_they_would_outlast_the_grid(monkey
 
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability() != (9, 0), reason="the sm_90 kernels' rule")
 def test_captured_forward_splits_heavy_rows(monkeypatch):
-    """A forward captured into a CUDA graph cannot read the row lengths on the host, so it plans its
-    split on the device. One global row of 64 blocks at one head (longer than the automatic chunk,
+    """A forward captured into a CUDA graph cannot read its split plan's counts on the host, so its
+    kernels read them on the device. One global row of 64 blocks at one head (longer than the automatic chunk,
     test_heavy_rows_split_automatically_where_they_would_outlast_the_grid) is split in the graph: the
     replay equals the eager split call bit for bit, whose lse differs from the unsplit call's. After
     the layout is edited in place (the global row moved to another row, the same entry count) the

@@ -214,6 +214,7 @@ struct PlanBufs {
   at::Tensor csr_entry, ds_slot_start;
   bool ds_tile_slots = false;  // which of the two csr_entry holds
   int64_t nwork = 0, nsplit = 0, nslots = 0;
+  bool split_counted = false;  // an eager call's split plan, its counts read on the host (make_split)
   at::Tensor len_host;     // `len` copied to the host (len_stats), with its sum and maximum;
   int64_t len_total = -1;  // -1 until asked for
   int len_max = -1;
@@ -520,11 +521,11 @@ bool len_stats(PlanBufs& keep, cudaStream_t stream) {
 //    and the floor of 32 before was 26-54% slower.
 //  - kSplitAutoTwoCtas (the other kernels, two CTAs an SM; not re-measured): slots = 2 SMs, floor 8.
 // `setting` (split_setting()): kSplitNever, an auto rule or a forced C in entries (tests).
-// The plan is a work list of pieces and whole rows, longest first (the repeat innermost). Two ways to
-// build it, with the same pieces: on the host from the row lengths (one device->host copy when the
-// plan is built; plans are cached per layout, so once per layout), sized exactly; or on the device
-// (make_split_on_device), sized for a bound, while the stream is being captured into a graph (no
-// host copy then) or with DILATED_SPARSE_SPLIT_ON_DEVICE=1.
+// The plan is a work list of pieces and whole rows, longest first (the repeat innermost), built on the
+// device (split_plan_kernel) in buffers sized for a bound. An eager call then copies its two counts to
+// the host (plans are cached per layout, so once per layout): no split row drops the plan, else the
+// kernels run its exact count. While the stream is being captured into a graph (no host copy then),
+// or with DILATED_SPARSE_SPLIT_ON_DEVICE=1, the kernels read the counts on the device.
 constexpr int kSplitNever = -1, kSplitAuto = 0, kSplitAutoTwoCtas = -2;
 // The forward's split setting, read on every call (so that a bad value always raises, and a cached
 // plan is reused only under the setting it was made with: it is part of the cache key):
@@ -556,46 +557,6 @@ __host__ __device__ inline int64_t split_chunk(const SplitRule& rule, int64_t le
   return chunk;
 }
 
-void make_split_on_host(PlanBufs& keep, int rep, int setting) {
-  const int64_t chunk = split_chunk(split_rule(setting), keep.len_total, keep.len_max, rep);
-  if (keep.len_max <= chunk) return;
-  const int* len = keep.len_host.data_ptr<int>();
-  const int64_t nst = keep.len_host.numel();
-  std::vector<int> work, split;
-  int64_t nslots = 0;
-  for (int64_t st = 0; st < nst; ++st) {
-    const int n = len[st];
-    const int64_t pieces = n > chunk ? (n + chunk - 1) / chunk : 1;
-    if (pieces == 1) {
-      work.insert(work.end(), {static_cast<int>(st), 0, n, -1});
-      continue;
-    }
-    const int64_t step = (n + pieces - 1) / pieces;
-    split.insert(split.end(), {static_cast<int>(st), static_cast<int>(nslots), static_cast<int>(pieces), 0});
-    for (int64_t q = 0; q < pieces; ++q) {
-      const int e0 = static_cast<int>(std::min<int64_t>(n, q * step));
-      const int e1 = static_cast<int>(std::min<int64_t>(n, (q + 1) * step));
-      work.insert(work.end(), {static_cast<int>(st), e0, e1, static_cast<int>(nslots + q)});
-    }
-    nslots += pieces;
-  }
-  const int64_t nwork = static_cast<int64_t>(work.size() / 4);
-  std::vector<int64_t> idx(nwork);
-  for (int64_t i = 0; i < nwork; ++i) idx[i] = i;
-  std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) {
-    return work[4 * a + 2] - work[4 * a + 1] > work[4 * b + 2] - work[4 * b + 1];
-  });
-  std::vector<int> sorted(work.size());
-  for (int64_t i = 0; i < nwork; ++i) std::copy_n(&work[4 * idx[i]], 4, &sorted[4 * i]);
-  auto opt = at::TensorOptions().dtype(at::kInt);
-  keep.work = at::from_blob(sorted.data(), {nwork, 4}, opt).to(keep.len.device(), /*non_blocking=*/false);
-  keep.split = at::from_blob(split.data(), {static_cast<int64_t>(split.size() / 4), 4}, opt)
-                   .to(keep.len.device(), /*non_blocking=*/false);
-  keep.nwork = nwork;
-  keep.nsplit = static_cast<int64_t>(split.size() / 4);
-  keep.nslots = nslots;
-}
-
 // Exclusive sum over the CTA (1024 threads); `total` gets the CTA's sum.
 __device__ __forceinline__ int block_exclusive_sum(int v, int& total) {
   __shared__ int warp_sums[32];
@@ -618,12 +579,10 @@ __device__ __forceinline__ int block_exclusive_sum(int v, int& total) {
   return before + incl - v;
 }
 
-// The split plan on the device, one CTA of 1024 threads, from the plan's slice-tiles sorted longest
-// first (sorted_len, order: build_tiles). The rows longer than the chunk are a prefix of that order;
-// their pieces come first in the work list (each piece's slot is its position), then the other rows
-// in their order. (make_split_on_host sorts pieces and rows together by length; the pieces, at most
-// a chunk long, and the rows after them, at most a chunk too, are then in almost the same order, and
-// every item computes the same values in either.) Entries past the count (counts[0]) pad `work` to
+// The split plan, one CTA of 1024 threads, from the plan's slice-tiles sorted longest first
+// (sorted_len, order: build_tiles). The rows longer than the chunk are a prefix of that order; their
+// pieces (at most a chunk long) come first in the work list (each piece's slot is its position), then
+// the other rows (at most a chunk) in their order. Entries past the count (counts[0]) pad `work` to
 // its bound `work_cap` as empty pieces of the spare slot `spare_slot`, which no merge reads: the
 // persistent kernels stop at the count (claim_item), a kernel launched a CTA an item runs them as
 // empty items. counts[1]: the split rows.
@@ -676,8 +635,8 @@ __global__ void __launch_bounds__(1024) split_plan_kernel(const int* __restrict_
   }
 }
 
-// make_split_on_host's plan built on the device, with no host copy (capturable), sized for bounds
-// that hold whatever the lengths: with T the entries in all rows (at most `entries_bound`) and C the
+// The split plan built on the device (split_plan_kernel), with no host copy (capturable), sized for
+// bounds that hold whatever the lengths: with T the entries in all rows (at most `entries_bound`) and C the
 // chunk, a split row holds more than C entries and its pieces number at most its length / C + 1, so
 // split rows < T / C and slots < 2 T / C; the automatic rule's C >= T rep / S (S slots) makes those
 // S / rep and 2 S / rep whatever T is. Rows are never split when rep >= S under that rule (C >= T).
@@ -710,18 +669,31 @@ void make_split_on_device(PlanBufs& keep, int rep, cudaStream_t stream, int sett
   keep.nslots = slot_cap + 1;  // and the padding's spare slot
 }
 
-// DILATED_SPARSE_SPLIT_ON_DEVICE=1: eager calls plan their splits on the device too (tests; a
-// captured call always does). Read on every call; part of the plan cache's key.
+// DILATED_SPARSE_SPLIT_ON_DEVICE=1: eager calls leave the split's counts on the device too, as a
+// captured call does (tests). Read on every call; part of the plan cache's key.
 bool split_on_device_setting() { return env_switch("DILATED_SPARSE_SPLIT_ON_DEVICE", false); }
 
 void make_split(PlanBufs& keep, TileList& tl, int rep, cudaStream_t stream, int setting, bool on_device,
                 int64_t entries_bound) {
   if (setting == kSplitNever) return;
-  if (on_device || capturing(stream)) {
-    make_split_on_device(keep, rep, stream, setting, entries_bound);
-  } else {
-    len_stats(keep, stream);
-    make_split_on_host(keep, rep, setting);
+  make_split_on_device(keep, rep, stream, setting, entries_bound);
+  if (!on_device && !capturing(stream)) {
+    // Eager: the counts on the host (one copy), so a plan with no split row is dropped (the unsplit
+    // order, which short rows prefer) and the kernels run the exact count (no padding).
+    keep.split_counted = true;
+    if (keep.work.defined()) {
+      const at::Tensor counts = keep.work_count.to(at::kCPU);
+      const int nwork = counts.data_ptr<int>()[0], nsplit = counts.data_ptr<int>()[1];
+      if (nsplit == 0) {
+        keep.work = keep.split = at::Tensor();
+        keep.nwork = keep.nsplit = keep.nslots = 0;
+      } else {
+        keep.nwork = nwork;
+        keep.nsplit = nsplit;
+        keep.nslots = nwork - (keep.len.numel() - nsplit);  // the pieces (the rest are whole rows)
+      }
+      keep.work_count = at::Tensor();
+    }
   }
   if (keep.work.defined()) {
     tl.work = reinterpret_cast<const int4*>(keep.work.data_ptr<int>());
@@ -883,7 +855,7 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
     if (!uncached && split != kSplitNever && !split_on_device) {
       std::lock_guard<std::mutex> lock(cache->mutex());
       const PlanCacheEntry* eager = cache->find(same_plan);
-      if (eager != nullptr && eager->bufs.len_max >= 0 && !eager->bufs.work.defined()) split = kSplitNever;
+      if (eager != nullptr && eager->bufs.split_counted && !eager->bufs.work.defined()) split = kSplitNever;
     }
     return build(keep, stream);
   }
