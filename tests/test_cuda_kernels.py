@@ -543,6 +543,43 @@ def test_ds_scratch_backward(kw, dtype, monkeypatch):
             peak_scratch, peak_recompute, scratch)
 
 
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability() != (9, 0), reason="the sm_90 dS scratch")
+def test_ds_tile_slots_follow_the_query_tiles(monkeypatch):
+    """The tile slots' map is cached with the dK/dV plan, which is keyed by the CSC tensors. The same
+    CSC (and col) also serve a CSR with trailing empty query rows in each slice, whose dQ plan has
+    more tiles a slice: the map must follow (per-head layouts, block 64, D128). The call that reuses
+    the first call's CSC tensors equals, bit for bit, one with fresh index tensors, and runs the
+    scratch backward."""
+    monkeypatch.delenv("DILATED_SPARSE_PLAN_CACHE", raising=False)
+    monkeypatch.delenv("DILATED_SPARSE_BWD_SCRATCH_TILES", raising=False)
+    monkeypatch.setenv("DILATED_SPARSE_BWD_SCRATCH_MB", "1024")
+    H, D, bs, nkb = 2, 128, 64, 8
+    g = torch.Generator(device="cpu").manual_seed(21)
+    short = torch.rand(1, H, 8, nkb, generator=g) < 0.5  # per-head layouts: two slices
+    short[:, :, :, 0] = True
+    crow1, col1, ccol1, rowi1 = csr_from_mask(short.to(DEV))
+    longer = torch.cat([short, torch.zeros(1, H, 8, nkb, dtype=torch.bool)], dim=2)  # 8 empty rows a slice
+    crow2, col2, ccol2, rowi2 = csr_from_mask(longer.to(DEV))
+    assert torch.equal(ccol1, ccol2) and torch.equal(rowi1, rowi2) and torch.equal(col1, col2)
+    ops = _ops()
+    k, v = (torch.randn(1, nkb * bs, H, D, generator=g).to(DEV, torch.bfloat16) for _ in range(2))
+    rules = (1, H, D ** -0.5, False, -1, -1, None, None)
+
+    def backward(Sq, crow, col, ccol, rowi):
+        gen = torch.Generator().manual_seed(Sq)
+        q, do = (torch.randn(1, Sq, H, D, generator=gen).to(DEV, torch.bfloat16) for _ in range(2))
+        out, lse = ops.block_sparse_attn_fwd(q, k, v, crow, col, bs, bs, *rules)
+        return ops.block_sparse_attn_bwd(do, q, k, v, out, lse, ccol, rowi, crow, col, bs, bs, *rules)
+
+    backward(8 * bs, crow1, col1, ccol1, rowi1)  # caches the dK/dV plan of ccol1 / rowi1, with its map
+    reused = []
+    ran = {name for name, _, _ in kernels_run(lambda: reused.extend(backward(16 * bs, crow2, col1, ccol1, rowi1)))}
+    assert "dq_ds_sm90" in ran, ran
+    fresh = backward(16 * bs, crow2.clone(), col2.clone(), ccol2.clone(), rowi2.clone())
+    for name, a, b in zip(("dq", "dk", "dv"), reused, fresh):
+        assert torch.equal(a, b), name
+
+
 # The dS-scratch backward in chunks of repeats (the (b, h) pairs sharing a layout slice), where the
 # whole scratch exceeds DILATED_SPARSE_BWD_SCRATCH_MB but one dK/dV repeat fits: GQA (a chunk holds
 # whole query-head groups), chunks that cross a batch boundary and end uneven, batches as the

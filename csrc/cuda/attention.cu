@@ -11,8 +11,11 @@
 //   DILATED_SPARSE_SPLIT=0|1                 never split heavy forward rows / split them (default;
 //                                            split_setting(), make_split()).
 //   DILATED_SPARSE_SPLIT_CHUNK=<entries>     split forward rows longer than this (1..2^31-1; tests).
-//   DILATED_SPARSE_SPLIT_ON_DEVICE=0|1       plan the split on the host (default) / on the device, as
-//                                            a call captured into a CUDA graph does (tests; make_split()).
+//   DILATED_SPARSE_SPLIT_ON_DEVICE=0|1       read the split plan's counts on the host (default) / on
+//                                            the device, as a call captured into a CUDA graph does
+//                                            (tests; make_split()).
+//   DILATED_SPARSE_BWD_SCRATCH_TILES=0|1     blocks below the 128 x 128 tiles recompute / use the dS
+//                                            scratch, a slot per tile pair (default; bwd_cuda).
 //   DILATED_SPARSE_BWD_STREAMS=1|2           dQ and dK/dV on the current stream / beside each other
 //                                            on two (default; bwd_cuda).
 //   DILATED_SPARSE_SM90_PAD=0|1              sm_90: a head dim without wgmma kernels runs the exact
@@ -208,11 +211,12 @@ struct PlanBufs {
   at::Tensor len, start, tile, mask, order, runs;
   at::Tensor sorted_len;   // `len` in `order` (the split planned on the device starts from it)
   at::Tensor work, split;  // split plan (fwd), see make_split
-  at::Tensor work_count;   // a split planned on the device: {work entries, split rows} in use
+  at::Tensor work_count;   // {work entries, split rows} in use, where the counts stay on the device
   // dK/dV plan of the dS-scratch backward (DsSlotMap): each of its entries' scratch slot, a CSR entry
   // (block slots) or a tile pair of the dQ plan (tile slots, with each dQ slice-tile's first slot)
   at::Tensor csr_entry, ds_slot_start;
   bool ds_tile_slots = false;  // which of the two csr_entry holds
+  int ds_q_tiles = -1;         // tile slots: the dQ plan's tiles a slice (ds_slot_start's layout)
   int64_t nwork = 0, nsplit = 0, nslots = 0;
   bool split_counted = false;  // an eager call's split plan, its counts read on the host (make_split)
   at::Tensor len_host;     // `len` copied to the host (len_stats), with its sum and maximum;
@@ -545,8 +549,8 @@ SplitRule split_rule(int setting) {
   return {0, setting, 0};
 }
 // The chunk C for rows of `len_total` entries in all, the longest `len_max`, each served `rep` times
-// (the host's plan and split_plan_kernel's).
-__host__ __device__ inline int64_t split_chunk(const SplitRule& rule, int64_t len_total, int64_t len_max, int rep) {
+// (split_plan_kernel).
+__device__ inline int64_t split_chunk(const SplitRule& rule, int64_t len_total, int64_t len_max, int rep) {
   if (rule.slots == 0) return rule.floor_entries;
   const int64_t average = (len_total * rep + rule.slots - 1) / rule.slots;
   int64_t chunk = average > rule.floor_entries ? average : rule.floor_entries;
@@ -812,12 +816,14 @@ struct PlanCacheEntry {
 // The dS scratch's slot map of a dK/dV plan (bwd_cuda): `build` fills PlanBufs::csr_entry (and
 // ds_slot_start) from the plan's tile list on the stream it is given.
 struct DsSlotMap {
-  bool tiles;  // tile slots (else block slots)
+  bool tiles;   // tile slots (else block slots)
+  int q_tiles;  // tile slots: the dQ plan's tiles a slice
   std::function<void(PlanBufs&, const TileList&, cudaStream_t)> build;
 };
 
-// slot_map (dK/dV plans of the dS-scratch backward): built once per cached plan and kind (a
-// consistent CSC determines its CSR, and so the CSR's plans, so the CSC's key covers it).
+// slot_map (dK/dV plans of the dS-scratch backward): built once per cached plan, kind and dQ tile
+// count (a consistent CSC determines its CSR up to trailing empty rows, and so the CSR's plans up to
+// their tile count: the CSC's key and that count cover it).
 // want_len_stats: fills the len_* fields (len_stats), once per cached plan.
 TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb, int prim_tokens,
                     int PT, int pb, int ST, int sb, int rep, int hdec, PlanBufs& keep,
@@ -870,7 +876,8 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
   std::lock_guard<std::mutex> lock(cache->mutex());
   PlanCacheEntry* hit = cache->find([&](const PlanCacheEntry& e) { return e.stream == stream && same_plan(e); });
   if (hit != nullptr) {
-    if (slot_map != nullptr && (!hit->bufs.csr_entry.defined() || hit->bufs.ds_tile_slots != slot_map->tiles)) {
+    if (slot_map != nullptr && (!hit->bufs.csr_entry.defined() || hit->bufs.ds_tile_slots != slot_map->tiles ||
+                                (slot_map->tiles && hit->bufs.ds_q_tiles != slot_map->q_tiles))) {
       cached_build([&](cudaStream_t s) {
         slot_map->build(hit->bufs, hit->tl, s);
         return true;
@@ -1713,7 +1720,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   Params p = base_params(q, k, v, block_q, block_k, layout_batch, layout_heads, scale, causal,
                          window_left, window_right, klen, kpm);
   const int L = p.Lb * p.Lh;
-  // The dS-scratch backward (sm_90 "ds" kernels: D128, blocks that are multiples of 128): dK/dV
+  // The dS-scratch backward (sm_90 "ds" kernels: D128 and D96; a slot per block where blocks are
+  // multiples of 128, else per 128 x 128 tile pair holding a block): dK/dV
   // writes each active block's dS (bq x bk in q's dtype, per (b, h) pair sharing the block), then
   // dQ = dS K reads it back instead of recomputing the scores and dP (5 products instead of 7).
   // Its scratch grows with nnz times the repeats (the (b, h) pairs sharing a layout slice), within
@@ -1854,8 +1862,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   // The dS scratch's slots, kept with the dK/dV plan: block slots, the CSC -> CSR entry map
   // (csc_to_csr_kernel); tile slots, each dQ slice-tile's first slot (the dQ plan's entries before it)
   // and each dK/dV entry's tile pair (ds_tile_slots_kernel).
-  DsSlotMap slot_map{tile_slots, [&](PlanBufs& bufs, const TileList& dkv, cudaStream_t s) {
+  DsSlotMap slot_map{tile_slots, pq.tl.ntiles, [&](PlanBufs& bufs, const TileList& dkv, cudaStream_t s) {
     bufs.ds_tile_slots = tile_slots;
+    bufs.ds_q_tiles = pq.tl.ntiles;
     bufs.ds_slot_start = at::Tensor();
     if (!tile_slots) {
       bufs.csr_entry = at::empty({std::max<int64_t>(1, rowi.numel())}, q.options().dtype(at::kInt));

@@ -342,7 +342,7 @@ __device__ __forceinline__ int64_t ds_offset(const Params& p, int e, int b, int 
   const int r = (p.Lb == 1 ? b : 0) * (p.Lh == 1 ? p.H : 1) + (p.Lh == 1 ? h : 0) - p.ds_rep_base;
   return (static_cast<int64_t>(e) * p.ds_rep + r) * p.ds_slot_elems;
 }
-// Inside a block: panel (key sub-tile ks of 128 keys, query sub-tile qs of 64 queries), 128 keys x
+// Inside a slot: panel (key sub-tile ks of 128 keys, query sub-tile qs of 64 queries), 128 keys x
 // 64 queries of dS^T as 8 x 8 sub-matrices of 128 bytes (ds_sub): each dK/dV warp's four-byte
 // store of a fragment register fills one of them, and the dQ kernel reads them back with
 // ldmatrix.trans as the A fragments of dS; a key sub-tile's panels are consecutive, so two of them

@@ -82,8 +82,8 @@ struct Params {
   // zeroes both again (kernels_sm90.cuh: release_work_counter).
   int* work_counter = nullptr;
   int64_t items = 0;
-  // Backward through a dS scratch (attention.cu: ds_mode): dK/dV writes each block's dS^T as
-  // [bk keys][bq queries] at slot (CSR entry x repeats + repeat), and dQ = dS K reads it back.
+  // Backward through a dS scratch (attention.cu: ds_mode): dK/dV writes dS^T into slots (a layout
+  // block's, or a 128 x 128 tile pair's; ds_offset), and dQ = dS K reads it back.
   void* ds = nullptr;
   // The dK/dV producer's slot of its pair: ds_csr_entry[E.base + it / ds_entry_div]. Blocks that are
   // multiples of the 128 x 128 tiles: a slot per layout block (CSC entry -> CSR entry, divisor kf);
