@@ -739,6 +739,58 @@ at::Tensor equal_length_runs(const at::Tensor& sorted_len, cudaStream_t stream) 
   return runs;
 }
 
+// A plan's order for at most kSmallOrderMax slice-tiles, in one kernel (one CTA): the order of a
+// stable descending sort of the lengths (longest first, ties by index), the sorted lengths and their
+// equal-length runs (as equal_length_runs_kernel). A bitonic sort of unique (length, index) keys in
+// shared memory. It stands in for at::sort (three graph nodes: a copy, the indices, the sort) and the
+// runs kernel, which a captured call's every replay paid (~2 us a node).
+constexpr int kSmallOrderMax = 4096;
+__global__ void __launch_bounds__(1024) small_order_kernel(const int* __restrict__ len, int n, int* sorted_len,
+                                                           int64_t* order, int2* runs) {
+  __shared__ unsigned long long keys[kSmallOrderMax];  // (~length) << 32 | index: ascending = the order
+  int size = 1;
+  while (size < n) size *= 2;
+  for (int i = threadIdx.x; i < size; i += blockDim.x) {
+    keys[i] = i < n ? static_cast<unsigned long long>(~static_cast<unsigned>(len[i])) << 32 | static_cast<unsigned>(i)
+                    : ~0ull;
+  }
+  for (int k = 2; k <= size; k *= 2) {
+    for (int j = k / 2; j > 0; j /= 2) {
+      __syncthreads();
+      for (int i = threadIdx.x; i < size; i += blockDim.x) {
+        const int partner = i ^ j;
+        if (partner > i) {
+          const unsigned long long a = keys[i], b = keys[partner];
+          if ((a > b) == ((i & k) == 0)) {
+            keys[i] = b;
+            keys[partner] = a;
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const unsigned long long key = keys[i];
+    const unsigned high = static_cast<unsigned>(key >> 32);
+    int lo = 0, hi = i;  // the run's first index: the first key with these high bits
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2;
+      if (static_cast<unsigned>(keys[mid] >> 32) < high) lo = mid + 1; else hi = mid;
+    }
+    const int first = lo;
+    lo = i + 1;
+    hi = n;  // past the run
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2;
+      if (static_cast<unsigned>(keys[mid] >> 32) <= high) lo = mid + 1; else hi = mid;
+    }
+    sorted_len[i] = static_cast<int>(~high);
+    order[i] = static_cast<int64_t>(key & 0xffffffffull);
+    runs[i] = make_int2(first, lo - first);
+  }
+}
+
 TileList build_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb, int prim_tokens,
                      int PT, int pb, int ST, int sb, int rep, int hdec, PlanBufs& keep,
                      cudaStream_t stream) {
@@ -780,10 +832,20 @@ TileList build_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int np
         tl.ptr, tl.idx, L, npb, tl.ntiles, PT, pb, ST, sb, tl.direct, keep.len.data_ptr<int>(),
         startp, tilep, maskp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    auto [sorted_len, order] = at::sort(keep.len, /*stable=*/true, /*dim=*/0, /*descending=*/true);
-    keep.order = order;
-    keep.sorted_len = sorted_len.contiguous();
-    keep.runs = equal_length_runs(keep.sorted_len, stream);
+    if (nst <= kSmallOrderMax) {
+      keep.sorted_len = at::empty({nst}, iopt);
+      keep.order = at::empty({nst}, iopt.dtype(at::kLong));
+      keep.runs = at::empty({nst, 2}, iopt);
+      small_order_kernel<<<1, 1024, 0, stream>>>(keep.len.data_ptr<int>(), static_cast<int>(nst),
+                                                 keep.sorted_len.data_ptr<int>(), keep.order.data_ptr<int64_t>(),
+                                                 reinterpret_cast<int2*>(keep.runs.data_ptr<int>()));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      auto [sorted_len, order] = at::sort(keep.len, /*stable=*/true, /*dim=*/0, /*descending=*/true);
+      keep.order = order;
+      keep.sorted_len = sorted_len.contiguous();
+      keep.runs = equal_length_runs(keep.sorted_len, stream);
+    }
   } else {
     keep.order = at::empty({0}, iopt.dtype(at::kLong));
     keep.runs = at::empty({0, 2}, iopt);
