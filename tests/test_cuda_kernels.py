@@ -780,6 +780,13 @@ def test_weights_of_more_than_65535_head_pairs():
         assert torch.equal(w[:, h0:h1], part), (h0, h1)
 
 
+def test_plan_order_past_the_small_sort():
+    """Plans of more than 4096 slice-tiles order them with at::sort (smaller ones with one kernel,
+    small_order_kernel): per-head layouts over 2100 heads of two 128-token tiles each (4200 slice-tiles
+    in the forward, dQ and dK/dV plans), against the reference."""
+    run_case(H=2100, Hkv=700, Sq=200, Sk=190, D=64, bq=64, bk=32, lh=0, density=0.5, causal=True, seed=4)
+
+
 def test_determinism():
     B, H, S = 1, 4, 1024
     nb = S // 64
