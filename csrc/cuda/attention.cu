@@ -14,8 +14,6 @@
 //   DILATED_SPARSE_SPLIT_ON_DEVICE=0|1       read the split plan's counts on the host (default) / on
 //                                            the device, as a call captured into a CUDA graph does
 //                                            (tests; make_split()).
-//   DILATED_SPARSE_BWD_SCRATCH_TILES=0|1     blocks below the 128 x 128 tiles recompute / use the dS
-//                                            scratch, a slot per tile pair (default; bwd_cuda).
 //   DILATED_SPARSE_BWD_STREAMS=1|2           dQ and dK/dV on the current stream / beside each other
 //                                            on two (default; bwd_cuda).
 //   DILATED_SPARSE_SM90_PAD=0|1              sm_90: a head dim without wgmma kernels runs the exact
@@ -887,12 +885,19 @@ struct DsSlotMap {
 // count (a consistent CSC determines its CSR up to trailing empty rows, and so the CSR's plans up to
 // their tile count: the CSC's key and that count cover it).
 // want_len_stats: fills the len_* fields (len_stats), once per cached plan.
+// Whether plan_tiles caches the plans of these index tensors (outside a graph capture): the cache on
+// (DILATED_SPARSE_PLAN_CACHE, read on every call: a bad value raises) and tensors with version
+// counters (not inference tensors).
+bool plans_cached(const at::Tensor& ptr, const at::Tensor& idx) {
+  return env_switch("DILATED_SPARSE_PLAN_CACHE", true) && !ptr.is_inference() && !idx.is_inference();
+}
+
 TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb, int prim_tokens,
                     int PT, int pb, int ST, int sb, int rep, int hdec, PlanBufs& keep,
                     cudaStream_t stream, int split = kSplitNever, const DsSlotMap* slot_map = nullptr,
                     bool want_len_stats = false, bool split_on_device = false) {
   static auto* cache = new RecentEntries<PlanCacheEntry>();  // never freed (exit order)
-  const bool enabled = env_switch("DILATED_SPARSE_PLAN_CACHE", true);  // every call: a bad value raises
+  const bool uncached = !plans_cached(ptr, idx);
   auto build = [&](PlanBufs& bufs, cudaStream_t s) {
     TileList built = build_tiles(ptr, idx, L, npb, prim_tokens, PT, pb, ST, sb, rep, hdec, bufs, s);
     make_split(bufs, built, rep, s, split, split_on_device,
@@ -913,7 +918,6 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
   auto same_plan = [&](const PlanCacheEntry& e) {
     return e.ptr.matches(ptr) && e.idx.matches(idx) && std::equal(params, params + 10, e.params);
   };
-  const bool uncached = !enabled || ptr.is_inference() || idx.is_inference();
   if (uncached || capturing(stream)) {
     // A captured call cannot read the row lengths, so its split is planned on the device (make_split),
     // which costs a plan kernel a replay and, where nothing is split, a work list in place of the
@@ -1825,17 +1829,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   // scratch that could fit (at least nnz bq bk / 128^2 slots of one repeat within the limit).
   const bool tile_slots = ds_kernels && !block_slots && tiles_allowed && p.bq <= ds_dq->pm &&
                           p.bk <= ds_dq->sn && ds_dkv->pm == ds_dq->sn && 2 * ds_dkv->sn == ds_dq->pm &&
-                          !capturing(stream) && env_switch("DILATED_SPARSE_PLAN_CACHE", true) &&
-                          !crow_c.is_inference() && !col_c.is_inference() &&
+                          !capturing(stream) && plans_cached(crow_c, col_c) &&
                           (col.numel() * p.bq * p.bk + ds_dq->pm * ds_dq->sn - 1) / (ds_dq->pm * ds_dq->sn) *
                                   q_per_k * ds_dq->pm * ds_dq->sn * q.element_size() <= limit;
-  PlanBufs dq_stats;  // tile slots: the dQ-from-dS plan, with its entry count
-  if (tile_slots) {
-    plan_tiles(crow_c, col_c, L, p.nqb, p.Sq, ds_dq->pm, p.bq, ds_dq->sn, p.bk, rep_q, p.H, dq_stats, stream,
-               kSplitNever, nullptr, /*want_len_stats=*/true);
-  }
-  if ((block_slots || (tile_slots && dq_stats.len_total > 0))) {
-    const int64_t slots = block_slots ? col.numel() : dq_stats.len_total;
+  // The dQ-from-dS plan with its lengths on the host (cached), for tile slots' count and chunks_pay.
+  PlanBufs dq_plan;
+  auto dq_plan_stats = [&]() {
+    if (dq_plan.len_max < 0) {
+      plan_tiles(crow_c, col_c, L, p.nqb, p.Sq, ds_dq->pm, p.bq, ds_dq->sn, p.bk, rep_q, p.H, dq_plan, stream,
+                 kSplitNever, nullptr, /*want_len_stats=*/true);
+    }
+  };
+  if (tile_slots) dq_plan_stats();
+  if ((block_slots || (tile_slots && dq_plan.len_total > 0))) {
+    const int64_t slots = block_slots ? col.numel() : dq_plan.len_total;
     const int64_t slot_elems = block_slots ? int64_t{p.bq} * p.bk : int64_t{ds_dq->pm} * ds_dq->sn;
     const int64_t rep_elems = slots * q_per_k * slot_elems;  // one dK/dV repeat's dS
     const int64_t rep_bytes = rep_elems * q.element_size();
@@ -1860,9 +1867,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     } else if (fit1 == rep_k && !two_ok) {
       chunk_k = rep_k;  // auto, nothing to weigh: the whole scratch (no host copy of the lengths)
     } else if (fit1 > 0) {  // auto: the plans the scratch kernels will walk (cached), their lengths
-      PlanBufs dq_plan, dkv_plan;
-      plan_tiles(crow_c, col_c, L, p.nqb, p.Sq, ds_dq->pm, p.bq, ds_dq->sn, p.bk, rep_q, p.H, dq_plan, stream,
-                 kSplitNever, nullptr, /*want_len_stats=*/true);
+      PlanBufs dkv_plan;
+      dq_plan_stats();
       plan_tiles(ccol_c, rowi_c, L, p.nkb, p.Sk, ds_dkv->pm, p.bk, ds_dkv->sn, p.bq, rep_k, hdec, dkv_plan,
                  stream, kSplitNever, nullptr, /*want_len_stats=*/true);
       const bool stats = dq_plan.len_max >= 0 && dkv_plan.len_max >= 0;  // not while capturing a graph

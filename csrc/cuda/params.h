@@ -36,8 +36,9 @@ struct TileList {
   uint64_t full = ~0ull;        // mask of a fully active tile pair
   const int4* work = nullptr;   // split plan (fwd): {slice-tile, entry begin, entry end, slot or -1},
                                 // longest first (the repeat innermost); replaces `order` / `runs` when set
-  const int* work_count = nullptr;  // split planned on the device: the entries of `work` in use (the
-                                    // rest pad it to its bound; attention.cu: make_split_on_device)
+  const int* work_count = nullptr;  // where the split's counts stay on the device (a captured call):
+                                    // the entries of `work` in use (the rest pad it to its bound;
+                                    // attention.cu: make_split)
   int rep = 1;                  // work items per slice-tile (the (b, h) pairs sharing a slice)
   int rep_base = 0;             // first repeat of this launch (the dS-scratch backward runs the
                                 // repeats in chunks, attention.cu: bwd_cuda); items decode to

@@ -9,7 +9,7 @@ last, as MoBA does; key blocks made only of padding are ranked last too), and ru
 :func:`dilated_sparse.block_sparse_attention`. The CSR layout is built on the device with no host
 synchronisation: every row has exactly ``blocks_per_row`` entries, so ``crow_indices`` is an
 arange and ``col_indices`` the sorted top-k indices. (On CUDA the attention op then checks the new
-layout's index values on the host, and its forward reads the tile lengths for the split rule: host
+layout's index values on the host, and its forward reads its split plan's counts: host
 synchronisations every call, since the layout is new every call.)
 """
 
