@@ -703,6 +703,26 @@ void make_split(PlanBufs& keep, TileList& tl, int rep, cudaStream_t stream, int 
   }
 }
 
+// The run of equal ranks holding index i of a vector whose rank(j) ascends with j: {first index,
+// length}, by two binary searches.
+template <typename Rank>
+__device__ __forceinline__ int2 equal_rank_run(Rank rank, int64_t n, int64_t i) {
+  const unsigned r = rank(i);
+  int64_t lo = 0, hi = i;  // first index of rank r
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (rank(mid) < r) lo = mid + 1; else hi = mid;
+  }
+  const int64_t first = lo;
+  lo = i + 1;
+  hi = n;  // past the run
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (rank(mid) <= r) lo = mid + 1; else hi = mid;
+  }
+  return make_int2(static_cast<int>(first), static_cast<int>(lo - first));
+}
+
 // Runs of equal values in a length vector sorted in descending order: runs[i] = {first index, length}
 // of the run holding index i. One kernel: the run's ends are two binary searches in the sorted
 // vector. (It replaced ~15 small tensor ops, which a CUDA graph replay paid as nodes, ~2 us each,
@@ -710,20 +730,8 @@ void make_split(PlanBufs& keep, TileList& tl, int rep, cudaStream_t stream, int 
 __global__ void equal_length_runs_kernel(const int* __restrict__ sorted, int64_t n, int2* __restrict__ runs) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n) return;
-  const int v = sorted[i];
-  int64_t lo = 0, hi = i;  // first index with sorted[] <= v
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) / 2;
-    if (sorted[mid] > v) lo = mid + 1; else hi = mid;
-  }
-  const int64_t first = lo;
-  lo = i + 1;
-  hi = n;  // first index past i with sorted[] < v
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) / 2;
-    if (sorted[mid] >= v) lo = mid + 1; else hi = mid;
-  }
-  runs[i] = make_int2(static_cast<int>(first), static_cast<int>(lo - first));
+  // Lengths are >= 0, so ~length ascends where the lengths descend.
+  runs[i] = equal_rank_run([&](int64_t j) { return ~static_cast<unsigned>(sorted[j]); }, n, i);
 }
 
 at::Tensor equal_length_runs(const at::Tensor& sorted_len, cudaStream_t stream) {
@@ -770,22 +778,9 @@ __global__ void __launch_bounds__(1024) small_order_kernel(const int* __restrict
   __syncthreads();
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const unsigned long long key = keys[i];
-    const unsigned high = static_cast<unsigned>(key >> 32);
-    int lo = 0, hi = i;  // the run's first index: the first key with these high bits
-    while (lo < hi) {
-      const int mid = (lo + hi) / 2;
-      if (static_cast<unsigned>(keys[mid] >> 32) < high) lo = mid + 1; else hi = mid;
-    }
-    const int first = lo;
-    lo = i + 1;
-    hi = n;  // past the run
-    while (lo < hi) {
-      const int mid = (lo + hi) / 2;
-      if (static_cast<unsigned>(keys[mid] >> 32) <= high) lo = mid + 1; else hi = mid;
-    }
-    sorted_len[i] = static_cast<int>(~high);
+    sorted_len[i] = static_cast<int>(~static_cast<unsigned>(key >> 32));
     order[i] = static_cast<int64_t>(key & 0xffffffffull);
-    runs[i] = make_int2(first, lo - first);
+    runs[i] = equal_rank_run([&](int64_t j) { return static_cast<unsigned>(keys[j] >> 32); }, n, i);
   }
 }
 
@@ -1965,13 +1960,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     pq.ds_slot_elems = pk.ds_slot_elems = int64_t{ds_dq->pm} * ds_dq->sn;
     pq.ds_slot_q = pk.ds_slot_q = ds_dq->pm;
     pq.ds_entry_div = pk.ds_entry_div = 1;
-    pq.ds_q_steps = pk.ds_q_steps = ds_dq->pm / ds_dkv->sn;
   } else if (ds_mode) {
     pk.ds_csr_entry = keep_k.csr_entry.data_ptr<int>();
     pq.ds_slot_elems = pk.ds_slot_elems = int64_t{p.bq} * p.bk;
     pq.ds_slot_q = pk.ds_slot_q = p.bq;
     pq.ds_entry_div = pk.ds_entry_div = pk.tl.kf;
-    pq.ds_q_steps = pk.ds_q_steps = pk.tl.kf;
   }
   // The scratch backward runs dK/dV, then dQ on one stream (dQ reads what dK/dV wrote); with two
   // buffers, odd chunks on the side stream: a chunk's kernels fill the other chunk's tails, and

@@ -1703,7 +1703,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
         // four-byte stores fills one 128-byte sub-matrix (ds_sub).
         static_assert(kBM == 64, "a dS panel holds 64 queries");
         const int e = *reinterpret_cast<const int*>(drow + kBM);
-        T* dsg = static_cast<T*>(p.ds) + ds_offset(p, e, b, hk * p.G + gg) + ds_panel(p, t_sub, qt % p.ds_q_steps) +
+        T* dsg = static_cast<T*>(p.ds) + ds_offset(p, e, b, hk * p.G + gg) + ds_panel(p, t_sub, qt % (p.ds_slot_q / kBM)) +
                  g * 8 + t4 * 2;
 #pragma unroll
         for (int kk = 0; kk < kBM / 16; ++kk)

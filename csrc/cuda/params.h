@@ -95,7 +95,6 @@ struct Params {
   int64_t ds_slot_elems = 0;     // elements of a slot: bq x bk, or 128 x 128 per tile
   int ds_slot_q = 0;             // queries of a slot (its 64-query panels per 128-key sub-tile)
   int ds_entry_div = 1;          // see ds_csr_entry
-  int ds_q_steps = 1;            // a slot's 64-query steps (the dK/dV panel: query step % this)
   int ds_rep = 1;                // query repeats the scratch holds (a chunk of the (b, h) pairs
                                  // sharing a layout slice)
   int ds_rep_base = 0;           // the first of them
