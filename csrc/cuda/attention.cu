@@ -874,12 +874,19 @@ struct DsSlotMap {
   bool tiles;   // tile slots (else block slots)
   int q_tiles;  // tile slots: the dQ plan's tiles a slice
   std::function<void(PlanBufs&, const TileList&, cudaStream_t)> build;
+  // Whether `bufs` already holds this map (its kind and, for tile slots, the dQ tile count it was
+  // built for).
+  bool held_by(const PlanBufs& bufs) const {
+    return bufs.csr_entry.defined() && bufs.ds_tile_slots == tiles && (!tiles || bufs.ds_q_tiles == q_tiles);
+  }
+  // Builds it into `bufs` and records what was built.
+  void build_into(PlanBufs& bufs, const TileList& dkv, cudaStream_t stream) const {
+    build(bufs, dkv, stream);
+    bufs.ds_tile_slots = tiles;
+    bufs.ds_q_tiles = q_tiles;
+  }
 };
 
-// slot_map (dK/dV plans of the dS-scratch backward): built once per cached plan, kind and dQ tile
-// count (a consistent CSC determines its CSR up to trailing empty rows, and so the CSR's plans up to
-// their tile count: the CSC's key and that count cover it).
-// want_len_stats: fills the len_* fields (len_stats), once per cached plan.
 // Whether plan_tiles caches the plans of these index tensors (outside a graph capture): the cache on
 // (DILATED_SPARSE_PLAN_CACHE, read on every call: a bad value raises) and tensors with version
 // counters (not inference tensors).
@@ -887,6 +894,10 @@ bool plans_cached(const at::Tensor& ptr, const at::Tensor& idx) {
   return env_switch("DILATED_SPARSE_PLAN_CACHE", true) && !ptr.is_inference() && !idx.is_inference();
 }
 
+// slot_map (dK/dV plans of the dS-scratch backward): built once per cached plan, kind and dQ tile
+// count (a consistent CSC determines its CSR up to trailing empty rows, and so the CSR's plans up to
+// their tile count: the CSC's key and that count cover it).
+// want_len_stats: fills the len_* fields (len_stats), once per cached plan.
 TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb, int prim_tokens,
                     int PT, int pb, int ST, int sb, int rep, int hdec, PlanBufs& keep,
                     cudaStream_t stream, int split = kSplitNever, const DsSlotMap* slot_map = nullptr,
@@ -897,7 +908,7 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
     TileList built = build_tiles(ptr, idx, L, npb, prim_tokens, PT, pb, ST, sb, rep, hdec, bufs, s);
     make_split(bufs, built, rep, s, split, split_on_device,
                std::max<int64_t>(1, idx.numel() * built.fsplit * built.kf));  // the entries' bound
-    if (slot_map != nullptr) slot_map->build(bufs, built, s);
+    if (slot_map != nullptr) slot_map->build_into(bufs, built, s);
     if (want_len_stats) len_stats(bufs, s);
     return built;
   };
@@ -937,10 +948,9 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
   std::lock_guard<std::mutex> lock(cache->mutex());
   PlanCacheEntry* hit = cache->find([&](const PlanCacheEntry& e) { return e.stream == stream && same_plan(e); });
   if (hit != nullptr) {
-    if (slot_map != nullptr && (!hit->bufs.csr_entry.defined() || hit->bufs.ds_tile_slots != slot_map->tiles ||
-                                (slot_map->tiles && hit->bufs.ds_q_tiles != slot_map->q_tiles))) {
+    if (slot_map != nullptr && !slot_map->held_by(hit->bufs)) {
       cached_build([&](cudaStream_t s) {
-        slot_map->build(hit->bufs, hit->tl, s);
+        slot_map->build_into(hit->bufs, hit->tl, s);
         return true;
       });
       record_on_caller(hit->bufs);
@@ -1926,8 +1936,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   // (csc_to_csr_kernel); tile slots, each dQ slice-tile's first slot (the dQ plan's entries before it)
   // and each dK/dV entry's tile pair (ds_tile_slots_kernel).
   DsSlotMap slot_map{tile_slots, pq.tl.ntiles, [&](PlanBufs& bufs, const TileList& dkv, cudaStream_t s) {
-    bufs.ds_tile_slots = tile_slots;
-    bufs.ds_q_tiles = pq.tl.ntiles;
     bufs.ds_slot_start = at::Tensor();
     if (!tile_slots) {
       bufs.csr_entry = at::empty({std::max<int64_t>(1, rowi.numel())}, q.options().dtype(at::kInt));
@@ -1954,17 +1962,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     set_plan_prefetch(pk, pk.tl, ccol_c, rowi_c, keep_k);
     pk.chunk_shift = item_chunk_shift(query_tokens);
   }
-  if (ds_mode && tile_slots) {
+  if (ds_mode) {  // a slot per dQ-plan tile pair (128 x 128), else per layout block (bq x bk)
     pk.ds_csr_entry = keep_k.csr_entry.data_ptr<int>();
-    pq.ds_slot_start = pk.ds_slot_start = keep_k.ds_slot_start.data_ptr<int64_t>();
-    pq.ds_slot_elems = pk.ds_slot_elems = int64_t{ds_dq->pm} * ds_dq->sn;
-    pq.ds_slot_q = pk.ds_slot_q = ds_dq->pm;
-    pq.ds_entry_div = pk.ds_entry_div = 1;
-  } else if (ds_mode) {
-    pk.ds_csr_entry = keep_k.csr_entry.data_ptr<int>();
-    pq.ds_slot_elems = pk.ds_slot_elems = int64_t{p.bq} * p.bk;
-    pq.ds_slot_q = pk.ds_slot_q = p.bq;
-    pq.ds_entry_div = pk.ds_entry_div = pk.tl.kf;
+    if (tile_slots) pq.ds_slot_start = pk.ds_slot_start = keep_k.ds_slot_start.data_ptr<int64_t>();
+    pq.ds_slot_q = pk.ds_slot_q = tile_slots ? ds_dq->pm : p.bq;
+    pq.ds_slot_elems = pk.ds_slot_elems = int64_t{pk.ds_slot_q} * (tile_slots ? ds_dq->sn : p.bk);
+    pq.ds_entry_div = pk.ds_entry_div = tile_slots ? 1 : pk.tl.kf;
   }
   // The scratch backward runs dK/dV, then dQ on one stream (dQ reads what dK/dV wrote); with two
   // buffers, odd chunks on the side stream: a chunk's kernels fill the other chunk's tails, and
