@@ -1967,7 +1967,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     if (tile_slots) pq.ds_slot_start = pk.ds_slot_start = keep_k.ds_slot_start.data_ptr<int64_t>();
     pq.ds_slot_q = pk.ds_slot_q = tile_slots ? ds_dq->pm : p.bq;
     pq.ds_slot_elems = pk.ds_slot_elems = int64_t{pk.ds_slot_q} * (tile_slots ? ds_dq->sn : p.bk);
-    pq.ds_entry_div = pk.ds_entry_div = tile_slots ? 1 : pk.tl.kf;
   }
   // The scratch backward runs dK/dV, then dQ on one stream (dQ reads what dK/dV wrote); with two
   // buffers, odd chunks on the side stream: a chunk's kernels fill the other chunk's tails, and

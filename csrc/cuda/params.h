@@ -86,15 +86,14 @@ struct Params {
   // Backward through a dS scratch (attention.cu: ds_mode): dK/dV writes dS^T into slots (a layout
   // block's, or a 128 x 128 tile pair's; ds_offset), and dQ = dS K reads it back.
   void* ds = nullptr;
-  // The dK/dV producer's slot of its pair: ds_csr_entry[E.base + it / ds_entry_div]. Blocks that are
-  // multiples of the 128 x 128 tiles: a slot per layout block (CSC entry -> CSR entry, divisor kf);
-  // smaller blocks (ds_slot_start set): a slot per entry of the dQ plan's tile list, 128 x 128 (the
-  // dK/dV tile-list entry -> that slot, divisor 1; attention.cu: ds_tile_slots_kernel).
+  // The dK/dV producer's slot of its pair: ds_csr_entry[E.base + it / (ds_slot_start ? 1 : tl.kf)].
+  // Blocks that are multiples of the 128 x 128 tiles: a slot per layout block (CSC entry -> CSR
+  // entry, kf tiles each); smaller blocks (ds_slot_start set): a slot per entry of the dQ plan's tile
+  // list, 128 x 128 (the dK/dV tile-list entry -> that slot; attention.cu: ds_tile_slots_kernel).
   const int* ds_csr_entry = nullptr;  // (cached with the dK/dV plan)
   const int64_t* ds_slot_start = nullptr;  // per-tile slots: the dQ plan's slice-tile -> its first slot
   int64_t ds_slot_elems = 0;     // elements of a slot: bq x bk, or 128 x 128 per tile
   int ds_slot_q = 0;             // queries of a slot (its 64-query panels per 128-key sub-tile)
-  int ds_entry_div = 1;          // see ds_csr_entry
   int ds_rep = 1;                // query repeats the scratch holds (a chunk of the (b, h) pairs
                                  // sharing a layout slice)
   int ds_rep_base = 0;           // the first of them
