@@ -594,3 +594,64 @@ def test_cuda_graph_replays_check_index_values_on_the_device(bad, seen):
     else:
         assert proc.returncode != 0 and "replayed after the edit" not in proc.stdout, text
         assert "col_indices[3] = 3 is out of range [0, 3)" in text, text
+
+
+CAPTURE_BWD_WEIGHTS_SCRIPT = """
+import torch
+import dilated_sparse  # noqa: F401
+ops = torch.ops.dilated_sparse
+i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device="cuda")
+q, k, v = (torch.randn(1, 40, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+if "OP" == "bwd":  # one layout of 3 x 3 blocks and its transpose
+    crow, col, ccol, row = i32([0, 2, 4, 6]), i32([0, 1, 1, 2, 0, 2]), i32([0, 2, 4, 6]), i32([0, 2, 0, 1, 1, 2])
+    rules = (16, 16, 1, 1, 0.3, False, -1, -1, None, None)
+    out, lse = ops.block_sparse_attn_fwd(q, k, v, crow, col, *rules)
+    dout = torch.randn_like(out)
+    call = lambda: ops.block_sparse_attn_bwd(dout, q, k, v, out, lse, ccol, row, crow, col, *rules, None)
+else:  # the weights of two per-head layouts (diagonals), at most 3 blocks a slice
+    crow, col = i32([0, 1, 2, 3, 4, 5, 6]), i32([0, 1, 2, 0, 1, 2])
+    rules = (16, 16, 1, 2, 0.3, False, -1, -1, None, None)
+    out, lse = ops.block_sparse_attn_fwd(q, k, v, crow, col, *rules)
+    call = lambda: ops.block_sparse_attn_weights(q, k, lse, crow, col, 16, 16, 1, 2, 3, *rules[4:])
+call()  # checked on the host
+torch.cuda.synchronize()
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):
+    call()
+print("captured", flush=True)
+graph.replay()
+torch.cuda.synchronize()
+print("replayed", flush=True)
+EDIT
+graph.replay()
+torch.cuda.synchronize()
+print("replayed after the edit", flush=True)
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+    ("op", "edit", "message"),
+    [
+        ("bwd", "row[5] = 3", "row_indices[5] = 3 is out of range [0, 3)"),
+        # column 1's rows become (0, 2), and CSR row 2 has no block in column 1
+        ("bwd", "row[3] = 2", "not the transpose of crow_indices / col_indices (slice 0, block (2, 1))"),
+        # slice 0 takes a fourth block (row 2: columns 1, 2) from slice 1 (row 0: none)
+        ("weights", "crow[3] = 4; col[2:5] = i32([1, 2, 1])",
+         "max_slice_nnz (3) is smaller than slice 0's 4 active blocks"),
+    ],
+)
+def test_cuda_graph_replays_check_the_backward_and_weights_index_values(op, edit, message):
+    """The captured backward checks its CSC pair (ids, and that it is the CSR's transpose) and the
+    captured weights their max_slice_nnz on every replay, as the forward checks its CSR pair: a bad
+    value written between replays fails the replay with a device-side assert naming it. (In a child
+    process, as above.)"""
+    import subprocess
+    import sys
+
+    script = CAPTURE_BWD_WEIGHTS_SCRIPT.replace("OP", op).replace("EDIT", edit)
+    proc = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=600)
+    text = proc.stdout + proc.stderr
+    assert "captured" in proc.stdout and "replayed\n" in proc.stdout, text
+    assert proc.returncode != 0 and "replayed after the edit" not in proc.stdout, text
+    assert message in text, text

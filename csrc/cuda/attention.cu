@@ -335,17 +335,30 @@ auto build_for_cache(const c10::cuda::CUDAStream& caller, Fn&& fn) {
 // counter and are checked on every call.
 //
 // While the stream is being captured into a CUDA graph there is no host copy, and a replay reads
-// whatever the index tensors hold then: the same checks run as device kernels, captured with the
-// call and run on every replay before anything else of it (one to three small kernels). A bad value prints the tensor and entry and fails the replay with
-// a device-side assert (the CUDA context is lost, as with PyTorch's own device-side index checks),
-// never a read outside K or V.
+// whatever the index tensors hold then: the same checks run as a device kernel, captured with the
+// call and run on every replay before anything else of it. A bad value prints the tensor and entry
+// and fails the replay with a device-side assert (the CUDA context is lost, as with PyTorch's own
+// device-side index checks), never a read outside K or V.
 
-// Device-side check of a compressed pair, one thread per line (CSR row / CSC column) of the
-// stacked slices.
-__global__ void check_compressed_kernel(const int* __restrict__ off, const int* __restrict__ ids, int64_t lines,
-                                        int64_t nnz, int n_ids, bool csc) {
-  const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (r >= lines) return;
+// The device-side checks, one kernel (a captured call's replay pays one node for them): one thread
+// per line, CSR rows first, then (the backward) CSC columns. A line's own offsets and ids first; a
+// CSC column's entries must then be entries of their CSR rows (the CSC's entries are distinct, so
+// with equal nnz, checked on the host, the map is a bijection: the transpose); the first row of each
+// slice checks the weights' max_slice_nnz. The later checks read the CSR through offsets other
+// threads check, so each reads only inside the tensors and leaves a bad offset to its own line's
+// thread; a bad CSR can then print more than one line, the first check's among them.
+struct DeviceIndexCheck {
+  const int* crow;
+  const int* col;
+  const int* ccol = nullptr;  // the CSC pair: the backward's
+  const int* row = nullptr;
+  int64_t csr_nnz = 0, csc_nnz = 0;
+  int slices = 0, nqb = 0, nkb = 0;
+  int64_t max_slice_nnz = -1;  // the weights'; -1: none
+};
+
+__device__ bool compressed_line_ok(const int* __restrict__ off, const int* __restrict__ ids, int64_t lines,
+                                   int64_t r, int64_t nnz, int n_ids, bool csc) {
   const char* off_name = csc ? "ccol_indices" : "crow_indices";
   const char* ids_name = csc ? "row_indices" : "col_indices";
   const int a = off[r], b = off[r + 1];
@@ -353,7 +366,7 @@ __global__ void check_compressed_kernel(const int* __restrict__ off, const int* 
     printf("dilated_sparse: %s must run from 0 to nnz = %lld, non-decreasing (entries %lld, %lld: %d, %d)\n",
            off_name, static_cast<long long>(nnz), static_cast<long long>(r), static_cast<long long>(r + 1), a, b);
     CUDA_KERNEL_ASSERT_MSG(false, "dilated_sparse: bad index offsets (the line above names them)");
-    return;
+    return false;
   }
   for (int e = a; e < b; ++e) {
     const int id = ids[e];
@@ -361,77 +374,70 @@ __global__ void check_compressed_kernel(const int* __restrict__ off, const int* 
       printf("dilated_sparse: %s[%d] = %d is out of range [0, %d) or not strictly increasing within its line\n",
              ids_name, e, id, n_ids);
       CUDA_KERNEL_ASSERT_MSG(false, "dilated_sparse: bad index ids (the line above names them)");
-      return;
+      return false;
     }
   }
+  return true;
 }
 
-// Device-side check that the CSC is the CSR's transpose (after both pairs' own checks, and with
-// equal nnz, checked on the host): every CSC entry (row r, column c of slice s) is found in CSR row
-// r of slice s. The CSC's entries are distinct, so equal counts make the map a bijection.
-__global__ void check_transpose_kernel(const int* __restrict__ crow, const int* __restrict__ col,
-                                       const int* __restrict__ ccol, const int* __restrict__ row, int slices,
-                                       int nqb, int nkb) {
+__global__ void check_index_values_kernel(const DeviceIndexCheck c) {
   const int64_t line = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (line >= static_cast<int64_t>(slices) * nkb) return;
-  const int64_t s = line / nkb;
-  const int c = static_cast<int>(line % nkb);
-  for (int e = ccol[line]; e < ccol[line + 1]; ++e) {
-    const int r = row[e];
-    int lo = crow[s * nqb + r], hi = crow[s * nqb + r + 1];
-    while (lo < hi) {  // first entry >= c
-      const int mid = (lo + hi) / 2;
-      if (col[mid] < c) lo = mid + 1; else hi = mid;
+  const int64_t rows = static_cast<int64_t>(c.slices) * c.nqb, cols = static_cast<int64_t>(c.slices) * c.nkb;
+  if (line < rows) {
+    if (!compressed_line_ok(c.crow, c.col, rows, line, c.csr_nnz, c.nkb, false)) return;
+    if (c.max_slice_nnz < 0 || line % c.nqb != 0) return;
+    const int a = c.crow[line], b = c.crow[line + c.nqb];
+    if (a >= 0 && b <= c.csr_nnz && b - a > c.max_slice_nnz) {
+      printf("dilated_sparse: max_slice_nnz (%lld) is smaller than slice %lld's %d active blocks\n",
+             static_cast<long long>(c.max_slice_nnz), static_cast<long long>(line / c.nqb), b - a);
+      CUDA_KERNEL_ASSERT_MSG(false, "dilated_sparse: max_slice_nnz too small (the line above says where)");
     }
-    if (lo == crow[s * nqb + r + 1] || col[lo] != c) {
+    return;
+  }
+  if (c.ccol == nullptr || line >= rows + cols) return;
+  const int64_t col_line = line - rows;
+  if (!compressed_line_ok(c.ccol, c.row, cols, col_line, c.csc_nnz, c.nqb, true)) return;
+  const int64_t s = col_line / c.nkb;
+  const int k = static_cast<int>(col_line % c.nkb);
+  for (int e = c.ccol[col_line]; e < c.ccol[col_line + 1]; ++e) {
+    const int r = c.row[e];
+    const int first = c.crow[s * c.nqb + r], end = c.crow[s * c.nqb + r + 1];
+    if (first < 0 || first > end || end > c.csr_nnz) return;  // that row's thread reports it
+    int lo = first, hi = end;
+    while (lo < hi) {  // first entry >= k
+      const int mid = (lo + hi) / 2;
+      if (c.col[mid] < k) lo = mid + 1; else hi = mid;
+    }
+    if (lo == end || c.col[lo] != k) {
       printf("dilated_sparse: ccol_indices / row_indices are not the transpose of crow_indices / col_indices "
-             "(slice %lld, block (%d, %d))\n", static_cast<long long>(s), r, c);
+             "(slice %lld, block (%d, %d))\n", static_cast<long long>(s), r, k);
       CUDA_KERNEL_ASSERT_MSG(false, "dilated_sparse: the CSC is not the CSR's transpose (the line above says where)");
       return;
     }
   }
 }
 
-// Device-side check of the weights' max_slice_nnz, one thread per slice.
-__global__ void check_slice_nnz_kernel(const int* __restrict__ crow, int slices, int nqb, int64_t max_slice_nnz) {
-  const int s = blockIdx.x * blockDim.x + threadIdx.x;
-  if (s >= slices) return;
-  const int n = crow[static_cast<int64_t>(s + 1) * nqb] - crow[static_cast<int64_t>(s) * nqb];
-  if (n > max_slice_nnz) {
-    printf("dilated_sparse: max_slice_nnz (%lld) is smaller than slice %d's %d active blocks\n",
-           static_cast<long long>(max_slice_nnz), s, n);
-    CUDA_KERNEL_ASSERT_MSG(false, "dilated_sparse: max_slice_nnz too small (the line above says where)");
-  }
-}
-
-unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned>(std::max<int64_t>(1, (n + threads - 1) / threads)); }
-
-// The checks above as kernels on `stream` (contiguous int32 tensors, shapes already checked).
+// The checks above on `stream` (contiguous int32 tensors, shapes already checked).
 void check_index_values_on_device(const dilated_sparse::detail::AttnDims& d, const at::Tensor& crow, const at::Tensor& col,
                                   const at::Tensor& ccol, const at::Tensor& row, int64_t max_slice_nnz,
                                   cudaStream_t stream) {
-  const int slices = static_cast<int>(d.num_slices()), nqb = static_cast<int>(d.num_q_blocks);
-  const int nkb = static_cast<int>(d.num_k_blocks);
-  const int* colp = col.numel() > 0 ? col.data_ptr<int>() : nullptr;
-  const int64_t rows = static_cast<int64_t>(slices) * nqb;
-  check_compressed_kernel<<<blocks_for(rows, 128), 128, 0, stream>>>(crow.data_ptr<int>(), colp, rows, col.numel(),
-                                                                     nkb, false);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  DeviceIndexCheck c{crow.data_ptr<int>(), col.numel() > 0 ? col.data_ptr<int>() : nullptr};
+  c.csr_nnz = col.numel();
+  c.slices = static_cast<int>(d.num_slices());
+  c.nqb = static_cast<int>(d.num_q_blocks);
+  c.nkb = static_cast<int>(d.num_k_blocks);
+  c.max_slice_nnz = max_slice_nnz;
+  int64_t lines = static_cast<int64_t>(c.slices) * c.nqb;
   if (ccol.defined()) {
-    const int* rowp = row.numel() > 0 ? row.data_ptr<int>() : nullptr;
-    const int64_t cols = static_cast<int64_t>(slices) * nkb;
-    check_compressed_kernel<<<blocks_for(cols, 128), 128, 0, stream>>>(ccol.data_ptr<int>(), rowp, cols, row.numel(),
-                                                                       nqb, true);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    check_transpose_kernel<<<blocks_for(cols, 128), 128, 0, stream>>>(crow.data_ptr<int>(), colp, ccol.data_ptr<int>(),
-                                                                      rowp, slices, nqb, nkb);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    c.ccol = ccol.data_ptr<int>();
+    c.row = row.numel() > 0 ? row.data_ptr<int>() : nullptr;
+    c.csc_nnz = row.numel();
+    lines += static_cast<int64_t>(c.slices) * c.nkb;
   }
-  if (max_slice_nnz >= 0) {
-    check_slice_nnz_kernel<<<blocks_for(slices, 128), 128, 0, stream>>>(crow.data_ptr<int>(), slices, nqb,
-                                                                        max_slice_nnz);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  constexpr int kThreads = 128;
+  const auto blocks = static_cast<unsigned>(std::max<int64_t>(1, (lines + kThreads - 1) / kThreads));
+  check_index_values_kernel<<<blocks, kThreads, 0, stream>>>(c);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Index tensors whose values passed, with the version counters and sizes they passed at.

@@ -14,7 +14,8 @@ processes, the range, and new / base.
 
 Each tree must hold a built package (``python setup.py build_ext --inplace`` there; a reduced
 instantiation set, the same in both, builds faster) and its ``benchmarks/gpu_bench.py``. Points are
-``BxHxSxD:pattern:density[:block]`` (block 128 unless named, bf16).
+``BxHxSxD:pattern:density[:block]`` (block 128 unless named, bf16). ``--graph`` times CUDA graph
+replays of the op calls instead (a captured call's plans and index checks).
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import sys
 from pathlib import Path
 
 
-def child(src: Path, points: list[str], fwd_only: bool) -> dict[str, list[float]]:
-    """In a process whose sys.path starts at `src`: microseconds of each point (fwd[, fwd+bwd])."""
+def child(src: Path, points: list[str], fwd_only: bool, graph: bool = False) -> dict[str, list[float]]:
+    """In a process whose sys.path starts at `src`: microseconds of each point (fwd[, fwd+bwd]); with
+    `graph`, of CUDA graph replays of the op calls (``bench_point.graph_point_calls``)."""
     sys.path[:0] = [str(src / "benchmarks"), str(src)]
     import gpu_bench  # noqa: F401  (src's, before bench_point's import of it finds it loaded)
     from triton.testing import do_bench
@@ -43,7 +45,7 @@ def child(src: Path, points: list[str], fwd_only: bool) -> dict[str, list[float]
     spec.loader.exec_module(bench_point)  # its calls run src's package: both modules are loaded already
     out = {}
     for point in points:
-        fwd, fwd_bwd = bench_point.point_calls(point)
+        fwd, fwd_bwd = (bench_point.graph_point_calls if graph else bench_point.point_calls)(point)
         out[point] = [do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
                       for fn in ([fwd] if fwd_only else [fwd, fwd_bwd])]
     return out
@@ -78,11 +80,12 @@ def main() -> int:
     ap.add_argument("--points", required=True, help="comma-separated BxHxSxD:pattern:density")
     ap.add_argument("--processes", type=int, default=4, help="processes of each build")
     ap.add_argument("--fwd-only", action="store_true")
+    ap.add_argument("--graph", action="store_true", help="time CUDA graph replays of the op calls")
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     points = args.points.split(",")
     if args.child is not None:
-        print(json.dumps(child(args.child, points, args.fwd_only)))
+        print(json.dumps(child(args.child, points, args.fwd_only, args.graph)))
         return 0
     if args.base is None or args.new is None:
         ap.error("--base and --new are required")
@@ -90,8 +93,7 @@ def main() -> int:
     for build in order(args.processes):
         src = (args.base if build == "base" else args.new).resolve()
         cmd = [sys.executable, __file__, "--child", str(src), "--points", args.points]
-        if args.fwd_only:
-            cmd.append("--fwd-only")
+        cmd += ["--fwd-only"] * args.fwd_only + ["--graph"] * args.graph
         env = dict(os.environ, PYTHONPATH=str(src))
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         if r.returncode != 0:

@@ -69,6 +69,37 @@ def point_calls(point: str, block: int = 128) -> tuple[Callable[[], torch.Tensor
     return fwd, fwd_bwd
 
 
+def graph_point_calls(point: str, block: int = 128) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Replays of two CUDA graphs, one capturing `point`'s forward op call and one its forward and
+    backward op calls (seeded inputs as ``point_calls``', called eagerly once before each capture):
+    what a captured call costs, its plans rebuilt and its index values checked on the device in
+    every replay."""
+    point, block = split_block(point, block)
+    B, H, S, D, kind, density = parse_point(point)
+    torch.manual_seed(0)
+    q, k, v, dout = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    crow, col, ccol, row = csr(pattern(S // block, kind, density), "cuda")
+    rules = (block, block, 1, 1, 1 / math.sqrt(D), False, -1, -1, None, None)
+    ops = torch.ops.dilated_sparse
+
+    def fwd() -> tuple[torch.Tensor, torch.Tensor]:
+        return ops.block_sparse_attn_fwd(q, k, v, crow, col, *rules)
+
+    def fwd_bwd() -> tuple[torch.Tensor, ...]:
+        out, lse = fwd()
+        return ops.block_sparse_attn_bwd(dout, q, k, v, out, lse, ccol, row, crow, col, *rules)
+
+    replays = []
+    for fn in (fwd, fwd_bwd):
+        fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        replays.append(graph.replay)
+    return replays[0], replays[1]
+
+
 def flex_point_calls(point: str, block: int = 128) -> tuple[Callable[[], torch.Tensor], Callable[[], None]]:
     """FlexAttention's forward and forward+backward calls of `point` (``torch.compile``d, the same
     block mask as ``point_calls``' layout, [B, H, S, D] inputs), as ``gpu_bench.py`` times them."""
