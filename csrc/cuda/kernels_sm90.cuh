@@ -1601,7 +1601,7 @@ __global__ void __launch_bounds__(DkvSm90Cfg<kD, kWG, kBM, kSched>::kThreads, 1)
     produce<kStages, Cfg::kResBufs>(sy, ring, nres, has, [&](int st) {
       load_q(st, gg, qt);
       if constexpr (Cfg::kWriteDs) {  // the pair's scratch slot, next to its lse and Delta rows
-        const int entry = E.base + (p.ds_slot_start != nullptr ? it : it / p.tl.kf);
+        const int64_t entry = E.base + (p.ds_slot_start != nullptr ? it : it / p.tl.kf);
         if (ltid == 0) cp_async4(stage_side(st) + 8 * kBM, p.ds_csr_entry + entry, true);
       }
       if (ltid == 0) publish_record<true>(record(st), sy.full + 8 * st, qt, state, msk, !has_next(), gg);

@@ -1,7 +1,7 @@
 """One benchmark point of the CUDA tools (``ab_env.py``, ``ab_builds.py``, ``timeline.py``,
 ``item_trace.py``, ``energy.py``): seeded bf16 inputs and our forward / forward+backward calls
-through ``benchmarks/gpu_bench.py``'s autograd Function, as the matrix times them; and FlexAttention's
-on the same block mask.
+through ``benchmarks/gpu_bench.py``'s autograd Function, as the matrix times them; FlexAttention's
+on the same block mask; and CUDA graph replays of our op calls (``ab_builds.py --graph``).
 
 A point is ``BxHxSxD:pattern:density`` (the patterns of ``gpu_bench.pattern``). ``gpu_bench`` and
 ``dilated_sparse`` are imported from this tree unless the caller imported them first (``ab_builds.py``
