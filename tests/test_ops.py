@@ -5,6 +5,9 @@ Runs on the CPU always and on CUDA when present (half-precision dtypes only ther
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from _helpers import DEVICES
@@ -548,72 +551,29 @@ def test_cuda_index_checks_follow_edits_sizes_and_inference_tensors():
 
 
 CAPTURE_SCRIPT = """
-import sys, torch
-import dilated_sparse  # noqa: F401
-q, k, v = (torch.randn(1, 40, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-crow = torch.tensor([0, 2, 4, 6], dtype=torch.int32, device="cuda")
-col = torch.tensor([0, 1, 1, 2, 0, 2], dtype=torch.int32, device="cuda")
-rules = (16, 16, 1, 1, 0.3, False, -1, -1, None, None)
-diagonal = (torch.tensor(t, dtype=torch.int32, device="cuda") for t in ([0, 1, 2, 3], [0, 1, 2]))
-torch.ops.dilated_sparse.block_sparse_attn_fwd(q, k, v, *diagonal, *rules)  # an eager call first, other tensors
-if "SEEN" == "1":
-    torch.ops.dilated_sparse.block_sparse_attn_fwd(q, k, v, crow, col, *rules)  # checked on the host
-torch.cuda.synchronize()
-graph = torch.cuda.CUDAGraph()
-with torch.cuda.graph(graph):
-    out, lse = torch.ops.dilated_sparse.block_sparse_attn_fwd(q, k, v, crow, col, *rules)
-print("captured", flush=True)
-graph.replay()
-torch.cuda.synchronize()
-print("replayed", flush=True)
-col[3] = BAD  # an edit between replays
-graph.replay()
-torch.cuda.synchronize()
-print("replayed after the edit", flush=True)
-"""
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("seen", [0, 1])
-@pytest.mark.parametrize("bad", [2, 3])
-def test_cuda_graph_replays_check_index_values_on_the_device(bad, seen):
-    """A captured call checks its index values with device kernels on every replay (a replay reads
-    whatever the tensors hold then), whether or not an eager call checked them on the host before.
-    Good values replay; a bad one (col 3 of 3 blocks) written between replays fails the replay with a
-    device-side assert naming the tensor and entry, instead of reading outside K and V. (In a child
-    process: a device-side assert loses the CUDA context.)"""
-    import subprocess
-    import sys
-
-    script = CAPTURE_SCRIPT.replace("BAD", str(bad)).replace("SEEN", str(seen))
-    proc = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=600)
-    text = proc.stdout + proc.stderr
-    assert "captured" in proc.stdout and "replayed\n" in proc.stdout, text
-    if bad == 2:
-        assert proc.returncode == 0 and "replayed after the edit" in proc.stdout, text
-    else:
-        assert proc.returncode != 0 and "replayed after the edit" not in proc.stdout, text
-        assert "col_indices[3] = 3 is out of range [0, 3)" in text, text
-
-
-CAPTURE_BWD_WEIGHTS_SCRIPT = """
 import torch
 import dilated_sparse  # noqa: F401
 ops = torch.ops.dilated_sparse
 i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device="cuda")
 q, k, v = (torch.randn(1, 40, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-if "OP" == "bwd":  # one layout of 3 x 3 blocks and its transpose
+rules = (16, 16, 1, 1, 0.3, False, -1, -1, None, None)
+ops.block_sparse_attn_fwd(q, k, v, i32([0, 1, 2, 3]), i32([0, 1, 2]), *rules)  # an eager call first, other tensors
+if "OP" != "weights":  # one layout of 3 x 3 blocks (and its transpose)
     crow, col, ccol, row = i32([0, 2, 4, 6]), i32([0, 1, 1, 2, 0, 2]), i32([0, 2, 4, 6]), i32([0, 2, 0, 1, 1, 2])
-    rules = (16, 16, 1, 1, 0.3, False, -1, -1, None, None)
+else:  # two per-head layouts (diagonals), at most 3 blocks a slice
+    crow, col = i32([0, 1, 2, 3, 4, 5, 6]), i32([0, 1, 2, 0, 1, 2])
+    rules = (16, 16, 1, 2, *rules[4:])
+if "OP" == "fwd":
+    call = lambda: ops.block_sparse_attn_fwd(q, k, v, crow, col, *rules)
+elif "OP" == "bwd":
     out, lse = ops.block_sparse_attn_fwd(q, k, v, crow, col, *rules)
     dout = torch.randn_like(out)
     call = lambda: ops.block_sparse_attn_bwd(dout, q, k, v, out, lse, ccol, row, crow, col, *rules, None)
-else:  # the weights of two per-head layouts (diagonals), at most 3 blocks a slice
-    crow, col = i32([0, 1, 2, 3, 4, 5, 6]), i32([0, 1, 2, 0, 1, 2])
-    rules = (16, 16, 1, 2, 0.3, False, -1, -1, None, None)
+else:
     out, lse = ops.block_sparse_attn_fwd(q, k, v, crow, col, *rules)
-    call = lambda: ops.block_sparse_attn_weights(q, k, lse, crow, col, 16, 16, 1, 2, 3, *rules[4:])
-call()  # checked on the host
+    call = lambda: ops.block_sparse_attn_weights(q, k, lse, crow, col, *rules[:4], 3, *rules[4:])
+if "SEEN" == "1":
+    call()  # checked on the host
 torch.cuda.synchronize()
 graph = torch.cuda.CUDAGraph()
 with torch.cuda.graph(graph):
@@ -622,11 +582,38 @@ print("captured", flush=True)
 graph.replay()
 torch.cuda.synchronize()
 print("replayed", flush=True)
-EDIT
+EDIT  # an edit between replays
 graph.replay()
 torch.cuda.synchronize()
 print("replayed after the edit", flush=True)
 """
+
+
+def run_capture_script(op: str, seen: int, edit: str) -> tuple[subprocess.CompletedProcess, str]:
+    """CAPTURE_SCRIPT in a child process (a device-side assert loses the CUDA context): `op`'s call
+    captured and replayed, `edit` made, replayed again. Asserts the first replay ran; returns the
+    process and its output."""
+    script = CAPTURE_SCRIPT.replace("OP", op).replace("SEEN", str(seen)).replace("EDIT", edit)
+    proc = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=600)
+    text = proc.stdout + proc.stderr
+    assert "captured" in proc.stdout and "replayed\n" in proc.stdout, text
+    return proc, text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("seen", [0, 1])
+@pytest.mark.parametrize("bad", [2, 3])
+def test_cuda_graph_replays_check_index_values_on_the_device(bad, seen):
+    """A captured call checks its index values with a device kernel on every replay (a replay reads
+    whatever the tensors hold then), whether or not an eager call checked them on the host before.
+    Good values replay; a bad one (col 3 of 3 blocks) written between replays fails the replay with a
+    device-side assert naming the tensor and entry, instead of reading outside K and V."""
+    proc, text = run_capture_script("fwd", seen, f"col[3] = {bad}")
+    if bad == 2:
+        assert proc.returncode == 0 and "replayed after the edit" in proc.stdout, text
+    else:
+        assert proc.returncode != 0 and "replayed after the edit" not in proc.stdout, text
+        assert "col_indices[3] = 3 is out of range [0, 3)" in text, text
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -644,14 +631,7 @@ print("replayed after the edit", flush=True)
 def test_cuda_graph_replays_check_the_backward_and_weights_index_values(op, edit, message):
     """The captured backward checks its CSC pair (ids, and that it is the CSR's transpose) and the
     captured weights their max_slice_nnz on every replay, as the forward checks its CSR pair: a bad
-    value written between replays fails the replay with a device-side assert naming it. (In a child
-    process, as above.)"""
-    import subprocess
-    import sys
-
-    script = CAPTURE_BWD_WEIGHTS_SCRIPT.replace("OP", op).replace("EDIT", edit)
-    proc = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=600)
-    text = proc.stdout + proc.stderr
-    assert "captured" in proc.stdout and "replayed\n" in proc.stdout, text
+    value written between replays fails the replay with a device-side assert naming it."""
+    proc, text = run_capture_script(op, 1, edit)
     assert proc.returncode != 0 and "replayed after the edit" not in proc.stdout, text
     assert message in text, text

@@ -48,16 +48,25 @@ def split_block(point: str, block: int) -> tuple[str, int]:
     return point, block
 
 
-def point_calls(point: str, block: int = 128) -> tuple[Callable[[], torch.Tensor], Callable[[], None]]:
-    """The forward and forward+backward calls of `point` (``BxHxSxD:pattern:density[:block]``) with
-    square blocks of its block, else `block` (inputs seeded, so every call of this for a shape gets
-    the same values); the second clears q, k, v's gradients first."""
+def point_inputs(
+    point: str, block: int, requires_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], int, int]:
+    """`point`'s seeded bf16 q, k, v, output gradient and layout (crow, col, ccol, row), with square
+    blocks of its block, else `block`; then the block and the head dim. Every call for a shape gets
+    the same values."""
     point, block = split_block(point, block)
     B, H, S, D, kind, density = parse_point(point)
     torch.manual_seed(0)
-    q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=requires_grad)
+               for _ in range(3))
     gout = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16)
-    layout = csr(pattern(S // block, kind, density), "cuda")
+    return q, k, v, gout, csr(pattern(S // block, kind, density), "cuda"), block, D
+
+
+def point_calls(point: str, block: int = 128) -> tuple[Callable[[], torch.Tensor], Callable[[], None]]:
+    """The forward and forward+backward calls of `point` (``BxHxSxD:pattern:density[:block]``,
+    ``point_inputs``); the second clears q, k, v's gradients first."""
+    q, k, v, gout, layout, block, D = point_inputs(point, block, requires_grad=True)
 
     def fwd() -> torch.Tensor:
         return _Attn.apply(q, k, v, layout, block, block, 1 / math.sqrt(D))
@@ -71,14 +80,9 @@ def point_calls(point: str, block: int = 128) -> tuple[Callable[[], torch.Tensor
 
 def graph_point_calls(point: str, block: int = 128) -> tuple[Callable[[], None], Callable[[], None]]:
     """Replays of two CUDA graphs, one capturing `point`'s forward op call and one its forward and
-    backward op calls (seeded inputs as ``point_calls``', called eagerly once before each capture):
-    what a captured call costs, its plans rebuilt and its index values checked on the device in
-    every replay."""
-    point, block = split_block(point, block)
-    B, H, S, D, kind, density = parse_point(point)
-    torch.manual_seed(0)
-    q, k, v, dout = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    crow, col, ccol, row = csr(pattern(S // block, kind, density), "cuda")
+    backward op calls (``point_inputs``, called eagerly once before each capture): what a captured
+    call costs, its plans rebuilt and its index values checked on the device in every replay."""
+    q, k, v, dout, (crow, col, ccol, row), block, D = point_inputs(point, block, requires_grad=False)
     rules = (block, block, 1, 1, 1 / math.sqrt(D), False, -1, -1, None, None)
     ops = torch.ops.dilated_sparse
 
