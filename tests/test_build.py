@@ -310,6 +310,18 @@ def test_ab_env_pairs_rounds():
     assert ab_env.summarise([base, list(base)]) == ["100.0", "1.000 (0%)"]
 
 
+def test_ab_points_pairs_rounds_and_counts_active_blocks():
+    """csrc/cuda/tools/ab_points.py reports each point's TFLOP/s against the first point's in the
+    same round, and counts the flops of the point's own block size."""
+    ab_points = _tool("ab_points")
+    # Round 2 runs every point at a lower clock: paired, the second point keeps 90% in both rounds.
+    cells = ab_points.ratio_cells([[500.0, 400.0], [450.0, 360.0], [600.0, 400.0]])
+    assert cells == [["450", ""], ["405", "0.900"], ["500", "1.100"]]
+    mask = ab_points.pattern(1024 // 64, "local", 0.25)
+    assert ab_points.forward_flops("1x2x1024x32:local:0.25:64") == 4.0 * int(mask.sum()) * 64 * 64 * 32 * 2
+    assert ab_points.forward_flops("1x2x1024x32:local:0.25") == ab_points.forward_flops("1x2x1024x32:local:0.25:128")
+
+
 def test_ab_builds_alternates_and_summarises():
     """csrc/cuda/tools/ab_builds.py puts each build first in half of its pairs of processes and
     reports each build's median over its processes and their ratio."""

@@ -32,40 +32,53 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_point import l2_flush_buffer, point_calls
 
 
-def time_modes(call: Callable[[], object], var: str, modes: list[str], rounds: int,
-               flush: torch.Tensor | None) -> list[list[float]]:
-    """Microseconds of `call` under each value of `var` (by position in `modes`, which may repeat
-    a value: a null A/B), one call of each mode a round; `var` is restored afterwards. `flush`:
+def time_rounds(calls: list[Callable[[], object]], rounds: int, flush: torch.Tensor | None,
+                prepare: Callable[[int], None] = lambda i: None) -> list[list[float]]:
+    """Microseconds of each of `calls`, one call of each a round, the order reversed every other
+    round; `prepare(i)` runs on the host before call i is enqueued (outside its events). `flush`:
     the buffer zeroed before each call; None: the L2 keeps what the previous call left, and a
     sleep kernel of about the flush's length stands in for it, so that the host still enqueues the
     call ahead of the GPU (else a short call times the host's launch path: ~56 us for a ~31 us
     forward, twenty-eighth session)."""
-    before = os.environ.get(var)
-    for m in modes:  # warm-up: plans, autotuned variants, clocks
-        os.environ[var] = m
+    for i, call in enumerate(calls):  # warm-up: plans, autotuned variants, clocks
+        prepare(i)
         for _ in range(5):
             call()
     torch.cuda.synchronize()
-    order = list(range(len(modes)))
-    events: list[list[tuple[torch.cuda.Event, torch.cuda.Event]]] = [[] for _ in modes]
+    order = list(range(len(calls)))
+    events: list[list[tuple[torch.cuda.Event, torch.cuda.Event]]] = [[] for _ in calls]
     for r in range(rounds):
         for i in order if r % 2 == 0 else order[::-1]:
-            os.environ[var] = modes[i]
+            prepare(i)
             if flush is not None:
                 flush.zero_()
             else:
                 torch.cuda._sleep(200_000)  # ~100 us of one thread's clock, no memory traffic
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            call()
+            calls[i]()
             end.record()
             events[i].append((start, end))
     torch.cuda.synchronize()
-    if before is None:
-        os.environ.pop(var, None)
-    else:
-        os.environ[var] = before
     return [[s.elapsed_time(e) * 1e3 for s, e in ev] for ev in events]
+
+
+def time_modes(call: Callable[[], object], var: str, modes: list[str], rounds: int,
+               flush: torch.Tensor | None) -> list[list[float]]:
+    """Microseconds of `call` under each value of `var` (by position in `modes`, which may repeat
+    a value: a null A/B), as ``time_rounds`` alternates calls; `var` is restored afterwards."""
+    before = os.environ.get(var)
+
+    def set_mode(i: int) -> None:
+        os.environ[var] = modes[i]
+
+    try:
+        return time_rounds([call] * len(modes), rounds, flush, set_mode)
+    finally:
+        if before is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = before
 
 
 def summarise(times: list[list[float]]) -> list[str]:
