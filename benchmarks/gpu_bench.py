@@ -15,6 +15,9 @@ sparse attention) are listed as such in the output rather than silently left out
 Each timing carries the SM clock, power draw and throttle reasons that ``nvidia-smi`` sampled
 while it ran (``gpu_fwd`` / ``gpu_fwdbwd`` in the JSON rows; the last column of the table): the
 H200 runs the S=64k kernels at its power cap, and slow timings go with clock dips (RESULTS.md).
+After each shape's rows, the issue's two ratio targets (block 64 against block 128, local 2.5%
+against local 10%) are also timed in alternation, call by call (``time_paired``; ``--paired-rounds``):
+the rows' medians of two points are taken seconds apart, at clocks that can differ by 10%.
 """
 
 from __future__ import annotations
@@ -212,11 +215,96 @@ def bench(fn: Callable[[], torch.Tensor], tensors: list[torch.Tensor], grad: boo
     return ms_f, ms_fb, cond
 
 
+def l2_flush_buffer() -> torch.Tensor:
+    """256 MiB on the GPU whose ``zero_()`` before a timed call evicts the L2, as
+    ``triton.testing.do_bench`` does between its calls."""
+    return torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+
+
+def time_rounds(calls: list[Callable[[], object]], rounds: int, flush: torch.Tensor | None,
+                prepare: Callable[[int], None] = lambda i: None) -> list[list[float]]:
+    """Microseconds of each of `calls`, one call of each a round, the order reversed every other
+    round (CUDA events): calls of one round share the GPU's clock and power state, which two
+    ``do_bench`` medians taken seconds apart do not (RESULTS.md, twenty-third and forty-second
+    sessions). `prepare(i)` runs on the host before call i is enqueued, outside its events.
+    `flush`: the buffer zeroed before each call; None: the L2 keeps what the previous call left,
+    and a sleep kernel of about the flush's length stands in for it, so that the host still
+    enqueues the call ahead of the GPU (else a short call times the host's launch path: ~56 us for
+    a ~31 us forward, twenty-eighth session)."""
+    for i, call in enumerate(calls):  # warm-up: plans, autotuned variants, clocks
+        prepare(i)
+        for _ in range(5):
+            call()
+    torch.cuda.synchronize()
+    order = list(range(len(calls)))
+    events: list[list[tuple[torch.cuda.Event, torch.cuda.Event]]] = [[] for _ in calls]
+    for r in range(rounds):
+        for i in order if r % 2 == 0 else order[::-1]:
+            prepare(i)
+            if flush is not None:
+                flush.zero_()
+            else:
+                torch.cuda._sleep(200_000)  # ~100 us of one thread's clock, no memory traffic
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            calls[i]()
+            end.record()
+            events[i].append((start, end))
+    torch.cuda.synchronize()
+    return [[s.elapsed_time(e) * 1e3 for s, e in ev] for ev in events]
+
+
+def paired_ratios(times: list[list[float]], work: list[float]) -> list[float]:
+    """For each call after the first (``time_rounds``' `times`, `work` its flops): the median over
+    rounds of its throughput divided by the first call's in the same round."""
+    import statistics
+
+    return [statistics.median((w / t) / (work[0] / t0) for t, t0 in zip(ts, times[0]))
+            for ts, w in zip(times[1:], work[1:])]
+
+
+# The issue's two ratio targets, timed in alternation after each shape's rows (--paired-rounds):
+# (pattern, density, block) of the base and of the points measured against it.
+PAIRED_BASE = ("local", 0.10, 128)
+PAIRED_POINTS = {"block 64 / block 128 (local 10%)": ("local", 0.10, 64),
+                 "local 2.5% / local 10% (block 128)": ("local", 0.025, 128)}
+
+
 def timing_fields(flops: float, ms_f: float, ms_fb: float, cond: dict[str, Any]) -> dict[str, Any]:
     """A row's timing fields: the two medians, their TFLOP/s (fwd+bwd counted as 3.5x the forward's
     flops) and the GPU's conditions while they ran."""
     return {"fwd_ms": ms_f, "fwdbwd_ms": ms_fb, "tf_fwd": flops / ms_f / 1e9, "tf_fwdbwd": 3.5 * flops / ms_fb / 1e9,
             **cond}
+
+
+def time_paired(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rounds: int, flush: torch.Tensor,
+                monitor: GpuMonitor | None = None) -> list[dict[str, Any]]:
+    """Each of PAIRED_POINTS against PAIRED_BASE on q, k, v ([B, S, H, D], bf16): the median
+    per-round ratio of their forward, and of their fwd+bwd, TFLOP/s in alternation
+    (``time_rounds``, ``paired_ratios``), with the SM clock while they ran."""
+    B, S, H, D = q.shape
+    scale = 1.0 / math.sqrt(D)
+    gout = torch.randn_like(q)
+    fwds, fwd_bwds, flops = [], [], []
+    for kind, density, block in [PAIRED_BASE, *PAIRED_POINTS.values()]:
+        mask = pattern(S // block, kind, density)
+        flops.append(4.0 * B * H * int(mask.sum()) * block * block * D)
+
+        def fwd(lay: tuple[torch.Tensor, ...] = csr(mask, "cuda"), block: int = block) -> torch.Tensor:
+            return _Attn.apply(q, k, v, lay, block, block, scale)
+
+        def fwd_bwd(fwd: Callable[[], torch.Tensor] = fwd) -> None:
+            q.grad = k.grad = v.grad = None
+            fwd().backward(gout)
+
+        fwds.append(fwd)
+        fwd_bwds.append(fwd_bwd)
+    t0 = time.monotonic()
+    fwd_ratios = paired_ratios(time_rounds(fwds, rounds, flush), flops)
+    fwd_bwd_ratios = paired_ratios(time_rounds(fwd_bwds, rounds, flush), flops)
+    cond = monitor.window(t0, time.monotonic()) if monitor is not None else {}
+    return [{"what": what, "rounds": rounds, "fwd": a, "fwdbwd": b, "gpu": cond}
+            for what, a, b in zip(PAIRED_POINTS, fwd_ratios, fwd_bwd_ratios)]
 
 
 def _clock_cell(cond: dict[str, Any] | None) -> str:
@@ -256,6 +344,9 @@ def main() -> int:
                     help="also time ours with every kernel forced to tile variant N (e.g. 0: the mma.sync "
                          "kernels on an H100), reported as impl 'ours-vN'")
     ap.add_argument("--memory-only", action="store_true", help="skip the timings, measure memory only")
+    ap.add_argument("--paired-rounds", type=int, default=200, metavar="N",
+                    help="after each shape's rows, time block 64 and local 2.5%% against block 128 local 10%% "
+                         "in alternation, N rounds (the issue's two ratio targets at one clock state; 0: skip)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
 
@@ -286,6 +377,8 @@ def main() -> int:
         rows.append(r)
         print(json.dumps(r), flush=True)
 
+    paired: list[dict[str, Any]] = []
+    flush = l2_flush_buffer() if args.paired_rounds > 0 and not args.memory_only else None
     for B, H, S, D in [] if args.memory_only else _shapes(args):
         torch.manual_seed(0)
         q, k, v = (torch.randn(B, S, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -352,8 +445,13 @@ def main() -> int:
                     del qf, kf, vf
                 except Exception as e:  # noqa: BLE001
                     emit({"cfg": cfg, "pattern": pname, "impl": "flex", "block": bs, "error": str(e)[:200]})
+        if flush is not None:
+            for r in time_paired(q, k, v, args.paired_rounds, flush, monitor):
+                paired.append({"cfg": cfg, **r})
+                print(json.dumps(paired[-1]), flush=True)
         del q, k, v
         torch.cuda.empty_cache()
+    del flush
     if monitor is not None:
         monitor.close()
 
@@ -412,7 +510,8 @@ def main() -> int:
             r["x_dense_fwdbwd"] = d["fwdbwd_ms"] / r["fwdbwd_ms"]
     peers = _peer_status()
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M"),
-                "command": " ".join(sys.argv), "gpu": gpu_identity(), "rows": rows, "memory": mem, "other_peers": peers}
+                "command": " ".join(sys.argv), "gpu": gpu_identity(), "rows": rows, "memory": mem, "paired": paired,
+                "other_peers": peers}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_bench.json"), "w") as fh:
         json.dump(info, fh, indent=1)
@@ -436,6 +535,9 @@ def main() -> int:
     lines.append("")
     for m in mem:
         lines.append("- " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
+    for r in paired:
+        lines.append(f"- {r['cfg']} {r['what']}, TFLOP/s in alternation ({r['rounds']} rounds, SM "
+                     f"{_clock_cell(r['gpu'])} MHz): fwd {r['fwd']:.3f}, fwd+bwd {r['fwdbwd']:.3f}")
     lines.append("- other peers: " + ", ".join(f"{k}: {v}" for k, v in peers.items()))
     text = "\n".join(lines)
     with open(os.path.join(args.out, "gpu_bench.md"), "w") as fh:

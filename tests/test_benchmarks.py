@@ -51,3 +51,32 @@ def test_flex_block_mask_holds_the_layouts_blocks():
     layout = gpu_bench.pattern(8, "dilated", 0.4)
     block_mask = gpu_bench.flex_block_mask(layout, 8 * 128, 128, "cpu")
     assert torch.equal(block_mask.to_dense()[0, 0].bool(), layout)
+
+
+def test_paired_ratios_compare_throughput_round_by_round():
+    """Each call's throughput against the first call's in the same round, then the median: a round
+    that slows every call (a clock dip) leaves the ratios alone, and the work of each call counts."""
+    times = [[100.0, 200.0, 100.0], [50.0, 100.0, 60.0], [110.0, 220.0, 100.0]]
+    work = [1.0, 0.4, 1.0]
+    # Call 1: 0.4 / 50 against 1 / 100 is 0.8 in rounds 1 and 2, 0.667 in round 3.
+    # Call 2: 1 / 1.1 in rounds 1 and 2, 1.0 in round 3.
+    assert gpu_bench.paired_ratios(times, work) == pytest.approx([0.8, 1 / 1.1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_time_rounds_alternates_the_order_and_times_every_call():
+    """One call of each a round, the order reversed every other round, after five warm-up calls of
+    each; the L2 flush (or, without it, the sleep) precedes every timed call."""
+    seen: list[int] = []
+    prepared: list[int] = []
+
+    def call(i: int):
+        return lambda: seen.append(i) or torch.cuda._sleep(1000)
+
+    times = gpu_bench.time_rounds([call(0), call(1), call(2)], 3, None, prepared.append)
+    assert seen == [0] * 5 + [1] * 5 + [2] * 5 + [0, 1, 2, 2, 1, 0, 0, 1, 2]
+    assert prepared == [0, 1, 2, 0, 1, 2, 2, 1, 0, 0, 1, 2]
+    assert len(times) == 3 and all(len(t) == 3 and min(t) > 0 for t in times)
+    flush = gpu_bench.l2_flush_buffer()
+    assert flush.numel() == 256 << 20
+    assert len(gpu_bench.time_rounds([call(0)], 2, flush)[0]) == 2

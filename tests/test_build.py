@@ -315,7 +315,8 @@ def test_ab_points_pairs_rounds_and_counts_active_blocks():
     same round, and counts the flops of the point's own block size."""
     ab_points = _tool("ab_points")
     # Round 2 runs every point at a lower clock: paired, the second point keeps 90% in both rounds.
-    cells = ab_points.ratio_cells([[500.0, 400.0], [450.0, 360.0], [600.0, 400.0]])
+    # Microseconds a round of three points of 1e9 flops each (2 us: 500 TFLOP/s).
+    cells = ab_points.ratio_cells([[2.0, 2.5], [2.2222, 2.7778], [1.6667, 2.5]], [1e9] * 3)
     assert cells == [["450", ""], ["405", "0.900"], ["500", "1.100"]]
     mask = ab_points.pattern(1024 // 64, "local", 0.25)
     assert ab_points.forward_flops("1x2x1024x32:local:0.25:64") == 4.0 * int(mask.sum()) * 64 * 64 * 32 * 2

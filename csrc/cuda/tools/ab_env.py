@@ -29,38 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_point import l2_flush_buffer, point_calls
-
-
-def time_rounds(calls: list[Callable[[], object]], rounds: int, flush: torch.Tensor | None,
-                prepare: Callable[[int], None] = lambda i: None) -> list[list[float]]:
-    """Microseconds of each of `calls`, one call of each a round, the order reversed every other
-    round; `prepare(i)` runs on the host before call i is enqueued (outside its events). `flush`:
-    the buffer zeroed before each call; None: the L2 keeps what the previous call left, and a
-    sleep kernel of about the flush's length stands in for it, so that the host still enqueues the
-    call ahead of the GPU (else a short call times the host's launch path: ~56 us for a ~31 us
-    forward, twenty-eighth session)."""
-    for i, call in enumerate(calls):  # warm-up: plans, autotuned variants, clocks
-        prepare(i)
-        for _ in range(5):
-            call()
-    torch.cuda.synchronize()
-    order = list(range(len(calls)))
-    events: list[list[tuple[torch.cuda.Event, torch.cuda.Event]]] = [[] for _ in calls]
-    for r in range(rounds):
-        for i in order if r % 2 == 0 else order[::-1]:
-            prepare(i)
-            if flush is not None:
-                flush.zero_()
-            else:
-                torch.cuda._sleep(200_000)  # ~100 us of one thread's clock, no memory traffic
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            calls[i]()
-            end.record()
-            events[i].append((start, end))
-    torch.cuda.synchronize()
-    return [[s.elapsed_time(e) * 1e3 for s, e in ev] for ev in events]
+from bench_point import point_calls
+from gpu_bench import l2_flush_buffer, time_rounds
 
 
 def time_modes(call: Callable[[], object], var: str, modes: list[str], rounds: int,

@@ -4,7 +4,7 @@ The issue's two ratio targets compare points that the matrix times seconds apart
 block 64 against block 128 (>= 85% of its TFLOP/s) and local 2.5% against local 10% (>= 85% kept).
 The H200's clock moves with power and temperature by more than those margins between two
 ``do_bench`` medians (RESULTS.md, forty-second session: block 64's fwd+bwd at 1770 MHz, block 128's
-at 1980), so this times one call of every point a round (``ab_env.time_rounds``: CUDA events, the
+at 1980), so this times one call of every point a round (``gpu_bench.time_rounds``: CUDA events, the
 order reversed every other round, the L2 flushed before each call) and reports, per point, its
 median TFLOP/s and the median over rounds of its TFLOP/s divided by the first point's in the same
 round. TFLOP/s count active blocks only, as ``benchmarks/gpu_bench.py`` does (forward
@@ -26,9 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ab_env import time_rounds
-from bench_point import l2_flush_buffer, parse_point, point_calls, split_block
-from gpu_bench import pattern
+from bench_point import parse_point, point_calls, split_block
+from gpu_bench import l2_flush_buffer, paired_ratios, pattern, time_rounds
 
 
 def forward_flops(point: str) -> float:
@@ -39,14 +38,13 @@ def forward_flops(point: str) -> float:
     return 4.0 * nnz * block * block * D * B * H
 
 
-def ratio_cells(tflops: list[list[float]]) -> list[list[str]]:
-    """Per point: its median TFLOP/s and the median of its per-round ratio to the first point's
-    (the first point: its median alone)."""
-    base = tflops[0]
-    cells = [[f"{statistics.median(base):.0f}", ""]]
-    for tf in tflops[1:]:
-        cells.append([f"{statistics.median(tf):.0f}", f"{statistics.median(a / b for a, b in zip(tf, base)):.3f}"])
-    return cells
+def ratio_cells(times: list[list[float]], flops: list[float]) -> list[list[str]]:
+    """Per point (`times`: microseconds a round, ``time_rounds``; `flops`: a call's): its median
+    TFLOP/s and the median of its per-round ratio to the first point's (``paired_ratios``; the
+    first point: its median alone)."""
+    tflops = [statistics.median(f / us / 1e6 for us in t) for f, t in zip(flops, times)]
+    ratios = [""] + [f"{r:.3f}" for r in paired_ratios(times, flops)]
+    return [[f"{tf:.0f}", r] for tf, r in zip(tflops, ratios)]
 
 
 def main() -> int:
@@ -65,7 +63,7 @@ def main() -> int:
     columns = {}
     for what, index, scale in (("fwd", 0, 1.0), ("f+b", 1, 3.5))[: 1 if args.fwd_only else 2]:
         times = time_rounds([c[index] for c in calls], args.rounds, flush)
-        columns[what] = ratio_cells([[scale * f / us / 1e6 for us in t] for f, t in zip(flops, times)])
+        columns[what] = ratio_cells(times, [scale * f for f in flops])
     header = ["point"] + [f"{what} {cell}" for what in columns for cell in ("TF", "/ first")]
     print(f"median over {args.rounds} rounds, one call of each point a round (L2 flushed)")
     print("| " + " | ".join(header) + " |")

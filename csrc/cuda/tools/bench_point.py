@@ -26,12 +26,6 @@ from gpu_bench import _Attn, csr, pattern
 import dilated_sparse  # noqa: F401  (registers the ops that _Attn calls)
 
 
-def l2_flush_buffer() -> torch.Tensor:
-    """256 MiB on the GPU whose ``zero_()`` before a timed call evicts the L2, as
-    ``triton.testing.do_bench`` does between its calls."""
-    return torch.empty(256 << 20, dtype=torch.int8, device="cuda")
-
-
 def parse_point(point: str) -> tuple[int, int, int, int, str, float]:
     """``BxHxSxD:pattern:density`` as (B, H, S, D, pattern, density)."""
     shape, kind, density = point.split(":")

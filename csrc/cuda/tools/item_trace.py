@@ -145,7 +145,8 @@ def main() -> int:
     ap.add_argument("--by-parity", action="store_true",
                     help="also the phases of each CTA's even and odd items apart (claims of two items)")
     args = ap.parse_args()
-    from bench_point import l2_flush_buffer, point_calls
+    from bench_point import point_calls
+    from gpu_bench import l2_flush_buffer
 
     buf = torch.zeros(MAX_CTAS * ITEMS * ROLES * SLOTS, dtype=torch.int64, device="cuda")
     flush = l2_flush_buffer()

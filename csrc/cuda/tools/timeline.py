@@ -38,7 +38,8 @@ def main() -> int:
     ap.add_argument("--fwd-only", action="store_true")
     ap.add_argument("--iters", type=int, default=7)
     args = ap.parse_args()
-    from bench_point import l2_flush_buffer, point_calls
+    from bench_point import point_calls
+    from gpu_bench import l2_flush_buffer
 
     flush = l2_flush_buffer()
     for spec in args.patterns.split(","):
