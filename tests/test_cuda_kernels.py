@@ -1001,6 +1001,39 @@ def test_captured_forward_splits_heavy_rows(monkeypatch):
     assert peaks[1] < peaks[0], peaks
 
 
+def test_captured_forward_zeroes_its_work_counter_in_every_replay():
+    """A captured forward's work-counter pair is memory of the graph's pool, zeroed by its plan kernel
+    on every replay (no fill node of its own). Here the pool's small blocks hold large values that
+    an earlier graph of the same pool wrote: a pair left unzeroed would leave every item past the
+    first wave untaken (160 items), and its outputs NaN. The replays match the eager call bit for bit,
+    outputs poisoned before each."""
+    ops = _ops()
+    H, nb, D = 8, 20, 128
+    g = torch.Generator(device="cpu").manual_seed(4)
+    q, k, v = (torch.randn(1, nb * 128 - 5, H, D, generator=g).to(DEV, torch.bfloat16) for _ in range(3))
+    crow, col = csr_from_mask(band_mask(nb, 1).to(DEV))[:2]
+
+    def fwd():
+        return ops.block_sparse_attn_fwd(q, k, v, crow, col, 128, 128, 1, 1, 0.125, False, -1, -1, None, None)
+
+    eager = fwd()
+    dirty = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(dirty):  # two blocks of just under 1 MiB: the pool's small-block segment
+        junk = [torch.full(((1 << 18) - 256,), 1 << 30, dtype=torch.int32, device=DEV) for _ in range(2)]
+    del junk  # free within the pool: the next capture's small allocations reuse them
+    dirty.replay()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=dirty.pool()):
+        captured = fwd()
+    for _ in range(2):
+        for t in captured:
+            t.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured[0], eager[0]) and torch.equal(captured[1], eager[1])
+
+
 @pytest.mark.parametrize("bs,D", [(64, 64), (128, 128)])
 def test_cuda_graph_capture(bs, D):
     """fwd + bwd captured into a CUDA graph (the backward forks dK/dV onto a side stream and joins it

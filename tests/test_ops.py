@@ -555,8 +555,8 @@ import torch
 import dilated_sparse  # noqa: F401
 ops = torch.ops.dilated_sparse
 i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device="cuda")
-q, k, v = (torch.randn(1, 40, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-rules = (16, 16, 1, 1, 0.3, False, -1, -1, None, None)
+q, k, v = (torch.randn(1, SEQ, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))  # 3 blocks
+rules = (BLOCK, BLOCK, 1, 1, 0.3, False, -1, -1, None, None)
 ops.block_sparse_attn_fwd(q, k, v, i32([0, 1, 2, 3]), i32([0, 1, 2]), *rules)  # an eager call first, other tensors
 if "OP" != "weights":  # one layout of 3 x 3 blocks (and its transpose)
     crow, col, ccol, row = i32([0, 2, 4, 6]), i32([0, 1, 1, 2, 0, 2]), i32([0, 2, 4, 6]), i32([0, 2, 0, 1, 1, 2])
@@ -589,11 +589,12 @@ print("replayed after the edit", flush=True)
 """
 
 
-def run_capture_script(op: str, seen: int, edit: str) -> tuple[subprocess.CompletedProcess, str]:
+def run_capture_script(op: str, seen: int, edit: str, block: int = 16) -> tuple[subprocess.CompletedProcess, str]:
     """CAPTURE_SCRIPT in a child process (a device-side assert loses the CUDA context): `op`'s call
-    captured and replayed, `edit` made, replayed again. Asserts the first replay ran; returns the
-    process and its output."""
-    script = CAPTURE_SCRIPT.replace("OP", op).replace("SEEN", str(seen)).replace("EDIT", edit)
+    captured and replayed, `edit` made, replayed again; a layout of 3 x 3 blocks of `block` tokens
+    (the last one partial). Asserts the first replay ran; returns the process and its output."""
+    script = (CAPTURE_SCRIPT.replace("OP", op).replace("SEEN", str(seen)).replace("EDIT", edit)
+              .replace("BLOCK", str(block)).replace("SEQ", str(2 * block + block // 2)))
     proc = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=600)
     text = proc.stdout + proc.stderr
     assert "captured" in proc.stdout and "replayed\n" in proc.stdout, text
@@ -604,7 +605,7 @@ def run_capture_script(op: str, seen: int, edit: str) -> tuple[subprocess.Comple
 @pytest.mark.parametrize("seen", [0, 1])
 @pytest.mark.parametrize("bad", [2, 3])
 def test_cuda_graph_replays_check_index_values_on_the_device(bad, seen):
-    """A captured call checks its index values with a device kernel on every replay (a replay reads
+    """A captured call checks its index values on the device on every replay (a replay reads
     whatever the tensors hold then), whether or not an eager call checked them on the host before.
     Good values replay; a bad one (col 3 of 3 blocks) written between replays fails the replay with a
     device-side assert naming the tensor and entry, instead of reading outside K and V."""
@@ -614,6 +615,31 @@ def test_cuda_graph_replays_check_index_values_on_the_device(bad, seen):
     else:
         assert proc.returncode != 0 and "replayed after the edit" not in proc.stdout, text
         assert "col_indices[3] = 3 is out of range [0, 3)" in text, text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("block", [16, 256])  # eight layout rows a plan thread; a row over two of them
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ("col[3] = 2", None),
+        ("col[4] = 3", "col_indices[4] = 3 is out of range [0, 3)"),
+        ("col[0:2] = i32([1, 0])", "col_indices[1] = 0 is out of range [0, 3) or not strictly increasing"),
+        ("crow[2] = 7", "crow_indices must run from 0 to nnz = 6, non-decreasing"),
+        ("crow[3] = 5", "crow_indices must run from 0 to nnz = 6, non-decreasing (entries 2, 3: 4, 5)"),
+    ],
+)
+def test_cuda_graph_replays_of_the_forward_check_every_row_in_its_plan(block, edit, message):
+    """The captured forward checks its CSR in its plan kernel, each row by the threads that read it
+    before they read it: several rows a thread at block 16, a row over two threads at block 256 (the
+    128-query tiles). Each kind of bad value, in any row, fails the replay naming it; a good edit
+    replays."""
+    proc, text = run_capture_script("fwd", 1, edit, block)
+    if message is None:
+        assert proc.returncode == 0 and "replayed after the edit" in proc.stdout, text
+    else:
+        assert proc.returncode != 0 and "replayed after the edit" not in proc.stdout, text
+        assert message in text, text
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

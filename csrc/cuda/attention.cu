@@ -81,23 +81,171 @@ Registry& registry() {
 namespace {
 
 // ---------------------------------------------------------------------------------------------
+// Index values
+// ---------------------------------------------------------------------------------------------
+// The kernels read K / V rows and write outputs at the ids the index tensors hold, so the values
+// are checked before any kernel runs, with the CPU ops' checks and messages
+// (detail::check_index_values on a host copy). The copy synchronises the host, so it is made once
+// per index tensor version: checked tensors are remembered with their version counters (an in-place
+// edit bumps the version and is checked again), as the plans are. Inference tensors have no version
+// counter and are checked on every call.
+//
+// While the stream is being captured into a CUDA graph there is no host copy, and a replay reads
+// whatever the index tensors hold then: the same checks run as a device kernel, captured with the
+// call and run on every replay before anything else of it. A bad value prints the tensor and entry
+// and fails the replay with a device-side assert (the CUDA context is lost, as with PyTorch's own
+// device-side index checks), never a read outside K or V. A captured forward runs its CSR checks in
+// its plan kernel (plan_kernel: each row checked by the threads that read it, before they read it),
+// one graph node fewer; the backward and the weights launch the kernel below.
+
+// The device-side checks, one kernel (a captured call's replay pays one node for them): one thread
+// per line, CSR rows first, then (the backward) CSC columns. A line's own offsets and ids first; a
+// CSC column's entries must then be entries of their CSR rows (the CSC's entries are distinct, so
+// with equal nnz, checked on the host, the map is a bijection: the transpose); the first row of each
+// slice checks the weights' max_slice_nnz. The later checks read the CSR through offsets other
+// threads check, so each reads only inside the tensors and leaves a bad offset to its own line's
+// thread; a bad CSR can then print more than one line, the first check's among them.
+struct DeviceIndexCheck {
+  const int* crow;
+  const int* col;
+  const int* ccol = nullptr;  // the CSC pair: the backward's
+  const int* row = nullptr;
+  int64_t csr_nnz = 0, csc_nnz = 0;
+  int slices = 0, nqb = 0, nkb = 0;
+  int64_t max_slice_nnz = -1;  // the weights'; -1: none
+};
+
+// Line r's offsets and ids. `report`: a bad line prints what is wrong and asserts; else (another
+// thread reading the same line reports it) it only returns false.
+__device__ bool compressed_line_ok(const int* __restrict__ off, const int* __restrict__ ids, int64_t lines,
+                                   int64_t r, int64_t nnz, int n_ids, bool csc, bool report = true) {
+  const char* off_name = csc ? "ccol_indices" : "crow_indices";
+  const char* ids_name = csc ? "row_indices" : "col_indices";
+  const int a = off[r], b = off[r + 1];
+  if ((r == 0 && a != 0) || (r == lines - 1 && b != nnz) || a < 0 || a > b || b > nnz) {
+    if (!report) return false;
+    printf("dilated_sparse: %s must run from 0 to nnz = %lld, non-decreasing (entries %lld, %lld: %d, %d)\n",
+           off_name, static_cast<long long>(nnz), static_cast<long long>(r), static_cast<long long>(r + 1), a, b);
+    CUDA_KERNEL_ASSERT_MSG(false, "dilated_sparse: bad index offsets (the line above names them)");
+    return false;
+  }
+  for (int e = a; e < b; ++e) {
+    const int id = ids[e];
+    if (id < 0 || id >= n_ids || (e > a && ids[e - 1] >= id)) {
+      if (!report) return false;
+      printf("dilated_sparse: %s[%d] = %d is out of range [0, %d) or not strictly increasing within its line\n",
+             ids_name, e, id, n_ids);
+      CUDA_KERNEL_ASSERT_MSG(false, "dilated_sparse: bad index ids (the line above names them)");
+      return false;
+    }
+  }
+  return true;
+}
+
+// kCsc: the backward's instance. The forward's and the weights' leave out the CSC code: with one
+// instance for all, the forward's graph replays measured 0.4-1.7 us slower than with the old
+// CSR-only kernel (RESULTS.md, forty-second session); without it, level.
+template <bool kCsc>
+__global__ void check_index_values_kernel(const DeviceIndexCheck c) {
+  const int64_t line = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t rows = static_cast<int64_t>(c.slices) * c.nqb, cols = static_cast<int64_t>(c.slices) * c.nkb;
+  if (line < rows) {
+    if (!compressed_line_ok(c.crow, c.col, rows, line, c.csr_nnz, c.nkb, false)) return;
+    if (c.max_slice_nnz < 0 || line % c.nqb != 0) return;
+    const int a = c.crow[line], b = c.crow[line + c.nqb];
+    if (a >= 0 && b <= c.csr_nnz && b - a > c.max_slice_nnz) {
+      printf("dilated_sparse: max_slice_nnz (%lld) is smaller than slice %lld's %d active blocks\n",
+             static_cast<long long>(c.max_slice_nnz), static_cast<long long>(line / c.nqb), b - a);
+      CUDA_KERNEL_ASSERT_MSG(false, "dilated_sparse: max_slice_nnz too small (the line above says where)");
+    }
+    return;
+  }
+  if (!kCsc || line >= rows + cols) return;
+  const int64_t col_line = line - rows;
+  if (!compressed_line_ok(c.ccol, c.row, cols, col_line, c.csc_nnz, c.nqb, true)) return;
+  const int64_t s = col_line / c.nkb;
+  const int k = static_cast<int>(col_line % c.nkb);
+  for (int e = c.ccol[col_line]; e < c.ccol[col_line + 1]; ++e) {
+    const int r = c.row[e];
+    const int first = c.crow[s * c.nqb + r], end = c.crow[s * c.nqb + r + 1];
+    if (first < 0 || first > end || end > c.csr_nnz) return;  // that row's thread reports it
+    int lo = first, hi = end;
+    while (lo < hi) {  // first entry >= k
+      const int mid = (lo + hi) / 2;
+      if (c.col[mid] < k) lo = mid + 1; else hi = mid;
+    }
+    if (lo == end || c.col[lo] != k) {
+      printf("dilated_sparse: ccol_indices / row_indices are not the transpose of crow_indices / col_indices "
+             "(slice %lld, block (%d, %d))\n", static_cast<long long>(s), r, k);
+      CUDA_KERNEL_ASSERT_MSG(false, "dilated_sparse: the CSC is not the CSR's transpose (the line above says where)");
+      return;
+    }
+  }
+}
+
+// The checks above on `stream` (contiguous int32 tensors, shapes already checked).
+void check_index_values_on_device(const dilated_sparse::detail::AttnDims& d, const at::Tensor& crow, const at::Tensor& col,
+                                  const at::Tensor& ccol, const at::Tensor& row, int64_t max_slice_nnz,
+                                  cudaStream_t stream) {
+  DeviceIndexCheck c{crow.data_ptr<int>(), col.numel() > 0 ? col.data_ptr<int>() : nullptr};
+  c.csr_nnz = col.numel();
+  c.slices = static_cast<int>(d.num_slices());
+  c.nqb = static_cast<int>(d.num_q_blocks);
+  c.nkb = static_cast<int>(d.num_k_blocks);
+  c.max_slice_nnz = max_slice_nnz;
+  int64_t lines = static_cast<int64_t>(c.slices) * c.nqb;
+  if (ccol.defined()) {
+    c.ccol = ccol.data_ptr<int>();
+    c.row = row.numel() > 0 ? row.data_ptr<int>() : nullptr;
+    c.csc_nnz = row.numel();
+    lines += static_cast<int64_t>(c.slices) * c.nkb;
+  }
+  constexpr int kThreads = 128;
+  const auto blocks = static_cast<unsigned>(std::max<int64_t>(1, (lines + kThreads - 1) / kThreads));
+  if (ccol.defined()) {
+    check_index_values_kernel<true><<<blocks, kThreads, 0, stream>>>(c);
+  } else {
+    check_index_values_kernel<false><<<blocks, kThreads, 0, stream>>>(c);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---------------------------------------------------------------------------------------------
 // Tile-list planning
 // ---------------------------------------------------------------------------------------------
+
+// What a captured forward's plan kernel does besides planning (fwd_cuda), each in place of a graph
+// node of its own: check the CSR's rows (check_nnz >= 0: its nnz; check_ids: its key blocks), each
+// by the threads that read it, before they read it ("Index values" above); zero the forward's
+// work-counter pair (forward_work_counter).
+struct PlanExtras {
+  int64_t check_nnz = -1;
+  int check_ids = 0;
+  int* zero_pair = nullptr;
+  bool any() const { return check_nnz >= 0 || zero_pair != nullptr; }
+};
 
 // One thread per slice-tile. Direct mode only counts. Plan mode merges the sorted block lists of
 // the layout rows covered by the tile into sorted secondary-tile ids with membership masks.
 __global__ void plan_kernel(const int* __restrict__ ptr, const int* __restrict__ idx, int L, int npb,
                             int ntiles, int PT, int pb, int ST, int sb, int direct, int* len,
-                            int64_t* start, int* otile, uint64_t* omask) {
+                            int64_t* start, int* otile, uint64_t* omask, const PlanExtras extras) {
   const int64_t st = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (st >= static_cast<int64_t>(L) * ntiles) return;
+  if (st == 0 && extras.zero_pair != nullptr) extras.zero_pair[0] = extras.zero_pair[1] = 0;
   const int s = static_cast<int>(st / ntiles);
   const int t = static_cast<int>(st % ntiles);
   const int kf = sb >= ST ? sb / ST : 1;
+  const int64_t rows = static_cast<int64_t>(L) * npb;
   if (pb >= PT) {
     const int f = pb / PT;
     const int r = s * npb + t / f;
     const int sub = t % f;
+    // A row's f threads each check it; its first reports a bad one.
+    if (extras.check_nnz >= 0 &&
+        !compressed_line_ok(ptr, idx, rows, r, extras.check_nnz, extras.check_ids, false, sub == 0)) {
+      return;
+    }
     const int64_t p0 = ptr[r], p1 = ptr[r + 1];
     const int64_t cnt = p1 - p0;
     if (direct) {
@@ -137,6 +285,9 @@ __global__ void plan_kernel(const int* __restrict__ ptr, const int* __restrict__
   const int r0 = s * npb + t * R;
   const int rend = min(r0 + R, (s + 1) * npb);
   const int nr = rend - r0;
+  for (int r = r0; extras.check_nnz >= 0 && r < rend; ++r) {
+    if (!compressed_line_ok(ptr, idx, rows, r, extras.check_nnz, extras.check_ids, false)) return;
+  }
   const int nsub = ST > sb ? ST / sb : 1;
   const int64_t base = static_cast<int64_t>(ptr[r0]) * kf;
   start[st] = base;
@@ -324,129 +475,7 @@ auto build_for_cache(const c10::cuda::CUDAStream& caller, Fn&& fn) {
   return result;
 }
 
-// ---------------------------------------------------------------------------------------------
-// Index values
-// ---------------------------------------------------------------------------------------------
-// The kernels read K / V rows and write outputs at the ids the index tensors hold, so the values
-// are checked before any kernel runs, with the CPU ops' checks and messages
-// (detail::check_index_values on a host copy). The copy synchronises the host, so it is made once
-// per index tensor version: checked tensors are remembered with their version counters (an in-place
-// edit bumps the version and is checked again), as the plans are. Inference tensors have no version
-// counter and are checked on every call.
-//
-// While the stream is being captured into a CUDA graph there is no host copy, and a replay reads
-// whatever the index tensors hold then: the same checks run as a device kernel, captured with the
-// call and run on every replay before anything else of it. A bad value prints the tensor and entry
-// and fails the replay with a device-side assert (the CUDA context is lost, as with PyTorch's own
-// device-side index checks), never a read outside K or V.
-
-// The device-side checks, one kernel (a captured call's replay pays one node for them): one thread
-// per line, CSR rows first, then (the backward) CSC columns. A line's own offsets and ids first; a
-// CSC column's entries must then be entries of their CSR rows (the CSC's entries are distinct, so
-// with equal nnz, checked on the host, the map is a bijection: the transpose); the first row of each
-// slice checks the weights' max_slice_nnz. The later checks read the CSR through offsets other
-// threads check, so each reads only inside the tensors and leaves a bad offset to its own line's
-// thread; a bad CSR can then print more than one line, the first check's among them.
-struct DeviceIndexCheck {
-  const int* crow;
-  const int* col;
-  const int* ccol = nullptr;  // the CSC pair: the backward's
-  const int* row = nullptr;
-  int64_t csr_nnz = 0, csc_nnz = 0;
-  int slices = 0, nqb = 0, nkb = 0;
-  int64_t max_slice_nnz = -1;  // the weights'; -1: none
-};
-
-__device__ bool compressed_line_ok(const int* __restrict__ off, const int* __restrict__ ids, int64_t lines,
-                                   int64_t r, int64_t nnz, int n_ids, bool csc) {
-  const char* off_name = csc ? "ccol_indices" : "crow_indices";
-  const char* ids_name = csc ? "row_indices" : "col_indices";
-  const int a = off[r], b = off[r + 1];
-  if ((r == 0 && a != 0) || (r == lines - 1 && b != nnz) || a < 0 || a > b || b > nnz) {
-    printf("dilated_sparse: %s must run from 0 to nnz = %lld, non-decreasing (entries %lld, %lld: %d, %d)\n",
-           off_name, static_cast<long long>(nnz), static_cast<long long>(r), static_cast<long long>(r + 1), a, b);
-    CUDA_KERNEL_ASSERT_MSG(false, "dilated_sparse: bad index offsets (the line above names them)");
-    return false;
-  }
-  for (int e = a; e < b; ++e) {
-    const int id = ids[e];
-    if (id < 0 || id >= n_ids || (e > a && ids[e - 1] >= id)) {
-      printf("dilated_sparse: %s[%d] = %d is out of range [0, %d) or not strictly increasing within its line\n",
-             ids_name, e, id, n_ids);
-      CUDA_KERNEL_ASSERT_MSG(false, "dilated_sparse: bad index ids (the line above names them)");
-      return false;
-    }
-  }
-  return true;
-}
-
-// kCsc: the backward's instance. The forward's and the weights' leave out the CSC code: with one
-// instance for all, the forward's graph replays measured 0.4-1.7 us slower than with the old
-// CSR-only kernel (RESULTS.md, forty-second session); without it, level.
-template <bool kCsc>
-__global__ void check_index_values_kernel(const DeviceIndexCheck c) {
-  const int64_t line = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  const int64_t rows = static_cast<int64_t>(c.slices) * c.nqb, cols = static_cast<int64_t>(c.slices) * c.nkb;
-  if (line < rows) {
-    if (!compressed_line_ok(c.crow, c.col, rows, line, c.csr_nnz, c.nkb, false)) return;
-    if (c.max_slice_nnz < 0 || line % c.nqb != 0) return;
-    const int a = c.crow[line], b = c.crow[line + c.nqb];
-    if (a >= 0 && b <= c.csr_nnz && b - a > c.max_slice_nnz) {
-      printf("dilated_sparse: max_slice_nnz (%lld) is smaller than slice %lld's %d active blocks\n",
-             static_cast<long long>(c.max_slice_nnz), static_cast<long long>(line / c.nqb), b - a);
-      CUDA_KERNEL_ASSERT_MSG(false, "dilated_sparse: max_slice_nnz too small (the line above says where)");
-    }
-    return;
-  }
-  if (!kCsc || line >= rows + cols) return;
-  const int64_t col_line = line - rows;
-  if (!compressed_line_ok(c.ccol, c.row, cols, col_line, c.csc_nnz, c.nqb, true)) return;
-  const int64_t s = col_line / c.nkb;
-  const int k = static_cast<int>(col_line % c.nkb);
-  for (int e = c.ccol[col_line]; e < c.ccol[col_line + 1]; ++e) {
-    const int r = c.row[e];
-    const int first = c.crow[s * c.nqb + r], end = c.crow[s * c.nqb + r + 1];
-    if (first < 0 || first > end || end > c.csr_nnz) return;  // that row's thread reports it
-    int lo = first, hi = end;
-    while (lo < hi) {  // first entry >= k
-      const int mid = (lo + hi) / 2;
-      if (c.col[mid] < k) lo = mid + 1; else hi = mid;
-    }
-    if (lo == end || c.col[lo] != k) {
-      printf("dilated_sparse: ccol_indices / row_indices are not the transpose of crow_indices / col_indices "
-             "(slice %lld, block (%d, %d))\n", static_cast<long long>(s), r, k);
-      CUDA_KERNEL_ASSERT_MSG(false, "dilated_sparse: the CSC is not the CSR's transpose (the line above says where)");
-      return;
-    }
-  }
-}
-
-// The checks above on `stream` (contiguous int32 tensors, shapes already checked).
-void check_index_values_on_device(const dilated_sparse::detail::AttnDims& d, const at::Tensor& crow, const at::Tensor& col,
-                                  const at::Tensor& ccol, const at::Tensor& row, int64_t max_slice_nnz,
-                                  cudaStream_t stream) {
-  DeviceIndexCheck c{crow.data_ptr<int>(), col.numel() > 0 ? col.data_ptr<int>() : nullptr};
-  c.csr_nnz = col.numel();
-  c.slices = static_cast<int>(d.num_slices());
-  c.nqb = static_cast<int>(d.num_q_blocks);
-  c.nkb = static_cast<int>(d.num_k_blocks);
-  c.max_slice_nnz = max_slice_nnz;
-  int64_t lines = static_cast<int64_t>(c.slices) * c.nqb;
-  if (ccol.defined()) {
-    c.ccol = ccol.data_ptr<int>();
-    c.row = row.numel() > 0 ? row.data_ptr<int>() : nullptr;
-    c.csc_nnz = row.numel();
-    lines += static_cast<int64_t>(c.slices) * c.nkb;
-  }
-  constexpr int kThreads = 128;
-  const auto blocks = static_cast<unsigned>(std::max<int64_t>(1, (lines + kThreads - 1) / kThreads));
-  if (ccol.defined()) {
-    check_index_values_kernel<true><<<blocks, kThreads, 0, stream>>>(c);
-  } else {
-    check_index_values_kernel<false><<<blocks, kThreads, 0, stream>>>(c);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
+// The index values' host-side checks, once per index tensor version (see "Index values" above).
 
 // Index tensors whose values passed, with the version counters and sizes they passed at.
 struct CheckedIndices {
@@ -800,7 +829,7 @@ __global__ void __launch_bounds__(1024) small_order_kernel(const int* __restrict
 
 TileList build_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb, int prim_tokens,
                      int PT, int pb, int ST, int sb, int rep, int hdec, PlanBufs& keep,
-                     cudaStream_t stream) {
+                     cudaStream_t stream, const PlanExtras& extras = {}) {
   TileList tl;
   tl.ntiles = (prim_tokens + PT - 1) / PT;
   tl.prim_sub = pb < PT ? pb : PT;
@@ -837,7 +866,7 @@ TileList build_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int np
     const int64_t blocks = (nst + threads - 1) / threads;
     plan_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
         tl.ptr, tl.idx, L, npb, tl.ntiles, PT, pb, ST, sb, tl.direct, keep.len.data_ptr<int>(),
-        startp, tilep, maskp);
+        startp, tilep, maskp, extras);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (nst <= kSmallOrderMax) {
       keep.sorted_len = at::empty({nst}, iopt);
@@ -911,15 +940,17 @@ bool plans_cached(const at::Tensor& ptr, const at::Tensor& idx) {
 // slot_map (dK/dV plans of the dS-scratch backward): built once per cached plan, kind and dQ tile
 // count (a consistent CSC determines its CSR up to trailing empty rows, and so the CSR's plans up to
 // their tile count: the CSC's key and that count cover it).
-// want_len_stats: fills the len_* fields (len_stats), once per cached plan.
+// want_len_stats: fills the len_* fields (len_stats), once per cached plan. extras: only while the
+// stream is captured (the plan is then built by every replay).
 TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb, int prim_tokens,
                     int PT, int pb, int ST, int sb, int rep, int hdec, PlanBufs& keep,
                     cudaStream_t stream, int split = kSplitNever, const DsSlotMap* slot_map = nullptr,
-                    bool want_len_stats = false, bool split_on_device = false) {
+                    bool want_len_stats = false, bool split_on_device = false, const PlanExtras& extras = {}) {
   static auto* cache = new RecentEntries<PlanCacheEntry>();  // never freed (exit order)
   const bool uncached = !plans_cached(ptr, idx);
+  TORCH_INTERNAL_ASSERT(!extras.any() || capturing(stream), "plan_tiles: plan extras outside a graph capture");
   auto build = [&](PlanBufs& bufs, cudaStream_t s) {
-    TileList built = build_tiles(ptr, idx, L, npb, prim_tokens, PT, pb, ST, sb, rep, hdec, bufs, s);
+    TileList built = build_tiles(ptr, idx, L, npb, prim_tokens, PT, pb, ST, sb, rep, hdec, bufs, s, extras);
     make_split(bufs, built, rep, s, split, split_on_device,
                std::max<int64_t>(1, idx.numel() * built.fsplit * built.kf));  // the entries' bound
     if (slot_map != nullptr) slot_map->build_into(bufs, built, s);
@@ -1673,12 +1704,13 @@ void stream_wait(cudaStream_t waiter, cudaStream_t signaller) {
 // stream), zeroed once, that each forward's last CTA zeroes again (release_work_counter), so a
 // forward launches no fill kernel before it (RESULTS.md, twenty-seventh session: the fill and its
 // launch gap were ~2-5 us a call). Launches on one stream run in order, so they never share a
-// pair at the same time. While `stream` is captured into a graph, a fresh zeroed pair (a fill
-// node, memory of the graph's pool): a graph may be replayed on any stream, beside eager calls.
+// pair at the same time. While `stream` is captured into a graph, a fresh pair (memory of the
+// graph's pool: a graph may be replayed on any stream, beside eager calls) that the caller's plan
+// kernel zeroes on every replay (PlanExtras::zero_pair; a fill node of its own cost ~1 us a replay).
 // The pairs are never freed (8 bytes each, a few streams a process; no teardown-order question).
 int* forward_work_counter(const at::Tensor& like, cudaStream_t stream, at::Tensor& keep) {
   if (capturing(stream)) {
-    keep = at::zeros({2}, like.options().dtype(at::kInt));
+    keep = at::empty({2}, like.options().dtype(at::kInt));
     return keep.data_ptr<int>();
   }
   static std::mutex mu;
@@ -1711,7 +1743,11 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
                                                            key_padding_mask);
   check_cuda_limits(q_in, k_in, block_q, block_k);
   c10::cuda::CUDAGuard guard(q_in.device());
-  check_index_values_cached(dims, crow, col, at::Tensor(), at::Tensor(), -1, c10::cuda::getCurrentCUDAStream());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  // A captured forward checks its index values in its plan kernel (PlanExtras); an empty one plans
+  // nothing, so it launches the check kernel.
+  const bool captured = capturing(stream);
+  if (!captured || q_in.numel() == 0) check_index_values_cached(dims, crow, col, at::Tensor(), at::Tensor(), -1, stream);
   const at::Tensor q = prep(q_in), k = prep(k_in), v = prep(v_in);
   const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), D = q.size(3);
   auto out = at::empty({B, Sq, H, D}, q.options());
@@ -1728,12 +1764,15 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
   const double key_tokens = tokens_per_row(col, int64_t{L} * p.nqb, p.bk, 1);
   const KernelEntry& kf = pick(kOpFwd, q, kD, p.bq, p.bk, key_tokens);
   const int rep = static_cast<int>(B * H / L);
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor counter_keep;
+  if (kf.arch == 90) p.work_counter = forward_work_counter(q, stream, counter_keep);
+  PlanExtras extras;
+  if (captured) extras = {col_c.numel(), p.nkb, kf.arch == 90 ? p.work_counter : nullptr};
   PlanBufs keep;
   int split = split_setting();
   if (split == kSplitAuto && kf.arch != 90) split = kSplitAutoTwoCtas;
   p.tl = plan_tiles(crow_c, col_c, L, p.nqb, p.Sq, kf.pm, p.bq, kf.sn, p.bk, rep, p.H, keep, stream, split, nullptr,
-                    false, split_on_device_setting());
+                    false, split_on_device_setting(), extras);
   at::Tensor opart, lpart;
   if (p.tl.work != nullptr) {
     opart = at::empty({keep.nslots * rep * kf.pm * D}, q.options().dtype(at::kFloat));
@@ -1742,9 +1781,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
     p.lpart = lpart.data_ptr<float>();
   }
   const int64_t units = p.tl.work != nullptr ? keep.nwork : static_cast<int64_t>(L) * p.tl.ntiles;
-  at::Tensor counter_keep;
   if (kf.arch == 90) {
-    p.work_counter = forward_work_counter(q, stream, counter_keep);
     set_tma(p, q, k, v, at::Tensor(), kf.pm, kf.sn, kf.tma_out ? out : at::Tensor());
     set_plan_prefetch(p, p.tl, crow_c, col_c, keep);
     p.chunk_shift = item_chunk_shift(key_tokens);
