@@ -142,9 +142,9 @@ __device__ bool compressed_line_ok(const int* __restrict__ off, const int* __res
   return true;
 }
 
-// kCsc: the backward's instance. The forward's and the weights' leave out the CSC code: with one
-// instance for all, the forward's graph replays measured 0.4-1.7 us slower than with the old
-// CSR-only kernel (RESULTS.md, forty-second session); without it, level.
+// kCsc: the backward's instance. The weights' (and an empty forward's) leave out the CSC code: with
+// one instance for all, the forward's graph replays, which then ran this kernel, measured 0.4-1.7 us
+// slower than with the old CSR-only kernel (RESULTS.md, forty-second session); without it, level.
 template <bool kCsc>
 __global__ void check_index_values_kernel(const DeviceIndexCheck c) {
   const int64_t line = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
