@@ -555,7 +555,7 @@ import torch
 import dilated_sparse  # noqa: F401
 ops = torch.ops.dilated_sparse
 i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device="cuda")
-q, k, v = (torch.randn(1, SEQ, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))  # 3 blocks
+q, k, v = (torch.randn(BATCH, SEQ, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))  # 3 blocks
 rules = (BLOCK, BLOCK, 1, 1, 0.3, False, -1, -1, None, None)
 ops.block_sparse_attn_fwd(q, k, v, i32([0, 1, 2, 3]), i32([0, 1, 2]), *rules)  # an eager call first, other tensors
 if "OP" != "weights":  # one layout of 3 x 3 blocks (and its transpose)
@@ -589,12 +589,15 @@ print("replayed after the edit", flush=True)
 """
 
 
-def run_capture_script(op: str, seen: int, edit: str, block: int = 16) -> tuple[subprocess.CompletedProcess, str]:
+def run_capture_script(op: str, seen: int, edit: str, block: int = 16,
+                       batch: int = 1) -> tuple[subprocess.CompletedProcess, str]:
     """CAPTURE_SCRIPT in a child process (a device-side assert loses the CUDA context): `op`'s call
     captured and replayed, `edit` made, replayed again; a layout of 3 x 3 blocks of `block` tokens
-    (the last one partial). Asserts the first replay ran; returns the process and its output."""
+    (the last one partial), `batch` sequences. Asserts the first replay ran; returns the process and
+    its output."""
     script = (CAPTURE_SCRIPT.replace("OP", op).replace("SEEN", str(seen)).replace("EDIT", edit)
-              .replace("BLOCK", str(block)).replace("SEQ", str(2 * block + block // 2)))
+              .replace("BLOCK", str(block)).replace("SEQ", str(2 * block + block // 2))
+              .replace("BATCH", str(batch)))
     proc = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=600)
     text = proc.stdout + proc.stderr
     assert "captured" in proc.stdout and "replayed\n" in proc.stdout, text
@@ -640,6 +643,15 @@ def test_cuda_graph_replays_of_the_forward_check_every_row_in_its_plan(block, ed
     else:
         assert proc.returncode != 0 and "replayed after the edit" not in proc.stdout, text
         assert message in text, text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replays_of_an_empty_forward_check_index_values():
+    """A captured forward with no queries (batch 0) plans nothing, so it keeps the check kernel: a
+    bad value written between replays still fails the replay naming it."""
+    proc, text = run_capture_script("fwd", 1, "col[3] = 3", batch=0)
+    assert proc.returncode != 0 and "replayed after the edit" not in proc.stdout, text
+    assert "col_indices[3] = 3 is out of range [0, 3)" in text, text
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
