@@ -28,6 +28,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -257,8 +258,6 @@ def time_rounds(calls: list[Callable[[], object]], rounds: int, flush: torch.Ten
 def paired_ratios(times: list[list[float]], work: list[float]) -> list[float]:
     """For each call after the first (``time_rounds``' `times`, `work` its flops): the median over
     rounds of its throughput divided by the first call's in the same round."""
-    import statistics
-
     return [statistics.median((w / t) / (work[0] / t0) for t, t0 in zip(ts, times[0]))
             for ts, w in zip(times[1:], work[1:])]
 
@@ -268,6 +267,12 @@ def paired_ratios(times: list[list[float]], work: list[float]) -> list[float]:
 PAIRED_BASE = ("local", 0.10, 128)
 PAIRED_POINTS = {"block 64 / block 128 (local 10%)": ("local", 0.10, 64),
                  "local 2.5% / local 10% (block 128)": ("local", 0.025, 128)}
+
+
+def forward_flops(mask: torch.Tensor, block: int, B: int, H: int, D: int) -> float:
+    """The forward's flops on a block layout's active blocks, ``4 * nnz * block^2 * D * B * H`` (the
+    issue's counting; fwd+bwd: 3.5x that)."""
+    return 4.0 * B * H * int(mask.sum()) * block * block * D
 
 
 def timing_fields(flops: float, ms_f: float, ms_fb: float, cond: dict[str, Any]) -> dict[str, Any]:
@@ -288,7 +293,7 @@ def time_paired(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rounds: int, 
     fwds, fwd_bwds, flops = [], [], []
     for kind, density, block in [PAIRED_BASE, *PAIRED_POINTS.values()]:
         mask = pattern(S // block, kind, density)
-        flops.append(4.0 * B * H * int(mask.sum()) * block * block * D)
+        flops.append(forward_flops(mask, block, B, H, D))
 
         def fwd(lay: tuple[torch.Tensor, ...] = csr(mask, "cuda"), block: int = block) -> torch.Tensor:
             return _Attn.apply(q, k, v, lay, block, block, scale)
@@ -405,7 +410,7 @@ def main() -> int:
                 nnz = int(lay_mask.sum())
                 density = nnz / nb / nb
                 lay = csr(lay_mask, dev)
-                fl = 4 * B * H * nnz * bs * bs * D
+                fl = forward_flops(lay_mask, bs, B, H, D)
                 pname = f"{kind} {density:.3f}"
 
                 def ours(lay=lay, bs=bs, q=q, k=k, v=v, scale=scale):

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_point import parse_point, point_calls, split_block
+from gpu_bench import forward_flops as gpu_forward_flops
 from gpu_bench import l2_flush_buffer, paired_ratios, pattern, time_rounds
 
 
@@ -34,8 +35,7 @@ def forward_flops(point: str) -> float:
     """The forward's flops on `point`'s active blocks (``4 * nnz * block^2 * D * B * H``)."""
     point, block = split_block(point, 128)
     B, H, S, D, kind, density = parse_point(point)
-    nnz = int(pattern(S // block, kind, density).sum())
-    return 4.0 * nnz * block * block * D * B * H
+    return gpu_forward_flops(pattern(S // block, kind, density), block, B, H, D)
 
 
 def ratio_cells(times: list[list[float]], flops: list[float]) -> list[list[str]]:
