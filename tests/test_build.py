@@ -319,8 +319,8 @@ def test_ab_points_pairs_rounds_and_counts_active_blocks():
     cells = ab_points.ratio_cells([[2.0, 2.5], [2.2222, 2.7778], [1.6667, 2.5]], [1e9] * 3)
     assert cells == [["450", ""], ["405", "0.900"], ["500", "1.100"]]
     mask = ab_points.pattern(1024 // 64, "local", 0.25)
-    assert ab_points.forward_flops("1x2x1024x32:local:0.25:64") == 4.0 * int(mask.sum()) * 64 * 64 * 32 * 2
-    assert ab_points.forward_flops("1x2x1024x32:local:0.25") == ab_points.forward_flops("1x2x1024x32:local:0.25:128")
+    assert ab_points.point_flops("1x2x1024x32:local:0.25:64") == 4.0 * int(mask.sum()) * 64 * 64 * 32 * 2
+    assert ab_points.point_flops("1x2x1024x32:local:0.25") == ab_points.point_flops("1x2x1024x32:local:0.25:128")
 
 
 def test_ab_builds_alternates_and_summarises():

@@ -589,19 +589,23 @@ print("replayed after the edit", flush=True)
 """
 
 
-def run_capture_script(op: str, seen: int, edit: str, block: int = 16,
-                       batch: int = 1) -> tuple[subprocess.CompletedProcess, str]:
+def check_capture_replays(op: str, seen: int, edit: str, message: str | None, block: int = 16,
+                          batch: int = 1) -> None:
     """CAPTURE_SCRIPT in a child process (a device-side assert loses the CUDA context): `op`'s call
     captured and replayed, `edit` made, replayed again; a layout of 3 x 3 blocks of `block` tokens
-    (the last one partial), `batch` sequences. Asserts the first replay ran; returns the process and
-    its output."""
+    (the last one partial), `batch` sequences. The first replay must run; the one after the edit
+    must run too where `message` is None, else fail with `message` in the output."""
     script = (CAPTURE_SCRIPT.replace("OP", op).replace("SEEN", str(seen)).replace("EDIT", edit)
               .replace("BLOCK", str(block)).replace("SEQ", str(2 * block + block // 2))
               .replace("BATCH", str(batch)))
     proc = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=600)
     text = proc.stdout + proc.stderr
     assert "captured" in proc.stdout and "replayed\n" in proc.stdout, text
-    return proc, text
+    if message is None:
+        assert proc.returncode == 0 and "replayed after the edit" in proc.stdout, text
+    else:
+        assert proc.returncode != 0 and "replayed after the edit" not in proc.stdout, text
+        assert message in text, text
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -612,12 +616,7 @@ def test_cuda_graph_replays_check_index_values_on_the_device(bad, seen):
     whatever the tensors hold then), whether or not an eager call checked them on the host before.
     Good values replay; a bad one (col 3 of 3 blocks) written between replays fails the replay with a
     device-side assert naming the tensor and entry, instead of reading outside K and V."""
-    proc, text = run_capture_script("fwd", seen, f"col[3] = {bad}")
-    if bad == 2:
-        assert proc.returncode == 0 and "replayed after the edit" in proc.stdout, text
-    else:
-        assert proc.returncode != 0 and "replayed after the edit" not in proc.stdout, text
-        assert "col_indices[3] = 3 is out of range [0, 3)" in text, text
+    check_capture_replays("fwd", seen, f"col[3] = {bad}", None if bad == 2 else "col_indices[3] = 3 is out of range [0, 3)")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -637,21 +636,14 @@ def test_cuda_graph_replays_of_the_forward_check_every_row_in_its_plan(block, ed
     before they read it: several rows a thread at block 16, a row over two threads at block 256 (the
     128-query tiles). Each kind of bad value, in any row, fails the replay naming it; a good edit
     replays."""
-    proc, text = run_capture_script("fwd", 1, edit, block)
-    if message is None:
-        assert proc.returncode == 0 and "replayed after the edit" in proc.stdout, text
-    else:
-        assert proc.returncode != 0 and "replayed after the edit" not in proc.stdout, text
-        assert message in text, text
+    check_capture_replays("fwd", 1, edit, message, block)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_replays_of_an_empty_forward_check_index_values():
     """A captured forward with no queries (batch 0) plans nothing, so it keeps the check kernel: a
     bad value written between replays still fails the replay naming it."""
-    proc, text = run_capture_script("fwd", 1, "col[3] = 3", batch=0)
-    assert proc.returncode != 0 and "replayed after the edit" not in proc.stdout, text
-    assert "col_indices[3] = 3 is out of range [0, 3)" in text, text
+    check_capture_replays("fwd", 1, "col[3] = 3", "col_indices[3] = 3 is out of range [0, 3)", batch=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -670,6 +662,4 @@ def test_cuda_graph_replays_check_the_backward_and_weights_index_values(op, edit
     """The captured backward checks its CSC pair (ids, and that it is the CSR's transpose) and the
     captured weights their max_slice_nnz on every replay, as the forward checks its CSR pair: a bad
     value written between replays fails the replay with a device-side assert naming it."""
-    proc, text = run_capture_script(op, 1, edit)
-    assert proc.returncode != 0 and "replayed after the edit" not in proc.stdout, text
-    assert message in text, text
+    check_capture_replays(op, 1, edit, message)

@@ -27,15 +27,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_point import parse_point, point_calls, split_block
-from gpu_bench import forward_flops as gpu_forward_flops
-from gpu_bench import l2_flush_buffer, paired_ratios, pattern, time_rounds
+from gpu_bench import forward_flops, l2_flush_buffer, paired_ratios, pattern, time_rounds
 
 
-def forward_flops(point: str) -> float:
+def point_flops(point: str) -> float:
     """The forward's flops on `point`'s active blocks (``4 * nnz * block^2 * D * B * H``)."""
     point, block = split_block(point, 128)
     B, H, S, D, kind, density = parse_point(point)
-    return gpu_forward_flops(pattern(S // block, kind, density), block, B, H, D)
+    return forward_flops(pattern(S // block, kind, density), block, B, H, D)
 
 
 def ratio_cells(times: list[list[float]], flops: list[float]) -> list[list[str]]:
@@ -57,7 +56,7 @@ def main() -> int:
         print("needs a CUDA device", file=sys.stderr)
         return 2
     points = args.points.split(",")
-    flops = [forward_flops(p) for p in points]
+    flops = [point_flops(p) for p in points]
     calls = [point_calls(p) for p in points]
     flush = l2_flush_buffer()
     columns = {}
