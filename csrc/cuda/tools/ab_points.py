@@ -34,7 +34,7 @@ def point_flops(point: str) -> float:
     """The forward's flops on `point`'s active blocks (``4 * nnz * block^2 * D * B * H``)."""
     point, block = split_block(point, 128)
     B, H, S, D, kind, density = parse_point(point)
-    return forward_flops(pattern(S // block, kind, density), block, B, H, D)
+    return forward_flops(int(pattern(S // block, kind, density).sum()), block, B, H, D)
 
 
 def ratio_cells(times: list[list[float]], flops: list[float]) -> list[list[str]]:
