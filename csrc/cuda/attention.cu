@@ -374,7 +374,8 @@ struct PlanBufs {
 };
 
 // Whether `stream` is being captured into a CUDA graph (true also if the query fails: the callers then
-// take the path that is safe under capture).
+// take the path that is safe under capture). Each op asks once, at its start, and hands the answer
+// (`captured`) to the helpers below, so a call makes one query, not one per helper.
 bool capturing(cudaStream_t stream) {
   cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
   return cudaStreamIsCapturing(stream, &cap) != cudaSuccess || cap != cudaStreamCaptureStatusNone;
@@ -497,13 +498,13 @@ struct CheckedIndices {
 // max_slice_nnz: -1 except in the weights.
 void check_index_values_cached(const dilated_sparse::detail::AttnDims& d, const at::Tensor& crow, const at::Tensor& col,
                                const at::Tensor& ccol, const at::Tensor& row, int64_t max_slice_nnz,
-                               cudaStream_t stream) {
+                               cudaStream_t stream, bool captured) {
   static auto* checked = new RecentEntries<CheckedIndices>();  // never freed (exit order)
   const std::array<const at::Tensor*, 4> given = {&crow, &col, &ccol, &row};
   const std::array<int64_t, 4> dims = {d.num_slices(), d.num_q_blocks, d.num_k_blocks, max_slice_nnz};
   const bool versioned =
       std::none_of(given.begin(), given.end(), [](const at::Tensor* t) { return t->defined() && t->is_inference(); });
-  if (capturing(stream)) {  // checked on every replay of the graph
+  if (captured) {  // checked on every replay of the graph
     check_index_values_on_device(d, crow.contiguous(), col.contiguous(), ccol.defined() ? ccol.contiguous() : ccol,
                                  row.defined() ? row.contiguous() : row, max_slice_nnz, stream);
     return;
@@ -538,9 +539,9 @@ void check_index_values_cached(const dilated_sparse::detail::AttnDims& d, const 
 // Copies a plan's entries per primary tile to the host once, with their sum and maximum, into
 // `keep` (plans are cached per layout, so once per layout). False while the stream is being
 // captured into a graph (no device->host copy then).
-bool len_stats(PlanBufs& keep, cudaStream_t stream) {
+bool len_stats(PlanBufs& keep, bool captured) {
   if (keep.len_max >= 0) return true;
-  if (capturing(stream)) return false;
+  if (captured) return false;
   keep.len_host = keep.len.to(at::kCPU);
   const int* len = keep.len_host.data_ptr<int>();
   keep.len_total = 0;
@@ -718,11 +719,11 @@ void make_split_on_device(PlanBufs& keep, int rep, cudaStream_t stream, int sett
 // captured call does (tests). Read on every call; part of the plan cache's key.
 bool split_on_device_setting() { return env_switch("DILATED_SPARSE_SPLIT_ON_DEVICE", false); }
 
-void make_split(PlanBufs& keep, TileList& tl, int rep, cudaStream_t stream, int setting, bool on_device,
-                int64_t entries_bound) {
+void make_split(PlanBufs& keep, TileList& tl, int rep, cudaStream_t stream, bool captured, int setting,
+                bool on_device, int64_t entries_bound) {
   if (setting == kSplitNever) return;
   make_split_on_device(keep, rep, stream, setting, entries_bound);
-  if (!on_device && !capturing(stream)) {
+  if (!on_device && !captured) {
     // Eager: the counts on the host (one copy), so a plan with no split row is dropped (the unsplit
     // order, which short rows prefer) and the kernels run the exact count (no padding).
     keep.split_counted = true;
@@ -940,21 +941,24 @@ bool plans_cached(const at::Tensor& ptr, const at::Tensor& idx) {
 // slot_map (dK/dV plans of the dS-scratch backward): built once per cached plan, kind and dQ tile
 // count (a consistent CSC determines its CSR up to trailing empty rows, and so the CSR's plans up to
 // their tile count: the CSC's key and that count cover it).
-// want_len_stats: fills the len_* fields (len_stats), once per cached plan. extras: only while the
-// stream is captured (the plan is then built by every replay).
+// want_len_stats: fills the len_* fields (len_stats), once per cached plan. captured: whether `stream`
+// is being captured into a graph (the op's capturing()). extras: only then (the plan is then built by
+// every replay).
 TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb, int prim_tokens,
                     int PT, int pb, int ST, int sb, int rep, int hdec, PlanBufs& keep,
-                    cudaStream_t stream, int split = kSplitNever, const DsSlotMap* slot_map = nullptr,
+                    cudaStream_t stream, bool captured, int split = kSplitNever, const DsSlotMap* slot_map = nullptr,
                     bool want_len_stats = false, bool split_on_device = false, const PlanExtras& extras = {}) {
   static auto* cache = new RecentEntries<PlanCacheEntry>();  // never freed (exit order)
   const bool uncached = !plans_cached(ptr, idx);
-  TORCH_INTERNAL_ASSERT(!extras.any() || capturing(stream), "plan_tiles: plan extras outside a graph capture");
-  auto build = [&](PlanBufs& bufs, cudaStream_t s) {
+  TORCH_INTERNAL_ASSERT(!extras.any() || captured, "plan_tiles: plan extras outside a graph capture");
+  // s_captured: whether `s` is captured (the caller's stream: `captured`; the cache's own: never, as
+  // the cache is used only outside a capture).
+  auto build = [&](PlanBufs& bufs, cudaStream_t s, bool s_captured) {
     TileList built = build_tiles(ptr, idx, L, npb, prim_tokens, PT, pb, ST, sb, rep, hdec, bufs, s, extras);
-    make_split(bufs, built, rep, s, split, split_on_device,
+    make_split(bufs, built, rep, s, s_captured, split, split_on_device,
                std::max<int64_t>(1, idx.numel() * built.fsplit * built.kf));  // the entries' bound
     if (slot_map != nullptr) slot_map->build_into(bufs, built, s);
-    if (want_len_stats) len_stats(bufs, s);
+    if (want_len_stats) len_stats(bufs, s_captured);
     return built;
   };
   // Not cached (freed with the call): with the cache off, for inference tensors, and while the stream
@@ -969,7 +973,7 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
   auto same_plan = [&](const PlanCacheEntry& e) {
     return e.ptr.matches(ptr) && e.idx.matches(idx) && std::equal(params, params + 10, e.params);
   };
-  if (uncached || capturing(stream)) {
+  if (uncached || captured) {
     // A captured call cannot read the row lengths, so its split is planned on the device (make_split),
     // which costs a plan kernel a replay and, where nothing is split, a work list in place of the
     // unsplit order (the repeat innermost: up to 10% slower at short rows, RESULTS.md, thirtieth
@@ -980,7 +984,7 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
       const PlanCacheEntry* eager = cache->find(same_plan);
       if (eager != nullptr && eager->bufs.split_counted && !eager->bufs.work.defined()) split = kSplitNever;
     }
-    return build(keep, stream);
+    return build(keep, stream, captured);
   }
   const c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream();
   TORCH_INTERNAL_ASSERT(caller.stream() == stream, "plan_tiles: plans are built for the current stream");
@@ -1000,14 +1004,14 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
       });
       record_on_caller(hit->bufs);
     }
-    if (want_len_stats) len_stats(hit->bufs, stream);
+    if (want_len_stats) len_stats(hit->bufs, false);
     keep = hit->bufs;
     TileList tl = hit->tl;
     tl.rep = rep;
     tl.hdec = hdec;
     return tl;
   }
-  TileList tl = cached_build([&](cudaStream_t s) { return build(keep, s); });
+  TileList tl = cached_build([&](cudaStream_t s) { return build(keep, s, false); });
   record_on_caller(keep);
   PlanCacheEntry e;
   e.ptr = TensorKey(ptr);
@@ -1708,8 +1712,8 @@ void stream_wait(cudaStream_t waiter, cudaStream_t signaller) {
 // graph's pool: a graph may be replayed on any stream, beside eager calls) that the caller's plan
 // kernel zeroes on every replay (PlanExtras::zero_pair; a fill node of its own cost ~1 us a replay).
 // The pairs are never freed (8 bytes each, a few streams a process; no teardown-order question).
-int* forward_work_counter(const at::Tensor& like, cudaStream_t stream, at::Tensor& keep) {
-  if (capturing(stream)) {
+int* forward_work_counter(const at::Tensor& like, cudaStream_t stream, bool captured, at::Tensor& keep) {
+  if (captured) {
     keep = at::empty({2}, like.options().dtype(at::kInt));
     return keep.data_ptr<int>();
   }
@@ -1747,7 +1751,9 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
   // A captured forward checks its index values in its plan kernel (PlanExtras); an empty one plans
   // nothing, so it launches the check kernel.
   const bool captured = capturing(stream);
-  if (!captured || q_in.numel() == 0) check_index_values_cached(dims, crow, col, at::Tensor(), at::Tensor(), -1, stream);
+  if (!captured || q_in.numel() == 0) {
+    check_index_values_cached(dims, crow, col, at::Tensor(), at::Tensor(), -1, stream, captured);
+  }
   const at::Tensor q = prep(q_in), k = prep(k_in), v = prep(v_in);
   const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), D = q.size(3);
   auto out = at::empty({B, Sq, H, D}, q.options());
@@ -1765,14 +1771,14 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
   const KernelEntry& kf = pick(kOpFwd, q, kD, p.bq, p.bk, key_tokens);
   const int rep = static_cast<int>(B * H / L);
   at::Tensor counter_keep;
-  if (kf.arch == 90) p.work_counter = forward_work_counter(q, stream, counter_keep);
+  if (kf.arch == 90) p.work_counter = forward_work_counter(q, stream, captured, counter_keep);
   PlanExtras extras;
   if (captured) extras = {col_c.numel(), p.nkb, kf.arch == 90 ? p.work_counter : nullptr};
   PlanBufs keep;
   int split = split_setting();
   if (split == kSplitAuto && kf.arch != 90) split = kSplitAutoTwoCtas;
-  p.tl = plan_tiles(crow_c, col_c, L, p.nqb, p.Sq, kf.pm, p.bq, kf.sn, p.bk, rep, p.H, keep, stream, split, nullptr,
-                    false, split_on_device_setting(), extras);
+  p.tl = plan_tiles(crow_c, col_c, L, p.nqb, p.Sq, kf.pm, p.bq, kf.sn, p.bk, rep, p.H, keep, stream, captured, split,
+                    nullptr, false, split_on_device_setting(), extras);
   at::Tensor opart, lpart;
   if (p.tl.work != nullptr) {
     opart = at::empty({keep.nslots * rep * kf.pm * D}, q.options().dtype(at::kFloat));
@@ -1818,7 +1824,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
       window_left, window_right, key_lengths, key_padding_mask, dlse_in);
   check_cuda_limits(q_in, k_in, block_q, block_k);
   c10::cuda::CUDAGuard guard(q_in.device());
-  check_index_values_cached(dims, crow, col, ccol, rowi, -1, c10::cuda::getCurrentCUDAStream());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool captured = capturing(stream);
+  check_index_values_cached(dims, crow, col, ccol, rowi, -1, stream, captured);
   const at::Tensor q = prep(q_in), k = prep(k_in), v = prep(v_in);
   const at::Tensor dout = prep(dout_in), out = prep(out_in);
   const at::Tensor lse = lse_in.contiguous();
@@ -1862,7 +1870,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   const int rep_k = p.Lh == 1 ? static_cast<int>((p.Lb == 1 ? B : 1) * Hkv) : static_cast<int>(p.Lb == 1 ? B : 1);
   const int q_per_k = rep_q / rep_k;  // query repeats a dK/dV repeat covers (G with a shared layout)
   const int hdec = p.Lh == 1 ? p.Hkv : p.H;
-  auto stream = c10::cuda::getCurrentCUDAStream();
   // dQ and dK/dV are independent once Delta is written: dK/dV runs on a side stream, so its CTAs
   // take the SMs that dQ's last items leave idle (and the other way round) instead of each kernel
   // ending in its own tail. Every output still has one writer (deterministic). The side stream
@@ -1885,7 +1892,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   // scratch that could fit (at least nnz bq bk / 128^2 slots of one repeat within the limit).
   const bool tile_slots = ds_kernels && !block_slots && tiles_allowed && p.bq <= ds_dq->pm &&
                           p.bk <= ds_dq->sn && ds_dkv->pm == ds_dq->sn && 2 * ds_dkv->sn == ds_dq->pm &&
-                          !capturing(stream) && plans_cached(crow_c, col_c) &&
+                          !captured && plans_cached(crow_c, col_c) &&
                           (col.numel() * p.bq * p.bk + ds_dq->pm * ds_dq->sn - 1) / (ds_dq->pm * ds_dq->sn) *
                                   q_per_k * ds_dq->pm * ds_dq->sn * q.element_size() <= limit;
   // The dQ-from-dS plan with its lengths on the host (cached), for tile slots' count and chunks_pay.
@@ -1893,7 +1900,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   auto dq_plan_stats = [&]() {
     if (dq_plan.len_max < 0) {
       plan_tiles(crow_c, col_c, L, p.nqb, p.Sq, ds_dq->pm, p.bq, ds_dq->sn, p.bk, rep_q, p.H, dq_plan, stream,
-                 kSplitNever, nullptr, /*want_len_stats=*/true);
+                 captured, kSplitNever, nullptr, /*want_len_stats=*/true);
     }
   };
   if (tile_slots) dq_plan_stats();
@@ -1926,7 +1933,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
       PlanBufs dkv_plan;
       dq_plan_stats();
       plan_tiles(ccol_c, rowi_c, L, p.nkb, p.Sk, ds_dkv->pm, p.bk, ds_dkv->sn, p.bq, rep_k, hdec, dkv_plan,
-                 stream, kSplitNever, nullptr, /*want_len_stats=*/true);
+                 stream, captured, kSplitNever, nullptr, /*want_len_stats=*/true);
       const bool stats = dq_plan.len_max >= 0 && dkv_plan.len_max >= 0;  // not while capturing a graph
       if (stats && two_ok && chunks_pay(dq_plan, dkv_plan, balanced(fit2), q_per_k)) {
         chunk_k = balanced(fit2);
@@ -1977,7 +1984,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   PlanBufs keep_q, keep_k;
   Params pq = p, pk = p;
-  pq.tl = plan_tiles(crow_c, col_c, L, p.nqb, p.Sq, kdq.pm, p.bq, kdq.sn, p.bk, rep_q, p.H, keep_q, stream);
+  pq.tl = plan_tiles(crow_c, col_c, L, p.nqb, p.Sq, kdq.pm, p.bq, kdq.sn, p.bk, rep_q, p.H, keep_q, stream, captured);
   if (kdq.arch == 90) {
     pq.work_counter = next_counter++;
     set_plan_prefetch(pq, pq.tl, crow_c, col_c, keep_q);
@@ -2007,7 +2014,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }};
   pk.tl = plan_tiles(ccol_c, rowi_c, L, p.nkb, p.Sk, kdkv.pm, p.bk, kdkv.sn, p.bq, rep_k, hdec, keep_k, stream,
-                     kSplitNever, ds_mode ? &slot_map : nullptr);
+                     captured, kSplitNever, ds_mode ? &slot_map : nullptr);
   if (kdkv.arch == 90) {
     pk.work_counter = next_counter++;
     set_plan_prefetch(pk, pk.tl, ccol_c, rowi_c, keep_k);
@@ -2073,8 +2080,8 @@ at::Tensor weights_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at
       window_right, key_lengths, key_padding_mask);
   check_cuda_limits(q_in, k_in, block_q, block_k, /*weights=*/true);
   c10::cuda::CUDAGuard guard(q_in.device());
-  check_index_values_cached(dims, crow, col, at::Tensor(), at::Tensor(), max_slice_nnz,
-                            c10::cuda::getCurrentCUDAStream());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  check_index_values_cached(dims, crow, col, at::Tensor(), at::Tensor(), max_slice_nnz, stream, capturing(stream));
   const at::Tensor q = q_in.stride(-1) == 1 ? q_in : q_in.contiguous();
   const at::Tensor k = k_in.stride(-1) == 1 ? k_in : k_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
@@ -2086,7 +2093,6 @@ at::Tensor weights_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at
   Params p = base_params(q, k, k, block_q, block_k, layout_batch, layout_heads, scale, causal,
                          window_left, window_right, klen, kpm);
   p.lse = lse.data_ptr<float>();
-  auto stream = c10::cuda::getCurrentCUDAStream();
   const int* colp = col_c.numel() > 0 ? col_c.data_ptr<int>() : nullptr;
   constexpr int64_t kMaxGridY = 65535;  // (b, h) pairs a launch (gridDim.y)
   auto launch = [&](auto tag) {
