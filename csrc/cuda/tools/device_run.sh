@@ -2,6 +2,7 @@
 # One device call: build the extension for sm_90a, run the CUDA tests, compute-sanitizer on a small
 # case, then the GPU benchmark. Logs under $OUT; short summary printed last.
 #   FUZZ=500 TESTS="tests/test_cuda_kernels.py" BENCH_ARGS="--quick" bash csrc/cuda/tools/device_run.sh
+# PYTEST_ARGS replaces the tests' default `-q` (so `PYTEST_ARGS=-v` lists each test).
 # If the package build fails, the CUDA kernels are built standalone (tools/build_standalone.py) and
 # tests/benchmarks load them through DILATED_SPARSE_TEST_LIB.
 set -u
@@ -23,7 +24,7 @@ fi
 grep -E "registers|spill" "$OUT/build.log" | head -0
 $PY -c "import dilated_sparse as d, torch; print('ext', d.extension_available(), torch.__version__)" 2>&1 | tail -1
 if [ "${TESTS:-}" != "none" ]; then
-  DILATED_SPARSE_FUZZ=${FUZZ:-500} timeout ${TEST_TIMEOUT:-300} $PY -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} ${TESTS:-tests/test_cuda_kernels.py} > "$OUT/tests.log" 2>&1
+  DILATED_SPARSE_FUZZ=${FUZZ:-500} timeout ${TEST_TIMEOUT:-300} $PY -m pytest ${PYTEST_ARGS:--q} -p no:cacheprovider ${TESTS:-tests/test_cuda_kernels.py} > "$OUT/tests.log" 2>&1
   echo "tests rc=$? ($(( $(date +%s) - t0 )) s)"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -30
 fi
 if [ -n "${VARIANTS:-}" ]; then  # the tests again with every kernel forced to tile variant v
