@@ -11,6 +11,14 @@ mkdir -p "$OUT"
 PY=${PY:-python3}
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONPATH=$PWD
+# The distribution's compilers where they exist (BUILD_CC / BUILD_CXX override): the GPU machine's
+# default CXX, /opt/gcc/bin/g++, gives the extension private copies of libstdc++ code (4596 defined
+# std:: symbols against 165), and its first error message with a number in it then crashes the
+# process (BUILDING.md; the forty-fifth session's first run hit it again).
+if [ -x "${BUILD_CXX:-/usr/bin/g++}" ]; then
+  export CC=${BUILD_CC:-/usr/bin/gcc} CXX=${BUILD_CXX:-/usr/bin/g++}
+fi
+echo "compilers: CC=${CC:-unset} CXX=${CXX:-unset}"
 nvidia-smi -L
 t0=$(date +%s)
 if $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
