@@ -15,9 +15,8 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONPATH=$PWD
 # default CXX, /opt/gcc/bin/g++, gives the extension private copies of libstdc++ code (4596 defined
 # std:: symbols against 165), and its first error message with a number in it then crashes the
 # process (BUILDING.md; the forty-fifth session's first run hit it again).
-if [ -x "${BUILD_CXX:-/usr/bin/g++}" ]; then
-  export CC=${BUILD_CC:-/usr/bin/gcc} CXX=${BUILD_CXX:-/usr/bin/g++}
-fi
+BUILD_CC=${BUILD_CC:-/usr/bin/gcc} BUILD_CXX=${BUILD_CXX:-/usr/bin/g++}
+[ -x "$BUILD_CXX" ] && export CC=$BUILD_CC CXX=$BUILD_CXX
 echo "compilers: CC=${CC:-unset} CXX=${CXX:-unset}"
 nvidia-smi -L
 t0=$(date +%s)
@@ -29,8 +28,10 @@ else
   echo "standalone: $lib ($(( $(date +%s) - t0 )) s)"; export DILATED_SPARSE_TEST_LIB=$lib
   [ -f "$lib" ] || { grep -E "error" "$OUT/build.log" | head -40; exit 1; }
 fi
-grep -E "registers|spill" "$OUT/build.log" | head -0
 $PY -c "import dilated_sparse as d, torch; print('ext', d.extension_available(), torch.__version__)" 2>&1 | tail -1
+# A build whose error messages crash (the compilers above) would kill the tests mid-run: say so first.
+$PY -m pytest -q -p no:cacheprovider tests/test_build.py::test_loaded_extension_formats_numbers_in_its_errors \
+  > "$OUT/build_check.log" 2>&1 || { echo "BUILD CHECK FAILED"; grep -E "^E " "$OUT/build_check.log" | head -5; }
 if [ "${TESTS:-}" != "none" ]; then
   DILATED_SPARSE_FUZZ=${FUZZ:-500} timeout ${TEST_TIMEOUT:-300} $PY -m pytest ${PYTEST_ARGS:--q} -p no:cacheprovider ${TESTS:-tests/test_cuda_kernels.py} > "$OUT/tests.log" 2>&1
   echo "tests rc=$? ($(( $(date +%s) - t0 )) s)"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -30
