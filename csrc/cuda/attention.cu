@@ -951,14 +951,14 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
   static auto* cache = new RecentEntries<PlanCacheEntry>();  // never freed (exit order)
   const bool uncached = !plans_cached(ptr, idx);
   TORCH_INTERNAL_ASSERT(!extras.any() || captured, "plan_tiles: plan extras outside a graph capture");
-  // s_captured: whether `s` is captured (the caller's stream: `captured`; the cache's own: never, as
-  // the cache is used only outside a capture).
-  auto build = [&](PlanBufs& bufs, cudaStream_t s, bool s_captured) {
+  // `s`: the caller's stream, or the cache's own (used only outside a capture, so `captured` holds
+  // for both).
+  auto build = [&](PlanBufs& bufs, cudaStream_t s) {
     TileList built = build_tiles(ptr, idx, L, npb, prim_tokens, PT, pb, ST, sb, rep, hdec, bufs, s, extras);
-    make_split(bufs, built, rep, s, s_captured, split, split_on_device,
+    make_split(bufs, built, rep, s, captured, split, split_on_device,
                std::max<int64_t>(1, idx.numel() * built.fsplit * built.kf));  // the entries' bound
     if (slot_map != nullptr) slot_map->build_into(bufs, built, s);
-    if (want_len_stats) len_stats(bufs, s_captured);
+    if (want_len_stats) len_stats(bufs, captured);
     return built;
   };
   // Not cached (freed with the call): with the cache off, for inference tensors, and while the stream
@@ -984,7 +984,7 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
       const PlanCacheEntry* eager = cache->find(same_plan);
       if (eager != nullptr && eager->bufs.split_counted && !eager->bufs.work.defined()) split = kSplitNever;
     }
-    return build(keep, stream, captured);
+    return build(keep, stream);
   }
   const c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream();
   TORCH_INTERNAL_ASSERT(caller.stream() == stream, "plan_tiles: plans are built for the current stream");
@@ -1004,14 +1004,14 @@ TileList plan_tiles(const at::Tensor& ptr, const at::Tensor& idx, int L, int npb
       });
       record_on_caller(hit->bufs);
     }
-    if (want_len_stats) len_stats(hit->bufs, false);
+    if (want_len_stats) len_stats(hit->bufs, captured);
     keep = hit->bufs;
     TileList tl = hit->tl;
     tl.rep = rep;
     tl.hdec = hdec;
     return tl;
   }
-  TileList tl = cached_build([&](cudaStream_t s) { return build(keep, s, false); });
+  TileList tl = cached_build([&](cudaStream_t s) { return build(keep, s); });
   record_on_caller(keep);
   PlanCacheEntry e;
   e.ptr = TensorKey(ptr);
