@@ -48,7 +48,8 @@ DKV = {
 FWD_SM90 = {
     32: [("2", "128", "kSchedPingPongOverlap | kFwdQRegs | kHalfScoreK | kNarrowOut")],
     64: [("2", "128", "kSchedPingPongOverlap | kFwdQRegs"), ("1", "64", "kSchedOverlap", "small"),
-         ("2", "128", "kSchedLockstep"), ("2", "128", "kSchedPingPong2"), ("2", "128", "kSchedPingPong")],
+         ("2", "128", "kSchedLockstep"), ("2", "128", "kSchedPingPong2"), ("2", "128", "kSchedPingPong"),
+         ("1", "128", "kSchedPingPong2 | kFwdTwoItems")],
     128: [("2", "128", "kSchedPingPong | kFwdLazyRescale | kFwdQRegs"), ("2", "128", "kSchedLockstep"),
           ("1", "64", "kSchedLockstep", "small"), ("2", "128", "kSchedPingPong2", "short"), ("2", "128", "kSchedPingPongOverlap"),
           ("2", "128", "kSchedPingPongSplit")],
