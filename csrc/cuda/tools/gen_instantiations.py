@@ -46,8 +46,8 @@ DKV = {
 # variant, "short" one the host prefers when the rows are short, "wide" one it prefers (rows not short)
 # when the secondary block is a multiple of the variant's step (attention.cu: pick()).
 FWD_SM90 = {
-    32: [("2", "128", "kSchedPingPongOverlap | kFwdQRegs | kHalfScoreK | kNarrowOut"),
-         ("1", "128", "kSchedPingPong2 | kFwdTwoItems | kHalfScoreK | kNarrowOut")],
+    32: [("1", "128", "kSchedPingPong2 | kFwdTwoItems | kHalfScoreK | kNarrowOut"),
+         ("2", "128", "kSchedPingPongOverlap | kFwdQRegs | kHalfScoreK | kNarrowOut")],
     64: [("1", "128", "kSchedPingPong2 | kFwdTwoItems"), ("2", "128", "kSchedPingPongOverlap | kFwdQRegs"),
          ("1", "64", "kSchedOverlap", "small"), ("2", "128", "kSchedLockstep"), ("2", "128", "kSchedPingPong2"),
          ("2", "128", "kSchedPingPong")],
