@@ -1097,6 +1097,82 @@ __device__ __forceinline__ void stage_fwd_rows(uint32_t sO, const float (&acc)[k
   }
 }
 
+// Online softmax (log2 domain) of S, the scores of 16 rows a warp (from row `row` of the query tile
+// at m0) against kBN keys from `col`: masks them (state 2: per element, with the rules R and the
+// membership mask msk), updates the rows' running max mrow and sum lrow, writes the probabilities
+// to Pc (A fragments) and the factor the output rows must be rescaled by to corr. The row max
+// is taken over the raw scores and scaled once a row (a positive scale keeps the order), so each
+// score meets the scale once, inside the exponent (RESULTS.md, fifteenth session: +1-8% at long
+// rows); partial maxima and sums shorten the dependency chains. A scale <= 0 (legal, if odd)
+// scales the scores before the masks, so that masked ones are -inf after scaling either way.
+template <typename T, int kBN, bool kLazy>
+__device__ __forceinline__ void fwd_softmax(float (&S)[kBN / 8][4], uint32_t (&Pc)[kBN / 16][4], float (&mrow)[2],
+                                            float (&lrow)[2], float (&corr)[2], float sl2, int state, const Rules& R,
+                                            const TileList& tl, uint64_t msk, int m0, int row, int col, int g, int t4) {
+  sm90::fence_regs(S);
+  const bool positive = sl2 > 0.f;
+  if (!positive) {
+#pragma unroll
+    for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) S[nt][e] *= sl2;
+  }
+  if (state == 2) mask_tile<kBN / 8, false>(S, R, tl, msk, m0, row, col, g, t4, -INFINITY);
+  const float exp_scale = positive ? sl2 : 1.f;
+  float part[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+#pragma unroll
+  for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) part[e] = fmaxf(part[e], S[nt][e]);
+  float mx[2], base[2];
+  bool reduce = true;  // the quad reduction of the row maxima
+  if constexpr (kLazy) {
+    bool mine = false;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float pm = fmaxf(part[2 * r], part[2 * r + 1]);
+      mine |= pm != -INFINITY && pm * exp_scale > mrow[r] + kLazyHeadroom;
+    }
+    reduce = __any_sync(0xffffffffu, mine);
+    if (!reduce) {  // every row of the warp keeps its max
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        corr[r] = 1.f;
+        base[r] = mrow[r] == -INFINITY ? 0.f : mrow[r];
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2 && reduce; ++r) {
+    mx[r] = quad_max(fmaxf(part[2 * r], part[2 * r + 1]));
+    const float tile_max = mx[r] == -INFINITY ? -INFINITY : mx[r] * exp_scale;
+    if constexpr (kLazy) {
+      const bool raise = tile_max > mrow[r] + kLazyHeadroom;  // always for the first finite max
+      corr[r] = raise ? fast_exp2(mrow[r] - tile_max) : 1.f;
+      mrow[r] = raise ? tile_max : mrow[r];
+      base[r] = mrow[r] == -INFINITY ? 0.f : mrow[r];
+    } else {
+      mx[r] = fmaxf(mrow[r], tile_max);
+      base[r] = mx[r] == -INFINITY ? 0.f : mx[r];
+      corr[r] = fast_exp2(mrow[r] - base[r]);
+      mrow[r] = mx[r];
+    }
+  }
+  float sum[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int nt = 0; nt < kBN / 8; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      S[nt][e] = fast_exp2(fmaf(S[nt][e], exp_scale, -base[e >> 1]));
+      sum[e] += S[nt][e];
+    }
+  }
+  lrow[0] = lrow[0] * corr[0] + (sum[0] + sum[1]);
+  lrow[1] = lrow[1] * corr[1] + (sum[2] + sum[3]);
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk) to_a_frag<T>(Pc[kk], S, kk);
+}
+
 template <typename T, int kD, int kWG, int kBN, int kSchedM>
 __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads,
                                   FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kCtasPerSm) fwd_sm90_kernel(const __grid_constant__ Params p) {
@@ -1216,75 +1292,9 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads,
       }
       sm90::commit();
     };
-    // Online softmax (log2 domain): masks, updates the running max and sum, writes the
-    // probabilities to P[c] and the factor the output rows must be rescaled by to corr. The row max
-    // is taken over the raw scores and scaled once a row (a positive scale keeps the order), so each
-    // score meets the scale once, inside the exponent (RESULTS.md, fifteenth session: +1-8% at long
-    // rows); partial maxima and sums shorten the dependency chains. A scale <= 0 (legal, if odd)
-    // scales the scores before the masks, so that masked ones are -inf after scaling either way.
     auto softmax = [&](auto c) {
-      sm90::fence_regs(S);
-      const bool positive = sl2 > 0.f;
-      if (!positive) {
-#pragma unroll
-        for (int nt = 0; nt < kBN / 8; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) S[nt][e] *= sl2;
-      }
-      if (C.state == 2) mask_tile<kBN / 8, false>(S, W.R, p.tl, C.msk, W.m0, wrow, C.kt * kBN, g, t4, -INFINITY);
-      const float exp_scale = positive ? sl2 : 1.f;
-      float part[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
-#pragma unroll
-      for (int nt = 0; nt < kBN / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) part[e] = fmaxf(part[e], S[nt][e]);
-      float mx[2], base[2];
-      bool reduce = true;  // the quad reduction of the row maxima
-      if constexpr (Cfg::kLazy) {
-        bool mine = false;
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const float pm = fmaxf(part[2 * r], part[2 * r + 1]);
-          mine |= pm != -INFINITY && pm * exp_scale > mrow[r] + kLazyHeadroom;
-        }
-        reduce = __any_sync(0xffffffffu, mine);
-        if (!reduce) {  // every row of the warp keeps its max
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            corr[r] = 1.f;
-            base[r] = mrow[r] == -INFINITY ? 0.f : mrow[r];
-          }
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < 2 && reduce; ++r) {
-        mx[r] = quad_max(fmaxf(part[2 * r], part[2 * r + 1]));
-        const float tile_max = mx[r] == -INFINITY ? -INFINITY : mx[r] * exp_scale;
-        if constexpr (Cfg::kLazy) {
-          const bool raise = tile_max > mrow[r] + kLazyHeadroom;  // always for the first finite max
-          corr[r] = raise ? fast_exp2(mrow[r] - tile_max) : 1.f;
-          mrow[r] = raise ? tile_max : mrow[r];
-          base[r] = mrow[r] == -INFINITY ? 0.f : mrow[r];
-        } else {
-          mx[r] = fmaxf(mrow[r], tile_max);
-          base[r] = mx[r] == -INFINITY ? 0.f : mx[r];
-          corr[r] = fast_exp2(mrow[r] - base[r]);
-          mrow[r] = mx[r];
-        }
-      }
-      float sum[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-      for (int nt = 0; nt < kBN / 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          S[nt][e] = fast_exp2(fmaf(S[nt][e], exp_scale, -base[e >> 1]));
-          sum[e] += S[nt][e];
-        }
-      }
-      lrow[0] = lrow[0] * corr[0] + (sum[0] + sum[1]);
-      lrow[1] = lrow[1] * corr[1] + (sum[2] + sum[3]);
-#pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk) to_a_frag<T>(P[c][kk], S, kk);
+      fwd_softmax<T, kBN, Cfg::kLazy>(S, P[c], mrow, lrow, corr, sl2, C.state, W.R, p.tl, C.msk, W.m0, wrow,
+                                      C.kt * kBN, g, t4);
     };
     // O += P[c] V with the V tile of slot st.
     auto pv = [&](auto c, int st) {
@@ -1358,79 +1368,6 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads,
     float mrow[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}}, lrow[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
     float corr[2][2] = {{1.f, 1.f}, {1.f, 1.f}};
     uint32_t P[2][kBN / 16][4];
-    // As consumer_item's softmax. Online softmax (log2 domain) of S, the scores of 64 rows of the tile (this warp's 16 from
-    // row_in_tile): masks, updates the rows' running max mrow and sum lrow, writes the probabilities
-    // to Pc (A fragments) and the factor the output rows must be rescaled by to corr. The row max
-    // is taken over the raw scores and scaled once a row (a positive scale keeps the order), so each
-    // score meets the scale once, inside the exponent (RESULTS.md, fifteenth session: +1-8% at long
-    // rows); partial maxima and sums shorten the dependency chains. A scale <= 0 (legal, if odd)
-    // scales the scores before the masks, so that masked ones are -inf after scaling either way.
-    auto softmax_rows = [&](float (&S)[kBN / 8][4], uint32_t (&Pc)[kBN / 16][4], float (&mrow)[2],
-                            float (&lrow)[2], float (&corr)[2], int row_in_tile) {
-      const float sl2 = p.scale_log2;
-      sm90::fence_regs(S);
-      const bool positive = sl2 > 0.f;
-      if (!positive) {
-  #pragma unroll
-        for (int nt = 0; nt < kBN / 8; ++nt)
-  #pragma unroll
-          for (int e = 0; e < 4; ++e) S[nt][e] *= sl2;
-      }
-      if (C.state == 2) mask_tile<kBN / 8, false>(S, W.R, p.tl, C.msk, W.m0, row_in_tile, C.kt * kBN, g, t4, -INFINITY);
-      const float exp_scale = positive ? sl2 : 1.f;
-      float part[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
-  #pragma unroll
-      for (int nt = 0; nt < kBN / 8; ++nt)
-  #pragma unroll
-        for (int e = 0; e < 4; ++e) part[e] = fmaxf(part[e], S[nt][e]);
-      float mx[2], base[2];
-      bool reduce = true;  // the quad reduction of the row maxima
-      if constexpr (Cfg::kLazy) {
-        bool mine = false;
-  #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const float pm = fmaxf(part[2 * r], part[2 * r + 1]);
-          mine |= pm != -INFINITY && pm * exp_scale > mrow[r] + kLazyHeadroom;
-        }
-        reduce = __any_sync(0xffffffffu, mine);
-        if (!reduce) {  // every row of the warp keeps its max
-  #pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            corr[r] = 1.f;
-            base[r] = mrow[r] == -INFINITY ? 0.f : mrow[r];
-          }
-        }
-      }
-  #pragma unroll
-      for (int r = 0; r < 2 && reduce; ++r) {
-        mx[r] = quad_max(fmaxf(part[2 * r], part[2 * r + 1]));
-        const float tile_max = mx[r] == -INFINITY ? -INFINITY : mx[r] * exp_scale;
-        if constexpr (Cfg::kLazy) {
-          const bool raise = tile_max > mrow[r] + kLazyHeadroom;  // always for the first finite max
-          corr[r] = raise ? fast_exp2(mrow[r] - tile_max) : 1.f;
-          mrow[r] = raise ? tile_max : mrow[r];
-          base[r] = mrow[r] == -INFINITY ? 0.f : mrow[r];
-        } else {
-          mx[r] = fmaxf(mrow[r], tile_max);
-          base[r] = mx[r] == -INFINITY ? 0.f : mx[r];
-          corr[r] = fast_exp2(mrow[r] - base[r]);
-          mrow[r] = mx[r];
-        }
-      }
-      float sum[4] = {0.f, 0.f, 0.f, 0.f};
-  #pragma unroll
-      for (int nt = 0; nt < kBN / 8; ++nt) {
-  #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          S[nt][e] = fast_exp2(fmaf(S[nt][e], exp_scale, -base[e >> 1]));
-          sum[e] += S[nt][e];
-        }
-      }
-      lrow[0] = lrow[0] * corr[0] + (sum[0] + sum[1]);
-      lrow[1] = lrow[1] * corr[1] + (sum[2] + sum[3]);
-  #pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk) to_a_frag<T>(Pc[kk], S, kk);
-    };
     auto scores = [&](auto h) {
       const uint32_t sK = sK0 + C.stage * Cfg::kKVBytes;
       sm90::fence_regs(S);
@@ -1478,7 +1415,8 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads,
           pv(Set1{}, last_stage);
           sm90::wait<1>();  // S of half 0; P_1 V_{j-1} may still run
         }
-        softmax_rows(S, P[0], mrow[0], lrow[0], corr[0], wrow);
+        fwd_softmax<T, kBN, Cfg::kLazy>(S, P[0], mrow[0], lrow[0], corr[0], p.scale_log2, C.state, W.R, p.tl, C.msk,
+                                        W.m0, wrow, C.kt * kBN, g, t4);
         if (!first) {
           sm90::wait<0>();
           sm90::mbar_arrive(sy.empty + 8 * last_stage);  // slot j - 1 no longer read
@@ -1488,7 +1426,8 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads,
         pv(Set0{}, C.stage);
         sm90::wait<1>();  // S of half 1; P_0 V_j may still run
         if (C.last != 0) release_primary<Cfg::kResBufs>(sy, nres);
-        softmax_rows(S, P[1], mrow[1], lrow[1], corr[1], 64 + wrow);
+        fwd_softmax<T, kBN, Cfg::kLazy>(S, P[1], mrow[1], lrow[1], corr[1], p.scale_log2, C.state, W.R, p.tl, C.msk,
+                                        W.m0, 64 + wrow, C.kt * kBN, g, t4);
         sm90::wait<0>();
         rescale(Set1{});
         first = false;
