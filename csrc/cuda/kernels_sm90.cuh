@@ -15,7 +15,8 @@
 //    produce_tile) and hands its registers to the consumers (setmaxnreg); the two consumer
 //    warpgroups take turns issuing products (named barriers), so one's softmax runs during the
 //    other's products (FA3 ping-pong).
-//    These kernels are persistent: one CTA per SM takes work items from a global counter (longest
+//    These kernels are persistent: one CTA per SM (two in the D32 / D64 forward: kFwdTwoItems,
+//    whose one consumer warpgroup walks a CTA's item) takes work items from a global counter (longest
 //    first, as planned); the producer decodes each item, posts it to the consumers through shared
 //    memory (ItemInfo) and loads the next item's first tiles while they finish the current one, so
 //    short rows do not pay a cold start each. The producer also walks the tile lists for the
@@ -134,7 +135,11 @@ constexpr int kFwdQRegs = 128;
 // CTA is one consumer warpgroup and the producer, two CTAs an SM; the warpgroup walks a whole 128-row
 // query tile as two 64-row halves on each key tile (the scores of one half on the tensor cores while
 // the other half's softmax runs), so that one CTA's item boundary (epilogue, take, first tile) runs
-// under the other CTA's products, and each key tile still serves 128 query rows.
+// under the other CTA's products, and each key tile still serves 128 query rows. Two ring stages and
+// two Q buffers a CTA (half the SM's shared memory each), 232 registers for the consumers. H200,
+// forty-eighth session: the D64 forward 9-14% faster than the ping-pong-overlap default at S16k and
+// S64k, D32 15-21% (gen_instantiations.py); the per-item and per-tile costs both fell, so the
+// share of a short row's time at its boundaries did not (RESULTS.md).
 constexpr int kFwdTwoItems = 8192;
 // Shared memory of a CTA that shares its SM with another: half the SM's 228 KB, less the 1 KB the
 // system reserves for each CTA.
@@ -2089,7 +2094,7 @@ __global__ void __launch_bounds__(DqDsSm90Cfg<kD>::kThreads, 1) dq_ds_sm90_kerne
 // Launchers
 // ---------------------------------------------------------------------------------------------
 
-// Ping-pong kernels are persistent: one CTA per SM (they fill it), taking items from
+// Ping-pong kernels are persistent: one CTA per SM (they fill it; kCtasPerSm for kFwdTwoItems), taking items from
 // p.work_counter, which is zero at the launch (the forward's resets itself, the backward's are
 // zeroed by its Delta kernel); the other schedules run a CTA per item.
 template <auto kKernel, int kThreads, int kSmem, bool kPersistent, int kCtasPerSm = 1>
