@@ -712,8 +712,8 @@ def test_tma_matches_cp_async(kw, monkeypatch):
 
 
 # Block 64 with the default 128-row tiles (two layout rows a tile, merged key tiles with membership
-# masks; edge tiles masked per row interval and eight-column group): ~3400 key tokens a row, past
-# small_tile_max_tokens (since the tenth session only the D64 forward has a limit, 512 tokens).
+# masks; edge tiles masked per row interval and eight-column group): ~3400 key tokens a row (on sm_90
+# the default takes every block size since the forty-eighth session: small_tile_max_tokens).
 @pytest.mark.parametrize("D", [64, 128])
 def test_small_blocks_long_rows(D):
     run_case(D=D, Sq=4000, Sk=4000, bq=64, bk=64, density=0.9, H=2, empty_rows=0.05, seed=D + 5)

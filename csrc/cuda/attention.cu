@@ -1361,17 +1361,18 @@ constexpr double kWideRowTokens = 1024.0;
 // most this many secondary tokens long; longer rows keep the default, whose tile spans several
 // layout rows (merged key tiles with membership masks). Since mask_tile tests each row's rules as
 // one interval and membership per eight-column group (tenth session), the default's edge tiles cost
-// little more than full ones, and only the D64 forward on the shortest rows keeps the small tile.
+// little more than full ones, and on sm_90 the default now wins everywhere (below).
 // H200, S16k, block 64, local 2.5 / 5 / 10% and causal_local 5% (448 / 832 / 1600 / ~830 tokens a
 // row), bf16, each op's variants forced in turn (.whl/abvar.py, three interleaved rounds, medians):
 //   D128 forward: default 28% faster at 448 (196 vs 272 us), 41-47% at 832 and 1600;
 //   D64 forward: small 4% faster at 448 (293 vs 304 us), default 20% faster at 832, 27% at 1600;
 //   D64 dQ (whole backward): equal at 448-832, default 16% faster at 1600;
 //   D64 dK/dV (whole backward): default 7% faster at 448, 16-18% at 832-1600.
-// Other sm_90 cases have no small variant; the mma.sync family keeps the small tiles (not measured).
-double small_tile_max_tokens(Op op, int kD, int arch) {
-  if (arch != 90) return std::numeric_limits<double>::infinity();
-  return op == kOpFwd && kD == 64 ? 512.0 : 0.0;
+// Since the D64 forward's default is the two-items kernel (kernels_sm90.cuh: kFwdTwoItems), it is
+// also 10% faster than the small tile at 448 (H200, forty-eighth session, ab_env.py, 80 rounds), so
+// no sm_90 case takes a small variant; the mma.sync family keeps the small tiles (not measured).
+double small_tile_max_tokens(Op, int, int arch) {
+  return arch != 90 ? std::numeric_limits<double>::infinity() : 0.0;
 }
 
 // Average secondary tokens a primary row (of `rows` in all slices) walks: nnz blocks x secondary block

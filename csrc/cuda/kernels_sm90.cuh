@@ -15,7 +15,8 @@
 //    produce_tile) and hands its registers to the consumers (setmaxnreg); the two consumer
 //    warpgroups take turns issuing products (named barriers), so one's softmax runs during the
 //    other's products (FA3 ping-pong).
-//    These kernels are persistent: one CTA per SM takes work items from a global counter (longest
+//    These kernels are persistent: one CTA per SM (two in the D32 / D64 forward: kFwdTwoItems,
+//    whose one consumer warpgroup walks a CTA's item) takes work items from a global counter (longest
 //    first, as planned); the producer decodes each item, posts it to the consumers through shared
 //    memory (ItemInfo) and loads the next item's first tiles while they finish the current one, so
 //    short rows do not pay a cold start each. The producer also walks the tile lists for the
@@ -130,6 +131,19 @@ constexpr float kLazyHeadroom = 8.f;
 // seventeenth session (the same result bit for bit): 1-3.4% faster at long rows (D64 and D128),
 // equal at 1-3 key blocks a row, so the next Q was not what short items waited for.
 constexpr int kFwdQRegs = 128;
+// Forward modifier (D64; one consumer warpgroup, kSchedPingPong2): two items in flight an SM. Each
+// CTA is one consumer warpgroup and the producer, two CTAs an SM; the warpgroup walks a whole 128-row
+// query tile as two 64-row halves on each key tile (the scores of one half on the tensor cores while
+// the other half's softmax runs), so that one CTA's item boundary (epilogue, take, first tile) runs
+// under the other CTA's products, and each key tile still serves 128 query rows. Two ring stages and
+// two Q buffers a CTA (half the SM's shared memory each), 232 registers for the consumers. H200,
+// forty-eighth session: the D64 forward 9-14% faster than the ping-pong-overlap default at S16k and
+// S64k, D32 15-21% (gen_instantiations.py); the per-item and per-tile costs both fell, so the
+// share of a short row's time at its boundaries did not (RESULTS.md).
+constexpr int kFwdTwoItems = 8192;
+// Shared memory of a CTA that shares its SM with another: half the SM's 228 KB, less the 1 KB the
+// system reserves for each CTA.
+constexpr int kHalfSmSmem = (233472 - 2 * 1024) / 2;
 
 // Byte offset of the mailbox's item_full barriers in the PingSync of a ring of `stages` (after full[]
 // and empty[] of each stage and res_full[2], res_empty[2], as make_ping_sync lays them out): a kernel
@@ -148,7 +162,7 @@ struct Sm90Threads {
   static constexpr int kThreads = kConsumers + (kPing ? 128 : 0);
   static constexpr int kBarBytes = kPing ? 192 + 16 * kVStages : 0;  // PingSync
   static_assert(16 * kSm90Stages + 64 + 2 * sizeof(ItemInfo) <= 192, "PingSync exceeds its bytes");
-  static_assert(!kPing || kWG_ == 2, "ping-pong needs two consumer warpgroups");
+  static_assert(!kPing || kWG_ == 2 || kWG_ == 1, "ping-pong: one or two consumer warpgroups");
 
   // Ring stages: three, or two where ping-pong (which releases slots through mbarriers) cannot fit
   // three next to its primary tiles. Shared memory = primary + stages x (stage tiles + side rows)
@@ -208,18 +222,33 @@ struct FwdSm90Cfg : Sm90Threads<kWG_, kSchedM & kSchedMask> {
   static constexpr int kOutCols = out_cols(kD, kSchedM);  // output columns computed
   static_assert(!kQRegs || kSched == kSchedPingPong || kSched == kSchedPingPongOverlap,
                 "Q in registers: the one-buffer ping-pong schedules only");
-  static constexpr int kBM = 64 * kWG_;
+  static constexpr bool kTwoItems = (kSchedM & kFwdTwoItems) != 0;
+  static_assert(kTwoItems ? kWG_ == 1 && kSched == kSchedPingPong2 && !kQRegs : !Base::kPing || kWG_ == 2,
+                "two items an SM: one consumer warpgroup, kSchedPingPong2; other ping-pong: two");
+  static constexpr int kHalves = kTwoItems ? 2 : 1;      // 64-row halves a consumer warpgroup walks
+  static constexpr int kCtasPerSm = kTwoItems ? 2 : 1;   // persistent CTAs an SM
+  // Two items an SM: no alignment slack (the kernel checks that its shared memory starts 1024-aligned).
+  static constexpr int kSlack = kTwoItems ? 1024 : 0;
+  static constexpr int kSmemCap = kTwoItems ? kHalfSmSmem : kMaxSmem;
+  static constexpr int kBM = 64 * kWG_ * kHalves;
+  // The consumers' registers after the producer's hand-over (setmaxnreg): the CTA's share of the
+  // register file (the launch's, kThreads x 65536 / (kThreads x kCtasPerSm)) less the producer's.
+  static constexpr int kConsumerRegs =
+      kTwoItems ? (65536 / kCtasPerSm - 128 * kProducerRegs) / (128 * kWG_) / 8 * 8 : dilated_sparse::cuda::kConsumerRegs;
   static constexpr int kBN = kBN_;
   static constexpr int kQBytes = kBM * kD * 2;
   static constexpr int kKVBytes = kBN * kD * 2;
   static constexpr int kResBytes = kQBytes;
   // K ring slots; the V ring has as many unless the schedule splits them (Base::kVStages).
-  static constexpr int kStages = Base::kVStages > 0 ? kSm90Stages : Base::stages(kResBytes, 2 * kKVBytes);
+  static constexpr int kStages =
+      kTwoItems ? 2 : Base::kVStages > 0 ? kSm90Stages : Base::stages(kResBytes, 2 * kKVBytes);
   static constexpr int kVSlots = Base::kVStages > 0 ? Base::kVStages : kStages;
   // Ping-pong: a tile that stages the output rows for TMA stores, where it fits after the ring
   // (D64; D128 with two primary buffers and two stages), else none (stores from registers).
   static constexpr int kOBytes =
-      Base::kPing && Base::smem(kResBytes, kKVBytes, kStages + kVSlots) + kBM * kD * 2 <= kMaxSmem ? kBM * kD * 2 : 0;
+      Base::kPing && Base::smem(kResBytes, kKVBytes, kStages + kVSlots) - kSlack + kBM * kD * 2 <= kSmemCap
+          ? kBM * kD * 2
+          : 0;
   // Ping-pong: the producer's record of each ring slot's tile (TileRecord), after the barriers.
   static constexpr int kRecBytes = Base::kPing ? kStages * static_cast<int>(sizeof(TileRecord)) : 0;
   // Ping-pong at D64: the producer posts its lookup of each item's first tile pair (run_items,
@@ -227,8 +256,9 @@ struct FwdSm90Cfg : Sm90Threads<kWG_, kSchedM & kSchedMask> {
   static constexpr bool kPostLookup = Base::kPing && kD <= 64;
   static constexpr int kPostBytes = kPostLookup ? 16 : 0;
   static constexpr int kOpenAt = kPostLookup ? Base::kBarBytes + kRecBytes - mailbox_at(kStages) : 0;
-  static constexpr int kSmem = Base::smem(kResBytes, kKVBytes, kStages + kVSlots) + kOBytes + kRecBytes + kPostBytes;
-  static_assert(kSmem <= kMaxSmem, "forward tile does not fit in shared memory");
+  static constexpr int kSmem =
+      Base::smem(kResBytes, kKVBytes, kStages + kVSlots) - kSlack + kOBytes + kRecBytes + kPostBytes;
+  static_assert(kSmem <= kSmemCap, "forward tile does not fit in shared memory");
   // Ping-pong at D64: with TMA the producer's item loop runs on warp 0 alone (run_items' kLean).
   // H200, twenty-eighth session: the D64 forward 0.990-0.992 of the time at local 2.5% and 10%;
   // the D128 forward 1.002-1.014 (slower at short rows), so not there.
@@ -252,6 +282,7 @@ struct DqSm90Cfg : Sm90Threads<kWG_, kSchedM & kSchedMask> {
   static constexpr int kStages = Base::stages(kResBytes, 2 * kKVBytes, kRecSide);
   static constexpr int kSmem = Base::smem(kResBytes, 2 * kKVBytes, kStages, kRecSide);
   static_assert(kSmem <= kMaxSmem, "dQ tile does not fit in shared memory");
+  static_assert(!Base::kPing || kWG_ == 2, "ping-pong needs two consumer warpgroups");
 };
 
 // dK/dV: kWG warpgroups of 64 keys, kBM queries per step. Shared memory: K, V per primary buffer,
@@ -284,6 +315,7 @@ struct DkvSm90Cfg : Sm90Threads<kWG_, kSchedM & kSchedMask> {
   static constexpr int kStages = Base::stages(kResBytes, kStageBytes, kSideBytes);
   static constexpr int kSmem = Base::smem(kResBytes, kStageBytes, kStages, kSideBytes);
   static_assert(kSmem <= kMaxSmem, "dK/dV tile does not fit in shared memory");
+  static_assert(!Base::kPing || kWG_ == 2, "ping-pong needs two consumer warpgroups");
 };
 
 __device__ __forceinline__ uint32_t align1024(uint32_t a) { return (a + 1023u) & ~1023u; }
@@ -835,7 +867,7 @@ __device__ __forceinline__ void release_primary(const PingSync& sy, int nres) {
 // nothing (fwd+bwd 0.997-1.002).
 template <bool kPing, int kWG, bool kRebalance = true, bool kSplit = false, bool kDecodeAhead = false,
           int kOpenAt = 0, bool kSelfReset = false, bool kLean = false, bool kChunks = false, int kParts = 1,
-          class ProducerItem, class ConsumerItem>
+          int kRegs = kConsumerRegs, class ProducerItem, class ConsumerItem>
 __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, int wg, int ltid,
                                           ProducerItem producer_item, ConsumerItem consumer_item) {
   constexpr bool kOpen = kOpenAt > 0;
@@ -925,19 +957,19 @@ __device__ __forceinline__ void run_items(const Params& p, const PingSync& sy, i
       cp_async_wait<0>();
       return;
     }
-    if constexpr (kRebalance) sm90::regs_increase<kConsumerRegs>();
+    if constexpr (kRebalance) sm90::regs_increase<kRegs>();
     // Warpgroup 0's first turn of an item is opened by warpgroup 1 ahead of time: here for the
     // first item, then by warpgroup 1's last turn of each item (run_tiles), so warpgroup 0 starts
     // the next item while 1 still finishes and stores the last one. The arrival left open after the
     // last item is taken here, before the CTA exits.
-    if (wg == 1) sm90::named_arrive(1, 128 * kWG);
+    if (kWG == 2 && wg == 1) sm90::named_arrive(1, 128 * kWG);
     for (int n = 0;; ++n) {
       int any = -1;  // kOpen: the producer's lookup (take_item)
       const ItemInfo d = take_item<kOpenAt>(sy, n, &any);
       if (d.item < 0) break;
       if (consumer_item(d, ring, nres, any)) ++nres;
     }
-    if (wg == 0) sm90::named_sync(1, 128 * kWG);
+    if (kWG == 2 && wg == 0) sm90::named_sync(1, 128 * kWG);
   } else {
     consumer_item(describe_item<kParts>(p, static_cast<int>(blockIdx.x)), ring, nres, -1);
   }
@@ -1070,9 +1102,85 @@ __device__ __forceinline__ void stage_fwd_rows(uint32_t sO, const float (&acc)[k
   }
 }
 
+// Online softmax (log2 domain) of S, the scores of 16 rows a warp (from row `row` of the query tile
+// at m0) against kBN keys from `col`: masks them (state 2: per element, with the rules R and the
+// membership mask msk), updates the rows' running max mrow and sum lrow, writes the probabilities
+// to Pc (A fragments) and the factor the output rows must be rescaled by to corr. The row max
+// is taken over the raw scores and scaled once a row (a positive scale keeps the order), so each
+// score meets the scale once, inside the exponent (RESULTS.md, fifteenth session: +1-8% at long
+// rows); partial maxima and sums shorten the dependency chains. A scale <= 0 (legal, if odd)
+// scales the scores before the masks, so that masked ones are -inf after scaling either way.
+template <typename T, int kBN, bool kLazy>
+__device__ __forceinline__ void fwd_softmax(float (&S)[kBN / 8][4], uint32_t (&Pc)[kBN / 16][4], float (&mrow)[2],
+                                            float (&lrow)[2], float (&corr)[2], float sl2, int state, const Rules& R,
+                                            const TileList& tl, uint64_t msk, int m0, int row, int col, int g, int t4) {
+  sm90::fence_regs(S);
+  const bool positive = sl2 > 0.f;
+  if (!positive) {
+#pragma unroll
+    for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) S[nt][e] *= sl2;
+  }
+  if (state == 2) mask_tile<kBN / 8, false>(S, R, tl, msk, m0, row, col, g, t4, -INFINITY);
+  const float exp_scale = positive ? sl2 : 1.f;
+  float part[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+#pragma unroll
+  for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) part[e] = fmaxf(part[e], S[nt][e]);
+  float mx[2], base[2];
+  bool reduce = true;  // the quad reduction of the row maxima
+  if constexpr (kLazy) {
+    bool mine = false;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float pm = fmaxf(part[2 * r], part[2 * r + 1]);
+      mine |= pm != -INFINITY && pm * exp_scale > mrow[r] + kLazyHeadroom;
+    }
+    reduce = __any_sync(0xffffffffu, mine);
+    if (!reduce) {  // every row of the warp keeps its max
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        corr[r] = 1.f;
+        base[r] = mrow[r] == -INFINITY ? 0.f : mrow[r];
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2 && reduce; ++r) {
+    mx[r] = quad_max(fmaxf(part[2 * r], part[2 * r + 1]));
+    const float tile_max = mx[r] == -INFINITY ? -INFINITY : mx[r] * exp_scale;
+    if constexpr (kLazy) {
+      const bool raise = tile_max > mrow[r] + kLazyHeadroom;  // always for the first finite max
+      corr[r] = raise ? fast_exp2(mrow[r] - tile_max) : 1.f;
+      mrow[r] = raise ? tile_max : mrow[r];
+      base[r] = mrow[r] == -INFINITY ? 0.f : mrow[r];
+    } else {
+      mx[r] = fmaxf(mrow[r], tile_max);
+      base[r] = mx[r] == -INFINITY ? 0.f : mx[r];
+      corr[r] = fast_exp2(mrow[r] - base[r]);
+      mrow[r] = mx[r];
+    }
+  }
+  float sum[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int nt = 0; nt < kBN / 8; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      S[nt][e] = fast_exp2(fmaf(S[nt][e], exp_scale, -base[e >> 1]));
+      sum[e] += S[nt][e];
+    }
+  }
+  lrow[0] = lrow[0] * corr[0] + (sum[0] + sum[1]);
+  lrow[1] = lrow[1] * corr[1] + (sum[2] + sum[3]);
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk) to_a_frag<T>(Pc[kk], S, kk);
+}
+
 template <typename T, int kD, int kWG, int kBN, int kSchedM>
-__global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1)
-    fwd_sm90_kernel(const __grid_constant__ Params p) {
+__global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads,
+                                  FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kCtasPerSm) fwd_sm90_kernel(const __grid_constant__ Params p) {
 #if DS_SM90_BODY
   using Cfg = FwdSm90Cfg<kD, kWG, kBN, kSchedM>;
   constexpr int kSched = Cfg::kSched;
@@ -1189,75 +1297,9 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
       }
       sm90::commit();
     };
-    // Online softmax (log2 domain): masks, updates the running max and sum, writes the
-    // probabilities to P[c] and the factor the output rows must be rescaled by to corr. The row max
-    // is taken over the raw scores and scaled once a row (a positive scale keeps the order), so each
-    // score meets the scale once, inside the exponent (RESULTS.md, fifteenth session: +1-8% at long
-    // rows); partial maxima and sums shorten the dependency chains. A scale <= 0 (legal, if odd)
-    // scales the scores before the masks, so that masked ones are -inf after scaling either way.
     auto softmax = [&](auto c) {
-      sm90::fence_regs(S);
-      const bool positive = sl2 > 0.f;
-      if (!positive) {
-#pragma unroll
-        for (int nt = 0; nt < kBN / 8; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) S[nt][e] *= sl2;
-      }
-      if (C.state == 2) mask_tile<kBN / 8, false>(S, W.R, p.tl, C.msk, W.m0, wrow, C.kt * kBN, g, t4, -INFINITY);
-      const float exp_scale = positive ? sl2 : 1.f;
-      float part[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
-#pragma unroll
-      for (int nt = 0; nt < kBN / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) part[e] = fmaxf(part[e], S[nt][e]);
-      float mx[2], base[2];
-      bool reduce = true;  // the quad reduction of the row maxima
-      if constexpr (Cfg::kLazy) {
-        bool mine = false;
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const float pm = fmaxf(part[2 * r], part[2 * r + 1]);
-          mine |= pm != -INFINITY && pm * exp_scale > mrow[r] + kLazyHeadroom;
-        }
-        reduce = __any_sync(0xffffffffu, mine);
-        if (!reduce) {  // every row of the warp keeps its max
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            corr[r] = 1.f;
-            base[r] = mrow[r] == -INFINITY ? 0.f : mrow[r];
-          }
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < 2 && reduce; ++r) {
-        mx[r] = quad_max(fmaxf(part[2 * r], part[2 * r + 1]));
-        const float tile_max = mx[r] == -INFINITY ? -INFINITY : mx[r] * exp_scale;
-        if constexpr (Cfg::kLazy) {
-          const bool raise = tile_max > mrow[r] + kLazyHeadroom;  // always for the first finite max
-          corr[r] = raise ? fast_exp2(mrow[r] - tile_max) : 1.f;
-          mrow[r] = raise ? tile_max : mrow[r];
-          base[r] = mrow[r] == -INFINITY ? 0.f : mrow[r];
-        } else {
-          mx[r] = fmaxf(mrow[r], tile_max);
-          base[r] = mx[r] == -INFINITY ? 0.f : mx[r];
-          corr[r] = fast_exp2(mrow[r] - base[r]);
-          mrow[r] = mx[r];
-        }
-      }
-      float sum[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-      for (int nt = 0; nt < kBN / 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          S[nt][e] = fast_exp2(fmaf(S[nt][e], exp_scale, -base[e >> 1]));
-          sum[e] += S[nt][e];
-        }
-      }
-      lrow[0] = lrow[0] * corr[0] + (sum[0] + sum[1]);
-      lrow[1] = lrow[1] * corr[1] + (sum[2] + sum[3]);
-#pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk) to_a_frag<T>(P[c][kk], S, kk);
+      fwd_softmax<T, kBN, Cfg::kLazy>(S, P[c], mrow, lrow, corr, sl2, C.state, W.R, p.tl, C.msk, W.m0, wrow,
+                                      C.kt * kBN, g, t4);
     };
     // O += P[c] V with the V tile of slot st.
     auto pv = [&](auto c, int st) {
@@ -1311,8 +1353,133 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads, 1
     }
     return any;
   };
-  run_items<Cfg::kPing, kWG, true, false, true, Cfg::kOpenAt, true, Cfg::kLeanProducer, true>(p, sy, wg, ltid,
-                                                                                              producer_item, consumer_item);
+  // kFwdTwoItems: the one consumer warpgroup walks the item's two 64-row halves on each key tile j:
+  // S = Q_0 K_j^T, then (j > 0) O_1 += P_1 V_{j-1}; half 0's softmax under that product; S = Q_1
+  // K_j^T and O_0 += P_0 V_j; half 1's softmax under P_0 V_j. Slot j - 1 is released once P_1
+  // V_{j-1} retired, the Q buffer after the last tile's S = Q_1 K^T.
+  auto consumer_two = [&](const ItemInfo& d, int& ring, int nres, int posted_any) {
+    use_buffer(nres);
+    C.start_posted(p, d, posted_any);
+    const bool any = C.more;
+    if (any) wait_primary<Cfg::kResBufs>(sy, nres);
+    constexpr int kOut = Cfg::kOutCols;
+    float acc[2][kOut / 8][4], S[kBN / 8][4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int i = 0; i < kOut / 8; ++i) acc[h][i][0] = acc[h][i][1] = acc[h][i][2] = acc[h][i][3] = 0.f;
+#pragma unroll
+    for (int i = 0; i < kBN / 8; ++i) S[i][0] = S[i][1] = S[i][2] = S[i][3] = 0.f;
+    float mrow[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}}, lrow[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+    float corr[2][2] = {{1.f, 1.f}, {1.f, 1.f}};
+    uint32_t P[2][kBN / 16][4];
+    auto scores = [&](auto h) {
+      const uint32_t sK = sK0 + C.stage * Cfg::kKVBytes;
+      sm90::fence_regs(S);
+      sm90::fence();
+#pragma unroll
+      for (int kk = 0; kk < Cfg::kScoreK / 16; ++kk)
+        sm90::Wgmma<kBN, T>::template ss<0>(S, sm90::desc_k<kBM>(sQ, decltype(h)::value * 64, kk),
+                                            sm90::desc_k<kBN>(sK, 0, kk), kk > 0 ? 1 : 0);
+      sm90::commit();
+    };
+    auto pv = [&](auto h, int st) {
+      constexpr int kH = decltype(h)::value;
+      const uint32_t sV = sV0 + st * Cfg::kKVBytes;
+      sm90::fence_regs(acc[kH]);
+      sm90::fence();
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk)
+        sm90::Wgmma<kOut, T>::template rs<1>(acc[kH], P[kH][kk], sm90::desc_mn<kBN>(sV, kk), 1);
+      sm90::commit();
+    };
+    auto rescale = [&](auto h) {
+      constexpr int kH = decltype(h)::value;
+      if constexpr (Cfg::kLazy) {
+        if (!__any_sync(0xffffffffu, corr[kH][0] != 1.f || corr[kH][1] != 1.f)) return;
+      }
+#pragma unroll
+      for (int i = 0; i < kOut / 8; ++i) {
+        acc[kH][i][0] *= corr[kH][0];
+        acc[kH][i][1] *= corr[kH][0];
+        acc[kH][i][2] *= corr[kH][1];
+        acc[kH][i][3] *= corr[kH][1];
+      }
+    };
+    if (any) {
+      bool first = true;
+      int last_stage = 0;
+      while (C.more) {
+        sm90::mbar_wait(sy.full + 8 * C.stage, (ring / kStages) & 1);
+        C.land(rec[C.stage]);
+        sm90::fence_async_smem();
+        scores(Set0{});
+        if (first) {
+          sm90::wait<0>();
+        } else {
+          pv(Set1{}, last_stage);
+          sm90::wait<1>();  // S of half 0; P_1 V_{j-1} may still run
+        }
+        fwd_softmax<T, kBN, Cfg::kLazy>(S, P[0], mrow[0], lrow[0], corr[0], p.scale_log2, C.state, W.R, p.tl, C.msk,
+                                        W.m0, wrow, C.kt * kBN, g, t4);
+        if (!first) {
+          sm90::wait<0>();
+          sm90::mbar_arrive(sy.empty + 8 * last_stage);  // slot j - 1 no longer read
+        }
+        rescale(Set0{});
+        scores(Set1{});
+        pv(Set0{}, C.stage);
+        sm90::wait<1>();  // S of half 1; P_0 V_j may still run
+        if (C.last != 0) release_primary<Cfg::kResBufs>(sy, nres);
+        fwd_softmax<T, kBN, Cfg::kLazy>(S, P[1], mrow[1], lrow[1], corr[1], p.scale_log2, C.state, W.R, p.tl, C.msk,
+                                        W.m0, 64 + wrow, C.kt * kBN, g, t4);
+        sm90::wait<0>();
+        rescale(Set1{});
+        first = false;
+        last_stage = C.stage;
+        ++ring;
+        C.stage = C.stage + 1 == kStages ? 0 : C.stage + 1;
+        C.more = C.last == 0;
+      }
+      pv(Set1{}, last_stage);
+      sm90::wait<0>();
+      sm90::mbar_arrive(sy.empty + 8 * last_stage);
+    }
+    sm90::fence_regs(acc[0]);
+    sm90::fence_regs(acc[1]);
+    if (Cfg::kOBytes > 0 && p.tma != 0 && W.slot < 0) {
+      const float l[2][2] = {{quad_sum(lrow[0][0]), quad_sum(lrow[0][1])}, {quad_sum(lrow[1][0]), quad_sum(lrow[1][1])}};
+      if (o_issuer) sm90::bulk_wait_read();  // the previous item's stores have read the tile
+      sm90::named_sync(kBarO, 128);
+      stage_fwd_rows<T, kOut>(sO0, acc[0], l[0], warp % 4, lane);
+      stage_fwd_rows<T, kOut>(sO0 + 64 * kD * 2, acc[1], l[1], warp % 4, lane);
+      sm90::fence_async_smem();
+      sm90::named_sync(kBarO, 128);
+      if (o_issuer) {
+        sm90::tma_store_tile<64, kD>(sO0, &p.tma_o, W.m0, W.h, W.b);
+        sm90::tma_store_tile<64, kD>(sO0 + 64 * kD * 2, &p.tma_o, W.m0 + 64, W.h, W.b);
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int i = W.m0 + h * 64 + wrow + g + r * 8;
+          if (t4 == 0 && i < p.Sq) lse_at(p, W.b, W.h, i) = row_lse(mrow[h][r], l[h][r]);
+        }
+    } else {
+      store_fwd_rows<T, kOut>(p, W, kBM, acc[0], mrow[0], lrow[0], wrow, g, t4);
+      store_fwd_rows<T, kOut>(p, W, kBM, acc[1], mrow[1], lrow[1], 64 + wrow, g, t4);
+    }
+    return any;
+  };
+  if constexpr (Cfg::kTwoItems) {
+    if ((smem_u32(smem_raw) & 1023u) != 0) __trap();  // Cfg::kSlack: no room to align the tiles
+    run_items<Cfg::kPing, kWG, true, false, true, Cfg::kOpenAt, true, Cfg::kLeanProducer, true, 1,
+              Cfg::kConsumerRegs>(p, sy, wg, ltid, producer_item, consumer_two);
+  } else {
+    run_items<Cfg::kPing, kWG, true, false, true, Cfg::kOpenAt, true, Cfg::kLeanProducer, true>(
+        p, sy, wg, ltid, producer_item, consumer_item);
+  }
   if (Cfg::kOBytes > 0 && wg < kWG && o_issuer) sm90::bulk_wait();  // before the CTA's memory goes
 #else
   __trap();
@@ -1927,10 +2094,10 @@ __global__ void __launch_bounds__(DqDsSm90Cfg<kD>::kThreads, 1) dq_ds_sm90_kerne
 // Launchers
 // ---------------------------------------------------------------------------------------------
 
-// Ping-pong kernels are persistent: one CTA per SM (they fill it), taking items from
+// Ping-pong kernels are persistent: one CTA per SM (they fill it; kCtasPerSm for kFwdTwoItems), taking items from
 // p.work_counter, which is zero at the launch (the forward's resets itself, the backward's are
 // zeroed by its Delta kernel); the other schedules run a CTA per item.
-template <auto kKernel, int kThreads, int kSmem, bool kPersistent>
+template <auto kKernel, int kThreads, int kSmem, bool kPersistent, int kCtasPerSm = 1>
 void launch_sm90(const Params& p, int64_t items, cudaStream_t stream) {
   if constexpr (!kPersistent) {
     launch_kernel<kKernel, kThreads, kSmem>(p, items, stream);
@@ -1941,7 +2108,16 @@ void launch_sm90(const Params& p, int64_t items, cudaStream_t stream) {
     // Claims in chunks (Params::chunk_shift): the last two waves' worth of items one a claim, so the
     // launch's tail stays as balanced as without chunks; the bounds precomputed, so that a claim costs
     // the 24-register producer few instructions.
-    const int64_t grid = std::min<int64_t>(items, sm_count());
+    const int64_t grid = std::min<int64_t>(items, int64_t{kCtasPerSm} * sm_count());
+    if constexpr (kCtasPerSm > 1) {  // the whole shared memory, so that kCtasPerSm CTAs fit an SM
+      static bool carved[64] = {};
+      int dev = 0;
+      cudaGetDevice(&dev);
+      if (!carved[dev & 63]) {
+        cudaFuncSetAttribute(kKernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
+        carved[dev & 63] = true;
+      }
+    }
     q.chunk_claims = q.chunk_shift > 0 ? static_cast<int>(std::max<int64_t>(0, (items - 2 * grid) >> q.chunk_shift)) : 0;
     q.chunk_extra = (q.chunk_claims << q.chunk_shift) - q.chunk_claims;
     q.chunk_last = (q.chunk_claims << q.chunk_shift) - 1;
@@ -1953,7 +2129,8 @@ void launch_sm90(const Params& p, int64_t items, cudaStream_t stream) {
 template <typename T, int kD, int kWG, int kBN, int kSched>
 void launch_fwd_sm90(const Params& p, int64_t items, cudaStream_t stream) {
   using Cfg = FwdSm90Cfg<kD, kWG, kBN, kSched>;
-  launch_sm90<&fwd_sm90_kernel<T, kD, kWG, kBN, kSched>, Cfg::kThreads, Cfg::kSmem, Cfg::kPing>(p, items, stream);
+  launch_sm90<&fwd_sm90_kernel<T, kD, kWG, kBN, kSched>, Cfg::kThreads, Cfg::kSmem, Cfg::kPing, Cfg::kCtasPerSm>(
+      p, items, stream);
 }
 
 template <typename T, int kD, int kWG, int kBN, int kSched>
@@ -1987,7 +2164,8 @@ void launch_dkv_sm90(const Params& p, int64_t items, cudaStream_t stream) {
 #endif
 #define DS_REGISTER_FWD_SM90(T, DT, D, V, WG, BN, SCHED, AUTO)                                   \
   template void launch_fwd_sm90<T, D, WG, BN, SCHED>(const Params&, int64_t, cudaStream_t);     \
-  DS_SM90_REGISTRAR(kOpFwd, DT, score_cols(D, SCHED), V, (&launch_fwd_sm90<T, D, WG, BN, SCHED>), 64 * WG, BN, \
+  DS_SM90_REGISTRAR(kOpFwd, DT, score_cols(D, SCHED), V, (&launch_fwd_sm90<T, D, WG, BN, SCHED>), \
+                    (FwdSm90Cfg<D, WG, BN, SCHED>::kBM), BN,                                                      \
                     (AUTO) | (FwdSm90Cfg<D, WG, BN, SCHED>::kOBytes > 0 ? kFlagTmaOut : 0))
 #define DS_REGISTER_DQ_SM90(T, DT, D, V, WG, BN, SCHED, AUTO)                                  \
   template void launch_dq_sm90<T, D, WG, BN, SCHED>(const Params&, int64_t, cudaStream_t);     \

@@ -4,5 +4,6 @@
 #include "../kernels_sm90.cuh"
 
 namespace dilated_sparse::cuda {
-DS_REGISTER_FWD_SM90(__half, 0, 64, 4, 2, 128, kSchedPingPongOverlap | kFwdQRegs | kHalfScoreK | kNarrowOut, 0)
+DS_REGISTER_FWD_SM90(__half, 0, 64, 4, 1, 128, kSchedPingPong2 | kFwdTwoItems | kHalfScoreK | kNarrowOut, 0)
+DS_REGISTER_FWD_SM90(__half, 0, 64, 5, 2, 128, kSchedPingPongOverlap | kFwdQRegs | kHalfScoreK | kNarrowOut, 0)
 }  // namespace dilated_sparse::cuda

@@ -4,9 +4,10 @@
 #include "../kernels_sm90.cuh"
 
 namespace dilated_sparse::cuda {
-DS_REGISTER_FWD_SM90(__nv_bfloat16, 1, 64, 4, 2, 128, kSchedPingPongOverlap | kFwdQRegs, 0)
-DS_REGISTER_FWD_SM90(__nv_bfloat16, 1, 64, 5, 1, 64, kSchedOverlap, 1)
-DS_REGISTER_FWD_SM90(__nv_bfloat16, 1, 64, 6, 2, 128, kSchedLockstep, 0)
-DS_REGISTER_FWD_SM90(__nv_bfloat16, 1, 64, 7, 2, 128, kSchedPingPong2, 0)
-DS_REGISTER_FWD_SM90(__nv_bfloat16, 1, 64, 8, 2, 128, kSchedPingPong, 0)
+DS_REGISTER_FWD_SM90(__nv_bfloat16, 1, 64, 4, 1, 128, kSchedPingPong2 | kFwdTwoItems, 0)
+DS_REGISTER_FWD_SM90(__nv_bfloat16, 1, 64, 5, 2, 128, kSchedPingPongOverlap | kFwdQRegs, 0)
+DS_REGISTER_FWD_SM90(__nv_bfloat16, 1, 64, 6, 1, 64, kSchedOverlap, 1)
+DS_REGISTER_FWD_SM90(__nv_bfloat16, 1, 64, 7, 2, 128, kSchedLockstep, 0)
+DS_REGISTER_FWD_SM90(__nv_bfloat16, 1, 64, 8, 2, 128, kSchedPingPong2, 0)
+DS_REGISTER_FWD_SM90(__nv_bfloat16, 1, 64, 9, 2, 128, kSchedPingPong, 0)
 }  // namespace dilated_sparse::cuda

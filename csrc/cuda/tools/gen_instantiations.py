@@ -46,9 +46,11 @@ DKV = {
 # variant, "short" one the host prefers when the rows are short, "wide" one it prefers (rows not short)
 # when the secondary block is a multiple of the variant's step (attention.cu: pick()).
 FWD_SM90 = {
-    32: [("2", "128", "kSchedPingPongOverlap | kFwdQRegs | kHalfScoreK | kNarrowOut")],
-    64: [("2", "128", "kSchedPingPongOverlap | kFwdQRegs"), ("1", "64", "kSchedOverlap", "small"),
-         ("2", "128", "kSchedLockstep"), ("2", "128", "kSchedPingPong2"), ("2", "128", "kSchedPingPong")],
+    32: [("1", "128", "kSchedPingPong2 | kFwdTwoItems | kHalfScoreK | kNarrowOut"),
+         ("2", "128", "kSchedPingPongOverlap | kFwdQRegs | kHalfScoreK | kNarrowOut")],
+    64: [("1", "128", "kSchedPingPong2 | kFwdTwoItems"), ("2", "128", "kSchedPingPongOverlap | kFwdQRegs"),
+         ("1", "64", "kSchedOverlap", "small"), ("2", "128", "kSchedLockstep"), ("2", "128", "kSchedPingPong2"),
+         ("2", "128", "kSchedPingPong")],
     128: [("2", "128", "kSchedPingPong | kFwdLazyRescale | kFwdQRegs"), ("2", "128", "kSchedLockstep"),
           ("1", "64", "kSchedLockstep", "small"), ("2", "128", "kSchedPingPong2", "short"), ("2", "128", "kSchedPingPongOverlap"),
           ("2", "128", "kSchedPingPongSplit")],
@@ -92,6 +94,14 @@ DQ_SM90 = {
 # with 32 keys a step in three stages took the fwd+bwd from 0.78-0.82x to 1.00-1.01x Flex, and the
 # dK/dV in column halves (kDkvSplitCols: 64 keys x 256 columns of dK and dV would take 256
 # registers a thread) to 1.91-2.12x.
+# D64 and D32 fwd default (forty-eighth session): kFwdTwoItems, one consumer warpgroup walking a
+# 128-row item in two 64-row halves, two CTAs an SM (kernels_sm90.cuh). H200, ab_env.py against the
+# ping-pong-overlap default it replaced (now variant 5; same process, call by call, 60-150 rounds,
+# faster in 98-100% of them): D64 H32 S16k 11-14% faster at local 10% / dilated / causal_local /
+# local 2.5% / global_local, S64k 9-11%, block 64 4.5% (and 10% faster than the small tile at
+# 448 tokens a row, which sm_90 no longer takes: attention.cu small_tile_max_tokens), every band
+# width from 1 to 25 blocks a row 5.5-13%; D32 15-21% faster at local 10% / local 2.5% /
+# causal_local.
 # D128 fwd default: ping-pong with the lazy rescale (kernels_sm90.cuh: kFwdLazyRescale; D64's
 # overlapped default gained nothing from it). Both fwd defaults keep Q in registers (kFwdQRegs; H200,
 # seventeenth session, forced variants in one process, 3-5 interleaved rounds, out and lse equal bit

@@ -25,8 +25,11 @@ first Q and tiles from DRAM at once) against the middle ones, and the wait for t
 --save writes the raw stamps (torch.save of a dict of [CTAs, items, roles, slots] tensors).
 Checked at D128 (the default shape). At D64 (``--shape 1x32x16384x64``, twenty-fourth session) the
 forward's first-tile and first-turn phases and "first tile landed" came out as large negative and
-positive numbers that cancel. Those stamps land out of order there (the D64 forward's own tile
-loop); the other phases read sensibly. Not yet looked into.
+positive numbers that cancel: the first-landed stamp was reset only by a consumer's own lookup, which
+the D64 forward skips (the producer posts it), so it kept the CTA's first item's value. The patch
+resets it on the posted start too since the forty-eighth session (not yet run on the GPU).
+The D32 / D64 forward's two-items kernel (kernels_sm90.cuh: kFwdTwoItems, two CTAs an SM) has one
+consumer warpgroup: its phases are c0's; its producer's kernel-level stamps land in role 1.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-MAX_CTAS, ITEMS, ROLES, SLOTS = 200, 64, 3, 8  # as the patch's stamp(): kTraceItems, kTraceSlots
+MAX_CTAS, ITEMS, ROLES, SLOTS = 512, 64, 3, 8  # as the patch's stamp(): kTraceItems, kTraceSlots (CTAs: two an SM)
 KERNEL = ITEMS - 1  # the item slot of stamp_kernel's stamps (globaltimer and clock64 at entry and exit)
 CONSUMER_PHASES = ("take (after the previous epilogue)", "start", "primary tiles wait", "first tile wait",
                    "first turn wait", "body", "epilogue")
