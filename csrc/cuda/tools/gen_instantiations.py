@@ -97,11 +97,11 @@ DQ_SM90 = {
 # D64 and D32 fwd default (forty-eighth session): kFwdTwoItems, one consumer warpgroup walking a
 # 128-row item in two 64-row halves, two CTAs an SM (kernels_sm90.cuh). H200, ab_env.py against the
 # ping-pong-overlap default it replaced (now variant 5; same process, call by call, 60-150 rounds,
-# faster in 98-100% of them): D64 H32 S16k 11-14% faster at local 10% / dilated / causal_local /
-# local 2.5% / global_local, S64k 9-11%, block 64 4.5% (and 10% faster than the small tile at
-# 448 tokens a row, which sm_90 no longer takes: attention.cu small_tile_max_tokens), every band
-# width from 1 to 25 blocks a row 5.5-13%; D32 15-21% faster at local 10% / local 2.5% /
-# causal_local.
+# faster in 98-100% of them; "x% faster": 1 - new / old): D64 H32 S16k 9-14% faster at local 10% /
+# dilated / causal_local / local 2.5% / global_local, S64k 9-11%, block 64 4% (and 10% faster than
+# the small tile at 448 tokens a row, which sm_90 no longer takes: attention.cu
+# small_tile_max_tokens), every band width from 1 to 25 blocks a row 5.5-12%; D32 15-21% faster at
+# local 10% / local 2.5% / causal_local.
 # D128 fwd default: ping-pong with the lazy rescale (kernels_sm90.cuh: kFwdLazyRescale; D64's
 # overlapped default gained nothing from it). Both fwd defaults keep Q in registers (kFwdQRegs; H200,
 # seventeenth session, forced variants in one process, 3-5 interleaved rounds, out and lse equal bit
