@@ -564,7 +564,9 @@ bool len_stats(PlanBufs& keep, bool captured) {
 //    S64k) it was the best C measured or within 0.6% of it (and C 16 6-12% slower with the merge
 //    of the thirty-ninth session). Where the average is small (one to four heads, S8k-S32k) the
 //    best C measured cut the global row into about 8 pieces (13 at S32k, 7% faster than 8 there),
-//    and the floor of 32 before was 26-54% slower.
+//    and the floor of 32 before was 26-54% slower. The D32 / D64 forward runs two CTAs an SM since
+//    the forty-eighth session (kFwdTwoItems) and keeps this rule, not re-measured there (its
+//    global_local forward at S16k / S64k kept 97% / 97% of its local 10% throughput).
 //  - kSplitAutoTwoCtas (the other kernels, two CTAs an SM; not re-measured): slots = 2 SMs, floor 8.
 // `setting` (split_setting()): kSplitNever, an auto rule or a forced C in entries (tests).
 // The plan is a work list of pieces and whole rows, longest first (the repeat innermost), built on the
