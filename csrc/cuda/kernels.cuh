@@ -1079,14 +1079,16 @@ inline int sm_count() {
   return n > 0 ? n : 1;
 }
 
-// Launch of one kernel instantiation; its dynamic shared-memory limit is raised once per device.
-template <auto kKernel, int kThreads, int kSmem, int kGridY = 1>
+// Launch of one kernel instantiation; its dynamic shared-memory limit is raised once per device
+// (kMaxCarveout: and the whole of the SM's shared memory asked for, so that several CTAs of it fit).
+template <auto kKernel, int kThreads, int kSmem, int kGridY = 1, bool kMaxCarveout = false>
 void launch_kernel(const Params& p, int64_t items, cudaStream_t stream) {
   static bool done[64] = {};
   int dev = 0;
   cudaGetDevice(&dev);
   if (!done[dev & 63]) {
     cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    if constexpr (kMaxCarveout) cudaFuncSetAttribute(kKernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
     done[dev & 63] = true;
   }
   kKernel<<<dim3(static_cast<unsigned>(items), kGridY), kThreads, kSmem, stream>>>(p);

@@ -232,9 +232,11 @@ struct FwdSm90Cfg : Sm90Threads<kWG_, kSchedM & kSchedMask> {
   static constexpr int kSmemCap = kTwoItems ? kHalfSmSmem : kMaxSmem;
   static constexpr int kBM = 64 * kWG_ * kHalves;
   // The consumers' registers after the producer's hand-over (setmaxnreg): the CTA's share of the
-  // register file (the launch's, kThreads x 65536 / (kThreads x kCtasPerSm)) less the producer's.
-  static constexpr int kConsumerRegs =
-      kTwoItems ? (65536 / kCtasPerSm - 128 * kProducerRegs) / (128 * kWG_) / 8 * 8 : dilated_sparse::cuda::kConsumerRegs;
+  // register file (the launch's, kThreads x 65536 / (kThreads x kCtasPerSm)) less the producer's
+  // (one CTA of two warpgroups: the namespace's kConsumerRegs, 240).
+  static constexpr int kConsumerRegs = (65536 / kCtasPerSm - 128 * kProducerRegs) / (128 * kWG_) / 8 * 8;
+  static_assert(kTwoItems || !Base::kPing || kConsumerRegs == dilated_sparse::cuda::kConsumerRegs,
+                "one CTA of two consumer warpgroups: the namespace's split");
   static constexpr int kBN = kBN_;
   static constexpr int kQBytes = kBM * kD * 2;
   static constexpr int kKVBytes = kBN * kD * 2;
@@ -1178,6 +1180,41 @@ __device__ __forceinline__ void fwd_softmax(float (&S)[kBN / 8][4], uint32_t (&P
   for (int kk = 0; kk < kBN / 16; ++kk) to_a_frag<T>(Pc[kk], S, kk);
 }
 
+// O += P V: a warpgroup's 64 output rows (acc, kOut columns) from its probabilities P (A fragments)
+// and the [kBN][kD] V tile at sV; issued and committed, not waited for.
+template <typename T, int kBN, int kOut>
+__device__ __forceinline__ void fwd_pv(float (&acc)[kOut / 8][4], const uint32_t (&P)[kBN / 16][4], uint32_t sV) {
+  sm90::fence_regs(acc);
+  sm90::fence();
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk) sm90::Wgmma<kOut, T>::template rs<1>(acc, P[kk], sm90::desc_mn<kBN>(sV, kk), 1);
+  sm90::commit();
+}
+// The output rows times the softmax's corr (kLazy: skipped where no row of the warp moved).
+template <bool kLazy, int kOut>
+__device__ __forceinline__ void fwd_rescale(float (&acc)[kOut / 8][4], const float (&corr)[2]) {
+  if constexpr (kLazy) {
+    if (!__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) return;
+  }
+#pragma unroll
+  for (int i = 0; i < kOut / 8; ++i) {
+    acc[i][0] *= corr[0];
+    acc[i][1] *= corr[0];
+    acc[i][2] *= corr[1];
+    acc[i][3] *= corr[1];
+  }
+}
+// The lse of this thread's two rows (row + g and + 8 of the query tile), written by each quad's first
+// thread; l: the rows' quad-reduced sums.
+__device__ __forceinline__ void store_fwd_lse(const Params& p, const QueryTile& W, int row, const float (&mrow)[2],
+                                              const float (&l)[2], int g, int t4) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = W.m0 + row + g + r * 8;
+    if (t4 == 0 && i < p.Sq) lse_at(p, W.b, W.h, i) = row_lse(mrow[r], l[r]);
+  }
+}
+
 template <typename T, int kD, int kWG, int kBN, int kSchedM>
 __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads,
                                   FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kCtasPerSm) fwd_sm90_kernel(const __grid_constant__ Params p) {
@@ -1302,28 +1339,8 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads,
                                       C.kt * kBN, g, t4);
     };
     // O += P[c] V with the V tile of slot st.
-    auto pv = [&](auto c, int st) {
-      const uint32_t sV = sV0 + st * Cfg::kKVBytes;
-      sm90::fence_regs(acc);
-      sm90::fence();
-#pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk) {
-        sm90::Wgmma<kOut, T>::template rs<1>(acc, P[c][kk], sm90::desc_mn<kBN>(sV, kk), 1);
-      }
-      sm90::commit();
-    };
-    auto rescale = [&]() {
-      if constexpr (Cfg::kLazy) {
-        if (!__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) return;  // no row of the warp moved
-      }
-#pragma unroll
-      for (int i = 0; i < kOut / 8; ++i) {
-        acc[i][0] *= corr[0];
-        acc[i][1] *= corr[0];
-        acc[i][2] *= corr[1];
-        acc[i][3] *= corr[1];
-      }
-    };
+    auto pv = [&](auto c, int st) { fwd_pv<T, kBN, kOut>(acc, P[c], sV0 + st * Cfg::kKVBytes); };
+    auto rescale = [&]() { fwd_rescale<Cfg::kLazy, kOut>(acc, corr); };
     // Ping-pong: the walk follows the producer's records; otherwise every consumer walks.
     // The Q buffer is released after the item's last scores, or at its start with Q in registers.
     C.template consume<kSched, false, Cfg::kPing>(p, ring, wg, kNT, sy, rec, load_kv, scores, softmax, pv, rescale, [&]() {
@@ -1343,11 +1360,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads,
       sm90::named_sync(kBarO + wg, 128);
       if (o_issuer) sm90::tma_store_tile<64, kD>(sO, &p.tma_o, W.m0 + wg * 64, W.h, W.b);
       // The lse after the fence and the store: written before them, the D64 forward gained nothing.
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int i = W.m0 + wrow + g + r * 8;
-        if (t4 == 0 && i < p.Sq) lse_at(p, W.b, W.h, i) = row_lse(mrow[r], l[r]);
-      }
+      store_fwd_lse(p, W, wrow, mrow, l, g, t4);
     } else {
       store_fwd_rows<T, kOut>(p, W, kBM, acc, mrow, lrow, wrow, g, t4);
     }
@@ -1384,28 +1397,9 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads,
       sm90::commit();
     };
     auto pv = [&](auto h, int st) {
-      constexpr int kH = decltype(h)::value;
-      const uint32_t sV = sV0 + st * Cfg::kKVBytes;
-      sm90::fence_regs(acc[kH]);
-      sm90::fence();
-#pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk)
-        sm90::Wgmma<kOut, T>::template rs<1>(acc[kH], P[kH][kk], sm90::desc_mn<kBN>(sV, kk), 1);
-      sm90::commit();
+      fwd_pv<T, kBN, kOut>(acc[decltype(h)::value], P[decltype(h)::value], sV0 + st * Cfg::kKVBytes);
     };
-    auto rescale = [&](auto h) {
-      constexpr int kH = decltype(h)::value;
-      if constexpr (Cfg::kLazy) {
-        if (!__any_sync(0xffffffffu, corr[kH][0] != 1.f || corr[kH][1] != 1.f)) return;
-      }
-#pragma unroll
-      for (int i = 0; i < kOut / 8; ++i) {
-        acc[kH][i][0] *= corr[kH][0];
-        acc[kH][i][1] *= corr[kH][0];
-        acc[kH][i][2] *= corr[kH][1];
-        acc[kH][i][3] *= corr[kH][1];
-      }
-    };
+    auto rescale = [&](auto h) { fwd_rescale<Cfg::kLazy, kOut>(acc[decltype(h)::value], corr[decltype(h)::value]); };
     if (any) {
       bool first = true;
       int last_stage = 0;
@@ -1459,13 +1453,8 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads,
         sm90::tma_store_tile<64, kD>(sO0, &p.tma_o, W.m0, W.h, W.b);
         sm90::tma_store_tile<64, kD>(sO0 + 64 * kD * 2, &p.tma_o, W.m0 + 64, W.h, W.b);
       }
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int i = W.m0 + h * 64 + wrow + g + r * 8;
-          if (t4 == 0 && i < p.Sq) lse_at(p, W.b, W.h, i) = row_lse(mrow[h][r], l[h][r]);
-        }
+      store_fwd_lse(p, W, wrow, mrow[0], l[0], g, t4);
+      store_fwd_lse(p, W, 64 + wrow, mrow[1], l[1], g, t4);
     } else {
       store_fwd_rows<T, kOut>(p, W, kBM, acc[0], mrow[0], lrow[0], wrow, g, t4);
       store_fwd_rows<T, kOut>(p, W, kBM, acc[1], mrow[1], lrow[1], 64 + wrow, g, t4);
@@ -1477,8 +1466,8 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads,
     run_items<Cfg::kPing, kWG, true, false, true, Cfg::kOpenAt, true, Cfg::kLeanProducer, true, 1,
               Cfg::kConsumerRegs>(p, sy, wg, ltid, producer_item, consumer_two);
   } else {
-    run_items<Cfg::kPing, kWG, true, false, true, Cfg::kOpenAt, true, Cfg::kLeanProducer, true>(
-        p, sy, wg, ltid, producer_item, consumer_item);
+    run_items<Cfg::kPing, kWG, true, false, true, Cfg::kOpenAt, true, Cfg::kLeanProducer, true, 1,
+              Cfg::kConsumerRegs>(p, sy, wg, ltid, producer_item, consumer_item);
   }
   if (Cfg::kOBytes > 0 && wg < kWG && o_issuer) sm90::bulk_wait();  // before the CTA's memory goes
 #else
@@ -2109,20 +2098,11 @@ void launch_sm90(const Params& p, int64_t items, cudaStream_t stream) {
     // launch's tail stays as balanced as without chunks; the bounds precomputed, so that a claim costs
     // the 24-register producer few instructions.
     const int64_t grid = std::min<int64_t>(items, int64_t{kCtasPerSm} * sm_count());
-    if constexpr (kCtasPerSm > 1) {  // the whole shared memory, so that kCtasPerSm CTAs fit an SM
-      static bool carved[64] = {};
-      int dev = 0;
-      cudaGetDevice(&dev);
-      if (!carved[dev & 63]) {
-        cudaFuncSetAttribute(kKernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
-        carved[dev & 63] = true;
-      }
-    }
     q.chunk_claims = q.chunk_shift > 0 ? static_cast<int>(std::max<int64_t>(0, (items - 2 * grid) >> q.chunk_shift)) : 0;
     q.chunk_extra = (q.chunk_claims << q.chunk_shift) - q.chunk_claims;
     q.chunk_last = (q.chunk_claims << q.chunk_shift) - 1;
     q.chunk_mask = (1 << q.chunk_shift) - 1;
-    launch_kernel<kKernel, kThreads, kSmem>(q, grid, stream);
+    launch_kernel<kKernel, kThreads, kSmem, 1, (kCtasPerSm > 1)>(q, grid, stream);
   }
 }
 
