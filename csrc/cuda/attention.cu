@@ -1615,14 +1615,14 @@ bool encode_tma(CUtensorMap* map, const at::Tensor& t, int rows) {
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// Fills p.tma_{q,k,v} (and tma_do when dout is given, tma_o with 64-row boxes when out is) for an
-// sm_90 kernel whose Q (and dO) tiles have `q_rows` rows and K/V tiles `kv_rows`, and sets p.tma
+// Fills p.tma_{q,k,v} (and tma_do when dout is given, tma_o with `out_rows`-row boxes when out is) for
+// an sm_90 kernel whose Q (and dO) tiles have `q_rows` rows and K/V tiles `kv_rows`, and sets p.tma
 // when every map encodes; the kernel copies with cp.async otherwise (same tiles, same results) and
 // stores its output from registers. DILATED_SPARSE_TMA=0 never uses TMA, =1 requires it (an error
 // if a map does not encode; tests). The maps hold the pointers, so they are made per call (a
 // host-side encode, no launch).
 void set_tma(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
-             int q_rows, int kv_rows, const at::Tensor& out = at::Tensor()) {
+             int q_rows, int kv_rows, const at::Tensor& out = at::Tensor(), int out_rows = 64) {
   p.tma = 0;
   const char* e = std::getenv("DILATED_SPARSE_TMA");
   // Set: 0 copies with cp.async, 1 requires TMA; unset: TMA where the driver encodes the descriptors.
@@ -1630,7 +1630,7 @@ void set_tma(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tens
   if (required && !env_switch("DILATED_SPARSE_TMA", true)) return;
   const bool ok = encode_tma(&p.tma_q, q, q_rows) && encode_tma(&p.tma_k, k, kv_rows) &&
                   encode_tma(&p.tma_v, v, kv_rows) && (!dout.defined() || encode_tma(&p.tma_do, dout, q_rows)) &&
-                  (!out.defined() || encode_tma(&p.tma_o, out, 64));
+                  (!out.defined() || encode_tma(&p.tma_o, out, out_rows));
   TORCH_CHECK(ok || !required, "dilated_sparse CUDA: DILATED_SPARSE_TMA=1 but the driver did not encode a TMA "
               "descriptor for q, k, v, dout or out (shape ", q.sizes(), ", strides ", q.strides(), ")");
   p.tma = ok ? 1 : 0;
@@ -1791,7 +1791,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(
   }
   const int64_t units = p.tl.work != nullptr ? keep.nwork : static_cast<int64_t>(L) * p.tl.ntiles;
   if (kf.arch == 90) {
-    set_tma(p, q, k, v, at::Tensor(), kf.pm, kf.sn, kf.tma_out ? out : at::Tensor());
+    set_tma(p, q, k, v, at::Tensor(), kf.pm, kf.sn, kf.tma_out ? out : at::Tensor(), kf.tma_out);
     set_plan_prefetch(p, p.tl, crow_c, col_c, keep);
     p.chunk_shift = item_chunk_shift(key_tokens);
   }

@@ -251,6 +251,9 @@ struct FwdSm90Cfg : Sm90Threads<kWG_, kSchedM & kSchedMask> {
       Base::kPing && Base::smem(kResBytes, kKVBytes, kStages + kVSlots) - kSlack + kBM * kD * 2 <= kSmemCap
           ? kBM * kD * 2
           : 0;
+  // The rows of tma_o's boxes: each warp stores its own 16 rows in the two-items kernel, else one
+  // thread a warpgroup its 64 (attention.cu: set_tma).
+  static constexpr int kOutBoxRows = kTwoItems ? 16 : 64;
   // Ping-pong: the producer's record of each ring slot's tile (TileRecord), after the barriers.
   static constexpr int kRecBytes = Base::kPing ? kStages * static_cast<int>(sizeof(TileRecord)) : 0;
   // Ping-pong at D64: the producer posts its lookup of each item's first tile pair (run_items,
@@ -1208,10 +1211,12 @@ __device__ __forceinline__ void fwd_rescale(float (&acc)[kOut / 8][4], const flo
 // thread; l: the rows' quad-reduced sums.
 __device__ __forceinline__ void store_fwd_lse(const Params& p, const QueryTile& W, int row, const float (&mrow)[2],
                                               const float (&l)[2], int g, int t4) {
+  if (t4 != 0) return;
+  float* at = &lse_at(p, W.b, W.h, 0);  // the head's row 0, computed once for both rows
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int i = W.m0 + row + g + r * 8;
-    if (t4 == 0 && i < p.Sq) lse_at(p, W.b, W.h, i) = row_lse(mrow[r], l[r]);
+    if (i < p.Sq) at[i] = row_lse(mrow[r], l[r]);
   }
 }
 
@@ -1248,7 +1253,8 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads,
   // With a staging tile and TMA, an unsplit item's output rows go out as TMA stores (one thread of
   // each warpgroup issues its 64 rows'): no quad transposes or per-store addresses in the epilogue,
   // which is on the item boundary's critical path (RESULTS.md, eleventh session: 2-3% at D64).
-  const bool o_issuer = lane == 0 && warp % 4 == 0;
+  // kFwdTwoItems: each consumer warp stores its own rows (16-row boxes), so each warp's lane 0.
+  const bool o_issuer = lane == 0 && (Cfg::kTwoItems || warp % 4 == 0);
   constexpr int kBarO = 4;  // + wg: a consumer warpgroup's own barrier
   auto has = [&]() { return C.has(); };
   auto next = [&]() { C.next(p); };
@@ -1442,16 +1448,20 @@ __global__ void __launch_bounds__(FwdSm90Cfg<kD, kWG, kBN, kSchedM>::kThreads,
     sm90::fence_regs(acc[0]);
     sm90::fence_regs(acc[1]);
     if (Cfg::kOBytes > 0 && p.tma != 0 && W.slot < 0) {
+      // Each warp stages its 16 rows of each half and stores them itself (tma_o has 16-row boxes
+      // for this kernel): no warpgroup barrier on the item boundary. The lane and warp are re-read
+      // so that the staging addresses are computed here, not spilled (sm90::lane_here).
+      const int ln = sm90::lane_here(), w4 = sm90::tid_here() / 32 % 4;
       const float l[2][2] = {{quad_sum(lrow[0][0]), quad_sum(lrow[0][1])}, {quad_sum(lrow[1][0]), quad_sum(lrow[1][1])}};
-      if (o_issuer) sm90::bulk_wait_read();  // the previous item's stores have read the tile
-      sm90::named_sync(kBarO, 128);
-      stage_fwd_rows<T, kOut>(sO0, acc[0], l[0], warp % 4, lane);
-      stage_fwd_rows<T, kOut>(sO0 + 64 * kD * 2, acc[1], l[1], warp % 4, lane);
+      if (ln == 0) sm90::bulk_wait_read();  // this warp's previous stores have read its rows
+      __syncwarp();
+      stage_fwd_rows<T, kOut>(sO0, acc[0], l[0], w4, ln);
+      stage_fwd_rows<T, kOut>(sO0 + 64 * kD * 2, acc[1], l[1], w4, ln);
       sm90::fence_async_smem();
-      sm90::named_sync(kBarO, 128);
-      if (o_issuer) {
-        sm90::tma_store_tile<64, kD>(sO0, &p.tma_o, W.m0, W.h, W.b);
-        sm90::tma_store_tile<64, kD>(sO0 + 64 * kD * 2, &p.tma_o, W.m0 + 64, W.h, W.b);
+      __syncwarp();
+      if (ln == 0) {
+        sm90::tma_store_tile<16, kD, 64>(sO0 + w4 * (16 * 128), &p.tma_o, W.m0 + w4 * 16, W.h, W.b);
+        sm90::tma_store_tile<16, kD, 64>(sO0 + 64 * kD * 2 + w4 * (16 * 128), &p.tma_o, W.m0 + 64 + w4 * 16, W.h, W.b);
       }
       store_fwd_lse(p, W, wrow, mrow[0], l[0], g, t4);
       store_fwd_lse(p, W, 64 + wrow, mrow[1], l[1], g, t4);
@@ -2146,7 +2156,9 @@ void launch_dkv_sm90(const Params& p, int64_t items, cudaStream_t stream) {
   template void launch_fwd_sm90<T, D, WG, BN, SCHED>(const Params&, int64_t, cudaStream_t);     \
   DS_SM90_REGISTRAR(kOpFwd, DT, score_cols(D, SCHED), V, (&launch_fwd_sm90<T, D, WG, BN, SCHED>), \
                     (FwdSm90Cfg<D, WG, BN, SCHED>::kBM), BN,                                                      \
-                    (AUTO) | (FwdSm90Cfg<D, WG, BN, SCHED>::kOBytes > 0 ? kFlagTmaOut : 0))
+                    (AUTO) | (FwdSm90Cfg<D, WG, BN, SCHED>::kOBytes == 0          ? 0                \
+                               : FwdSm90Cfg<D, WG, BN, SCHED>::kOutBoxRows == 16 ? kFlagTmaOutWarp \
+                                                                                 : kFlagTmaOut))
 #define DS_REGISTER_DQ_SM90(T, DT, D, V, WG, BN, SCHED, AUTO)                                  \
   template void launch_dq_sm90<T, D, WG, BN, SCHED>(const Params&, int64_t, cudaStream_t);     \
   DS_SM90_REGISTRAR(kOpDq, DT, score_cols(D, SCHED), V, (&launch_dq_sm90<T, D, WG, BN, SCHED>), 64 * WG, BN, AUTO)

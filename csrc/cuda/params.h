@@ -197,11 +197,12 @@ struct KernelEntry {
   int wide = 0;        // preferred when the secondary block is a multiple of sn (attention.cu: pick())
   int arch = 0;        // 90: sm_90a kernel (wgmma), used on compute capability 9.0 only; 0: any
   int ds = 0;          // a kernel of the dS-scratch backward: never picked, taken by ds_mode only
-  int tma_out = 0;     // stages its output rows for TMA stores (attention.cu: set_tma encodes tma_o)
+  int tma_out = 0;     // stages its output rows for TMA stores of boxes of this many rows (set_tma: tma_o)
 };
 
 // Registration flags of a variant.
-enum VariantFlags { kFlagSmall = 1, kFlagShortRows = 2, kFlagWide = 4, kFlagDs = 8, kFlagTmaOut = 16 };
+// kFlagTmaOut: TMA output stores of 64-row boxes; kFlagTmaOutWarp: of 16-row boxes (one a warp).
+enum VariantFlags { kFlagSmall = 1, kFlagShortRows = 2, kFlagWide = 4, kFlagDs = 8, kFlagTmaOut = 16, kFlagTmaOutWarp = 32 };
 
 // dtype index: 0 = fp16, 1 = bf16. The default of each (op, dtype, head dim) is its first sm_90a
 // variant on a compute capability 9.0 device, else variant 0 (attention.cu: pick()).
@@ -221,7 +222,7 @@ struct Registrar {
     k.short_rows = (flags & kFlagShortRows) != 0;
     k.wide = (flags & kFlagWide) != 0;
     k.ds = (flags & kFlagDs) != 0;
-    k.tma_out = (flags & kFlagTmaOut) != 0;
+    k.tma_out = (flags & kFlagTmaOutWarp) != 0 ? 16 : (flags & kFlagTmaOut) != 0 ? 64 : 0;
     k.arch = arch;
   }
 };

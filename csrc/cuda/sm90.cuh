@@ -190,13 +190,15 @@ __device__ __forceinline__ void tma_tile(uint32_t dst, const void* map, int row0
 // TMA store: the [kRows][kD] SW128 tile at `src` to rows row0.. of head h, batch b of the tensor
 // map's tensor (boxes of 64 columns x kRows rows); rows and columns outside the tensor are not
 // written. Committed as one bulk group of the issuing thread (bulk_wait_read / bulk_wait).
-template <int kRows, int kD>
+// kPanelRows: the rows of the staging tile `src` lies in (its 64-column panels are that far apart),
+// when the box is a slice of it (src 1024-byte aligned, so the slice keeps the swizzle's phase).
+template <int kRows, int kD, int kPanelRows = kRows>
 __device__ __forceinline__ void tma_store_tile(uint32_t src, const void* map, int row0, int h, int b) {
-  static_assert(kD % 64 == 0 && kRows <= 256, "TMA boxes: 64-column panels of at most 256 rows");
+  static_assert(kD % 64 == 0 && kRows <= 256 && kRows % 8 == 0, "TMA boxes: 64-column panels of at most 256 rows");
 #pragma unroll
   for (int panel = 0; panel < kD / 64; ++panel) {
     asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%1, %2, %3, %4}], [%5];\n" ::"l"(map),
-                 "r"(panel * 64), "r"(row0), "r"(h), "r"(b), "r"(src + panel * (kRows * 128))
+                 "r"(panel * 64), "r"(row0), "r"(h), "r"(b), "r"(src + panel * (kPanelRows * 128))
                  : "memory");
   }
   asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
@@ -210,6 +212,20 @@ __device__ __forceinline__ void prefetch_tensormap(const void* map) {
 // The issuing thread's bulk groups have finished reading shared memory / have completed.
 __device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
 __device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+// The lane and the thread index read from their special registers here (volatile: not hoisted), so
+// that what is derived from them is recomputed where it is used rather than kept live across a
+// persistent kernel's item loop, where ptxas may spill it (the two-items forward's staging
+// addresses were reloaded from local memory in every epilogue).
+__device__ __forceinline__ int lane_here() {
+  int v;
+  asm volatile("mov.u32 %0, %%laneid;\n" : "=r"(v));
+  return v;
+}
+__device__ __forceinline__ int tid_here() {
+  int v;
+  asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(v));
+  return v;
+}
 // Four 8 x 8 matrices of 16-bit values from the mma fragments r0..r3 (lane l: row l / 4, columns
 // 2 (l % 4) and 2 (l % 4) + 1 of each) to shared memory; lane l gives the address of row l % 8 of
 // matrix l / 8.
