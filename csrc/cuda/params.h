@@ -102,7 +102,8 @@ struct Params {
   // shared tiles (attention.cu: set_tma). tma = 1: one producer thread issues each tile as TMA
   // copies; 0: the producer's 128 threads copy it with cp.async (DILATED_SPARSE_TMA=0, or the
   // driver could not encode the maps). The forward also stores its output rows with TMA (tma_o:
-  // `out`, boxes of 64 columns x 64 rows, one warpgroup's rows).
+  // `out`, boxes of 64 columns x 64 rows, one warpgroup's rows; 16 rows, one warp's, in the
+  // two-items forward: KernelEntry::tma_out).
   CUtensorMap tma_q, tma_k, tma_v, tma_do, tma_o;
   int tma = 0;
   // With TMA, the producers of the kernels that compile it in (the dQ-from-dS kernel) split: one warp
