@@ -458,8 +458,8 @@ __device__ __forceinline__ void mask_tile(float (&S)[kN][4], const Rules& R, con
 // A forward row's epilogue from its running max (log2 domain) and quad-reduced softmax sum l: the
 // factor its output is divided by (0 for a row without an allowed key, so it stays 0) ...
 // l >= 1 wherever it is > 0 (the row max's own term is exp2(0)), so the approximate reciprocal and
-// log2 (MUFU, within 2 ulp, no denormal paths) serve: 1.f / l compiled to a division with a
-// slow-path branch per row, on the item boundary's critical path.
+// log2 serve (MUFU: rcp within 1 ulp, lg2 within 2^-22 absolute; no denormal paths): 1.f / l
+// compiled to a division with a slow-path branch per row, on the item boundary's critical path.
 __device__ __forceinline__ float rcp_approx(float x) {
   float y;
   asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
