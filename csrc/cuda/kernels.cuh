@@ -458,22 +458,12 @@ __device__ __forceinline__ void mask_tile(float (&S)[kN][4], const Rules& R, con
 // A forward row's epilogue from its running max (log2 domain) and quad-reduced softmax sum l: the
 // factor its output is divided by (0 for a row without an allowed key, so it stays 0) ...
 // l >= 1 wherever it is > 0 (the row max's own term is exp2(0)), so the approximate reciprocal and
-// log2 serve (MUFU: rcp within 1 ulp, lg2 within 2^-22 absolute; no denormal paths): 1.f / l
-// compiled to a division with a slow-path branch per row, on the item boundary's critical path.
-__device__ __forceinline__ float rcp_approx(float x) {
-  float y;
-  asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-__device__ __forceinline__ float lg2_approx(float x) {
-  float y;
-  asm("lg2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-__device__ __forceinline__ float row_inv_sum(float l) { return l > 0.f ? rcp_approx(l) : 0.f; }
+// log2 serve (fast_rcp, fast_log2): 1.f / l compiled to a division with a slow-path branch per
+// row, on the item boundary's critical path.
+__device__ __forceinline__ float row_inv_sum(float l) { return l > 0.f ? fast_rcp(l) : 0.f; }
 // ... its log-sum-exp (natural log; -inf without an allowed key) ...
 __device__ __forceinline__ float row_lse(float mrow, float l) {
-  return l > 0.f ? (mrow + lg2_approx(l)) * kLn2 : -INFINITY;
+  return l > 0.f ? (mrow + fast_log2(l)) * kLn2 : -INFINITY;
 }
 // ... and where that goes: query row i of batch b, head h.
 __device__ __forceinline__ float& lse_at(const Params& p, int b, int h, int i) {

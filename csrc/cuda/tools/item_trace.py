@@ -27,7 +27,8 @@ Checked at D128 (the default shape). At D64 (``--shape 1x32x16384x64``, twenty-f
 forward's first-tile and first-turn phases and "first tile landed" came out as large negative and
 positive numbers that cancel: the first-landed stamp was reset only by a consumer's own lookup, which
 the D64 forward skips (the producer posts it), so it kept the CTA's first item's value. The patch
-resets it on the posted start too since the forty-eighth session (not yet run on the GPU).
+resets it on the posted start too since the forty-eighth session (run at D64 in the forty-eighth and
+forty-ninth sessions, at D128 in the forty-ninth).
 The D32 / D64 forward's two-items kernel (kernels_sm90.cuh: kFwdTwoItems, two CTAs an SM) has one
 consumer warpgroup: its phases are c0's; its producer's kernel-level stamps land in role 1.
 """
