@@ -623,5 +623,6 @@ def weights_to_bsr(weights: dict[str, Any], batch: int = 0, head: int = 0) -> to
     return torch.sparse_bsr_tensor(
         row_crow - start, col[start : start + nnz].to(torch.int64),
         weights["block_values"][batch, head, :nnz], size=(nqb * bq, nkb * bk),
-        check_invariants=False,  # the indices come from a validated layout: opt out explicitly, not implicitly
+        # torch's global setting, passed explicitly (left implicit, torch warns that its checks are off)
+        check_invariants=torch.sparse.check_sparse_tensor_invariants.is_enabled(),
     )

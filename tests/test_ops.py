@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -221,6 +222,23 @@ def test_weights_dict_matches_reference(device, name):
         assert torch.allclose(bsr.to_dense()[: q.shape[1], : k.shape[1]].cpu().double(), dense[0, 1].cpu().double(), atol=1e-6)
         with pytest.raises(IndexError, match=f"head {q.shape[2]}"):
             ds.weights_to_bsr(weights, batch=0, head=q.shape[2])
+
+
+def test_weights_to_bsr_passes_torchs_invariant_setting():
+    # Left implicit, torch warns that its BSR checks are off; passed explicitly, a caller who turned
+    # them on gets them: out-of-range block columns then raise instead of building a bad tensor.
+    q, k, v = make_qkv(1, 64, 64, 2, 2, 16, torch.float32, "cpu")
+    layout = ds.BlockSparseLayout.from_dense_mask(torch.tril(torch.ones(4, 4, dtype=torch.bool)), block_size=16,
+                                                  seq_len_q=64)
+    _, weights = ds.block_sparse_attention(q, k, v, layout, return_attention_weights=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds.weights_to_bsr(weights, batch=0, head=1)
+    assert not [w for w in caught if "invariant" in str(w.message)]
+    bad = dict(weights, block_indices=weights["block_indices"].clone())
+    bad["block_indices"][-1, 1] = 9  # column block 9 of 4
+    with torch.sparse.check_sparse_tensor_invariants(), pytest.raises(RuntimeError):
+        ds.weights_to_bsr(bad, batch=0, head=1)
 
 
 @pytest.mark.parametrize("device", DEVICES)
