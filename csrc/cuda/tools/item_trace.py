@@ -32,10 +32,13 @@ forty-ninth sessions, at D128 in the forty-ninth).
 The D32 / D64 forward's two-items kernel (kernels_sm90.cuh: kFwdTwoItems, two CTAs an SM) has one
 consumer warpgroup: its phases are c0's; its producer's kernel-level stamps land in role 1.
 Since the forty-ninth session's epilogue that kernel has no registers to spare for the stamps'
-state (the lead flag, the item and tile counts, the first-landed time): with the patch, ptxas
-spills 408 / 504 bytes (84 / 132 without), and the traced D64 launch at S16k local 2.5% took 212 us
-against ~145 untraced (fiftieth session), so its D64 phases overstate the body and the epilogue.
-The D128 default forward's spills grow less with the patch (248 / 236 bytes to 296 / 296).
+state. The patch keeps that kernel's consumer state out of registers (the lead thread re-read, the
+tile count from the ring, the first landing stamped in the loop), yet ptxas still spills 284 / 344
+bytes there (84 / 132 without; the producer's stamps are ~120 of them): the traced D64 launch at
+S16k took 187 us at local 2.5% and 519 at 10%, against ~145 and ~472 untraced (fiftieth session;
+212 and 640 before that change). So the D64 phases overstate the body (~9% a tile at 2.5%) and read
+the rest within a few hundred cycles. The D128 default forward's spills grow less with the patch
+(248 / 236 bytes to 296 / 296).
 """
 
 from __future__ import annotations
